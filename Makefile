@@ -1,0 +1,36 @@
+# Two environments, both tested: .venv (transformers 5.x + torchtitan 0.3) and .venv-titan01
+# (transformers 4.57 + torchtitan 0.1, the generation flame pins). torch is the CPU build 2.13.0.
+PYTHON ?= python3
+VENV := .venv
+VENV01 := .venv-titan01
+
+.PHONY: demo test test-main test-titan01 bench clean
+
+$(VENV)/.installed: pyproject.toml requirements/titan03.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements/titan03.txt
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+$(VENV01)/.installed: pyproject.toml requirements/titan01.txt
+	$(PYTHON) -m venv $(VENV01)
+	$(VENV01)/bin/pip install -q -r requirements/titan01.txt
+	$(VENV01)/bin/pip install -q --no-deps -e .
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/flame-ext demo
+
+test: test-main test-titan01
+
+test-main: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q
+
+test-titan01: $(VENV01)/.installed
+	$(VENV01)/bin/python -m pytest -q
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python bench/bench_convert.py
+
+clean:
+	rm -rf $(VENV) $(VENV01) .pytest_cache

@@ -1,0 +1,221 @@
+"""flame-ext: convert Hugging Face checkpoints to DCP and back, and check that they arrived intact.
+
+Every command exits 0 on success, 2 on bad usage or unreadable input (one line naming the input and the
+problem; ``--debug`` shows the traceback), and 1 when it ran but the result is not good (``diagnose``
+found problems, a write failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import FlameExtError
+
+EPILOG = """examples:
+  flame-ext convert --model allenai/OLMo-2-1124-7B --checkpoint exp/olmo2/checkpoint/step-0 --dtype bfloat16
+  flame-ext diagnose --checkpoint exp/olmo2/checkpoint/step-0 --model allenai/OLMo-2-1124-7B --loss
+  flame-ext to-hf --checkpoint exp/olmo2/checkpoint/step-1000 --config allenai/OLMo-2-1124-7B --out olmo2-cpt
+  flame-ext demo
+"""
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="HF checkpoint -> DCP, streaming, with a reference loss in flame_ext.json",
+        description=(
+            "Convert an HF checkpoint to DCP by streaming tensors from the safetensors files: the model is never "
+            "built for its weights, and memory stays near the buffer size whatever the model size. The reference "
+            "step (skip it with --no-reference) does load the HF model once, at the checkpoint's dtype, to record "
+            "its loss on the reference batch: budget that model's size in RAM for it."
+        ),
+    )
+    p.add_argument("--model", help="HF model folder or hub id (default: the embedded tiny OLMo2)")
+    p.add_argument("--checkpoint", required=True, help="output DCP folder (written atomically)")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's own), bfloat16 or float32")
+    p.add_argument("--layout", default="flat", help="flat (torchtitan model-only load, default) or nested (model.-prefixed)")
+    p.add_argument("--reference-text", help="text file for the reference batch (default: bundled English prose)")
+    p.add_argument("--reference-seq-len", type=int, default=512, help="tokens per reference row (default 512)")
+    p.add_argument("--no-reference", action="store_true", help="skip the HF reference loss (no model materialised)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+    p.add_argument("--include-future-predictor", action="store_true", help="add a freshly initialised future predictor head")
+    p.add_argument("--future-predictor-head-type", default="linear", choices=["linear", "mlp"])
+    p.add_argument("--buffer-mb", type=int, default=256, help="largest block read at once, MiB (default 256)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(run=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .convert import ConvertOptions, convert_hf_to_dcp
+
+    opts = ConvertOptions(
+        model=args.model,
+        checkpoint=args.checkpoint,
+        dtype=args.dtype,
+        layout=args.layout,
+        reference_text=args.reference_text,
+        reference_seq_len=args.reference_seq_len,
+        reference=not args.no_reference,
+        trust_remote_code=args.trust_remote_code,
+        future_predictor=args.future_predictor_head_type if args.include_future_predictor else None,
+        force=args.force,
+        buffer_bytes=args.buffer_mb * 1024 * 1024,
+        progress=sys.stderr.isatty(),
+    )
+    summary = convert_hf_to_dcp(opts)
+    for note in summary.notes:
+        print(f"note: {note}")
+    ref = (summary.manifest or {}).get("reference")
+    if ref:
+        print(f"HF reference loss {ref['loss_mean']:.4f} nats on {len(ref['token_ids'])}x{ref['seq_len']} tokens ({ref['dtype']}, {ref['attn_implementation']})")
+    print(summary.line())
+    return 0
+
+
+def _add_to_hf(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("to-hf", help="DCP checkpoint -> HF folder (safetensors shards, config, tokenizer)")
+    p.add_argument("--checkpoint", required=True, help="DCP folder: flat or nested, model-only or full training checkpoint")
+    p.add_argument("--config", required=True, help="HF model folder (or a folder with config.json) the checkpoint was made for")
+    p.add_argument("--out", required=True, help="output HF folder (written atomically)")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's own), bfloat16 or float32")
+    p.add_argument("--max-shard-mb", type=int, default=5 * 1024, help="largest safetensors shard, MiB (default 5120)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(run=_run_to_hf)
+
+
+def _run_to_hf(args: argparse.Namespace) -> int:
+    from .convert import ToHFOptions, convert_dcp_to_hf
+
+    opts = ToHFOptions(
+        checkpoint=args.checkpoint,
+        config=args.config,
+        out=args.out,
+        dtype=args.dtype,
+        force=args.force,
+        trust_remote_code=args.trust_remote_code,
+        max_shard_bytes=args.max_shard_mb * 1024 * 1024,
+        progress=sys.stderr.isatty(),
+    )
+    summary = convert_dcp_to_hf(opts)
+    for note in summary.notes:
+        print(f"note: {note}")
+    print(summary.line())
+    return 0
+
+
+def _add_reference(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reference",
+        help="write only the reference part of the manifest (for checkpoints converted elsewhere, or HF loads)",
+        description="Loads the HF model once (at its own dtype unless --dtype) and records its loss on the reference batch.",
+    )
+    p.add_argument("--model", help="HF model folder or hub id (default: the embedded tiny OLMo2)")
+    p.add_argument("--out", required=True, help="output JSON file")
+    p.add_argument("--reference-text")
+    p.add_argument("--reference-seq-len", type=int, default=512)
+    p.add_argument("--dtype", default="auto", help="auto, bfloat16 or float32: the dtype the model runs in")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(run=_run_reference)
+
+
+def _run_reference(args: argparse.Namespace) -> int:
+    from .reference_cmd import write_reference
+
+    ref = write_reference(args)
+    print(f"HF reference loss {ref['loss_mean']:.4f} nats ({ref['dtype']}); wrote {args.out}")
+    return 0
+
+
+def _add_diagnose(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("diagnose", help="compare a DCP checkpoint with its HF source: every problem, with its cause")
+    p.add_argument("--checkpoint", required=True, help="DCP folder")
+    p.add_argument("--model", help="HF model folder or hub id (default: the embedded tiny OLMo2)")
+    p.add_argument("--values", action="store_true", help="also compare every tensor's values (streaming)")
+    p.add_argument("--loss", action="store_true", help="also build the model as trainers do and compare the loss")
+    p.add_argument("--threshold", type=float, default=0.1, help="loss gap that counts as an error, nats (default 0.1)")
+    p.add_argument("--train-config", help="model config the trainer builds from (file or folder) to compare with the HF one")
+    p.add_argument("--tokenizer", help="tokenizer folder the trainer uses (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(run=_run_diagnose)
+
+
+def _run_diagnose(args: argparse.Namespace) -> int:
+    from .diagnose import run
+
+    return run(args)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole workflow on the embedded tiny model, under a minute on a CPU")
+    p.add_argument("--workdir", help="folder to work in (default: a temporary folder, removed afterwards)")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    return run(args)
+
+
+def _add_patch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("patch", help="apply, check or revert flame-ext's patches to a flame checkout")
+    p.add_argument("action", choices=["apply", "check", "revert"])
+    p.add_argument("flame_dir", help="path to a fla-org/flame checkout")
+    p.set_defaults(run=_run_patch)
+
+
+def _run_patch(args: argparse.Namespace) -> int:
+    from .flame.patching import run
+
+    return run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flame-ext", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"flame-ext {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_convert, _add_to_hf, _add_reference, _add_diagnose, _add_demo, _add_patch):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_guarded(args.run, args, debug=args.debug or bool(os.environ.get("FLAME_EXT_DEBUG")))
+
+
+def run_guarded(fn, args: argparse.Namespace, *, debug: bool, prog: str = "flame-ext") -> int:
+    """Run a command; user errors become one line and exit 2, interrupts exit 130 with nothing written."""
+    try:
+        return fn(args)
+    except FlameExtError as exc:
+        if debug:
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except OSError as exc:  # disk full, file size limit, permissions: the environment, not the input
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{prog}: error: {where}{exc.strerror or exc}; nothing was written", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

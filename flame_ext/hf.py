@@ -1,0 +1,318 @@
+"""The Hugging Face side: where a model's files are, what tensors they hold, what the model class asks for.
+
+Nothing here reads tensor data except ``read_tensor``, which reads one tensor (or a block of its rows)
+and lets go of the file again: a ``safe_open`` handle kept open keeps every page it touched resident,
+which is how a streaming converter quietly turns back into a whole-model-in-RAM one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import CheckpointFormatError, InputError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "TensorSpec",
+    "HFTensor",
+    "HFCheckpoint",
+    "DEFAULT_MODEL",
+    "open_hf",
+    "read_safetensors_header",
+    "read_tensor",
+    "build_meta_model",
+    "expected_tensors",
+    "tied_aliases",
+    "nonpersistent_buffers",
+    "dtype_name",
+]
+
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "tiny-olmo2"
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16: the spelling used in reports, manifests and on the command line."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of a tensor, known without its data."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * getattr(torch, self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class HFTensor:
+    """Where one tensor lives in an HF checkpoint: file, dtype, shape (from the file's header)."""
+
+    key: str
+    file: Path
+    spec: TensorSpec
+
+
+@dataclass
+class HFCheckpoint:
+    """An HF model folder: its config and an index of its tensors, built from file headers only."""
+
+    source: str  # what the user named: a folder or a hub id
+    path: Path  # the local folder
+    revision: str | None
+    config: dict
+    tensors: dict[str, HFTensor]
+    weight_format: str  # "safetensors" or "bin"
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", "?"))
+
+    @property
+    def torch_dtype(self) -> str | None:
+        """The dtype the config declares (``dtype`` in transformers 5, ``torch_dtype`` before)."""
+        value = self.config.get("dtype") or self.config.get("torch_dtype")
+        return str(value).removeprefix("torch.") if value else None
+
+
+def _resolve_folder(model: str) -> tuple[Path, str | None]:
+    """A local folder as is; anything else is a hub id, fetched only where the user has network."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve(), None
+    if path.exists():
+        raise InputError(f"{model}: is a file; expected an HF model folder (config.json + weights) or a hub id")
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep + os.sep in model
+    if looks_local:
+        raise InputError(f"{model}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            model,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"],
+        )
+    except Exception as exc:  # hub errors are many types; all mean "could not get it"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(
+            f"{model}: not a local folder, and fetching it from the Hugging Face hub failed ({reason}); "
+            "pass a local folder, or check the id and your network/HF_TOKEN"
+        ) from exc
+    revision = Path(folder).name  # snapshot folders are named by commit hash
+    return Path(folder), revision
+
+
+def read_safetensors_header(file: Path) -> dict[str, dict]:
+    """Parse a safetensors header (8-byte little-endian length + JSON) and check the file holds its data."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) != 8:
+                raise CheckpointFormatError(f"{file}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise CheckpointFormatError(f"{file}: bad safetensors header (declared length {n} bytes)")
+            header = json.loads(f.read(n))
+    except OSError as exc:
+        raise InputError(f"{file}: cannot read ({exc.strerror})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointFormatError(f"{file}: bad safetensors header (not JSON)") from exc
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(f"{file}: bad safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    data_end = 0
+    for key, info in header.items():
+        try:
+            start, end = info["data_offsets"]
+            dtype = _ST_DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointFormatError(f"{file}: bad safetensors header entry for {key!r}") from exc
+        if end - start != TensorSpec(shape, dtype_name(dtype)).nbytes:
+            raise CheckpointFormatError(f"{file}: header of {key!r} declares {end - start} bytes for shape {shape}")
+        data_end = max(data_end, end)
+    if 8 + n + data_end > size:
+        raise CheckpointFormatError(
+            f"{file}: truncated ({size} bytes, header promises {8 + n + data_end}); re-download or re-export it"
+        )
+    return header
+
+
+def _index_safetensors(folder: Path) -> dict[str, HFTensor] | None:
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointFormatError(f"{index_file}: not a safetensors index (no weight_map)") from exc
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not (folder / name).is_file():
+                raise CheckpointFormatError(f"{index_file}: names shard {name}, which is missing from {folder}")
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        return None
+    tensors: dict[str, HFTensor] = {}
+    for name in files:
+        for key, info in read_safetensors_header(folder / name).items():
+            spec = TensorSpec(tuple(info["shape"]), dtype_name(_ST_DTYPES[info["dtype"]]))
+            tensors[key] = HFTensor(key, folder / name, spec)
+    return tensors
+
+
+def _index_bin(folder: Path) -> dict[str, HFTensor] | None:
+    """Pickled weights, opened with ``weights_only=True`` (never arbitrary unpickling) and memory-mapped."""
+    index_file = folder / "pytorch_model.bin.index.json"
+    if index_file.is_file():
+        try:
+            files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointFormatError(f"{index_file}: not a weights index (no weight_map)") from exc
+    elif (folder / "pytorch_model.bin").is_file():
+        files = ["pytorch_model.bin"]
+    else:
+        return None
+    tensors: dict[str, HFTensor] = {}
+    for name in files:
+        for key, t in _load_bin(folder / name).items():
+            tensors[key] = HFTensor(key, folder / name, TensorSpec(tuple(t.shape), dtype_name(t.dtype)))
+    return tensors
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointFormatError(f"{file}: missing (named by the weights index)")
+    try:
+        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # UnpicklingError for unsafe pickles, RuntimeError for corrupt zips
+        raise CheckpointFormatError(
+            f"{file}: refused or unreadable with weights_only=True ({str(exc).splitlines()[0][:160]}); "
+            "convert it to safetensors with a tool you trust"
+        ) from exc
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointFormatError(f"{file}: not a state dict of tensors")
+    return sd
+
+
+def open_hf(model: str | os.PathLike | None = None) -> HFCheckpoint:
+    """Index an HF model folder (or hub id; default: the embedded tiny model) without reading tensor data."""
+    source = str(model) if model is not None else str(DEFAULT_MODEL)
+    folder, revision = _resolve_folder(source)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise InputError(f"{source}: no config.json; expected an HF model folder")
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as exc:
+        raise CheckpointFormatError(f"{config_file}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise CheckpointFormatError(f"{config_file}: no model_type; not a transformers config")
+    tensors = _index_safetensors(folder)
+    weight_format = "safetensors"
+    if tensors is None:
+        tensors, weight_format = _index_bin(folder), "bin"
+    if tensors is None:
+        raise InputError(f"{source}: no weights (model.safetensors, an index, or pytorch_model.bin)")
+    return HFCheckpoint(source, folder, revision, config, tensors, weight_format)
+
+
+def read_tensor(t: HFTensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Read one tensor, or rows [start, end) of it, opening and closing the file around the read."""
+    if t.file.suffix == ".bin":
+        full = _load_bin(t.file)[t.key]
+        part = full if rows is None else full[rows[0] : rows[1]]
+        return part.clone()
+    from safetensors import safe_open
+
+    with safe_open(str(t.file), framework="pt") as f:
+        if rows is None:
+            out = f.get_tensor(t.key)
+        else:
+            out = f.get_slice(t.key)[rows[0] : rows[1]]
+    # Copy out of the mapping so the pages are released when the handle closes.
+    return out.clone()
+
+
+def build_meta_model(checkpoint: HFCheckpoint, *, trust_remote_code: bool = False) -> "nn.Module":
+    """The model class the trainer will build, on ``meta``: exact keys, shapes, ties and buffers, no memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    auto_map = checkpoint.config.get("auto_map")
+    if auto_map and not trust_remote_code:
+        raise InputError(
+            f"{checkpoint.source}: its config asks for custom code (auto_map); "
+            "re-run with --trust-remote-code if you trust this repository"
+        )
+    try:
+        config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as exc:
+        raise InputError(
+            f"{checkpoint.source}: transformers cannot build a causal LM from this config "
+            f"(model_type {checkpoint.model_type!r}: {str(exc).splitlines()[0][:200]})"
+        ) from exc
+    return model
+
+
+def expected_tensors(model: "nn.Module") -> dict[str, TensorSpec]:
+    """What a load of this model asks for: its state dict (non-persistent buffers excluded), as specs."""
+    return {k: TensorSpec(tuple(v.shape), dtype_name(v.dtype)) for k, v in model.state_dict().items()}
+
+
+def tied_aliases(model: "nn.Module") -> dict[str, str]:
+    """Keys that share a parameter with an earlier key (e.g. ``lm_head.weight`` -> embeddings) when tied."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def nonpersistent_buffers(model: "nn.Module") -> list[str]:
+    """Buffers no checkpoint holds: a load never restores them, so whoever builds the model must."""
+    names = []
+    for mod_name, mod in model.named_modules():
+        for b in sorted(mod._non_persistent_buffers_set):
+            names.append(f"{mod_name}.{b}" if mod_name else b)
+    return names

@@ -1,0 +1,74 @@
+"""Streaming safetensors writer.
+
+A safetensors file is an 8-byte header length, a JSON header with every tensor's dtype, shape and byte
+range, then the bytes. Every shape and dtype is known from the DCP metadata before any tensor is read,
+so the header is written first and tensors follow one at a time: memory holds one tensor, not a shard.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .hf import TensorSpec
+
+__all__ = ["write_safetensors", "shard_plan", "ST_DTYPE_CODES"]
+
+ST_DTYPE_CODES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+}
+
+
+def shard_plan(specs: dict[str, TensorSpec], max_shard_bytes: int) -> list[list[str]]:
+    """Group keys, in order, into shards of at most ``max_shard_bytes`` (a larger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, spec in specs.items():
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += spec.nbytes
+    return shards
+
+
+def write_safetensors(
+    file: Path,
+    specs: dict[str, TensorSpec],
+    read: Callable[[str], torch.Tensor],
+    on_written: Callable[[int], None] = lambda n: None,
+) -> None:
+    """Write ``specs`` (in order) to ``file``, asking ``read(key)`` for each tensor only when it is written."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, spec in specs.items():
+        header[key] = {"dtype": ST_DTYPE_CODES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for key, spec in specs.items():
+            t = read(key)
+            if tuple(t.shape) != spec.shape or str(t.dtype) != f"torch.{spec.dtype}":
+                raise ValueError(f"{key}: got {tuple(t.shape)} {t.dtype}, planned {spec.shape} {spec.dtype}")
+            data = t.contiguous().view(-1).view(torch.uint8).numpy() if t.numel() else b""
+            f.write(memoryview(data))
+            on_written(spec.nbytes)
+        f.flush()
