@@ -133,14 +133,25 @@ def _run_reference(args: argparse.Namespace) -> int:
 
 
 def _add_diagnose(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("diagnose", help="compare a DCP checkpoint with its HF source: every problem, with its cause")
-    p.add_argument("--checkpoint", required=True, help="DCP folder")
+    p = sub.add_parser(
+        "diagnose",
+        help="compare a DCP checkpoint with its HF source: every problem, with its cause",
+        description=(
+            "Always: keys, shapes, dtypes, key layout, manifest and data-file sizes from metadata (no tensor data read), "
+            "and the tokenizer against the embedding. --values streams every tensor against the HF source; --loss "
+            "loads the checkpoint as trainers do (meta -> to_empty -> torch.distributed.checkpoint) and compares its "
+            "loss on the reference batch with the HF model's. Exit 0: no errors (warnings allowed); 1: errors found; "
+            "2: unreadable input."
+        ),
+    )
+    p.add_argument("--checkpoint", required=True, help="DCP folder (model-only or a full training checkpoint)")
     p.add_argument("--model", help="HF model folder or hub id (default: the embedded tiny OLMo2)")
     p.add_argument("--values", action="store_true", help="also compare every tensor's values (streaming)")
     p.add_argument("--loss", action="store_true", help="also build the model as trainers do and compare the loss")
     p.add_argument("--threshold", type=float, default=0.1, help="loss gap that counts as an error, nats (default 0.1)")
     p.add_argument("--train-config", help="model config the trainer builds from (file or folder) to compare with the HF one")
     p.add_argument("--tokenizer", help="tokenizer folder the trainer uses (default: the model's)")
+    p.add_argument("--reference", help="reference file from `flame-ext reference` for --loss (default: the checkpoint's manifest)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(run=_run_diagnose)
@@ -165,9 +176,20 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_patch(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("patch", help="apply, check or revert flame-ext's patches to a flame checkout")
-    p.add_argument("action", choices=["apply", "check", "revert"])
-    p.add_argument("flame_dir", help="path to a fla-org/flame checkout")
+    p = sub.add_parser(
+        "patch",
+        help="apply, check or revert flame-ext's patches to a flame checkout",
+        description=(
+            "flame's train.py builds the validating CheckpointManager and the JobConfig with the guard options; "
+            "flame/utils/convert_*.py run flame-ext's converters. The patches are made against fla-org/flame "
+            "e11e7be; each file is checked against it (or its patched form) before anything is written. "
+            "Exit 0: done, or nothing to do; check: 1 when a patch does not apply; 2: not a flame checkout, or "
+            "apply/revert refused (local edits or another flame version: nothing is changed)."
+        ),
+    )
+    p.add_argument("action", choices=["apply", "check", "revert"],
+                   help="apply (idempotent), check (report whether they apply), revert")
+    p.add_argument("flame_dir", help="path to a fla-org/flame checkout (the folder holding flame/ and train.sh)")
     p.set_defaults(run=_run_patch)
 
 
@@ -207,7 +229,7 @@ def run_guarded(fn, args: argparse.Namespace, *, debug: bool, prog: str = "flame
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        print(f"{prog}: interrupted; no output was left half-written (a destination is absent or complete)", file=sys.stderr)
         return 130
     except OSError as exc:  # disk full, file size limit, permissions: the environment, not the input
         if debug:

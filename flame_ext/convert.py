@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import resource
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,17 @@ from typing import Any
 import torch
 
 from . import __version__
-from .dcp import DEFAULT_BUFFER_BYTES, LAYOUTS, NON_MODEL_PREFIXES, WriteEntry, model_prefix, read_dcp_metadata, replace_dtype, save_streaming
+from .dcp import (
+    DEFAULT_BUFFER_BYTES,
+    LAYOUTS,
+    NON_MODEL_PREFIXES,
+    StreamCancelled,
+    WriteEntry,
+    model_prefix,
+    read_dcp_metadata,
+    replace_dtype,
+    save_streaming,
+)
 from .destination import atomic_folder, check_destination
 from .errors import CheckpointFormatError, InputError
 from .future_predictor import ATTRIBUTE as FP_ATTRIBUTE
@@ -31,7 +42,8 @@ __all__ = ["ConvertOptions", "ToHFOptions", "Summary", "convert_hf_to_dcp", "con
 
 DTYPES = ("auto", "bfloat16", "float32")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+_MODEL_FILES = ("generation_config.json",)
 
 
 @dataclass
@@ -74,6 +86,7 @@ class ToHFOptions:
     trust_remote_code: bool = False
     max_shard_bytes: int = 5 * 1024**3
     progress: bool = True
+    tokenizer: str | None = None  # folder to copy tokenizer files from (default: ``config``)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -137,9 +150,21 @@ def _source_for(key: str, hf: HFCheckpoint, aliases: dict[str, str], base_prefix
 
 
 def _reader(t: HFTensor, dtype: str) -> Any:
+    out_dtype = getattr(torch, dtype)
+
     def read_rows(start: int, end: int) -> torch.Tensor:
-        rows = None if not t.spec.shape or (start, end) == (0, t.spec.shape[0]) else (start, end)
-        return read_tensor(t, rows).to(getattr(torch, dtype))
+        if not t.spec.shape:
+            return read_tensor(t).to(out_dtype)
+        if getattr(torch, t.spec.dtype) == out_dtype:
+            return read_tensor(t, (start, end))
+        # A dtype change reads the source in slices into the result, so a whole source block (twice the
+        # size of the result for float32 -> bfloat16) never sits in memory beside it.
+        out = torch.empty((end - start, *t.spec.shape[1:]), dtype=out_dtype)
+        step = max(1, (end - start) // 8)
+        for a in range(start, end, step):
+            b = min(a + step, end)
+            out[a - start : b - start] = read_tensor(t, (a, b))
+        return out
 
     return read_rows
 
@@ -161,7 +186,7 @@ def plan_hf_to_dcp(
         out_key = LAYOUTS[layout] + key
         if key in fresh:
             value = fresh[key]
-            entries.append(WriteEntry(out_key, TensorSpec(tuple(value.shape), dtype_name(value.dtype)), _fresh_reader(value)))
+            entries.append(WriteEntry(out_key, TensorSpec(tuple(value.shape), dtype_name(value.dtype)), _fresh_reader(value), "fresh"))
             continue
         src = _source_for(key, hf, aliases, base_prefix)
         if src is None:
@@ -172,7 +197,7 @@ def plan_hf_to_dcp(
             continue
         used.add(src.key)
         out_spec = replace_dtype(src.spec, None if dtype == "auto" else dtype)
-        entries.append(WriteEntry(out_key, out_spec, _reader(src, out_spec.dtype)))
+        entries.append(WriteEntry(out_key, out_spec, _reader(src, out_spec.dtype), src.key))
     if missing or shape_errors:
         parts = []
         if missing:
@@ -202,22 +227,108 @@ def _reference_dtype(hf: HFCheckpoint, entries: list[WriteEntry]) -> str:
     return max(set(floats), key=floats.count) if floats else "float32"
 
 
+class _ModelPlan(threading.Thread):
+    """The real plan, from the model class built on ``meta``, worked out beside the write.
+
+    Importing transformers and a modeling module costs 1-2 s of CPU before a single byte could be
+    written; run in this thread, it overlaps the disk-bound stream of the guessed plan (the GIL is free
+    while the stream sits in read/write calls).
+    """
+
+    def __init__(self, hf: HFCheckpoint, opts: ConvertOptions) -> None:
+        super().__init__(name="flame-ext-plan", daemon=True)
+        self.hf, self.opts = hf, opts
+        self.plan: tuple[list[WriteEntry], list[str], dict[str, torch.Tensor], int] | None = None
+        self.error: BaseException | None = None
+        self._verdict: bool | None = None
+
+    def run(self) -> None:
+        try:
+            model = build_meta_model(self.hf, trust_remote_code=self.opts.trust_remote_code)
+            fresh = _fresh_tensors(model, self.opts.future_predictor, self.opts.dtype)
+            entries, notes = plan_hf_to_dcp(self.hf, model, dtype=self.opts.dtype, layout=self.opts.layout, fresh=fresh)
+            self.plan = (entries, notes, fresh, _parameter_count(model, entries, LAYOUTS[self.opts.layout]))
+        except BaseException as exc:  # handed to the main thread by result()
+            self.error = exc
+
+    def result(self) -> tuple[list[WriteEntry], list[str], dict[str, torch.Tensor], int]:
+        while self.is_alive():
+            self.join(0.1)  # a timed join keeps Ctrl-C deliverable
+        if self.error is not None:
+            raise self.error
+        assert self.plan is not None
+        return self.plan
+
+    def rules_out(self, guess: list[WriteEntry]) -> bool:
+        """True once the real plan is known and is not ``guess`` (or failed): writing the guess is wasted."""
+        if self.is_alive():
+            return False
+        if self._verdict is None:
+            self._verdict = self.error is not None or _signature(self.plan[0]) != _signature(guess)  # type: ignore[index]
+        return self._verdict
+
+
+def _signature(entries: list[WriteEntry]) -> dict[str, tuple[TensorSpec, str]]:
+    return {e.key: (e.spec, e.source) for e in entries}
+
+
+def _guess_entries(hf: HFCheckpoint, opts: ConvertOptions) -> list[WriteEntry] | None:
+    """The plan most models have, from the files alone: every HF tensor under its own name (plus a tied
+    ``lm_head.weight`` fed by the embeddings). Only a head start: it is published only if the real plan
+    turns out identical. None when the real plan surely differs (fresh tensors to add)."""
+    if opts.future_predictor:
+        return None
+    sources = dict(hf.tensors)
+    if hf.config.get("tie_word_embeddings") and "lm_head.weight" not in sources and "model.embed_tokens.weight" in sources:
+        sources["lm_head.weight"] = sources["model.embed_tokens.weight"]
+    dtype = None if opts.dtype == "auto" else opts.dtype
+    entries = []
+    for key, t in sources.items():
+        spec = replace_dtype(t.spec, dtype)
+        entries.append(WriteEntry(LAYOUTS[opts.layout] + key, spec, _reader(t, spec.dtype), t.key))
+    return entries
+
+
+def _write(tmp: Path, entries: list[WriteEntry], opts: ConvertOptions, should_stop: Any = None) -> bool:
+    """Stream ``entries`` into ``tmp``; False if ``should_stop`` cut it short (``tmp`` is then emptied)."""
+    bar = _Progress(sum(e.spec.nbytes for e in entries), opts.progress, "convert")
+    try:
+        save_streaming(tmp, entries, buffer_bytes=opts.buffer_bytes, on_written=bar.update, should_stop=should_stop)
+        return True
+    except StreamCancelled:
+        _empty(tmp)
+        return False
+    finally:
+        bar.close()
+
+
+def _empty(folder: Path) -> None:
+    shutil.rmtree(folder)
+    folder.mkdir()
+
+
 def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
-    """Convert; returns the summary. Raises ``FlameExtError`` for anything the user can fix."""
+    """Convert; returns the summary. Raises ``FlameExtError`` for anything the user can fix.
+
+    The model class decides what to write, but loading it (transformers) takes a while: the guessed plan
+    starts streaming at once, and the result is kept only if the model's plan is exactly the guess;
+    otherwise the guess is stopped as soon as the difference is known and the real plan is written.
+    """
     t0 = time.perf_counter()
     check_destination(opts.checkpoint, force=opts.force)
     hf = open_hf(opts.model)
-    model = build_meta_model(hf, trust_remote_code=opts.trust_remote_code)
-    fresh = _fresh_tensors(model, opts.future_predictor, opts.dtype)
-    entries, notes = plan_hf_to_dcp(hf, model, dtype=opts.dtype, layout=opts.layout, fresh=fresh)
-    summary = Summary(Path(opts.checkpoint).absolute(), notes=notes)
-    total = sum(e.spec.nbytes for e in entries)
+    planner = _ModelPlan(hf, opts)
+    planner.start()
+    guess = _guess_entries(hf, opts)
     with atomic_folder(opts.checkpoint, force=opts.force) as tmp:
-        bar = _Progress(total, opts.progress, "convert")
-        try:
-            save_streaming(tmp, entries, buffer_bytes=opts.buffer_bytes, on_written=bar.update)
-        finally:
-            bar.close()
+        done = guess is not None and _write(tmp, guess, opts, should_stop=lambda: planner.rules_out(guess))
+        entries, notes, fresh, parameters = planner.result()
+        if not done or _signature(entries) != _signature(guess):  # type: ignore[arg-type]
+            if done:  # the guess finished before the plan was known, and it is not the plan
+                _empty(tmp)
+            _write(tmp, entries, opts)
+        summary = Summary(Path(opts.checkpoint).absolute(), notes=notes, parameters=parameters)
+        total = sum(e.spec.nbytes for e in entries)
         reference = None
         if opts.reference:
             from .reference import compute_reference
@@ -229,17 +340,27 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
                 dtype=_reference_dtype(hf, entries),
                 trust_remote_code=opts.trust_remote_code,
             )
-        summary.manifest = _manifest(hf, opts, entries, fresh, reference)
+        summary.manifest = _manifest(hf, opts, entries, fresh, reference, parameters)
         write_manifest(tmp, summary.manifest)
     summary.tensors = len(entries)
-    summary.parameters = sum(e.spec.numel for e in entries)
     summary.bytes = total
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_mb = _peak_rss_mb()
     return summary
 
 
-def _manifest(hf: HFCheckpoint, opts: ConvertOptions, entries: list[WriteEntry], fresh: dict, reference: dict | None) -> dict:
+def _parameter_count(model: torch.nn.Module, entries: list[WriteEntry], prefix: str) -> int:
+    """Elements of the model's state, a tied pair counted once (as ``model.num_parameters()`` counts it).
+
+    The checkpoint holds both names of a tied tensor (the load asks for both), but it is one parameter.
+    """
+    aliases = {prefix + k for k in tied_aliases(model)}
+    return sum(e.spec.numel for e in entries if e.key not in aliases)
+
+
+def _manifest(
+    hf: HFCheckpoint, opts: ConvertOptions, entries: list[WriteEntry], fresh: dict, reference: dict | None, parameters: int
+) -> dict:
     prefix = LAYOUTS[opts.layout]
     return {
         "format_version": FORMAT_VERSION,
@@ -256,7 +377,7 @@ def _manifest(hf: HFCheckpoint, opts: ConvertOptions, entries: list[WriteEntry],
         "layout": opts.layout,
         "dtype": opts.dtype,
         "tensors": {e.key: {"shape": list(e.spec.shape), "dtype": e.spec.dtype, "numel": e.spec.numel} for e in entries},
-        "total_parameters": sum(e.spec.numel for e in entries),
+        "total_parameters": parameters,
         "fresh_keys": sorted(prefix + k for k in fresh),
         "future_predictor": opts.future_predictor,
         "reference": reference,
@@ -292,6 +413,7 @@ def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
     ckpt = Path(opts.checkpoint)
     found = read_dcp_metadata(ckpt)
     config_dir = _config_folder(opts.config)
+    tokenizer_dir = _tokenizer_folder(opts.tokenizer, config_dir)
     model = _meta_model_from_config(config_dir, opts.trust_remote_code)
     aliases = tied_aliases(model)
     wanted = {k: s for k, s in expected_tensors(model).items() if k not in aliases}  # HF files omit tied twins
@@ -325,15 +447,24 @@ def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
             index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         _write_config(config_dir, tmp, out_dtype)
-        for name in _TOKENIZER_FILES:
-            if (config_dir / name).is_file():
-                shutil.copy2(config_dir / name, tmp / name)
+        for folder, names in ((config_dir, _MODEL_FILES), (tokenizer_dir, _TOKENIZER_FILES)):
+            for name in names:
+                if (folder / name).is_file():
+                    shutil.copy2(folder / name, tmp / name)
     summary.tensors = len(specs)
     summary.parameters = sum(s.numel for s in specs.values())
     summary.bytes = total
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_mb = _peak_rss_mb()
     return summary
+
+
+def _tokenizer_folder(tokenizer: str | None, config_dir: Path) -> Path:
+    if tokenizer is None:
+        return config_dir
+    if not Path(tokenizer).is_dir():
+        raise InputError(f"--tokenizer {tokenizer}: no such folder (give the local folder holding the tokenizer files)")
+    return Path(tokenizer)
 
 
 def _write_config(config_dir: Path, out: Path, dtype: str | None) -> None:

@@ -2,8 +2,11 @@
 
     python -m flame_ext.convert_dcp_to_hf --path exp/olmo2 --step 1000 --config allenai/OLMo-2-1124-7B --tokenizer allenai/OLMo-2-1124-7B
 
-Reads ``PATH/checkpoint/step-STEP`` and writes the HF model into ``PATH`` as flame's does, but streams
-tensor by tensor instead of going through a whole-model ``torch.save`` file. ``--out`` writes elsewhere.
+Reads ``PATH/checkpoint/step-STEP`` like flame's, streams tensor by tensor instead of going through a
+whole-model ``torch.save`` file, and writes the HF model to ``PATH/hf-step-STEP`` (``--out`` to choose):
+flame's writes into ``PATH`` itself, beside ``checkpoint/``, but the output is written atomically (a
+temporary sibling renamed into place), and ``PATH`` already exists. Tokenizer files are copied from
+``--tokenizer`` (a local folder; default ``--config``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--path", type=str, required=True, help="flame dump folder holding checkpoint/step-N")
     p.add_argument("--step", type=int, required=True)
     p.add_argument("--config", type=str, required=True, help="HF model folder the checkpoint was made for")
-    p.add_argument("--tokenizer", type=str, default=None, help="accepted for compatibility; tokenizer files are copied from --config")
+    p.add_argument("--tokenizer", type=str, default=None, help="local folder to copy tokenizer files from (default: --config)")
     p.add_argument("--out", type=str, default=None, help="output folder (default: PATH/hf-step-STEP)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--force", action="store_true")
@@ -27,15 +30,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from .cli import main as cli_main
+def _run(args: argparse.Namespace) -> int:
+    from .convert import ToHFOptions, convert_dcp_to_hf
 
-    args = parse_args(argv)
     checkpoint = Path(args.path) / "checkpoint" / f"step-{args.step}"
     out = args.out or str(Path(args.path) / f"hf-step-{args.step}")
-    argv2 = ["to-hf", "--checkpoint", str(checkpoint), "--config", args.config, "--out", out, "--dtype", args.dtype]
-    argv2 += ["--force"] * args.force
-    return cli_main((["--debug"] if args.debug else []) + argv2)
+    summary = convert_dcp_to_hf(
+        ToHFOptions(checkpoint=str(checkpoint), config=args.config, out=out, dtype=args.dtype, force=args.force,
+                    tokenizer=args.tokenizer, progress=sys.stderr.isatty())
+    )
+    for note in summary.notes:
+        print(f"note: {note}")
+    print(summary.line())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .cli import run_guarded
+
+    args = parse_args(argv)
+    return run_guarded(_run, args, debug=args.debug, prog="convert_dcp_to_hf")
 
 
 if __name__ == "__main__":

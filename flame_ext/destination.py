@@ -1,6 +1,7 @@
 """Atomic output folders: a result appears whole at its destination or not at all.
 
-Work happens in a hidden temporary sibling (same filesystem, so the final step is a ``rename``), guarded
+Work happens in a hidden temporary sibling (same filesystem, so the final step is a ``rename``, made only
+after everything in the sibling is flushed to disk), guarded
 by an exclusive lock so two runs aimed at one destination cannot interleave. Temporaries left by a killed
 run carry the dead process id in their name and are removed by the next run that takes the lock.
 """
@@ -8,6 +9,7 @@ run carry the dead process id in their name and are removed by the next run that
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -21,7 +23,13 @@ __all__ = ["atomic_folder", "check_destination", "temp_prefix"]
 
 
 def temp_prefix(dest: Path) -> str:
-    return f".{dest.name}.flame-ext-tmp-"
+    """Name prefix of ``dest``'s temporary siblings: ``.step_0.flame-ext-tmp-`` for ``step-0``.
+
+    No ``step-<digits>`` in it: torchtitan takes any entry of its checkpoint folder that matches
+    ``step-(\\d+)`` and holds a ``.metadata`` for a saved step, and a run killed after writing its data but
+    before the rename (e.g. during the reference loss) leaves exactly such a folder.
+    """
+    return f".{dest.name.replace('-', '_')}.flame-ext-tmp-"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -42,6 +50,39 @@ def _remove_stale_temps(dest: Path) -> list[Path]:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_durable(folder: Path) -> None:
+    """Flush every file and folder under ``folder`` to disk, so a crash after the rename cannot leave a
+    destination that looks complete but lost data. Writers write without per-file fsync (the kernel
+    writes back behind them); this single pass waits only for what is still in flight."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            _fsync_path(Path(root) / name)
+        _fsync_path(Path(root))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so that ``--force`` never leaves the
+    destination missing, not even between two renames; False where the call is unavailable."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel, or a filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def check_destination(dest: str | os.PathLike, *, force: bool) -> None:
@@ -83,15 +124,20 @@ def atomic_folder(dest: str | os.PathLike, *, force: bool = False) -> Iterator[P
         tmp.mkdir()
         try:
             yield tmp
+            _make_durable(tmp)
             if dest.exists():
                 if not force:
                     raise DestinationError(f"{dest}: appeared while converting; pass --force to replace it")
-                old = dest.parent / f"{temp_prefix(dest)}old-{os.getpid()}"
-                os.rename(dest, old)
-                os.rename(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
+                if _exchange(tmp, dest):
+                    shutil.rmtree(tmp, ignore_errors=True)  # now the old checkpoint
+                else:  # two renames: a kill between them leaves the destination absent (never partial)
+                    old = dest.parent / f"{temp_prefix(dest)}old-{os.getpid()}"
+                    os.rename(dest, old)
+                    os.rename(tmp, dest)
+                    shutil.rmtree(old, ignore_errors=True)
             else:
                 os.rename(tmp, dest)
+            _fsync_path(dest.parent)  # the rename itself
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

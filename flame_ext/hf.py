@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "read_safetensors_header",
     "read_tensor",
     "build_meta_model",
+    "refuse_remote_code",
     "expected_tensors",
     "tied_aliases",
     "nonpersistent_buffers",
@@ -81,11 +83,15 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class HFTensor:
-    """Where one tensor lives in an HF checkpoint: file, dtype, shape (from the file's header)."""
+    """Where one tensor lives in an HF checkpoint: file, dtype, shape (from the file's header).
+
+    ``offset`` is the absolute byte position of a safetensors tensor's data in ``file`` (None for ``.bin``).
+    """
 
     key: str
     file: Path
     spec: TensorSpec
+    offset: int | None = None
 
 
 @dataclass
@@ -139,6 +145,11 @@ def _resolve_folder(model: str) -> tuple[Path, str | None]:
 
 def read_safetensors_header(file: Path) -> dict[str, dict]:
     """Parse a safetensors header (8-byte little-endian length + JSON) and check the file holds its data."""
+    return _read_header(file)[0]
+
+
+def _read_header(file: Path) -> tuple[dict[str, dict], int]:
+    """The header and the absolute position where the data section starts (8 + header length)."""
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
@@ -171,7 +182,7 @@ def read_safetensors_header(file: Path) -> dict[str, dict]:
         raise CheckpointFormatError(
             f"{file}: truncated ({size} bytes, header promises {8 + n + data_end}); re-download or re-export it"
         )
-    return header
+    return header, 8 + n
 
 
 def _index_safetensors(folder: Path) -> dict[str, HFTensor] | None:
@@ -191,9 +202,10 @@ def _index_safetensors(folder: Path) -> dict[str, HFTensor] | None:
         return None
     tensors: dict[str, HFTensor] = {}
     for name in files:
-        for key, info in read_safetensors_header(folder / name).items():
+        header, data_start = _read_header(folder / name)
+        for key, info in header.items():
             spec = TensorSpec(tuple(info["shape"]), dtype_name(_ST_DTYPES[info["dtype"]]))
-            tensors[key] = HFTensor(key, folder / name, spec)
+            tensors[key] = HFTensor(key, folder / name, spec, data_start + info["data_offsets"][0])
     return tensors
 
 
@@ -219,16 +231,40 @@ def _index_bin(folder: Path) -> dict[str, HFTensor] | None:
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise CheckpointFormatError(f"{file}: missing (named by the weights index)")
+    import pickle
+
     try:
-        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # UnpicklingError for unsafe pickles, RuntimeError for corrupt zips
+        try:
+            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            # A legacy (pre-zip) torch.save file: still weights_only, just not memory-mapped.
+            sd = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
         raise CheckpointFormatError(
-            f"{file}: refused or unreadable with weights_only=True ({str(exc).splitlines()[0][:160]}); "
-            "convert it to safetensors with a tool you trust"
+            f"{file}: refused: it pickles Python objects other than tensors ({_unpickler_reason(exc)}), and loading "
+            "them could run code; .bin weights are read only with weights_only=True. "
+            "Use the model's safetensors files, or convert this one with a tool you trust"
+        ) from exc
+    except Exception as exc:  # RuntimeError for corrupt zips, legacy formats, ...
+        raise CheckpointFormatError(
+            f"{file}: unreadable with weights_only=True ({_first_line(exc)}); re-download it or use safetensors files"
         ) from exc
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointFormatError(f"{file}: not a state dict of tensors")
     return sd
+
+
+def _first_line(exc: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch colours parts of its messages
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """torch's sentence naming the refused global ("Unsupported global: GLOBAL os.system ..."), if any."""
+    match = re.search(r"Unsupported global: GLOBAL [\w.]+", str(exc))
+    return match.group(0) if match else _first_line(exc)
 
 
 def open_hf(model: str | os.PathLike | None = None) -> HFCheckpoint:
@@ -254,7 +290,35 @@ def open_hf(model: str | os.PathLike | None = None) -> HFCheckpoint:
 
 
 def read_tensor(t: HFTensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """Read one tensor, or rows [start, end) of it, opening and closing the file around the read."""
+    """Read one tensor, or rows [start, end) of it, opening and closing the file around the read.
+
+    safetensors data is row-major and uncompressed, so rows [start, end) are one contiguous byte range:
+    it is read with a positioned read straight into a fresh tensor. That costs the block's size in memory
+    once. Going through ``safe_open`` maps the file instead, and a copy out of the mapping costs it twice
+    (the touched pages stay resident in this process until the mapping goes) - measured 2x on a 400 MB
+    embedding. Offsets and sizes come from the header ``open_hf`` already validated against the file size.
+    """
+    if t.file.suffix == ".bin" or t.offset is None:
+        return _read_with_safetensors(t, rows)
+    start, end = rows if rows is not None else (0, t.spec.shape[0] if t.spec.shape else 1)
+    shape = (end - start, *t.spec.shape[1:]) if t.spec.shape else ()
+    out = torch.empty(shape, dtype=getattr(torch, t.spec.dtype))
+    row_bytes = t.spec.nbytes // t.spec.shape[0] if t.spec.shape and t.spec.shape[0] else t.spec.nbytes
+    if out.numel() == 0:
+        return out
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    with open(t.file, "rb", buffering=0) as f:  # an OSError here is the environment's, and stays one
+        f.seek(t.offset + start * row_bytes)
+        got = 0
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                raise CheckpointFormatError(f"{t.file}: ends inside tensor {t.key}; the file changed or is truncated")
+            got += n
+    return out
+
+
+def _read_with_safetensors(t: HFTensor, rows: tuple[int, int] | None) -> torch.Tensor:
     if t.file.suffix == ".bin":
         full = _load_bin(t.file)[t.key]
         part = full if rows is None else full[rows[0] : rows[1]]
@@ -262,24 +326,33 @@ def read_tensor(t: HFTensor, rows: tuple[int, int] | None = None) -> torch.Tenso
     from safetensors import safe_open
 
     with safe_open(str(t.file), framework="pt") as f:
-        if rows is None:
-            out = f.get_tensor(t.key)
-        else:
-            out = f.get_slice(t.key)[rows[0] : rows[1]]
-    # Copy out of the mapping so the pages are released when the handle closes.
-    return out.clone()
+        out = f.get_tensor(t.key) if rows is None else f.get_slice(t.key)[rows[0] : rows[1]]
+    return out.clone()  # out of the mapping, so its pages go when the handle does
+
+
+def refuse_remote_code(checkpoint: HFCheckpoint, *, trust_remote_code: bool) -> None:
+    """Stop before transformers sees a config or tokenizer that maps classes to the repository's own code."""
+    if trust_remote_code:
+        return
+    tokenizer_config = checkpoint.path / "tokenizer_config.json"
+    asks = bool(checkpoint.config.get("auto_map"))
+    if not asks and tokenizer_config.is_file():
+        try:
+            asks = bool(json.loads(tokenizer_config.read_text()).get("auto_map"))
+        except (ValueError, AttributeError):
+            asks = False  # a broken tokenizer config is reported when the tokenizer is loaded
+    if asks:
+        raise InputError(
+            f"{checkpoint.source}: its config asks for custom code (auto_map); "
+            "re-run with --trust-remote-code if you trust this repository"
+        )
 
 
 def build_meta_model(checkpoint: HFCheckpoint, *, trust_remote_code: bool = False) -> "nn.Module":
     """The model class the trainer will build, on ``meta``: exact keys, shapes, ties and buffers, no memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    auto_map = checkpoint.config.get("auto_map")
-    if auto_map and not trust_remote_code:
-        raise InputError(
-            f"{checkpoint.source}: its config asks for custom code (auto_map); "
-            "re-run with --trust-remote-code if you trust this repository"
-        )
+    refuse_remote_code(checkpoint, trust_remote_code=trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=trust_remote_code)
         with torch.device("meta"):

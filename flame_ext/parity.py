@@ -17,7 +17,7 @@ from .dcp import NON_MODEL_PREFIXES
 from .hf import TensorSpec
 from .report import Problem
 
-__all__ = ["ParityResult", "compare_specs", "model_part", "specs_of", "WRAPPER_INFIXES"]
+__all__ = ["ParityResult", "compare_specs", "model_part", "specs_of", "locate_keys", "WRAPPER_INFIXES"]
 
 # Module wrappers whose names leak into state-dict keys: torch.compile, activation checkpointing, DDP/DP.
 WRAPPER_INFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "module.")
@@ -156,3 +156,28 @@ def specs_of(state_dict: dict[str, torch.Tensor]) -> dict[str, TensorSpec]:
     from .hf import dtype_name
 
     return {k: TensorSpec(tuple(v.shape), dtype_name(v.dtype)) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+
+
+def locate_keys(expected: Iterable[str], found: Iterable[str]) -> dict[str, str]:
+    """For each expected key, the checkpoint key that holds it: the same name, the name under an extra
+    ``model.`` prefix, or the name with module-wrapper infixes. Keys found nowhere are left out.
+
+    The value checks read tensors through this map, so a checkpoint whose only fault is its key layout is
+    still judged on its values (the layout is reported once, as its own problem).
+    """
+    found = set(found)
+    unwrapped: dict[str, str] = {}
+    for k in sorted(found):
+        bare = _strip_wrappers(k)
+        if bare != k:
+            unwrapped.setdefault(bare, k)
+    out: dict[str, str] = {}
+    for k in expected:
+        for candidate in (k, "model." + k):
+            if candidate in found:
+                out[k] = candidate
+                break
+        else:
+            if k in unwrapped:
+                out[k] = unwrapped[k]
+    return out

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .hf import HFCheckpoint, dtype_name
+from .hf import HFCheckpoint, dtype_name, refuse_remote_code
 from .report import LossComparison
 
 if TYPE_CHECKING:
@@ -109,6 +109,7 @@ def compute_reference(
     """Run the HF model once on the reference batch; the manifest's ``reference`` record."""
     import transformers
 
+    refuse_remote_code(hf, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(tokenizer_path or hf.path, trust_remote_code=trust_remote_code)
     text = read_reference_text(text_path)
     token_ids = reference_batch(tokenizer, text, seq_len)

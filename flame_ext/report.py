@@ -83,6 +83,9 @@ class Report:
     problems: list[Problem] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     loss: LossComparison | None = None
+    # Facts worth stating that are not problems (what kind of checkpoint it is, what was compared or repaired).
+    # Shown in the text report; not part of the JSON contract's problem list.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -108,8 +111,12 @@ class Report:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=True)
 
-    def render_text(self, max_per_kind: int = 20) -> str:
-        """Readable report: counts, one line per problem with its hint, loss table, verdict line."""
+    def render_text(self, max_per_kind: int = 20, *, group_hints: bool = False) -> str:
+        """Readable report: counts, one line per problem with its hint, loss table, verdict line.
+
+        ``group_hints``: consecutive problems of one kind with the same hint (18 tensors of two swapped
+        layers) show that hint once, after the last of them, instead of once per line.
+        """
         lines: list[str] = []
         d = self.to_dict()
         c = d["counts"]
@@ -117,14 +124,19 @@ class Report:
             f"parameters: HF {c['hf_params']:,}  checkpoint {c['dcp_params']:,}   "
             f"missing {c['missing']}  unexpected {c['unexpected']}  shape {c['shape']}  dtype {c['dtype']}"
         )
+        lines.extend(f"note: {n}" for n in self.notes)
         shown: dict[str, int] = {}
+        visible = []
         for p in self.problems:
             shown[p.kind] = shown.get(p.kind, 0) + 1
-            if shown[p.kind] > max_per_kind:
-                continue
+            if shown[p.kind] <= max_per_kind:
+                visible.append(p)
+        for i, p in enumerate(visible):
             where = f" {p.key}" if p.key else ""
             lines.append(f"  {p.severity.upper():7} {p.kind}{where}: {p.detail}")
-            lines.append(f"          hint: {p.hint}")
+            nxt = visible[i + 1] if i + 1 < len(visible) else None
+            if not (group_hints and nxt is not None and (nxt.kind, nxt.hint) == (p.kind, p.hint)):
+                lines.append(f"          hint: {p.hint}")
         for kind, n in shown.items():
             if n > max_per_kind:
                 lines.append(f"  ... and {n - max_per_kind} more {kind} problems (see --json)")

@@ -1,0 +1,249 @@
+"""Benchmark: HF -> DCP conversion of a generated multi-shard, OLMo2-shaped bf16 checkpoint.
+
+Side by side, each in its own fresh subprocess (wall seconds and peak RSS from ``os.wait4``):
+
+  copy     ``cp -r`` of the same files: the physical limit for reading and writing those bytes
+  convert  ``flame-ext convert --no-reference`` (this project's streaming converter)
+  stock    flame's converter: ``AutoModelForCausalLM.from_pretrained`` -> ``state_dict()`` ->
+           ``dcp.save({"model": sd}, FileSystemWriter(thread_count=8))``
+  import   ``import torch, transformers`` alone, for context
+
+The checkpoint is written shard by shard (about 1 GB each, random bf16 data) without materialising the
+model; its config is a real ``Olmo2ForCausalLM`` one (hidden 2048, vocab 100352; the number of layers is
+chosen for the requested size). The converter's output is checked bit-exact against the source for a
+sample of tensors. The page cache is warm for every contender (the files were just written) and
+``sync`` runs between contenders, outside the timings.
+
+    python bench/bench_convert.py                      # ~4 GB, in a temporary folder
+    python bench/bench_convert.py --size-gb 1 2 4      # one table row set per size: memory stays flat
+    python bench/bench_convert.py --workdir /big/disk --keep
+
+Targets (issue 2): convert wall <= 1.5x copy; peak RSS <= 25% of the checkpoint size, flat as it grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HIDDEN, INTERMEDIATE, HEADS, VOCAB = 2048, 8192, 16, 100352
+SHARD_BYTES = 1_000_000_000
+
+STOCK = """
+import sys, torch, torch.distributed.checkpoint as DCP
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+state_dict = model.state_dict()
+storage_writer = DCP.filesystem.FileSystemWriter(sys.argv[2], thread_count=8)
+DCP.save({"model": state_dict}, storage_writer=storage_writer)
+"""
+
+
+USERSPACE_COPY = 'mkdir "$1" && for f in "$0"/*; do dd if="$f" of="$1/${f##*/}" bs=16M status=none || exit 1; done && sync'
+
+
+@dataclass
+class Result:
+    name: str
+    wall: float
+    rss_mb: float
+    rc: int
+    cpu: float = 0.0  # user + system seconds: less sensitive to a busy machine than wall time
+
+
+def olmo2_config(size_gb: float) -> dict:
+    """A real Olmo2ForCausalLM config whose bf16 weights total about ``size_gb`` GB."""
+    per_layer = 4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTERMEDIATE + 4 * HIDDEN  # attention, MLP, norms
+    fixed = 2 * VOCAB * HIDDEN + HIDDEN  # embeddings, lm_head, final norm
+    layers = max(1, round((size_gb * 1e9 / 2 - fixed) / per_layer))
+    from transformers import Olmo2Config
+
+    cfg = Olmo2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers,
+                      num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=4096,
+                      pad_token_id=1, eos_token_id=VOCAB - 1, bos_token_id=None, tie_word_embeddings=False)
+    cfg.architectures = ["Olmo2ForCausalLM"]
+    out = cfg.to_dict()
+    out["dtype" if "dtype" in out else "torch_dtype"] = "bfloat16"
+    return out
+
+
+def generate(folder: Path, size_gb: float) -> int:
+    """Write config.json, ~1 GB safetensors shards and the index; returns the total tensor bytes.
+
+    Only one shard's tensors exist in memory at a time: shapes come from the model built on ``meta``.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    folder.mkdir(parents=True)
+    config = olmo2_config(size_gb)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Olmo2ForCausalLM(Olmo2Config.from_dict(config)).state_dict().items()}
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key, shape in shapes.items():
+        nbytes = 2 * shape.numel()
+        if groups[-1] and size + nbytes > SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    gen = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for i, keys in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        shard = {k: torch.randn(shapes[k], generator=gen, dtype=torch.bfloat16) for k in keys}
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        total += sum(t.numel() * 2 for t in shard.values())
+        weight_map.update({k: name for k in keys})
+        del shard
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return total
+
+
+def measure(name: str, cmd: list[str]) -> Result:
+    """Run ``cmd`` in a fresh process; its own wall time and peak RSS (``os.wait4`` rusage of that child)."""
+    os.sync()  # flush the previous contender's dirty pages outside the timing
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        print(f"{name} failed (exit {proc.returncode}):\n{output[-2000:]}", file=sys.stderr)
+    return Result(name, wall, usage.ru_maxrss / 1024, proc.returncode, usage.ru_utime + usage.ru_stime)
+
+
+def verify_sample(source: Path, checkpoint: Path, n: int = 8) -> int:
+    """Compare a spread of tensors (first, last, largest, a sample between) bit for bit; returns the count."""
+    import torch
+    from safetensors import safe_open
+
+    from flame_ext.dcp import load_tensor, read_dcp_metadata
+
+    weight_map = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+    found = read_dcp_metadata(checkpoint)
+    keys = sorted(weight_map)
+    step = max(1, len(keys) // n)
+    sample = sorted(set(keys[::step] + ["model.embed_tokens.weight", "lm_head.weight", keys[-1]]))
+    for key in sample:
+        with safe_open(str(source / weight_map[key]), framework="pt") as f:
+            expected = f.get_tensor(key)
+        got = load_tensor(checkpoint, key, found[key])
+        if got.dtype != expected.dtype or not torch.equal(got.view(torch.int16), expected.view(torch.int16)):
+            raise SystemExit(f"MISMATCH: {key} differs between the source and the converted checkpoint")
+    return len(sample)
+
+
+def _helper(*args: str) -> str:
+    """Run a step of this script in a child process and return its last output line.
+
+    The parent must stay small: a child forked from a process holding a GB shard starts with that
+    process's resident memory as its own peak (Linux carries the high-water mark across exec), which would
+    inflate every measurement. So generating and verifying, which import torch, happen in children too.
+    """
+    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def contenders(src: Path, out: Path) -> list[tuple[str, list[str]]]:
+    py = sys.executable
+    return [
+        ("copy (cp -r)", ["cp", "-r", str(src), str(out)]),
+        ("copy + sync (durable)", ["sh", "-c", 'cp -r "$0" "$1" && sync', str(src), str(out)]),
+        # cp may copy inside the kernel (copy_file_range); dd moves the bytes through a process, as any
+        # converter that looks at them must.
+        ("copy via user space (dd bs=16M) + sync", ["sh", "-c", USERSPACE_COPY, str(src), str(out)]),
+        ("flame-ext convert", [py, "-m", "flame_ext.cli", "convert", "--model", str(src), "--checkpoint", str(out),
+                               "--no-reference"]),
+        ("stock (from_pretrained + dcp.save)", [py, "-c", STOCK, str(src), str(out)]),
+        ("import torch, transformers", [py, "-c", "import torch, transformers"]),
+    ]
+
+
+def run_size(size_gb: float, work: Path, repeat: int) -> list[Result]:
+    """Every contender ``repeat`` times, round robin (so a noisy neighbour hits all alike); medians."""
+    src, out = work / f"hf-{size_gb:g}gb", work / f"out-{size_gb:g}gb"
+    t0 = time.perf_counter()
+    total = int(_helper("--generate-into", str(src), "--size-gb", str(size_gb)))
+    shards = len(list(src.glob("*.safetensors")))
+    print(f"\n== {total / 1e9:.2f} GB checkpoint, {shards} shards (generated in {time.perf_counter() - t0:.0f} s) ==", flush=True)
+    runs: dict[str, list[Result]] = {}
+    checked = 0
+    for _ in range(repeat):
+        for name, cmd in contenders(src, out):
+            runs.setdefault(name, []).append(measure(name, cmd))
+            if name == "flame-ext convert" and runs[name][-1].rc == 0 and not checked:
+                checked = int(_helper("--verify", str(src), str(out)))
+            shutil.rmtree(out, ignore_errors=True)
+    results = [median(rs) for rs in runs.values()]
+    print_table(results, total, runs)
+    print(f"converted checkpoint: {checked} sampled tensors bit-exact against the source")
+    return results
+
+
+def median(rs: list[Result]) -> Result:
+    mid = len(rs) // 2
+    walls, rss, cpu = (sorted(getattr(r, f) for r in rs) for f in ("wall", "rss_mb", "cpu"))
+    return Result(rs[0].name, walls[mid], rss[mid], max(r.rc for r in rs), cpu[mid])
+
+
+def print_table(results: list[Result], total: int, runs: dict[str, list[Result]]) -> None:
+    copy = results[0].wall
+    print(f"{'(median of ' + str(len(runs[results[0].name])) + ')':38} {'wall s':>7} {'x copy':>7} {'CPU s':>6} "
+          f"{'peak RSS MB':>12} {'RSS % ckpt':>11}   all walls")
+    for r in results:
+        flag = "" if r.rc == 0 else f"  (exit {r.rc})"
+        walls = " ".join(f"{x.wall:.1f}" for x in runs[r.name])
+        print(f"{r.name:38} {r.wall:7.1f} {r.wall / copy:7.2f} {r.cpu:6.1f} {r.rss_mb:12,.0f} {100 * r.rss_mb * 2**20 / total:10.1f}%"
+              f"   {walls}{flag}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size-gb", type=float, nargs="+", default=[4.0], help="checkpoint size(s) in GB (default 4)")
+    p.add_argument("--workdir", help="folder for the generated files (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the generated checkpoint(s)")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each contender, round robin; medians shown (default 3)")
+    p.add_argument("--generate-into", help=argparse.SUPPRESS)  # internal: the child that writes the checkpoint
+    p.add_argument("--verify", nargs=2, help=argparse.SUPPRESS)  # internal: the child that checks the output
+    args = p.parse_args()
+    if args.generate_into:
+        print(generate(Path(args.generate_into), args.size_gb[0]))
+        return 0
+    if args.verify:
+        print(verify_sample(Path(args.verify[0]), Path(args.verify[1])))
+        return 0
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-convert-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, workdir {work}")
+    try:
+        for size in args.size_gb:
+            run_size(size, work, args.repeat)
+            if not args.keep:
+                shutil.rmtree(work / f"hf-{size:g}gb", ignore_errors=True)
+    finally:
+        if not args.keep:
+            for size in args.size_gb:
+                shutil.rmtree(work / f"hf-{size:g}gb", ignore_errors=True)
+                shutil.rmtree(work / f"out-{size:g}gb", ignore_errors=True)
+            if not args.workdir:
+                shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

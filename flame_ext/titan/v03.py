@@ -1,0 +1,207 @@
+"""torchtitan 0.3.x adapter: a ``CheckpointManager`` whose nested ``Config`` carries the guard's fields.
+
+0.3 loads through two hooks: ``_load`` picks what to load, ``dcp_load(state_dict, checkpoint_id, from_hf,
+from_quantized)`` loads it. ``dcp_load`` sees the exact state dict and checkpoint, so the pre-load check
+runs there: a ``checkpoint_id`` that is ``<folder>/step-N`` with N > 0 is a resume (skipped, logged),
+anything else (``step-0``, ``initial_load_path``, the HF assets folder) is the initial load. ``_load``
+runs the post-load checks once the host has loaded.
+
+For ``initial_load_in_hf`` the request is translated the way the host translates it (``sd_adapter.to_hf``,
+on meta copies: no compute, no collectives) and compared with the safetensors headers the adapter's
+storage reader sees; keys the adapter maps nowhere would keep their initial values, so they are reported.
+
+Switching it on: ``flame_ext.titan.config03`` (a config-function helper and an ``--override.imports``
+factory). Importing this module needs no triton.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torchtitan.components.checkpoint import MODEL, CheckpointManager
+
+from ..dcp import read_dcp_metadata
+from ..guard import (
+    IGNORE_INDEX,
+    GuardConfig,
+    GuardConfigError,
+    InitialLoadGuard,
+    LossProbe,
+    RequestedLoad,
+    hf_loss_probe,
+    meta_copy,
+    split_request,
+    tied_keys,
+)
+from ..hf import TensorSpec, dtype_name
+from ..report import Problem, Report
+
+__all__ = ["ValidatingCheckpointManager"]
+
+logger = logging.getLogger(__name__)
+
+
+class ValidatingCheckpointManager(CheckpointManager):
+    """torchtitan 0.3 ``CheckpointManager`` + the flame-ext initial-load guard (``checkpoint.validate_initial_load``).
+
+    ``load()`` must run on ALL ranks (the host requires it already): the guard's checks hold collectives.
+    """
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(CheckpointManager.Config):
+        validate_initial_load: bool = False
+        """Check the initial load (step-0 folder, initial_load_path, HF assets) before step 1; resumes are not checked."""
+
+        initial_load_max_loss_delta: float = 0.1
+        """Largest |step-0 loss - HF reference loss| in nats that passes."""
+
+        initial_load_reference: str | None = None
+        """Reference file from `flame-ext reference`; default: flame_ext.json in the loaded checkpoint."""
+
+        initial_load_repair_buffers: bool = True
+        """Recompute wrong non-persistent buffers (RoPE) from the config instead of failing."""
+
+        def __post_init__(self) -> None:
+            CheckpointManager.Config.__post_init__(self)  # zero-arg super() fails in slots dataclasses
+            checked = GuardConfig.from_section(self)
+            self.initial_load_max_loss_delta = checked.initial_load_max_loss_delta
+            self.initial_load_reference = checked.initial_load_reference
+
+    def __init__(self, config: Config, **kwargs: Any) -> None:
+        self.guard_config = GuardConfig.from_section(config)
+        self.initial_load_report: Report | None = None
+        self._guard: InitialLoadGuard | None = None
+        self._loading = False
+        super().__init__(config, **kwargs)
+
+    def _load(self, step: int = -1) -> bool:
+        if not self.guard_config.validate_initial_load:
+            return super()._load(step)
+        self._loading, self._guard = True, None
+        try:
+            loaded = super()._load(step)  # dcp_load below runs the pre-load check
+            guard = self._guard
+        finally:
+            self._loading, self._guard = False, None
+        if loaded and guard is not None:
+            probe, multiple, max_positions = self._loss_probe(guard.parts)
+            trainer = self.states.get("train_state")
+            with torch.no_grad():
+                self.initial_load_report = guard.after_load(
+                    probe, position_multiple=multiple, max_positions=max_positions,
+                    metric_logger=getattr(trainer, "metrics_processor", None))
+        return loaded
+
+    def dcp_load(self, state_dict: dict[str, Any], checkpoint_id: str, from_hf: bool, from_quantized: bool) -> None:
+        if self._loading and self._is_resume(checkpoint_id):
+            logger.info("flame-ext: resuming from %s: initial-load validation skipped (it checks only the first load "
+                        "of a run)", checkpoint_id)
+        elif self._loading:
+            self._guard = self._check_before(state_dict, checkpoint_id, from_hf, from_quantized)
+        super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
+
+    def _is_resume(self, checkpoint_id: str) -> bool:
+        match = re.fullmatch(r"step-(\d+)", str(checkpoint_id).rstrip("/").rsplit("/", 1)[-1])
+        return bool(match) and int(match.group(1)) > 0 and checkpoint_id == self._create_checkpoint_id(int(match.group(1)))
+
+    def _check_before(self, state_dict: dict[str, Any], checkpoint_id: str, from_hf: bool, from_quantized: bool) -> InitialLoadGuard:
+        parts = self.states[MODEL].model
+        trainer = self.states.get("train_state")
+        if len(parts) > 1 or getattr(getattr(trainer, "parallel_dims", None), "pp_enabled", False):
+            raise GuardConfigError(
+                "checkpoint.validate_initial_load does not support pipeline parallel (the reference forward pass "
+                "would need the pipeline schedule); validate the checkpoint with `flame-ext diagnose --loss` and "
+                "set checkpoint.validate_initial_load = false"
+            )
+        if "://" in str(checkpoint_id):
+            raise GuardConfigError(
+                f"checkpoint.validate_initial_load reads the checkpoint's metadata and flame_ext.json from a local folder; "
+                f"{checkpoint_id} is remote: copy it locally, or check it with `flame-ext diagnose` and switch the guard off"
+            )
+        guard = InitialLoadGuard(self.guard_config, str(checkpoint_id), parts)
+        requested = split_request(state_dict)
+        if not from_hf:
+            guard.before_load(requested, lambda: read_dcp_metadata(checkpoint_id),
+                              tied=tied_keys(parts, requested.model_prefix))
+            return guard
+        assert self.sd_adapter is not None, "initial_load_in_hf needs the model's state-dict adapter"
+        hf_request, unmapped = self._hf_request(state_dict)
+        reader = self.sd_adapter.get_hf_storage_reader(checkpoint_id, from_quantized)
+        guard.before_load(hf_request, lambda: _reader_specs(reader), extra=unmapped)
+        return guard
+
+    def _hf_request(self, state_dict: dict[str, Any]) -> tuple[RequestedLoad, list[Problem]]:
+        """The HF keys the host will ask the safetensors for, and model keys its adapter maps to none."""
+        adapter = self.sd_adapter
+        hf_meta = adapter.to_hf(meta_copy({k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}))
+        requested = RequestedLoad({k: TensorSpec(tuple(v.shape), dtype_name(v.dtype)) for k, v in hf_meta.items()}, [])
+        try:
+            back = set(adapter.from_hf(dict(hf_meta)))
+        except Exception as exc:  # an adapter that computes on values cannot run on meta: skip this check
+            logger.debug("flame-ext: cannot round-trip the state-dict adapter on meta tensors: %s", exc)
+            return requested, []
+        unmapped = [Problem(
+            "missing_key", "error", k, f"the model asks for it, but {type(adapter).__name__} maps no HF key to it",
+            "it would keep its initial (random) value: extend the adapter's from_hf_map, or check the model flavor "
+            "matches the HF config") for k in sorted(state_dict) if isinstance(state_dict[k], torch.Tensor) and k not in back]
+        return requested, unmapped
+
+    def _loss_probe(self, parts: list[torch.nn.Module]) -> tuple[LossProbe, int, int | None]:
+        """The host's own loss when the Trainer is reachable (native torchtitan models), else HF-style logits;
+        with the chunk multiple the loss needs and the longest sequence the model was built for."""
+        trainer = self.states.get("train_state")
+        if all(hasattr(trainer, a) for a in ("loss_fn", "post_dataloading_process", "train_context")):
+            seq_len = getattr(getattr(getattr(trainer, "config", None), "training", None), "seq_len", None)
+            return _trainer_probe(trainer, parts[0]), int(getattr(trainer.loss_fn, "num_chunks", 1) or 1), seq_len
+        return hf_loss_probe(parts[0]), 1, None
+
+
+def _reader_specs(reader: Any) -> dict[str, TensorSpec | None]:
+    """Key -> global shape/dtype from a DCP storage reader's metadata (safetensors headers for HF)."""
+    metadata = reader.read_metadata().state_dict_metadata
+    return {k: TensorSpec(tuple(m.size), dtype_name(m.properties.dtype)) if isinstance(m, TensorStorageMetadata) else None
+            for k, m in metadata.items()}
+
+
+def _local(t: Any) -> torch.Tensor:
+    to_local = getattr(t, "to_local", None)  # DTensor: this rank's part; ranks' parts are summed by the guard
+    return to_local() if callable(to_local) else t
+
+
+def _trainer_probe(trainer: Any, model: torch.nn.Module) -> LossProbe:
+    """Forward and loss exactly as ``Trainer.forward_backward_step`` does, minus backward.
+
+    Positions are given as the dataloader gives them for one document per row. ``post_dataloading_process``
+    counts tokens into ``trainer.ntokens_seen``; that count is put back. Each position range is scored by
+    the host's loss on labels outside the range set to the ignore index, so chunked and loss-parallel
+    losses need no per-token output.
+    """
+
+    def probe(token_ids: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
+        device = getattr(trainer, "device", torch.device("cpu"))
+        inputs, labels = token_ids[:, :-1].to(device), token_ids[:, 1:].to(device)
+        positions = torch.arange(inputs.shape[1], device=device).expand_as(inputs).contiguous()
+        seen = trainer.ntokens_seen
+        rows = []
+        try:
+            x, _, extra = trainer.post_dataloading_process({"input": inputs, "positions": positions}, labels)
+            with trainer.train_context():
+                pred = model(x, **extra)
+                for start, end in ranges:
+                    masked = torch.full_like(labels, IGNORE_INDEX)
+                    masked[:, start:end] = labels[:, start:end]
+                    _, y, extra_r = trainer.post_dataloading_process({"input": inputs, "positions": positions}, masked)
+                    loss_kwargs = {"positions": extra_r["positions"]} if "positions" in extra_r else {}
+                    loss_sum, _ = trainer.loss_fn(pred, y, **loss_kwargs)
+                    count = (_local(y) != IGNORE_INDEX).sum()
+                    rows.append([_local(loss_sum).double().item(), float(count.item())])
+        finally:
+            trainer.ntokens_seen = seen
+        return torch.tensor(rows, dtype=torch.float64)
+
+    return probe

@@ -1,0 +1,181 @@
+"""The catalogue: every way of breaking a converted checkpoint the issue lists, on three architectures.
+
+Each broken checkpoint is diagnosed through the real CLI (``flame-ext diagnose ... --json``, in process)
+and must be flagged with the right problem kind, and healthy ones must pass. Expected keys are derived
+from the edit and from the HF files, never copied from a run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flame_ext.dcp import read_dcp_metadata
+from flame_ext.hf import open_hf, read_tensor
+
+from .conftest import ARCHS, DROPPED, NAN_KEY, SWAP, TRANSPOSED, ZEROED_MLP, kinds, problems_of
+
+RIGHT_SHAPE_WRONG = ("swapped_layers", "transposed", "zeroed_mlp", "nan")
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def _hf_differs(model, key_a: str, key_b: str) -> bool:
+    hf = open_hf(model)
+    return not torch.equal(read_tensor(hf.tensors[key_a]), read_tensor(hf.tensors[key_b]))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_healthy_conversion_passes_every_pass(arch, catalogue, hf_models, diagnose_json):
+    code, r = diagnose_json("--checkpoint", catalogue(arch), "--model", hf_models[arch], "--values", "--loss")
+    assert code == 0 and r["ok"], r["problems"]
+    assert r["counts"]["hf_params"] == r["counts"]["dcp_params"] > 0
+    assert all(r["counts"][k] == 0 for k in ("missing", "unexpected", "shape", "dtype"))
+    assert abs(r["loss"]["delta"]) < 1e-3  # same weights, same dtype, same batch: rounding noise only
+    # The only thing a healthy checkpoint may be warned about is the trainer's load path (transformers 4.x).
+    if _transformers_major() >= 5:
+        assert r["problems"] == []
+    else:
+        assert kinds(r) == {"buffer_mismatch"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_inv_freq_load_path_hazard_depends_on_transformers(arch, catalogue, hf_models, diagnose_json):
+    """transformers 4.x post_init() does not recompute inv_freq after meta + to_empty(): a warning; 5.x does."""
+    _, r = diagnose_json("--checkpoint", catalogue(arch), "--model", hf_models[arch], "--loss")
+    hazards = problems_of(r, "buffer_mismatch")
+    if _transformers_major() >= 5:
+        assert hazards == []
+    else:
+        assert any(p["key"].endswith("rotary_emb.inv_freq") for p in hazards)
+        assert all(p["severity"] == "warning" and "not a fault of this checkpoint" in p["hint"] for p in hazards)
+    assert r["ok"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_conversion_is_a_warning_and_passes_values_and_loss(arch, catalogue, hf_models, diagnose_json):
+    code, r = diagnose_json("--checkpoint", catalogue(arch, "bf16"), "--model", hf_models[arch], "--values", "--loss")
+    assert code == 0 and r["ok"]
+    dtype = problems_of(r, "dtype_mismatch")
+    assert dtype and all(p["severity"] == "warning" and "bfloat16" in p["detail"] for p in dtype)
+    assert r["counts"]["dtype"] == len(read_dcp_metadata(catalogue(arch, "bf16")))  # every tensor was cast
+    assert not problems_of(r, "value_mismatch")
+    assert abs(r["loss"]["delta"]) <= r["loss"]["threshold"] == 0.1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("case", RIGHT_SHAPE_WRONG)
+def test_right_shaped_wrong_tensors_are_caught_by_values_and_loss(arch, case, catalogue, hf_models, diagnose_json):
+    ckpt, model = catalogue(arch, case), hf_models[arch]
+    code, meta_only = diagnose_json("--checkpoint", ckpt, "--model", model)
+    assert code == 0 and meta_only["ok"], "metadata alone cannot see a right-shaped wrong tensor"
+
+    code, r = diagnose_json("--checkpoint", ckpt, "--model", model, "--values", "--loss")
+    assert code == 1 and not r["ok"]
+    gap = problems_of(r, "loss_gap")
+    assert len(gap) == 1 and gap[0]["severity"] == "error"
+    assert not (abs(r["loss"]["delta"]) <= 0.1)  # NaN or a real gap
+    flagged = {p["key"] for p in r["problems"] if p["kind"] in ("value_mismatch", "nonfinite")}
+    if case == "swapped_layers":
+        a, b = SWAP
+        layer0 = [k for k in open_hf(model).tensors if k.startswith(a)]
+        expected = {k for k in layer0 if _hf_differs(model, k, b + k[len(a):])}
+        expected |= {b + k[len(a):] for k in expected}
+        assert flagged == expected and expected
+        partner = {k: b + k[len(a):] for k in expected if k.startswith(a)}
+        partner.update({v: k for k, v in partner.items()})
+        for p in problems_of(r, "value_mismatch"):  # the cause is named: which HF tensor it holds instead
+            assert f"it holds the HF values of {partner[p['key']]}" in p["detail"]
+    elif case == "transposed":
+        assert flagged == {TRANSPOSED}
+        assert "rearranged (transposed or permuted)" in problems_of(r, "value_mismatch")[0]["detail"]
+    elif case == "zeroed_mlp":
+        assert flagged == {k for k in open_hf(model).tensors if k.startswith(ZEROED_MLP)}
+        assert all("only zeros" in p["detail"] for p in problems_of(r, "value_mismatch"))
+    else:
+        nonfinite = problems_of(r, "nonfinite")
+        assert [p["key"] for p in nonfinite] == [NAN_KEY] and "1 of" in nonfinite[0]["detail"]
+    for p in problems_of(r, "value_mismatch"):
+        assert "max abs diff" in p["detail"] and p["severity"] == "error"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dropped_key(arch, catalogue, hf_models, diagnose_json):
+    code, r = diagnose_json("--checkpoint", catalogue(arch, "dropped_key"), "--model", hf_models[arch], "--loss")
+    assert code == 1
+    assert [p["key"] for p in problems_of(r, "missing_key")] == [DROPPED]
+    assert r["counts"]["missing"] == 1
+    # The manifest was copied from the healthy conversion: its table no longer matches .metadata.
+    assert any("stale" in p["detail"] and DROPPED in p["detail"] for p in problems_of(r, "manifest"))
+    assert r["loss"] is None  # a trainer's strict load fails on the missing key: no loss to measure
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_key_nested_under_model(arch, catalogue, hf_models, diagnose_json):
+    code, r = diagnose_json("--checkpoint", catalogue(arch, "nested"), "--model", hf_models[arch], "--values", "--loss")
+    assert code == 1
+    layout = problems_of(r, "layout")
+    assert len(layout) == 1 and layout[0]["severity"] == "error" and "'model.' prefix" in layout[0]["detail"]
+    assert "flat" in layout[0]["hint"]
+    assert r["counts"]["missing"] == r["counts"]["unexpected"] > 0
+    # Only the names are wrong: the values, read through the layout, match and the loss reproduces.
+    assert not kinds(r) & {"value_mismatch", "nonfinite", "loss_gap"}
+    assert abs(r["loss"]["delta"]) < 1e-3
+    assert problems_of(r, "manifest")[0]["severity"] == "warning"  # converted elsewhere: no manifest
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_vocab_padded_embedding(arch, catalogue, hf_models, diagnose_json):
+    code, r = diagnose_json("--checkpoint", catalogue(arch, "vocab_padded"), "--model", hf_models[arch], "--values")
+    assert code == 1
+    padded = [p for p in problems_of(r, "layout") if "padded" in p["detail"]]
+    assert {p["key"] for p in padded} == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert {p["key"] for p in problems_of(r, "shape_mismatch")} == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert "vocab_size" in padded[0]["hint"]
+
+
+def test_wrapper_infix(catalogue, hf_models, diagnose_json):
+    code, r = diagnose_json("--checkpoint", catalogue("llama", "orig_mod"), "--model", hf_models["llama"], "--values")
+    assert code == 1
+    layout = problems_of(r, "layout")
+    assert len(layout) == 1 and "'_orig_mod.'" in layout[0]["detail"]
+    assert not problems_of(r, "value_mismatch")  # values found through the wrapper names
+
+
+def test_tied_embedding_model_passes(catalogue, diagnose_json, tied_model):
+    code, r = diagnose_json("--checkpoint", catalogue("qwen2_tied"), "--model", tied_model, "--values", "--loss")
+    assert code == 0 and r["ok"]
+    assert abs(r["loss"]["delta"]) < 1e-3
+
+
+def test_tied_head_left_out_is_a_layout_problem(catalogue, diagnose_json, tied_model):
+    code, r = diagnose_json("--checkpoint", catalogue("qwen2_tied", "tied_head_dropped"), "--model", tied_model)
+    assert code == 1
+    tie = [p for p in problems_of(r, "layout") if p["key"] == "lm_head.weight"]
+    assert len(tie) == 1 and "ties" in tie[0]["detail"]
+
+
+@pytest.mark.parametrize("arch", ("olmo2", "llama"))
+def test_manifest_from_another_model(arch, catalogue, hf_models, diagnose_json):
+    code, r = diagnose_json("--checkpoint", catalogue(arch, "foreign_manifest"), "--model", hf_models[arch], "--loss")
+    assert code == 1
+    assert any(p["severity"] == "error" and "another model" in p["detail"] for p in problems_of(r, "manifest"))
+    # The foreign reference is not used: the loss is measured against this model's HF side instead.
+    assert abs(r["loss"]["delta"]) < 1e-3
+
+
+@pytest.mark.parametrize("arch", ("olmo2", "qwen2"))
+@pytest.mark.parametrize("generation", ("full_titan03", "full_titan01"))
+def test_full_training_checkpoint_model_part_is_compared(arch, generation, catalogue, hf_models, diagnose_json):
+    code, r = diagnose_json("--checkpoint", catalogue(arch, generation), "--model", hf_models[arch], "--values", "--loss")
+    assert code == 0 and r["ok"], r["problems"]
+    assert not problems_of(r, "layout") and r["counts"]["unexpected"] == 0
+    assert any(n.startswith("full training checkpoint") and "optimizer" in n for n in r["notes"])
+    nested_note = any("torchtitan 0.1" in n for n in r["notes"])
+    assert nested_note == (generation == "full_titan01")
+    assert r["counts"]["hf_params"] == r["counts"]["dcp_params"]
+    assert abs(r["loss"]["delta"]) < 1e-3

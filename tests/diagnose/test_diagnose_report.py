@@ -1,0 +1,78 @@
+"""What a user reads: the text report, the JSON contract, the drop-in module, the positional hint."""
+
+from __future__ import annotations
+
+from flame_ext.cli import main
+from flame_ext.diagnose_loss import _gap_problem
+from flame_ext.report import KINDS, LossComparison
+
+from .conftest import one_thread
+
+
+def test_text_report_lines(catalogue, hf_models, capsys):
+    capsys.readouterr()
+    with one_thread():
+        code = main(["diagnose", "--checkpoint", str(catalogue("olmo2", "swapped_layers")), "--model",
+                     str(hf_models["olmo2"]), "--values", "--loss"])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 1
+    assert out[0].startswith("flame-ext diagnose: ") and "(metadata, values, loss)" in out[0]
+    assert out[1].startswith("parameters: HF ")
+    errors = [line for line in out if line.startswith("  ERROR   ")]
+    assert any(" value_mismatch model.layers.0." in line for line in errors) and any("loss_gap" in line for line in errors)
+    assert any(line.strip().startswith("hint: ") for line in out)
+    assert "  positions        observed   reference   delta" in out
+    # At most 20 lines per kind (OLMo2 has 11 tensors per layer: 22 differ), the rest counted.
+    more = sum(int(line.split()[2]) for line in out if line.startswith("  ... and "))
+    warnings = [line for line in out if line.startswith("  WARNING ")]  # the transformers 4.x load-path hazard
+    assert out[-1] == f"verdict: FAILED ({len(errors) + more} errors, {len(warnings)} warnings)"
+
+
+def test_json_contract(catalogue, hf_models, diagnose_json):
+    _, r = diagnose_json("--checkpoint", catalogue("olmo2", "nan"), "--model", hf_models["olmo2"], "--values", "--loss")
+    assert set(r) >= {"ok", "problems", "counts", "loss"} and r["ok"] is False
+    assert set(r["counts"]) == {"hf_params", "dcp_params", "missing", "unexpected", "shape", "dtype"}
+    assert set(r["loss"]) == {"reference", "observed", "delta", "threshold", "by_position"}
+    for p in r["problems"]:
+        assert set(p) == {"kind", "severity", "key", "detail", "hint"} and p["kind"] in KINDS
+        assert p["severity"] in ("error", "warning") and p["hint"]
+
+
+def test_drop_in_module_in_process(catalogue, hf_models, capsys):
+    from flame_ext.diagnose_checkpoint import main as drop_in
+
+    with one_thread():
+        code = drop_in(["--checkpoint", str(catalogue("olmo2")), "--model", str(hf_models["olmo2"]), "--values"])
+    assert code == 0 and capsys.readouterr().out.splitlines()[-1].startswith("verdict: OK")
+    with one_thread():
+        code = drop_in(["--checkpoint", str(catalogue("olmo2", "transposed")), "--model", str(hf_models["olmo2"]),
+                        "--values", "--trust_remote_code"])
+    assert code == 1
+
+
+def _buckets(gaps: list[float]) -> list[dict]:
+    return [{"start": i * 10, "end": (i + 1) * 10, "observed": 2.0 + g, "reference": 2.0} for i, g in enumerate(gaps)]
+
+
+def test_positional_hint_only_when_the_gap_grows_with_position():
+    growing = LossComparison(reference=2.0, observed=2.5, threshold=0.1, by_position=_buckets([0.05, 0.3, 0.6, 1.0]))
+    flat = LossComparison(reference=2.0, observed=2.5, threshold=0.1, by_position=_buckets([0.5, 0.5, 0.5, 0.5]))
+    assert "positional encoding" in _gap_problem(growing, value_problems=False).hint
+    assert "positional encoding" not in _gap_problem(flat, value_problems=False).hint
+    assert "--values" in _gap_problem(flat, value_problems=False).hint
+    assert "value problems" in _gap_problem(flat, value_problems=True).hint
+
+
+def test_reference_file_for_a_checkpoint_converted_elsewhere(catalogue, hf_models, diagnose_json, tmp_path, capsys):
+    """No manifest in the checkpoint: `flame-ext reference` records one, `--reference` passes it to --loss."""
+    with one_thread():
+        assert main(["reference", "--model", str(hf_models["llama"]), "--out", str(tmp_path / "ref.json")]) == 0
+        assert main(["reference", "--model", str(hf_models["olmo2"]), "--out", str(tmp_path / "other.json")]) == 0
+    ckpt = catalogue("llama", "nested")
+    _, r = diagnose_json("--checkpoint", ckpt, "--model", hf_models["llama"], "--loss", "--reference", tmp_path / "ref.json")
+    assert not [p for p in r["problems"] if p["kind"] == "manifest"]
+    assert any("recorded HF reference" in n for n in r["notes"]) and abs(r["loss"]["delta"]) < 1e-3
+    _, r = diagnose_json("--checkpoint", ckpt, "--model", hf_models["llama"], "--loss", "--reference", tmp_path / "other.json")
+    foreign = [p for p in r["problems"] if p["kind"] == "manifest" and p["severity"] == "error"]
+    assert len(foreign) == 1 and "another model" in foreign[0]["detail"] and "'olmo2'" in foreign[0]["detail"]
+    assert any("measured now" in n for n in r["notes"])  # the foreign reference was not used

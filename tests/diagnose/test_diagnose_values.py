@@ -1,0 +1,84 @@
+"""The --values pass: streaming in blocks, exact at equal dtypes, one rounding allowed across a cast."""
+
+from __future__ import annotations
+
+import torch
+
+from flame_ext.dcp import WriteEntry, read_dcp_metadata, save_streaming
+from flame_ext.diagnose import DiagnoseOptions, diagnose
+from flame_ext.hf import TensorSpec
+from flame_ext.values import DCPRowReader, narrower
+
+from .conftest import TRANSPOSED, load_all, one_thread, save_dcp
+
+
+def test_row_reader_crosses_stored_chunks(tmp_path):
+    """A tensor stored as 7-row chunks read back in arbitrary row ranges, and a 0-d tensor."""
+    t, s = torch.randn(37, 5), torch.tensor(3.0)
+    save_streaming(tmp_path / "c", [WriteEntry("a", TensorSpec((37, 5), "float32"), lambda a, b: t[a:b]),
+                                    WriteEntry("s", TensorSpec((), "float32"), lambda a, b: s)], buffer_bytes=7 * 5 * 4)
+    found = read_dcp_metadata(tmp_path / "c")
+    reader = DCPRowReader(tmp_path / "c")
+    for start, end in [(0, 37), (3, 11), (10, 30), (36, 37)]:
+        assert torch.equal(reader.rows("a", found["a"], start, end), t[start:end])
+    assert torch.equal(reader.rows("s", found["s"], 0, 1), s)
+
+
+def test_narrower():
+    assert narrower(torch.float32, torch.bfloat16) == torch.bfloat16
+    assert narrower(torch.bfloat16, torch.float16) == torch.bfloat16
+    assert narrower(torch.float32, torch.float32) == torch.float32
+
+
+def _values(ckpt, model, **kw):
+    with one_thread():
+        return diagnose(DiagnoseOptions(checkpoint=str(ckpt), model=str(model), values=True, **kw))
+
+
+def test_small_blocks_give_the_same_verdict(catalogue, hf_models):
+    """1 KiB blocks (every tensor read in many row blocks on both sides) find the same problems."""
+    ckpt = catalogue("olmo2", "swapped_layers")
+    whole, blocks = _values(ckpt, hf_models["olmo2"]), _values(ckpt, hf_models["olmo2"], buffer_bytes=1024)
+    assert [(p.kind, p.key, p.detail) for p in whole.problems] == [(p.kind, p.key, p.detail) for p in blocks.problems]
+    assert any(p.kind == "value_mismatch" for p in blocks.problems)
+
+
+def _nudged(sd: dict, key: str, ulps: int) -> dict:
+    """``key`` moved ``ulps`` representable steps away from its value in its own dtype."""
+    t = sd[key].clone()
+    for _ in range(ulps):
+        t = torch.nextafter(t, torch.full_like(t, float("inf")))
+    return {**sd, key: t}
+
+
+def test_equal_dtypes_must_match_exactly(catalogue, hf_models, tmp_path):
+    sd = load_all(catalogue("olmo2"))
+    report = _values(save_dcp(_nudged(sd, TRANSPOSED, 1), tmp_path / "c"), hf_models["olmo2"])
+    assert [p.key for p in report.problems if p.kind == "value_mismatch"] == [TRANSPOSED]
+
+
+def test_a_cast_may_round_once_not_twice(catalogue, hf_models, tmp_path):
+    bf16 = load_all(catalogue("olmo2", "bf16"))
+    assert all(t.dtype == torch.bfloat16 for t in bf16.values())
+    ok = _values(catalogue("olmo2", "bf16"), hf_models["olmo2"])
+    assert not [p for p in ok.problems if p.kind == "value_mismatch"]
+    bad = _values(save_dcp(_nudged(bf16, TRANSPOSED, 2), tmp_path / "c"), hf_models["olmo2"])
+    mismatch = [p for p in bad.problems if p.kind == "value_mismatch"]
+    assert [p.key for p in mismatch] == [TRANSPOSED] and "float32 -> bfloat16 rounding" in mismatch[0].detail
+
+
+def test_metadata_pass_reads_no_tensor_data(catalogue, hf_models, tmp_path, capsys):
+    """Data files overwritten with zeros (same sizes): the metadata pass cannot tell; --values can."""
+    import shutil
+
+    from flame_ext.cli import main
+
+    ckpt = shutil.copytree(catalogue("olmo2"), tmp_path / "zeros")
+    for f in ckpt.glob("*.distcp"):
+        f.write_bytes(bytes(f.stat().st_size))
+    capsys.readouterr()
+    with one_thread():
+        assert main(["diagnose", "--checkpoint", str(ckpt), "--model", str(hf_models["olmo2"])]) == 0
+        assert main(["diagnose", "--checkpoint", str(ckpt), "--model", str(hf_models["olmo2"]), "--values"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read" in err[0]
