@@ -57,17 +57,22 @@ def fresh_buffers(module: nn.Module) -> dict[str, torch.Tensor] | None:
     return None
 
 
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """Complex buffers (torchtitan's RoPE cache) compared on real and imaginary parts alike."""
+    t = t.detach().cpu()
+    return torch.view_as_real(t).double() if t.is_complex() else t.double()
+
+
 def _describe(actual: torch.Tensor, expected: torch.Tensor) -> str:
-    a = actual.detach().float().cpu()
-    diff = (a - expected.float()).abs()
+    a = _real(actual)
+    diff = (a - _real(expected)).abs()
     finite = torch.isfinite(a).all().item()
     worst = diff.max().item() if diff.numel() else 0.0
     return f"max abs diff {worst:.3g} from its config-derived value" + ("" if finite else " (holds non-finite values)")
 
 
 def _matches(actual: torch.Tensor, expected: torch.Tensor) -> bool:
-    a = actual.detach().cpu()
-    return a.shape == expected.shape and torch.allclose(a.float(), expected.float(), rtol=_RTOL, atol=_ATOL)
+    return actual.shape == expected.shape and torch.allclose(_real(actual), _real(expected), rtol=_RTOL, atol=_ATOL)
 
 
 def check_buffers(model: nn.Module, *, repair: bool) -> tuple[list[Problem], list[str]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import resource
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,6 @@ from .dcp import (
     DEFAULT_BUFFER_BYTES,
     LAYOUTS,
     NON_MODEL_PREFIXES,
-    StreamCancelled,
     WriteEntry,
     model_prefix,
     read_dcp_metadata,
@@ -34,7 +32,7 @@ from .destination import atomic_folder, check_destination
 from .errors import CheckpointFormatError, InputError
 from .future_predictor import ATTRIBUTE as FP_ATTRIBUTE
 from .future_predictor import attach_future_predictor
-from .hf import HFCheckpoint, HFTensor, TensorSpec, build_meta_model, dtype_name, expected_tensors, open_hf, read_tensor, tied_aliases
+from .hf import HFCheckpoint, HFTensor, TensorSpec, build_meta_model, dtype_name, expected_tensors, map_tensor, open_hf, tied_aliases
 from .hf_writer import shard_plan, write_safetensors
 from .manifest import FORMAT_VERSION, config_hash, write_manifest
 
@@ -154,16 +152,16 @@ def _reader(t: HFTensor, dtype: str) -> Any:
 
     def read_rows(start: int, end: int) -> torch.Tensor:
         if not t.spec.shape:
-            return read_tensor(t).to(out_dtype)
+            return map_tensor(t).to(out_dtype)
         if getattr(torch, t.spec.dtype) == out_dtype:
-            return read_tensor(t, (start, end))
-        # A dtype change reads the source in slices into the result, so a whole source block (twice the
-        # size of the result for float32 -> bfloat16) never sits in memory beside it.
+            return map_tensor(t, (start, end))  # pages of the source file, passed on without a copy
+        # A dtype change converts the source in slices into the result, so a whole source block (twice
+        # the size of the result for float32 -> bfloat16) is never mapped beside it.
         out = torch.empty((end - start, *t.spec.shape[1:]), dtype=out_dtype)
         step = max(1, (end - start) // 8)
         for a in range(start, end, step):
             b = min(a + step, end)
-            out[a - start : b - start] = read_tensor(t, (a, b))
+            out[a - start : b - start] = map_tensor(t, (a, b))
         return out
 
     return read_rows
@@ -186,7 +184,7 @@ def plan_hf_to_dcp(
         out_key = LAYOUTS[layout] + key
         if key in fresh:
             value = fresh[key]
-            entries.append(WriteEntry(out_key, TensorSpec(tuple(value.shape), dtype_name(value.dtype)), _fresh_reader(value), "fresh"))
+            entries.append(WriteEntry(out_key, TensorSpec(tuple(value.shape), dtype_name(value.dtype)), _fresh_reader(value)))
             continue
         src = _source_for(key, hf, aliases, base_prefix)
         if src is None:
@@ -197,7 +195,7 @@ def plan_hf_to_dcp(
             continue
         used.add(src.key)
         out_spec = replace_dtype(src.spec, None if dtype == "auto" else dtype)
-        entries.append(WriteEntry(out_key, out_spec, _reader(src, out_spec.dtype), src.key))
+        entries.append(WriteEntry(out_key, out_spec, _reader(src, out_spec.dtype)))
     if missing or shape_errors:
         parts = []
         if missing:
@@ -227,108 +225,29 @@ def _reference_dtype(hf: HFCheckpoint, entries: list[WriteEntry]) -> str:
     return max(set(floats), key=floats.count) if floats else "float32"
 
 
-class _ModelPlan(threading.Thread):
-    """The real plan, from the model class built on ``meta``, worked out beside the write.
-
-    Importing transformers and a modeling module costs 1-2 s of CPU before a single byte could be
-    written; run in this thread, it overlaps the disk-bound stream of the guessed plan (the GIL is free
-    while the stream sits in read/write calls).
-    """
-
-    def __init__(self, hf: HFCheckpoint, opts: ConvertOptions) -> None:
-        super().__init__(name="flame-ext-plan", daemon=True)
-        self.hf, self.opts = hf, opts
-        self.plan: tuple[list[WriteEntry], list[str], dict[str, torch.Tensor], int] | None = None
-        self.error: BaseException | None = None
-        self._verdict: bool | None = None
-
-    def run(self) -> None:
-        try:
-            model = build_meta_model(self.hf, trust_remote_code=self.opts.trust_remote_code)
-            fresh = _fresh_tensors(model, self.opts.future_predictor, self.opts.dtype)
-            entries, notes = plan_hf_to_dcp(self.hf, model, dtype=self.opts.dtype, layout=self.opts.layout, fresh=fresh)
-            self.plan = (entries, notes, fresh, _parameter_count(model, entries, LAYOUTS[self.opts.layout]))
-        except BaseException as exc:  # handed to the main thread by result()
-            self.error = exc
-
-    def result(self) -> tuple[list[WriteEntry], list[str], dict[str, torch.Tensor], int]:
-        while self.is_alive():
-            self.join(0.1)  # a timed join keeps Ctrl-C deliverable
-        if self.error is not None:
-            raise self.error
-        assert self.plan is not None
-        return self.plan
-
-    def rules_out(self, guess: list[WriteEntry]) -> bool:
-        """True once the real plan is known and is not ``guess`` (or failed): writing the guess is wasted."""
-        if self.is_alive():
-            return False
-        if self._verdict is None:
-            self._verdict = self.error is not None or _signature(self.plan[0]) != _signature(guess)  # type: ignore[index]
-        return self._verdict
-
-
-def _signature(entries: list[WriteEntry]) -> dict[str, tuple[TensorSpec, str]]:
-    return {e.key: (e.spec, e.source) for e in entries}
-
-
-def _guess_entries(hf: HFCheckpoint, opts: ConvertOptions) -> list[WriteEntry] | None:
-    """The plan most models have, from the files alone: every HF tensor under its own name (plus a tied
-    ``lm_head.weight`` fed by the embeddings). Only a head start: it is published only if the real plan
-    turns out identical. None when the real plan surely differs (fresh tensors to add)."""
-    if opts.future_predictor:
-        return None
-    sources = dict(hf.tensors)
-    if hf.config.get("tie_word_embeddings") and "lm_head.weight" not in sources and "model.embed_tokens.weight" in sources:
-        sources["lm_head.weight"] = sources["model.embed_tokens.weight"]
-    dtype = None if opts.dtype == "auto" else opts.dtype
-    entries = []
-    for key, t in sources.items():
-        spec = replace_dtype(t.spec, dtype)
-        entries.append(WriteEntry(LAYOUTS[opts.layout] + key, spec, _reader(t, spec.dtype), t.key))
-    return entries
-
-
-def _write(tmp: Path, entries: list[WriteEntry], opts: ConvertOptions, should_stop: Any = None) -> bool:
-    """Stream ``entries`` into ``tmp``; False if ``should_stop`` cut it short (``tmp`` is then emptied)."""
-    bar = _Progress(sum(e.spec.nbytes for e in entries), opts.progress, "convert")
-    try:
-        save_streaming(tmp, entries, buffer_bytes=opts.buffer_bytes, on_written=bar.update, should_stop=should_stop)
-        return True
-    except StreamCancelled:
-        _empty(tmp)
-        return False
-    finally:
-        bar.close()
-
-
-def _empty(folder: Path) -> None:
-    shutil.rmtree(folder)
-    folder.mkdir()
-
-
 def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
     """Convert; returns the summary. Raises ``FlameExtError`` for anything the user can fix.
 
-    The model class decides what to write, but loading it (transformers) takes a while: the guessed plan
-    starts streaming at once, and the result is kept only if the model's plan is exactly the guess;
-    otherwise the guess is stopped as soon as the difference is known and the real plan is written.
+    The plan comes first, from the model class built on ``meta`` (so every missing key is reported before
+    a byte is written). Building it while already streaming a guessed plan was tried and dropped: the
+    import's Python work and the writer threads' Python work share one GIL, and on two cores the overlap
+    made the conversion slower, not faster.
     """
     t0 = time.perf_counter()
     check_destination(opts.checkpoint, force=opts.force)
     hf = open_hf(opts.model)
-    planner = _ModelPlan(hf, opts)
-    planner.start()
-    guess = _guess_entries(hf, opts)
+    model = build_meta_model(hf, trust_remote_code=opts.trust_remote_code)
+    fresh = _fresh_tensors(model, opts.future_predictor, opts.dtype)
+    entries, notes = plan_hf_to_dcp(hf, model, dtype=opts.dtype, layout=opts.layout, fresh=fresh)
+    parameters = _parameter_count(model, entries, LAYOUTS[opts.layout])
+    summary = Summary(Path(opts.checkpoint).absolute(), notes=notes, parameters=parameters)
+    total = sum(e.spec.nbytes for e in entries)
     with atomic_folder(opts.checkpoint, force=opts.force) as tmp:
-        done = guess is not None and _write(tmp, guess, opts, should_stop=lambda: planner.rules_out(guess))
-        entries, notes, fresh, parameters = planner.result()
-        if not done or _signature(entries) != _signature(guess):  # type: ignore[arg-type]
-            if done:  # the guess finished before the plan was known, and it is not the plan
-                _empty(tmp)
-            _write(tmp, entries, opts)
-        summary = Summary(Path(opts.checkpoint).absolute(), notes=notes, parameters=parameters)
-        total = sum(e.spec.nbytes for e in entries)
+        bar = _Progress(total, opts.progress, "convert")
+        try:
+            save_streaming(tmp, entries, buffer_bytes=opts.buffer_bytes, on_written=bar.update)
+        finally:
+            bar.close()
         reference = None
         if opts.reference:
             from .reference import compute_reference

@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import queue
+import threading
 import warnings
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import _write_files_from_queue
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
@@ -30,6 +32,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.futures import Future
 
 from .errors import CheckpointFormatError, FlameExtError, InputError
 from .hf import TensorSpec, dtype_name
@@ -38,7 +41,6 @@ __all__ = [
     "LAYOUTS",
     "DEFAULT_BUFFER_BYTES",
     "WriteEntry",
-    "StreamCancelled",
     "save_streaming",
     "read_dcp_metadata",
     "load_tensor",
@@ -52,24 +54,16 @@ LAYOUTS = {"flat": "", "nested": "model."}
 # Entries of a full training checkpoint that are not model weights.
 NON_MODEL_PREFIXES = ("optimizer.", "lr_scheduler.", "dataloader.", "train_state.")
 DEFAULT_BUFFER_BYTES = 256 * 1024 * 1024
-DEFAULT_THREADS = 1
+DEFAULT_THREADS = 2
 
 
 @dataclass(frozen=True)
 class WriteEntry:
-    """One tensor to write: its key, spec as written, and a reader for rows [start, end) of it.
-
-    ``source`` names what feeds it (e.g. the HF key), so two plans can be compared without reading data.
-    """
+    """One tensor to write: its key, spec as written, and a reader for rows [start, end) of it."""
 
     key: str
     spec: TensorSpec
     read_rows: Callable[[int, int], torch.Tensor]
-    source: str = ""
-
-
-class StreamCancelled(Exception):
-    """``save_streaming`` stopped because its ``should_stop`` said so; the folder holds a partial write."""
 
 
 def _row_blocks(spec: TensorSpec, buffer_bytes: int) -> list[tuple[int, int]]:
@@ -83,9 +77,8 @@ def _row_blocks(spec: TensorSpec, buffer_bytes: int) -> list[tuple[int, int]]:
 class _StreamingPlanner(DefaultSavePlanner):
     """A save planner whose plan comes from specs and whose data is read at ``resolve_data`` time.
 
-    With ``prefetch`` it reads the block after the one asked for in a helper thread while torch writes
-    the current one (reads and writes both release the GIL), so the disk never waits for the reader.
-    A block asked for out of order is simply read on the spot: the prefetch is a guess, never a promise.
+    ``cancel()`` makes every later ``resolve_data`` raise, which is how writer threads are stopped
+    between blocks when another one failed or the user pressed Ctrl-C.
     """
 
     def __init__(
@@ -93,32 +86,23 @@ class _StreamingPlanner(DefaultSavePlanner):
         entries: list[WriteEntry],
         buffer_bytes: int,
         on_written: Callable[[int], None],
-        should_stop: Callable[[], bool] | None = None,
-        prefetch: bool = False,
     ):
         super().__init__()
         self._entries = {e.key: e for e in entries}
         self._buffer_bytes = buffer_bytes
         self._on_written = on_written
-        self._should_stop = should_stop
-        self._following: dict[tuple[str, int], tuple[str, int, int]] = {}
-        self._pending: tuple[tuple[str, int], Future] | None = None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="flame-ext-read") if prefetch else None
+        self._cancelled = threading.Event()
+        self._lock = threading.Lock()  # on_written (a progress bar) is called from several threads
 
-    def close(self) -> None:
-        """Wait for an in-flight read (at most one block) and stop the helper thread."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        self._pending = None
+    def cancel(self) -> None:
+        self._cancelled.set()
 
     def create_local_plan(self) -> SavePlan:
         items = []
-        order: list[tuple[str, int, int]] = []
         for e in self._entries.values():
             props = TensorProperties(dtype=getattr(torch, e.spec.dtype))
             size = torch.Size(e.spec.shape)
             for start, end in _row_blocks(e.spec, self._buffer_bytes):
-                order.append((e.key, start, end))
                 offsets = torch.Size([start] + [0] * (len(size) - 1)) if size else torch.Size([])
                 sizes = torch.Size([end - start, *size[1:]]) if size else torch.Size([])
                 items.append(
@@ -130,41 +114,81 @@ class _StreamingPlanner(DefaultSavePlanner):
                         ),
                     )
                 )
-        self._following = {(k, s): nxt for (k, s, _), nxt in zip(order, order[1:])}
         self.plan = SavePlan(items, planner_data=self.mappings)
         return self.plan
 
-    def _read(self, key: str, start: int, end: int) -> torch.Tensor:
-        e = self._entries[key]
-        return e.read_rows(0, 1) if not e.spec.shape else e.read_rows(start, end)
-
-    def _take(self, key: str, start: int, end: int) -> torch.Tensor:
-        """The block, from the prefetch if it guessed right, else read now; then prefetch its successor."""
-        pending, self._pending = self._pending, None
-        if pending is not None and pending[0] == (key, start):
-            data = pending[1].result()
-        else:
-            if pending is not None:  # a wrong guess: let it finish (memory bound), drop it, errors included
-                pending[1].exception()
-            data = self._read(key, start, end)
-        nxt = self._following.get((key, start))
-        if self._pool is not None and nxt is not None:
-            self._pending = ((nxt[0], nxt[1]), self._pool.submit(self._read, *nxt))
-        return data
-
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
-        if self._should_stop is not None and self._should_stop():
-            raise StreamCancelled("stopped on request")
+        if self._cancelled.is_set():
+            raise _Cancelled()
         e = self._entries[write_item.index.fqn]
-        start = write_item.index.offset[0] if e.spec.shape else 0
-        data = self._take(e.key, start, start + write_item.tensor_data.chunk.sizes[0] if e.spec.shape else 1)
+        if not e.spec.shape:
+            data = e.read_rows(0, 1)
+        else:
+            start = write_item.index.offset[0]
+            data = e.read_rows(start, start + write_item.tensor_data.chunk.sizes[0])
         expected = tuple(write_item.tensor_data.chunk.sizes)
         if tuple(data.shape) != expected or dtype_name(data.dtype) != e.spec.dtype:
             raise CheckpointFormatError(
                 f"{e.key}: source gave {tuple(data.shape)} {dtype_name(data.dtype)}, planned {expected} {e.spec.dtype}"
             )
-        self._on_written(data.numel() * data.element_size())
+        with self._lock:
+            self._on_written(data.numel() * data.element_size())
         return data.contiguous()
+
+
+class _Cancelled(Exception):
+    """A writer thread stopped because another one failed (or Ctrl-C): never the error to report."""
+
+
+class _Writer(dcp.FileSystemWriter):
+    """torch's ``FileSystemWriter`` with its worker threads under our control.
+
+    torch 2.13's own ``_write_data`` runs ``thread_count - 1`` extra threads beside the caller: an error
+    in one of them is printed and the file it was writing silently left out of the results, and Ctrl-C
+    in the caller leaves them writing into a folder being deleted. Here every file is written by a worker;
+    the calling thread only waits (so Ctrl-C reaches it at once); the first failure stops the others
+    between blocks, all are joined, and the failure is raised. Files are written by torch's own per-file
+    routine, so their format is torch's.
+    """
+
+    def _write_data(self, planner: _StreamingPlanner, file_queue: queue.Queue) -> Future:  # type: ignore[override]
+        results: queue.Queue = queue.Queue()
+        failures: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                _write_files_from_queue(
+                    create_stream=self.fs.create_stream, file_queue=file_queue, result_queue=results, planner=planner,
+                    transforms=self.transforms, inflight_threshhold=self.per_thread_copy_ahead,
+                    use_fsync=self.sync_files, thread_count=self.thread_count, serialization_format=self.serialization_format,
+                )
+            except BaseException as exc:  # handed to the caller below
+                failures.append(exc)
+                planner.cancel()
+
+        workers = [threading.Thread(target=work, name=f"flame-ext-write-{i}", daemon=True) for i in range(self.thread_count)]
+        started: list[threading.Thread] = []
+        try:
+            for w in workers:
+                w.start()
+                started.append(w)
+            for w in workers:
+                while w.is_alive():
+                    w.join(0.1)  # a timed join keeps Ctrl-C deliverable
+        except BaseException:
+            planner.cancel()  # each worker finishes the block in hand, then stops
+            for w in started:
+                w.join()
+            raise
+        real = [f for f in failures if not isinstance(f, _Cancelled)]
+        if real or failures:
+            raise (real or failures)[0]
+        out: list = []
+        while not results.empty():
+            out += results.get_nowait()
+        fut: Future = Future()
+        fut.set_result(out)
+        return fut
 
 
 def save_streaming(
@@ -174,32 +198,27 @@ def save_streaming(
     buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     on_written: Callable[[int], None] = lambda n: None,
     threads: int = DEFAULT_THREADS,
-    should_stop: Callable[[], bool] | None = None,
 ) -> None:
     """Write ``entries`` as a DCP checkpoint into ``folder``; tensor data in memory stays within ``buffer_bytes``.
 
-    With one writer thread (the default and the recommendation), three blocks are alive at the peak: the
-    one torch just wrote (its write loop still references it while asking for the next), the one being
-    written and the one being prefetched; blocks are planned at ``buffer_bytes / 3``. With more threads,
-    torch runs the extra ones itself (no prefetch; two blocks each, ``buffer_bytes / (2 * threads)``), a
-    failure in one of them is printed rather than raised, and Ctrl-C does not stop them.
+    ``threads`` files are written at once (two keep both cores of a small machine busy: a single
+    writer thread copied about half as fast into the page cache). Each writer holds up to two blocks
+    at once (torch's write loop still references the block it just wrote while it asks for the next),
+    so blocks are planned at ``buffer_bytes / (2 * threads)``.
 
     Files are not fsynced one by one (each fsync stalls the stream on the disk); the caller makes the
     folder durable once, before publishing it (``destination.atomic_folder`` does), as ``cp`` + ``sync``.
-
-    ``should_stop`` is asked before each block; when it returns True the write ends with ``StreamCancelled``.
     """
     entries = list(entries)
-    # Blocks are fresh allocations of tens of MB: with 4 KiB pages each costs one page fault per page,
-    # which in a VM made allocation cost as much as the copy itself (1.3 s per GB measured, against
-    # 0.2 s with huge pages). torch backs large CPU allocations with transparent huge pages when this is
-    # set before its first large allocation; it changes nothing else.
+    # Converted blocks are fresh allocations of tens of MB: with 4 KiB pages each costs one page fault
+    # per page, which in a VM made allocating cost as much as copying (1.3 s per GB measured, 0.2 s with
+    # huge pages). torch backs large CPU allocations with transparent huge pages when this is set before
+    # its first large allocation; it changes nothing else.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     threads = max(1, threads)
-    block_bytes = max(1, buffer_bytes // 3 if threads == 1 else buffer_bytes // (2 * threads))
-    planner = _StreamingPlanner(entries, block_bytes, on_written, should_stop, prefetch=threads == 1)
+    planner = _StreamingPlanner(entries, max(1, buffer_bytes // (2 * threads)), on_written)
     meta_sd = {e.key: torch.empty(e.spec.shape, dtype=getattr(torch, e.spec.dtype), device="meta") for e in entries}
-    writer = dcp.FileSystemWriter(str(folder), single_file_per_rank=False, thread_count=threads, sync_files=False)
+    writer = _Writer(str(folder), single_file_per_rank=False, thread_count=threads, sync_files=False)
     with warnings.catch_warnings():
         # "assuming the intent is to save in a single process": yes, that is the intent.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -210,8 +229,6 @@ def save_streaming(
             if cause is exc:
                 raise
             raise cause from exc
-        finally:
-            planner.close()
 
 
 def _root_cause(exc: CheckpointException) -> BaseException:
@@ -222,7 +239,7 @@ def _root_cause(exc: CheckpointException) -> BaseException:
     handle it like any other; anything else stays a ``CheckpointException``. DCP stores each failure as an
     ``(exception, traceback summary)`` pair, not as the exception itself.
     """
-    surfaced = (OSError, FlameExtError, KeyboardInterrupt, StreamCancelled)
+    surfaced = (OSError, FlameExtError, KeyboardInterrupt)
     for failure in getattr(exc, "failures", {}).values():
         failure = failure[0] if isinstance(failure, tuple) and failure else failure
         if isinstance(failure, surfaced):

@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import FlameExtError
 from .hf import TensorSpec, dtype_name
-from .ranks import RankFailure, agreed, pool, rank, sum_over_ranks, world
+from .ranks import RankFailure, agreed, max_over_ranks, pool, rank, sum_over_ranks, world
 from .report import LossComparison, Problem, Report
 
 __all__ = [
@@ -216,6 +216,7 @@ class InitialLoadGuard:
         self.checkpoint = str(checkpoint)
         self.parts = model_parts
         self.report = Report()
+        self.worst_rank_gap = 0.0  # largest |loss - reference| of a single rank, set by the loss pass
         self.reference: dict[str, Any] = {}
         self.fresh: list[str] = []
 
@@ -306,6 +307,13 @@ class InitialLoadGuard:
                                                 "a weight or buffer holds inf/NaN after loading: run `flame-ext diagnose --values`"))
         elif not comparison.ok:
             self.report.problems.append(_loss_gap_problem(comparison))
+        elif self.worst_rank_gap > comparison.threshold:
+            self.report.problems.append(Problem(
+                "loss_gap", "error", None,
+                f"the mean step-0 loss passes, but one rank's differs from the HF reference by {self.worst_rank_gap:.4f} "
+                f"(threshold {comparison.threshold})",
+                "ranks loaded different weights: check that every rank reads the same checkpoint; run `flame-ext "
+                "diagnose --checkpoint C --model HF --values --loss` on it"))
         record_metrics(metric_logger, comparison)
         self._raise_if_failed("after loading")
         logger.info("flame-ext initial-load report: %s", json.dumps(self.report.to_dict(), allow_nan=True))
@@ -337,10 +345,14 @@ class InitialLoadGuard:
         ranges = [(0, n)] + [(b["start"], b["end"]) for b in buckets]
         with _EvalMode(self.parts):
             sums = probe(ids[:, : n + 1], ranges).to(torch.float64).cpu()
+        reference_mean = float(self.reference["loss_mean"]) if n == ids.shape[1] - 1 else ref.mean().item()
+        # The mean over ranks is what is logged; the gate also looks at the worst single rank, because one
+        # rank with wrong weights among 256 would move the mean by only 1/256 of its gap.
+        own_gap = abs((sums[0, 0] / sums[0, 1]).item() - reference_mean)
+        self.worst_rank_gap = max_over_ranks(own_gap if math.isfinite(own_gap) else math.inf)
         sums = sum_over_ranks(sums)
         means = (sums[:, 0] / sums[:, 1]).tolist()
         by_position = [{**b, "observed": m} for b, m in zip(buckets, means[1:])]
-        reference_mean = float(self.reference["loss_mean"]) if n == ids.shape[1] - 1 else ref.mean().item()
         return LossComparison(reference_mean, means[0], self.config.initial_load_max_loss_delta, by_position)
 
     def _log_loss(self, lo: LossComparison) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from .report import Problem
 
-__all__ = ["world", "rank", "gather", "pool", "agreed", "sum_over_ranks", "RankFailure"]
+__all__ = ["world", "rank", "gather", "pool", "agreed", "sum_over_ranks", "max_over_ranks", "RankFailure"]
 
 
 class RankFailure(Exception):
@@ -79,6 +79,18 @@ def agreed(step: Callable[[], Any], what: str) -> Any:
     if bad:
         raise RankFailure(f"{what} failed on rank {bad[0][0]}: {bad[0][1]}")
     return result
+
+
+def max_over_ranks(value: float) -> float:
+    """The largest of one number per rank (every rank gets the same answer)."""
+    if world() == 1:
+        return value
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    shared = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+    return shared.item()
 
 
 def sum_over_ranks(sums: torch.Tensor) -> torch.Tensor:

@@ -6,39 +6,15 @@ by the converter. Session-scoped fixtures keep the suite fast on 2 CPU cores.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_support import run_cli, titan_version, transformers_major  # noqa: F401  (re-exported)
 from flame_ext.hf import DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def transformers_major() -> int:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0])
-
-
-def titan_version() -> str | None:
-    """'0.1', '0.3', ... of the installed torchtitan, or None."""
-    try:
-        from importlib.metadata import version
-
-        return ".".join(version("torchtitan").split(".")[:2])
-    except Exception:
-        return None
-
-
-def run_cli(*args: str, module: str = "flame_ext.cli", env: dict | None = None, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
-    """Run a flame-ext command in a fresh interpreter, as a user would; returns the finished process."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=full_env, timeout=timeout, **kw)
 
 
 @pytest.fixture(scope="session")

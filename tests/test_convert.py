@@ -17,7 +17,7 @@ from safetensors import safe_open
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from conftest import run_cli
+from cli_support import run_cli
 from flame_ext.convert import ConvertOptions, ToHFOptions, convert_dcp_to_hf, convert_hf_to_dcp
 
 SMALL_BUFFER = 4096  # bytes: far below the tiny models' larger tensors, so they are written as row blocks

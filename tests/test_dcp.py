@@ -14,6 +14,7 @@ only with ``exclude_from_loading`` naming all of them.
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,9 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from torch.distributed.checkpoint.stateful import Stateful
 
-from conftest import titan_version
+from cli_support import titan_version
 from flame_ext.convert import ConvertOptions, convert_hf_to_dcp
-from flame_ext.dcp import StreamCancelled, WriteEntry, load_tensor, model_prefix, read_dcp_metadata, save_streaming
+from flame_ext.dcp import WriteEntry, load_tensor, model_prefix, read_dcp_metadata, save_streaming
 from flame_ext.errors import CheckpointFormatError, InputError
 from flame_ext.hf import TensorSpec
 
@@ -83,46 +84,37 @@ def test_load_tensor_of_absent_key_is_one_clear_error(layouts):
         load_tensor(layouts["flat"], "no.such.key", TensorSpec((2,), "float32"))
 
 
-def test_should_stop_ends_the_write_between_blocks(tmp_path):
-    reads: list[int] = []
-    written: list[int] = []
+def _entries(values: dict[str, torch.Tensor], fail: str | None = None) -> list[WriteEntry]:
+    def reader(key: str, value: torch.Tensor):
+        def read(start: int, end: int) -> torch.Tensor:
+            if key == fail and start > 0:
+                raise OSError(5, "Input/output error", f"{key}.safetensors")
+            return value[start:end].clone()
 
-    def rows(start: int, end: int) -> torch.Tensor:
-        reads.append(start)
-        return torch.zeros(end - start, 8)
+        return read
 
-    entry = WriteEntry("w", TensorSpec((64, 8), "float32"), rows)
-    with pytest.raises(StreamCancelled):
-        save_streaming(tmp_path, [entry], buffer_bytes=512, on_written=written.append, should_stop=lambda: len(written) >= 2)
-    assert len(written) == 2, "stops before handing over the next block"
-    assert len(reads) <= 3, "at most one block read ahead"
-    assert not (tmp_path / ".metadata").exists()
+    return [WriteEntry(k, TensorSpec(tuple(v.shape), "float32"), reader(k, v)) for k, v in values.items()]
 
 
-def test_blocks_come_back_right_whatever_order_torch_asks_for_them(tmp_path):
-    """The read-ahead guesses the next block; every block must be right even when the guess is wrong."""
-    g = torch.Generator().manual_seed(0)
-    values = {f"t{i}": torch.randn(40, 6, generator=g) for i in range(4)}
-    entries = [WriteEntry(k, TensorSpec((40, 6), "float32"), lambda s, e, v=v: v[s:e].clone()) for k, v in values.items()]
-    save_streaming(tmp_path, entries, buffer_bytes=600)  # 200-byte blocks: 8 rows, 5 blocks a tensor
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_every_block_lands_whatever_the_number_of_writer_threads(threads, tmp_path):
+    g = torch.Generator().manual_seed(threads)
+    values = {f"t{i}": torch.randn(40, 6, generator=g) for i in range(5)}
+    save_streaming(tmp_path, _entries(values), buffer_bytes=1200, threads=threads)  # blocks of 1200 / (2 * threads) bytes
+    md = dcp.FileSystemReader(str(tmp_path)).read_metadata().state_dict_metadata
+    rows_per_block = (1200 // (2 * threads)) // (6 * 4)
+    assert all(len(md[k].chunks) == -(-40 // rows_per_block) for k in values)
     for key, value in values.items():
         assert torch.equal(load_tensor(tmp_path, key, TensorSpec((40, 6), "float32")), value), key
 
-    from flame_ext.dcp import _StreamingPlanner  # the planner on its own, asked out of order as torch might
 
-    planner = _StreamingPlanner(entries, 200, lambda n: None, prefetch=True)
-    planner.set_up_planner({k: torch.empty(40, 6, device="meta") for k in values}, None, True)
-    items = planner.create_local_plan().items
-    assert len(items) == 20
-    order = torch.randperm(len(items), generator=g).tolist()
-    try:
-        for i in order + order[:3]:  # shuffled, then a few asked twice
-            item = items[i]
-            start = item.index.offset[0]
-            got = planner.resolve_data(item)
-            assert torch.equal(got, values[item.index.fqn][start : start + item.tensor_data.chunk.sizes[0]])
-    finally:
-        planner.close()
+def test_a_failing_writer_thread_stops_the_others_and_its_error_is_raised(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    values = {f"t{i}": torch.randn(40, 6, generator=g) for i in range(6)}
+    with pytest.raises(OSError, match="Input/output error"):
+        save_streaming(tmp_path, _entries(values, fail="t2"), buffer_bytes=1200, threads=2)
+    assert not (tmp_path / ".metadata").exists()
+    assert not [t for t in threading.enumerate() if t.name.startswith("flame-ext-write")], "writer threads left running"
 
 
 # ---------------------------------------------------------------- torchtitan 0.1.0's real CheckpointManager

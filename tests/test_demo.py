@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import time
 
-from conftest import run_cli, transformers_major
+from cli_support import run_cli, transformers_major
 
 
 NUMBER = r"([-+]?(?:\d+\.\d+|nan|inf))"  # uninitialised memory can make the broken start's loss nan or inf

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from conftest import run_cli
+from cli_support import run_cli
 from flame_ext.convert import ConvertOptions, convert_hf_to_dcp
 from flame_ext.dcp import WriteEntry, read_dcp_metadata, save_streaming
 from flame_ext.destination import atomic_folder, temp_prefix

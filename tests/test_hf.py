@@ -12,11 +12,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 
-from conftest import run_cli
+from cli_support import run_cli
 from flame_ext.convert import ConvertOptions, convert_hf_to_dcp
 from flame_ext.dcp import read_dcp_metadata
 from flame_ext.errors import CheckpointFormatError, InputError
-from flame_ext.hf import build_meta_model, dtype_name, open_hf, read_tensor
+from flame_ext.hf import build_meta_model, dtype_name, map_tensor, open_hf, read_tensor
 
 
 def test_index_from_headers_agrees_with_safetensors(sharded_model):
@@ -58,11 +58,25 @@ def test_read_tensor_matches_safetensors_for_every_dtype_and_shape(sharded_model
     shutil.copy(sharded_model / "config.json", folder)
     save_file(odd, str(folder / "model.safetensors"))
     hf = open_hf(folder)
-    for key, value in odd.items():
-        got = read_tensor(hf.tensors[key])
-        assert got.dtype == value.dtype and torch.equal(got, value), key
-        if value.dim() and value.shape[0] > 2:
-            assert torch.equal(read_tensor(hf.tensors[key], (1, 3)), value[1:3]), key
+    for read in (read_tensor, map_tensor):
+        for key, value in odd.items():
+            got = read(hf.tensors[key])
+            assert got.dtype == value.dtype and torch.equal(got, value), (read.__name__, key)
+            if value.dim() and value.shape[0] > 2:
+                assert torch.equal(read(hf.tensors[key], (1, 3)), value[1:3]), (read.__name__, key)
+
+
+def test_mapped_tensor_is_a_private_view(sharded_model, tmp_path):
+    """Writing to a mapped block changes the caller's copy, never the checkpoint file."""
+    folder = _copy(sharded_model, tmp_path / "model")
+    hf = open_hf(folder)
+    t = hf.tensors["model.embed_tokens.weight"]
+    before = t.file.read_bytes()
+    block = map_tensor(t, (2, 5))
+    block.fill_(7.0)
+    assert torch.equal(map_tensor(t, (2, 5)), read_tensor(t, (2, 5)))
+    assert t.file.read_bytes() == before
+    assert block.untyped_storage().nbytes() == block.nbytes, "exactly the block: torch's writer would copy a larger view"
 
 
 def _copy(src: Path, dst: Path) -> Path:

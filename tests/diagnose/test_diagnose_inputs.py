@@ -127,7 +127,7 @@ def test_train_config_of_another_architecture(catalogue, hf_models, capsys):
 
 
 def test_drop_in_module_bad_input_in_a_real_process(tmp_path, hf_models):
-    from conftest import run_cli
+    from cli_support import run_cli
 
     proc = run_cli("--checkpoint", str(tmp_path / "missing"), "--model", str(hf_models["olmo2"]),
                    module="flame_ext.diagnose_checkpoint", timeout=120)

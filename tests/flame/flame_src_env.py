@@ -1,5 +1,5 @@
 """The flame checkout named by FLAME_SRC: helpers and the fixture (imported by the test modules; no conftest.py
-here, because a second module named `conftest` would shadow tests/conftest.py for `from conftest import ...`)."""
+here, because a second module named `conftest` would shadow tests/conftest.py for `from conftest import ...`; shared helpers are in tests/cli_support.py)."""
 
 from __future__ import annotations
 
