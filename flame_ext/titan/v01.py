@@ -116,17 +116,8 @@ class ValidatingCheckpointManager(CheckpointManager):
 
 
 @dataclass
-class GuardCheckpoint:
-    """The guard's fields, as the ``[checkpoint]`` section of a torchtitan 0.1 job config."""
-
-    validate_initial_load: bool = False
-    """Check the initial checkpoint load (step-0 folder or initial_load_path) before training starts."""
-    initial_load_max_loss_delta: float = 0.1
-    """Largest |step-0 loss - HF reference loss| in nats that passes."""
-    initial_load_reference: str | None = None
-    """Reference file from `flame-ext reference`; default: flame_ext.json in the loaded checkpoint."""
-    initial_load_repair_buffers: bool = True
-    """Recompute wrong non-persistent buffers (RoPE inv_freq) instead of failing."""
+class GuardCheckpoint(GuardConfig):
+    """The guard's fields (``GuardConfig``'s, with its checks), as the ``[checkpoint]`` section of a torchtitan 0.1 job config."""
 
 
 @dataclass
