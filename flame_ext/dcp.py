@@ -180,8 +180,8 @@ class _Writer(dcp.FileSystemWriter):
             for w in started:
                 w.join()
             raise
-        real = [f for f in failures if not isinstance(f, _Cancelled)]
-        if real or failures:
+        if failures:
+            real = [f for f in failures if not isinstance(f, _Cancelled)]
             raise (real or failures)[0]
         out: list = []
         while not results.empty():

@@ -63,7 +63,7 @@ def reference_batch(tokenizer: Any, text: str, seq_len: int = DEFAULT_SEQ_LEN, r
     """Token ids [rows, seq_len] cut from consecutive stretches of the text (fewer rows if it is short)."""
     if seq_len < 2:
         raise InputError(f"--reference-seq-len {seq_len}: must be at least 2")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # longer than the model: it is cut into rows
     n_rows = min(rows, len(ids) // seq_len)
     if n_rows == 0:
         raise InputError(
