@@ -75,7 +75,12 @@ def _step_torchtitan_finds(folder: Path) -> int | None:
 def _inspect(r: Result, sig: signal.Signals, force: bool, dest: Path, check: Callable[[Path], None], stats: Counter) -> None:
     """What a killed run left: its exit, the destination (absent or complete), and what is beside it."""
     stats[f"{sig.name}:{'finished' if r.returncode == 0 else 'killed'}"] += 1
-    if sig == signal.SIGINT and r.returncode != 0:
+    if sig == signal.SIGINT and r.returncode not in (0, 130) and "KeyboardInterrupt" in r.stderr and "run_guarded" not in r.stderr:
+        # Ctrl-C while the interpreter was still importing the command's module, before flame-ext's code ran:
+        # Python's own traceback, as for any program; nothing can have been written yet.
+        stats["SIGINT:during interpreter start-up"] += 1
+        assert not dest.exists() or force, "a run interrupted before it started left a destination"
+    elif sig == signal.SIGINT and r.returncode != 0:
         assert r.returncode == 130, f"SIGINT: exit {r.returncode}\n{r.stderr[-3000:]}"
         # The last line says so (transformers may have drawn a progress bar before it); no traceback.
         assert "Traceback" not in r.stderr and "interrupted" in r.err_lines[-1], r.stderr[-3000:]
