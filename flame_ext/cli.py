@@ -44,7 +44,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
     p.add_argument("--include-future-predictor", action="store_true", help="add a freshly initialised future predictor head")
     p.add_argument("--future-predictor-head-type", default="linear", choices=["linear", "mlp"])
-    p.add_argument("--buffer-mb", type=int, default=256, help="largest block read at once, MiB (default 256)")
+    p.add_argument("--buffer-mb", type=int, default=256, help="memory for tensor data in flight, MiB (default 256)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(run=_run_convert)
 
