@@ -32,7 +32,7 @@ from .destination import atomic_folder, check_destination
 from .errors import CheckpointFormatError, InputError
 from .future_predictor import ATTRIBUTE as FP_ATTRIBUTE
 from .future_predictor import attach_future_predictor
-from .hf import HFCheckpoint, HFTensor, TensorSpec, build_meta_model, dtype_name, expected_tensors, map_tensor, open_hf, tied_aliases
+from .hf import HFCheckpoint, HFTensor, TensorSpec, build_meta_model, dtype_name, expected_tensors, map_tensor, hf_source, open_hf, tied_aliases
 from .hf_writer import shard_plan, write_safetensors
 from .manifest import FORMAT_VERSION, config_hash, write_manifest
 
@@ -137,16 +137,6 @@ class _Progress:
 # ---------------------------------------------------------------- HF -> DCP
 
 
-def _source_for(key: str, hf: HFCheckpoint, aliases: dict[str, str], base_prefix: str) -> HFTensor | None:
-    """The HF tensor that feeds ``key``: the same key, its tied twin, or the key without the base prefix."""
-    group = [key] + ([aliases[key]] if key in aliases else []) + [k for k, v in aliases.items() if v == key]
-    for k in group:
-        for candidate in (k, k.removeprefix(base_prefix)):
-            if candidate in hf.tensors:
-                return hf.tensors[candidate]
-    return None
-
-
 def _reader(t: HFTensor, dtype: str) -> Any:
     out_dtype = getattr(torch, dtype)
 
@@ -186,7 +176,7 @@ def plan_hf_to_dcp(
             value = fresh[key]
             entries.append(WriteEntry(out_key, TensorSpec(tuple(value.shape), dtype_name(value.dtype)), _fresh_reader(value)))
             continue
-        src = _source_for(key, hf, aliases, base_prefix)
+        src = hf_source(key, hf, aliases, base_prefix)
         if src is None:
             missing.append(key)
             continue

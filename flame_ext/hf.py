@@ -37,6 +37,7 @@ __all__ = [
     "refuse_remote_code",
     "expected_tensors",
     "tied_aliases",
+    "hf_source",
     "nonpersistent_buffers",
     "dtype_name",
 ]
@@ -414,6 +415,16 @@ def tied_aliases(model: "nn.Module") -> dict[str, str]:
         else:
             first[id(p)] = name
     return aliases
+
+
+def hf_source(key: str, hf: HFCheckpoint, tied: dict[str, str], base_prefix: str) -> HFTensor | None:
+    """The HF tensor that holds ``key``: the same name, its tied twin, or the name without the base prefix."""
+    group = [key] + ([tied[key]] if key in tied else []) + [k for k, v in tied.items() if v == key]
+    for k in group:
+        for candidate in (k, k.removeprefix(base_prefix)):
+            if candidate in hf.tensors:
+                return hf.tensors[candidate]
+    return None
 
 
 def nonpersistent_buffers(model: "nn.Module") -> list[str]:

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from .dcp import DEFAULT_BUFFER_BYTES
 from .errors import CheckpointFormatError
-from .hf import HFCheckpoint, HFTensor, TensorSpec, read_tensor
+from .hf import HFCheckpoint, HFTensor, TensorSpec, hf_source, read_tensor
 from .report import Problem
 
 __all__ = ["ValueStats", "compare_values", "narrower", "hf_source", "read_dcp_rows", "DCPRowReader"]
@@ -47,16 +47,6 @@ def narrower(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     if not (a.is_floating_point and b.is_floating_point):
         return a
     return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
-
-
-def hf_source(key: str, hf: HFCheckpoint, tied: dict[str, str], base_prefix: str) -> HFTensor | None:
-    """The HF tensor that holds ``key``: the same name, its tied twin, or the name without the base prefix."""
-    group = [key] + ([tied[key]] if key in tied else []) + [k for k, v in tied.items() if v == key]
-    for k in group:
-        for candidate in (k, k.removeprefix(base_prefix)):
-            if candidate in hf.tensors:
-                return hf.tensors[candidate]
-    return None
 
 
 class _CachedReader(dcp.FileSystemReader):
