@@ -147,7 +147,7 @@ class _Writer(dcp.FileSystemWriter):
     in one of them is printed and the file it was writing silently left out of the results, and Ctrl-C
     in the caller leaves them writing into a folder being deleted. Here every file is written by a worker;
     the calling thread only waits (so Ctrl-C reaches it at once); the first failure stops the others
-    between blocks, all are joined, and the failure is raised. Files are written by torch's own per-file
+    between blocks, all have stopped before anything is raised. Files are written by torch's own per-file
     routine, so their format is torch's.
     """
 
@@ -155,7 +155,9 @@ class _Writer(dcp.FileSystemWriter):
         results: queue.Queue = queue.Queue()
         failures: list[BaseException] = []
 
-        def work() -> None:
+        finished = [threading.Event() for _ in range(self.thread_count)]
+
+        def work(done: threading.Event) -> None:
             try:
                 _write_files_from_queue(
                     create_stream=self.fs.create_stream, file_queue=file_queue, result_queue=results, planner=planner,
@@ -165,20 +167,24 @@ class _Writer(dcp.FileSystemWriter):
             except BaseException as exc:  # handed to the caller below
                 failures.append(exc)
                 planner.cancel()
+            finally:
+                done.set()
 
-        workers = [threading.Thread(target=work, name=f"flame-ext-write-{i}", daemon=True) for i in range(self.thread_count)]
-        started: list[threading.Thread] = []
+        # Completion is tracked with our own events, not Thread.join: on Python 3.11 a Ctrl-C that lands
+        # inside a timed join marks the still-running thread as stopped (the bpo-45274 clean-up), so a
+        # later join returns at once and the interpreter exits under a writer that is still in C++ code
+        # (the process then aborts with "terminate called without an active exception").
+        started: list[threading.Event] = []
         try:
-            for w in workers:
-                w.start()
-                started.append(w)
-            for w in workers:
-                while w.is_alive():
-                    w.join(0.1)  # a timed join keeps Ctrl-C deliverable
+            for done in finished:
+                threading.Thread(target=work, args=(done,), name=f"flame-ext-write-{len(started)}", daemon=True).start()
+                started.append(done)
+            for done in finished:
+                while not done.wait(0.1):  # a timed wait keeps Ctrl-C deliverable
+                    pass
         except BaseException:
             planner.cancel()  # each worker finishes the block in hand, then stops
-            for w in started:
-                w.join()
+            _wait_all(started)
             raise
         if failures:
             real = [f for f in failures if not isinstance(f, _Cancelled)]
@@ -189,6 +195,18 @@ class _Writer(dcp.FileSystemWriter):
         fut: Future = Future()
         fut.set_result(out)
         return fut
+
+
+def _wait_all(events: list[threading.Event]) -> None:
+    """Wait until every worker has stopped, even through further Ctrl-Cs: a worker stops within one block,
+    and exiting under a running one would abort the process instead of cleaning up."""
+    for done in events:
+        while True:
+            try:
+                if done.wait(0.1):
+                    break
+            except KeyboardInterrupt:
+                continue
 
 
 def save_streaming(

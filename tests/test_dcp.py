@@ -14,7 +14,9 @@ only with ``exclude_from_loading`` naming all of them.
 from __future__ import annotations
 
 import shutil
+import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,32 @@ def test_a_failing_writer_thread_stops_the_others_and_its_error_is_raised(tmp_pa
     with pytest.raises(OSError, match="Input/output error"):
         save_streaming(tmp_path, _entries(values, fail="t2"), buffer_bytes=1200, threads=2)
     assert not (tmp_path / ".metadata").exists()
+    assert not [t for t in threading.enumerate() if t.name.startswith("flame-ext-write")], "writer threads left running"
+
+
+def test_ctrl_c_returns_only_after_every_writer_thread_has_stopped(tmp_path):
+    """Ctrl-C while a writer is busy must wait for that writer, or the interpreter exits under it and the
+    process aborts ("terminate called without an active exception"). Python 3.11's ``Thread.join`` cannot be
+    trusted for this: interrupted, it marks the running thread as stopped. The first block read holds its
+    writer for 0.5 s; the interrupt reaches the main thread 0.05 s into it."""
+    g = torch.Generator().manual_seed(0)
+    values = {f"t{i}": torch.randn(40, 6, generator=g) for i in range(6)}
+    first_read = threading.Event()
+
+    def slow_reader(value: torch.Tensor):
+        def read(start: int, end: int) -> torch.Tensor:
+            if not first_read.is_set():
+                first_read.set()
+                threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+                time.sleep(0.5)
+            return value[start:end].clone()
+
+        return read
+
+    entries = [WriteEntry(k, TensorSpec((40, 6), "float32"), slow_reader(v)) for k, v in values.items()]
+    with pytest.raises(KeyboardInterrupt):
+        save_streaming(tmp_path, entries, buffer_bytes=1200, threads=2)
+    assert first_read.is_set()
     assert not [t for t in threading.enumerate() if t.name.startswith("flame-ext-write")], "writer threads left running"
 
 
