@@ -11,12 +11,23 @@ Side by side, each in its own fresh subprocess (wall seconds and peak RSS from `
 The checkpoint is written shard by shard (about 1 GB each, random bf16 data) without materialising the
 model; its config is a real ``Olmo2ForCausalLM`` one (hidden 2048, vocab 100352; the number of layers is
 chosen for the requested size). The converter's output is checked bit-exact against the source for a
-sample of tensors. The page cache is warm for every contender (the files were just written) and
-``sync`` runs between contenders, outside the timings.
+sample of tensors. ``sync`` runs between contenders, outside the timings.
+
+Two page-cache states, each a table of its own:
+
+  warm  the checkpoint's files are in the page cache (they were just written): a copy never touches the
+        disk for reading, and ``cp`` copies page cache to page cache inside the kernel.
+  cold  before each contender the page cache is dropped (``/proc/sys/vm/drop_caches``, needs root) and
+        the Python libraries are read back in by importing them: the checkpoint comes from the disk, the
+        tools do not. This is the state a 7B checkpoint (29 GB in fp32, 15 GB in bf16) is usually in.
+
+The converter fsyncs what it wrote before publishing it, so ``copy + sync`` is the like-for-like copy;
+both ratios are printed.
 
     python bench/bench_convert.py                      # ~4 GB, in a temporary folder
     python bench/bench_convert.py --size-gb 1 2 4      # one table row set per size: memory stays flat
     python bench/bench_convert.py --workdir /big/disk --keep
+    python bench/bench_convert.py --cache warm          # only the warm table (no root needed)
 
 Targets (issue 2): convert wall <= 1.5x copy; peak RSS <= 25% of the checkpoint size, flat as it grows.
 """
@@ -112,9 +123,26 @@ def generate(folder: Path, size_gb: float) -> int:
     return total
 
 
-def measure(name: str, cmd: list[str]) -> Result:
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+WARM_TOOLS = "import torch, torch.distributed.checkpoint, transformers, transformers.models.olmo2.modeling_olmo2, flame_ext.convert"
+
+
+def can_drop_caches() -> bool:
+    return os.access(DROP_CACHES, os.W_OK)
+
+
+def drop_page_cache() -> None:
+    """Empty the page cache, then read the libraries back: the checkpoint is cold, the tools are not."""
+    os.sync()
+    DROP_CACHES.write_text("3\n")
+    subprocess.run([sys.executable, "-c", WARM_TOOLS], check=True)
+
+
+def measure(name: str, cmd: list[str], cold: bool = False) -> Result:
     """Run ``cmd`` in a fresh process; its own wall time and peak RSS (``os.wait4`` rusage of that child)."""
     os.sync()  # flush the previous contender's dirty pages outside the timing
+    if cold:
+        drop_page_cache()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
@@ -174,18 +202,25 @@ def contenders(src: Path, out: Path) -> list[tuple[str, list[str]]]:
     ]
 
 
-def run_size(size_gb: float, work: Path, repeat: int) -> list[Result]:
-    """Every contender ``repeat`` times, round robin (so a noisy neighbour hits all alike); medians."""
-    src, out = work / f"hf-{size_gb:g}gb", work / f"out-{size_gb:g}gb"
+def run_size(size_gb: float, work: Path, repeat: int, caches: list[str]) -> None:
+    """Generate the checkpoint once, then one table per page-cache state."""
+    src = work / f"hf-{size_gb:g}gb"
     t0 = time.perf_counter()
     total = int(_helper("--generate-into", str(src), "--size-gb", str(size_gb)))
     shards = len(list(src.glob("*.safetensors")))
     print(f"\n== {total / 1e9:.2f} GB checkpoint, {shards} shards (generated in {time.perf_counter() - t0:.0f} s) ==", flush=True)
+    for cache in caches:
+        print(f"-- page cache {cache} --", flush=True)
+        run_contenders(src, work / f"out-{size_gb:g}gb", total, repeat, cold=cache == "cold")
+
+
+def run_contenders(src: Path, out: Path, total: int, repeat: int, cold: bool) -> list[Result]:
+    """Every contender ``repeat`` times, round robin (so a noisy neighbour hits all alike); medians."""
     runs: dict[str, list[Result]] = {}
     checked = 0
     for _ in range(repeat):
         for name, cmd in contenders(src, out):
-            runs.setdefault(name, []).append(measure(name, cmd))
+            runs.setdefault(name, []).append(measure(name, cmd, cold=cold))
             if name == "flame-ext convert" and runs[name][-1].rc == 0 and not checked:
                 checked = int(_helper("--verify", str(src), str(out)))
             shutil.rmtree(out, ignore_errors=True)
@@ -202,14 +237,14 @@ def median(rs: list[Result]) -> Result:
 
 
 def print_table(results: list[Result], total: int, runs: dict[str, list[Result]]) -> None:
-    copy = results[0].wall
-    print(f"{'(median of ' + str(len(runs[results[0].name])) + ')':38} {'wall s':>7} {'x copy':>7} {'CPU s':>6} "
-          f"{'peak RSS MB':>12} {'RSS % ckpt':>11}   all walls")
+    copy, durable = results[0].wall, results[1].wall  # cp -r; cp -r + sync
+    print(f"{'(median of ' + str(len(runs[results[0].name])) + ')':38} {'wall s':>7} {'x cp':>6} {'x cp+sync':>9} "
+          f"{'CPU s':>6} {'peak RSS MB':>12} {'RSS % ckpt':>11}   all walls")
     for r in results:
         flag = "" if r.rc == 0 else f"  (exit {r.rc})"
         walls = " ".join(f"{x.wall:.1f}" for x in runs[r.name])
-        print(f"{r.name:38} {r.wall:7.1f} {r.wall / copy:7.2f} {r.cpu:6.1f} {r.rss_mb:12,.0f} {100 * r.rss_mb * 2**20 / total:10.1f}%"
-              f"   {walls}{flag}")
+        print(f"{r.name:38} {r.wall:7.1f} {r.wall / copy:6.2f} {r.wall / durable:9.2f} {r.cpu:6.1f} {r.rss_mb:12,.0f} "
+              f"{100 * r.rss_mb * 2**20 / total:10.1f}%   {walls}{flag}")
 
 
 def main() -> int:
@@ -218,6 +253,8 @@ def main() -> int:
     p.add_argument("--workdir", help="folder for the generated files (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the generated checkpoint(s)")
     p.add_argument("--repeat", type=int, default=3, help="runs of each contender, round robin; medians shown (default 3)")
+    p.add_argument("--cache", choices=["warm", "cold", "both"], default="both",
+                   help="page-cache state(s) to measure (default both; cold needs root, else it is skipped with a note)")
     p.add_argument("--generate-into", help=argparse.SUPPRESS)  # internal: the child that writes the checkpoint
     p.add_argument("--verify", nargs=2, help=argparse.SUPPRESS)  # internal: the child that checks the output
     args = p.parse_args()
@@ -230,9 +267,15 @@ def main() -> int:
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-convert-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, workdir {work}")
+    caches = ["warm", "cold"] if args.cache == "both" else [args.cache]
+    if "cold" in caches and not can_drop_caches():
+        print(f"cold page cache skipped: {DROP_CACHES} is not writable (run as root for it)")
+        caches.remove("cold")
+    if not caches:
+        return 2
     try:
         for size in args.size_gb:
-            run_size(size, work, args.repeat)
+            run_size(size, work, args.repeat, caches)
             if not args.keep:
                 shutil.rmtree(work / f"hf-{size:g}gb", ignore_errors=True)
     finally:

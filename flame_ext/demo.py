@@ -97,8 +97,8 @@ def _flame_model(hf_path: Path, *, simulate_tf4: bool) -> tuple[torch.nn.Module,
 # ---------------------------------------------------------------------------------------- the host
 
 
-class _TrainState:
-    """flame's TrainState, reduced to the step (a torch Stateful)."""
+class TrainState:
+    """flame's TrainState, reduced to the step (a torch Stateful); the test hosts use it too."""
 
     def __init__(self) -> None:
         self.step = 0
@@ -134,7 +134,7 @@ def _manager_v01(model: torch.nn.Module, dump: Path, guard_flags: list[str]) -> 
     optimizers = build_optimizers([model], job_config, ft_manager)
     schedulers = build_lr_schedulers(optimizers, job_config)
     manager = ValidatingCheckpointManager(dataloader=None, model_parts=[model], optimizers=optimizers,
-                                          lr_schedulers=schedulers, states={"train_state": _TrainState()},
+                                          lr_schedulers=schedulers, states={"train_state": TrainState()},
                                           job_config=job_config, ft_manager=ft_manager)
     return manager, optimizers, schedulers
 
@@ -150,7 +150,7 @@ def _manager_v03(model: torch.nn.Module, dump: Path, guard: dict[str, Any]) -> t
     config = ValidatingCheckpointManager.Config(enable=True, folder="checkpoint", interval=1000, keep_latest_k=0,
                                                 initial_load_model_only=False, **guard)
     manager = config.build(dataloader=None, model_parts=[model], optimizers=optimizers, lr_schedulers=schedulers,
-                           states={"train_state": _TrainState()}, sd_adapter=None, base_folder=str(dump))
+                           states={"train_state": TrainState()}, sd_adapter=None, base_folder=str(dump))
     return manager, optimizers, schedulers
 
 

@@ -32,18 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
-class TrainState:
-    """The ``train_state`` Stateful a trainer hands its checkpoint manager."""
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": torch.tensor(self.step)}
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.step = int(sd["step"])
+from flame_ext.demo import TrainState
 
 
 def build_manager(model: torch.nn.Module, base: Path, checkpoint: str) -> Any:

@@ -2,8 +2,8 @@
 
 Nothing here is a stand-in for torchtitan or torch.distributed: ``build_manager`` constructs the real
 0.1 (``job_config``) or 0.3 (``Config.build``) manager with real optimizers and LR schedulers.
-``TrainState`` is the ``states={"train_state": ...}`` entry a trainer passes in (flame passes its own
-small Stateful, like this one).
+``TrainState`` (the demo host's) is the ``states={"train_state": ...}`` entry a trainer passes in
+(flame passes its own small Stateful, like it).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from flame_ext.demo import TrainState
 
 GUARD_FIELDS = ("validate_initial_load", "initial_load_max_loss_delta", "initial_load_reference", "initial_load_repair_buffers")
 
@@ -24,19 +26,6 @@ def titan_generation() -> str | None:
         return ".".join(version("torchtitan").split(".")[:2])
     except Exception:
         return None
-
-
-class TrainState:
-    """The trainer's own Stateful: the step counter a resume restores."""
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": torch.tensor(self.step)}
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.step = int(sd["step"])
 
 
 def build_manager(model: nn.Module | list[nn.Module], base: Path, *, initial_load_path: str | None = None,
