@@ -6,6 +6,8 @@ Side by side, each in its own fresh subprocess (wall seconds and peak RSS from `
   convert  ``flame-ext convert --no-reference`` (this project's streaming converter)
   stock    flame's converter: ``AutoModelForCausalLM.from_pretrained`` -> ``state_dict()`` ->
            ``dcp.save({"model": sd}, FileSystemWriter(thread_count=8))``
+  to-hf    ``flame-ext to-hf`` of the converted checkpoint back to safetensors (the way back after
+           training), from a DCP made once per size before the timed runs
   import   ``import torch, transformers`` alone, for context
 
 The checkpoint is written shard by shard (about 1 GB each, random bf16 data) without materialising the
@@ -187,7 +189,7 @@ def _helper(*args: str) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def contenders(src: Path, out: Path) -> list[tuple[str, list[str]]]:
+def contenders(src: Path, dcp_dir: Path, out: Path) -> list[tuple[str, list[str]]]:
     py = sys.executable
     return [
         ("copy (cp -r)", ["cp", "-r", str(src), str(out)]),
@@ -198,6 +200,8 @@ def contenders(src: Path, out: Path) -> list[tuple[str, list[str]]]:
         ("flame-ext convert", [py, "-m", "flame_ext.cli", "convert", "--model", str(src), "--checkpoint", str(out),
                                "--no-reference"]),
         ("stock (from_pretrained + dcp.save)", [py, "-c", STOCK, str(src), str(out)]),
+        ("flame-ext to-hf (DCP -> HF)", [py, "-m", "flame_ext.cli", "to-hf", "--checkpoint", str(dcp_dir), "--config", str(src),
+                                         "--out", str(out)]),
         ("import torch, transformers", [py, "-c", "import torch, transformers"]),
     ]
 
@@ -209,17 +213,21 @@ def run_size(size_gb: float, work: Path, repeat: int, caches: list[str]) -> None
     total = int(_helper("--generate-into", str(src), "--size-gb", str(size_gb)))
     shards = len(list(src.glob("*.safetensors")))
     print(f"\n== {total / 1e9:.2f} GB checkpoint, {shards} shards (generated in {time.perf_counter() - t0:.0f} s) ==", flush=True)
+    dcp_dir = work / f"dcp-{size_gb:g}gb"  # the input of the to-hf contender, made once, untimed
+    if not dcp_dir.exists():
+        subprocess.run([sys.executable, "-m", "flame_ext.cli", "convert", "--model", str(src), "--checkpoint", str(dcp_dir),
+                        "--no-reference"], check=True, capture_output=True)
     for cache in caches:
         print(f"-- page cache {cache} --", flush=True)
-        run_contenders(src, work / f"out-{size_gb:g}gb", total, repeat, cold=cache == "cold")
+        run_contenders(src, dcp_dir, work / f"out-{size_gb:g}gb", total, repeat, cold=cache == "cold")
 
 
-def run_contenders(src: Path, out: Path, total: int, repeat: int, cold: bool) -> list[Result]:
+def run_contenders(src: Path, dcp_dir: Path, out: Path, total: int, repeat: int, cold: bool) -> list[Result]:
     """Every contender ``repeat`` times, round robin (so a noisy neighbour hits all alike); medians."""
     runs: dict[str, list[Result]] = {}
     checked = 0
     for _ in range(repeat):
-        for name, cmd in contenders(src, out):
+        for name, cmd in contenders(src, dcp_dir, out):
             runs.setdefault(name, []).append(measure(name, cmd, cold=cold))
             if name == "flame-ext convert" and runs[name][-1].rc == 0 and not checked:
                 checked = int(_helper("--verify", str(src), str(out)))
@@ -276,13 +284,14 @@ def main() -> int:
     try:
         for size in args.size_gb:
             run_size(size, work, args.repeat, caches)
-            if not args.keep:
-                shutil.rmtree(work / f"hf-{size:g}gb", ignore_errors=True)
+            if not args.keep:  # free the disk before the next size
+                for stem in ("hf", "dcp"):
+                    shutil.rmtree(work / f"{stem}-{size:g}gb", ignore_errors=True)
     finally:
         if not args.keep:
             for size in args.size_gb:
-                shutil.rmtree(work / f"hf-{size:g}gb", ignore_errors=True)
-                shutil.rmtree(work / f"out-{size:g}gb", ignore_errors=True)
+                for stem in ("hf", "dcp", "out"):
+                    shutil.rmtree(work / f"{stem}-{size:g}gb", ignore_errors=True)
             if not args.workdir:
                 shutil.rmtree(work, ignore_errors=True)
     return 0

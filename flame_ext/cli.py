@@ -84,6 +84,7 @@ def _add_to_hf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's own), bfloat16 or float32")
     p.add_argument("--max-shard-mb", type=int, default=5 * 1024, help="largest safetensors shard, MiB (default 5120)")
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--buffer-mb", type=int, default=256, help="rows of a tensor read at once, MiB (default 256)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(run=_run_to_hf)
 
@@ -99,6 +100,7 @@ def _run_to_hf(args: argparse.Namespace) -> int:
         force=args.force,
         trust_remote_code=args.trust_remote_code,
         max_shard_bytes=args.max_shard_mb * 1024 * 1024,
+        buffer_bytes=args.buffer_mb * 1024 * 1024,
         progress=sys.stderr.isatty(),
     )
     summary = convert_dcp_to_hf(opts)

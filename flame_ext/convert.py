@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from collections.abc import Iterator
 
 import torch
 
@@ -85,10 +86,13 @@ class ToHFOptions:
     max_shard_bytes: int = 5 * 1024**3
     progress: bool = True
     tokenizer: str | None = None  # folder to copy tokenizer files from (default: ``config``)
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES  # rows of a tensor read at once
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise InputError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.buffer_bytes < 1024:
+            raise InputError(f"buffer of {self.buffer_bytes} bytes: must be at least 1 KiB")
 
 
 @dataclass
@@ -314,8 +318,8 @@ def _meta_model_from_config(folder: Path, trust_remote_code: bool) -> torch.nn.M
 
 
 def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
-    """DCP (flat or nested, model-only or full training checkpoint) -> HF folder, one tensor at a time."""
-    from .dcp import load_tensor
+    """DCP (flat or nested, model-only or full training checkpoint) -> HF folder, one block of rows at a time."""
+    from .dcp import DCPRowReader
 
     t0 = time.perf_counter()
     check_destination(opts.out, force=opts.force)
@@ -340,8 +344,12 @@ def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
     summary = Summary(Path(opts.out).absolute(), notes=[f"{k}: not part of the HF model; not written" for k in skipped])
     total = sum(s.nbytes for s in specs.values())
 
-    def read(key: str) -> torch.Tensor:
-        return load_tensor(ckpt, prefix + key, found[prefix + key]).to(getattr(torch, specs[key].dtype))  # type: ignore[arg-type]
+    reader = DCPRowReader(ckpt)
+
+    def read(key: str) -> Iterator[torch.Tensor]:
+        # The block is sized at the stored dtype; a cast to a wider one at most doubles it.
+        for block in reader.blocks(prefix + key, found[prefix + key], opts.buffer_bytes):  # type: ignore[arg-type]
+            yield block.to(getattr(torch, specs[key].dtype))
 
     with atomic_folder(opts.out, force=opts.force) as tmp:
         bar = _Progress(total, opts.progress, "to-hf")

@@ -15,7 +15,7 @@ import pickle
 import queue
 import threading
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +29,11 @@ from torch.distributed.checkpoint.metadata import (
     Metadata,
     MetadataIndex,
     TensorProperties,
+    StorageMeta,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.futures import Future
 
 from .errors import CheckpointFormatError, FlameExtError, InputError
@@ -44,6 +46,8 @@ __all__ = [
     "save_streaming",
     "read_dcp_metadata",
     "load_tensor",
+    "DCPRowReader",
+    "row_blocks",
     "model_prefix",
     "NON_MODEL_PREFIXES",
 ]
@@ -66,7 +70,8 @@ class WriteEntry:
     read_rows: Callable[[int, int], torch.Tensor]
 
 
-def _row_blocks(spec: TensorSpec, buffer_bytes: int) -> list[tuple[int, int]]:
+def row_blocks(spec: TensorSpec, buffer_bytes: int) -> list[tuple[int, int]]:
+    """Row ranges [start, end) of at most ``buffer_bytes`` each (at least one row); ``[(0, 1)]`` for a 0-d tensor."""
     if not spec.shape or spec.nbytes <= buffer_bytes:
         return [(0, spec.shape[0] if spec.shape else 1)]
     row_bytes = max(1, spec.nbytes // spec.shape[0])
@@ -102,7 +107,7 @@ class _StreamingPlanner(DefaultSavePlanner):
         for e in self._entries.values():
             props = TensorProperties(dtype=getattr(torch, e.spec.dtype))
             size = torch.Size(e.spec.shape)
-            for start, end in _row_blocks(e.spec, self._buffer_bytes):
+            for start, end in row_blocks(e.spec, self._buffer_bytes):
                 offsets = torch.Size([start] + [0] * (len(size) - 1)) if size else torch.Size([])
                 sizes = torch.Size([end - start, *size[1:]]) if size else torch.Size([])
                 items.append(
@@ -300,13 +305,8 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise _RefusedGlobal(f"{module}.{name}")
 
 
-def read_dcp_metadata(folder: str | Path) -> dict[str, TensorSpec | None]:
-    """Every key of a DCP checkpoint with its global shape and dtype (``None`` for non-tensor entries).
-
-    Reads only ``.metadata``: no tensor data, so it costs the same for a tiny model and a 70B one. The file
-    is a pickle: it is unpickled with an allow-list (see ``_MetadataUnpickler``), never as is.
-    """
-    folder = Path(folder)
+def _unpickle_metadata(folder: Path) -> Metadata:
+    """``.metadata`` unpickled with the allow-list; every problem is one ``CheckpointFormatError``."""
     if not folder.exists():
         raise InputError(f"{folder}: no such folder")
     if not folder.is_dir():
@@ -325,8 +325,17 @@ def read_dcp_metadata(folder: str | Path) -> dict[str, TensorSpec | None]:
         raise CheckpointFormatError(f"{folder}/.metadata: unreadable ({type(exc).__name__}); the checkpoint is corrupt") from exc
     if not isinstance(md, Metadata):
         raise CheckpointFormatError(f"{folder}/.metadata: unreadable (holds a {type(md).__name__}); the checkpoint is corrupt")
+    return md
+
+
+def read_dcp_metadata(folder: str | Path) -> dict[str, TensorSpec | None]:
+    """Every key of a DCP checkpoint with its global shape and dtype (``None`` for non-tensor entries).
+
+    Reads only ``.metadata``: no tensor data, so it costs the same for a tiny model and a 70B one. The file
+    is a pickle: it is unpickled with an allow-list (see ``_MetadataUnpickler``), never as is.
+    """
     out: dict[str, TensorSpec | None] = {}
-    for key, item in md.state_dict_metadata.items():
+    for key, item in _unpickle_metadata(Path(folder)).state_dict_metadata.items():
         if isinstance(item, TensorStorageMetadata):
             out[key] = TensorSpec(tuple(item.size), dtype_name(item.properties.dtype))
         else:
@@ -334,26 +343,102 @@ def read_dcp_metadata(folder: str | Path) -> dict[str, TensorSpec | None]:
     return out
 
 
+class _VettedReader(dcp.FileSystemReader):
+    """torch's ``FileSystemReader``, but ``.metadata`` is unpickled with the allow-list, and once.
+
+    torch's own reader unpickles it as is; one reader serves the many row loads of a pass.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(str(folder))
+        self._metadata: Metadata | None = None
+        self._folder = folder
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:  # type: ignore[override]
+        if self._metadata is None:
+            self._metadata = _unpickle_metadata(self._folder)
+            if getattr(self._metadata, "storage_meta", None) is None:  # as torch's reader does
+                self._metadata.storage_meta = StorageMeta()
+            self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
+
+
+class _RowsPlanner(DefaultLoadPlanner):
+    """Loads rows [start, start + len(buffer)) of one checkpoint tensor into ``buffer``.
+
+    The plan asks for exactly that region, as an FSDP rank asks for its shard, so DCP reads only the
+    stored chunks that overlap it.
+    """
+
+    def __init__(self, key: str, start: int) -> None:
+        super().__init__(allow_partial_load=True)
+        self._key, self._start = key, start
+
+    def create_local_plan(self) -> LoadPlan:
+        buffer = self.state_dict[self._key]
+        md = self.metadata.state_dict_metadata[self._key]  # type: ignore[union-attr]
+        offsets = torch.Size([self._start] + [0] * (buffer.dim() - 1)) if buffer.dim() else torch.Size([])
+        chunk = ChunkStorageMetadata(offsets=offsets, sizes=buffer.size())
+        self.plan = LoadPlan(create_read_items_for_chunk_list(self._key, md, [chunk]))
+        return self.plan
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        return self.state_dict[index.fqn]
+
+
+class DCPRowReader:
+    """Reads blocks of rows of DCP tensors without a process group; ``.metadata`` is read once, vetted."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._reader = _VettedReader(self.folder)
+
+    def rows(self, key: str, spec: TensorSpec, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of tensor ``key`` (for a 0-d tensor, the tensor)."""
+        if not isinstance(self._reader.read_metadata().state_dict_metadata.get(key), TensorStorageMetadata):
+            raise CheckpointFormatError(f"{self.folder}: cannot read {key} (no such tensor in the checkpoint)")
+        shape = (end - start, *spec.shape[1:]) if spec.shape else ()
+        buffer = torch.empty(shape, dtype=getattr(torch, spec.dtype))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            try:
+                dcp.load({key: buffer}, storage_reader=self._reader, planner=_RowsPlanner(key, start), no_dist=True)
+            except CheckpointException as exc:
+                raise _read_error(self.folder, key, exc) from exc
+        return buffer
+
+    def blocks(self, key: str, spec: TensorSpec, buffer_bytes: int) -> Iterator[torch.Tensor]:
+        """The whole tensor as consecutive blocks of rows, each at most ``buffer_bytes``."""
+        for start, end in row_blocks(spec, buffer_bytes):
+            yield self.rows(key, spec, start, end)
+
+
+def _read_error(folder: Path, key: str, exc: CheckpointException) -> BaseException:
+    cause = _root_cause(exc)
+    if cause is not exc:
+        return cause
+    failures = [f[0] if isinstance(f, tuple) else f for f in exc.failures.values()]
+    # torch reads records weights_only: a record naming a Python global is refused (it could run code);
+    # any other failure is bytes that are not a record at all.
+    if any(isinstance(f, pickle.UnpicklingError) and "Unsupported global" in str(f) for f in failures):
+        return CheckpointFormatError(
+            f"{folder}: refused to read {key}: its record in the data files pickles Python objects other than "
+            "tensors, and loading them could run code; the checkpoint is corrupt or was tampered with"
+        )
+    first = next((f"{type(f).__name__}: {_first_line(f)}" for f in failures if str(f).strip()), "unknown error")
+    return CheckpointFormatError(f"{folder}: cannot read {key} ({first}); the checkpoint's data files are damaged")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    # torch's weights-only message puts the cause after a paragraph about defaults
+    cause = next((line for line in lines if "WeightsUnpickler error" in line or line.startswith("Unsupported")), lines[0])
+    return cause[:200]
+
+
 def load_tensor(folder: str | Path, key: str, spec: TensorSpec) -> torch.Tensor:
-    """Read one tensor of a DCP checkpoint (all its chunks), without a process group."""
-    t = torch.empty(spec.shape, dtype=getattr(torch, spec.dtype))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        try:
-            dcp.load({key: t}, checkpoint_id=str(folder), planner=DefaultLoadPlanner(allow_partial_load=False), no_dist=True)
-        except CheckpointException as exc:
-            cause = _root_cause(exc)
-            if cause is not exc:
-                raise cause from exc
-            failures = [f[0] if isinstance(f, tuple) else f for f in exc.failures.values()]
-            if any(isinstance(f, pickle.UnpicklingError) for f in failures):  # torch reads records weights_only
-                raise CheckpointFormatError(
-                    f"{folder}: refused to read {key}: its record in the data files pickles Python objects other than "
-                    "tensors, and loading them could run code; the checkpoint is corrupt or was tampered with"
-                ) from exc
-            first = next((f"{type(f).__name__}: {str(f).strip().splitlines()[0][:200]}" for f in failures if str(f).strip()), "unknown error")
-            raise CheckpointFormatError(f"{folder}: cannot read {key} ({first})") from exc
-    return t
+    """Read one whole tensor of a DCP checkpoint (all its chunks), without a process group."""
+    return DCPRowReader(folder).rows(key, spec, 0, spec.shape[0] if spec.shape else 1)
 
 
 def model_prefix(keys: Iterable[str], expected: Iterable[str]) -> str:

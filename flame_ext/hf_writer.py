@@ -2,14 +2,15 @@
 
 A safetensors file is an 8-byte header length, a JSON header with every tensor's dtype, shape and byte
 range, then the bytes. Every shape and dtype is known from the DCP metadata before any tensor is read,
-so the header is written first and tensors follow one at a time: memory holds one tensor, not a shard.
+so the header is written first and tensors follow one block of rows at a time: memory holds one block,
+not a tensor or a shard.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -50,10 +51,11 @@ def shard_plan(specs: dict[str, TensorSpec], max_shard_bytes: int) -> list[list[
 def write_safetensors(
     file: Path,
     specs: dict[str, TensorSpec],
-    read: Callable[[str], torch.Tensor],
+    read: Callable[[str], Iterable[torch.Tensor]],
     on_written: Callable[[int], None] = lambda n: None,
 ) -> None:
-    """Write ``specs`` (in order) to ``file``, asking ``read(key)`` for each tensor only when it is written."""
+    """Write ``specs`` (in order) to ``file``; ``read(key)`` gives the tensor as consecutive blocks of rows,
+    asked for only when that tensor is written (a 0-d tensor is one block of itself)."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for key, spec in specs.items():
@@ -65,10 +67,14 @@ def write_safetensors(
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for key, spec in specs.items():
-            t = read(key)
-            if tuple(t.shape) != spec.shape or str(t.dtype) != f"torch.{spec.dtype}":
-                raise ValueError(f"{key}: got {tuple(t.shape)} {t.dtype}, planned {spec.shape} {spec.dtype}")
-            data = t.contiguous().view(-1).view(torch.uint8).numpy() if t.numel() else b""
-            f.write(memoryview(data))
-            on_written(spec.nbytes)
+            rows = 0
+            for block in read(key):
+                if tuple(block.shape[1:]) != spec.shape[1:] or str(block.dtype) != f"torch.{spec.dtype}":
+                    raise ValueError(f"{key}: got a block {tuple(block.shape)} {block.dtype}, planned {spec.shape} {spec.dtype}")
+                rows += block.shape[0] if spec.shape else 1
+                data = block.contiguous().view(-1).view(torch.uint8).numpy() if block.numel() else b""
+                f.write(memoryview(data))
+                on_written(len(data))
+            if rows != (spec.shape[0] if spec.shape else 1):
+                raise ValueError(f"{key}: got {rows} rows, planned {spec.shape}")
         f.flush()

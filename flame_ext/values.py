@@ -12,25 +12,16 @@ rounded to it and must then agree to within one unit in its last place (a conver
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
-from torch.distributed.checkpoint.planner import LoadPlan
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from .dcp import DEFAULT_BUFFER_BYTES
-from .errors import CheckpointFormatError
+from .dcp import DEFAULT_BUFFER_BYTES, DCPRowReader, row_blocks
 from .hf import HFCheckpoint, HFTensor, TensorSpec, hf_source, read_tensor
 from .report import Problem
 
-__all__ = ["ValueStats", "compare_values", "narrower", "hf_source", "read_dcp_rows", "DCPRowReader"]
+__all__ = ["ValueStats", "compare_values", "narrower"]
 
 
 @dataclass
@@ -47,81 +38,6 @@ def narrower(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     if not (a.is_floating_point and b.is_floating_point):
         return a
     return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
-
-
-class _CachedReader(dcp.FileSystemReader):
-    """A ``FileSystemReader`` that unpickles ``.metadata`` once for the many single-tensor loads of a pass."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__(path)
-        self._metadata = None
-
-    def read_metadata(self, *args, **kwargs):  # type: ignore[override]
-        if self._metadata is None:
-            self._metadata = super().read_metadata(*args, **kwargs)
-        return self._metadata
-
-
-class _RowsPlanner(DefaultLoadPlanner):
-    """Loads rows [start, start + len(buffer)) of one checkpoint tensor into ``buffer``.
-
-    The plan asks for exactly that region, as an FSDP rank asks for its shard, so DCP reads only the
-    stored chunks that overlap it.
-    """
-
-    def __init__(self, key: str, start: int) -> None:
-        super().__init__(allow_partial_load=True)
-        self._key, self._start = key, start
-
-    def create_local_plan(self) -> LoadPlan:
-        buffer = self.state_dict[self._key]
-        offsets = torch.Size([self._start] + [0] * (buffer.dim() - 1)) if buffer.dim() else torch.Size([])
-        chunk = ChunkStorageMetadata(offsets=offsets, sizes=buffer.size())
-        md = self.metadata.state_dict_metadata[self._key]  # type: ignore[union-attr]
-        self.plan = LoadPlan(create_read_items_for_chunk_list(self._key, md, [chunk]))
-        return self.plan
-
-    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
-        return self.state_dict[index.fqn]
-
-
-class DCPRowReader:
-    """Reads blocks of rows of DCP tensors without a process group, with ``.metadata`` read once."""
-
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = str(folder)
-        self._reader = _CachedReader(self.folder)
-
-    def rows(self, key: str, spec: TensorSpec, start: int, end: int) -> torch.Tensor:
-        shape = (end - start, *spec.shape[1:]) if spec.shape else ()
-        buffer = torch.empty(shape, dtype=getattr(torch, spec.dtype))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            try:
-                dcp.load({key: buffer}, storage_reader=self._reader, planner=_RowsPlanner(key, start), no_dist=True)
-            except CheckpointException as exc:
-                lines = str(exc).strip().splitlines()
-                raise CheckpointFormatError(
-                    f"{self.folder}: cannot read {key} ({lines[-1][:200] if lines else 'unknown error'}); "
-                    "the checkpoint's data files are damaged"
-                ) from exc
-        return buffer
-
-
-def read_dcp_rows(folder: str | Path, key: str, spec: TensorSpec, start: int, end: int) -> torch.Tensor:
-    """Rows [start, end) of one DCP tensor (for a 0-d tensor, the tensor)."""
-    return DCPRowReader(folder).rows(key, spec, start, end)
-
-
-def _blocks(spec: TensorSpec, buffer_bytes: int) -> Iterator[tuple[int, int]]:
-    if not spec.shape:
-        yield 0, 1
-        return
-    rows = spec.shape[0]
-    row_bytes = max(1, spec.nbytes // max(rows, 1))
-    step = max(1, buffer_bytes // row_bytes)
-    for start in range(0, rows, step):
-        yield start, min(start + step, rows)
 
 
 @dataclass
@@ -239,7 +155,7 @@ def compare_values(
             stats.skipped[key] = "shapes differ (see the shape problem)"
             continue
         diff = _TensorDiff()
-        for start, end in _blocks(spec, buffer_bytes):
+        for start, end in row_blocks(spec, buffer_bytes):
             ckpt = reader.rows(ckpt_key, spec, start, end)
             whole = not spec.shape or (start, end) == (0, spec.shape[0])
             source = read_tensor(src, None if whole else (start, end))

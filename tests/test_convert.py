@@ -100,10 +100,17 @@ def test_round_trip_embedded_model_is_bit_exact(tiny_model, tiny_dcp, tmp_path):
     assert json.loads((out / "config.json").read_text()) == json.loads((tiny_model / "config.json").read_text())
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["whole-tensors", "row-blocks"])
-def test_round_trip_sharded_model_is_bit_exact(sharded_model, sharded_chunked_dcp, chunked, tmp_path):
+@pytest.mark.parametrize(
+    "chunked, read_buffer",
+    [(False, None), (True, None), (True, 3000)],
+    # the last reads blocks of 3000 bytes from a checkpoint stored in chunks of 1 KiB (4 KiB / 2 writers /
+    # 2 blocks each): reads straddle stored chunks
+    ids=["whole-tensors", "row-blocks", "row-blocks-read-in-other-blocks"],
+)
+def test_round_trip_sharded_model_is_bit_exact(sharded_model, sharded_chunked_dcp, chunked, read_buffer, tmp_path):
     checkpoint = sharded_chunked_dcp if chunked else convert(sharded_model, tmp_path / "dcp")
-    out = to_hf(checkpoint, sharded_model, tmp_path / "hf", max_shard_bytes=40_000)
+    kw = {"buffer_bytes": read_buffer} if read_buffer else {}
+    out = to_hf(checkpoint, sharded_model, tmp_path / "hf", max_shard_bytes=40_000, **kw)
     assert len(list(out.glob("*.safetensors"))) > 1, "expected a sharded HF output"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert sorted(index["weight_map"]) == sorted(hf_tensors(out))

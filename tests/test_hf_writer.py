@@ -1,5 +1,5 @@
-"""The streaming safetensors writer: files safetensors itself reads back exactly, written one tensor at a
-time (each read only when it is written), and the shard plan that groups tensors into files."""
+"""The streaming safetensors writer: files safetensors itself reads back exactly, written one block of rows
+at a time (each tensor read only when it is written), and the shard plan that groups tensors into files."""
 
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ def test_written_file_reads_back_exactly_with_safetensors(tmp_path):
     specs = {k: TensorSpec(tuple(v.shape), dtype_name(v.dtype)) for k, v in tensors.items()}
     order: list[str] = []
 
-    def read(key: str) -> torch.Tensor:
+    def read(key: str):
         order.append(key)
-        return tensors[key]
+        t = tensors[key]
+        return [t] if t.dim() == 0 else list(t.split(2))  # blocks of 2 rows, as a checkpoint is read
 
     written: list[int] = []
     file = tmp_path / "model.safetensors"
@@ -57,9 +58,11 @@ def test_written_file_reads_back_exactly_with_safetensors(tmp_path):
 def test_a_reader_returning_the_wrong_tensor_is_an_error(tmp_path):
     specs = {"a": TensorSpec((2, 3), "float32")}
     with pytest.raises(ValueError, match="planned"):
-        write_safetensors(tmp_path / "x.safetensors", specs, lambda k: torch.zeros(3, 2))
+        write_safetensors(tmp_path / "x.safetensors", specs, lambda k: [torch.zeros(3, 2)])
     with pytest.raises(ValueError, match="planned"):
-        write_safetensors(tmp_path / "y.safetensors", specs, lambda k: torch.zeros(2, 3, dtype=torch.float64))
+        write_safetensors(tmp_path / "y.safetensors", specs, lambda k: [torch.zeros(2, 3, dtype=torch.float64)])
+    with pytest.raises(ValueError, match="got 3 rows"):  # blocks that do not add up to the tensor
+        write_safetensors(tmp_path / "z.safetensors", specs, lambda k: [torch.zeros(2, 3), torch.zeros(1, 3)])
 
 
 def test_shard_plan_keeps_order_and_limits_size():

@@ -7,7 +7,8 @@ import torch
 from flame_ext.dcp import WriteEntry, read_dcp_metadata, save_streaming
 from flame_ext.diagnose import DiagnoseOptions, diagnose
 from flame_ext.hf import TensorSpec
-from flame_ext.values import DCPRowReader, narrower
+from flame_ext.dcp import DCPRowReader
+from flame_ext.values import narrower
 
 from .conftest import TRANSPOSED, load_all, one_thread, save_dcp
 
