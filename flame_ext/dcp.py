@@ -47,6 +47,7 @@ __all__ = [
     "read_dcp_metadata",
     "load_tensor",
     "DCPRowReader",
+    "data_file_extents",
     "row_blocks",
     "model_prefix",
     "NON_MODEL_PREFIXES",
@@ -341,6 +342,16 @@ def read_dcp_metadata(folder: str | Path) -> dict[str, TensorSpec | None]:
         else:
             out[key] = None
     return out
+
+
+def data_file_extents(folder: str | Path) -> dict[str, int]:
+    """Each data file ``.metadata`` names, with the bytes it must hold (the end of its last record)."""
+    needed: dict[str, int] = {}
+    for info in (_unpickle_metadata(Path(folder)).storage_data or {}).values():
+        path, end = getattr(info, "relative_path", None), getattr(info, "offset", 0) + getattr(info, "length", 0)
+        if path is not None:
+            needed[path] = max(needed.get(path, 0), end)
+    return needed
 
 
 class _VettedReader(dcp.FileSystemReader):

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .dcp import DEFAULT_BUFFER_BYTES, model_prefix, read_dcp_metadata
+from .dcp import DEFAULT_BUFFER_BYTES, data_file_extents, model_prefix, read_dcp_metadata
 from .errors import CheckpointFormatError, InputError
 from .hf import HFCheckpoint, TensorSpec, build_meta_model, expected_tensors, open_hf, tied_aliases
 from .manifest import MANIFEST_NAME, config_hash, read_manifest
@@ -80,17 +80,7 @@ class _Context:
 
 def check_data_files(folder: Path) -> None:
     """Every byte range ``.metadata`` promises must exist: a truncated shard is bad input, found by sizes only."""
-    import torch.distributed.checkpoint as dcp
-
-    try:
-        storage = dcp.FileSystemReader(str(folder)).read_metadata().storage_data or {}
-    except Exception as exc:  # read_dcp_metadata has already accepted this file; anything here is corruption
-        raise CheckpointFormatError(f"{folder}/.metadata: unreadable ({type(exc).__name__}); the checkpoint is corrupt") from exc
-    needed: dict[str, int] = {}
-    for info in storage.values():
-        path, end = getattr(info, "relative_path", None), getattr(info, "offset", 0) + getattr(info, "length", 0)
-        if path is not None:
-            needed[path] = max(needed.get(path, 0), end)
+    needed = data_file_extents(folder)
     for name, end in sorted(needed.items()):
         file = folder / name
         if not file.is_file():
