@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import FlameExtError
 from .hf import TensorSpec, dtype_name
-from .ranks import RankFailure, agreed, max_over_ranks, pool, rank, sum_over_ranks, world
+from .ranks import RankFailure, agreed, max_over_ranks, pool, pool_counts, rank, sum_over_ranks, world
 from .report import LossComparison, Problem, Report
 
 __all__ = [
@@ -234,6 +234,7 @@ class InitialLoadGuard:
         found = dict(self._agreed(read_found, "reading the checkpoint metadata"))
         problems = self._agreed(lambda: list(extra) + self._parity(requested, found, tied or {}), "the key/shape check")
         self.report.extend(pool(problems))
+        self.report.counts = pool_counts(self.report.counts)
         logger.info("flame-ext: checked %s before loading: %d model keys requested, %d keys in the checkpoint; %s "
                     "(%.0f ms, no tensor read)", self.checkpoint, len(requested.model), len(found),
                     _count_line(self.report), (time.perf_counter() - start) * 1e3)

@@ -14,7 +14,7 @@ import torch
 
 from .report import Problem
 
-__all__ = ["world", "rank", "gather", "pool", "agreed", "sum_over_ranks", "max_over_ranks", "RankFailure"]
+__all__ = ["world", "rank", "gather", "pool", "pool_counts", "agreed", "sum_over_ranks", "max_over_ranks", "RankFailure"]
 
 
 class RankFailure(Exception):
@@ -59,6 +59,16 @@ def pool(problems: list[Problem]) -> list[Problem]:
             detail += f" (on rank {', '.join(map(str, on))} of {len(gathered)})"
         pooled.append(Problem(item["kind"], item["severity"], item["key"], detail, item["hint"]))
     return pooled
+
+
+def pool_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Each count at its largest over the ranks, so the figures a report prints match the pooled problems
+    (a key missing on one rank is counted, whichever rank prints)."""
+    merged: dict[str, int] = {}
+    for each in gather(dict(counts)):
+        for key, n in each.items():
+            merged[key] = max(merged.get(key, n), n)
+    return merged
 
 
 def agreed(step: Callable[[], Any], what: str) -> Any:

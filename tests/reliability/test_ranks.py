@@ -83,8 +83,8 @@ def _assert_same_verdict(results: list[dict | None], kind: str) -> None:
     for r in results:
         assert r["event"] == "raised" and r["error"] == "InitialLoadValidationError", r.get("traceback")
         assert r["t"] - r["t_load"] < DEADLINE, f"rank {r['rank']} took {r['t'] - r['t_load']:.1f}s"
-    # The pooled problems and the verdict; ``counts`` stay each rank's own (see the suite's report).
-    same = [{k: r["report"][k] for k in ("ok", "problems", "loss")} for r in results]
+    # The pooled problems, the counts printed beside them, and the verdict.
+    same = [{k: r["report"][k] for k in ("ok", "problems", "counts", "loss")} for r in results]
     assert same[0] == same[1], "the ranks disagree on what is wrong"
     assert kind in {p["kind"] for p in results[0]["report"]["problems"] if p["severity"] == "error"}, results[0]["report"]
 
