@@ -26,12 +26,17 @@ def flame_src() -> Path | None:
     return path
 
 
-@pytest.fixture(scope="session")
-def flame_checkout() -> Path:
-    """The FLAME_SRC checkout, importable as ``flame``; skips when FLAME_SRC is unset."""
+def flame_on_path(needed_for: str = "needs a flame checkout") -> Path:
+    """The FLAME_SRC checkout, importable as ``flame``; skips the test, saying how to run it, when FLAME_SRC is unset."""
     path = flame_src()
     if path is None:
-        pytest.skip(f"needs a flame checkout: {FLAME_SRC_HOWTO}")
+        pytest.skip(f"{needed_for}: {FLAME_SRC_HOWTO}")
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def flame_checkout() -> Path:
+    """The FLAME_SRC checkout, importable as ``flame``; skips when FLAME_SRC is unset."""
+    return flame_on_path()

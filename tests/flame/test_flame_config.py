@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flame_src_env import FLAME_SRC_HOWTO, flame_checkout, flame_src  # noqa: F401 -- a fixture
+from flame_src_env import flame_checkout, flame_on_path  # noqa: F401 -- a fixture
 from flame_ext.errors import FlameExtError
 from flame_ext.flame.config import GUARD_OPTIONS, job_config_class
 from flame_style import FlameStyleJobConfig
@@ -24,11 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _real_flame_base() -> type:
-    path = flame_src()
-    if path is None:
-        pytest.skip(f"flame's real JobConfig: {FLAME_SRC_HOWTO}")
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+    flame_on_path("flame's real JobConfig")
     from flame.config_manager import JobConfig
 
     return JobConfig
