@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from .buffers import check_buffers
 from .errors import CheckpointFormatError, InputError
 from .hf import HFCheckpoint, TensorSpec, build_meta_model
-from .reference import compare_loss, growing_with_position, per_token_loss
+from .reference import compare_loss, per_token_loss, positional_hint
 from .report import LossComparison, Problem
 
 if TYPE_CHECKING:
@@ -138,9 +138,9 @@ def _gap_problem(cmp: LossComparison, value_problems: bool) -> Problem:
         f"loss {cmp.observed:.4f} on the reference batch, HF reference {cmp.reference:.4f}: "
         f"delta {cmp.delta:+.4f} nats, threshold {cmp.threshold}"
     )
-    if growing_with_position(cmp.by_position):
-        hint = ("the gap grows with position: positional encoding differs from the HF model's (RoPE inv_freq, "
-                "rope_theta / rope_scaling in the config, or a q/k projection permuted for another rotary layout)")
+    positional = positional_hint(cmp)
+    if positional:
+        hint = positional + (": see the value problems for the tensors that differ" if value_problems else "")
     elif value_problems:
         hint = "the weights compute something else than the HF model: see the value problems for the tensors that differ"
     else:

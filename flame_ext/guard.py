@@ -343,7 +343,7 @@ class InitialLoadGuard:
             raise GuardConfigError(f"reference rows of {ids.shape[1]} tokens are too short for a loss in chunks of {multiple}")
         ref = ref[:, :n]
         buckets = loss_by_position(ref, ref)
-        ranges = [(0, n)] + [(b["start"], b["end"]) for b in buckets]
+        ranges = [(0, n), (0, 1)] + [(b["start"], b["end"]) for b in buckets]  # all, the first position, buckets
         with _EvalMode(self.parts):
             sums = probe(ids[:, : n + 1], ranges).to(torch.float64).cpu()
         reference_mean = float(self.reference["loss_mean"]) if n == ids.shape[1] - 1 else ref.mean().item()
@@ -353,8 +353,9 @@ class InitialLoadGuard:
         self.worst_rank_gap = max_over_ranks(own_gap if math.isfinite(own_gap) else math.inf)
         sums = sum_over_ranks(sums)
         means = (sums[:, 0] / sums[:, 1]).tolist()
-        by_position = [{**b, "observed": m} for b, m in zip(buckets, means[1:])]
-        return LossComparison(reference_mean, means[0], self.config.initial_load_max_loss_delta, by_position)
+        by_position = [{**b, "observed": m} for b, m in zip(buckets, means[2:])]
+        first = means[1] - ref[:, 0].mean().item()
+        return LossComparison(reference_mean, means[0], self.config.initial_load_max_loss_delta, by_position, first)
 
     def _log_loss(self, lo: LossComparison) -> None:
         logger.info("step-0 loss %.4f vs HF reference %.4f (delta %+.4f, threshold %g)", lo.observed, lo.reference,
@@ -404,13 +405,13 @@ def _flat_into_nested(requested: RequestedLoad, found: Mapping[str, Any]) -> lis
 
 
 def _loss_gap_problem(lo: LossComparison) -> Problem:
-    from .reference import growing_with_position
+    from .reference import positional_hint
 
     hint = ("the loaded weights do not compute what the HF model computes: run `flame-ext diagnose --checkpoint C "
             "--model HF --values --loss` to find the tensors")
-    if growing_with_position(lo.by_position):
-        hint = ("the gap grows with position: positional encoding is off (RoPE buffers, rope_theta/rope_scaling, "
-                "q/k permutation); " + hint)
+    positional = positional_hint(lo)
+    if positional:
+        hint = positional + "; " + hint
     return Problem("loss_gap", "error", None,
                    f"step-0 loss {lo.observed:.4f} vs HF reference {lo.reference:.4f}: delta {lo.delta:+.4f} exceeds {lo.threshold}",
                    hint)

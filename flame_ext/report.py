@@ -56,6 +56,9 @@ class LossComparison:
     observed: float
     threshold: float
     by_position: list[dict[str, Any]] = field(default_factory=list)
+    # Gap at the first predicted position alone: its token attends only to itself, so positional encoding
+    # and the query/key projections cannot change it (see ``reference.points_to_attention``).
+    first_position_delta: float | None = None
 
     @property
     def delta(self) -> float:
@@ -73,6 +76,7 @@ class LossComparison:
             "delta": self.delta,
             "threshold": self.threshold,
             "by_position": self.by_position,
+            "first_position_delta": self.first_position_delta,
         }
 
 

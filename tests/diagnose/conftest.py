@@ -214,6 +214,26 @@ def _training_state(hf: Path) -> dict:
     }
 
 
+def rotary_interleaved_keys(sd: dict[str, torch.Tensor]) -> list[str]:
+    """The tensors whose output channels are query or key channels: projections, their biases, q/k norms."""
+    return [k for k in sd if any(f"self_attn.{n}." in k for n in ("q_proj", "k_proj", "q_norm", "k_norm"))]
+
+
+def _rotary_interleaved(sd: dict[str, torch.Tensor], head_dim: int) -> dict[str, torch.Tensor]:
+    """Query and key channels reordered from the rotate-half layout (HF: channel i pairs with i + d/2) to the
+    interleaved one (Meta's original: 2i with 2i + 1): a converter that skips or doubles the permutation
+    between the two. q.k is unchanged where the rotation is the identity (distance 0) and wrong from distance
+    1 on, so the first position is exact and every later one is off."""
+    half = head_dim // 2
+    within = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()  # 0, d/2, 1, d/2+1, ...
+    out = dict(sd)
+    for k in rotary_interleaved_keys(sd):
+        heads = sd[k].shape[0] // head_dim
+        order = (torch.arange(heads)[:, None] * head_dim + within).flatten()
+        out[k] = sd[k][order].contiguous()
+    return out
+
+
 # case -> (how to change the healthy state dict, copy the healthy manifest?)
 EDITS: dict[str, tuple[Callable[[dict], dict], bool]] = {
     "dropped_key": (lambda sd: {k: v for k, v in sd.items() if k != DROPPED}, True),
@@ -259,6 +279,10 @@ class Catalogue:
             return save_dcp({**sd, **_training_state(self.hf[arch])}, out)
         if case == "full_titan01":  # torchtitan 0.1: {"model": ..., "optimizer": ...} unflattened
             return save_dcp({"model": sd, **_training_state(self.hf[arch])}, out)
+        if case == "rotary_interleaved":
+            config = json.loads((self.hf[arch] / "config.json").read_text())
+            head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+            return save_dcp(_rotary_interleaved(sd, head_dim), out, healthy)
         if case == "tied_head_dropped":
             return save_dcp({k: v for k, v in sd.items() if k != "lm_head.weight"}, out)
         raise KeyError(case)

@@ -13,7 +13,7 @@ import torch
 from flame_ext.dcp import read_dcp_metadata
 from flame_ext.hf import open_hf, read_tensor
 
-from .conftest import ARCHS, DROPPED, NAN_KEY, SWAP, TRANSPOSED, ZEROED_MLP, kinds, problems_of
+from .conftest import ARCHS, DROPPED, NAN_KEY, SWAP, TRANSPOSED, ZEROED_MLP, kinds, load_all, problems_of, rotary_interleaved_keys
 
 RIGHT_SHAPE_WRONG = ("swapped_layers", "transposed", "zeroed_mlp", "nan")
 
@@ -79,6 +79,7 @@ def test_right_shaped_wrong_tensors_are_caught_by_values_and_loss(arch, case, ca
     gap = problems_of(r, "loss_gap")
     assert len(gap) == 1 and gap[0]["severity"] == "error"
     assert not (abs(r["loss"]["delta"]) <= 0.1)  # NaN or a real gap
+    assert "positional encoding" not in gap[0]["hint"], "these faults change the first position too"
     flagged = {p["key"] for p in r["problems"] if p["kind"] in ("value_mismatch", "nonfinite")}
     if case == "swapped_layers":
         a, b = SWAP
@@ -179,3 +180,20 @@ def test_full_training_checkpoint_model_part_is_compared(arch, generation, catal
     assert nested_note == (generation == "full_titan01")
     assert r["counts"]["hf_params"] == r["counts"]["dcp_params"]
     assert abs(r["loss"]["delta"]) < 1e-3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rotary_layout_mixup_gets_the_positional_hint(arch, catalogue, hf_models, diagnose_json):
+    """q/k channels in the interleaved rotary layout: every shape and key right, the loss wrong everywhere but
+    at the first position, and the hint names positional encoding; --values names the permuted tensors."""
+    ckpt, model = catalogue(arch, "rotary_interleaved"), hf_models[arch]
+    code, r = diagnose_json("--checkpoint", ckpt, "--model", model, "--values", "--loss")
+    assert code == 1 and not r["ok"]
+    gap = problems_of(r, "loss_gap")
+    gap = problems_of(r, "loss_gap")
+    assert len(gap) == 1 and "positional encoding" in gap[0]["hint"], r["loss"]
+    # The first position is exact (its token attends only to itself); the gap is all in the later ones.
+    assert abs(r["loss"]["first_position_delta"]) < 1e-3 < 0.1 < r["loss"]["delta"], r["loss"]
+    flagged = {p["key"] for p in problems_of(r, "value_mismatch")}
+    assert flagged == set(rotary_interleaved_keys(load_all(catalogue(arch))))
+

@@ -32,7 +32,8 @@ def test_json_contract(catalogue, hf_models, diagnose_json):
     _, r = diagnose_json("--checkpoint", catalogue("olmo2", "nan"), "--model", hf_models["olmo2"], "--values", "--loss")
     assert set(r) >= {"ok", "problems", "counts", "loss"} and r["ok"] is False
     assert set(r["counts"]) == {"hf_params", "dcp_params", "missing", "unexpected", "shape", "dtype"}
-    assert set(r["loss"]) == {"reference", "observed", "delta", "threshold", "by_position"}
+    # The contract's loss fields, and first_position_delta (an addition: what the positional hint reads).
+    assert set(r["loss"]) == {"reference", "observed", "delta", "threshold", "by_position", "first_position_delta"}
     for p in r["problems"]:
         assert set(p) == {"kind", "severity", "key", "detail", "hint"} and p["kind"] in KINDS
         assert p["severity"] in ("error", "warning") and p["hint"]

@@ -86,6 +86,10 @@ def test_uninitialised_rope_aborts_when_repair_is_off(healthy, tiny_model, tmp_p
     assert "model.rotary_emb.inv_freq" in {p.key for p in info.value.report.errors}
     assert info.value.report.loss.delta > 0.1
     assert "initial_load_repair_buffers" in str(info.value)
+    # RoPE cannot change the first position (it attends only to itself): exact there, and the hint says so.
+    assert abs(info.value.report.loss.first_position_delta) < 1e-3
+    gap = next(p for p in info.value.report.errors if p.kind == "loss_gap")
+    assert "positional encoding" in gap.hint
 
 
 def test_uninitialised_rope_passes_after_repair(healthy, tiny_model, tmp_path, caplog):
@@ -124,6 +128,7 @@ def test_swapped_layers_abort_on_the_loss_gate(swapped, tiny_model, tmp_path):
     assert [p.kind for p in report.errors] == ["loss_gap"]
     assert report.counts["missing"] == report.counts["unexpected"] == report.counts["shape"] == 0
     assert abs(report.loss.delta) > 0.1
+    assert "positional encoding" not in report.errors[0].hint  # whole layers: the first position is off too
 
 
 def test_resume_skips_the_guard(healthy, tiny_model, tmp_path, caplog):
