@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWrite
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.futures import Future
 
-from .errors import CheckpointFormatError, FlameExtError, InputError
+from .errors import CheckpointFormatError, FlameExtError, InputError, first_line, refused_global
 from .hf import TensorSpec, dtype_name
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "save_streaming",
     "read_dcp_metadata",
     "load_tensor",
+    "load_state",
     "DCPRowReader",
     "data_file_extents",
     "row_blocks",
@@ -363,11 +364,11 @@ class _VettedReader(dcp.FileSystemReader):
     def __init__(self, folder: Path) -> None:
         super().__init__(str(folder))
         self._metadata: Metadata | None = None
-        self._folder = folder
+        self.folder = folder
 
     def read_metadata(self, *args, **kwargs) -> Metadata:  # type: ignore[override]
         if self._metadata is None:
-            self._metadata = _unpickle_metadata(self._folder)
+            self._metadata = _unpickle_metadata(self.folder)
             if getattr(self._metadata, "storage_meta", None) is None:  # as torch's reader does
                 self._metadata.storage_meta = StorageMeta()
             self._metadata.storage_meta.load_id = self.load_id
@@ -410,18 +411,28 @@ class DCPRowReader:
             raise CheckpointFormatError(f"{self.folder}: cannot read {key} (no such tensor in the checkpoint)")
         shape = (end - start, *spec.shape[1:]) if spec.shape else ()
         buffer = torch.empty(shape, dtype=getattr(torch, spec.dtype))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            try:
-                dcp.load({key: buffer}, storage_reader=self._reader, planner=_RowsPlanner(key, start), no_dist=True)
-            except CheckpointException as exc:
-                raise _read_error(self.folder, key, exc) from exc
+        _load(self._reader, {key: buffer}, _RowsPlanner(key, start), key)
         return buffer
 
     def blocks(self, key: str, spec: TensorSpec, buffer_bytes: int) -> Iterator[torch.Tensor]:
         """The whole tensor as consecutive blocks of rows, each at most ``buffer_bytes``."""
         for start, end in row_blocks(spec, buffer_bytes):
             yield self.rows(key, spec, start, end)
+
+
+def _load(reader: _VettedReader, state: dict[str, torch.Tensor], planner: DefaultLoadPlanner, what: str) -> None:
+    """One ``dcp.load`` without a process group; a failure becomes one error naming ``what`` was read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            dcp.load(state, storage_reader=reader, planner=planner, no_dist=True)
+        except CheckpointException as exc:
+            raise _read_error(reader.folder, what, exc) from exc
+
+
+def load_state(folder: str | Path, state: dict[str, torch.Tensor]) -> None:
+    """Fill every tensor of ``state`` (flat checkpoint keys) from the checkpoint, strictly: each must be there."""
+    _load(_VettedReader(Path(folder)), state, DefaultLoadPlanner(allow_partial_load=False), f"{len(state)} tensors")
 
 
 def _read_error(folder: Path, key: str, exc: CheckpointException) -> BaseException:
@@ -431,20 +442,13 @@ def _read_error(folder: Path, key: str, exc: CheckpointException) -> BaseExcepti
     failures = [f[0] if isinstance(f, tuple) else f for f in exc.failures.values()]
     # torch reads records weights_only: a record naming a Python global is refused (it could run code);
     # any other failure is bytes that are not a record at all.
-    if any(isinstance(f, pickle.UnpicklingError) and "Unsupported global" in str(f) for f in failures):
+    if any(isinstance(f, pickle.UnpicklingError) and refused_global(f) for f in failures):
         return CheckpointFormatError(
             f"{folder}: refused to read {key}: its record in the data files pickles Python objects other than "
             "tensors, and loading them could run code; the checkpoint is corrupt or was tampered with"
         )
-    first = next((f"{type(f).__name__}: {_first_line(f)}" for f in failures if str(f).strip()), "unknown error")
+    first = next((f"{type(f).__name__}: {first_line(f)}" for f in failures if str(f).strip()), "unknown error")
     return CheckpointFormatError(f"{folder}: cannot read {key} ({first}); the checkpoint's data files are damaged")
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    # torch's weights-only message puts the cause after a paragraph about defaults
-    cause = next((line for line in lines if "WeightsUnpickler error" in line or line.startswith("Unsupported")), lines[0])
-    return cause[:200]
 
 
 def load_tensor(folder: str | Path, key: str, spec: TensorSpec) -> torch.Tensor:

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from .buffers import check_buffers
-from .errors import CheckpointFormatError, InputError
+from .dcp import load_state
+from .errors import InputError
 from .hf import HFCheckpoint, TensorSpec, build_meta_model
 from .reference import compare_loss, per_token_loss, positional_hint
 from .report import LossComparison, Problem
@@ -100,15 +97,7 @@ def load_into(model: "nn.Module", folder: str | Path, found: dict[str, TensorSpe
             not_loaded.append(key)
             continue
         wanted[ckpt_key] = tensor  # type: ignore[index]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        try:
-            dcp.load(wanted, checkpoint_id=str(folder), planner=DefaultLoadPlanner(allow_partial_load=False), no_dist=True)
-        except CheckpointException as exc:
-            lines = str(exc).strip().splitlines()
-            raise CheckpointFormatError(
-                f"{folder}: torch.distributed.checkpoint cannot load it ({lines[-1][:200] if lines else 'unknown error'})"
-            ) from exc
+    load_state(folder, wanted)
     return not_loaded
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import CheckpointFormatError, InputError
+from .errors import CheckpointFormatError, InputError, first_line, refused_global
 
 if TYPE_CHECKING:
     from torch import nn
@@ -247,28 +246,17 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
             sd = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointFormatError(
-            f"{file}: refused: it pickles Python objects other than tensors ({_unpickler_reason(exc)}), and loading "
+            f"{file}: refused: it pickles Python objects other than tensors ({refused_global(exc) or first_line(exc)}), and loading "
             "them could run code; .bin weights are read only with weights_only=True. "
             "Use the model's safetensors files, or convert this one with a tool you trust"
         ) from exc
     except Exception as exc:  # RuntimeError for corrupt zips, legacy formats, ...
         raise CheckpointFormatError(
-            f"{file}: unreadable with weights_only=True ({_first_line(exc)}); re-download it or use safetensors files"
+            f"{file}: unreadable with weights_only=True ({first_line(exc)}); re-download it or use safetensors files"
         ) from exc
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointFormatError(f"{file}: not a state dict of tensors")
     return sd
-
-
-def _first_line(exc: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch colours parts of its messages
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
-def _unpickler_reason(exc: BaseException) -> str:
-    """torch's sentence naming the refused global ("Unsupported global: GLOBAL os.system ..."), if any."""
-    match = re.search(r"Unsupported global: GLOBAL [\w.]+", str(exc))
-    return match.group(0) if match else _first_line(exc)
 
 
 def open_hf(model: str | os.PathLike | None = None) -> HFCheckpoint:

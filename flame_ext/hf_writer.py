@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .hf import TensorSpec
+from .hf import TensorSpec, dtype_name
 
 __all__ = ["write_safetensors", "shard_plan", "ST_DTYPE_CODES"]
 
@@ -69,7 +69,7 @@ def write_safetensors(
         for key, spec in specs.items():
             rows = 0
             for block in read(key):
-                if tuple(block.shape[1:]) != spec.shape[1:] or str(block.dtype) != f"torch.{spec.dtype}":
+                if tuple(block.shape[1:]) != spec.shape[1:] or dtype_name(block.dtype) != spec.dtype:
                     raise ValueError(f"{key}: got a block {tuple(block.shape)} {block.dtype}, planned {spec.shape} {spec.dtype}")
                 rows += block.shape[0] if spec.shape else 1
                 data = block.contiguous().view(-1).view(torch.uint8).numpy() if block.numel() else b""
