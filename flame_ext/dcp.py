@@ -9,10 +9,12 @@ the file alive until it is closed, i.e. the whole checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pickle
 import queue
+import signal
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -183,9 +185,10 @@ class _Writer(dcp.FileSystemWriter):
         # (the process then aborts with "terminate called without an active exception").
         started: list[threading.Event] = []
         try:
-            for done in finished:
-                threading.Thread(target=work, args=(done,), name=f"flame-ext-write-{len(started)}", daemon=True).start()
-                started.append(done)
+            with _ctrl_c_held():
+                for done in finished:
+                    threading.Thread(target=work, args=(done,), name=f"flame-ext-write-{len(started)}", daemon=True).start()
+                    started.append(done)
             for done in finished:
                 while not done.wait(0.1):  # a timed wait keeps Ctrl-C deliverable
                     pass
@@ -202,6 +205,31 @@ class _Writer(dcp.FileSystemWriter):
         fut: Future = Future()
         fut.set_result(out)
         return fut
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Hold Ctrl-C back until the block ends, then deliver it.
+
+    A Ctrl-C raised inside ``Thread.start`` would leave a thread running that nobody waits for: the
+    worker was launched but never recorded. Blocking SIGINT in this thread is not enough: the kernel
+    hands the signal to any thread that does not block it (torch's and BLAS's pools), and Python then
+    raises it here all the same. So the Python-level handler is swapped for one that only takes note.
+    Only the main thread receives ``KeyboardInterrupt``; elsewhere there is nothing to hold.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if noted and callable(previous):
+            previous(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt here
+        elif noted and previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
 
 
 def _wait_all(events: list[threading.Event]) -> None:

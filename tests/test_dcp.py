@@ -13,6 +13,7 @@ only with ``exclude_from_loading`` naming all of them.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import threading
@@ -110,13 +111,24 @@ def test_every_block_lands_whatever_the_number_of_writer_threads(threads, tmp_pa
         assert torch.equal(load_tensor(tmp_path, key, TensorSpec((40, 6), "float32")), value), key
 
 
+def _writers_left(grace: float = 0.05) -> list[threading.Thread]:
+    """Writer threads still alive ``grace`` seconds on: a stopped writer needs microseconds to leave after
+    signalling that it is done; one still in a block (0.3 s or more in these tests) is still there."""
+    deadline = time.monotonic() + grace
+    while True:
+        left = [t for t in threading.enumerate() if t.name.startswith("flame-ext-write")]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.005)
+
+
 def test_a_failing_writer_thread_stops_the_others_and_its_error_is_raised(tmp_path):
     g = torch.Generator().manual_seed(0)
     values = {f"t{i}": torch.randn(40, 6, generator=g) for i in range(6)}
     with pytest.raises(OSError, match="Input/output error"):
         save_streaming(tmp_path, _entries(values, fail="t2"), buffer_bytes=1200, threads=2)
     assert not (tmp_path / ".metadata").exists()
-    assert not [t for t in threading.enumerate() if t.name.startswith("flame-ext-write")], "writer threads left running"
+    assert not _writers_left(), "writer threads left running"
 
 
 def test_ctrl_c_returns_only_after_every_writer_thread_has_stopped(tmp_path):
@@ -142,7 +154,39 @@ def test_ctrl_c_returns_only_after_every_writer_thread_has_stopped(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         save_streaming(tmp_path, entries, buffer_bytes=1200, threads=2)
     assert first_read.is_set()
-    assert not [t for t in threading.enumerate() if t.name.startswith("flame-ext-write")], "writer threads left running"
+    assert not _writers_left(), "writer threads left running"
+
+
+def test_ctrl_c_while_writers_start_still_waits_for_every_started_writer(tmp_path, monkeypatch):
+    """A Ctrl-C that lands inside ``Thread.start`` (the new writer already running, not yet recorded) must
+    not leave that writer behind. On a loaded machine the first writer holds the GIL while the second is
+    started, so the signal that follows the first data file often lands there. Here the signal is raised
+    in the starting thread right after each start, while the started writer is held in its first read."""
+    g = torch.Generator().manual_seed(0)
+    values = {f"t{i}": torch.randn(40, 6, generator=g) for i in range(6)}
+    reads = threading.Semaphore(0)
+
+    def slow_reader(value: torch.Tensor):
+        def read(start: int, end: int) -> torch.Tensor:
+            reads.release()
+            time.sleep(0.3)
+            return value[start:end].clone()
+
+        return read
+
+    class InterruptedAfterStart(threading.Thread):
+        def start(self) -> None:
+            super().start()
+            assert reads.acquire(timeout=10), "the writer never read"
+            os.kill(os.getpid(), signal.SIGINT)  # as from a terminal: any thread may take it, Python raises it here
+            time.sleep(0.01)  # where an unheld Ctrl-C is raised: inside start, before it returns
+
+    monkeypatch.setattr(threading, "Thread", InterruptedAfterStart)
+    entries = [WriteEntry(k, TensorSpec((40, 6), "float32"), slow_reader(v)) for k, v in values.items()]
+    with pytest.raises(KeyboardInterrupt):
+        save_streaming(tmp_path, entries, buffer_bytes=1200, threads=2)
+    monkeypatch.undo()
+    assert not _writers_left(), "writer threads left running"
 
 
 # ---------------------------------------------------------------- torchtitan 0.1.0's real CheckpointManager
