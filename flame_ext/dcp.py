@@ -215,9 +215,10 @@ def _ctrl_c_held() -> Iterator[None]:
     worker was launched but never recorded. Blocking SIGINT in this thread is not enough: the kernel
     hands the signal to any thread that does not block it (torch's and BLAS's pools), and Python then
     raises it here all the same. So the Python-level handler is swapped for one that only takes note.
-    Only the main thread receives ``KeyboardInterrupt``; elsewhere there is nothing to hold.
+    Only the main thread receives ``KeyboardInterrupt``; elsewhere there is nothing to hold. A handler
+    installed outside Python (``getsignal`` gives None) could not be put back, so it is left alone.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
         yield
         return
     noted: list[int] = []

@@ -160,8 +160,8 @@ def test_ctrl_c_returns_only_after_every_writer_thread_has_stopped(tmp_path):
 def test_ctrl_c_while_writers_start_still_waits_for_every_started_writer(tmp_path, monkeypatch):
     """A Ctrl-C that lands inside ``Thread.start`` (the new writer already running, not yet recorded) must
     not leave that writer behind. On a loaded machine the first writer holds the GIL while the second is
-    started, so the signal that follows the first data file often lands there. Here the signal is raised
-    in the starting thread right after each start, while the started writer is held in its first read."""
+    started, so the signal that follows the first data file often lands there. Here SIGINT is sent to the
+    process right after each start, while the started writer is held in its first read."""
     g = torch.Generator().manual_seed(0)
     values = {f"t{i}": torch.randn(40, 6, generator=g) for i in range(6)}
     reads = threading.Semaphore(0)
