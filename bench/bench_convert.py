@@ -60,7 +60,9 @@ DCP.save({"model": state_dict}, storage_writer=storage_writer)
 """
 
 
-USERSPACE_COPY = 'mkdir "$1" && for f in "$0"/*; do dd if="$f" of="$1/${f##*/}" bs=16M status=none || exit 1; done && sync'
+USERSPACE_COPY = (
+    'mkdir "$1" && for f in "$0"/*; do dd if="$f" of="$1/${f##*/}" bs=16M status=none || exit 1; done && sync'
+)
 
 
 @dataclass
@@ -79,9 +81,19 @@ def olmo2_config(size_gb: float) -> dict:
     layers = max(1, round((size_gb * 1e9 / 2 - fixed) / per_layer))
     from transformers import Olmo2Config
 
-    cfg = Olmo2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers,
-                      num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=4096,
-                      pad_token_id=1, eos_token_id=VOCAB - 1, bos_token_id=None, tie_word_embeddings=False)
+    cfg = Olmo2Config(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=4096,
+        pad_token_id=1,
+        eos_token_id=VOCAB - 1,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     cfg.architectures = ["Olmo2ForCausalLM"]
     out = cfg.to_dict()
     out["dtype" if "dtype" in out else "torch_dtype"] = "bfloat16"
@@ -162,7 +174,7 @@ def verify_sample(source: Path, checkpoint: Path, n: int = 8) -> int:
     import torch
     from safetensors import safe_open
 
-    from flame_ext.dcp import load_tensor, read_dcp_metadata
+    from flame_ext.io.dcp import load_tensor, read_dcp_metadata
 
     weight_map = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
     found = read_dcp_metadata(checkpoint)
@@ -197,11 +209,15 @@ def contenders(src: Path, dcp_dir: Path, out: Path) -> list[tuple[str, list[str]
         # cp may copy inside the kernel (copy_file_range); dd moves the bytes through a process, as any
         # converter that looks at them must.
         ("copy via user space (dd bs=16M) + sync", ["sh", "-c", USERSPACE_COPY, str(src), str(out)]),
-        ("flame-ext convert", [py, "-m", "flame_ext.cli", "convert", "--model", str(src), "--checkpoint", str(out),
-                               "--no-reference"]),
+        (
+            "flame-ext convert",
+            [py, "-m", "flame_ext.cli", "convert", "--model", str(src), "--checkpoint", str(out), "--no-reference"],
+        ),
         ("stock (from_pretrained + dcp.save)", [py, "-c", STOCK, str(src), str(out)]),
-        ("flame-ext to-hf (DCP -> HF)", [py, "-m", "flame_ext.cli", "to-hf", "--checkpoint", str(dcp_dir), "--config", str(src),
-                                         "--out", str(out)]),
+        (
+            "flame-ext to-hf (DCP -> HF)",
+            [py, "-m", "flame_ext.cli", "to-hf", "--checkpoint", str(dcp_dir), "--config", str(src), "--out", str(out)],
+        ),
         ("import torch, transformers", [py, "-c", "import torch, transformers"]),
     ]
 
@@ -212,11 +228,27 @@ def run_size(size_gb: float, work: Path, repeat: int, caches: list[str]) -> None
     t0 = time.perf_counter()
     total = int(_helper("--generate-into", str(src), "--size-gb", str(size_gb)))
     shards = len(list(src.glob("*.safetensors")))
-    print(f"\n== {total / 1e9:.2f} GB checkpoint, {shards} shards (generated in {time.perf_counter() - t0:.0f} s) ==", flush=True)
+    print(
+        f"\n== {total / 1e9:.2f} GB checkpoint, {shards} shards (generated in {time.perf_counter() - t0:.0f} s) ==",
+        flush=True,
+    )
     dcp_dir = work / f"dcp-{size_gb:g}gb"  # the input of the to-hf contender, made once, untimed
     if not dcp_dir.exists():
-        subprocess.run([sys.executable, "-m", "flame_ext.cli", "convert", "--model", str(src), "--checkpoint", str(dcp_dir),
-                        "--no-reference"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "flame_ext.cli",
+                "convert",
+                "--model",
+                str(src),
+                "--checkpoint",
+                str(dcp_dir),
+                "--no-reference",
+            ],
+            check=True,
+            capture_output=True,
+        )
     for cache in caches:
         print(f"-- page cache {cache} --", flush=True)
         run_contenders(src, dcp_dir, work / f"out-{size_gb:g}gb", total, repeat, cold=cache == "cold")
@@ -246,13 +278,17 @@ def median(rs: list[Result]) -> Result:
 
 def print_table(results: list[Result], total: int, runs: dict[str, list[Result]]) -> None:
     copy, durable = results[0].wall, results[1].wall  # cp -r; cp -r + sync
-    print(f"{'(median of ' + str(len(runs[results[0].name])) + ')':38} {'wall s':>7} {'x cp':>6} {'x cp+sync':>9} "
-          f"{'CPU s':>6} {'peak RSS MB':>12} {'RSS % ckpt':>11}   all walls")
+    print(
+        f"{'(median of ' + str(len(runs[results[0].name])) + ')':38} {'wall s':>7} {'x cp':>6} {'x cp+sync':>9} "
+        f"{'CPU s':>6} {'peak RSS MB':>12} {'RSS % ckpt':>11}   all walls"
+    )
     for r in results:
         flag = "" if r.rc == 0 else f"  (exit {r.rc})"
         walls = " ".join(f"{x.wall:.1f}" for x in runs[r.name])
-        print(f"{r.name:38} {r.wall:7.1f} {r.wall / copy:6.2f} {r.wall / durable:9.2f} {r.cpu:6.1f} {r.rss_mb:12,.0f} "
-              f"{100 * r.rss_mb * 2**20 / total:10.1f}%   {walls}{flag}")
+        print(
+            f"{r.name:38} {r.wall:7.1f} {r.wall / copy:6.2f} {r.wall / durable:9.2f} {r.cpu:6.1f} {r.rss_mb:12,.0f} "
+            f"{100 * r.rss_mb * 2**20 / total:10.1f}%   {walls}{flag}"
+        )
 
 
 def main() -> int:
@@ -260,9 +296,15 @@ def main() -> int:
     p.add_argument("--size-gb", type=float, nargs="+", default=[4.0], help="checkpoint size(s) in GB (default 4)")
     p.add_argument("--workdir", help="folder for the generated files (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the generated checkpoint(s)")
-    p.add_argument("--repeat", type=int, default=3, help="runs of each contender, round robin; medians shown (default 3)")
-    p.add_argument("--cache", choices=["warm", "cold", "both"], default="both",
-                   help="page-cache state(s) to measure (default both; cold needs root, else it is skipped with a note)")
+    p.add_argument(
+        "--repeat", type=int, default=3, help="runs of each contender, round robin; medians shown (default 3)"
+    )
+    p.add_argument(
+        "--cache",
+        choices=["warm", "cold", "both"],
+        default="both",
+        help="page-cache state(s) to measure (default both; cold needs root, else it is skipped with a note)",
+    )
     p.add_argument("--generate-into", help=argparse.SUPPRESS)  # internal: the child that writes the checkpoint
     p.add_argument("--verify", nargs=2, help=argparse.SUPPRESS)  # internal: the child that checks the output
     args = p.parse_args()

@@ -32,12 +32,28 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.storage import WriteResult
 
 OLMO2_7B = {
-    "architectures": ["Olmo2ForCausalLM"], "model_type": "olmo2", "vocab_size": 100352, "hidden_size": 4096,
-    "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-    "max_position_embeddings": 4096, "rms_norm_eps": 1e-06, "rope_theta": 500000, "rope_scaling": None,
-    "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": False,
-    "bos_token_id": None, "eos_token_id": 100257, "pad_token_id": 100277, "torch_dtype": "float32",
-    "initializer_range": 0.02, "use_cache": True,
+    "architectures": ["Olmo2ForCausalLM"],
+    "model_type": "olmo2",
+    "vocab_size": 100352,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 500000,
+    "rope_scaling": None,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": None,
+    "eos_token_id": 100257,
+    "pad_token_id": 100277,
+    "torch_dtype": "float32",
+    "initializer_range": 0.02,
+    "use_cache": True,
 }
 _ST = {torch.float32: "F32", torch.bfloat16: "BF16"}
 
@@ -52,7 +68,7 @@ def write_sparse_hf(folder: Path, state: dict[str, torch.Tensor], shards: int = 
     for i in range(shards):
         name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
         header, offset = {}, 0
-        for k in keys[i * per:(i + 1) * per]:
+        for k in keys[i * per : (i + 1) * per]:
             t = state[k]
             n = t.numel() * t.element_size()
             header[k] = {"dtype": _ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
@@ -77,25 +93,38 @@ class _NoDataWriter(dcp.FileSystemWriter):
             length = torch.Size(size).numel() * item.tensor_data.properties.dtype.itemsize
             with open(Path(self.path) / name, "wb") as f:
                 f.truncate(length)
-            results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(name, 0, length)))
+            results.append(
+                WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(name, 0, length))
+            )
         fut: torch.futures.Future = torch.futures.Future()
         fut.set_result(results)
         return fut
 
 
 def write_sparse_dcp(folder: Path, state: dict[str, torch.Tensor], config: dict) -> None:
-    from flame_ext.manifest import FORMAT_VERSION, config_hash, write_manifest
+    from flame_ext.io.manifest import FORMAT_VERSION, config_hash, write_manifest
 
     folder.mkdir(parents=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(state, storage_writer=_NoDataWriter(str(folder), single_file_per_rank=False), no_dist=True)
-    tensors = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."), "numel": v.numel()} for k, v in state.items()}
-    write_manifest(folder, {
-        "format_version": FORMAT_VERSION, "kind": "checkpoint", "tool_version": "bench",
-        "source": {"model": "bench", "model_type": config["model_type"], "config_sha256": config_hash(config)},
-        "tensors": tensors, "total_parameters": sum(v["numel"] for v in tensors.values()), "fresh_keys": [], "reference": None,
-    })
+    tensors = {
+        k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."), "numel": v.numel()}
+        for k, v in state.items()
+    }
+    write_manifest(
+        folder,
+        {
+            "format_version": FORMAT_VERSION,
+            "kind": "checkpoint",
+            "tool_version": "bench",
+            "source": {"model": "bench", "model_type": config["model_type"], "config_sha256": config_hash(config)},
+            "tensors": tensors,
+            "total_parameters": sum(v["numel"] for v in tensors.values()),
+            "fresh_keys": [],
+            "reference": None,
+        },
+    )
 
 
 def main() -> None:
@@ -106,15 +135,22 @@ def main() -> None:
 
     import transformers  # noqa: F401  (imported before any timing: the target excludes it)
 
-    from flame_ext.diagnose import DiagnoseOptions, _Context, check_data_files, diagnose, manifest_problems, metadata_pass
-    from flame_ext.dcp import read_dcp_metadata
-    from flame_ext.hf import build_meta_model, expected_tensors, open_hf, tied_aliases
-    from flame_ext.manifest import read_manifest
+    from flame_ext.commands.diagnose import (
+        DiagnoseOptions,
+        _Context,
+        check_data_files,
+        diagnose,
+        manifest_problems,
+        metadata_pass,
+    )
+    from flame_ext.io.dcp import read_dcp_metadata
+    from flame_ext.io.hf import build_meta_model, expected_tensors, open_hf, tied_aliases
+    from flame_ext.io.manifest import read_manifest
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-diagnose-"))
     hf_dir, dcp_dir = work / "olmo2-7b-hf", work / "olmo2-7b-dcp"
     if not hf_dir.exists():
-        from flame_ext.hf import HFCheckpoint
+        from flame_ext.io.hf import HFCheckpoint
 
         stub = HFCheckpoint("bench", work, None, OLMO2_7B, {}, "safetensors")
         work.mkdir(parents=True, exist_ok=True)
@@ -150,10 +186,14 @@ def main() -> None:
 
     n_params = sum(s.numel for s in expected.values())
     print(f"7B-sized pair: {len(found)} keys, {n_params / 1e9:.2f} B parameters (sparse files under {work})")
-    print(f"metadata pass (no tensor data): median {statistics.median(runs) * 1000:.0f} ms, "
-          f"min {min(runs) * 1000:.0f} ms over {len(runs)} runs")
-    print(f"meta model build (excluded from the target): {meta_build * 1000:.0f} ms; "
-          f"whole `diagnose` call without --values/--loss: {whole[0] * 1000:.0f} ms first, {whole[1] * 1000:.0f} ms again")
+    print(
+        f"metadata pass (no tensor data): median {statistics.median(runs) * 1000:.0f} ms, "
+        f"min {min(runs) * 1000:.0f} ms over {len(runs)} runs"
+    )
+    print(
+        f"meta model build (excluded from the target): {meta_build * 1000:.0f} ms; "
+        f"whole `diagnose` call without --values/--loss: {whole[0] * 1000:.0f} ms first, {whole[1] * 1000:.0f} ms again"
+    )
 
 
 if __name__ == "__main__":

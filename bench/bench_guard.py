@@ -26,9 +26,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "titan"))
 
 # allenai/OLMo-2-1124-7B config.json
-OLMO2_7B = dict(vocab_size=100352, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-6,
-                rope_theta=500000, tie_word_embeddings=False, pad_token_id=100277, eos_token_id=100257, bos_token_id=None)
+OLMO2_7B = dict(
+    vocab_size=100352,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    rope_theta=500000,
+    tie_word_embeddings=False,
+    pad_token_id=100277,
+    eos_token_id=100257,
+    bos_token_id=None,
+)
 
 
 def timed(fn, repeat: int = 5) -> tuple[float, object]:
@@ -51,9 +63,12 @@ def write_metadata(folder: Path, state_dict: dict[str, torch.Tensor]) -> None:
         TensorStorageMetadata,
     )
 
-    md = {k: TensorStorageMetadata(TensorProperties(dtype=v.dtype), v.shape,
-                                   [ChunkStorageMetadata(torch.Size([0] * v.dim()), v.shape)])
-          for k, v in state_dict.items()}
+    md = {
+        k: TensorStorageMetadata(
+            TensorProperties(dtype=v.dtype), v.shape, [ChunkStorageMetadata(torch.Size([0] * v.dim()), v.shape)]
+        )
+        for k, v in state_dict.items()
+    }
     with open(folder / ".metadata", "wb") as f:
         pickle.dump(Metadata(state_dict_metadata=md, storage_data={}, storage_meta=StorageMeta()), f)
 
@@ -61,9 +76,10 @@ def write_metadata(folder: Path, state_dict: dict[str, torch.Tensor]) -> None:
 def bench_parity_7b() -> None:
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
-    from flame_ext.dcp import read_dcp_metadata
-    from flame_ext.guard import GuardConfig, InitialLoadGuard, split_request
-    from flame_ext.parity import compare_specs
+    from flame_ext.checks.keys import compare_specs
+    from flame_ext.guard.initial_load import InitialLoadGuard, split_request
+    from flame_ext.guard.options import GuardConfig
+    from flame_ext.io.dcp import read_dcp_metadata
 
     t0 = time.perf_counter()
     with torch.device("meta"):
@@ -91,17 +107,19 @@ def bench_parity_7b() -> None:
     print(f"  read .metadata           {t_read * 1e3:8.1f} ms")
     print(f"  request from state dict  {t_request * 1e3:8.1f} ms")
     print(f"  compare_specs            {t_compare * 1e3:8.1f} ms")
-    print(f"  whole pre-load check     {t_total * 1e3:8.1f} ms   (model build on meta, not part of it: {build * 1e3:.0f} ms)")
+    print(
+        f"  whole pre-load check     {t_total * 1e3:8.1f} ms   (model build on meta, not part of it: {build * 1e3:.0f} ms)"
+    )
 
 
 def bench_loss_tiny() -> None:
     from transformers import AutoModelForCausalLM
 
-    from flame_ext.buffers import check_buffers
-    from flame_ext.convert import ConvertOptions, convert_hf_to_dcp
-    from flame_ext.guard import hf_loss_probe
-    from flame_ext.hf import DEFAULT_MODEL
-    from flame_ext.manifest import read_reference
+    from flame_ext.checks.buffers import check_buffers
+    from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
+    from flame_ext.guard.initial_load import hf_loss_probe
+    from flame_ext.io.hf import DEFAULT_MODEL
+    from flame_ext.io.manifest import read_reference
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "step-0"
@@ -119,8 +137,10 @@ def bench_loss_tiny() -> None:
                 probed.append(timed(lambda: probe(ids, ranges), repeat=1)[0])
         t_plain, t_probe = min(plain), min(probed)
         t_buffers, _ = timed(lambda: check_buffers(model, repair=False))
-        print(f"loss pass, embedded tiny model ({sum(p.numel() for p in model.parameters()):,} parameters, "
-              f"reference batch {tuple(ids.shape)}):")
+        print(
+            f"loss pass, embedded tiny model ({sum(p.numel() for p in model.parameters()):,} parameters, "
+            f"reference batch {tuple(ids.shape)}):"
+        )
         print(f"  plain forward            {t_plain * 1e3:8.1f} ms")
         print(f"  guard's loss probe       {t_probe * 1e3:8.1f} ms   (forward + per-token loss + position buckets)")
         print(f"  buffer check             {t_buffers * 1e3:8.1f} ms")
@@ -131,7 +151,7 @@ def bench_manager_load(ckpt: Path, tmp: Path) -> None:
     from _hosts import build_manager, titan_generation
     from _models import hf_like_trainer
 
-    from flame_ext.hf import DEFAULT_MODEL
+    from flame_ext.io.hf import DEFAULT_MODEL
 
     if titan_generation() not in ("0.1", "0.3"):
         print("(torchtitan 0.1/0.3 not installed: manager load not measured)")
@@ -141,7 +161,9 @@ def bench_manager_load(ckpt: Path, tmp: Path) -> None:
 
     def load(guarded: bool) -> None:
         fields = {"validate_initial_load": True} if guarded else {}
-        manager = build_manager(hf_like_trainer(DEFAULT_MODEL), tmp / f"run{next(runs)}", initial_load_path=str(ckpt), **fields)
+        manager = build_manager(
+            hf_like_trainer(DEFAULT_MODEL), tmp / f"run{next(runs)}", initial_load_path=str(ckpt), **fields
+        )
         t0 = time.perf_counter()
         manager.load()
         load.seconds.append(time.perf_counter() - t0)
@@ -152,8 +174,10 @@ def bench_manager_load(ckpt: Path, tmp: Path) -> None:
         for _ in range(5):
             load(guarded)
         label = "guarded" if guarded else "plain  "
-        print(f"  {label} initial load via torchtitan {titan_generation()} CheckpointManager: "
-              f"{min(load.seconds) * 1e3:8.1f} ms (best of 5)")
+        print(
+            f"  {label} initial load via torchtitan {titan_generation()} CheckpointManager: "
+            f"{min(load.seconds) * 1e3:8.1f} ms (best of 5)"
+        )
     logging.disable(logging.NOTSET)
 
 

@@ -12,8 +12,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from .errors import FlameExtError
+from flame_ext import __version__
+from flame_ext.errors import run_guarded
 
 EPILOG = """examples:
   flame-ext convert --model allenai/OLMo-2-1124-7B --checkpoint exp/olmo2/checkpoint/step-0 --dtype bfloat16
@@ -37,12 +37,16 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="HF model folder or hub id (default: the embedded tiny OLMo2)")
     p.add_argument("--checkpoint", required=True, help="output DCP folder (written atomically)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's own), bfloat16 or float32")
-    p.add_argument("--layout", default="flat", help="flat (torchtitan model-only load, default) or nested (model.-prefixed)")
+    p.add_argument(
+        "--layout", default="flat", help="flat (torchtitan model-only load, default) or nested (model.-prefixed)"
+    )
     p.add_argument("--reference-text", help="text file for the reference batch (default: bundled English prose)")
     p.add_argument("--reference-seq-len", type=int, default=512, help="tokens per reference row (default 512)")
     p.add_argument("--no-reference", action="store_true", help="skip the HF reference loss (no model materialised)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
-    p.add_argument("--include-future-predictor", action="store_true", help="add a freshly initialised future predictor head")
+    p.add_argument(
+        "--include-future-predictor", action="store_true", help="add a freshly initialised future predictor head"
+    )
     p.add_argument("--future-predictor-head-type", default="linear", choices=["linear", "mlp"])
     p.add_argument("--buffer-mb", type=int, default=256, help="memory for tensor data in flight, MiB (default 256)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -50,7 +54,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .convert import ConvertOptions, convert_hf_to_dcp
+    from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 
     opts = ConvertOptions(
         model=args.model,
@@ -71,15 +75,21 @@ def _run_convert(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     ref = (summary.manifest or {}).get("reference")
     if ref:
-        print(f"HF reference loss {ref['loss_mean']:.4f} nats on {len(ref['token_ids'])}x{ref['seq_len']} tokens ({ref['dtype']}, {ref['attn_implementation']})")
+        print(
+            f"HF reference loss {ref['loss_mean']:.4f} nats on {len(ref['token_ids'])}x{ref['seq_len']} tokens ({ref['dtype']}, {ref['attn_implementation']})"
+        )
     print(summary.line())
     return 0
 
 
 def _add_to_hf(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("to-hf", help="DCP checkpoint -> HF folder (safetensors shards, config, tokenizer)")
-    p.add_argument("--checkpoint", required=True, help="DCP folder: flat or nested, model-only or full training checkpoint")
-    p.add_argument("--config", required=True, help="HF model folder (or a folder with config.json) the checkpoint was made for")
+    p.add_argument(
+        "--checkpoint", required=True, help="DCP folder: flat or nested, model-only or full training checkpoint"
+    )
+    p.add_argument(
+        "--config", required=True, help="HF model folder (or a folder with config.json) the checkpoint was made for"
+    )
     p.add_argument("--out", required=True, help="output HF folder (written atomically)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's own), bfloat16 or float32")
     p.add_argument("--max-shard-mb", type=int, default=5 * 1024, help="largest safetensors shard, MiB (default 5120)")
@@ -90,7 +100,7 @@ def _add_to_hf(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_to_hf(args: argparse.Namespace) -> int:
-    from .convert import ToHFOptions, convert_dcp_to_hf
+    from flame_ext.convert.dcp_to_hf import ToHFOptions, convert_dcp_to_hf
 
     opts = ToHFOptions(
         checkpoint=args.checkpoint,
@@ -127,7 +137,7 @@ def _add_reference(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_reference(args: argparse.Namespace) -> int:
-    from .reference_cmd import write_reference
+    from flame_ext.commands.reference import write_reference
 
     ref = write_reference(args)
     print(f"HF reference loss {ref['loss_mean']:.4f} nats ({ref['dtype']}); wrote {args.out}")
@@ -151,16 +161,20 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--values", action="store_true", help="also compare every tensor's values (streaming)")
     p.add_argument("--loss", action="store_true", help="also build the model as trainers do and compare the loss")
     p.add_argument("--threshold", type=float, default=0.1, help="loss gap that counts as an error, nats (default 0.1)")
-    p.add_argument("--train-config", help="model config the trainer builds from (file or folder) to compare with the HF one")
+    p.add_argument(
+        "--train-config", help="model config the trainer builds from (file or folder) to compare with the HF one"
+    )
     p.add_argument("--tokenizer", help="tokenizer folder the trainer uses (default: the model's)")
-    p.add_argument("--reference", help="reference file from `flame-ext reference` for --loss (default: the checkpoint's manifest)")
+    p.add_argument(
+        "--reference", help="reference file from `flame-ext reference` for --loss (default: the checkpoint's manifest)"
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(run=_run_diagnose)
 
 
 def _run_diagnose(args: argparse.Namespace) -> int:
-    from .diagnose import run
+    from flame_ext.commands.diagnose import run
 
     return run(args)
 
@@ -172,7 +186,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import run
+    from flame_ext.commands.demo import run
 
     return run(args)
 
@@ -189,14 +203,17 @@ def _add_patch(sub: argparse._SubParsersAction) -> None:
             "apply/revert refused (local edits or another flame version: nothing is changed)."
         ),
     )
-    p.add_argument("action", choices=["apply", "check", "revert"],
-                   help="apply (idempotent), check (report whether they apply), revert")
+    p.add_argument(
+        "action",
+        choices=["apply", "check", "revert"],
+        help="apply (idempotent), check (report whether they apply), revert",
+    )
     p.add_argument("flame_dir", help="path to a fla-org/flame checkout (the folder holding flame/ and train.sh)")
     p.set_defaults(run=_run_patch)
 
 
 def _run_patch(args: argparse.Namespace) -> int:
-    from .flame.patching import run
+    from flame_ext.flame.patching import run
 
     return run(args)
 
@@ -217,28 +234,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     return run_guarded(args.run, args, debug=args.debug or bool(os.environ.get("FLAME_EXT_DEBUG")))
-
-
-def run_guarded(fn, args: argparse.Namespace, *, debug: bool, prog: str = "flame-ext") -> int:
-    """Run a command; user errors become one line and exit 2, interrupts exit 130 with nothing written."""
-    try:
-        return fn(args)
-    except FlameExtError as exc:
-        if debug:
-            raise
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print(f"{prog}: interrupted; no output was left half-written (a destination is absent or complete)", file=sys.stderr)
-        return 130
-    except OSError as exc:  # disk full, file size limit, permissions: the environment, not the input
-        if debug:
-            raise
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"{prog}: error: {where}{exc.strerror or exc}; nothing was written", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

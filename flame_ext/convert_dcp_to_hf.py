@@ -22,7 +22,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--path", type=str, required=True, help="flame dump folder holding checkpoint/step-N")
     p.add_argument("--step", type=int, required=True)
     p.add_argument("--config", type=str, required=True, help="HF model folder the checkpoint was made for")
-    p.add_argument("--tokenizer", type=str, default=None, help="local folder to copy tokenizer files from (default: --config)")
+    p.add_argument(
+        "--tokenizer", type=str, default=None, help="local folder to copy tokenizer files from (default: --config)"
+    )
     p.add_argument("--out", type=str, default=None, help="output folder (default: PATH/hf-step-STEP)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--force", action="store_true")
@@ -31,13 +33,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .convert import ToHFOptions, convert_dcp_to_hf
+    from flame_ext.convert.dcp_to_hf import ToHFOptions, convert_dcp_to_hf
 
     checkpoint = Path(args.path) / "checkpoint" / f"step-{args.step}"
     out = args.out or str(Path(args.path) / f"hf-step-{args.step}")
     summary = convert_dcp_to_hf(
-        ToHFOptions(checkpoint=str(checkpoint), config=args.config, out=out, dtype=args.dtype, force=args.force,
-                    tokenizer=args.tokenizer, progress=sys.stderr.isatty())
+        ToHFOptions(
+            checkpoint=str(checkpoint),
+            config=args.config,
+            out=out,
+            dtype=args.dtype,
+            force=args.force,
+            tokenizer=args.tokenizer,
+            progress=sys.stderr.isatty(),
+        )
     )
     for note in summary.notes:
         print(f"note: {note}")
@@ -46,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .cli import run_guarded
+    from flame_ext.errors import run_guarded
 
     args = parse_args(argv)
     return run_guarded(_run, args, debug=args.debug, prog="convert_dcp_to_hf")

@@ -14,7 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .cli import run_guarded
+from flame_ext.errors import run_guarded
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -25,16 +25,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--values", action="store_true", help="also compare every tensor's values with the HF model")
     p.add_argument("--loss", action="store_true", help="also load the checkpoint as trainers do and compare the loss")
     p.add_argument("--threshold", type=float, default=0.1, help="loss gap that counts as an error, nats (default 0.1)")
-    p.add_argument("--train_config", "--train-config", help="the model config the trainer builds from (flame's --model.config)")
-    p.add_argument("--tokenizer", help="the tokenizer the trainer uses (flame's --model.tokenizer_path; default: the model's)")
-    p.add_argument("--reference", help="reference file from `flame-ext reference` for --loss (default: the checkpoint's manifest)")
+    p.add_argument(
+        "--train_config", "--train-config", help="the model config the trainer builds from (flame's --model.config)"
+    )
+    p.add_argument(
+        "--tokenizer", help="the tokenizer the trainer uses (flame's --model.tokenizer_path; default: the model's)"
+    )
+    p.add_argument(
+        "--reference", help="reference file from `flame-ext reference` for --loss (default: the checkpoint's manifest)"
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .diagnose import run
+    from flame_ext.commands.diagnose import run
 
     return run(args)
 

@@ -8,8 +8,24 @@ Bugs stay ordinary exceptions and keep their tracebacks.
 from __future__ import annotations
 
 import re
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["FlameExtError", "InputError", "CheckpointFormatError", "DestinationError", "first_line", "refused_global"]
+if TYPE_CHECKING:
+    from flame_ext.report import Report
+
+__all__ = [
+    "FlameExtError",
+    "InputError",
+    "CheckpointFormatError",
+    "DestinationError",
+    "GuardConfigError",
+    "InitialLoadValidationError",
+    "first_line",
+    "refused_global",
+    "run_guarded",
+]
 
 
 class FlameExtError(Exception):
@@ -28,6 +44,26 @@ class DestinationError(FlameExtError):
     """The output location cannot be used (exists without --force, busy, not writable)."""
 
 
+class GuardConfigError(FlameExtError, ValueError):
+    """A guard setting is invalid, or the guard was switched on where it cannot work (pipeline parallel).
+
+    Also a ``ValueError``, the type torchtitan's config validation raises, so config parsers report it
+    the same way as their own.
+    """
+
+    __module__ = "flame_ext.guard"
+
+
+class InitialLoadValidationError(FlameExtError):
+    """The initial checkpoint load failed validation; ``report`` holds every finding (JSON contract)."""
+
+    __module__ = "flame_ext.guard"  # shown in tracebacks under its public import path
+
+    def __init__(self, message: str, report: Report) -> None:
+        super().__init__(message)
+        self.report = report
+
+
 def first_line(exc: BaseException) -> str:
     """The line of a library's exception worth quoting in a one-line message (at most 200 characters).
 
@@ -37,7 +73,9 @@ def first_line(exc: BaseException) -> str:
     lines = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
-    cause = next((line for line in lines if "WeightsUnpickler error" in line or line.startswith("Unsupported")), lines[0])
+    cause = next(
+        (line for line in lines if "WeightsUnpickler error" in line or line.startswith("Unsupported")), lines[0]
+    )
     return cause.strip()[:200]
 
 
@@ -45,3 +83,28 @@ def refused_global(exc: BaseException) -> str | None:
     """torch's weights-only sentence naming a refused global ("Unsupported global: GLOBAL os.system"), if any."""
     match = re.search(r"Unsupported global: GLOBAL [\w.]+", str(exc))
     return match.group(0) if match else None
+
+
+def run_guarded(fn: Callable[[Any], int], args: Any, *, debug: bool, prog: str = "flame-ext") -> int:
+    """Run a command; user errors become one line and exit 2, interrupts exit 130 with nothing written."""
+    try:
+        return fn(args)
+    except FlameExtError as exc:
+        if debug:
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(
+            f"{prog}: interrupted; no output was left half-written (a destination is absent or complete)",
+            file=sys.stderr,
+        )
+        return 130
+    except OSError as exc:  # disk full, file size limit, permissions: the environment, not the input
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{prog}: error: {where}{exc.strerror or exc}; nothing was written", file=sys.stderr)
+        return 1

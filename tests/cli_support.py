@@ -27,7 +27,11 @@ def titan_version() -> str | None:
         return None
 
 
-def run_cli(*args: str, module: str = "flame_ext.cli", env: dict | None = None, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, module: str = "flame_ext.cli", env: dict | None = None, timeout: int = 300, **kw
+) -> subprocess.CompletedProcess:
     """Run a flame-ext command in a fresh interpreter, as a user would; returns the finished process."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=full_env, timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=full_env, timeout=timeout, **kw
+    )

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_support import run_cli, titan_version, transformers_major  # noqa: F401  (re-exported)
-from flame_ext.hf import DEFAULT_MODEL
+
+from flame_ext.io.hf import DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,8 +30,17 @@ def sharded_model(tmp_path_factory) -> Path:
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Olmo2Config(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=256, eos_token_id=256, pad_token_id=256, bos_token_id=None)
+    cfg = Olmo2Config(
+        vocab_size=260,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        eos_token_id=256,
+        pad_token_id=256,
+        bos_token_id=None,
+    )
     out = tmp_path_factory.mktemp("sharded") / "olmo2"
     Olmo2ForCausalLM(cfg).save_pretrained(out, max_shard_size="60KB")
     assert len(list(out.glob("*.safetensors"))) > 2
@@ -41,7 +50,7 @@ def sharded_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dcp(tiny_model, tmp_path_factory) -> Path:
     """The embedded model converted with defaults (flat layout, reference recorded)."""
-    from flame_ext.convert import ConvertOptions, convert_hf_to_dcp
+    from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 
     out = tmp_path_factory.mktemp("dcp") / "step-0"
     convert_hf_to_dcp(ConvertOptions(model=str(tiny_model), checkpoint=str(out), progress=False))

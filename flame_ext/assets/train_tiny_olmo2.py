@@ -76,10 +76,24 @@ def save_tokenizer(out: Path) -> None:
     ``tokenizer_class: TokenizersBackend``, a name transformers 4.x cannot load."""
     byte_level_tokenizer().save(str(out / "tokenizer.json"))
     special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
-    added = {str(EOT): {"content": "<|endoftext|>", "lstrip": False, "normalized": False,
-                        "rstrip": False, "single_word": False, "special": True}}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "unk_token": None,
-              "added_tokens_decoder": added, "clean_up_tokenization_spaces": False, "model_max_length": 1024}
+    added = {
+        str(EOT): {
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+    }
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "unk_token": None,
+        "added_tokens_decoder": added,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1024,
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
@@ -88,10 +102,18 @@ def build_model() -> Olmo2ForCausalLM:
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
     config = Olmo2Config(
-        vocab_size=VOCAB, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, rope_theta=10000.0,
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
         tie_word_embeddings=False,  # as in OLMo-2-7B: lm_head.weight is its own tensor in the checkpoint
-        bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT,
+        bos_token_id=EOT,
+        eos_token_id=EOT,
+        pad_token_id=EOT,
     )
     config._attn_implementation = "sdpa"  # explicit; the default on both 4.57 and 5.x
     return Olmo2ForCausalLM(config)
@@ -139,8 +161,10 @@ def check_broken_rope(model: Olmo2ForCausalLM, ref: torch.Tensor) -> dict[str, f
     """Loss with inv_freq overwritten as after meta + to_empty() (the bug flame-ext detects)."""
     rotary = model.model.rotary_emb
     good = rotary.inv_freq.clone()
-    garbage = {"zeros": torch.zeros_like(good),
-               "random": torch.rand(good.shape, generator=torch.Generator().manual_seed(1))}
+    garbage = {
+        "zeros": torch.zeros_like(good),
+        "random": torch.rand(good.shape, generator=torch.Generator().manual_seed(1)),
+    }
     losses = {}
     for name, values in garbage.items():
         rotary.inv_freq.copy_(values)
@@ -151,8 +175,7 @@ def check_broken_rope(model: Olmo2ForCausalLM, ref: torch.Tensor) -> dict[str, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=HERE / "tiny-olmo2",
-                        help="output folder (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=HERE / "tiny-olmo2", help="output folder (default: %(default)s)")
     out: Path = parser.parse_args().out
 
     torch.manual_seed(0)  # model initialisation

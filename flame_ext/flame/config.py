@@ -24,10 +24,15 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InputError
+from flame_ext.errors import InputError
 
 __all__ = [
-    "GuardOption", "GUARD_OPTIONS", "GuardOptionsMixin", "add_guard_arguments", "check_guard_values", "job_config_class",
+    "GuardOption",
+    "GUARD_OPTIONS",
+    "GuardOptionsMixin",
+    "add_guard_arguments",
+    "check_guard_values",
+    "job_config_class",
     "flame_job_config",
 ]
 
@@ -52,22 +57,30 @@ class GuardOption:
 # generated from it, so the two hosts cannot drift apart. Names and defaults: DESIGN.md, "Guard config".
 GUARD_OPTIONS: tuple[GuardOption, ...] = (
     GuardOption(
-        "validate_initial_load", bool, False,
+        "validate_initial_load",
+        bool,
+        False,
         "Check the first load of training (the step-0 folder or initial_load_path): key/shape/dtype parity with "
         "the checkpoint, non-persistent buffers, and the step-0 loss against the HF reference; abort on a gap. "
         "--checkpoint.no_validate_initial_load turns it off.",
     ),
     GuardOption(
-        "initial_load_max_loss_delta", float, 0.1,
+        "initial_load_max_loss_delta",
+        float,
+        0.1,
         "Largest step-0 loss gap to the HF reference, in nats, that still counts as a correct load.",
     ),
     GuardOption(
-        "initial_load_reference", str, None,
+        "initial_load_reference",
+        str,
+        None,
         "Reference to compare the step-0 loss with: a flame_ext.json manifest or a `flame-ext reference` file "
         "(default: the flame_ext.json in the checkpoint being loaded).",
     ),
     GuardOption(
-        "initial_load_repair_buffers", bool, True,
+        "initial_load_repair_buffers",
+        bool,
+        True,
         "Recompute non-persistent buffers (RoPE inv_freq) that meta -> to_empty() left uninitialised, instead of "
         "failing on them. --checkpoint.no_initial_load_repair_buffers turns it off.",
     ),
@@ -80,8 +93,9 @@ def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
         flag = f"--{opt.dest}"
         if opt.type is bool:
             parser.add_argument(flag, dest=opt.dest, action="store_true", default=opt.default, help=opt.help)
-            parser.add_argument(f"--{SECTION}.no_{opt.name}", dest=opt.dest, action="store_false",
-                                help=f"Turn off --{opt.dest}.")
+            parser.add_argument(
+                f"--{SECTION}.no_{opt.name}", dest=opt.dest, action="store_false", help=f"Turn off --{opt.dest}."
+            )
         else:
             parser.add_argument(flag, dest=opt.dest, type=opt.type, default=opt.default, help=opt.help)
 
@@ -117,7 +131,7 @@ def check_guard_values(values: dict[str, Any]) -> dict[str, Any]:
     """
     from dataclasses import asdict
 
-    from ..guard import GuardConfig
+    from flame_ext.guard.options import GuardConfig
 
     out = asdict(GuardConfig(**{o.name: values.get(o.name, o.default) for o in GUARD_OPTIONS}))
     reference = out["initial_load_reference"]
@@ -180,10 +194,14 @@ def job_config_class(base: type | None = None) -> type:
     if issubclass(base, GuardOptionsMixin):  # already extended (flame_ext.flame.train installed it)
         return base
     if base not in _CLASSES:
-        _CLASSES[base] = type("JobConfig", (GuardOptionsMixin, base), {
-            "__module__": __name__,
-            "__doc__": f"{base.__module__}.{base.__qualname__} with the flame-ext initial-load guard options under [checkpoint].",
-        })
+        _CLASSES[base] = type(
+            "JobConfig",
+            (GuardOptionsMixin, base),
+            {
+                "__module__": __name__,
+                "__doc__": f"{base.__module__}.{base.__qualname__} with the flame-ext initial-load guard options under [checkpoint].",
+            },
+        )
     return _CLASSES[base]
 
 

@@ -20,8 +20,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
-from . import FLAME_BASE_COMMIT
+from flame_ext.errors import InputError
+from flame_ext.flame import FLAME_BASE_COMMIT
 
 __all__ = ["PATCH_DIR", "FilePatch", "load_patches", "parse_patch", "git_blob_id", "file_state", "apply_patch", "run"]
 
@@ -86,7 +86,9 @@ def parse_patch(text: bytes, name: str) -> list[FilePatch]:
                 side[-1] = side[-1].rstrip(b"\r\n")
     for fp in files:
         if not (fp.old_blob and fp.new_blob and fp.hunks):
-            raise InputError(f"{name}: {fp.path} has no full 'index' line or no hunks (make patches with git diff --full-index)")
+            raise InputError(
+                f"{name}: {fp.path} has no full 'index' line or no hunks (make patches with git diff --full-index)"
+            )
     return files
 
 
@@ -106,7 +108,7 @@ def _apply_hunks(data: bytes, hunks: list[Hunk], *, reverse: bool) -> bytes:
     for h in hunks:
         want, put = (h.new, h.old) if reverse else (h.old, h.new)
         start = (h.new_start if reverse else h.old_start) - 1 + (0 if want else 1)
-        if lines[start:start + len(want)] != want:
+        if lines[start : start + len(want)] != want:
             raise InputError(f"hunk at line {start + 1} does not match; the file is not the one the patch was made for")
         out.extend(lines[pos:start])
         out.extend(put)
@@ -130,7 +132,9 @@ def apply_patch(flame_dir: Path, fp: FilePatch, *, reverse: bool = False) -> Non
     result = _apply_hunks(target.read_bytes(), fp.hunks, reverse=reverse)
     expected = fp.old_blob if reverse else fp.new_blob
     if git_blob_id(result) != expected:  # cannot happen for a well-formed patch; never write a wrong file
-        raise InputError(f"{fp.patch_name}: applying it to {fp.path} does not give blob {expected[:12]}; the patch file is damaged")
+        raise InputError(
+            f"{fp.patch_name}: applying it to {fp.path} does not give blob {expected[:12]}; the patch file is damaged"
+        )
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -147,10 +151,15 @@ def _why_modified(flame_dir: Path, path: str) -> str:
     if not (flame_dir / ".git").exists():
         return "local edits or another flame version"
     try:
-        status = subprocess.run(["git", "-C", str(flame_dir), "status", "--porcelain", "--", path],
-                                capture_output=True, text=True, timeout=30)
-        head = subprocess.run(["git", "-C", str(flame_dir), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=30).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(flame_dir), "status", "--porcelain", "--", path],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        head = subprocess.run(
+            ["git", "-C", str(flame_dir), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "local edits or another flame version"
     if status.stdout.strip():
@@ -215,5 +224,7 @@ def run(args: argparse.Namespace) -> int:
     if not todo:
         print(f"{flame_dir}: nothing to do, the patches are already {'absent' if reverse else 'applied'}")
     else:
-        print(f"{flame_dir}: {done_word} {len(todo)} of {len(states)} patches (base fla-org/flame {FLAME_BASE_COMMIT[:7]})")
+        print(
+            f"{flame_dir}: {done_word} {len(todo)} of {len(states)} patches (base fla-org/flame {FLAME_BASE_COMMIT[:7]})"
+        )
     return 0

@@ -26,13 +26,13 @@ def install() -> None:
     Must run before ``flame.train`` is imported (its ``from ... import`` lines copy the names); if it was
     imported already, its globals are updated too. Idempotent.
     """
-    from .config import GuardOptionsMixin, flame_job_config, job_config_class
+    from flame_ext.flame.config import GuardOptionsMixin, flame_job_config, job_config_class
 
     current = flame_job_config()  # first: one clear message when no flame checkout is importable
     import flame.config_manager as flame_config
     import torchtitan.components.checkpoint as titan_checkpoint
 
-    from ..titan import ValidatingCheckpointManager
+    from flame_ext.titan import ValidatingCheckpointManager
 
     extended = current if issubclass(current, GuardOptionsMixin) else job_config_class(current)
     titan_checkpoint.CheckpointManager = ValidatingCheckpointManager
@@ -51,9 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # directory on sys.path, as flame's own `-m flame.train` does, so run this from the flame checkout.
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    from ..cli import run_guarded
+    from flame_ext.errors import run_guarded
 
-    return run_guarded(lambda _: _run(), None, debug=bool(os.environ.get("FLAME_EXT_DEBUG")), prog="flame_ext.flame.train")
+    return run_guarded(
+        lambda _: _run(), None, debug=bool(os.environ.get("FLAME_EXT_DEBUG")), prog="flame_ext.flame.train"
+    )
 
 
 def _run() -> int:

@@ -37,7 +37,7 @@ def __getattr__(name: str) -> Any:
     if name != "ValidatingCheckpointManager":
         raise AttributeError(f"module 'flame_ext.titan' has no attribute {name!r}")
     if generation() == "0.1":
-        from .v01 import ValidatingCheckpointManager
+        from flame_ext.titan.v01 import ValidatingCheckpointManager
     else:
-        from .v03 import ValidatingCheckpointManager
+        from flame_ext.titan.v03 import ValidatingCheckpointManager
     return ValidatingCheckpointManager

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.config.override import derive, override
 
-from .v03 import ValidatingCheckpointManager
+from flame_ext.titan.v03 import ValidatingCheckpointManager
 
 __all__ = ["with_initial_load_guard", "initial_load_guard"]
 

@@ -20,17 +20,11 @@ from typing import Any
 import torch
 from torchtitan.components.checkpoint import MODEL, CheckpointManager
 
-from ..dcp import read_dcp_metadata
-from ..guard import (
-    GuardConfig,
-    GuardConfigError,
-    InitialLoadGuard,
-    hf_loss_probe,
-    record_metrics,
-    split_request,
-    tied_keys,
-)
-from ..report import Report
+from flame_ext.errors import GuardConfigError
+from flame_ext.guard.initial_load import InitialLoadGuard, hf_loss_probe, record_metrics, split_request, tied_keys
+from flame_ext.guard.options import GuardConfig
+from flame_ext.io.dcp import read_dcp_metadata
+from flame_ext.report import Report
 
 __all__ = ["ValidatingCheckpointManager", "GuardCheckpoint", "JobConfig"]
 
@@ -96,8 +90,10 @@ class ValidatingCheckpointManager(CheckpointManager):
         if load_step == 0:
             return self._create_checkpoint_id(0)
         if load_step > 0:
-            logger.info("flame-ext: resuming from %s: initial-load validation skipped (it checks only the first load "
-                        "of a run)", self._create_checkpoint_id(load_step))
+            logger.info(
+                "flame-ext: resuming from %s: initial-load validation skipped (it checks only the first load of a run)",
+                self._create_checkpoint_id(load_step),
+            )
         return None
 
     def _states_to_load(self, model_only: bool) -> dict[str, Any]:
@@ -105,8 +101,11 @@ class ValidatingCheckpointManager(CheckpointManager):
         guard = self._guard
         if guard is not None:
             requested = split_request(states)
-            guard.before_load(requested, lambda: read_dcp_metadata(guard.checkpoint),
-                              tied=tied_keys(guard.parts, requested.model_prefix))
+            guard.before_load(
+                requested,
+                lambda: read_dcp_metadata(guard.checkpoint),
+                tied=tied_keys(guard.parts, requested.model_prefix),
+            )
         return states
 
     def record_initial_load_metrics(self, metric_logger: Any) -> None:

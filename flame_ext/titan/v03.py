@@ -25,11 +25,9 @@ import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torchtitan.components.checkpoint import MODEL, CheckpointManager
 
-from ..dcp import read_dcp_metadata
-from ..guard import (
+from flame_ext.errors import GuardConfigError
+from flame_ext.guard.initial_load import (
     IGNORE_INDEX,
-    GuardConfig,
-    GuardConfigError,
     InitialLoadGuard,
     LossProbe,
     RequestedLoad,
@@ -38,8 +36,10 @@ from ..guard import (
     split_request,
     tied_keys,
 )
-from ..hf import TensorSpec, dtype_name
-from ..report import Problem, Report
+from flame_ext.guard.options import GuardConfig
+from flame_ext.io.dcp import read_dcp_metadata
+from flame_ext.io.specs import TensorSpec, dtype_name
+from flame_ext.report import Problem, Report
 
 __all__ = ["ValidatingCheckpointManager"]
 
@@ -93,23 +93,32 @@ class ValidatingCheckpointManager(CheckpointManager):
             trainer = self.states.get("train_state")
             with torch.no_grad():
                 self.initial_load_report = guard.after_load(
-                    probe, position_multiple=multiple, max_positions=max_positions,
-                    metric_logger=getattr(trainer, "metrics_processor", None))
+                    probe,
+                    position_multiple=multiple,
+                    max_positions=max_positions,
+                    metric_logger=getattr(trainer, "metrics_processor", None),
+                )
         return loaded
 
     def dcp_load(self, state_dict: dict[str, Any], checkpoint_id: str, from_hf: bool, from_quantized: bool) -> None:
         if self._loading and self._is_resume(checkpoint_id):
-            logger.info("flame-ext: resuming from %s: initial-load validation skipped (it checks only the first load "
-                        "of a run)", checkpoint_id)
+            logger.info(
+                "flame-ext: resuming from %s: initial-load validation skipped (it checks only the first load of a run)",
+                checkpoint_id,
+            )
         elif self._loading:
             self._guard = self._check_before(state_dict, checkpoint_id, from_hf, from_quantized)
         super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
 
     def _is_resume(self, checkpoint_id: str) -> bool:
         match = re.fullmatch(r"step-(\d+)", str(checkpoint_id).rstrip("/").rsplit("/", 1)[-1])
-        return bool(match) and int(match.group(1)) > 0 and checkpoint_id == self._create_checkpoint_id(int(match.group(1)))
+        return (
+            bool(match) and int(match.group(1)) > 0 and checkpoint_id == self._create_checkpoint_id(int(match.group(1)))
+        )
 
-    def _check_before(self, state_dict: dict[str, Any], checkpoint_id: str, from_hf: bool, from_quantized: bool) -> InitialLoadGuard:
+    def _check_before(
+        self, state_dict: dict[str, Any], checkpoint_id: str, from_hf: bool, from_quantized: bool
+    ) -> InitialLoadGuard:
         parts = self.states[MODEL].model
         trainer = self.states.get("train_state")
         if len(parts) > 1 or getattr(getattr(trainer, "parallel_dims", None), "pp_enabled", False):
@@ -126,8 +135,9 @@ class ValidatingCheckpointManager(CheckpointManager):
         guard = InitialLoadGuard(self.guard_config, str(checkpoint_id), parts)
         requested = split_request(state_dict)
         if not from_hf:
-            guard.before_load(requested, lambda: read_dcp_metadata(checkpoint_id),
-                              tied=tied_keys(parts, requested.model_prefix))
+            guard.before_load(
+                requested, lambda: read_dcp_metadata(checkpoint_id), tied=tied_keys(parts, requested.model_prefix)
+            )
             return guard
         assert self.sd_adapter is not None, "initial_load_in_hf needs the model's state-dict adapter"
         hf_request, unmapped = self._hf_request(state_dict)
@@ -145,10 +155,18 @@ class ValidatingCheckpointManager(CheckpointManager):
         except Exception as exc:  # an adapter that computes on values cannot run on meta: skip this check
             logger.debug("flame-ext: cannot round-trip the state-dict adapter on meta tensors: %s", exc)
             return requested, []
-        unmapped = [Problem(
-            "missing_key", "error", k, f"the model asks for it, but {type(adapter).__name__} maps no HF key to it",
-            "it would keep its initial (random) value: extend the adapter's from_hf_map, or check the model flavor "
-            "matches the HF config") for k in sorted(state_dict) if isinstance(state_dict[k], torch.Tensor) and k not in back]
+        unmapped = [
+            Problem(
+                "missing_key",
+                "error",
+                k,
+                f"the model asks for it, but {type(adapter).__name__} maps no HF key to it",
+                "it would keep its initial (random) value: extend the adapter's from_hf_map, or check the model flavor "
+                "matches the HF config",
+            )
+            for k in sorted(state_dict)
+            if isinstance(state_dict[k], torch.Tensor) and k not in back
+        ]
         return requested, unmapped
 
     def _loss_probe(self, parts: list[torch.nn.Module]) -> tuple[LossProbe, int, int | None]:
@@ -164,8 +182,10 @@ class ValidatingCheckpointManager(CheckpointManager):
 def _reader_specs(reader: Any) -> dict[str, TensorSpec | None]:
     """Key -> global shape/dtype from a DCP storage reader's metadata (safetensors headers for HF)."""
     metadata = reader.read_metadata().state_dict_metadata
-    return {k: TensorSpec(tuple(m.size), dtype_name(m.properties.dtype)) if isinstance(m, TensorStorageMetadata) else None
-            for k, m in metadata.items()}
+    return {
+        k: TensorSpec(tuple(m.size), dtype_name(m.properties.dtype)) if isinstance(m, TensorStorageMetadata) else None
+        for k, m in metadata.items()
+    }
 
 
 def _local(t: Any) -> torch.Tensor:

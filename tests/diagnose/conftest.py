@@ -31,7 +31,17 @@ ARCHS = ("olmo2", "llama", "qwen2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Small and quick: ~20 ms a step on one thread. 200 steps reach ~2.4 nats on the held-out text, where
 # zeroed inv_freq costs ~0.3-0.6 nats and swapped layers ~1.5 (measured while building this fixture).
-RECIPE = {"steps": 200, "batch": 8, "seq_len": 128, "hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "lr": 1e-2, "warmup": 10}
+RECIPE = {
+    "steps": 200,
+    "batch": 8,
+    "seq_len": 128,
+    "hidden": 64,
+    "layers": 2,
+    "heads": 4,
+    "kv_heads": 2,
+    "lr": 1e-2,
+    "warmup": 10,
+}
 EOT, VOCAB = 256, 257
 CORPUS = Path(__file__).resolve().parents[2] / "flame_ext" / "assets" / "corpus"
 
@@ -58,10 +68,19 @@ def one_thread() -> Iterator[None]:
 def _config(arch: str):
     from transformers import LlamaConfig, Qwen2Config
 
-    kw = dict(vocab_size=VOCAB, hidden_size=RECIPE["hidden"], intermediate_size=2 * RECIPE["hidden"],
-              num_hidden_layers=RECIPE["layers"], num_attention_heads=RECIPE["heads"],
-              num_key_value_heads=RECIPE["kv_heads"], max_position_embeddings=1024,
-              bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT, tie_word_embeddings=False)
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=RECIPE["hidden"],
+        intermediate_size=2 * RECIPE["hidden"],
+        num_hidden_layers=RECIPE["layers"],
+        num_attention_heads=RECIPE["heads"],
+        num_key_value_heads=RECIPE["kv_heads"],
+        max_position_embeddings=1024,
+        bos_token_id=EOT,
+        eos_token_id=EOT,
+        pad_token_id=EOT,
+        tie_word_embeddings=False,
+    )
     return {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**kw)
 
 
@@ -109,9 +128,15 @@ def _cache_key(arch: str, tokenizer_from: Path) -> str:
     """Everything the trained folder depends on: recipe, library versions, corpus and tokenizer bytes."""
     import transformers
 
-    blob = json.dumps({"arch": arch, "recipe": RECIPE, "torch": torch.__version__, "tf": transformers.__version__}, sort_keys=True)
-    inputs = [p.read_bytes() for p in sorted(CORPUS.glob("*.txt"))] + [(tokenizer_from / n).read_bytes() for n in TOKENIZER_FILES]
-    return f"{arch}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}-{hashlib.sha256(b''.join(inputs)).hexdigest()[:12]}"
+    blob = json.dumps(
+        {"arch": arch, "recipe": RECIPE, "torch": torch.__version__, "tf": transformers.__version__}, sort_keys=True
+    )
+    inputs = [p.read_bytes() for p in sorted(CORPUS.glob("*.txt"))] + [
+        (tokenizer_from / n).read_bytes() for n in TOKENIZER_FILES
+    ]
+    return (
+        f"{arch}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}-{hashlib.sha256(b''.join(inputs)).hexdigest()[:12]}"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -147,7 +172,7 @@ def tied_model(hf_models, tmp_path_factory) -> Path:
 
 
 def convert(model: Path, out: Path, **kw) -> Path:
-    from flame_ext.convert import ConvertOptions, convert_hf_to_dcp
+    from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 
     with one_thread():
         convert_hf_to_dcp(ConvertOptions(model=str(model), checkpoint=str(out), progress=False, **kw))
@@ -156,7 +181,7 @@ def convert(model: Path, out: Path, **kw) -> Path:
 
 def load_all(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a DCP checkpoint (tiny models only)."""
-    from flame_ext.dcp import load_tensor, read_dcp_metadata
+    from flame_ext.io.dcp import load_tensor, read_dcp_metadata
 
     return {k: load_tensor(folder, k, spec) for k, spec in read_dcp_metadata(folder).items() if spec is not None}
 
@@ -178,7 +203,7 @@ def swapped(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = dict(sd)
     for k in sd:
         if k.startswith(a):
-            out[k], out[b + k[len(a):]] = sd[b + k[len(a):]], sd[k]
+            out[k], out[b + k[len(a) :]] = sd[b + k[len(a) :]], sd[k]
     return out
 
 
@@ -242,7 +267,10 @@ EDITS: dict[str, tuple[Callable[[dict], dict], bool]] = {
     "vocab_padded": (_pad_vocab, False),
     "swapped_layers": (swapped, True),
     "transposed": (lambda sd: {**sd, TRANSPOSED: sd[TRANSPOSED].t().contiguous()}, True),
-    "zeroed_mlp": (lambda sd: {k: (torch.zeros_like(v) if k.startswith(ZEROED_MLP) else v) for k, v in sd.items()}, True),
+    "zeroed_mlp": (
+        lambda sd: {k: (torch.zeros_like(v) if k.startswith(ZEROED_MLP) else v) for k, v in sd.items()},
+        True,
+    ),
     "nan": (_with_nan, True),
 }
 

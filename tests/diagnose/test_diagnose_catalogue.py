@@ -10,10 +10,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flame_ext.dcp import read_dcp_metadata
-from flame_ext.hf import open_hf, read_tensor
-
-from .conftest import ARCHS, DROPPED, NAN_KEY, SWAP, TRANSPOSED, ZEROED_MLP, kinds, load_all, problems_of, rotary_interleaved_keys
+from flame_ext.io.dcp import read_dcp_metadata
+from flame_ext.io.hf import open_hf, read_tensor
+from tests.diagnose.conftest import (
+    ARCHS,
+    DROPPED,
+    NAN_KEY,
+    SWAP,
+    TRANSPOSED,
+    ZEROED_MLP,
+    kinds,
+    load_all,
+    problems_of,
+    rotary_interleaved_keys,
+)
 
 RIGHT_SHAPE_WRONG = ("swapped_layers", "transposed", "zeroed_mlp", "nan")
 
@@ -84,10 +94,10 @@ def test_right_shaped_wrong_tensors_are_caught_by_values_and_loss(arch, case, ca
     if case == "swapped_layers":
         a, b = SWAP
         layer0 = [k for k in open_hf(model).tensors if k.startswith(a)]
-        expected = {k for k in layer0 if _hf_differs(model, k, b + k[len(a):])}
-        expected |= {b + k[len(a):] for k in expected}
+        expected = {k for k in layer0 if _hf_differs(model, k, b + k[len(a) :])}
+        expected |= {b + k[len(a) :] for k in expected}
         assert flagged == expected and expected
-        partner = {k: b + k[len(a):] for k in expected if k.startswith(a)}
+        partner = {k: b + k[len(a) :] for k in expected if k.startswith(a)}
         partner.update({v: k for k, v in partner.items()})
         for p in problems_of(r, "value_mismatch"):  # the cause is named: which HF tensor it holds instead
             assert f"it holds the HF values of {partner[p['key']]}" in p["detail"]
@@ -172,7 +182,9 @@ def test_manifest_from_another_model(arch, catalogue, hf_models, diagnose_json):
 @pytest.mark.parametrize("arch", ("olmo2", "qwen2"))
 @pytest.mark.parametrize("generation", ("full_titan03", "full_titan01"))
 def test_full_training_checkpoint_model_part_is_compared(arch, generation, catalogue, hf_models, diagnose_json):
-    code, r = diagnose_json("--checkpoint", catalogue(arch, generation), "--model", hf_models[arch], "--values", "--loss")
+    code, r = diagnose_json(
+        "--checkpoint", catalogue(arch, generation), "--model", hf_models[arch], "--values", "--loss"
+    )
     assert code == 0 and r["ok"], r["problems"]
     assert not problems_of(r, "layout") and r["counts"]["unexpected"] == 0
     assert any(n.startswith("full training checkpoint") and "optimizer" in n for n in r["notes"])
@@ -196,4 +208,3 @@ def test_rotary_layout_mixup_gets_the_positional_hint(arch, catalogue, hf_models
     assert abs(r["loss"]["first_position_delta"]) < 1e-3 < 0.1 < r["loss"]["delta"], r["loss"]
     flagged = {p["key"] for p in problems_of(r, "value_mismatch")}
     assert flagged == set(rotary_interleaved_keys(load_all(catalogue(arch))))
-

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from flame_ext.cli import main
-
-from .conftest import one_thread
+from tests.diagnose.conftest import one_thread
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -101,7 +100,10 @@ CASES = {
     "threshold NaN": (lambda c, m, t: (c, m, ["--threshold", "nan"]), "--threshold"),
     "threshold negative": (lambda c, m, t: (c, m, ["--threshold", "-1"]), "--threshold"),
     "train config missing": (lambda c, m, t: (c, m, ["--train-config", str(t / "nope.json")]), "no such file"),
-    "tokenizer that does not load": (lambda c, m, t: (c, m, ["--tokenizer", str((t / "tok").mkdir() or t / "tok")]), "tokenizer"),
+    "tokenizer that does not load": (
+        lambda c, m, t: (c, m, ["--tokenizer", str((t / "tok").mkdir() or t / "tok")]),
+        "tokenizer",
+    ),
 }
 
 
@@ -120,8 +122,17 @@ def test_bad_input_is_one_line_and_exit_2(case, catalogue, hf_models, tmp_path, 
 
 
 def test_train_config_of_another_architecture(catalogue, hf_models, capsys):
-    code = main(["diagnose", "--checkpoint", str(catalogue("olmo2")), "--model", str(hf_models["olmo2"]),
-                 "--train-config", str(hf_models["llama"] / "config.json")])
+    code = main(
+        [
+            "diagnose",
+            "--checkpoint",
+            str(catalogue("olmo2")),
+            "--model",
+            str(hf_models["olmo2"]),
+            "--train-config",
+            str(hf_models["llama"] / "config.json"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "'llama'" in err[0] and "'olmo2'" in err[0]
 
@@ -129,8 +140,14 @@ def test_train_config_of_another_architecture(catalogue, hf_models, capsys):
 def test_drop_in_module_bad_input_in_a_real_process(tmp_path, hf_models):
     from cli_support import run_cli
 
-    proc = run_cli("--checkpoint", str(tmp_path / "missing"), "--model", str(hf_models["olmo2"]),
-                   module="flame_ext.diagnose_checkpoint", timeout=120)
+    proc = run_cli(
+        "--checkpoint",
+        str(tmp_path / "missing"),
+        "--model",
+        str(hf_models["olmo2"]),
+        module="flame_ext.diagnose_checkpoint",
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("diagnose_checkpoint: error: ") and "no such folder" in lines[0]

@@ -6,13 +6,23 @@ import json
 
 import pytest
 
-from flame_ext.config_parity import COMPUTE_FIELDS, IGNORED_FIELDS, TRAINING_FIELDS, classify, compare_configs, normalized_config
-
-from .conftest import ARCHS, problems_of
+from flame_ext.checks.config import (
+    COMPUTE_FIELDS,
+    IGNORED_FIELDS,
+    TRAINING_FIELDS,
+    classify,
+    compare_configs,
+    normalized_config,
+)
+from tests.diagnose.conftest import ARCHS, problems_of
 
 
 def test_field_lists_are_disjoint():
-    assert not (COMPUTE_FIELDS & TRAINING_FIELDS) and not (COMPUTE_FIELDS & IGNORED_FIELDS) and not (TRAINING_FIELDS & IGNORED_FIELDS)
+    assert (
+        not (COMPUTE_FIELDS & TRAINING_FIELDS)
+        and not (COMPUTE_FIELDS & IGNORED_FIELDS)
+        and not (TRAINING_FIELDS & IGNORED_FIELDS)
+    )
 
 
 def test_every_field_of_the_base_config_is_classified():
@@ -50,8 +60,15 @@ def test_rope_theta_difference_is_an_error_naming_both_values(hf_models):
 
 def test_bookkeeping_fields_are_ignored(hf_models):
     hf = _hf_config(hf_models)
-    train = {**hf, "transformers_version": "0.0.1", "architectures": ["Other"], "use_cache": False,
-             "torch_dtype": "bfloat16", "initializer_range": 0.5, "_name_or_path": "/elsewhere"}
+    train = {
+        **hf,
+        "transformers_version": "0.0.1",
+        "architectures": ["Other"],
+        "use_cache": False,
+        "torch_dtype": "bfloat16",
+        "initializer_range": 0.5,
+        "_name_or_path": "/elsewhere",
+    }
     assert compare_configs(train, hf, train_name="t", hf_name="h") == []
 
 
@@ -64,8 +81,16 @@ def test_training_and_unlisted_fields_are_warnings(hf_models):
     assert "does not classify" in problems["a_field_nobody_knows"].detail
 
 
-@pytest.mark.parametrize("field,value", [("rms_norm_eps", 1e-5), ("num_key_value_heads", 4), ("hidden_act", "gelu"),
-                                         ("tie_word_embeddings", True), ("vocab_size", 320)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("rms_norm_eps", 1e-5),
+        ("num_key_value_heads", 4),
+        ("hidden_act", "gelu"),
+        ("tie_word_embeddings", True),
+        ("vocab_size", 320),
+    ],
+)
 def test_computation_fields_are_errors(hf_models, field, value):
     hf = _hf_config(hf_models)
     problems = compare_configs({**hf, field: value}, hf, train_name="t", hf_name="h")
@@ -87,12 +112,20 @@ def test_cli_train_config_rope_theta(catalogue, hf_models, diagnose_json, tmp_pa
     theta = normalized_config(hf, what="hf")["rope_theta"]
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "config.json").write_text(json.dumps(_with_rope_theta(hf, theta * 2)))
-    code, r = diagnose_json("--checkpoint", catalogue("olmo2"), "--model", hf_models["olmo2"], "--train-config", tmp_path / "train")
+    code, r = diagnose_json(
+        "--checkpoint", catalogue("olmo2"), "--model", hf_models["olmo2"], "--train-config", tmp_path / "train"
+    )
     assert code == 1
     assert [(p["key"], p["severity"]) for p in problems_of(r, "config_mismatch")] == [("rope_theta", "error")]
     # The source's own config, as a file, is a clean pass.
-    code, r = diagnose_json("--checkpoint", catalogue("olmo2"), "--model", hf_models["olmo2"],
-                            "--train-config", hf_models["olmo2"] / "config.json")
+    code, r = diagnose_json(
+        "--checkpoint",
+        catalogue("olmo2"),
+        "--model",
+        hf_models["olmo2"],
+        "--train-config",
+        hf_models["olmo2"] / "config.json",
+    )
     assert code == 0 and not problems_of(r, "config_mismatch")
 
 
@@ -105,7 +138,9 @@ def test_tokenizer_larger_than_the_embedding(catalogue, hf_models, diagnose_json
     rows = json.loads((hf_models["olmo2"] / "config.json").read_text())["vocab_size"]
     assert len(tok) > rows
 
-    code, r = diagnose_json("--checkpoint", catalogue("olmo2"), "--model", hf_models["olmo2"], "--tokenizer", tmp_path / "tok")
+    code, r = diagnose_json(
+        "--checkpoint", catalogue("olmo2"), "--model", hf_models["olmo2"], "--tokenizer", tmp_path / "tok"
+    )
     assert code == 1
     found = {p["key"]: p for p in problems_of(r, "tokenizer_mismatch")}
     assert found["vocab_size"]["severity"] == "error" and str(rows) in found["vocab_size"]["detail"]

@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
+from flame_ext.checks.loss import _gap_problem
 from flame_ext.cli import main
-from flame_ext.diagnose_loss import _gap_problem
 from flame_ext.report import KINDS, LossComparison
-
-from .conftest import one_thread
+from tests.diagnose.conftest import one_thread
 
 
 def test_text_report_lines(catalogue, hf_models, capsys):
     capsys.readouterr()
     with one_thread():
-        code = main(["diagnose", "--checkpoint", str(catalogue("olmo2", "swapped_layers")), "--model",
-                     str(hf_models["olmo2"]), "--values", "--loss"])
+        code = main(
+            [
+                "diagnose",
+                "--checkpoint",
+                str(catalogue("olmo2", "swapped_layers")),
+                "--model",
+                str(hf_models["olmo2"]),
+                "--values",
+                "--loss",
+            ]
+        )
     out = capsys.readouterr().out.splitlines()
     assert code == 1
     assert out[0].startswith("flame-ext diagnose: ") and "(metadata, values, loss)" in out[0]
     assert out[1].startswith("parameters: HF ")
     errors = [line for line in out if line.startswith("  ERROR   ")]
-    assert any(" value_mismatch model.layers.0." in line for line in errors) and any("loss_gap" in line for line in errors)
+    assert any(" value_mismatch model.layers.0." in line for line in errors) and any(
+        "loss_gap" in line for line in errors
+    )
     assert any(line.strip().startswith("hint: ") for line in out)
     assert "  positions        observed   reference   delta" in out
     # At most 20 lines per kind (OLMo2 has 11 tensors per layer: 22 differ), the rest counted.
@@ -46,8 +56,16 @@ def test_drop_in_module_in_process(catalogue, hf_models, capsys):
         code = drop_in(["--checkpoint", str(catalogue("olmo2")), "--model", str(hf_models["olmo2"]), "--values"])
     assert code == 0 and capsys.readouterr().out.splitlines()[-1].startswith("verdict: OK")
     with one_thread():
-        code = drop_in(["--checkpoint", str(catalogue("olmo2", "transposed")), "--model", str(hf_models["olmo2"]),
-                        "--values", "--trust_remote_code"])
+        code = drop_in(
+            [
+                "--checkpoint",
+                str(catalogue("olmo2", "transposed")),
+                "--model",
+                str(hf_models["olmo2"]),
+                "--values",
+                "--trust_remote_code",
+            ]
+        )
     assert code == 1
 
 
@@ -70,10 +88,14 @@ def test_reference_file_for_a_checkpoint_converted_elsewhere(catalogue, hf_model
         assert main(["reference", "--model", str(hf_models["llama"]), "--out", str(tmp_path / "ref.json")]) == 0
         assert main(["reference", "--model", str(hf_models["olmo2"]), "--out", str(tmp_path / "other.json")]) == 0
     ckpt = catalogue("llama", "nested")
-    _, r = diagnose_json("--checkpoint", ckpt, "--model", hf_models["llama"], "--loss", "--reference", tmp_path / "ref.json")
+    _, r = diagnose_json(
+        "--checkpoint", ckpt, "--model", hf_models["llama"], "--loss", "--reference", tmp_path / "ref.json"
+    )
     assert not [p for p in r["problems"] if p["kind"] == "manifest"]
     assert any("recorded HF reference" in n for n in r["notes"]) and abs(r["loss"]["delta"]) < 1e-3
-    _, r = diagnose_json("--checkpoint", ckpt, "--model", hf_models["llama"], "--loss", "--reference", tmp_path / "other.json")
+    _, r = diagnose_json(
+        "--checkpoint", ckpt, "--model", hf_models["llama"], "--loss", "--reference", tmp_path / "other.json"
+    )
     foreign = [p for p in r["problems"] if p["kind"] == "manifest" and p["severity"] == "error"]
     assert len(foreign) == 1 and "another model" in foreign[0]["detail"] and "'olmo2'" in foreign[0]["detail"]
     assert any("measured now" in n for n in r["notes"])  # the foreign reference was not used

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import torch
 
-from flame_ext.dcp import WriteEntry, read_dcp_metadata, save_streaming
-from flame_ext.diagnose import DiagnoseOptions, diagnose
-from flame_ext.hf import TensorSpec
-from flame_ext.dcp import DCPRowReader
-from flame_ext.values import narrower
-
-from .conftest import TRANSPOSED, load_all, one_thread, save_dcp
+from flame_ext.checks.values import narrower
+from flame_ext.commands.diagnose import DiagnoseOptions, diagnose
+from flame_ext.io.dcp import DCPRowReader, WriteEntry, read_dcp_metadata, save_streaming
+from flame_ext.io.specs import TensorSpec
+from tests.diagnose.conftest import TRANSPOSED, load_all, one_thread, save_dcp
 
 
 def test_row_reader_crosses_stored_chunks(tmp_path):
     """A tensor stored as 7-row chunks read back in arbitrary row ranges, and a 0-d tensor."""
     t, s = torch.randn(37, 5), torch.tensor(3.0)
-    save_streaming(tmp_path / "c", [WriteEntry("a", TensorSpec((37, 5), "float32"), lambda a, b: t[a:b]),
-                                    WriteEntry("s", TensorSpec((), "float32"), lambda a, b: s)], buffer_bytes=7 * 5 * 4)
+    save_streaming(
+        tmp_path / "c",
+        [
+            WriteEntry("a", TensorSpec((37, 5), "float32"), lambda a, b: t[a:b]),
+            WriteEntry("s", TensorSpec((), "float32"), lambda a, b: s),
+        ],
+        buffer_bytes=7 * 5 * 4,
+    )
     found = read_dcp_metadata(tmp_path / "c")
     reader = DCPRowReader(tmp_path / "c")
     for start, end in [(0, 37), (3, 11), (10, 30), (36, 37)]:

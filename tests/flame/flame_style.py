@@ -10,8 +10,9 @@ against flame's real class when FLAME_SRC points at a checkout, which keeps this
 from __future__ import annotations
 
 import argparse
-import tomllib
 from collections import defaultdict
+
+import tomllib
 
 
 class FlameStyleJobConfig:
@@ -22,10 +23,17 @@ class FlameStyleJobConfig:
         self.parser.add_argument("--job.dump_folder", type=str, default="./outputs")
         self.parser.add_argument("--checkpoint.enable_checkpoint", action="store_true")
         self.parser.add_argument("--checkpoint.interval", type=int, default=500)
-        self.parser.add_argument("--checkpoint.initial_load_model_weights_only", dest="checkpoint.initial_load_model_weights_only",
-                                 action="store_true", default=True)
-        self.parser.add_argument("--checkpoint.no_initial_load_model_weights_only", dest="checkpoint.initial_load_model_weights_only",
-                                 action="store_false")
+        self.parser.add_argument(
+            "--checkpoint.initial_load_model_weights_only",
+            dest="checkpoint.initial_load_model_weights_only",
+            action="store_true",
+            default=True,
+        )
+        self.parser.add_argument(
+            "--checkpoint.no_initial_load_model_weights_only",
+            dest="checkpoint.initial_load_model_weights_only",
+            action="store_false",
+        )
 
     def to_dict(self):
         return self.args_dict

@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from flame_src_env import flame_checkout, flame_on_path  # noqa: F401 -- a fixture
+from flame_style import FlameStyleJobConfig
+
 from flame_ext.errors import FlameExtError
 from flame_ext.flame.config import GUARD_OPTIONS, job_config_class
-from flame_style import FlameStyleJobConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,40 +50,64 @@ def toml(tmp_path: Path, text: str) -> str:
 
 def test_options_are_the_guards_own():
     """Names and defaults are those of the guard's GuardConfig: the flag a user sets is the field it reads."""
-    from flame_ext.guard import GuardConfig
+    from flame_ext.guard.options import GuardConfig
 
     assert {o.name: o.default for o in GUARD_OPTIONS} == dataclasses.asdict(GuardConfig())
 
 
 def test_defaults(JobConfig):
     ck = parse(JobConfig).checkpoint
-    assert (ck.validate_initial_load, ck.initial_load_max_loss_delta, ck.initial_load_reference,
-            ck.initial_load_repair_buffers) == (False, 0.1, None, True)
+    assert (
+        ck.validate_initial_load,
+        ck.initial_load_max_loss_delta,
+        ck.initial_load_reference,
+        ck.initial_load_repair_buffers,
+    ) == (False, 0.1, None, True)
     assert ck.initial_load_model_weights_only is True  # flame's own options are untouched
 
 
 def test_toml_then_command_line(JobConfig, tmp_path):
     ref = tmp_path / "ref.json"
     ref.write_text("{}")
-    path = toml(tmp_path, f"""
+    path = toml(
+        tmp_path,
+        f"""
 [checkpoint]
 validate_initial_load = true
 initial_load_max_loss_delta = 0.25
 initial_load_reference = "{ref}"
 initial_load_repair_buffers = false
-""")
+""",
+    )
     ck = parse(JobConfig, "--job.config_file", path).checkpoint
-    assert (ck.validate_initial_load, ck.initial_load_max_loss_delta, ck.initial_load_reference,
-            ck.initial_load_repair_buffers) == (True, 0.25, str(ref), False)
-    cfg = parse(JobConfig, "--job.config_file", path, "--checkpoint.no_validate_initial_load",
-                "--checkpoint.initial_load_max_loss_delta", "0.5", "--checkpoint.initial_load_repair_buffers")
+    assert (
+        ck.validate_initial_load,
+        ck.initial_load_max_loss_delta,
+        ck.initial_load_reference,
+        ck.initial_load_repair_buffers,
+    ) == (True, 0.25, str(ref), False)
+    cfg = parse(
+        JobConfig,
+        "--job.config_file",
+        path,
+        "--checkpoint.no_validate_initial_load",
+        "--checkpoint.initial_load_max_loss_delta",
+        "0.5",
+        "--checkpoint.initial_load_repair_buffers",
+    )
     ck = cfg.checkpoint
-    assert (ck.validate_initial_load, ck.initial_load_max_loss_delta, ck.initial_load_repair_buffers) == (False, 0.5, True)
+    assert (ck.validate_initial_load, ck.initial_load_max_loss_delta, ck.initial_load_repair_buffers) == (
+        False,
+        0.5,
+        True,
+    )
     assert cfg.to_dict()["checkpoint"]["validate_initial_load"] is False  # what print_args shows
 
 
 def test_command_line_alone_and_last_switch_wins(JobConfig):
-    ck = parse(JobConfig, "--checkpoint.validate_initial_load", "--checkpoint.no_initial_load_repair_buffers").checkpoint
+    ck = parse(
+        JobConfig, "--checkpoint.validate_initial_load", "--checkpoint.no_initial_load_repair_buffers"
+    ).checkpoint
     assert ck.validate_initial_load is True and ck.initial_load_repair_buffers is False
     ck = parse(JobConfig, "--checkpoint.validate_initial_load", "--checkpoint.no_validate_initial_load").checkpoint
     assert ck.validate_initial_load is False
@@ -96,13 +120,16 @@ def test_flames_own_negation_now_beats_the_toml(JobConfig, tmp_path):
     assert ck.initial_load_model_weights_only is False
 
 
-@pytest.mark.parametrize("line, words", [
-    ("initial_load_max_loss_delta = -0.5", "initial_load_max_loss_delta"),
-    ("initial_load_max_loss_delta = \"0.1\"", "initial_load_max_loss_delta"),
-    ("initial_load_max_loss_delta = nan", "initial_load_max_loss_delta"),
-    ("validate_initial_load = \"yes\"", "validate_initial_load"),
-    ("initial_load_repair_buffers = 1", "initial_load_repair_buffers"),
-])
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ("initial_load_max_loss_delta = -0.5", "initial_load_max_loss_delta"),
+        ('initial_load_max_loss_delta = "0.1"', "initial_load_max_loss_delta"),
+        ("initial_load_max_loss_delta = nan", "initial_load_max_loss_delta"),
+        ('validate_initial_load = "yes"', "validate_initial_load"),
+        ("initial_load_repair_buffers = 1", "initial_load_repair_buffers"),
+    ],
+)
 def test_bad_toml_values_fail_when_read(JobConfig, tmp_path, line, words):
     path = toml(tmp_path, f"[checkpoint]\n{line}\n")
     with pytest.raises(FlameExtError, match=words):
@@ -117,9 +144,15 @@ def test_missing_reference_fails_only_when_the_guard_is_on(JobConfig, tmp_path):
 
 
 def test_without_flame_the_message_says_how_to_get_it(tmp_path):
-    code = ("from flame_ext.flame.config import JobConfig")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ""}, timeout=60)
+    code = "from flame_ext.flame.config import JobConfig"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ""},
+        timeout=60,
+    )
     assert proc.returncode != 0
     assert "flame is not importable" in proc.stderr and "PYTHONPATH" in proc.stderr
 
@@ -135,13 +168,23 @@ def test_titan01_custom_args_module(tmp_path):
         pytest.skip(f"torchtitan 0.1's dataclass JobConfig; installed torchtitan {version('torchtitan')}")
     from torchtitan.config_manager import ConfigManager
 
-    path = toml(tmp_path, "[experimental]\ncustom_args_module = \"flame_ext.titan.v01\"\n"
-                          "[checkpoint]\nvalidate_initial_load = true\ninitial_load_max_loss_delta = 0.3\n")
+    path = toml(
+        tmp_path,
+        '[experimental]\ncustom_args_module = "flame_ext.titan.v01"\n'
+        "[checkpoint]\nvalidate_initial_load = true\ninitial_load_max_loss_delta = 0.3\n",
+    )
     base = ["--job.config_file", path, "--model.tokenizer_path", str(tmp_path)]
     ck = ConfigManager().parse_args(base).checkpoint
-    assert (ck.validate_initial_load, ck.initial_load_max_loss_delta, ck.initial_load_repair_buffers) == (True, 0.3, True)
-    ck = ConfigManager().parse_args(base + ["--checkpoint.no-validate-initial-load",
-                                            "--checkpoint.no-initial-load-repair-buffers"]).checkpoint
+    assert (ck.validate_initial_load, ck.initial_load_max_loss_delta, ck.initial_load_repair_buffers) == (
+        True,
+        0.3,
+        True,
+    )
+    ck = (
+        ConfigManager()
+        .parse_args(base + ["--checkpoint.no-validate-initial-load", "--checkpoint.no-initial-load-repair-buffers"])
+        .checkpoint
+    )
     assert (ck.validate_initial_load, ck.initial_load_repair_buffers) == (False, False)
 
 
@@ -157,15 +200,29 @@ def test_titan03_config_function():
 
     sys.path.insert(0, str(REPO / "configs"))
     try:
-        cfg = ConfigManager().parse_args(["--module", "titan03_llama3_8b_cpt", "--config", "llama3_8b_cpt",
-                                          "--checkpoint.initial_load_max_loss_delta", "0.2"])
-        off = ConfigManager().parse_args(["--module", "titan03_llama3_8b_cpt", "--config", "llama3_8b_cpt",
-                                          "--checkpoint.no-validate-initial-load"])
+        cfg = ConfigManager().parse_args(
+            [
+                "--module",
+                "titan03_llama3_8b_cpt",
+                "--config",
+                "llama3_8b_cpt",
+                "--checkpoint.initial_load_max_loss_delta",
+                "0.2",
+            ]
+        )
+        off = ConfigManager().parse_args(
+            ["--module", "titan03_llama3_8b_cpt", "--config", "llama3_8b_cpt", "--checkpoint.no-validate-initial-load"]
+        )
     finally:
         sys.path.remove(str(REPO / "configs"))
     ck = cfg.checkpoint
     assert isinstance(ck, ValidatingCheckpointManager.Config)
-    assert (ck.enable, ck.initial_load_in_hf, ck.validate_initial_load, ck.initial_load_max_loss_delta) == (True, True, True, 0.2)
+    assert (ck.enable, ck.initial_load_in_hf, ck.validate_initial_load, ck.initial_load_max_loss_delta) == (
+        True,
+        True,
+        True,
+        0.2,
+    )
     assert off.checkpoint.validate_initial_load is False
 
 
@@ -205,8 +262,13 @@ def test_config_uses_only_options_flame_knows(path):
 
 
 def test_launcher_without_flame_says_what_to_do(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "flame_ext.flame.train", "--job.config_file", "x.toml"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flame_ext.flame.train", "--job.config_file", "x.toml"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "flame is not importable" in proc.stderr
 

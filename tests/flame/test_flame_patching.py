@@ -11,11 +11,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from flame_src_env import flame_checkout  # noqa: F401 -- a fixture
 
 from flame_ext.cli import main as cli_main
 from flame_ext.flame import FLAME_BASE_COMMIT
 from flame_ext.flame.patching import PATCH_DIR, git_blob_id, load_patches, run
-from flame_src_env import flame_checkout  # noqa: F401 -- a fixture
 
 EXPECTED_FILES = {"flame/train.py", "flame/utils/convert_hf_to_dcp.py", "flame/utils/convert_dcp_to_hf.py"}
 
@@ -43,7 +43,9 @@ def test_patch_context_is_minimal():
     for path in sorted(PATCH_DIR.glob("*.patch")):
         for hunk in re.split(r"^@@.*@@.*$", path.read_text(), flags=re.M)[1:]:
             lines = [ln for ln in hunk.split("\n") if ln and not ln.startswith("diff --git")]
-            lines = lines[: next((i for i, ln in enumerate(lines) if ln.startswith(("diff ", "index ", "--- "))), len(lines))]
+            lines = lines[
+                : next((i for i, ln in enumerate(lines) if ln.startswith(("diff ", "index ", "--- "))), len(lines))
+            ]
             lead = next(i for i, ln in enumerate(lines) if ln[0] in "+-")
             trail = next(i for i, ln in enumerate(reversed(lines)) if ln[0] in "+-")
             assert lead <= 1 and trail <= 1, (path.name, lines)
@@ -78,8 +80,9 @@ def tree(tmp_path) -> tuple[Path, Path]:
     (root / "flame" / "train.py").write_text(OLD_TRAIN)
     (root / "flame" / "config_manager.py").write_text("")
     (root / "flame" / "utils" / "u.py").write_text(OLD_UTIL)
-    patches = _make_patch(tmp_path, "0001.patch", {"flame/train.py": (OLD_TRAIN, NEW_TRAIN),
-                                                   "flame/utils/u.py": (OLD_UTIL, NEW_UTIL)})
+    patches = _make_patch(
+        tmp_path, "0001.patch", {"flame/train.py": (OLD_TRAIN, NEW_TRAIN), "flame/utils/u.py": (OLD_UTIL, NEW_UTIL)}
+    )
     return root, patches
 
 

@@ -49,12 +49,26 @@ def dump(tiny_dcp, tmp_path) -> Path:
 def _job_config(dump: Path, *guard_flags: str):
     from torchtitan.config_manager import ConfigManager
 
-    return ConfigManager().parse_args([
-        "--experimental.custom_args_module", "flame_ext.titan.v01", "--job.dump_folder", str(dump),
-        "--model.tokenizer_path", str(dump), "--optimizer.lr", "1e-3", "--optimizer.implementation", "for-loop",
-        "--lr_scheduler.warmup_steps", "1", "--checkpoint.enable_checkpoint", "--checkpoint.keep_latest_k", "0",
-        *guard_flags,
-    ])
+    return ConfigManager().parse_args(
+        [
+            "--experimental.custom_args_module",
+            "flame_ext.titan.v01",
+            "--job.dump_folder",
+            str(dump),
+            "--model.tokenizer_path",
+            str(dump),
+            "--optimizer.lr",
+            "1e-3",
+            "--optimizer.implementation",
+            "for-loop",
+            "--lr_scheduler.warmup_steps",
+            "1",
+            "--checkpoint.enable_checkpoint",
+            "--checkpoint.keep_latest_k",
+            "0",
+            *guard_flags,
+        ]
+    )
 
 
 def _flame_start(hf: Path, dump: Path, *guard_flags: str, stock: bool = False):
@@ -85,8 +99,15 @@ def _flame_start(hf: Path, dump: Path, *guard_flags: str, stock: bool = False):
     optimizers = build_optimizers([model], job_config, ft_manager)
     lr_schedulers = build_lr_schedulers(optimizers, job_config)
     cls = CheckpointManager if stock else ValidatingCheckpointManager
-    manager = cls(dataloader=None, model_parts=[model], optimizers=optimizers, lr_schedulers=lr_schedulers,
-                  states={"train_state": _TrainState()}, job_config=job_config, ft_manager=ft_manager)
+    manager = cls(
+        dataloader=None,
+        model_parts=[model],
+        optimizers=optimizers,
+        lr_schedulers=lr_schedulers,
+        states={"train_state": _TrainState()},
+        job_config=job_config,
+        ft_manager=ft_manager,
+    )
     manager.load(step=job_config.checkpoint.load_step)
     return model, manager, optimizers
 
@@ -102,13 +123,13 @@ class _TrainState:
 
 
 def _reference(dump: Path) -> dict:
-    from flame_ext.manifest import read_reference
+    from flame_ext.io.manifest import read_reference
 
     return read_reference(dump / "checkpoint" / "step-0")
 
 
 def _loss_on_reference(model, ref: dict) -> float:
-    from flame_ext.reference import per_token_loss
+    from flame_ext.model.reference import per_token_loss
 
     ids = torch.tensor(ref["token_ids"])
     with torch.no_grad():
@@ -116,7 +137,7 @@ def _loss_on_reference(model, ref: dict) -> float:
 
 
 def _inv_freq_is_right(model) -> bool:
-    from flame_ext.buffers import check_buffers
+    from flame_ext.checks.buffers import check_buffers
 
     problems, _ = check_buffers(model, repair=False)
     return not problems
@@ -140,12 +161,14 @@ def test_guard_passes_with_repair_and_training_steps(gloo, tiny_model, dump):
 
 
 def test_guard_stops_the_run_without_repair(gloo, tiny_model, dump):
-    from flame_ext.guard import InitialLoadValidationError
+    from flame_ext.errors import InitialLoadValidationError
 
     if _transformers_major() >= 5:
         pytest.skip("transformers >= 5 recomputes inv_freq in post_init(); the 4.x failure needs transformers 4.x")
     with pytest.raises(InitialLoadValidationError) as info:
-        _flame_start(tiny_model, dump, "--checkpoint.validate_initial_load", "--checkpoint.no_initial_load_repair_buffers")
+        _flame_start(
+            tiny_model, dump, "--checkpoint.validate_initial_load", "--checkpoint.no_initial_load_repair_buffers"
+        )
     kinds = {p.kind for p in info.value.report.errors}
     assert "buffer_mismatch" in kinds
     assert any("inv_freq" in (p.key or "") for p in info.value.report.errors)

@@ -74,13 +74,32 @@ class ForkServer:
             raise RuntimeError(f"fork server died: {(self.workdir / 'forkserver.log').read_text()[-2000:]}")
         return json.loads(line)
 
-    def spawn(self, *argv: str, module: str = "flame_ext.cli", script: str | None = None, env: dict | None = None,
-              cwd: str | Path | None = None, fsize: int | None = None, audit: Path | None = None) -> Child:
+    def spawn(
+        self,
+        *argv: str,
+        module: str = "flame_ext.cli",
+        script: str | None = None,
+        env: dict | None = None,
+        cwd: str | Path | None = None,
+        fsize: int | None = None,
+        audit: Path | None = None,
+    ) -> Child:
         self._n += 1
         out, err = self.workdir / f"run{self._n}.out", self.workdir / f"run{self._n}.err"
-        reply = self._ask({"op": "spawn", "module": module, "script": script, "argv": [str(a) for a in argv],
-                           "stdout": str(out), "stderr": str(err), "cwd": str(cwd) if cwd else None,
-                           "env": env or {}, "fsize": fsize, "audit": str(audit) if audit else None})
+        reply = self._ask(
+            {
+                "op": "spawn",
+                "module": module,
+                "script": script,
+                "argv": [str(a) for a in argv],
+                "stdout": str(out),
+                "stderr": str(err),
+                "cwd": str(cwd) if cwd else None,
+                "env": env or {},
+                "fsize": fsize,
+                "audit": str(audit) if audit else None,
+            }
+        )
         return Child(reply["pid"], out, err)
 
     def wait(self, child: Child, timeout: float = 120) -> Result:
@@ -95,11 +114,19 @@ class ForkServer:
         self.proc.wait(timeout=30)
 
 
-def run_subprocess(*argv: str, module: str = "flame_ext.cli", env: dict | None = None, timeout: float = 120, **kw) -> Result:
+def run_subprocess(
+    *argv: str, module: str = "flame_ext.cli", env: dict | None = None, timeout: float = 120, **kw
+) -> Result:
     """An ordinary ``python -m MODULE ARGS`` run, for the cases that must not go through the fork server."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    p = subprocess.run([sys.executable, "-m", module, *map(str, argv)], capture_output=True, text=True,
-                       env=full_env, timeout=timeout, **kw)
+    p = subprocess.run(
+        [sys.executable, "-m", module, *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        **kw,
+    )
     return Result(p.returncode, p.stdout, p.stderr)
 
 
@@ -130,7 +157,7 @@ def diff_snapshots(before: dict, after: dict) -> list[str]:
 
 def siblings(dest: Path) -> list[str]:
     """Temporary folders and lock files flame-ext keeps next to ``dest`` while it works."""
-    from flame_ext.destination import temp_prefix
+    from flame_ext.io.destination import temp_prefix
 
     if not dest.parent.is_dir():
         return []
@@ -146,7 +173,9 @@ def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    )
     out: dict[str, torch.Tensor] = {}
     for name in files:
         part = load_file(str(folder / name))
@@ -163,7 +192,11 @@ def dcp_keys(folder: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     md = FileSystemReader(str(folder)).read_metadata()
-    return {k: (tuple(v.size), v.properties.dtype) for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+    return {
+        k: (tuple(v.size), v.properties.dtype)
+        for k, v in md.state_dict_metadata.items()
+        if isinstance(v, TensorStorageMetadata)
+    }
 
 
 def dcp_load(folder: Path, keys: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
@@ -188,7 +221,9 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def assert_dcp_is(folder: Path, expected: dict[str, torch.Tensor]) -> None:
     """``folder`` is a complete DCP checkpoint holding exactly ``expected``, bit for bit, plus its manifest."""
     keys = dcp_keys(folder)
-    assert set(keys) == set(expected), f"{folder}: keys differ: missing {sorted(set(expected) - set(keys))[:3]}, extra {sorted(set(keys) - set(expected))[:3]}"
+    assert set(keys) == set(expected), (
+        f"{folder}: keys differ: missing {sorted(set(expected) - set(keys))[:3]}, extra {sorted(set(keys) - set(expected))[:3]}"
+    )
     loaded = dcp_load(folder, {k: (tuple(v.shape), v.dtype) for k, v in expected.items()})
     bad = [k for k, v in expected.items() if not same_bits(loaded[k], v)]
     assert not bad, f"{folder}: {len(bad)} tensors differ from the source, e.g. {bad[:3]}"
@@ -200,6 +235,8 @@ def assert_hf_is(folder: Path, expected: dict[str, torch.Tensor]) -> None:
     """``folder`` is a complete HF folder (config + shards) holding exactly ``expected``, bit for bit."""
     assert (folder / "config.json").is_file(), f"{folder}: no config.json"
     got = hf_tensors(folder)
-    assert set(got) == set(expected), f"{folder}: keys differ: missing {sorted(set(expected) - set(got))[:3]}, extra {sorted(set(got) - set(expected))[:3]}"
+    assert set(got) == set(expected), (
+        f"{folder}: keys differ: missing {sorted(set(expected) - set(got))[:3]}, extra {sorted(set(got) - set(expected))[:3]}"
+    )
     bad = [k for k, v in expected.items() if not same_bits(got[k], v)]
     assert not bad, f"{folder}: {len(bad)} tensors differ from the source, e.g. {bad[:3]}"

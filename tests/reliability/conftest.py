@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ._rel import HERE, ForkServer
+from tests.reliability._rel import HERE, ForkServer
 
 FIGURES: dict[str, object] = {}
 
@@ -32,7 +32,9 @@ def rel_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def forkserver(rel_dir):
     env = {k: v for k, v in os.environ.items() if k not in ("FLAME_EXT_DEBUG", "HF_ENDPOINT")}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(rel_dir / "hf_home"), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        HF_HUB_OFFLINE="1", HF_HOME=str(rel_dir / "hf_home"), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false"
+    )
     logs = rel_dir / "runs"
     logs.mkdir()
     server = ForkServer(logs, env)

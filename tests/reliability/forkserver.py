@@ -35,18 +35,26 @@ PRELOAD = (
     "transformers",
     "flame_ext.cli",
     "flame_ext.convert",
-    "flame_ext.hf",
-    "flame_ext.dcp",
-    "flame_ext.manifest",
-    "flame_ext.reference",
-    "flame_ext.reference_cmd",
+    "flame_ext.io.hf",
+    "flame_ext.io.dcp",
+    "flame_ext.io.manifest",
+    "flame_ext.model.reference",
+    "flame_ext.commands.reference",
     "flame_ext.convert_hf_to_dcp",
     "flame_ext.convert_dcp_to_hf",
 )
 # Imported when present: other parts of the project, and the installed torchtitan (for the guard's ranks).
-OPTIONAL = ("flame_ext.diagnose", "flame_ext.diagnose_checkpoint", "flame_ext.parity", "flame_ext.buffers", "flame_ext.guard",
-            "torchtitan.components.optimizer", "torchtitan.components.lr_scheduler", "torchtitan.components.ft",
-            "torchtitan.config_manager")
+OPTIONAL = (
+    "flame_ext.commands.diagnose",
+    "flame_ext.diagnose_checkpoint",
+    "flame_ext.checks.keys",
+    "flame_ext.checks.buffers",
+    "flame_ext.guard",
+    "torchtitan.components.optimizer",
+    "torchtitan.components.lr_scheduler",
+    "torchtitan.components.ft",
+    "torchtitan.config_manager",
+)
 
 
 def preload() -> None:
@@ -63,7 +71,7 @@ def preload() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Olmo2ForCausalLM  # noqa: F401
 
     try:
-        from flame_ext.titan import ValidatingCheckpointManager  # noqa: F401 - the installed generation's adapter
+        pass
     except Exception:
         pass
 
@@ -75,7 +83,15 @@ def _audit_to(path: str) -> None:
 
     def hook(event: str, args: tuple) -> None:
         nonlocal busy
-        if busy or event not in ("open", "compile", "exec", "os.system", "subprocess.Popen", "os.exec", "os.posix_spawn"):
+        if busy or event not in (
+            "open",
+            "compile",
+            "exec",
+            "os.system",
+            "subprocess.Popen",
+            "os.exec",
+            "os.posix_spawn",
+        ):
             return
         busy = True
         try:
@@ -174,7 +190,9 @@ def main() -> None:
                 _child(cmd)
             reply.write(json.dumps({"pid": pid}) + "\n")
         elif cmd["op"] == "wait":
-            reply.write(json.dumps({"pid": cmd["pid"], "returncode": _wait(cmd["pid"], cmd.get("timeout", 120))}) + "\n")
+            reply.write(
+                json.dumps({"pid": cmd["pid"], "returncode": _wait(cmd["pid"], cmd.get("timeout", 120))}) + "\n"
+            )
         reply.flush()
 
 

@@ -12,8 +12,10 @@ import sys
 import torch.distributed.checkpoint as dcp
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from flame_ext.dcp import read_dcp_metadata
-from flame_ext.guard import GuardConfig, InitialLoadGuard, InitialLoadValidationError, hf_loss_probe, split_request
+from flame_ext.errors import InitialLoadValidationError
+from flame_ext.guard.initial_load import InitialLoadGuard, hf_loss_probe, split_request
+from flame_ext.guard.options import GuardConfig
+from flame_ext.io.dcp import read_dcp_metadata
 
 
 def main() -> int:

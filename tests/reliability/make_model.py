@@ -26,8 +26,17 @@ def main() -> None:
     p.add_argument("--tokenizer", action="store_true")
     a = p.parse_args()
     torch.manual_seed(a.seed)
-    cfg = Olmo2Config(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=2 * a.hidden, num_hidden_layers=a.layers,
-                      num_attention_heads=4, max_position_embeddings=256, eos_token_id=256, pad_token_id=256, bos_token_id=None)
+    cfg = Olmo2Config(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=2 * a.hidden,
+        num_hidden_layers=a.layers,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        eos_token_id=256,
+        pad_token_id=256,
+        bos_token_id=None,
+    )
     Olmo2ForCausalLM(cfg).save_pretrained(a.out, max_shard_size=f"{a.shard_kb}KB")
     if a.tokenizer:
         byte_tokenizer().save_pretrained(a.out)

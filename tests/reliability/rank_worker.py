@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from flame_ext.demo import TrainState
+from flame_ext.commands.demo import TrainState
 
 
 def build_manager(model: torch.nn.Module, base: Path, checkpoint: str) -> Any:
@@ -58,24 +58,38 @@ def build_manager(model: torch.nn.Module, base: Path, checkpoint: str) -> Any:
             setattr(job.checkpoint, name, value)
         ft = FTManager(None)
         optimizers = build_optimizers([model], job, ft)
-        return ValidatingCheckpointManager(dataloader=None, model_parts=[model], optimizers=optimizers,
-                                           lr_schedulers=build_lr_schedulers(optimizers, job),
-                                           states={"train_state": TrainState()}, job_config=job, ft_manager=ft)
+        return ValidatingCheckpointManager(
+            dataloader=None,
+            model_parts=[model],
+            optimizers=optimizers,
+            lr_schedulers=build_lr_schedulers(optimizers, job),
+            states={"train_state": TrainState()},
+            job_config=job,
+            ft_manager=ft,
+        )
     from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
 
     optimizers = default_adamw(lr=1e-3).build(model_parts=[model])
     schedulers = LRSchedulersContainer.Config(warmup_steps=1).build(optimizers=optimizers, training_steps=10)
-    config = ValidatingCheckpointManager.Config(enable=True, keep_latest_k=0, initial_load_path=checkpoint,
-                                                initial_load_model_only=True, **guard)
-    return config.build(dataloader=None, model_parts=[model], optimizers=optimizers, lr_schedulers=schedulers,
-                        states={"train_state": TrainState()}, sd_adapter=None, base_folder=str(base))
+    config = ValidatingCheckpointManager.Config(
+        enable=True, keep_latest_k=0, initial_load_path=checkpoint, initial_load_model_only=True, **guard
+    )
+    return config.build(
+        dataloader=None,
+        model_parts=[model],
+        optimizers=optimizers,
+        lr_schedulers=schedulers,
+        states={"train_state": TrainState()},
+        sd_adapter=None,
+        base_folder=str(base),
+    )
 
 
 def run_scenario(args: argparse.Namespace, scenario: str, rank: int) -> bool:
     """One guarded initial load with ``scenario``'s fault on rank 1; True if it passed."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from flame_ext.guard import InitialLoadValidationError
+    from flame_ext.errors import InitialLoadValidationError
 
     out = Path(args.out) / f"rank-{rank}-{scenario}.json"
     record: dict[str, Any] = {"rank": rank, "pid": os.getpid(), "scenario": scenario}
@@ -98,9 +112,14 @@ def run_scenario(args: argparse.Namespace, scenario: str, rank: int) -> bool:
         manager.load()
     except BaseException as exc:
         report = getattr(exc, "report", None)
-        record.update(event="raised", error=type(exc).__name__, message=str(exc).splitlines()[0][:500],
-                      report=report.to_dict() if report is not None else None, t=time.time(),
-                      traceback=traceback.format_exc()[-2000:])
+        record.update(
+            event="raised",
+            error=type(exc).__name__,
+            message=str(exc).splitlines()[0][:500],
+            report=report.to_dict() if report is not None else None,
+            t=time.time(),
+            traceback=traceback.format_exc()[-2000:],
+        )
         out.write_text(json.dumps(record))
         if isinstance(exc, InitialLoadValidationError):
             return False
@@ -122,7 +141,6 @@ def main() -> int:
 
     # The slow imports before the process group exists, so that no rank waits in a collective on another's imports.
     import transformers  # noqa: F401
-    from flame_ext.titan import ValidatingCheckpointManager  # noqa: F401 - imports the installed torchtitan
 
     torch.manual_seed(0)
     dist.init_process_group("gloo", timeout=timedelta(seconds=args.pg_timeout))

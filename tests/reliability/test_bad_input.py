@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from ._rel import diff_snapshots, run_subprocess, snapshot
-
 from flame_ext.errors import FlameExtError
+from tests.reliability._rel import diff_snapshots, run_subprocess, snapshot
 
 
 @dataclass
@@ -142,19 +141,29 @@ def c_index_names_missing_shard(io: Inputs) -> Case:
 def c_unknown_architecture(io: Inputs) -> Case:
     m = io.model_copy()
     _edit_json(m / "config.json", model_type="olmo-from-the-future", architectures=["OlmoFromTheFuture"])
-    return Case(_convert(m, io), [str(m), "olmo-from-the-future"], ["cannot build", "unknown", "unrecognized", "model_type"])
+    return Case(
+        _convert(m, io), [str(m), "olmo-from-the-future"], ["cannot build", "unknown", "unrecognized", "model_type"]
+    )
 
 
 def c_tokenizer_does_not_load(io: Inputs) -> Case:
     m = io.model_copy()
     (m / "tokenizer.json").write_text("{ this is not a tokenizer")
     (m / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
-    argv = ["convert", "--model", str(m), "--checkpoint", str(io.out / "step-0")]  # with the reference: reads the tokenizer
+    argv = [
+        "convert",
+        "--model",
+        str(m),
+        "--checkpoint",
+        str(io.out / "step-0"),
+    ]  # with the reference: reads the tokenizer
     return Case(argv, [str(m)], ["tokenizer"])
 
 
 def c_convert_dtype_nonsense(io: Inputs) -> Case:
-    return Case(_convert(io.small_model, io, "--dtype", "float13"), ["--dtype", "float13"], ["choose one of", "float32"])
+    return Case(
+        _convert(io.small_model, io, "--dtype", "float13"), ["--dtype", "float13"], ["choose one of", "float32"]
+    )
 
 
 def c_convert_layout_nonsense(io: Inputs) -> Case:
@@ -162,16 +171,30 @@ def c_convert_layout_nonsense(io: Inputs) -> Case:
 
 
 def c_hub_id_offline(io: Inputs) -> Case:
-    return Case(_convert("flame-ext-test/no-such-model", io), ["flame-ext-test/no-such-model"], ["hub", "network", "offline"],
-                env={"HF_HUB_OFFLINE": "1"})
+    return Case(
+        _convert("flame-ext-test/no-such-model", io),
+        ["flame-ext-test/no-such-model"],
+        ["hub", "network", "offline"],
+        env={"HF_HUB_OFFLINE": "1"},
+    )
 
 
 def c_hub_id_unreachable(io: Inputs) -> Case:
     # A fresh interpreter: huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE when it is imported.
-    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(io.root.parent / "hf_home_unreachable"),
-           "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
-    return Case(_convert("flame-ext-test/no-such-model", io), ["flame-ext-test/no-such-model"], ["hub", "network"],
-                env=env, subprocess=True)
+    env = {
+        "HF_HUB_OFFLINE": "0",
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HOME": str(io.root.parent / "hf_home_unreachable"),
+        "HF_HUB_ETAG_TIMEOUT": "2",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "2",
+    }
+    return Case(
+        _convert("flame-ext-test/no-such-model", io),
+        ["flame-ext-test/no-such-model"],
+        ["hub", "network"],
+        env=env,
+        subprocess=True,
+    )
 
 
 def c_destination_exists(io: Inputs) -> Case:
@@ -181,7 +204,14 @@ def c_destination_exists(io: Inputs) -> Case:
 
 def c_destination_parent_is_file(io: Inputs) -> Case:
     (io.out / "afile").write_text("not a folder")
-    argv = ["convert", "--model", str(io.small_model), "--checkpoint", str(io.out / "afile" / "step-0"), "--no-reference"]
+    argv = [
+        "convert",
+        "--model",
+        str(io.small_model),
+        "--checkpoint",
+        str(io.out / "afile" / "step-0"),
+        "--no-reference",
+    ]
     return Case(argv, ["afile"], ["is a file", "not a folder", "not a directory"])
 
 
@@ -235,7 +265,11 @@ def c_tohf_config_missing(io: Inputs) -> Case:
 def c_tohf_config_unknown_architecture(io: Inputs) -> Case:
     m = io.model_copy()
     _edit_json(m / "config.json", model_type="olmo-from-the-future")
-    return Case(_to_hf(io.small_dcp, m, io), [str(m), "olmo-from-the-future"], ["cannot build", "unknown", "unrecognized", "model_type"])
+    return Case(
+        _to_hf(io.small_dcp, m, io),
+        [str(m), "olmo-from-the-future"],
+        ["cannot build", "unknown", "unrecognized", "model_type"],
+    )
 
 
 def c_tohf_checkpoint_of_another_model(io: Inputs) -> Case:
@@ -270,7 +304,15 @@ def c_dropin_convert_missing_model(io: Inputs) -> Case:
 
 
 def c_dropin_convert_dtype_nonsense(io: Inputs) -> Case:
-    argv = ["--model", str(io.small_model), "--checkpoint", str(io.out / "step-0"), "--dtype", "half-ish", "--no_reference"]
+    argv = [
+        "--model",
+        str(io.small_model),
+        "--checkpoint",
+        str(io.out / "step-0"),
+        "--dtype",
+        "half-ish",
+        "--no_reference",
+    ]
     return Case(argv, ["--dtype", "half-ish"], ["choose one of"], module="flame_ext.convert_hf_to_dcp")
 
 
@@ -290,33 +332,47 @@ def c_dropin_tohf_corrupt_metadata(io: Inputs) -> Case:
 
 def c_dropin_diagnose_missing_checkpoint(io: Inputs) -> Case:
     argv = ["--checkpoint", str(io.inp / "nope"), "--model", str(io.small_model)]
-    return Case(argv, ["nope"], ["no such"], module="flame_ext.diagnose_checkpoint", needs="flame_ext.diagnose_checkpoint")
+    return Case(
+        argv, ["nope"], ["no such"], module="flame_ext.diagnose_checkpoint", needs="flame_ext.diagnose_checkpoint"
+    )
 
 
 def c_dropin_diagnose_nan_threshold(io: Inputs) -> Case:
     argv = ["--checkpoint", str(io.small_dcp), "--model", str(io.small_model), "--threshold", "nan"]
-    return Case(argv, ["--threshold", "nan"], ["finite", "must be"], module="flame_ext.diagnose_checkpoint",
-                needs="flame_ext.diagnose_checkpoint")
+    return Case(
+        argv,
+        ["--threshold", "nan"],
+        ["finite", "must be"],
+        module="flame_ext.diagnose_checkpoint",
+        needs="flame_ext.diagnose_checkpoint",
+    )
 
 
 def c_diagnose_missing_checkpoint(io: Inputs) -> Case:
-    return Case(_diagnose(io.inp / "nope", io.small_model), ["nope"], ["no such"], needs="flame_ext.diagnose")
+    return Case(_diagnose(io.inp / "nope", io.small_model), ["nope"], ["no such"], needs="flame_ext.commands.diagnose")
 
 
 def c_diagnose_missing_model(io: Inputs) -> Case:
-    return Case(_diagnose(io.small_dcp, io.inp / "nomodel"), ["nomodel"], ["no such"], needs="flame_ext.diagnose")
+    return Case(_diagnose(io.small_dcp, io.inp / "nomodel"), ["nomodel"], ["no such"], needs="flame_ext.commands.diagnose")
 
 
 def c_diagnose_truncated_metadata(io: Inputs) -> Case:
     c = io.dcp_copy()
     _truncate(c / ".metadata", 0.3)
-    return Case(_diagnose(c, io.small_model), [str(c)], ["corrupt", "unreadable", "truncated"], needs="flame_ext.diagnose")
+    return Case(
+        _diagnose(c, io.small_model), [str(c)], ["corrupt", "unreadable", "truncated"], needs="flame_ext.commands.diagnose"
+    )
 
 
 def c_diagnose_truncated_distcp(io: Inputs) -> Case:
     c = io.dcp_copy()
     f = _truncate(_biggest_distcp(c), 0.5)
-    return Case(_diagnose(c, io.small_model, "--values"), [f.name, str(c)], ["truncated", "cannot read"], needs="flame_ext.diagnose")
+    return Case(
+        _diagnose(c, io.small_model, "--values"),
+        [f.name, str(c)],
+        ["truncated", "cannot read"],
+        needs="flame_ext.commands.diagnose",
+    )
 
 
 def c_diagnose_tokenizer_does_not_load(io: Inputs) -> Case:
@@ -324,29 +380,46 @@ def c_diagnose_tokenizer_does_not_load(io: Inputs) -> Case:
     tok.mkdir()
     (tok / "tokenizer.json").write_text("[1, 2")
     (tok / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
-    return Case(_diagnose(io.small_dcp, io.small_model, "--tokenizer", str(tok)), [str(tok)], ["tokenizer"],
-                needs="flame_ext.diagnose")
+    return Case(
+        _diagnose(io.small_dcp, io.small_model, "--tokenizer", str(tok)),
+        [str(tok)],
+        ["tokenizer"],
+        needs="flame_ext.commands.diagnose",
+    )
 
 
 def c_diagnose_negative_threshold(io: Inputs) -> Case:
-    return Case(_diagnose(io.small_dcp, io.small_model, "--threshold", "-0.5"), ["--threshold", "-0.5"], [">= 0", "must be"],
-                needs="flame_ext.diagnose")
+    return Case(
+        _diagnose(io.small_dcp, io.small_model, "--threshold", "-0.5"),
+        ["--threshold", "-0.5"],
+        [">= 0", "must be"],
+        needs="flame_ext.commands.diagnose",
+    )
 
 
 def c_diagnose_nan_threshold(io: Inputs) -> Case:
-    return Case(_diagnose(io.small_dcp, io.small_model, "--threshold", "nan"), ["--threshold", "nan"], ["finite", "must be"],
-                needs="flame_ext.diagnose")
+    return Case(
+        _diagnose(io.small_dcp, io.small_model, "--threshold", "nan"),
+        ["--threshold", "nan"],
+        ["finite", "must be"],
+        needs="flame_ext.commands.diagnose",
+    )
 
 
 def c_diagnose_manifest_other_version(io: Inputs) -> Case:
     c = io.dcp_copy()
     _edit_json(c / "flame_ext.json", format_version=99)
-    return Case(_diagnose(c, io.small_model), ["flame_ext.json"], ["version"], needs="flame_ext.diagnose")
+    return Case(_diagnose(c, io.small_model), ["flame_ext.json"], ["version"], needs="flame_ext.commands.diagnose")
 
 
 def c_diagnose_hub_id_offline(io: Inputs) -> Case:
-    return Case(_diagnose(io.small_dcp, "flame-ext-test/no-such-model"), ["flame-ext-test/no-such-model"], ["hub", "network"],
-                env={"HF_HUB_OFFLINE": "1"}, needs="flame_ext.diagnose")
+    return Case(
+        _diagnose(io.small_dcp, "flame-ext-test/no-such-model"),
+        ["flame-ext-test/no-such-model"],
+        ["hub", "network"],
+        env={"HF_HUB_OFFLINE": "1"},
+        needs="flame_ext.commands.diagnose",
+    )
 
 
 CASES: dict[str, Callable[[Inputs], Case]] = {
@@ -378,7 +451,9 @@ def test_bad_input_is_refused_cleanly(name, forkserver, small_model, small_dcp, 
     assert len(r.err_lines) == 1, f"expected exactly one line on stderr, got {len(r.err_lines)}:\n{r.stderr[-3000:]}"
     line = r.err_lines[0]
     assert any(n in line for n in case.names), f"the message does not name the input ({case.names}): {line}"
-    assert any(w.lower() in line.lower() for w in case.what), f"the message does not say what is wrong ({case.what}): {line}"
+    assert any(w.lower() in line.lower() for w in case.what), (
+        f"the message does not say what is wrong ({case.what}): {line}"
+    )
     assert not changes, f"the failed run changed files: {changes}"
 
 
@@ -401,7 +476,7 @@ def _guard_cases():
 
 @pytest.mark.parametrize("label,value", _guard_cases(), ids=[c[0] for c in _guard_cases()])
 def test_guard_threshold_is_refused_at_construction(label, value, figures):
-    from flame_ext.guard import GuardConfig
+    from flame_ext.guard.options import GuardConfig
 
     with pytest.raises(FlameExtError) as info:
         GuardConfig(validate_initial_load=True, initial_load_max_loss_delta=value)
@@ -423,7 +498,7 @@ def test_guard_threshold_in_the_host_config_is_refused(figures):
         with pytest.raises(FlameExtError, match="initial_load_max_loss_delta"):
             ValidatingCheckpointManager.Config(validate_initial_load=True, initial_load_max_loss_delta=float("nan"))
     else:
-        from flame_ext.guard import GuardConfig
+        from flame_ext.guard.options import GuardConfig
 
         section = SimpleNamespace(validate_initial_load=True, initial_load_max_loss_delta=-1.0)
         with pytest.raises(FlameExtError, match="initial_load_max_loss_delta"):
@@ -434,15 +509,20 @@ def test_guard_reference_of_another_format_version(small_dcp, tmp_path, figures)
     """A manifest of another format version stops the guard before anything is loaded, with one clear finding."""
     import torch
 
-    from flame_ext.guard import GuardConfig, InitialLoadGuard, InitialLoadValidationError, RequestedLoad
+    from flame_ext.errors import InitialLoadValidationError
+    from flame_ext.guard.initial_load import InitialLoadGuard, RequestedLoad
+    from flame_ext.guard.options import GuardConfig
 
     manifest = json.loads((small_dcp / "flame_ext.json").read_text())
     manifest["format_version"] = 99
     ref = tmp_path / "reference.json"
     ref.write_text(json.dumps(manifest))
     before = snapshot(tmp_path)
-    guard = InitialLoadGuard(GuardConfig(validate_initial_load=True, initial_load_reference=str(ref)), str(small_dcp),
-                             [torch.nn.Embedding(260, 8)])
+    guard = InitialLoadGuard(
+        GuardConfig(validate_initial_load=True, initial_load_reference=str(ref)),
+        str(small_dcp),
+        [torch.nn.Embedding(260, 8)],
+    )
     with pytest.raises(InitialLoadValidationError) as info:
         guard.before_load(RequestedLoad({}, []), lambda: {})
     figures.setdefault("bad_input_cases", []).append("guard_reference_other_version")

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from flame_ext.destination import temp_prefix
-
-from ._rel import TEMP_MARK, Result, assert_dcp_is, assert_hf_is, hf_tensors, siblings
+from flame_ext.io.destination import temp_prefix
+from tests.reliability._rel import TEMP_MARK, Result, assert_dcp_is, assert_hf_is, hf_tensors, siblings
 
 SEED = 6  # the issue number: any fixed seed makes the kill points reproducible
 CONVERT_TRIALS = 10
@@ -48,7 +47,9 @@ def _convert_argv(model: Path, dest: Path, force: bool, reference: bool = True) 
 
 
 def _to_hf_argv(ckpt: Path, config: Path, dest: Path, force: bool) -> list[str]:
-    return ["to-hf", "--checkpoint", str(ckpt), "--config", str(config), "--out", str(dest), "--max-shard-mb", "1"] + ["--force"] * force
+    return ["to-hf", "--checkpoint", str(ckpt), "--config", str(config), "--out", str(dest), "--max-shard-mb", "1"] + [
+        "--force"
+    ] * force
 
 
 def _check_leftovers(dest: Path, dead_pid: int) -> list[str]:
@@ -72,10 +73,17 @@ def _step_torchtitan_finds(folder: Path) -> int | None:
     return CheckpointManager._find_load_step(None, str(folder))  # a scan of ``folder``; ``self`` is not used
 
 
-def _inspect(r: Result, sig: signal.Signals, force: bool, dest: Path, check: Callable[[Path], None], stats: Counter) -> None:
+def _inspect(
+    r: Result, sig: signal.Signals, force: bool, dest: Path, check: Callable[[Path], None], stats: Counter
+) -> None:
     """What a killed run left: its exit, the destination (absent or complete), and what is beside it."""
     stats[f"{sig.name}:{'finished' if r.returncode == 0 else 'killed'}"] += 1
-    if sig == signal.SIGINT and r.returncode not in (0, 130) and "KeyboardInterrupt" in r.stderr and "run_guarded" not in r.stderr:
+    if (
+        sig == signal.SIGINT
+        and r.returncode not in (0, 130)
+        and "KeyboardInterrupt" in r.stderr
+        and "run_guarded" not in r.stderr
+    ):
         # Ctrl-C while the interpreter was still importing the command's module, before flame-ext's code ran:
         # Python's own traceback, as for any program; nothing can have been written yet.
         stats["SIGINT:during interpreter start-up"] += 1
@@ -95,7 +103,8 @@ def _inspect(r: Result, sig: signal.Signals, force: bool, dest: Path, check: Cal
         stats["destination complete"] += 1
         # cli.py says "nothing was written" on Ctrl-C; counted when the run had in fact just finished.
         stats["Ctrl-C line said 'nothing was written' but the new output was complete"] += (
-            r.returncode == 130 and not force and "nothing was written" in r.stderr)  # the old wording; kept so a regression is counted
+            r.returncode == 130 and not force and "nothing was written" in r.stderr
+        )  # the old wording; kept so a regression is counted
     else:
         stats["destination absent"] += 1
     left = _check_leftovers(dest, r.pid)
@@ -103,11 +112,18 @@ def _inspect(r: Result, sig: signal.Signals, force: bool, dest: Path, check: Cal
         assert _step_torchtitan_finds(dest.parent) in (-1, None), f"torchtitan takes {left} for a saved step"
     stats["runs that left a named temporary"] += any(TEMP_MARK in name for name in left)
     stats["of them with all data written (killed in the last step)"] += any(
-        (dest.parent / name / ".metadata").is_file() or (dest.parent / name / "config.json").is_file() for name in left)
+        (dest.parent / name / ".metadata").is_file() or (dest.parent / name / "config.json").is_file() for name in left
+    )
 
 
-def _kill_trials(forkserver, argv: Callable[[Path, bool, bool], list[str]], dest: Path, check: Callable[[Path], None],
-                 trials: int, rng: random.Random) -> dict:
+def _kill_trials(
+    forkserver,
+    argv: Callable[[Path, bool, bool], list[str]],
+    dest: Path,
+    check: Callable[[Path], None],
+    trials: int,
+    rng: random.Random,
+) -> dict:
     """Run ``trials`` kill / inspect / re-run rounds; returns what happened (for the README figures)."""
     full = {}  # duration of the last uncut run, with and without the last step
     for last_step in (False, True):
@@ -139,21 +155,38 @@ def _kill_trials(forkserver, argv: Callable[[Path, bool, bool], list[str]], dest
         assert siblings(dest) == [], f"the next run left {siblings(dest)} beside {dest}"
     # Every trial asserted "absent or complete and bit-exact" (and the old checkpoint kept under --force), so
     # reaching this line means no trial lost or corrupted a file.
-    return {"trials": trials, "seconds_per_uncut_run": [round(t, 2) for t in full.values()],
-            "kill_points_as_fraction_of_a_run": fractions, **stats, "files lost": 0}
+    return {
+        "trials": trials,
+        "seconds_per_uncut_run": [round(t, 2) for t in full.values()],
+        "kill_points_as_fraction_of_a_run": fractions,
+        **stats,
+        "files lost": 0,
+    }
 
 
 def test_convert_survives_kills(forkserver, big_model, source_tensors, tmp_path, figures):
     dest = tmp_path / "exp" / "checkpoint" / "step-0"
-    stats = _kill_trials(forkserver, lambda d, f, ref: _convert_argv(big_model, d, f, ref), dest,
-                         lambda d: assert_dcp_is(d, source_tensors), CONVERT_TRIALS, random.Random(SEED))
+    stats = _kill_trials(
+        forkserver,
+        lambda d, f, ref: _convert_argv(big_model, d, f, ref),
+        dest,
+        lambda d: assert_dcp_is(d, source_tensors),
+        CONVERT_TRIALS,
+        random.Random(SEED),
+    )
     figures["kills_convert"] = stats
 
 
 def test_to_hf_survives_kills(forkserver, big_model, big_dcp, source_tensors, tmp_path, figures):
     dest = tmp_path / "hf-out"
-    stats = _kill_trials(forkserver, lambda d, f, ref: _to_hf_argv(big_dcp, big_model, d, f), dest,
-                         lambda d: assert_hf_is(d, source_tensors), TO_HF_TRIALS, random.Random(SEED + 1))
+    stats = _kill_trials(
+        forkserver,
+        lambda d, f, ref: _to_hf_argv(big_dcp, big_model, d, f),
+        dest,
+        lambda d: assert_hf_is(d, source_tensors),
+        TO_HF_TRIALS,
+        random.Random(SEED + 1),
+    )
     figures["kills_to_hf"] = stats
 
 
@@ -162,7 +195,9 @@ def test_write_failure_is_one_clear_line_and_no_output(command, forkserver, big_
     """A file size limit (RLIMIT_FSIZE, as a full disk or quota would) stops the run: one line, nothing left."""
     dest = tmp_path / "out" / "result"
     dest.parent.mkdir()
-    argv = _convert_argv(big_model, dest, False) if command == "convert" else _to_hf_argv(big_dcp, big_model, dest, False)
+    argv = (
+        _convert_argv(big_model, dest, False) if command == "convert" else _to_hf_argv(big_dcp, big_model, dest, False)
+    )
     r = forkserver.run(*argv, fsize=256 * 1024)  # every data file of these runs is larger
     figures.setdefault("write_failures", []).append(command)
     assert r.returncode == 1, f"exit {r.returncode}\n{r.stderr[-3000:]}"
@@ -177,11 +212,19 @@ def test_write_failure_is_one_clear_line_and_no_output(command, forkserver, big_
 def test_two_runs_into_one_destination(command, forkserver, big_model, big_dcp, source_tensors, tmp_path, figures):
     """Started together (or one just after the other): one wins, the other fails clearly, the result is whole."""
     rng = random.Random(SEED + 2)
-    check = (lambda d: assert_dcp_is(d, source_tensors)) if command == "convert" else (lambda d: assert_hf_is(d, source_tensors))
+    check = (
+        (lambda d: assert_dcp_is(d, source_tensors))
+        if command == "convert"
+        else (lambda d: assert_hf_is(d, source_tensors))
+    )
     outcomes = []
     for round_no, stagger in enumerate([0.0, 0.0, rng.uniform(0.02, 0.3)]):
         dest = tmp_path / f"round{round_no}" / "dest"
-        argv = _convert_argv(big_model, dest, False) if command == "convert" else _to_hf_argv(big_dcp, big_model, dest, False)
+        argv = (
+            _convert_argv(big_model, dest, False)
+            if command == "convert"
+            else _to_hf_argv(big_dcp, big_model, dest, False)
+        )
         first = forkserver.spawn(*argv)
         time.sleep(stagger)
         second = forkserver.spawn(*argv)

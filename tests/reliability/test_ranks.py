@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ._rel import HERE, Result, dcp_keys, dcp_load
+from tests.reliability._rel import HERE, Result, dcp_keys, dcp_load
 
 pytestmark = pytest.mark.slow
 
@@ -86,16 +86,35 @@ def _assert_same_verdict(results: list[dict | None], kind: str) -> None:
     # The pooled problems, the counts printed beside them, and the verdict.
     same = [{k: r["report"][k] for k in ("ok", "problems", "counts", "loss")} for r in results]
     assert same[0] == same[1], "the ranks disagree on what is wrong"
-    assert kind in {p["kind"] for p in results[0]["report"]["problems"] if p["severity"] == "error"}, results[0]["report"]
+    assert kind in {p["kind"] for p in results[0]["report"]["problems"] if p["severity"] == "error"}, results[0][
+        "report"
+    ]
 
 
 @pytest.fixture(scope="module")
 def torchrun_faults(small_model, guarded, foreign, tmp_path_factory) -> tuple[subprocess.CompletedProcess, float, Path]:
     """One torchrun job, two ranks, two guarded loads: rank 1 with another checkpoint, then with another loss."""
     out = tmp_path_factory.mktemp("torchrun")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-           "--out", str(out), "--hf", str(small_model), "--checkpoint", str(guarded), "--other-checkpoint", str(foreign),
-           "--scenario", "checkpoint", "--scenario", "loss"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(WORKER),
+        "--out",
+        str(out),
+        "--hf",
+        str(small_model),
+        "--checkpoint",
+        str(guarded),
+        "--other-checkpoint",
+        str(foreign),
+        "--scenario",
+        "checkpoint",
+        "--scenario",
+        "loss",
+    ]
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=2 * DEADLINE + 60)
     return proc, time.monotonic() - start, out
@@ -108,7 +127,8 @@ def test_a_rank_with_another_checkpoint_ends_both(torchrun_faults, figures):
     missing = [p for p in results[0]["report"]["problems"] if p["kind"] == "missing_key"]
     assert any("rank 1" in p["detail"] for p in missing), missing  # rank 0 learns where the fault is
     figures.setdefault("ranks", {})["another checkpoint on rank 1"] = (
-        f"both raised InitialLoadValidationError {max(r['t'] - r['t_load'] for r in results):.2f}s into the load")
+        f"both raised InitialLoadValidationError {max(r['t'] - r['t_load'] for r in results):.2f}s into the load"
+    )
 
 
 def test_a_rank_with_another_loss_ends_both(torchrun_faults, figures):
@@ -117,7 +137,8 @@ def test_a_rank_with_another_loss_ends_both(torchrun_faults, figures):
     _assert_same_verdict(results, "loss_gap")
     assert proc.returncode != 0, "the job went on after a failed initial load"
     figures.setdefault("ranks", {})["another loss on rank 1"] = (
-        f"both raised InitialLoadValidationError {max(r['t'] - r['t_load'] for r in results):.2f}s into the load")
+        f"both raised InitialLoadValidationError {max(r['t'] - r['t_load'] for r in results):.2f}s into the load"
+    )
 
 
 def _free_port() -> int:
@@ -127,8 +148,15 @@ def _free_port() -> int:
 
 
 def _rank_env(rank: int, port: int) -> dict[str, str]:
-    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +171,22 @@ def lost_rank_jobs(forkserver, small_model, guarded, tmp_path_factory) -> dict[s
     for fault in ("kill", "freeze"):
         out = tmp_path_factory.mktemp(fault)
         port = _free_port()
-        args = ["--out", out, "--hf", small_model, "--checkpoint", guarded, "--scenario", fault, "--pg-timeout", PG_TIMEOUT]
-        jobs[fault] = (out, [forkserver.spawn(*args, script=str(WORKER), env=_rank_env(rank, port)) for rank in range(2)])
+        args = [
+            "--out",
+            out,
+            "--hf",
+            small_model,
+            "--checkpoint",
+            guarded,
+            "--scenario",
+            fault,
+            "--pg-timeout",
+            PG_TIMEOUT,
+        ]
+        jobs[fault] = (
+            out,
+            [forkserver.spawn(*args, script=str(WORKER), env=_rank_env(rank, port)) for rank in range(2)],
+        )
     ended = {}
     try:
         for fault, (out, ranks) in jobs.items():
@@ -164,10 +206,15 @@ def test_a_rank_lost_in_the_forward_pass_does_not_hang_the_other(fault, lost_ran
     out, r0_run, ended0 = lost_rank_jobs[fault]
     lost, r0 = _results(out, fault)[1], _results(out, fault)[0]
     assert lost is not None and lost["event"] == f"{fault} in forward", f"rank 1 never reached the forward pass: {lost}"
-    assert r0 is not None and r0["event"] == "raised", f"rank 0 did not raise (exit {r0_run.returncode}):\n{r0_run.stderr[-3000:]}"
-    assert r0_run.returncode not in (0, -signal.SIGKILL), f"rank 0: exit {r0_run.returncode} (-9: still waiting after 150 s)"
+    assert r0 is not None and r0["event"] == "raised", (
+        f"rank 0 did not raise (exit {r0_run.returncode}):\n{r0_run.stderr[-3000:]}"
+    )
+    assert r0_run.returncode not in (0, -signal.SIGKILL), (
+        f"rank 0: exit {r0_run.returncode} (-9: still waiting after 150 s)"
+    )
     waited = r0["t"] - lost["t"]  # from rank 1's loss to rank 0's error
     assert waited < PG_TIMEOUT + SLACK, f"rank 0 raised {waited:.1f}s after rank 1 was lost (timeout {PG_TIMEOUT}s)"
     figures.setdefault("ranks", {})[f"rank 1 {fault} in forward"] = (
         f"rank 0 raised {r0['error']} {waited:.1f}s later and exited {ended0 - lost['t']:.1f}s later "
-        f"(process group timeout {PG_TIMEOUT:.0f}s)")
+        f"(process group timeout {PG_TIMEOUT:.0f}s)"
+    )

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ._rel import HERE, diff_snapshots, snapshot
+from tests.reliability._rel import HERE, diff_snapshots, snapshot
 
 PACKAGE = HERE.parents[1] / "flame_ext"
 MARK = "FLAME_EXT_UNTRUSTED_CODE_RAN"
@@ -62,8 +62,10 @@ def test_malicious_pickled_weights_are_refused(layout, forkserver, small_model, 
         (model / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     out = tmp_path / "out"
     out.mkdir()
-    for argv in (["convert", "--model", model, "--checkpoint", out / "step-0", "--no-reference"],
-                 ["diagnose", "--checkpoint", small_dcp, "--model", model]):
+    for argv in (
+        ["convert", "--model", model, "--checkpoint", out / "step-0", "--no-reference"],
+        ["diagnose", "--checkpoint", small_dcp, "--model", model],
+    ):
         line = _assert_refused(forkserver.run(*argv), bad.name)
         assert "weights_only" in line or "refused" in line, line
         assert not marker.exists(), f"{argv[0]}: the pickle's code ran"
@@ -78,8 +80,10 @@ def test_malicious_dcp_metadata_is_refused(forkserver, small_dcp, small_model, t
     marker = tmp_path / "marker"
     ckpt = Path(shutil.copytree(small_dcp, tmp_path / "ckpt"))
     (ckpt / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
-    commands = [["to-hf", "--checkpoint", ckpt, "--config", small_model, "--out", tmp_path / "hf"],
-                ["diagnose", "--checkpoint", ckpt, "--model", small_model]]
+    commands = [
+        ["to-hf", "--checkpoint", ckpt, "--config", small_model, "--out", tmp_path / "hf"],
+        ["diagnose", "--checkpoint", ckpt, "--model", small_model],
+    ]
     for argv in commands:
         line = _assert_refused(forkserver.run(*argv), str(ckpt))
         assert not marker.exists(), f"{argv[0]}: the .metadata pickle ran its code"
@@ -122,14 +126,26 @@ def _remote_code_model(small_model: Path, folder: Path, marker: Path, *, in_toke
     shutil.copytree(small_model, folder)
     payload = f"open({str(marker)!r}, 'w').write({MARK!r})\n"
     if in_tokenizer:
-        (folder / "tokenization_evil.py").write_text(payload + "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
-        (folder / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]}}))
+        (folder / "tokenization_evil.py").write_text(
+            payload + "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n"
+        )
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps({"auto_map": {"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]}})
+        )
         return folder
-    (folder / "configuration_evil.py").write_text(payload + "from transformers import Olmo2Config\n\nclass EvilConfig(Olmo2Config):\n    model_type = 'evil'\n")
+    (folder / "configuration_evil.py").write_text(
+        payload + "from transformers import Olmo2Config\n\nclass EvilConfig(Olmo2Config):\n    model_type = 'evil'\n"
+    )
     (folder / "modeling_evil.py").write_text(payload + "from transformers import Olmo2ForCausalLM as EvilForCausalLM\n")
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="evil", architectures=["EvilForCausalLM"],
-                  auto_map={"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
+    config.update(
+        model_type="evil",
+        architectures=["EvilForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_evil.EvilConfig",
+            "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
+        },
+    )
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
@@ -161,7 +177,9 @@ def test_remote_code_never_runs_without_the_flag(forkserver, small_model, small_
             assert "trust-remote-code" in line or "trust_remote_code" in line, f"{name}: {line}"
     assert not diff_snapshots(before, snapshot(tmp_path))
     # Control: with the flag, the same folder's code does run (whatever the command makes of it afterwards).
-    forkserver.run("convert", "--model", model, "--checkpoint", out / "trusted", "--no-reference", "--trust-remote-code")
+    forkserver.run(
+        "convert", "--model", model, "--checkpoint", out / "trusted", "--no-reference", "--trust-remote-code"
+    )
     assert marker.exists(), "control failed: the test model's code does not run even when trusted"
     figures.setdefault("untrusted", []).append(f"remote code never ran, {len(commands)} commands")
 
@@ -201,9 +219,17 @@ def _hostile_manifest(ckpt: Path, outside: Path, marker: Path) -> list[str]:
     manifest["tool_version"] = code
     manifest["hook"] = {"on_load": code, "include": "../outside/secret.txt"}
     ids = [[(7 * i) % 250 for i in range(33)]]
-    manifest["reference"] = {"token_ids": ids, "seq_len": 33, "loss_mean": 5.5, "loss_per_token": [[5.5] * 32],
-                             "dtype": "float32", "attn_implementation": "sdpa", "text": str(outside / "secret.txt"),
-                             "transformers_version": code, "torch_version": "../outside/secret.txt"}
+    manifest["reference"] = {
+        "token_ids": ids,
+        "seq_len": 33,
+        "loss_mean": 5.5,
+        "loss_per_token": [[5.5] * 32],
+        "dtype": "float32",
+        "attn_implementation": "sdpa",
+        "text": str(outside / "secret.txt"),
+        "transformers_version": code,
+        "torch_version": "../outside/secret.txt",
+    }
     (ckpt / "flame_ext.json").write_text(json.dumps(manifest))
     return [str(outside), "../outside", "outside/secret.txt"]
 
@@ -229,12 +255,22 @@ def test_manifest_is_read_as_data(forkserver, small_dcp, small_model, tmp_path, 
         r = forkserver.run(*spec["argv"], script=spec.get("script"), audit=audit, cwd=ckpt)
         assert r.returncode in (0, 1, 2) and "Traceback" not in r.stderr, f"{name}: {r.stderr[-3000:]}"
         events = _audit_events(audit)
-        assert any(e["event"] == "open" and "flame_ext.json" in e["detail"] for e in events), f"{name}: never read the manifest"
-        opened_outside = [e["detail"] for e in events if e["event"] == "open"
-                          and (str(outside) in e["detail"] or (ckpt / e["detail"]).resolve().is_relative_to(outside))]
+        assert any(e["event"] == "open" and "flame_ext.json" in e["detail"] for e in events), (
+            f"{name}: never read the manifest"
+        )
+        opened_outside = [
+            e["detail"]
+            for e in events
+            if e["event"] == "open"
+            and (str(outside) in e["detail"] or (ckpt / e["detail"]).resolve().is_relative_to(outside))
+        ]
         assert not opened_outside, f"{name} opened a path named in the manifest: {opened_outside}"
-        ran = [e for e in events if e["event"] in ("compile", "os.system", "subprocess.Popen", "os.exec", "os.posix_spawn")
-               and str(marker) in e["detail"]]
+        ran = [
+            e
+            for e in events
+            if e["event"] in ("compile", "os.system", "subprocess.Popen", "os.exec", "os.posix_spawn")
+            and str(marker) in e["detail"]
+        ]
         assert not ran, f"{name} compiled or ran code from the manifest: {ran}"
         assert not marker.exists(), f"{name}: code from the manifest ran"
     figures.setdefault("untrusted", []).append("hostile manifest read as data (diagnose, guard)")

@@ -11,12 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from flame_ext.demo import TrainState
+from flame_ext.commands.demo import TrainState
 
-GUARD_FIELDS = ("validate_initial_load", "initial_load_max_loss_delta", "initial_load_reference", "initial_load_repair_buffers")
+GUARD_FIELDS = (
+    "validate_initial_load",
+    "initial_load_max_loss_delta",
+    "initial_load_reference",
+    "initial_load_repair_buffers",
+)
 
 
 def titan_generation() -> str | None:
@@ -28,8 +32,15 @@ def titan_generation() -> str | None:
         return None
 
 
-def build_manager(model: nn.Module | list[nn.Module], base: Path, *, initial_load_path: str | None = None,
-                  full_load: bool = False, pipeline_degree: int = 1, **guard: Any) -> Any:
+def build_manager(
+    model: nn.Module | list[nn.Module],
+    base: Path,
+    *,
+    initial_load_path: str | None = None,
+    full_load: bool = False,
+    pipeline_degree: int = 1,
+    **guard: Any,
+) -> Any:
     """The installed generation's ValidatingCheckpointManager over ``model`` (or model parts, as pipeline
     parallel gives); checkpoints in ``base/checkpoint``. ``guard`` fields are set only when given, so
     without them the config is the stock one."""
@@ -43,8 +54,15 @@ def build_manager(model: nn.Module | list[nn.Module], base: Path, *, initial_loa
     return _build03(ValidatingCheckpointManager, parts, base, initial_load_path, full_load, guard)
 
 
-def _build01(cls: Any, parts: list[nn.Module], base: Path, path: str | None, full_load: bool, guard: dict,
-             pipeline_degree: int = 1) -> Any:
+def _build01(
+    cls: Any,
+    parts: list[nn.Module],
+    base: Path,
+    path: str | None,
+    full_load: bool,
+    guard: dict,
+    pipeline_degree: int = 1,
+) -> Any:
     from torchtitan.components.ft import FTManager
     from torchtitan.components.lr_scheduler import build_lr_schedulers
     from torchtitan.components.optimizer import build_optimizers
@@ -62,27 +80,58 @@ def _build01(cls: Any, parts: list[nn.Module], base: Path, path: str | None, ful
     ft = FTManager(None)
     optimizers = build_optimizers(parts, job, ft)
     schedulers = build_lr_schedulers(optimizers, job)
-    return cls(dataloader=None, model_parts=parts, optimizers=optimizers, lr_schedulers=schedulers,
-               states={"train_state": TrainState()}, job_config=job, ft_manager=ft)
+    return cls(
+        dataloader=None,
+        model_parts=parts,
+        optimizers=optimizers,
+        lr_schedulers=schedulers,
+        states={"train_state": TrainState()},
+        job_config=job,
+        ft_manager=ft,
+    )
 
 
-def _build03(cls: Any, parts: list[nn.Module], base: Path, path: str | None, full_load: bool, guard: dict,
-             sd_adapter: Any = None, in_hf: bool = False) -> Any:
+def _build03(
+    cls: Any,
+    parts: list[nn.Module],
+    base: Path,
+    path: str | None,
+    full_load: bool,
+    guard: dict,
+    sd_adapter: Any = None,
+    in_hf: bool = False,
+) -> Any:
     from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
 
     optimizers = default_adamw(lr=1e-3).build(model_parts=parts)
     schedulers = LRSchedulersContainer.Config(warmup_steps=1).build(optimizers=optimizers, training_steps=10)
-    config = cls.Config(enable=True, keep_latest_k=0, last_save_model_only=False, initial_load_path=path,
-                        initial_load_model_only=not full_load, initial_load_in_hf=in_hf, **guard)
-    return config.build(dataloader=None, model_parts=parts, optimizers=optimizers, lr_schedulers=schedulers,
-                        states={"train_state": TrainState()}, sd_adapter=sd_adapter, base_folder=str(base))
+    config = cls.Config(
+        enable=True,
+        keep_latest_k=0,
+        last_save_model_only=False,
+        initial_load_path=path,
+        initial_load_model_only=not full_load,
+        initial_load_in_hf=in_hf,
+        **guard,
+    )
+    return config.build(
+        dataloader=None,
+        model_parts=parts,
+        optimizers=optimizers,
+        lr_schedulers=schedulers,
+        states={"train_state": TrainState()},
+        sd_adapter=sd_adapter,
+        base_folder=str(base),
+    )
 
 
 def build_manager03_hf(model: nn.Module, base: Path, hf_dir: Path, sd_adapter: Any, **guard: Any) -> Any:
     """0.3 only: an initial load straight from HF safetensors through the model's state-dict adapter."""
     from flame_ext.titan import ValidatingCheckpointManager
 
-    return _build03(ValidatingCheckpointManager, [model], base, str(hf_dir), False, guard, sd_adapter=sd_adapter, in_hf=True)
+    return _build03(
+        ValidatingCheckpointManager, [model], base, str(hf_dir), False, guard, sd_adapter=sd_adapter, in_hf=True
+    )
 
 
 def save_step(manager: Any, step: int) -> None:

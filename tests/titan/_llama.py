@@ -44,18 +44,35 @@ def build_like_trainer(config) -> nn.Module:
     return model.train()
 
 
-def make_hf_llama(out: Path, tokenizer_from: Path, n_layers: int = DEBUG["n_layers"], seed: int = 0, scale: float = 4.0) -> Path:
+def make_hf_llama(
+    out: Path, tokenizer_from: Path, n_layers: int = DEBUG["n_layers"], seed: int = 0, scale: float = 4.0
+) -> Path:
     """A random HF Llama with the debug model's architecture (llama3 RoPE scaling included), saved with a
     tokenizer whose ids fit the 2048-token vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192}
-    cfg = LlamaConfig(vocab_size=DEBUG["vocab"], hidden_size=DEBUG["dim"], intermediate_size=DEBUG["ffn"],
-                      num_hidden_layers=n_layers, num_attention_heads=DEBUG["n_heads"], num_key_value_heads=DEBUG["n_heads"],
-                      max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                      rope_parameters={**rope, "rope_theta": DEBUG["theta"]}, bos_token_id=None, eos_token_id=None,
-                      pad_token_id=None)
+    rope = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    cfg = LlamaConfig(
+        vocab_size=DEBUG["vocab"],
+        hidden_size=DEBUG["dim"],
+        intermediate_size=DEBUG["ffn"],
+        num_hidden_layers=n_layers,
+        num_attention_heads=DEBUG["n_heads"],
+        num_key_value_heads=DEBUG["n_heads"],
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_parameters={**rope, "rope_theta": DEBUG["theta"]},
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # larger weights than init: a model whose loss reacts to its weights

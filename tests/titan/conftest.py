@@ -43,7 +43,7 @@ def swapped(tiny_dcp: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def nested(tiny_model: Path, tmp_path_factory) -> Path:
     """The layout flame's stock converter writes ({"model": state_dict} -> model.-prefixed keys)."""
-    from flame_ext.convert import ConvertOptions, convert_hf_to_dcp
+    from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 
     out = tmp_path_factory.mktemp("nested") / "step-0"
     convert_hf_to_dcp(ConvertOptions(model=str(tiny_model), checkpoint=str(out), layout="nested", progress=False))

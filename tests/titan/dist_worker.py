@@ -8,9 +8,9 @@ failure propagates and the process exits non-zero.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _hosts import build_manager  # noqa: E402
 from _models import hf_like_trainer, leave_rope_uninitialised, rope_is_right  # noqa: E402
 
-from flame_ext.guard import InitialLoadValidationError  # noqa: E402
+from flame_ext.errors import InitialLoadValidationError
 
 
 def main() -> None:
@@ -35,28 +35,38 @@ def main() -> None:
     p.add_argument("--no-repair", action="store_true")
     args = p.parse_args()
 
-    logging.basicConfig(level=logging.INFO, format=f"[rank{os.environ.get('RANK', '?')}] %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format=f"[rank{os.environ.get('RANK', '?')}] %(name)s %(levelname)s %(message)s"
+    )
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = hf_like_trainer(Path(args.hf))
     if rank == args.poison_rank and rope_is_right(model):
         leave_rope_uninitialised(model)
     elif rank != args.poison_rank and not rope_is_right(model):
-        from flame_ext.buffers import check_buffers
+        from flame_ext.checks.buffers import check_buffers
 
         check_buffers(model, repair=True)  # only the chosen rank keeps a wrong buffer
     mesh = init_device_mesh("cpu", (world,))
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    manager = build_manager(model, Path(args.out), initial_load_path=args.checkpoint, validate_initial_load=True,
-                            initial_load_repair_buffers=not args.no_repair)
+    manager = build_manager(
+        model,
+        Path(args.out),
+        initial_load_path=args.checkpoint,
+        validate_initial_load=True,
+        initial_load_repair_buffers=not args.no_repair,
+    )
     out = Path(args.out) / f"rank-{rank}.json"
     try:
         manager.load()
     except InitialLoadValidationError as exc:
-        out.write_text(json.dumps({"ok": False, "kinds": sorted({p.kind for p in exc.report.errors}),
-                                   "report": exc.report.to_dict()}))
+        out.write_text(
+            json.dumps(
+                {"ok": False, "kinds": sorted({p.kind for p in exc.report.errors}), "report": exc.report.to_dict()}
+            )
+        )
         raise
     report = manager.initial_load_report
     out.write_text(json.dumps({"ok": True, "report": report.to_dict()}))

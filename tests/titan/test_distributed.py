@@ -25,13 +25,24 @@ def torchrun(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, float,
     """``torchrun --standalone --nproc_per_node=2`` (a free port of its own); each rank's JSON result."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-           "--out", str(out), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(WORKER),
+        "--out",
+        str(out),
+        *args,
+    ]
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=DEADLINE + 30)
     elapsed = time.monotonic() - start
-    results = [json.loads((out / f"rank-{r}.json").read_text()) if (out / f"rank-{r}.json").is_file() else None
-               for r in range(2)]
+    results = [
+        json.loads((out / f"rank-{r}.json").read_text()) if (out / f"rank-{r}.json").is_file() else None
+        for r in range(2)
+    ]
     return proc, elapsed, results
 
 
@@ -55,8 +66,9 @@ def test_a_broken_checkpoint_ends_both_ranks_within_60s(swapped, tiny_model, tmp
 
 def test_a_wrong_buffer_on_one_rank_fails_every_rank(healthy, tiny_model, tmp_path):
     """Only rank 1 has uninitialised RoPE: rank 0 must not carry on alone (it would wait in step 1)."""
-    proc, elapsed, results = torchrun(tmp_path, "--hf", str(tiny_model), "--checkpoint", str(healthy),
-                                      "--poison-rank", "1", "--no-repair")
+    proc, elapsed, results = torchrun(
+        tmp_path, "--hf", str(tiny_model), "--checkpoint", str(healthy), "--poison-rank", "1", "--no-repair"
+    )
     assert proc.returncode != 0 and elapsed < DEADLINE, proc.stderr[-3000:]
     assert all(r is not None and not r["ok"] for r in results), proc.stderr[-3000:]
     for r in results:

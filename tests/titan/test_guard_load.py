@@ -17,11 +17,12 @@ import torch
 from _hosts import build_manager, save_step, titan_generation
 from _models import ADDED, DROPPED, RESHAPED, hf_like_trainer, leave_rope_uninitialised, rope_is_right
 
-from flame_ext.guard import GuardConfigError, InitialLoadValidationError
-from flame_ext.hf import open_hf, read_tensor
+from flame_ext.errors import GuardConfigError, InitialLoadValidationError
+from flame_ext.io.hf import open_hf, read_tensor
 
-pytestmark = pytest.mark.skipif(titan_generation() not in ("0.1", "0.3"),
-                                reason="needs torchtitan 0.1.x or 0.3.x installed")
+pytestmark = pytest.mark.skipif(
+    titan_generation() not in ("0.1", "0.3"), reason="needs torchtitan 0.1.x or 0.3.x installed"
+)
 
 STEP0_LINE = re.compile(r"step-0 loss (\S+) vs HF reference (\S+) \(delta (\S+), threshold (\S+)\)")
 
@@ -77,8 +78,9 @@ def test_healthy_checkpoint_passes_and_logs_the_step0_loss(healthy, tiny_model, 
 def test_uninitialised_rope_aborts_when_repair_is_off(healthy, tiny_model, tmp_path):
     model = hf_like_trainer(tiny_model)
     leave_rope_uninitialised(model)
-    manager = build_manager(model, tmp_path, initial_load_path=str(healthy), validate_initial_load=True,
-                            initial_load_repair_buffers=False)
+    manager = build_manager(
+        model, tmp_path, initial_load_path=str(healthy), validate_initial_load=True, initial_load_repair_buffers=False
+    )
     with pytest.raises(InitialLoadValidationError) as info:
         manager.load()
     kinds = {p.kind for p in info.value.report.errors}
@@ -132,7 +134,9 @@ def test_swapped_layers_abort_on_the_loss_gate(swapped, tiny_model, tmp_path):
 
 
 def test_resume_skips_the_guard(healthy, tiny_model, tmp_path, caplog):
-    first = build_manager(hf_like_trainer(tiny_model), tmp_path, initial_load_path=str(healthy), validate_initial_load=True)
+    first = build_manager(
+        hf_like_trainer(tiny_model), tmp_path, initial_load_path=str(healthy), validate_initial_load=True
+    )
     assert first.load()
     first.states["train_state"].step = 1
     save_step(first, 1)
@@ -141,8 +145,14 @@ def test_resume_skips_the_guard(healthy, tiny_model, tmp_path, caplog):
     model = hf_like_trainer(tiny_model)
     leave_rope_uninitialised(model)
     caplog.clear()
-    manager = build_manager(model, tmp_path, initial_load_path=str(healthy), validate_initial_load=True,
-                            initial_load_repair_buffers=False, initial_load_reference=str(tmp_path / "absent.json"))
+    manager = build_manager(
+        model,
+        tmp_path,
+        initial_load_path=str(healthy),
+        validate_initial_load=True,
+        initial_load_repair_buffers=False,
+        initial_load_reference=str(tmp_path / "absent.json"),
+    )
     assert manager.load() is True
     assert manager.states["train_state"].step == 1
     assert any("initial-load validation skipped" in r.getMessage() for r in caplog.records)
@@ -181,12 +191,16 @@ def test_stock_config_leaves_the_guard_off(swapped, tiny_model, tmp_path, caplog
 def test_bad_threshold_is_rejected_at_construction(tiny_model, tmp_path):
     for bad in (-0.5, float("nan"), float("inf")):
         with pytest.raises(GuardConfigError, match="initial_load_max_loss_delta"):
-            build_manager(hf_like_trainer(tiny_model), tmp_path, validate_initial_load=True, initial_load_max_loss_delta=bad)
+            build_manager(
+                hf_like_trainer(tiny_model), tmp_path, validate_initial_load=True, initial_load_max_loss_delta=bad
+            )
 
 
 def test_pipeline_parallel_is_refused_clearly(healthy, tiny_model, tmp_path):
     parts = [hf_like_trainer(tiny_model), hf_like_trainer(tiny_model)]  # pipeline parallel: several model parts
-    manager = build_manager(parts, tmp_path, initial_load_path=str(healthy), validate_initial_load=True, pipeline_degree=2)
+    manager = build_manager(
+        parts, tmp_path, initial_load_path=str(healthy), validate_initial_load=True, pipeline_degree=2
+    )
     with pytest.raises(GuardConfigError, match="does not support pipeline parallel"):
         manager.load()
 
@@ -198,7 +212,9 @@ def test_step0_figures_go_to_the_host_metric_logger(healthy, tiny_model, tmp_pat
     from torchtitan.components.metrics import TensorBoardLogger
 
     board = TensorBoardLogger(str(tmp_path / "tb"))
-    manager = build_manager(hf_like_trainer(tiny_model), tmp_path, initial_load_path=str(healthy), validate_initial_load=True)
+    manager = build_manager(
+        hf_like_trainer(tiny_model), tmp_path, initial_load_path=str(healthy), validate_initial_load=True
+    )
     if titan_generation() == "0.3":
         manager.states["train_state"].metrics_processor = board
         manager.load()
@@ -217,13 +233,17 @@ def test_step0_figures_go_to_the_host_metric_logger(healthy, tiny_model, tmp_pat
 def test_fresh_keys_listed_in_the_manifest_are_expected(tiny_model, tmp_path):
     """A checkpoint converted with a freshly initialised future predictor, loaded by a model without one:
     the head's keys are in the checkpoint only, and the manifest says they are fresh, so no problem."""
-    from flame_ext.convert import ConvertOptions, convert_hf_to_dcp
+    from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 
     ckpt = tmp_path / "with-head"
-    convert_hf_to_dcp(ConvertOptions(model=str(tiny_model), checkpoint=str(ckpt), future_predictor="linear", progress=False))
+    convert_hf_to_dcp(
+        ConvertOptions(model=str(tiny_model), checkpoint=str(ckpt), future_predictor="linear", progress=False)
+    )
     fresh = json.loads((ckpt / "flame_ext.json").read_text())["fresh_keys"]
     assert fresh and all(k.startswith("future_predictor.") for k in fresh)
-    manager = build_manager(hf_like_trainer(tiny_model), tmp_path / "run", initial_load_path=str(ckpt), validate_initial_load=True)
+    manager = build_manager(
+        hf_like_trainer(tiny_model), tmp_path / "run", initial_load_path=str(ckpt), validate_initial_load=True
+    )
     assert manager.load() is True
     assert manager.initial_load_report.problems == [] and manager.initial_load_report.counts["unexpected"] == 0
 
@@ -234,8 +254,10 @@ def test_the_adapter_imports_without_triton():
     import sys
 
     extra = "import flame_ext.titan.config03; " if titan_generation() == "0.3" else ""
-    code = ("import sys; sys.modules['triton'] = None; "
-            f"from flame_ext.titan import ValidatingCheckpointManager; {extra}print(ValidatingCheckpointManager.__module__)")
+    code = (
+        "import sys; sys.modules['triton'] = None; "
+        f"from flame_ext.titan import ValidatingCheckpointManager; {extra}print(ValidatingCheckpointManager.__module__)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == f"flame_ext.titan.v0{titan_generation()[-1]}"

@@ -6,10 +6,13 @@ import pytest
 from _hosts import build_manager, titan_generation
 from _models import hf_like_trainer
 
-from flame_ext.guard import InitialLoadValidationError
+from flame_ext.errors import InitialLoadValidationError
 
-pytestmark = pytest.mark.skipif(titan_generation() != "0.1", reason="torchtitan 0.1.x API (job_config, "
-                                "initial_load_model_weights_only, TOML); this environment has another generation")
+pytestmark = pytest.mark.skipif(
+    titan_generation() != "0.1",
+    reason="torchtitan 0.1.x API (job_config, "
+    "initial_load_model_weights_only, TOML); this environment has another generation",
+)
 
 
 def test_full_load_of_a_weights_only_checkpoint_lists_layout_and_missing_states(healthy, tiny_model, tmp_path):
@@ -31,21 +34,31 @@ def test_toml_job_config_switches_the_guard_on(tmp_path):
     from flame_ext.titan import ValidatingCheckpointManager
 
     toml = tmp_path / "job.toml"
-    toml.write_text('[experimental]\ncustom_args_module = "flame_ext.titan.v01"\n\n'
-                    '[checkpoint]\nenable_checkpoint = true\nvalidate_initial_load = true\ninitial_load_max_loss_delta = 0.05\n')
-    job = ConfigManager().parse_args(["--job.config_file", str(toml), "--checkpoint.initial_load_reference", "/x/ref.json"])
+    toml.write_text(
+        '[experimental]\ncustom_args_module = "flame_ext.titan.v01"\n\n'
+        "[checkpoint]\nenable_checkpoint = true\nvalidate_initial_load = true\ninitial_load_max_loss_delta = 0.05\n"
+    )
+    job = ConfigManager().parse_args(
+        ["--job.config_file", str(toml), "--checkpoint.initial_load_reference", "/x/ref.json"]
+    )
     assert (job.checkpoint.validate_initial_load, job.checkpoint.initial_load_max_loss_delta) == (True, 0.05)
     assert job.checkpoint.initial_load_repair_buffers is True
+    from torch import nn
     from torchtitan.components.ft import FTManager
     from torchtitan.components.lr_scheduler import build_lr_schedulers
     from torchtitan.components.optimizer import build_optimizers
-    from torch import nn
 
     model = nn.Linear(2, 2)
     job.job.dump_folder = str(tmp_path)
     job.checkpoint.keep_latest_k = 0
     opt = build_optimizers([model], job, FTManager(None))
-    manager = ValidatingCheckpointManager(dataloader=None, model_parts=[model], optimizers=opt,
-                                          lr_schedulers=build_lr_schedulers(opt, job), states={}, job_config=job,
-                                          ft_manager=FTManager(None))
+    manager = ValidatingCheckpointManager(
+        dataloader=None,
+        model_parts=[model],
+        optimizers=opt,
+        lr_schedulers=build_lr_schedulers(opt, job),
+        states={},
+        job_config=job,
+        ft_manager=FTManager(None),
+    )
     assert manager.guard_config.validate_initial_load and manager.guard_config.initial_load_reference == "/x/ref.json"

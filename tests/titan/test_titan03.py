@@ -17,8 +17,11 @@ from pathlib import Path
 import pytest
 from _hosts import build_manager03_hf, titan_generation
 
-pytestmark = pytest.mark.skipif(titan_generation() != "0.3", reason="torchtitan 0.3.x API (Config dataclasses, "
-                                "initial_load_in_hf, --override.imports); this environment has another generation")
+pytestmark = pytest.mark.skipif(
+    titan_generation() != "0.3",
+    reason="torchtitan 0.3.x API (Config dataclasses, "
+    "initial_load_in_hf, --override.imports); this environment has another generation",
+)
 
 HERE = Path(__file__).parent
 STEP0 = re.compile(r"step-0 loss (\S+) vs HF reference (\S+) \(delta (\S+), threshold (\S+)\)")
@@ -26,10 +29,19 @@ STEP0 = re.compile(r"step-0 loss (\S+) vs HF reference (\S+) \(delta (\S+), thre
 
 def reference_file(hf_dir: Path, out: Path) -> Path:
     """The reference-only manifest, written by the code behind `flame-ext reference --model HF --out FILE`."""
-    from flame_ext.reference_cmd import write_reference
+    from flame_ext.commands.reference import write_reference
 
-    write_reference(argparse.Namespace(model=str(hf_dir), out=str(out), force=False, dtype="float32",
-                                       reference_text=None, reference_seq_len=512, trust_remote_code=False))
+    write_reference(
+        argparse.Namespace(
+            model=str(hf_dir),
+            out=str(out),
+            force=False,
+            dtype="float32",
+            reference_text=None,
+            reference_seq_len=512,
+            trust_remote_code=False,
+        )
+    )
     return out
 
 
@@ -50,9 +62,15 @@ def llama(tiny_model, tmp_path_factory) -> dict[str, Path]:
     text = (Path(__file__).parents[2] / "flame_ext" / "assets" / "reference.txt").read_text()
     with open(data / "data.json", "w") as f:
         for i in range(64):
-            f.write(json.dumps({"text": text[(i * 37) % 2000:(i * 37) % 2000 + 800]}) + "\n")
-    return {"hf": hf, "reference": ref, "dcp": dcp_dir, "wrong_reference": reference_file(other, root / "wrong.json"),
-            "data": data, "root": root}
+            f.write(json.dumps({"text": text[(i * 37) % 2000 : (i * 37) % 2000 + 800]}) + "\n")
+    return {
+        "hf": hf,
+        "reference": ref,
+        "dcp": dcp_dir,
+        "wrong_reference": reference_file(other, root / "wrong.json"),
+        "data": data,
+        "root": root,
+    }
 
 
 def test_native_model_from_hf_safetensors_passes(llama, tmp_path, caplog):
@@ -61,8 +79,14 @@ def test_native_model_from_hf_safetensors_passes(llama, tmp_path, caplog):
 
     caplog.set_level("INFO")
     config = debug_model_config()
-    manager = build_manager03_hf(build_like_trainer(config), tmp_path, llama["hf"], Llama3StateDictAdapter(config, str(llama["hf"])),
-                                 validate_initial_load=True, initial_load_reference=str(llama["reference"]))
+    manager = build_manager03_hf(
+        build_like_trainer(config),
+        tmp_path,
+        llama["hf"],
+        Llama3StateDictAdapter(config, str(llama["hf"])),
+        validate_initial_load=True,
+        initial_load_reference=str(llama["reference"]),
+    )
     assert manager.load() is True
     report = manager.initial_load_report
     assert report.ok and report.counts["missing"] == 0 and abs(report.loss.delta) < 0.01
@@ -74,21 +98,37 @@ def test_hf_keys_the_model_asks_for_are_all_listed_before_reading(llama, tmp_pat
     from _llama import build_like_trainer, debug_model_config, make_hf_llama
     from torchtitan.models.llama3 import Llama3StateDictAdapter
 
-    from flame_ext.guard import InitialLoadValidationError
+    from flame_ext.errors import InitialLoadValidationError
 
     short = make_hf_llama(tmp_path / "hf5", llama["hf"], n_layers=5)
     config = debug_model_config()
     model = build_like_trainer(config)
     before = model.state_dict()["norm.weight"].clone()
-    manager = build_manager03_hf(model, tmp_path / "run", short, Llama3StateDictAdapter(config, str(short)),
-                                 validate_initial_load=True, initial_load_reference=str(llama["reference"]))
+    manager = build_manager03_hf(
+        model,
+        tmp_path / "run",
+        short,
+        Llama3StateDictAdapter(config, str(short)),
+        validate_initial_load=True,
+        initial_load_reference=str(llama["reference"]),
+    )
     with pytest.raises(InitialLoadValidationError, match="nothing was read") as info:
         manager.load()
     missing = sorted(p.key for p in info.value.report.errors if p.kind == "missing_key")
-    assert missing == sorted(f"model.layers.5.{k}" for k in (
-        "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-        "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
-        "post_attention_layernorm.weight"))
+    assert missing == sorted(
+        f"model.layers.5.{k}"
+        for k in (
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight",
+            "mlp.gate_proj.weight",
+            "mlp.up_proj.weight",
+            "mlp.down_proj.weight",
+            "input_layernorm.weight",
+            "post_attention_layernorm.weight",
+        )
+    )
     assert model.state_dict()["norm.weight"].equal(before)
 
 
@@ -98,14 +138,31 @@ def test_config_function_and_override_forms_build_the_guard():
 
     from flame_ext.titan import ValidatingCheckpointManager
 
-    cfg = ConfigManager().parse_args(["--module", "guarded_configs", "--config", "llama3_debugmodel_guarded",
-                                      "--checkpoint.validate_initial_load", "--checkpoint.initial_load_max_loss_delta", "0.05"])
+    cfg = ConfigManager().parse_args(
+        [
+            "--module",
+            "guarded_configs",
+            "--config",
+            "llama3_debugmodel_guarded",
+            "--checkpoint.validate_initial_load",
+            "--checkpoint.initial_load_max_loss_delta",
+            "0.05",
+        ]
+    )
     assert type(cfg.checkpoint) is ValidatingCheckpointManager.Config
     assert (cfg.checkpoint.validate_initial_load, cfg.checkpoint.initial_load_max_loss_delta) == (True, 0.05)
     assert cfg.checkpoint._owner is ValidatingCheckpointManager
 
-    stock = ConfigManager().parse_args(["--module", "llama3", "--config", "llama3_debugmodel", "--override.imports",
-                                        'flame_ext.titan.config03.initial_load_guard={"initial_load_max_loss_delta": 0.25}'])
+    stock = ConfigManager().parse_args(
+        [
+            "--module",
+            "llama3",
+            "--config",
+            "llama3_debugmodel",
+            "--override.imports",
+            'flame_ext.titan.config03.initial_load_guard={"initial_load_max_loss_delta": 0.25}',
+        ]
+    )
     assert type(stock.checkpoint).__name__ == "Config" and not hasattr(stock.checkpoint, "validate_initial_load")
     apply_overrides(stock.override, stock)  # what Trainer.__init__ does before building the checkpointer
     assert type(stock.checkpoint) is ValidatingCheckpointManager.Config
@@ -121,18 +178,55 @@ def _free_port() -> int:
 
 def train(llama: dict, out: Path, *args: str) -> subprocess.CompletedProcess:
     """``torchtitan.train`` for 2 steps on CPU, one process, fp32, from the llama DCP at initial_load_path."""
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, str(HERE / "cpu_train.py"), *args, "--hf_assets_path", str(llama["hf"]),
-           "--dataloader.dataset_path", str(llama["data"]), "--training.seq_len", "128", "--training.local_batch_size", "2",
-           "--training.steps", "2", "--training.disable_cuda_graphs", "--training.mixed_precision_param", "float32",
-           "--checkpoint.enable", "--checkpoint.initial_load_path", str(llama["dcp"]), "--dump_folder", str(out)]
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    cmd = [
+        sys.executable,
+        str(HERE / "cpu_train.py"),
+        *args,
+        "--hf_assets_path",
+        str(llama["hf"]),
+        "--dataloader.dataset_path",
+        str(llama["data"]),
+        "--training.seq_len",
+        "128",
+        "--training.local_batch_size",
+        "2",
+        "--training.steps",
+        "2",
+        "--training.disable_cuda_graphs",
+        "--training.mixed_precision_param",
+        "float32",
+        "--checkpoint.enable",
+        "--checkpoint.initial_load_path",
+        str(llama["dcp"]),
+        "--dump_folder",
+        str(out),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=out.parent, timeout=120)
 
 
 def test_training_run_with_the_guard_on_a_stock_config(llama, tmp_path):
-    proc = train(llama, tmp_path / "run", "--module", "llama3", "--config", "llama3_debugmodel", "--override.imports",
-                 "cpu_overrides.cpu_sdpa", "flame_ext.titan.config03.initial_load_guard")
+    proc = train(
+        llama,
+        tmp_path / "run",
+        "--module",
+        "llama3",
+        "--config",
+        "llama3_debugmodel",
+        "--override.imports",
+        "cpu_overrides.cpu_sdpa",
+        "flame_ext.titan.config03.initial_load_guard",
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     step0 = STEP0.search(log)
@@ -142,9 +236,19 @@ def test_training_run_with_the_guard_on_a_stock_config(llama, tmp_path):
 
 
 def test_training_run_stops_before_step_1_on_a_loss_gap(llama, tmp_path):
-    proc = train(llama, tmp_path / "run", "--module", "guarded_configs", "--config", "llama3_debugmodel_guarded",
-                 "--checkpoint.validate_initial_load", "--checkpoint.initial_load_reference", str(llama["wrong_reference"]),
-                 "--override.imports", "cpu_overrides.cpu_sdpa")
+    proc = train(
+        llama,
+        tmp_path / "run",
+        "--module",
+        "guarded_configs",
+        "--config",
+        "llama3_debugmodel_guarded",
+        "--checkpoint.validate_initial_load",
+        "--checkpoint.initial_load_reference",
+        str(llama["wrong_reference"]),
+        "--override.imports",
+        "cpu_overrides.cpu_sdpa",
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "InitialLoadValidationError" in log and "loss_gap" in log

@@ -1,0 +1,1 @@
+"""Checks, one file per thing checked; diagnose and the training guard call the same functions."""

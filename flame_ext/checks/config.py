@@ -1,0 +1,359 @@
+"""The model config a trainer builds from, against the HF config the weights were trained with.
+
+flame builds its model from ``--model.config``, not from the checkpoint: a config that differs in a field
+that changes the computation (``rope_theta``, a norm epsilon, the head layout, ...) gives a model whose
+keys and shapes may all match and which still computes something else. Fields are sorted into three
+explicit lists, so what is compared and what is not can be read (and is tested) here:
+
+* ``COMPUTE_FIELDS``: a difference changes what the weights compute -> error;
+* ``TRAINING_FIELDS``: a difference changes training (dropout, special-token ids) but not what the
+  weights mean -> warning;
+* ``IGNORED_FIELDS``: bookkeeping, generation defaults, kernel switches -> not reported.
+
+A differing field in none of the lists is reported as a warning, so a new field is never silently lost.
+Both configs are read through the transformers config class of their ``model_type``, so defaults are
+filled in and renamed fields (``rope_scaling`` -> ``rope_parameters`` in transformers 5) line up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from flame_ext.errors import CheckpointFormatError, InputError
+from flame_ext.report import Problem
+
+__all__ = [
+    "COMPUTE_FIELDS",
+    "TRAINING_FIELDS",
+    "IGNORED_FIELDS",
+    "classify",
+    "read_config_file",
+    "normalized_config",
+    "compare_configs",
+]
+
+COMPUTE_FIELDS = frozenset(
+    {
+        # sizes and head layout
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "n_embd",
+        "n_layer",
+        "n_head",
+        "n_inner",
+        # activations and norms
+        "hidden_act",
+        "hidden_activation",
+        "activation_function",
+        "rms_norm_eps",
+        "layer_norm_eps",
+        "layer_norm_epsilon",
+        "norm_eps",
+        "norm_epsilon",
+        "use_qk_norm",
+        "qk_layernorm",
+        # positional encoding (rope dicts are flattened: see _flatten_rope)
+        "rope_theta",
+        "rope_type",
+        "partial_rotary_factor",
+        "rotary_pct",
+        "rotary_emb_base",
+        "rotary_dim",
+        "position_embedding_type",
+        # structure
+        "tie_word_embeddings",
+        "attention_bias",
+        "mlp_bias",
+        "bias",
+        "qkv_bias",
+        "clip_qkv",
+        "use_parallel_residual",
+        "parallel_attn",
+        "sliding_window",
+        "use_sliding_window",
+        "max_window_layers",
+        "layer_types",
+        "attention_chunk_size",
+        "no_rope_layers",
+        # scalings of logits, embeddings and residuals
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "logit_scale",
+        "query_pre_attn_scalar",
+        "embedding_multiplier",
+        "residual_multiplier",
+        "attention_multiplier",
+        "logits_scaling",
+        "scale_emb",
+        "dim_model_base",
+        "scale_depth",
+        # mixture of experts and low-rank attention
+        "num_experts",
+        "num_local_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "shared_expert_intermediate_size",
+        "norm_topk_prob",
+        "decoder_sparse_step",
+        "mlp_only_layers",
+        "first_k_dense_replace",
+        "n_routed_experts",
+        "n_shared_experts",
+        "routed_scaling_factor",
+        "n_group",
+        "topk_group",
+        "topk_method",
+        "scoring_func",
+        "kv_lora_rank",
+        "q_lora_rank",
+        "qk_rope_head_dim",
+        "v_head_dim",
+        "qk_nope_head_dim",
+    }
+)
+
+TRAINING_FIELDS = frozenset(
+    {
+        "attention_dropout",
+        "hidden_dropout",
+        "dropout",
+        "embd_pdrop",
+        "resid_pdrop",
+        "attn_pdrop",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "router_aux_loss_coef",
+        "router_z_loss_coef",
+        "output_router_logits",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "sep_token_id",
+        # Changes the computation only with a scaled rope (see _tier); with the default rope it is a length limit.
+        "max_position_embeddings",
+    }
+)
+
+IGNORED_FIELDS = frozenset(
+    {
+        # bookkeeping
+        "_name_or_path",
+        "architectures",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "model_type",
+        "auto_map",
+        "_commit_hash",
+        "_attn_implementation",
+        "attn_implementation",
+        "_attn_implementation_autoset",
+        "_experts_implementation",
+        "use_bfloat16",
+        "initializer_range",
+        "initializer_factor",
+        # outputs and caching
+        "use_cache",
+        "return_dict",
+        "output_attentions",
+        "output_hidden_states",
+        "torchscript",
+        "use_return_dict",
+        "chunk_size_feed_forward",
+        "pruned_heads",
+        "tf_legacy_loss",
+        "num_logits_to_keep",
+        # encoder-decoder and task fields of the base config
+        "is_encoder_decoder",
+        "is_decoder",
+        "add_cross_attention",
+        "cross_attention_hidden_size",
+        "tie_encoder_decoder",
+        "decoder_start_token_id",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "finetuning_task",
+        "tokenizer_class",
+        "prefix",
+        "task_specific_params",
+        # generation defaults (transformers 4.x keeps them in the model config)
+        "bad_words_ids",
+        "begin_suppress_tokens",
+        "diversity_penalty",
+        "do_sample",
+        "early_stopping",
+        "encoder_no_repeat_ngram_size",
+        "exponential_decay_length_penalty",
+        "forced_bos_token_id",
+        "forced_eos_token_id",
+        "length_penalty",
+        "max_length",
+        "min_length",
+        "no_repeat_ngram_size",
+        "num_beam_groups",
+        "num_beams",
+        "num_return_sequences",
+        "output_scores",
+        "remove_invalid_values",
+        "repetition_penalty",
+        "return_dict_in_generate",
+        "suppress_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "typical_p",
+        # numerically equivalent implementations (fused kernels, tensor-parallel slicing of the same matmul)
+        "pretraining_tp",
+        "fuse_cross_entropy",
+        "fuse_norm",
+        "fuse_swiglu",
+        "fuse_linear_cross_entropy",
+    }
+)
+
+_ROPE_DICTS = ("rope_scaling", "rope_parameters")
+
+
+def classify(name: str, normalized: dict[str, Any] | None = None) -> str:
+    """'compute', 'training', 'ignored' or 'unlisted' for a (flattened) config field."""
+    if name.startswith("rope_scaling."):
+        return "compute"  # every parameter of a scaled rope changes the frequencies
+    if (
+        name == "max_position_embeddings"
+        and normalized is not None
+        and normalized.get("rope_type", "default") != "default"
+    ):
+        return "compute"  # dynamic / yarn / llama3 rope scale frequencies relative to it
+    for tier, names in (("compute", COMPUTE_FIELDS), ("training", TRAINING_FIELDS), ("ignored", IGNORED_FIELDS)):
+        if name in names:
+            return tier
+    return "unlisted"
+
+
+def read_config_file(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """A config.json given as a file or as the folder holding it; one clear error otherwise."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not path.exists():
+        raise InputError(f"--train-config {path}: no such file or folder")
+    if not file.is_file():
+        raise InputError(f"--train-config {path}: no config.json in this folder")
+    try:
+        data = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointFormatError(f"--train-config {file}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise CheckpointFormatError(
+            f"--train-config {file}: no model_type; expected a transformers model config (what flame's --model.config names)"
+        )
+    return data, file
+
+
+def _flatten_rope(d: dict[str, Any]) -> dict[str, Any]:
+    """One spelling for rope settings across transformers versions: ``rope_theta``, ``rope_type`` at top
+    level, every other rope parameter as ``rope_scaling.<name>``."""
+    out = {k: v for k, v in d.items() if k not in _ROPE_DICTS}
+    for name in _ROPE_DICTS:
+        rope = d.get(name)
+        if not isinstance(rope, dict):
+            continue
+        for k, v in rope.items():
+            if k == "type":  # the pre-4.45 spelling of rope_type
+                k = "rope_type"
+            if k in ("rope_theta", "rope_type"):
+                out.setdefault(k, v)
+            else:
+                out[f"rope_scaling.{k}"] = v
+    out.setdefault("rope_type", "default")
+    return out
+
+
+def normalized_config(config: dict[str, Any], *, what: str) -> dict[str, Any]:
+    """The config as its transformers class reads it (defaults filled in), flattened and JSON-comparable."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    try:
+        cls = CONFIG_MAPPING[model_type]
+    except KeyError:
+        raise InputError(f"{what}: model_type {model_type!r} is not known to the installed transformers") from None
+    try:
+        obj = cls.from_dict(dict(config))
+    except Exception as exc:  # a config class rejects values with many exception types
+        raise InputError(f"{what}: transformers cannot read this config ({str(exc).splitlines()[0][:160]})") from exc
+    d = obj.to_dict()
+    d.update({k: v for k, v in config.items() if k not in d})  # fields the class does not know: compared as written
+    return json.loads(json.dumps(_flatten_rope(d), default=str))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if (
+        isinstance(a, (int, float))
+        and isinstance(b, (int, float))
+        and not isinstance(a, bool)
+        and not isinstance(b, bool)
+    ):
+        return math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
+    return a == b
+
+
+def compare_configs(train: dict[str, Any], hf: dict[str, Any], *, train_name: str, hf_name: str) -> list[Problem]:
+    """Every differing field that matters, with both values; a config of another architecture is bad input."""
+    if train.get("model_type") != hf.get("model_type"):
+        raise InputError(
+            f"--train-config {train_name}: model_type {train.get('model_type')!r}, but the HF model {hf_name} is "
+            f"{hf.get('model_type')!r}; pass the config the trainer builds this model from"
+        )
+    a = normalized_config(train, what=f"--train-config {train_name}")
+    b = normalized_config(hf, what=hf_name)
+    problems = []
+    for name in sorted(set(a) | set(b)):
+        va, vb = a.get(name), b.get(name)
+        if _same(va, vb):
+            continue
+        tier = classify(name, b)
+        if tier == "ignored":
+            continue
+        detail = f"training config {va!r}, HF config {vb!r}"
+        if tier == "compute":
+            problems.append(
+                Problem(
+                    "config_mismatch",
+                    "error",
+                    name,
+                    detail,
+                    f"the trainer builds a model that computes differently from the one the weights were trained as; "
+                    f"set {name} = {vb!r} in the training config (or convert from a model trained with {va!r})",
+                )
+            )
+        elif tier == "training":
+            problems.append(
+                Problem(
+                    "config_mismatch",
+                    "warning",
+                    name,
+                    detail,
+                    "changes training (regularisation, special-token ids or length limits), not what the weights compute; "
+                    "make sure it is deliberate",
+                )
+            )
+        else:
+            problems.append(
+                Problem(
+                    "config_mismatch",
+                    "warning",
+                    name,
+                    detail + " (a field flame-ext does not classify)",
+                    "check whether this field changes the computation of the model; if it does, use the HF value",
+                )
+            )
+    return problems

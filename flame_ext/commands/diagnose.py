@@ -1,0 +1,390 @@
+"""``flame-ext diagnose``: every way a converted checkpoint can differ from its HF source, found at once.
+
+Key lists and parameter counts cannot see what breaks continued pre-training in practice (right-shaped
+wrong tensors, silent casts, buffers no checkpoint holds, a training config that is not the model's), so
+the diagnosis runs in passes of rising cost, each adding what the cheaper ones cannot see:
+
+1. metadata (always; no tensor data): keys, shapes, dtypes, key layout, training-checkpoint entries,
+   the manifest, the data files' sizes; plus the training config and the tokenizer when given;
+2. ``--values``: every tensor against its HF source, streamed;
+3. ``--loss``: the checkpoint loaded as trainers load it, its loss on the reference batch against the HF
+   model's, and the buffers the trainer's own load path leaves wrong.
+
+Problems come back as a ``Report`` (text or the JSON contract); exit 0 when no problem is an error, 1
+otherwise, 2 for unreadable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flame_ext.checks.keys import compare_specs, locate_keys, model_part
+from flame_ext.errors import CheckpointFormatError, InputError
+from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, data_file_extents, model_prefix, read_dcp_metadata
+from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, open_hf, tied_aliases
+from flame_ext.io.manifest import MANIFEST_NAME, config_hash, read_manifest
+from flame_ext.io.specs import TensorSpec
+from flame_ext.report import Problem, Report
+
+__all__ = ["DiagnoseOptions", "diagnose", "run", "TRAINING_STATE_NAMES", "check_data_files", "metadata_pass"]
+
+# Top-level state names of a full training checkpoint besides the model (torchtitan's CheckpointManager).
+TRAINING_STATE_NAMES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
+
+
+@dataclass
+class DiagnoseOptions:
+    """``flame-ext diagnose``: a DCP checkpoint against the HF model it was made from."""
+
+    checkpoint: str
+    model: str | None = None
+    values: bool = False
+    loss: bool = False
+    threshold: float = 0.1
+    train_config: str | None = None
+    tokenizer: str | None = None
+    reference: str | None = None
+    trust_remote_code: bool = False
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES // 4
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
+            raise InputError(f"--threshold {self.threshold}: must be a finite number of nats >= 0")
+
+
+@dataclass
+class _Context:
+    """What every pass needs: both sides indexed, and where each expected key sits in the checkpoint."""
+
+    folder: Path
+    found: dict[str, TensorSpec | None]
+    hf: HFCheckpoint
+    model: torch.nn.Module
+    expected: dict[str, TensorSpec]
+    tied: dict[str, str]
+    key_map: dict[str, str]
+    manifest: dict[str, Any] | None
+    manifest_usable: bool = True
+    reference: dict[str, Any] | None = None  # a usable --reference file, preferred over the manifest for --loss
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def check_data_files(folder: Path) -> None:
+    """Every byte range ``.metadata`` promises must exist: a truncated shard is bad input, found by sizes only."""
+    needed = data_file_extents(folder)
+    for name, end in sorted(needed.items()):
+        file = folder / name
+        if not file.is_file():
+            raise CheckpointFormatError(
+                f"{file}: missing; .metadata names it as a data file of the checkpoint (incomplete copy?)"
+            )
+        size = file.stat().st_size
+        if size < end:
+            raise CheckpointFormatError(
+                f"{file}: truncated ({size} bytes, .metadata promises {end}); copy or write the checkpoint again"
+            )
+
+
+def _read_manifest_if_any(folder: Path) -> dict[str, Any] | None:
+    return read_manifest(folder / MANIFEST_NAME) if (folder / MANIFEST_NAME).is_file() else None
+
+
+def _build_expected(hf: HFCheckpoint, manifest: dict[str, Any] | None, trust_remote_code: bool) -> torch.nn.Module:
+    """The model the trainer builds, on meta; with the manifest's freshly initialised head when it has one."""
+    model = build_meta_model(hf, trust_remote_code=trust_remote_code)
+    head = (manifest or {}).get("future_predictor")
+    if head:
+        from flame_ext.model.future_predictor import attach_future_predictor
+
+        attach_future_predictor(model, head)
+    return model
+
+
+# ---------------------------------------------------------------- metadata pass
+
+
+def _training_entries(found: dict[str, TensorSpec | None]) -> list[str]:
+    return [k for k in found if k.split(".", 1)[0] in TRAINING_STATE_NAMES]
+
+
+def metadata_pass(
+    found: dict[str, TensorSpec | None], expected: dict[str, TensorSpec], tied: dict[str, str]
+) -> tuple[Report, dict[str, str]]:
+    """Keys, shapes and dtypes; a full training checkpoint is recognised and its model part compared."""
+    report = Report()
+    model_keys: dict[str, TensorSpec | None] = dict(model_part(found))
+    training = _training_entries(found)
+    strip = ""
+    if training:
+        names = sorted({k.split(".", 1)[0] for k in training})
+        report.notes.append(
+            f"full training checkpoint ({', '.join(names)}: {len(training)} entries besides the model); its model part is compared"
+        )
+        if model_prefix(model_keys, expected) == "model.":
+            # torchtitan 0.1 saves {"model": ..., "optimizer": ...} unflattened: nested model keys are its layout.
+            strip = "model."
+            model_keys = {k.removeprefix(strip): v for k, v in model_keys.items() if k.startswith(strip)}
+            report.notes.append(
+                "model keys sit under 'model.' as torchtitan 0.1 writes full training checkpoints: the layout a resume "
+                "expects, not a fault; an initial model-only load needs flat keys (`flame-ext convert` writes them)"
+            )
+    parity = compare_specs(expected, model_keys, tied=tied)
+    report.extend(_collapse_uniform_dtype(parity.problems))
+    report.counts = dict(parity.counts)
+    # Keys of ``found`` (the checkpoint as written) for each expected key, for the passes that read tensors.
+    key_map = {k: strip + v for k, v in locate_keys(expected, model_keys).items()}
+    return report, key_map
+
+
+def _collapse_uniform_dtype(problems: list[Problem]) -> list[Problem]:
+    """A deliberate cast (every tensor fp32 -> bf16) is one warning, not one per tensor."""
+    dtype = [p for p in problems if p.kind == "dtype_mismatch"]
+    if len(dtype) < 2 or len({p.detail for p in dtype}) != 1:
+        return problems
+    first = dtype[0]
+    merged = Problem("dtype_mismatch", "warning", None, f"all {len(dtype)} tensors: {first.detail}", first.hint)
+    rest = [p for p in problems if p.kind != "dtype_mismatch"]
+    return rest + [merged]
+
+
+def _foreign(m: dict[str, Any], hf: HFCheckpoint, name: str) -> Problem | None:
+    """A manifest or reference written for another model than ``hf`` (model_type or config hash differ)."""
+    src = m.get("source") or {}
+    if src.get("model_type") == hf.model_type and src.get("config_sha256") == config_hash(hf.config):
+        return None
+    what = (
+        f"model_type {src.get('model_type')!r}, this model {hf.model_type!r}"
+        if src.get("model_type") != hf.model_type
+        else "the config hash differs from this model's config.json"
+    )
+    return Problem(
+        "manifest",
+        "error",
+        None,
+        f"{name} was written for another model ({src.get('model', '?')}: {what})",
+        "its reference loss does not apply to this model; diagnose against the model it names, or re-convert "
+        "(if only config.json bookkeeping changed, re-record the reference with `flame-ext reference`)",
+    )
+
+
+def manifest_problems(ctx: _Context, *, reference_given: bool = False) -> list[Problem]:
+    """Absent (warning, unless a reference file is given), for another model (error), stale against ``.metadata`` (error)."""
+    m = ctx.manifest
+    if m is None:
+        if reference_given:
+            return []
+        return [
+            Problem(
+                "manifest",
+                "warning",
+                None,
+                f"no {MANIFEST_NAME} in {ctx.folder}: nothing records what it was made from or the HF reference loss",
+                "convert with `flame-ext convert` (it writes one), or record the reference with "
+                "`flame-ext reference --model HF --out FILE` (pass it here with --reference, and to the training guard)",
+            )
+        ]
+    problems = []
+    foreign = _foreign(m, ctx.hf, MANIFEST_NAME)
+    if foreign is not None:
+        ctx.manifest_usable = False
+        problems.append(foreign)
+    if m.get("kind", "checkpoint") == "checkpoint" and isinstance(m.get("tensors"), dict):
+        problems.extend(_stale(m["tensors"], model_part(ctx.found)))
+    return problems
+
+
+def _use_reference_file(ctx: _Context, path: str) -> list[Problem]:
+    """``--reference FILE``: used for --loss when it was recorded for this model; an error when it was not."""
+    data = read_manifest(path)
+    foreign = _foreign(data, ctx.hf, f"--reference {path}")
+    if foreign is None and data.get("reference") is not None:
+        ctx.reference = data
+    return [foreign] if foreign else []
+
+
+def _stale(table: dict[str, Any], found: dict[str, TensorSpec]) -> list[Problem]:
+    recorded = {
+        k: TensorSpec(tuple(v.get("shape", ())), str(v.get("dtype"))) for k, v in table.items() if isinstance(v, dict)
+    }
+    added = sorted(set(found) - set(recorded))
+    removed = sorted(set(recorded) - set(found))
+    changed = sorted(k for k in set(found) & set(recorded) if found[k] != recorded[k])
+    if not (added or removed or changed):
+        return []
+    parts = [
+        f"{n} {what} (e.g. {keys[0]})"
+        for what, keys in (
+            ("not in the manifest", added),
+            ("missing from .metadata", removed),
+            ("with another shape or dtype", changed),
+        )
+        for n in [len(keys)]
+        if n
+    ]
+    return [
+        Problem(
+            "manifest",
+            "error",
+            None,
+            f"{MANIFEST_NAME} is stale: its tensor table differs from .metadata: " + "; ".join(parts),
+            "the checkpoint was changed after conversion (or the manifest copied from another one); re-convert, or do not trust its reference",
+        )
+    ]
+
+
+# ---------------------------------------------------------------- config and tokenizer
+
+
+def config_problems(ctx: _Context, train_config: str) -> list[Problem]:
+    from flame_ext.checks.config import compare_configs, read_config_file
+
+    data, file = read_config_file(train_config)
+    return compare_configs(data, ctx.hf.config, train_name=str(file), hf_name=ctx.hf.source)
+
+
+def tokenizer_check(ctx: _Context, tokenizer: str | None, trust_remote_code: bool) -> tuple[list[Problem], str | None]:
+    from flame_ext.checks.tokenizer import has_tokenizer, tokenizer_problems
+
+    if tokenizer is None and not has_tokenizer(ctx.hf.path):
+        return [], f"no tokenizer in {ctx.hf.source}: tokenizer not checked (pass --tokenizer to check the trainer's)"
+    from flame_ext.model.reference import load_tokenizer
+
+    path = tokenizer or str(ctx.hf.path)
+    tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    rows = ctx.model.get_input_embeddings().weight.shape[0]
+    return tokenizer_problems(tok, name=path, embedding_rows=rows, config=ctx.hf.config), None
+
+
+# ---------------------------------------------------------------- the whole diagnosis
+
+
+def _dominant_dtype(found: dict[str, TensorSpec | None]) -> str:
+    floats = [s.dtype for s in model_part(found).values() if getattr(torch, s.dtype).is_floating_point]
+    return max(set(floats), key=floats.count) if floats else "float32"
+
+
+def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: None) -> Report:
+    """Run every pass asked for; returns the report. Raises ``FlameExtError`` for unreadable input."""
+    folder = Path(opts.checkpoint)
+    found = read_dcp_metadata(folder)
+    check_data_files(folder)
+    hf = open_hf(opts.model)
+    manifest = _read_manifest_if_any(folder)
+    on_stage("building the model on meta")
+    model = _build_expected(hf, manifest, opts.trust_remote_code)
+    expected, tied = expected_tensors(model), tied_aliases(model)
+    report, key_map = metadata_pass(found, expected, tied)
+    ctx = _Context(folder, found, hf, model, expected, tied, key_map, manifest)
+    report.extend(manifest_problems(ctx, reference_given=opts.reference is not None))
+    if opts.reference is not None:
+        report.extend(_use_reference_file(ctx, opts.reference))
+    if opts.train_config:
+        report.extend(config_problems(ctx, opts.train_config))
+    tok_problems, tok_note = tokenizer_check(ctx, opts.tokenizer, opts.trust_remote_code)
+    report.extend(tok_problems)
+    report.notes.extend([tok_note] if tok_note else [])
+    if opts.values:
+        report.extend(_values_pass(ctx, opts, report, on_stage))
+    if opts.loss:
+        _loss_pass(ctx, opts, report, on_stage)
+    # Errors first; within a severity, the order of the passes (cheapest evidence first).
+    report.problems.sort(key=lambda p: p.severity != "error")
+    return report
+
+
+def _values_pass(
+    ctx: _Context, opts: DiagnoseOptions, report: Report, on_stage: Callable[[str], None]
+) -> list[Problem]:
+    from flame_ext.checks.values import compare_values
+
+    on_stage("comparing values with the HF source")
+    base_prefix = getattr(ctx.model, "base_model_prefix", "model") + "."
+    problems, stats = compare_values(
+        ctx.folder,
+        ctx.found,
+        ctx.hf,
+        ctx.key_map,
+        tied=ctx.tied,
+        base_prefix=base_prefix,
+        buffer_bytes=opts.buffer_bytes,
+    )
+    report.notes.append(
+        f"values: {stats.compared} tensors compared with the HF source ({stats.bytes_read / 1e6:,.1f} MB read)"
+        + (f", {len(stats.skipped)} skipped" if stats.skipped else "")
+    )
+    return problems
+
+
+def _loss_pass(ctx: _Context, opts: DiagnoseOptions, report: Report, on_stage: Callable[[str], None]) -> None:
+    from flame_ext.checks.buffers import load_path_hazards
+    from flame_ext.checks.loss import check_loss
+
+    result = check_loss(
+        ctx.hf,
+        ctx.folder,
+        ctx.found,
+        ctx.key_map,
+        ctx.reference or (ctx.manifest if ctx.manifest_usable else None),
+        threshold=opts.threshold,
+        dtype=_dominant_dtype(ctx.found),
+        tokenizer=opts.tokenizer,
+        trust_remote_code=opts.trust_remote_code,
+        value_problems=any(p.kind in ("value_mismatch", "nonfinite") for p in report.problems),
+        on_stage=on_stage,
+    )
+    report.loss = result.comparison
+    report.extend(result.problems)
+    report.notes.extend(result.notes)
+    on_stage("checking the trainer's load path for non-persistent buffers")
+    report.extend(load_path_hazards(lambda: build_meta_model(ctx.hf, trust_remote_code=opts.trust_remote_code)))
+
+
+# ---------------------------------------------------------------- command line
+
+
+def options_from_args(args: argparse.Namespace) -> DiagnoseOptions:
+    return DiagnoseOptions(
+        checkpoint=args.checkpoint,
+        model=args.model,
+        values=bool(getattr(args, "values", False)),
+        loss=bool(getattr(args, "loss", False)),
+        threshold=getattr(args, "threshold", 0.1),
+        train_config=getattr(args, "train_config", None),
+        tokenizer=getattr(args, "tokenizer", None),
+        reference=getattr(args, "reference", None),
+        trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
+    )
+
+
+def _header(opts: DiagnoseOptions, hf_source: str) -> str:
+    passes = ["metadata"] + ["values"] * opts.values + ["loss"] * opts.loss + ["config"] * bool(opts.train_config)
+    return f"flame-ext diagnose: {opts.checkpoint} against {hf_source} ({', '.join(passes)})"
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``diagnose`` subcommand: print the report (text or JSON); 0 when no error, 1 otherwise."""
+    opts = options_from_args(args)
+    stage = (
+        (lambda s: print(f"... {s}", file=sys.stderr, flush=True))
+        if sys.stderr.isatty() and not args.json
+        else (lambda s: None)
+    )
+    report = diagnose(opts, on_stage=stage)
+    if args.json:
+        import json
+
+        print(json.dumps({**report.to_dict(), "notes": report.notes}, indent=2, allow_nan=True))
+    else:
+        print(_header(opts, opts.model or "the embedded tiny OLMo2"))
+        print(report.render_text(group_hints=True))
+    return 0 if report.ok else 1

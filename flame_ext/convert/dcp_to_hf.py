@@ -1,0 +1,174 @@
+"""DCP -> HF, streaming: safetensors shards written one block of rows at a time, then config and tokenizer.
+
+The checkpoint may be flat or nested, model-only or a full training checkpoint; the model the config
+describes (built on ``meta``) says which keys make the HF folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flame_ext.convert.summary import DTYPES, Progress, Summary, peak_rss_mb
+from flame_ext.errors import CheckpointFormatError, InputError
+from flame_ext.io.dcp import (
+    DEFAULT_BUFFER_BYTES,
+    NON_MODEL_PREFIXES,
+    DCPRowReader,
+    model_prefix,
+    read_dcp_metadata,
+    replace_dtype,
+)
+from flame_ext.io.destination import atomic_folder, check_destination
+from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, tied_aliases
+from flame_ext.io.safetensors_writer import shard_plan, write_safetensors
+
+__all__ = ["ToHFOptions", "convert_dcp_to_hf"]
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+_MODEL_FILES = ("generation_config.json",)
+
+
+@dataclass
+class ToHFOptions:
+    """``flame-ext to-hf``: DCP folder + HF config folder -> HF folder (safetensors shards, config, tokenizer)."""
+
+    checkpoint: str
+    config: str | None
+    out: str
+    dtype: str = "auto"
+    force: bool = False
+    trust_remote_code: bool = False
+    max_shard_bytes: int = 5 * 1024**3
+    progress: bool = True
+    tokenizer: str | None = None  # folder to copy tokenizer files from (default: ``config``)
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES  # rows of a tensor read at once
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise InputError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.buffer_bytes < 1024:
+            raise InputError(f"buffer of {self.buffer_bytes} bytes: must be at least 1 KiB")
+
+
+def _config_folder(config: str | None) -> Path:
+    path = Path(config) if config else None
+    if path is None:
+        raise InputError("--config: required (the HF model folder or a folder with its config.json)")
+    if not path.is_dir():
+        raise InputError(f"{config}: no such folder (expected an HF model folder or a folder with config.json)")
+    if not (path / "config.json").is_file():
+        raise InputError(f"{config}: no config.json")
+    return path
+
+
+def _meta_model_from_config(folder: Path, trust_remote_code: bool) -> torch.nn.Module:
+    config = json.loads((folder / "config.json").read_text())
+    stub = HFCheckpoint(str(folder), folder, None, config, {}, "none")
+    return build_meta_model(stub, trust_remote_code=trust_remote_code)
+
+
+def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
+    """DCP (flat or nested, model-only or full training checkpoint) -> HF folder, one block of rows at a time."""
+    t0 = time.perf_counter()
+    check_destination(opts.out, force=opts.force)
+    ckpt = Path(opts.checkpoint)
+    found = read_dcp_metadata(ckpt)
+    config_dir = _config_folder(opts.config)
+    tokenizer_dir = _tokenizer_folder(opts.tokenizer, config_dir)
+    model = _meta_model_from_config(config_dir, opts.trust_remote_code)
+    aliases = tied_aliases(model)
+    wanted = {k: s for k, s in expected_tensors(model).items() if k not in aliases}  # HF files omit tied twins
+    prefix = model_prefix(found, wanted)
+    missing = [k for k in wanted if prefix + k not in found]
+    shapes = [
+        f"{k}: checkpoint {found[prefix + k].shape}, config asks {s.shape}"
+        for k, s in wanted.items()
+        if prefix + k in found and found[prefix + k] is not None and found[prefix + k].shape != s.shape
+    ]
+    if missing or shapes:
+        detail = (
+            (f"missing {len(missing)}: {', '.join(missing)}" if missing else "")
+            + (" | " if missing and shapes else "")
+            + "; ".join(shapes)
+        )
+        raise CheckpointFormatError(f"{ckpt}: does not match the model of {config_dir}: {detail}")
+    out_dtype = None if opts.dtype == "auto" else opts.dtype
+    specs = {k: replace_dtype(found[prefix + k], out_dtype) for k in wanted}  # type: ignore[arg-type]
+    model_keys = {prefix + k for k in wanted}
+    skipped = sorted(k for k in found if k not in model_keys and not k.startswith(NON_MODEL_PREFIXES))
+    summary = Summary(Path(opts.out).absolute(), notes=[f"{k}: not part of the HF model; not written" for k in skipped])
+    total = sum(s.nbytes for s in specs.values())
+
+    reader = DCPRowReader(ckpt)
+
+    def read(key: str) -> Iterator[torch.Tensor]:
+        # The block is sized at the stored dtype; a cast to a wider one at most doubles it.
+        for block in reader.blocks(prefix + key, found[prefix + key], opts.buffer_bytes):  # type: ignore[arg-type]
+            yield block.to(getattr(torch, specs[key].dtype))
+
+    with atomic_folder(opts.out, force=opts.force) as tmp:
+        bar = Progress(total, opts.progress, "to-hf")
+        shards = shard_plan(specs, opts.max_shard_bytes)
+        names = (
+            ["model.safetensors"]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
+        try:
+            for name, keys in zip(names, shards):
+                write_safetensors(tmp / name, {k: specs[k] for k in keys}, read, on_written=bar.update)
+        finally:
+            bar.close()
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {k: n for n, keys in zip(names, shards) for k in keys},
+            }
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        _write_config(config_dir, tmp, out_dtype)
+        for folder, names in ((config_dir, _MODEL_FILES), (tokenizer_dir, _TOKENIZER_FILES)):
+            for name in names:
+                if (folder / name).is_file():
+                    shutil.copy2(folder / name, tmp / name)
+    summary.tensors = len(specs)
+    summary.parameters = sum(s.numel for s in specs.values())
+    summary.bytes = total
+    summary.seconds = time.perf_counter() - t0
+    summary.peak_rss_mb = peak_rss_mb()
+    return summary
+
+
+def _tokenizer_folder(tokenizer: str | None, config_dir: Path) -> Path:
+    if tokenizer is None:
+        return config_dir
+    if not Path(tokenizer).is_dir():
+        raise InputError(f"--tokenizer {tokenizer}: no such folder (give the local folder holding the tokenizer files)")
+    return Path(tokenizer)
+
+
+def _write_config(config_dir: Path, out: Path, dtype: str | None) -> None:
+    """Copy config.json as is (so a round trip keeps it byte for byte), updating only a changed dtype."""
+    if dtype is None:
+        shutil.copy2(config_dir / "config.json", out / "config.json")
+        return
+    config = json.loads((config_dir / "config.json").read_text())
+    for field_name in ("dtype", "torch_dtype"):
+        if field_name in config:
+            config[field_name] = dtype
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

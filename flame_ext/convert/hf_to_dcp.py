@@ -1,0 +1,234 @@
+"""HF -> DCP, streaming.
+
+The mapping is worked out from metadata first (which source tensor feeds each key the model asks for,
+at which dtype), every problem with it is reported at once, and only then are tensors read, one block at
+a time, straight into the output. The output folder appears only when complete (see ``io.destination``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flame_ext import __version__
+from flame_ext.convert.summary import DTYPES, Progress, Summary, peak_rss_mb
+from flame_ext.errors import CheckpointFormatError, InputError
+from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, LAYOUTS, WriteEntry, replace_dtype, save_streaming
+from flame_ext.io.destination import atomic_folder, check_destination
+from flame_ext.io.hf import (
+    HFCheckpoint,
+    HFTensor,
+    build_meta_model,
+    expected_tensors,
+    hf_source,
+    map_tensor,
+    open_hf,
+    tied_aliases,
+)
+from flame_ext.io.manifest import FORMAT_VERSION, config_hash, write_manifest
+from flame_ext.io.specs import TensorSpec, dtype_name
+from flame_ext.model.future_predictor import ATTRIBUTE as FP_ATTRIBUTE
+from flame_ext.model.future_predictor import attach_future_predictor
+
+__all__ = ["ConvertOptions", "convert_hf_to_dcp", "plan_hf_to_dcp"]
+
+
+@dataclass
+class ConvertOptions:
+    """``flame-ext convert``: HF folder or hub id -> DCP folder (+ ``flame_ext.json``)."""
+
+    model: str | None
+    checkpoint: str
+    dtype: str = "auto"
+    layout: str = "flat"
+    reference_text: str | None = None
+    reference_seq_len: int = 512
+    reference: bool = True
+    trust_remote_code: bool = False
+    future_predictor: str | None = None  # None, "linear" or "mlp"
+    force: bool = False
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise InputError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.layout not in LAYOUTS:
+            raise InputError(f"--layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
+        if self.reference_seq_len < 2:
+            raise InputError(f"--reference-seq-len {self.reference_seq_len}: must be at least 2")
+        if self.buffer_bytes < 1024:
+            raise InputError(f"buffer of {self.buffer_bytes} bytes: must be at least 1 KiB")
+
+
+def _reader(t: HFTensor, dtype: str) -> Any:
+    out_dtype = getattr(torch, dtype)
+
+    def read_rows(start: int, end: int) -> torch.Tensor:
+        if not t.spec.shape:
+            return map_tensor(t).to(out_dtype)
+        if getattr(torch, t.spec.dtype) == out_dtype:
+            return map_tensor(t, (start, end))  # pages of the source file, passed on without a copy
+        # A dtype change converts the source in slices into the result, so a whole source block (twice
+        # the size of the result for float32 -> bfloat16) is never mapped beside it.
+        out = torch.empty((end - start, *t.spec.shape[1:]), dtype=out_dtype)
+        step = max(1, (end - start) // 8)
+        for a in range(start, end, step):
+            b = min(a + step, end)
+            out[a - start : b - start] = map_tensor(t, (a, b))
+        return out
+
+    return read_rows
+
+
+def _fresh_reader(value: torch.Tensor) -> Any:
+    return lambda start, end: value[start:end] if value.dim() else value
+
+
+def plan_hf_to_dcp(
+    hf: HFCheckpoint, model: torch.nn.Module, *, dtype: str, layout: str, fresh: dict[str, torch.Tensor]
+) -> tuple[list[WriteEntry], list[str]]:
+    """Map every key the model asks for to its source; raise once listing every key that cannot be fed."""
+    expected = expected_tensors(model)
+    aliases = tied_aliases(model)
+    base_prefix = getattr(model, "base_model_prefix", "model") + "."
+    entries: list[WriteEntry] = []
+    missing, shape_errors, used = [], [], set()
+    for key, spec in expected.items():
+        out_key = LAYOUTS[layout] + key
+        if key in fresh:
+            value = fresh[key]
+            entries.append(
+                WriteEntry(out_key, TensorSpec(tuple(value.shape), dtype_name(value.dtype)), _fresh_reader(value))
+            )
+            continue
+        src = hf_source(key, hf, aliases, base_prefix)
+        if src is None:
+            missing.append(key)
+            continue
+        if src.spec.shape != spec.shape:
+            shape_errors.append(f"{key}: HF file has {src.spec.shape}, model asks for {spec.shape}")
+            continue
+        used.add(src.key)
+        out_spec = replace_dtype(src.spec, None if dtype == "auto" else dtype)
+        entries.append(WriteEntry(out_key, out_spec, _reader(src, out_spec.dtype)))
+    if missing or shape_errors:
+        parts = []
+        if missing:
+            parts.append(
+                f"{len(missing)} keys the model asks for are not in the HF files: {', '.join(sorted(missing))}"
+            )
+        if shape_errors:
+            parts.append(f"{len(shape_errors)} shape mismatches: {'; '.join(shape_errors)}")
+        raise CheckpointFormatError(f"{hf.source}: cannot convert: " + " | ".join(parts))
+    notes = [
+        f"HF tensor {k} is not asked for by {type(model).__name__}; not written" for k in sorted(set(hf.tensors) - used)
+    ]
+    return entries, notes
+
+
+def _fresh_tensors(model: torch.nn.Module, head_type: str | None, dtype: str) -> dict[str, torch.Tensor]:
+    """Attach the future predictor on ``meta`` (for the keys) and initialise a real copy (for the values)."""
+    if head_type is None:
+        return {}
+    attach_future_predictor(model, head_type)
+    torch.manual_seed(0)  # fresh but reproducible: the same conversion writes the same bytes
+    from flame_ext.model.future_predictor import FuturePredictorHead
+
+    head = FuturePredictorHead(model.config.hidden_size, head_type)  # type: ignore[arg-type]
+    out_dtype = getattr(torch, "float32" if dtype == "auto" else dtype)
+    return {f"{FP_ATTRIBUTE}.{k}": v.detach().to(out_dtype) for k, v in head.state_dict().items()}
+
+
+def _reference_dtype(hf: HFCheckpoint, entries: list[WriteEntry]) -> str:
+    floats = [e.spec.dtype for e in entries if getattr(torch, e.spec.dtype).is_floating_point]
+    return max(set(floats), key=floats.count) if floats else "float32"
+
+
+def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
+    """Convert; returns the summary. Raises ``FlameExtError`` for anything the user can fix.
+
+    The plan comes first, from the model class built on ``meta`` (so every missing key is reported before
+    a byte is written). Building it while already streaming a guessed plan was tried and dropped: the
+    import's Python work and the writer threads' Python work share one GIL, and on two cores the overlap
+    made the conversion slower, not faster.
+    """
+    t0 = time.perf_counter()
+    check_destination(opts.checkpoint, force=opts.force)
+    hf = open_hf(opts.model)
+    model = build_meta_model(hf, trust_remote_code=opts.trust_remote_code)
+    fresh = _fresh_tensors(model, opts.future_predictor, opts.dtype)
+    entries, notes = plan_hf_to_dcp(hf, model, dtype=opts.dtype, layout=opts.layout, fresh=fresh)
+    parameters = _parameter_count(model, entries, LAYOUTS[opts.layout])
+    summary = Summary(Path(opts.checkpoint).absolute(), notes=notes, parameters=parameters)
+    total = sum(e.spec.nbytes for e in entries)
+    with atomic_folder(opts.checkpoint, force=opts.force) as tmp:
+        bar = Progress(total, opts.progress, "convert")
+        try:
+            save_streaming(tmp, entries, buffer_bytes=opts.buffer_bytes, on_written=bar.update)
+        finally:
+            bar.close()
+        reference = None
+        if opts.reference:
+            from flame_ext.model.reference import compute_reference
+
+            reference = compute_reference(
+                hf,
+                text_path=opts.reference_text,
+                seq_len=opts.reference_seq_len,
+                dtype=_reference_dtype(hf, entries),
+                trust_remote_code=opts.trust_remote_code,
+            )
+        summary.manifest = _manifest(hf, opts, entries, fresh, reference, parameters)
+        write_manifest(tmp, summary.manifest)
+    summary.tensors = len(entries)
+    summary.bytes = total
+    summary.seconds = time.perf_counter() - t0
+    summary.peak_rss_mb = peak_rss_mb()
+    return summary
+
+
+def _parameter_count(model: torch.nn.Module, entries: list[WriteEntry], prefix: str) -> int:
+    """Elements of the model's state, a tied pair counted once (as ``model.num_parameters()`` counts it).
+
+    The checkpoint holds both names of a tied tensor (the load asks for both), but it is one parameter.
+    """
+    aliases = {prefix + k for k in tied_aliases(model)}
+    return sum(e.spec.numel for e in entries if e.key not in aliases)
+
+
+def _manifest(
+    hf: HFCheckpoint,
+    opts: ConvertOptions,
+    entries: list[WriteEntry],
+    fresh: dict,
+    reference: dict | None,
+    parameters: int,
+) -> dict:
+    prefix = LAYOUTS[opts.layout]
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "checkpoint",
+        "tool_version": __version__,
+        "source": {
+            "model": hf.source,
+            "path": str(hf.path),
+            "revision": hf.revision,
+            "model_type": hf.model_type,
+            "architectures": hf.config.get("architectures"),
+            "config_sha256": config_hash(hf.config),
+        },
+        "layout": opts.layout,
+        "dtype": opts.dtype,
+        "tensors": {
+            e.key: {"shape": list(e.spec.shape), "dtype": e.spec.dtype, "numel": e.spec.numel} for e in entries
+        },
+        "total_parameters": parameters,
+        "fresh_keys": sorted(prefix + k for k in fresh),
+        "future_predictor": opts.future_predictor,
+        "reference": reference,
+    }

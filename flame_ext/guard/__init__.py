@@ -1,0 +1,35 @@
+"""The step-0 guard: check the first load of a training run before step 1 can hide what went wrong.
+
+``options`` declares the settings, ``initial_load`` runs the checks (from ``flame_ext.checks``) around a
+host's load, ``ranks`` makes every rank take the same verdict. Hosts (``flame_ext.titan``) decide when a
+load is the initial one.
+"""
+
+from flame_ext.errors import GuardConfigError, InitialLoadValidationError
+from flame_ext.guard.initial_load import (
+    IGNORE_INDEX,
+    InitialLoadGuard,
+    LossProbe,
+    RequestedLoad,
+    hf_loss_probe,
+    meta_copy,
+    record_metrics,
+    split_request,
+    tied_keys,
+)
+from flame_ext.guard.options import GuardConfig
+
+__all__ = [
+    "GuardConfig",
+    "GuardConfigError",
+    "InitialLoadValidationError",
+    "InitialLoadGuard",
+    "RequestedLoad",
+    "split_request",
+    "meta_copy",
+    "hf_loss_probe",
+    "LossProbe",
+    "IGNORE_INDEX",
+    "tied_keys",
+    "record_metrics",
+]

@@ -1,0 +1,460 @@
+"""The step-0 guard: check the first load of a training run before step 1 can hide what went wrong.
+
+Host-independent: the torchtitan adapters in ``flame_ext.titan`` decide *when* a load is the initial one
+and hand over what the load asks for; this module decides whether it is right. Three checks, in order:
+
+1. before any tensor is read, the keys / global shapes / dtypes the load will request against the
+   checkpoint's metadata (``checks.keys.compare_specs``), every problem at once;
+2. after loading, the non-persistent buffers no checkpoint holds (``checks.buffers.check_buffers``), repaired
+   when asked;
+3. one forward pass on the manifest's reference batch, against the HF model's loss on the same tokens.
+
+Every check runs on every rank and the ranks pool their findings (collectives on the default process
+group) before deciding, so all ranks raise ``InitialLoadValidationError`` together or none does: a
+verdict taken on one rank alone would leave the others waiting in the next collective.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flame_ext.errors import FlameExtError, GuardConfigError, InitialLoadValidationError
+from flame_ext.guard.options import GuardConfig
+from flame_ext.guard.ranks import RankFailure, agreed, max_over_ranks, pool, pool_counts, rank, sum_over_ranks, world
+from flame_ext.io.specs import TensorSpec, dtype_name
+from flame_ext.report import LossComparison, Problem, Report
+
+__all__ = [
+    "InitialLoadGuard",
+    "RequestedLoad",
+    "split_request",
+    "meta_copy",
+    "hf_loss_probe",
+    "LossProbe",
+    "IGNORE_INDEX",
+    "tied_keys",
+    "record_metrics",
+]
+
+logger = logging.getLogger("flame_ext.guard")  # the name users filter the guard's log lines by
+
+IGNORE_INDEX = -100  # the label value torch's cross entropy (and torchtitan's loss) skips
+_REFERENCE_HINT = (
+    "write one with `flame-ext reference --model HF --out FILE` and set checkpoint.initial_load_reference = FILE "
+    "(`flame-ext convert` writes it into the checkpoint folder as flame_ext.json), or set "
+    "checkpoint.validate_initial_load = false"
+)
+
+# probe(token_ids [B, n+1], ranges) -> float64 [len(ranges), 2]: (sum of per-token loss, token count) per
+# position range [start, end) of the n predicted positions. Sums and counts, not means, so ranks add them up.
+LossProbe = Callable[[torch.Tensor, list[tuple[int, int]]], torch.Tensor]
+
+
+@dataclass
+class RequestedLoad:
+    """What a load will ask DCP for: model tensors by key (global shapes), and other states by name."""
+
+    model: dict[str, TensorSpec]
+    other_states: list[str]
+    model_prefix: str = ""  # "model." when the model sits nested in a full training-state load
+
+
+def split_request(state: Mapping[str, Any]) -> RequestedLoad:
+    """The specs of the exact state dict a host passes to ``dcp.load``, without reading or moving data.
+
+    Tensors at the top level are model keys (torchtitan's model-only and 0.3 full loads are flat); a
+    ``model`` entry that is a Stateful or dict is the model nested under ``model.`` (torchtitan 0.1 full
+    loads); anything else (optimizer, lr_scheduler, dataloader, train_state) is another state, checked by
+    name only, because building an optimizer's state dict can cost collectives.
+    DTensor ``shape`` is the global shape, which is what the checkpoint metadata records.
+    """
+    model: dict[str, TensorSpec] = {}
+    other: list[str] = []
+    prefix = ""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            model[key] = TensorSpec(tuple(value.shape), dtype_name(value.dtype))
+        elif key == "model" and value is not None:
+            prefix = "model."
+            inner = value.state_dict() if hasattr(value, "state_dict") else value
+            for k, v in inner.items():
+                if isinstance(v, torch.Tensor):
+                    model[prefix + k] = TensorSpec(tuple(v.shape), dtype_name(v.dtype))
+        elif value is not None:
+            other.append(key)
+    return RequestedLoad(model, other, prefix)
+
+
+def meta_copy(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Meta tensors with the global shape and dtype of each tensor: feed a key-mapping adapter (``to_hf``)
+    without computing anything or running a collective on sharded tensors."""
+    return {
+        k: torch.empty(tuple(v.shape), dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor) else v
+        for k, v in state_dict.items()
+    }
+
+
+# ----------------------------------------------------------------------------------------- loss
+
+
+def _logits_of(output: Any) -> torch.Tensor:
+    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
+    if logits is None:
+        raise GuardConfigError(
+            "the model's forward returned no logits; the step-0 loss check needs them (for a model with a fused "
+            "loss, compute logits when no labels are given)"
+        )
+    full = getattr(logits, "full_tensor", None)  # a DTensor (loss parallel): gather the vocab shards
+    return full() if callable(full) else logits
+
+
+def hf_loss_probe(model: nn.Module) -> LossProbe:
+    """Loss the way HF causal LMs compute it with ``labels=``: logits, shift by one, cross entropy."""
+    from flame_ext.model.reference import per_token_loss
+
+    def probe(token_ids: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
+        device = next(model.parameters()).device
+        per_token = per_token_loss(_logits_of(model(token_ids.to(device))), token_ids).double().cpu()
+        return torch.tensor(
+            [[per_token[:, s:e].sum().item(), per_token[:, s:e].numel()] for s, e in ranges], dtype=torch.float64
+        )
+
+    return probe
+
+
+class _EvalMode:
+    """Eval mode and no_grad for the probe, then each module's own training flag back (not ``train()``)."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        self.parts = parts
+
+    def __enter__(self) -> None:
+        self.flags = [(m, m.training) for part in self.parts for m in part.modules()]
+        self.no_grad = torch.no_grad()
+        self.no_grad.__enter__()
+        for part in self.parts:
+            part.eval()
+
+    def __exit__(self, *exc: Any) -> None:
+        for module, flag in self.flags:
+            module.training = flag
+        self.no_grad.__exit__(*exc)
+
+
+# ----------------------------------------------------------------------------------------- the guard
+
+
+class InitialLoadGuard:
+    """One initial load, checked: ``before_load`` then (if the load ran) ``after_load``.
+
+    ALL ranks must make the same calls in the same order: both hold collectives.
+    """
+
+    def __init__(self, config: GuardConfig, checkpoint: str, model_parts: list[nn.Module]) -> None:
+        self.config = config
+        self.checkpoint = str(checkpoint)
+        self.parts = model_parts
+        self.report = Report()
+        self.worst_rank_gap = 0.0  # largest |loss - reference| of a single rank, set by the loss pass
+        self.reference: dict[str, Any] = {}
+        self.fresh: list[str] = []
+
+    # -- before
+
+    def before_load(
+        self,
+        requested: RequestedLoad,
+        read_found: Callable[[], Mapping[str, TensorSpec | None]],
+        *,
+        tied: dict[str, str] | None = None,
+        extra: Iterable[Problem] = (),
+    ) -> None:
+        """Reference present and usable, then parity; raises on any error, before a tensor is read.
+
+        ``read_found`` reads the checkpoint's metadata (``.metadata`` or safetensors headers, never data);
+        ``extra`` are host-found problems (e.g. keys an adapter does not map) pooled with the rest.
+        """
+        start = time.perf_counter()
+        self.reference, self.fresh = self._agreed(self._read_reference, "reading the reference")
+        found = dict(self._agreed(read_found, "reading the checkpoint metadata"))
+        problems = self._agreed(lambda: list(extra) + self._parity(requested, found, tied or {}), "the key/shape check")
+        self.report.extend(pool(problems))
+        self.report.counts = pool_counts(self.report.counts)
+        logger.info(
+            "flame-ext: checked %s before loading: %d model keys requested, %d keys in the checkpoint; %s "
+            "(%.0f ms, no tensor read)",
+            self.checkpoint,
+            len(requested.model),
+            len(found),
+            _count_line(self.report),
+            (time.perf_counter() - start) * 1e3,
+        )
+        self._raise_if_failed("before loading (nothing was read)")
+
+    def _read_reference(self) -> tuple[dict[str, Any], list[str]]:
+        from flame_ext.io.manifest import MANIFEST_NAME, read_manifest, read_reference
+
+        own = Path(self.checkpoint) / MANIFEST_NAME
+        path = Path(self.config.initial_load_reference) if self.config.initial_load_reference else own
+        if not path.is_file():
+            self._fail_manifest(f"no reference for the step-0 loss check: {path} does not exist")
+        try:
+            reference = read_reference(path)
+            fresh = read_manifest(own).get("fresh_keys", []) if own.is_file() else []
+        except FlameExtError as exc:
+            self._fail_manifest(str(exc))
+        ids = reference["token_ids"]
+        if not ids or len(ids[0]) < 2:
+            self._fail_manifest(f"{path}: the reference batch is empty")
+        vocab = max(
+            (m.num_embeddings for p in self.parts for m in p.modules() if isinstance(m, nn.Embedding)), default=None
+        )
+        top = max(max(row) for row in ids)
+        if vocab is not None and top >= vocab:
+            self._fail_manifest(
+                f"{path}: reference token id {top} is outside the model's vocabulary of {vocab}: "
+                "the reference was made for another tokenizer or model"
+            )
+        return reference, list(fresh)
+
+    def _fail_manifest(self, detail: str) -> None:
+        self.report.problems.append(Problem("manifest", "error", None, detail, _REFERENCE_HINT))
+        self._raise_if_failed("before loading (nothing was read)")
+
+    def _parity(
+        self, requested: RequestedLoad, found: dict[str, TensorSpec | None], tied: dict[str, str]
+    ) -> list[Problem]:
+        from flame_ext.checks.keys import compare_specs
+
+        result = compare_specs(requested.model, found, fresh=self.fresh, tied=tied)
+        self.report.counts.update(result.counts)
+        problems = list(result.problems)
+        if requested.model_prefix:
+            problems += _flat_into_nested(requested, found)
+        for name in requested.other_states:
+            if not any(k == name or k.startswith(name + ".") for k in found):
+                self.report.counts["missing"] = self.report.counts.get("missing", 0) + 1
+                problems.append(
+                    Problem(
+                        "missing_key",
+                        "error",
+                        f"{name}.*",
+                        f"the load asks for the {name} state (a full training-state load); the checkpoint holds none",
+                        "a converted checkpoint holds weights only: load model weights only (torchtitan 0.1: "
+                        "checkpoint.initial_load_model_weights_only = true; 0.3: initial_load_model_only = true), "
+                        f"or add '{name}' to checkpoint.exclude_from_loading",
+                    )
+                )
+        return problems
+
+    # -- after
+
+    def after_load(
+        self,
+        probe: LossProbe,
+        *,
+        position_multiple: int = 1,
+        max_positions: int | None = None,
+        metric_logger: Any = None,
+    ) -> Report:
+        """Buffers, then the loss gate; logs the comparison and the JSON record; raises on any error.
+
+        The reference rows are cut to ``max_positions`` predicted positions (a native model's RoPE table
+        ends at the training sequence length) and to a multiple of ``position_multiple`` (a chunked loss
+        splits the sequence evenly): the model is causal, so a prefix's per-token reference is exact.
+        """
+        start = time.perf_counter()
+        repair = self.config.initial_load_repair_buffers
+        problems = self._agreed(lambda: self._buffers(repair), "the buffer check")
+        self.report.extend(pool(problems))
+        comparison = self._agreed(
+            lambda: self._loss(probe, position_multiple, max_positions), "the step-0 forward pass"
+        )
+        self.report.loss = comparison
+        self._log_loss(comparison)
+        if not math.isfinite(comparison.observed):
+            self.report.problems.append(
+                Problem(
+                    "nonfinite",
+                    "error",
+                    None,
+                    f"step-0 loss is {comparison.observed}",
+                    "a weight or buffer holds inf/NaN after loading: run `flame-ext diagnose --values`",
+                )
+            )
+        elif not comparison.ok:
+            self.report.problems.append(_loss_gap_problem(comparison))
+        elif self.worst_rank_gap > comparison.threshold:
+            self.report.problems.append(
+                Problem(
+                    "loss_gap",
+                    "error",
+                    None,
+                    f"the mean step-0 loss passes, but one rank's differs from the HF reference by {self.worst_rank_gap:.4f} "
+                    f"(threshold {comparison.threshold})",
+                    "ranks loaded different weights: check that every rank reads the same checkpoint; run `flame-ext "
+                    "diagnose --checkpoint C --model HF --values --loss` on it",
+                )
+            )
+        record_metrics(metric_logger, comparison)
+        self._raise_if_failed("after loading")
+        logger.info("flame-ext initial-load report: %s", json.dumps(self.report.to_dict(), allow_nan=True))
+        logger.info(
+            "flame-ext: initial load of %s validated (buffers and step-0 forward pass: %.0f ms)",
+            self.checkpoint,
+            (time.perf_counter() - start) * 1e3,
+        )
+        return self.report
+
+    def _buffers(self, repair: bool) -> list[Problem]:
+        from flame_ext.checks.buffers import check_buffers
+
+        problems: list[Problem] = []
+        for part in self.parts:
+            found, repaired = check_buffers(part, repair=repair)  # logs each repair
+            problems += found
+            self.report.notes += [f"repaired non-persistent buffer {key} (wrong after loading)" for key in repaired]
+        return problems
+
+    def _loss(self, probe: LossProbe, multiple: int, max_positions: int | None) -> LossComparison:
+        from flame_ext.checks.loss import loss_by_position
+
+        ids = torch.tensor(self.reference["token_ids"], dtype=torch.long)
+        ref = torch.tensor(self.reference["loss_per_token"], dtype=torch.float64)
+        n = min(ids.shape[1] - 1, max_positions or ids.shape[1])
+        n = (n // multiple) * multiple  # predicted positions the host's model and loss can take
+        if n < 1:
+            raise GuardConfigError(
+                f"reference rows of {ids.shape[1]} tokens are too short for a loss in chunks of {multiple}"
+            )
+        ref = ref[:, :n]
+        buckets = loss_by_position(ref, ref)
+        ranges = [(0, n), (0, 1)] + [(b["start"], b["end"]) for b in buckets]  # all, the first position, buckets
+        with _EvalMode(self.parts):
+            sums = probe(ids[:, : n + 1], ranges).to(torch.float64).cpu()
+        reference_mean = float(self.reference["loss_mean"]) if n == ids.shape[1] - 1 else ref.mean().item()
+        # The mean over ranks is what is logged; the gate also looks at the worst single rank, because one
+        # rank with wrong weights among 256 would move the mean by only 1/256 of its gap.
+        own_gap = abs((sums[0, 0] / sums[0, 1]).item() - reference_mean)
+        self.worst_rank_gap = max_over_ranks(own_gap if math.isfinite(own_gap) else math.inf)
+        sums = sum_over_ranks(sums)
+        means = (sums[:, 0] / sums[:, 1]).tolist()
+        by_position = [{**b, "observed": m} for b, m in zip(buckets, means[2:])]
+        first = means[1] - ref[:, 0].mean().item()
+        return LossComparison(reference_mean, means[0], self.config.initial_load_max_loss_delta, by_position, first)
+
+    def _log_loss(self, lo: LossComparison) -> None:
+        logger.info(
+            "step-0 loss %.4f vs HF reference %.4f (delta %+.4f, threshold %g)",
+            lo.observed,
+            lo.reference,
+            lo.delta,
+            lo.threshold,
+        )
+        logger.info(
+            "step-0 loss by position: %s",
+            "  ".join(
+                f"{b['start']}-{b['end']}: {b['observed']:.4f} (ref {b['reference']:.4f})" for b in lo.by_position
+            ),
+        )
+
+    # -- verdict
+
+    def _agreed(self, step: Callable[[], Any], what: str) -> Any:
+        """``ranks.agreed``: a step that failed on another rank ends this one too, as a validation error."""
+        try:
+            return agreed(step, what)
+        except RankFailure as exc:
+            raise InitialLoadValidationError(
+                f"initial-load validation of {self.checkpoint} stopped: {exc}", self.report
+            ) from exc
+
+    def _raise_if_failed(self, when: str) -> None:
+        if self.report.ok:
+            return
+        record = json.dumps(self.report.to_dict(), allow_nan=True)
+        logger.error("flame-ext initial-load report: %s", record)
+        summary = self.report.render_text()
+        raise InitialLoadValidationError(
+            f"initial load of {self.checkpoint} failed validation {when} on rank {rank()} of {world()} "
+            f"({_count_line(self.report)}):\n{summary}",
+            self.report,
+        )
+
+
+def _count_line(report: Report) -> str:
+    kinds: dict[str, int] = {}
+    for p in report.errors:
+        kinds[p.kind] = kinds.get(p.kind, 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in kinds.items()) if kinds else "no errors"
+
+
+def _flat_into_nested(requested: RequestedLoad, found: Mapping[str, Any]) -> list[Problem]:
+    """The reverse of parity's nested-checkpoint hint: a flat checkpoint under a full (nested) load."""
+    plain = [k for k in requested.model if k not in found and k[len(requested.model_prefix) :] in found]
+    if not plain or len(plain) < len(requested.model) // 2:
+        return []
+    return [
+        Problem(
+            "layout",
+            "error",
+            None,
+            f"{len(plain)} of {len(requested.model)} keys are asked for under '{requested.model_prefix}' (a full training-state "
+            f"load) but the checkpoint holds them flat (e.g. {plain[0][len(requested.model_prefix) :]})",
+            "load the converted checkpoint model-only (torchtitan 0.1: checkpoint.initial_load_model_weights_only = true, "
+            "or put it in the step-0 folder), or convert with `flame-ext convert --layout nested`",
+        )
+    ]
+
+
+def _loss_gap_problem(lo: LossComparison) -> Problem:
+    from flame_ext.checks.loss import positional_hint
+
+    hint = (
+        "the loaded weights do not compute what the HF model computes: run `flame-ext diagnose --checkpoint C "
+        "--model HF --values --loss` to find the tensors"
+    )
+    positional = positional_hint(lo)
+    if positional:
+        hint = positional + "; " + hint
+    return Problem(
+        "loss_gap",
+        "error",
+        None,
+        f"step-0 loss {lo.observed:.4f} vs HF reference {lo.reference:.4f}: delta {lo.delta:+.4f} exceeds {lo.threshold}",
+        hint,
+    )
+
+
+def record_metrics(metric_logger: Any, lo: LossComparison) -> None:
+    """Step-0 figures to the host's metric logger (torchtitan MetricsProcessor or its logger), if any."""
+    target = getattr(metric_logger, "logger", metric_logger)
+    if target is None or not callable(getattr(target, "log", None)):
+        return
+    figures = {
+        "initial_load/loss": lo.observed,
+        "initial_load/reference_loss": lo.reference,
+        "initial_load/loss_delta": lo.delta,
+    }
+    figures.update({f"initial_load/loss_pos_{b['start']}_{b['end']}": b["observed"] for b in lo.by_position})
+    try:
+        target.log(figures, 0)
+    except Exception as exc:  # a metrics backend failing must not stop training over a log line
+        logger.warning("flame-ext: could not record the step-0 figures with %s: %s", type(target).__name__, exc)
+
+
+def tied_keys(parts: Iterable[nn.Module], prefix: str = "") -> dict[str, str]:
+    """Tied aliases of all parts, keyed the way the load names them."""
+    from flame_ext.io.hf import tied_aliases
+
+    return {prefix + a: prefix + s for part in parts for a, s in tied_aliases(part).items()}

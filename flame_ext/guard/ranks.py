@@ -1,0 +1,127 @@
+"""Collectives that let every rank reach the same verdict, and none wait for a rank that gave up.
+
+All of these run on the default process group and must be called by ALL ranks in the same order;
+without a process group (one process) they are plain local operations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from flame_ext.report import Problem
+
+__all__ = [
+    "world",
+    "rank",
+    "gather",
+    "pool",
+    "pool_counts",
+    "agreed",
+    "sum_over_ranks",
+    "max_over_ranks",
+    "RankFailure",
+]
+
+
+class RankFailure(Exception):
+    """Raised on the other ranks when a step failed on one rank (that rank raises its own error)."""
+
+
+def world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` on every rank (one small collective); ``[obj]`` without a process group."""
+    if world() == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def pool(problems: list[Problem]) -> list[Problem]:
+    """The union of all ranks' problems, one per (kind, key), naming the ranks when not all have it."""
+    gathered = gather([asdict(p) for p in problems])
+    seen: dict[tuple, tuple[dict, list[int]]] = {}
+    for r, items in enumerate(gathered):
+        for item in items:
+            slot = seen.setdefault((item["kind"], item["severity"], item["key"]), (item, []))
+            slot[1].append(r)
+    pooled = []
+    for item, on in seen.values():
+        detail = item["detail"]
+        if len(gathered) > 1 and len(on) < len(gathered):
+            detail += f" (on rank {', '.join(map(str, on))} of {len(gathered)})"
+        pooled.append(Problem(item["kind"], item["severity"], item["key"], detail, item["hint"]))
+    return pooled
+
+
+def pool_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Each count at its largest over the ranks, so the figures a report prints match the pooled problems
+    (a key missing on one rank is counted, whichever rank prints)."""
+    merged: dict[str, int] = {}
+    for each in gather(dict(counts)):
+        for key, n in each.items():
+            merged[key] = max(merged.get(key, n), n)
+    return merged
+
+
+def agreed(step: Callable[[], Any], what: str) -> Any:
+    """Run ``step`` on every rank and share whether it failed, so a failure on one rank ends all of them.
+
+    The failing rank re-raises its own exception (with its traceback); the others raise ``RankFailure``
+    naming it, instead of waiting in the next collective.
+    """
+    try:
+        result, failure = step(), None
+    except Exception as exc:  # noqa: BLE001 -- shared with the other ranks before re-raising
+        result, failure = None, exc
+    message = None if failure is None else f"{type(failure).__name__}: {failure}"
+    messages = gather(message)
+    if failure is not None:
+        raise failure
+    bad = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if bad:
+        raise RankFailure(f"{what} failed on rank {bad[0][0]}: {bad[0][1]}")
+    return result
+
+
+def max_over_ranks(value: float) -> float:
+    """The largest of one number per rank (every rank gets the same answer)."""
+    if world() == 1:
+        return value
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    shared = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+    return shared.item()
+
+
+def sum_over_ranks(sums: torch.Tensor) -> torch.Tensor:
+    """Loss sums and token counts added over all ranks: the same batch on every data-parallel rank counts
+    once per rank in both, so the mean is unchanged, and a rank whose loss differs moves everyone's."""
+    if world() == 1:
+        return sums
+    import torch.distributed as dist
+
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    shared = sums.to(device)
+    dist.all_reduce(shared, op=dist.ReduceOp.SUM)
+    return shared.cpu()

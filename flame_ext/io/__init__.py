@@ -1,0 +1,1 @@
+"""File formats, each in one place: HF folders, DCP, safetensors writing, destinations, the manifest."""
