@@ -10,6 +10,11 @@ For ``initial_load_in_hf`` the request is translated the way the host translates
 on meta copies: no compute, no collectives) and compared with the safetensors headers the adapter's
 storage reader sees; keys the adapter maps nowhere would keep their initial values, so they are reported.
 
+The step-0 forward pass is the host's own (``post_dataloading_process``, ``loss_fn``) when the Trainer is
+reachable. torchtitan main (August 2026 on) folds the batch into the token dimension: its native models take
+tokens and positions of shape ``[T]`` (rows packed, a document boundary wherever positions restart) and return
+``[T, V]``; 0.3.0 takes ``[B, L]``. The reference rows are handed over in the installed host's layout.
+
 Switching it on: ``flame_ext.titan.config03`` (a config-function helper and an ``--override.imports``
 factory). Importing this module needs no triton.
 """
@@ -22,8 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torchtitan.components.checkpoint import MODEL, CheckpointManager
+from torchtitan.components.checkpointer import MODEL, CheckpointManager
+from torchtitan.config import TrainingConfig
+from torchtitan.protocols.model import BaseModel
 
 from flame_ext.errors import GuardConfigError
 from flame_ext.guard.initial_load import (
@@ -44,6 +52,10 @@ from flame_ext.report import Problem, Report
 __all__ = ["ValidatingCheckpointManager"]
 
 logger = logging.getLogger(__name__)
+
+# The change that folded the batch into the token dimension also renamed training.seq_len to max_context_length:
+# that field is how the installed host says which layout its native models take.
+FOLDS_BATCH = "max_context_length" in TrainingConfig.__dataclass_fields__
 
 
 class ValidatingCheckpointManager(CheckpointManager):
@@ -174,8 +186,11 @@ class ValidatingCheckpointManager(CheckpointManager):
         with the chunk multiple the loss needs and the longest sequence the model was built for."""
         trainer = self.states.get("train_state")
         if all(hasattr(trainer, a) for a in ("loss_fn", "post_dataloading_process", "train_context")):
-            seq_len = getattr(getattr(getattr(trainer, "config", None), "training", None), "seq_len", None)
-            return _trainer_probe(trainer, parts[0]), int(getattr(trainer.loss_fn, "num_chunks", 1) or 1), seq_len
+            training = getattr(getattr(trainer, "config", None), "training", None)
+            longest = getattr(training, "max_context_length" if FOLDS_BATCH else "seq_len", None)
+            return _trainer_probe(trainer, parts[0]), int(getattr(trainer.loss_fn, "num_chunks", 1) or 1), longest
+        if FOLDS_BATCH and isinstance(parts[0], BaseModel):
+            return hf_loss_probe(_RowsOfFoldedModel(parts[0])), 1, None
         return hf_loss_probe(parts[0]), 1, None
 
 
@@ -206,16 +221,18 @@ def _trainer_probe(trainer: Any, model: torch.nn.Module) -> LossProbe:
         device = getattr(trainer, "device", torch.device("cpu"))
         inputs, labels = token_ids[:, :-1].to(device), token_ids[:, 1:].to(device)
         positions = torch.arange(inputs.shape[1], device=device).expand_as(inputs).contiguous()
+        layout = _fold if FOLDS_BATCH else (lambda t: t)
+        batch = {"input": layout(inputs), "positions": layout(positions)}
         seen = trainer.ntokens_seen
         rows = []
         try:
-            x, _, extra = trainer.post_dataloading_process({"input": inputs, "positions": positions}, labels)
+            x, _, extra = trainer.post_dataloading_process(batch, layout(labels))
             with trainer.train_context():
                 pred = model(x, **extra)
                 for start, end in ranges:
                     masked = torch.full_like(labels, IGNORE_INDEX)
                     masked[:, start:end] = labels[:, start:end]
-                    _, y, extra_r = trainer.post_dataloading_process({"input": inputs, "positions": positions}, masked)
+                    _, y, extra_r = trainer.post_dataloading_process(batch, layout(masked))
                     loss_kwargs = {"positions": extra_r["positions"]} if "positions" in extra_r else {}
                     loss_sum, _ = trainer.loss_fn(pred, y, **loss_kwargs)
                     count = (_local(y) != IGNORE_INDEX).sum()
@@ -225,3 +242,38 @@ def _trainer_probe(trainer: Any, model: torch.nn.Module) -> LossProbe:
         return torch.tensor(rows, dtype=torch.float64)
 
     return probe
+
+
+def _fold(rows: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` -> ``[T]``: the rows packed one after another, as a batch-folding host's dataloader gives them."""
+    return rows.reshape(-1)
+
+
+class _RowsOfFoldedModel(nn.Module):
+    """A batch-folding host's native model seen as one taking ``[B, L]`` token rows and returning ``[B, L, V]``.
+
+    Positions restart at each row, so each row is its own document, with the attention masks the host's
+    ``post_dataloading_process`` would build from those positions.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        rows, length = token_ids.shape
+        positions = _fold(torch.arange(length, device=token_ids.device).expand(rows, length))
+        logits = self.model(_fold(token_ids), positions=positions, **_attention_masks(self.model, positions))
+        return logits.reshape(rows, length, -1)
+
+
+def _attention_masks(model: nn.Module, positions: torch.Tensor) -> dict[str, Any]:
+    """The document masks the host builds from ``positions``; none for a backend that takes none (the host's
+    ``get_attention_masks`` refuses those with a TypeError)."""
+    build = getattr(model, "get_attention_masks", None)
+    if not callable(build):
+        return {}
+    try:
+        return {"attention_masks": build(positions=positions)}
+    except TypeError:
+        return {}

@@ -24,11 +24,12 @@ GUARD_FIELDS = (
 
 
 def titan_generation() -> str | None:
-    try:
-        from importlib.metadata import version
+    """The installed torchtitan's API generation as the package tells it (by capability), None without one."""
+    from flame_ext.titan import generation
 
-        return ".".join(version("torchtitan").split(".")[:2])
-    except Exception:
+    try:
+        return generation()
+    except ImportError:
         return None
 
 

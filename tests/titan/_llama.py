@@ -20,12 +20,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def debug_model_config(n_layers: int = DEBUG["n_layers"]):
-    """The llama3 ``debugmodel`` flavor (optionally fewer layers), with SDPA attention for CPU."""
+    """The llama3 ``debugmodel`` flavor (optionally fewer layers). 0.3: SDPA attention, for CPU training (Flex
+    has no CPU backward). A batch-folding torchtitan (main) refuses SDPA for language models; the guard's
+    forward pass runs without grad, which Flex does on CPU, so Flex stays."""
     from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
     from torchtitan.models.llama3 import model_registry
 
+    from flame_ext.titan.v03 import FOLDS_BATCH
+
     config = model_registry("debugmodel").model
     config.layers = config.layers[:n_layers]
+    if FOLDS_BATCH:
+        return config
     for _, _, parent, attr in list(config.traverse(FlexAttention.Config)):
         if isinstance(parent, list):
             parent[attr] = ScaledDotProductAttention.Config()
@@ -88,7 +94,7 @@ def make_hf_llama(
 
 def convert_with_adapter(hf_dir: Path, out: Path, config) -> Path:
     """HF safetensors -> torchtitan DCP the way torchtitan's convert_from_hf script does it."""
-    from torchtitan.components.checkpoint import ModelWrapper
+    from torchtitan.components.checkpointer import ModelWrapper
     from torchtitan.models.llama3 import Llama3StateDictAdapter
 
     model = build_like_trainer(config)
