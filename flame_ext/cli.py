@@ -30,8 +30,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         description=(
             "Convert an HF checkpoint to DCP by streaming tensors from the safetensors files: the model is never "
             "built for its weights, and memory stays near the buffer size whatever the model size. The reference "
-            "step (skip it with --no-reference) does load the HF model once, at the checkpoint's dtype, to record "
-            "its loss on the reference batch: budget that model's size in RAM for it."
+            "step (skip it with --no-reference) runs the HF model on the reference batch at the checkpoint's dtype, "
+            "one block of weights (the embedding or a decoder layer) read from the files at a time."
         ),
     )
     p.add_argument("--model", help="HF model folder or hub id (default: the embedded tiny OLMo2)")
@@ -124,7 +124,10 @@ def _add_reference(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "reference",
         help="write only the reference part of the manifest (for checkpoints converted elsewhere, or HF loads)",
-        description="Loads the HF model once (at its own dtype unless --dtype) and records its loss on the reference batch.",
+        description=(
+            "Runs the HF model (at its own dtype unless --dtype) on the reference batch, one block of weights at a "
+            "time, and records its loss."
+        ),
     )
     p.add_argument("--model", help="HF model folder or hub id (default: the embedded tiny OLMo2)")
     p.add_argument("--out", required=True, help="output JSON file")

@@ -183,6 +183,7 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
                 dtype=_reference_dtype(hf, entries),
                 trust_remote_code=opts.trust_remote_code,
             )
+            summary.notes += reference.get("notes", [])
         summary.manifest = _manifest(hf, opts, entries, fresh, reference, parameters)
         write_manifest(tmp, summary.manifest)
     summary.tensors = len(entries)
