@@ -23,6 +23,9 @@ EPILOG = """examples:
 """
 
 
+_DEVICE_HELP = "cpu, cuda or auto (default: cuda when torch sees a GPU): where the reference forward runs"
+
+
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
@@ -43,6 +46,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference-text", help="text file for the reference batch (default: bundled English prose)")
     p.add_argument("--reference-seq-len", type=int, default=512, help="tokens per reference row (default 512)")
     p.add_argument("--no-reference", action="store_true", help="skip the HF reference loss (no model materialised)")
+    p.add_argument("--reference-device", default="auto", help=_DEVICE_HELP)
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
     p.add_argument(
         "--include-future-predictor", action="store_true", help="add a freshly initialised future predictor head"
@@ -64,6 +68,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         reference_text=args.reference_text,
         reference_seq_len=args.reference_seq_len,
         reference=not args.no_reference,
+        reference_device=args.reference_device,
         trust_remote_code=args.trust_remote_code,
         future_predictor=args.future_predictor_head_type if args.include_future_predictor else None,
         force=args.force,
@@ -133,6 +138,7 @@ def _add_reference(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output JSON file")
     p.add_argument("--reference-text")
     p.add_argument("--reference-seq-len", type=int, default=512)
+    p.add_argument("--reference-device", default="auto", help=_DEVICE_HELP)
     p.add_argument("--dtype", default="auto", help="auto, bfloat16 or float32: the dtype the model runs in")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--force", action="store_true", help="replace an existing file")

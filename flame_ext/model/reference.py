@@ -102,21 +102,34 @@ def _transformers_major() -> int:
     return int(transformers.__version__.split(".")[0])
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def reference_device(name: str) -> torch.device:
+    """``--reference-device``: auto is the GPU when torch sees one, else the CPU."""
+    if name not in DEVICES:
+        raise InputError(f"--reference-device {name!r}: choose one of {', '.join(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--reference-device cuda: torch sees no GPU here; use cpu or auto")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def _losses_streamed(
-    hf: HFCheckpoint, token_ids: torch.Tensor, dtype: str, trust_remote_code: bool
+    hf: HFCheckpoint, token_ids: torch.Tensor, dtype: str, trust_remote_code: bool, device: torch.device
 ) -> tuple[torch.Tensor, str | None]:
     from flame_ext.model.streamed import streamed_model
 
-    with streamed_model(hf, dtype, trust_remote_code=trust_remote_code) as sm:
-        logits = sm.module(token_ids).logits
-        return per_token_loss(logits, token_ids), getattr(sm.module.config, "_attn_implementation", None)
+    with streamed_model(hf, dtype, trust_remote_code=trust_remote_code, device=device) as sm:
+        logits = sm.module(token_ids.to(device)).logits
+        return per_token_loss(logits, token_ids).cpu(), getattr(sm.module.config, "_attn_implementation", None)
 
 
 def _losses_whole(
-    hf: HFCheckpoint, token_ids: torch.Tensor, dtype: str, trust_remote_code: bool
+    hf: HFCheckpoint, token_ids: torch.Tensor, dtype: str, trust_remote_code: bool, device: torch.device | None = None
 ) -> tuple[torch.Tensor, str | None]:
-    model = load_hf_model(hf, dtype=dtype, trust_remote_code=trust_remote_code)
-    return per_token_loss(model(token_ids).logits, token_ids), getattr(model.config, "_attn_implementation", None)
+    model = load_hf_model(hf, dtype=dtype, trust_remote_code=trust_remote_code).to(device or "cpu")
+    logits = model(token_ids.to(device or "cpu")).logits
+    return per_token_loss(logits, token_ids).cpu(), getattr(model.config, "_attn_implementation", None)
 
 
 def _meta_reached(exc: BaseException) -> bool:
@@ -125,7 +138,12 @@ def _meta_reached(exc: BaseException) -> bool:
 
 
 def reference_losses(
-    hf: HFCheckpoint, token_ids: torch.Tensor, dtype: str, *, trust_remote_code: bool = False
+    hf: HFCheckpoint,
+    token_ids: torch.Tensor,
+    dtype: str,
+    *,
+    trust_remote_code: bool = False,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, str | None, list[str]]:
     """Per-token loss [B, L-1] of the HF model at ``dtype``, its attention implementation, and notes.
 
@@ -135,13 +153,13 @@ def reference_losses(
     from flame_ext.model.streamed import NotStreamable, whole_model_bytes
 
     try:
-        losses, attn = _losses_streamed(hf, token_ids, dtype, trust_remote_code)
+        losses, attn = _losses_streamed(hf, token_ids, dtype, trust_remote_code, device or torch.device("cpu"))
         return losses, attn, []
     except (NotStreamable, RuntimeError, NotImplementedError) as exc:
         if not isinstance(exc, NotStreamable) and not _meta_reached(exc):
             raise
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-    losses, attn = _losses_whole(hf, token_ids, dtype, trust_remote_code)
+    losses, attn = _losses_whole(hf, token_ids, dtype, trust_remote_code, device)
     size = whole_model_bytes(hf, dtype) / 1e9
     note = f"reference loss computed with the whole model in memory ({size:.1f} GB at {dtype}); cannot stream: {reason}"
     note = note[:240]
@@ -157,6 +175,7 @@ def compute_reference(
     dtype: str | None = None,
     trust_remote_code: bool = False,
     tokenizer_path: str | Path | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Run the HF model once on the reference batch; the manifest's ``reference`` record.
 
@@ -169,7 +188,10 @@ def compute_reference(
     text = read_reference_text(text_path)
     token_ids = reference_batch(tokenizer, text, seq_len)
     run_dtype = dtype or hf.torch_dtype or "float32"
-    losses, attn, notes = reference_losses(hf, token_ids, run_dtype, trust_remote_code=trust_remote_code)
+    run_device = reference_device(device)
+    losses, attn, notes = reference_losses(
+        hf, token_ids, run_dtype, trust_remote_code=trust_remote_code, device=run_device
+    )
     return {
         "token_ids": token_ids.tolist(),
         "seq_len": seq_len,
@@ -177,6 +199,7 @@ def compute_reference(
         "loss_per_token": [[round(x, 6) for x in row] for row in losses.tolist()],
         "dtype": run_dtype,
         "attn_implementation": attn,
+        "device": run_device.type,
         "text": str(text_path) if text_path else "default",
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,

@@ -60,9 +60,10 @@ class StreamedModel:
     Use ``with streamed_model(...) as sm: sm.module(token_ids)``; the forward hooks are removed on exit.
     """
 
-    def __init__(self, hf: HFCheckpoint, model: nn.Module, dtype: str) -> None:
+    def __init__(self, hf: HFCheckpoint, model: nn.Module, dtype: str, device: torch.device) -> None:
         self.hf = hf
         self.dtype = getattr(torch, dtype)
+        self.device = device
         self.module = model
         self.names = {m: name for name, m in model.named_modules()}
         self.tied = tied_aliases(model)
@@ -78,11 +79,12 @@ class StreamedModel:
         return src
 
     def _read_as(self, src: HFTensor, dtype: torch.dtype) -> torch.Tensor:
-        """The whole tensor at ``dtype``; a cast goes through blocks of rows, never a whole second copy."""
+        """The whole tensor at ``dtype`` on the run device; a cast goes through blocks of rows, never a
+        whole second copy."""
         self.bytes_read += src.spec.nbytes
         if getattr(torch, src.spec.dtype) == dtype or not src.spec.shape:
-            return read_tensor(src).to(dtype)
-        out = torch.empty(src.spec.shape, dtype=dtype)
+            return read_tensor(src).to(self.device, dtype)
+        out = torch.empty(src.spec.shape, dtype=dtype, device=self.device)
         for start, end in row_blocks(src.spec, _READ_BYTES):
             out[start:end] = read_tensor(src, (start, end))
         return out
@@ -126,7 +128,7 @@ class StreamedModel:
         held = 0
         for name in present:
             if name in module._non_persistent_buffers_set:
-                value = rebuilt[name]  # type: ignore[index]
+                value = rebuilt[name].to(self.device)  # type: ignore[index]
             else:
                 value = self._read_as(self._source(prefix + name), module._buffers[name].dtype)
             module._buffers[name] = value
@@ -158,7 +160,9 @@ class StreamedModel:
 
 
 @contextlib.contextmanager
-def streamed_model(hf: HFCheckpoint, dtype: str, *, trust_remote_code: bool = False) -> Iterator[StreamedModel]:
+def streamed_model(
+    hf: HFCheckpoint, dtype: str, *, trust_remote_code: bool = False, device: torch.device | str = "cpu"
+) -> Iterator[StreamedModel]:
     """The model on ``meta`` at ``dtype`` (as ``from_pretrained(dtype=...)`` builds it), hooked to stream.
 
     Raises ``NotStreamable`` before anything is read when the structure cannot be walked; a failure while
@@ -171,6 +175,6 @@ def streamed_model(hf: HFCheckpoint, dtype: str, *, trust_remote_code: bool = Fa
         model = build_meta_model(hf, trust_remote_code=trust_remote_code)
     finally:
         torch.set_default_dtype(previous)
-    streamed = StreamedModel(hf, model.eval(), dtype)
+    streamed = StreamedModel(hf, model.eval(), dtype, torch.device(device))
     with streamed.hooked():
         yield streamed

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_support import run_cli
 from safetensors.torch import load_file, save_file
 
 from flame_ext.io.hf import open_hf
@@ -109,3 +110,24 @@ def test_a_key_missing_from_the_files_falls_back_to_the_whole_model_and_says_so(
     assert len(notes) == 1 and "whole model" in notes[0] and "model.norm.weight" in notes[0], notes
     assert torch.isfinite(losses).all()
     assert json.dumps(notes)  # goes into the manifest as is
+
+
+@pytest.mark.parametrize("device", ["cuda", "tpu"])
+def test_an_unusable_reference_device_is_refused_before_anything_is_written(tiny_model, tmp_path, device):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: cuda is a usable device here")
+    out = tmp_path / "step-0"
+    r = run_cli("convert", "--model", str(tiny_model), "--checkpoint", str(out), "--reference-device", device)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--reference-device" in lines[0], r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_manifest_records_where_the_reference_ran(tiny_model, tmp_path):
+    out = tmp_path / "ref.json"
+    r = run_cli("reference", "--model", str(tiny_model), "--out", str(out), "--reference-device", "cpu")
+    assert r.returncode == 0, r.stderr
+    ref = json.loads(out.read_text())["reference"]
+    assert ref["device"] == "cpu" and ref["notes"] == []
+    assert abs(ref["loss_mean"] - 1.7611) < 1e-3  # the embedded model's known reference loss
