@@ -120,7 +120,8 @@ def _losses_streamed(
     from flame_ext.model.streamed import streamed_model
 
     with streamed_model(hf, dtype, trust_remote_code=trust_remote_code, device=device) as sm:
-        logits = sm.module(token_ids.to(device)).logits
+        # use_cache=False: a KV cache would keep every layer's keys and values (17 MB a layer at 7B, 1024 tokens).
+        logits = sm.module(token_ids.to(device), use_cache=False).logits
         return per_token_loss(logits, token_ids).cpu(), getattr(sm.module.config, "_attn_implementation", None)
 
 
