@@ -23,6 +23,9 @@ EPILOG = """examples:
 """
 
 
+_DEVICE_HELP = "cpu, cuda or auto (default: cuda when torch sees a GPU): where the reference forward runs"
+
+
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
@@ -30,8 +33,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         description=(
             "Convert an HF checkpoint to DCP by streaming tensors from the safetensors files: the model is never "
             "built for its weights, and memory stays near the buffer size whatever the model size. The reference "
-            "step (skip it with --no-reference) does load the HF model once, at the checkpoint's dtype, to record "
-            "its loss on the reference batch: budget that model's size in RAM for it."
+            "step (skip it with --no-reference) runs the HF model on the reference batch at the checkpoint's dtype, "
+            "one block of weights (the embedding or a decoder layer) read from the files at a time."
         ),
     )
     p.add_argument("--model", help="HF model folder or hub id (default: the embedded tiny OLMo2)")
@@ -43,6 +46,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference-text", help="text file for the reference batch (default: bundled English prose)")
     p.add_argument("--reference-seq-len", type=int, default=512, help="tokens per reference row (default 512)")
     p.add_argument("--no-reference", action="store_true", help="skip the HF reference loss (no model materialised)")
+    p.add_argument("--reference-device", default="auto", help=_DEVICE_HELP)
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
     p.add_argument(
         "--include-future-predictor", action="store_true", help="add a freshly initialised future predictor head"
@@ -64,6 +68,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         reference_text=args.reference_text,
         reference_seq_len=args.reference_seq_len,
         reference=not args.no_reference,
+        reference_device=args.reference_device,
         trust_remote_code=args.trust_remote_code,
         future_predictor=args.future_predictor_head_type if args.include_future_predictor else None,
         force=args.force,
@@ -124,12 +129,16 @@ def _add_reference(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "reference",
         help="write only the reference part of the manifest (for checkpoints converted elsewhere, or HF loads)",
-        description="Loads the HF model once (at its own dtype unless --dtype) and records its loss on the reference batch.",
+        description=(
+            "Runs the HF model (at its own dtype unless --dtype) on the reference batch, one block of weights at a "
+            "time, and records its loss."
+        ),
     )
     p.add_argument("--model", help="HF model folder or hub id (default: the embedded tiny OLMo2)")
     p.add_argument("--out", required=True, help="output JSON file")
     p.add_argument("--reference-text")
     p.add_argument("--reference-seq-len", type=int, default=512)
+    p.add_argument("--reference-device", default="auto", help=_DEVICE_HELP)
     p.add_argument("--dtype", default="auto", help="auto, bfloat16 or float32: the dtype the model runs in")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--force", action="store_true", help="replace an existing file")

@@ -12,7 +12,7 @@ from flame_ext import __version__
 from flame_ext.errors import DestinationError, InputError
 from flame_ext.io.hf import open_hf
 from flame_ext.io.manifest import FORMAT_VERSION, config_hash
-from flame_ext.model.reference import compute_reference
+from flame_ext.model.reference import compute_reference, reference_device
 
 __all__ = ["write_reference"]
 
@@ -26,6 +26,7 @@ def write_reference(args: argparse.Namespace) -> dict[str, Any]:
         raise DestinationError(f"{out.parent}: no such folder")
     if args.dtype not in ("auto", "bfloat16", "float32"):
         raise InputError(f"--dtype {args.dtype!r}: choose one of auto, bfloat16, float32")
+    reference_device(args.reference_device)  # refused before the model runs
     hf = open_hf(args.model)
     dtype = None if args.dtype == "auto" else args.dtype
     ref = compute_reference(
@@ -34,6 +35,7 @@ def write_reference(args: argparse.Namespace) -> dict[str, Any]:
         seq_len=args.reference_seq_len,
         dtype=dtype or hf.torch_dtype,
         trust_remote_code=args.trust_remote_code,
+        device=args.reference_device,
     )
     manifest = {
         "format_version": FORMAT_VERSION,

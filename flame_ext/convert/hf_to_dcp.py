@@ -33,6 +33,7 @@ from flame_ext.io.manifest import FORMAT_VERSION, config_hash, write_manifest
 from flame_ext.io.specs import TensorSpec, dtype_name
 from flame_ext.model.future_predictor import ATTRIBUTE as FP_ATTRIBUTE
 from flame_ext.model.future_predictor import attach_future_predictor
+from flame_ext.model.reference import reference_device
 
 __all__ = ["ConvertOptions", "convert_hf_to_dcp", "plan_hf_to_dcp"]
 
@@ -48,6 +49,7 @@ class ConvertOptions:
     reference_text: str | None = None
     reference_seq_len: int = 512
     reference: bool = True
+    reference_device: str = "cpu"
     trust_remote_code: bool = False
     future_predictor: str | None = None  # None, "linear" or "mlp"
     force: bool = False
@@ -63,6 +65,8 @@ class ConvertOptions:
             raise InputError(f"--reference-seq-len {self.reference_seq_len}: must be at least 2")
         if self.buffer_bytes < 1024:
             raise InputError(f"buffer of {self.buffer_bytes} bytes: must be at least 1 KiB")
+        if self.reference:
+            reference_device(self.reference_device)  # refused before anything is written
 
 
 def _reader(t: HFTensor, dtype: str) -> Any:
@@ -182,7 +186,9 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
                 seq_len=opts.reference_seq_len,
                 dtype=_reference_dtype(hf, entries),
                 trust_remote_code=opts.trust_remote_code,
+                device=opts.reference_device,
             )
+            summary.notes += reference.get("notes", [])
         summary.manifest = _manifest(hf, opts, entries, fresh, reference, parameters)
         write_manifest(tmp, summary.manifest)
     summary.tensors = len(entries)

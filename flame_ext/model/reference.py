@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from flame_ext.errors import InputError
 from flame_ext.io.hf import HFCheckpoint, refuse_remote_code
-from flame_ext.io.specs import dtype_name
 
 if TYPE_CHECKING:
     from torch import nn
@@ -68,18 +67,22 @@ def reference_batch(
     n_rows = min(rows, len(ids) // seq_len)
     if n_rows == 0:
         raise InputError(
-            f"reference text: {len(ids)} tokens, fewer than --reference-seq-len {seq_len}; use a longer text or a shorter length"
+            f"reference text: {len(ids)} tokens, fewer than --reference-seq-len {seq_len}; "
+            "use a longer text or a shorter length"
         )
     return torch.tensor(ids[: n_rows * seq_len], dtype=torch.long).view(n_rows, seq_len)
 
 
 def per_token_loss(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy [B, L-1] in float32, as HF's ``labels=`` loss computes it before the mean."""
-    logits = logits[:, :-1].float()
+    """Next-token cross entropy [B, L-1] in float32, as HF's ``labels=`` loss computes it before the mean.
+
+    One row at a time: the float32 copy of a row's logits is what this holds at once (205 MB for a
+    100k vocabulary at 512 tokens), not the batch's. Each token's loss depends on its own logits only, so
+    the result is the same as the whole batch at once.
+    """
     targets = token_ids[:, 1:].to(logits.device)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view(
-        targets.shape
-    )
+    rows = [F.cross_entropy(logits[i, :-1].float(), targets[i], reduction="none") for i in range(logits.shape[0])]
+    return torch.stack(rows)
 
 
 def load_hf_model(hf: HFCheckpoint, *, dtype: str | None, trust_remote_code: bool = False) -> "nn.Module":
@@ -99,6 +102,71 @@ def _transformers_major() -> int:
     return int(transformers.__version__.split(".")[0])
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def reference_device(name: str) -> torch.device:
+    """``--reference-device``: auto is the GPU when torch sees one, else the CPU."""
+    if name not in DEVICES:
+        raise InputError(f"--reference-device {name!r}: choose one of {', '.join(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--reference-device cuda: torch sees no GPU here; use cpu or auto")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _losses_streamed(
+    hf: HFCheckpoint, token_ids: torch.Tensor, dtype: str, trust_remote_code: bool, device: torch.device
+) -> tuple[torch.Tensor, str | None]:
+    from flame_ext.model.streamed import streamed_model
+
+    with streamed_model(hf, dtype, trust_remote_code=trust_remote_code, device=device) as sm:
+        # use_cache=False: a KV cache would keep every layer's keys and values (17 MB a layer at 7B, 1024 tokens).
+        logits = sm.module(token_ids.to(device), use_cache=False).logits
+        return per_token_loss(logits, token_ids).cpu(), getattr(sm.module.config, "_attn_implementation", None)
+
+
+def _losses_whole(
+    hf: HFCheckpoint, token_ids: torch.Tensor, dtype: str, trust_remote_code: bool, device: torch.device | None = None
+) -> tuple[torch.Tensor, str | None]:
+    model = load_hf_model(hf, dtype=dtype, trust_remote_code=trust_remote_code).to(device or "cpu")
+    logits = model(token_ids.to(device or "cpu")).logits
+    return per_token_loss(logits, token_ids).cpu(), getattr(model.config, "_attn_implementation", None)
+
+
+def _meta_reached(exc: BaseException) -> bool:
+    """A weight used outside the block that holds it: the forward touched a ``meta`` tensor."""
+    return isinstance(exc, (RuntimeError, NotImplementedError)) and "meta" in str(exc).lower()
+
+
+def reference_losses(
+    hf: HFCheckpoint,
+    token_ids: torch.Tensor,
+    dtype: str,
+    *,
+    trust_remote_code: bool = False,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, str | None, list[str]]:
+    """Per-token loss [B, L-1] of the HF model at ``dtype``, its attention implementation, and notes.
+
+    Streamed block by block (memory: the largest block, not the model); a model that cannot be walked
+    that way is loaded whole, and the note says so with what it costs.
+    """
+    from flame_ext.model.streamed import NotStreamable, whole_model_bytes
+
+    try:
+        losses, attn = _losses_streamed(hf, token_ids, dtype, trust_remote_code, device or torch.device("cpu"))
+        return losses, attn, []
+    except (NotStreamable, RuntimeError, NotImplementedError) as exc:
+        if not isinstance(exc, NotStreamable) and not _meta_reached(exc):
+            raise
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    losses, attn = _losses_whole(hf, token_ids, dtype, trust_remote_code, device)
+    size = whole_model_bytes(hf, dtype) / 1e9
+    note = f"reference loss computed with the whole model in memory ({size:.1f} GB at {dtype}); cannot stream: {reason}"
+    note = note[:240]
+    return losses, attn, [note]
+
+
 @torch.no_grad()
 def compute_reference(
     hf: HFCheckpoint,
@@ -108,24 +176,33 @@ def compute_reference(
     dtype: str | None = None,
     trust_remote_code: bool = False,
     tokenizer_path: str | Path | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Run the HF model once on the reference batch; the manifest's ``reference`` record."""
+    """Run the HF model once on the reference batch; the manifest's ``reference`` record.
+
+    ``notes`` in the record says how the forward ran when it could not stream (see ``reference_losses``).
+    """
     import transformers
 
     refuse_remote_code(hf, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(tokenizer_path or hf.path, trust_remote_code=trust_remote_code)
     text = read_reference_text(text_path)
     token_ids = reference_batch(tokenizer, text, seq_len)
-    model = load_hf_model(hf, dtype=dtype, trust_remote_code=trust_remote_code)
-    losses = per_token_loss(model(token_ids).logits, token_ids)
+    run_dtype = dtype or hf.torch_dtype or "float32"
+    run_device = reference_device(device)
+    losses, attn, notes = reference_losses(
+        hf, token_ids, run_dtype, trust_remote_code=trust_remote_code, device=run_device
+    )
     return {
         "token_ids": token_ids.tolist(),
         "seq_len": seq_len,
         "loss_mean": losses.mean().item(),
         "loss_per_token": [[round(x, 6) for x in row] for row in losses.tolist()],
-        "dtype": dtype_name(next(model.parameters()).dtype),
-        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "dtype": run_dtype,
+        "attn_implementation": attn,
+        "device": run_device.type,
         "text": str(text_path) if text_path else "default",
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
+        "notes": notes,
     }

@@ -1,0 +1,180 @@
+"""The HF reference forward pass, one block of weights in memory at a time.
+
+The model class is built on ``meta`` and transformers' own ``forward`` runs it, so masks, the rotary
+embedding, norms and the head are computed by the model's code. Only the lifetime of the weights changes:
+before a block runs (the input embedding, each decoder layer, the output head) its tensors are read from
+the HF files and cast to the run dtype; after it ran they are dropped back to ``meta``. Everything outside
+the blocks (final norm, rotary embedding) is small and stays loaded. Peak memory is the largest block plus
+the activations, whatever the number of layers.
+
+A model whose structure cannot be walked this way (no decoder-layer list, a weight used outside its
+block, a buffer that cannot be rebuilt, a key missing from the files) raises ``NotStreamable``; the caller
+then loads the whole model instead and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from flame_ext.io.dcp import row_blocks
+from flame_ext.io.hf import HFCheckpoint, HFTensor, build_meta_model, hf_source, read_tensor, tied_aliases
+from flame_ext.model.buffers import fresh_buffers
+
+__all__ = ["NotStreamable", "StreamedModel", "streamed_model", "whole_model_bytes"]
+
+_READ_BYTES = 64 * 1024 * 1024  # rows read at once when a tensor is cast: bounds the transient copy
+
+
+class NotStreamable(Exception):
+    """This model cannot be run block by block; ``str(exc)`` says why."""
+
+
+def whole_model_bytes(hf: HFCheckpoint, dtype: str) -> int:
+    """Memory the whole model takes at ``dtype``: what a fallback to ``from_pretrained`` costs."""
+    itemsize = getattr(torch, dtype).itemsize
+    return sum(t.spec.numel * itemsize for t in hf.tensors.values())
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder layers: the ModuleList holding the most parameters."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise NotStreamable(f"{type(model).__name__} has no list of decoder layers")
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """Modules whose weights are loaded only while they run, in the order the forward reaches them."""
+    blocks = [model.get_input_embeddings(), *_decoder_layers(model), model.get_output_embeddings()]
+    return [b for b in blocks if b is not None]
+
+
+class StreamedModel:
+    """An HF causal LM on ``meta`` whose weights come from the files block by block while it runs.
+
+    Use ``with streamed_model(...) as sm: sm.module(token_ids)``; the forward hooks are removed on exit.
+    """
+
+    def __init__(self, hf: HFCheckpoint, model: nn.Module, dtype: str, device: torch.device) -> None:
+        self.hf = hf
+        self.dtype = getattr(torch, dtype)
+        self.device = device
+        self.module = model
+        self.names = {m: name for name, m in model.named_modules()}
+        self.tied = tied_aliases(model)
+        self.base_prefix = getattr(model, "base_model_prefix", "model") + "."
+        self.keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+        self.bytes_read = 0
+        self.largest_block = 0
+
+    def _source(self, key: str) -> HFTensor:
+        src = hf_source(key, self.hf, self.tied, self.base_prefix)
+        if src is None:
+            raise NotStreamable(f"{key} is not in the HF files")
+        return src
+
+    def _read_as(self, src: HFTensor, dtype: torch.dtype) -> torch.Tensor:
+        """The whole tensor at ``dtype`` on the run device; a cast goes through blocks of rows, never a
+        whole second copy."""
+        self.bytes_read += src.spec.nbytes
+        if getattr(torch, src.spec.dtype) == dtype or not src.spec.shape:
+            return read_tensor(src).to(self.device, dtype)
+        out = torch.empty(src.spec.shape, dtype=dtype, device=self.device)
+        for start, end in row_blocks(src.spec, _READ_BYTES):
+            out[start:end] = read_tensor(src, (start, end))
+        return out
+
+    def _dtype_for(self, key: str, meta: torch.Tensor) -> torch.dtype:
+        """What ``from_pretrained(dtype=...)`` gives a parameter: the run dtype for floating ones, except in
+        the modules the class keeps in float32."""
+        if not meta.dtype.is_floating_point:
+            return meta.dtype
+        if self.keep_fp32 and any(part in key.split(".") for part in self.keep_fp32):
+            return torch.float32
+        return self.dtype
+
+    def fill(self, module: nn.Module, *, recurse: bool) -> int:
+        """Give ``module`` (and its children when ``recurse``) real tensors: weights from the files,
+        non-persistent buffers rebuilt as its constructor builds them. Returns the bytes now held."""
+        held = 0
+        subs = module.named_modules() if recurse else [("", module)]
+        for sub_name, sub in subs:
+            prefix = ".".join(p for p in (self.names[module], sub_name) if p)
+            prefix = prefix + "." if prefix else ""
+            for name, p in list(sub._parameters.items()):
+                if p is not None:
+                    value = self._read_as(self._source(prefix + name), self._dtype_for(prefix + name, p))
+                    sub._parameters[name] = nn.Parameter(value, requires_grad=False)
+                    held += value.nbytes
+            held += self._fill_buffers(sub, prefix)
+        return held
+
+    def _fill_buffers(self, module: nn.Module, prefix: str) -> int:
+        present = [n for n, b in module._buffers.items() if b is not None]
+        if not present:
+            return 0
+        rebuilt = None
+        if any(n in module._non_persistent_buffers_set for n in present):
+            rebuilt = fresh_buffers(module)
+            if rebuilt is None:
+                raise NotStreamable(
+                    f"the non-persistent buffers of {prefix or type(module).__name__} cannot be rebuilt"
+                )
+        held = 0
+        for name in present:
+            if name in module._non_persistent_buffers_set:
+                value = rebuilt[name].to(self.device)  # type: ignore[index]
+            else:
+                value = self._read_as(self._source(prefix + name), module._buffers[name].dtype)
+            module._buffers[name] = value
+            held += value.nbytes
+        return held
+
+    @contextlib.contextmanager
+    def hooked(self) -> Iterator[None]:
+        blocks = _blocks(self.module)
+        inside = {m for b in blocks for m in b.modules()}
+        for module in self.module.modules():
+            if module not in inside:
+                self.fill(module, recurse=False)
+        handles = []
+        for block in blocks:
+            handles.append(block.register_forward_pre_hook(self._load_block))
+            handles.append(block.register_forward_hook(self._drop_block))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _load_block(self, block: nn.Module, args: Any) -> None:
+        self.largest_block = max(self.largest_block, self.fill(block, recurse=True))
+
+    def _drop_block(self, block: nn.Module, args: Any, output: Any) -> None:
+        block.to_empty(device="meta")
+
+
+@contextlib.contextmanager
+def streamed_model(
+    hf: HFCheckpoint, dtype: str, *, trust_remote_code: bool = False, device: torch.device | str = "cpu"
+) -> Iterator[StreamedModel]:
+    """The model on ``meta`` at ``dtype`` (as ``from_pretrained(dtype=...)`` builds it), hooked to stream.
+
+    Raises ``NotStreamable`` before anything is read when the structure cannot be walked; a failure while
+    running (a weight used outside its block reaches a ``meta`` tensor) surfaces as the forward's own
+    error, which the caller turns into the fallback.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        model = build_meta_model(hf, trust_remote_code=trust_remote_code)
+    finally:
+        torch.set_default_dtype(previous)
+    streamed = StreamedModel(hf, model.eval(), dtype, torch.device(device))
+    with streamed.hooked():
+        yield streamed

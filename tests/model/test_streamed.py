@@ -1,0 +1,133 @@
+"""The streamed reference forward equals transformers' whole-model forward, architecture by architecture.
+
+Each model is a tiny random one saved with ``save_pretrained``; the whole-model side is
+``from_pretrained`` + forward, exactly what the reference used before streaming.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from cli_support import run_cli
+from safetensors.torch import load_file, save_file
+
+from flame_ext.io.hf import open_hf
+from flame_ext.model.reference import _losses_whole, reference_losses
+from flame_ext.model.streamed import streamed_model
+
+VOCAB = 300
+
+
+def _configs() -> dict[str, object]:
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, max_position_embeddings=256)
+    return {
+        "llama_gqa": tf.LlamaConfig(**common, num_key_value_heads=2),
+        "qwen2_tied": tf.Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True),
+        "mistral": tf.MistralConfig(**common, num_key_value_heads=2, sliding_window=32),
+        "qwen3": tf.Qwen3Config(**common, num_key_value_heads=2, head_dim=16),
+        "olmo2": tf.Olmo2Config(**common),
+        "gemma2": tf.Gemma2Config(**common, num_key_value_heads=2, head_dim=16, final_logit_softcapping=30.0),
+        "gpt2": tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=256),
+    }
+
+
+ARCHS = list(_configs())
+# Gemma2's scaled embedding keeps its scale as a non-persistent buffer built from constructor arguments
+# the module does not keep, so it cannot be rebuilt alone: it takes the whole-model path, with a note.
+MAY_FALL_BACK = {"gemma2"}
+
+
+@pytest.fixture(scope="session")
+def arch_models(tmp_path_factory) -> dict[str, Path]:
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("streamed-archs")
+    out = {}
+    for name, cfg in _configs().items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg)
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def _ids(rows: int = 2, length: int = 64) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@torch.no_grad()
+def test_streamed_loss_equals_the_whole_model(arch_models, arch, dtype):
+    hf = open_hf(str(arch_models[arch]))
+    ids = _ids()
+    streamed, _, notes = reference_losses(hf, ids, dtype)
+    whole, _ = _losses_whole(hf, ids, dtype, False)
+    if arch in MAY_FALL_BACK:
+        assert all("whole model" in n for n in notes), notes
+    else:
+        assert notes == [], notes  # it streamed; no fallback
+    # Same kernels on the same values in the same order: equal to float rounding of the mean (1e-4 nats
+    # promised; measured 0 on every architecture here).
+    assert abs(streamed.mean().item() - whole.mean().item()) < 1e-4
+    assert torch.allclose(streamed, whole, atol=1e-5 if dtype == "float32" else 1e-2)
+
+
+@torch.no_grad()
+def test_only_one_block_is_held_at_a_time(arch_models):
+    hf = open_hf(str(arch_models["llama_gqa"]))
+    with streamed_model(hf, "float32") as sm:
+        sm.module(_ids())
+        layers = sm.module.model.layers
+        after = [p.device.type for p in layers.parameters()]
+    total = sum(t.spec.nbytes for t in hf.tensors.values())
+    per_layer = sum(t.spec.nbytes for k, t in hf.tensors.items() if k.startswith("model.layers.0."))
+    embed = hf.tensors["model.embed_tokens.weight"].spec.nbytes
+    assert set(after) == {"meta"}  # every layer dropped after it ran
+    assert sm.largest_block == max(per_layer, embed)
+    assert sm.bytes_read == total  # each tensor read once
+
+
+@torch.no_grad()
+def test_a_key_missing_from_the_files_falls_back_to_the_whole_model_and_says_so(arch_models, tmp_path):
+    src = arch_models["llama_gqa"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            (broken / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    torch.manual_seed(0)
+    losses, _, notes = reference_losses(open_hf(str(broken)), _ids(), "float32")
+    assert len(notes) == 1 and "whole model" in notes[0] and "model.norm.weight" in notes[0], notes
+    assert torch.isfinite(losses).all()
+    assert json.dumps(notes)  # goes into the manifest as is
+
+
+@pytest.mark.parametrize("device", ["cuda", "tpu"])
+def test_an_unusable_reference_device_is_refused_before_anything_is_written(tiny_model, tmp_path, device):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: cuda is a usable device here")
+    out = tmp_path / "step-0"
+    r = run_cli("convert", "--model", str(tiny_model), "--checkpoint", str(out), "--reference-device", device)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--reference-device" in lines[0], r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_manifest_records_where_the_reference_ran(tiny_model, tmp_path):
+    out = tmp_path / "ref.json"
+    r = run_cli("reference", "--model", str(tiny_model), "--out", str(out), "--reference-device", "cpu")
+    assert r.returncode == 0, r.stderr
+    ref = json.loads(out.read_text())["reference"]
+    assert ref["device"] == "cpu" and ref["notes"] == []
+    assert abs(ref["loss_mean"] - 1.7611) < 1e-3  # the embedded model's known reference loss
