@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from flame_ext.checks.fingerprint import (
+from flame_ext.io.fingerprint import (
     TERMS,
     TOLERANCE,
-    Fingerprinter,
+    Recorder,
     block_fingerprint,
     fingerprint,
     matches,
@@ -57,13 +57,13 @@ def test_blocks_with_global_offsets_add_up_to_the_whole(shape, row_cuts, col_cut
 
 def test_streamed_rows_equal_the_whole_and_the_summation_error_is_far_below_the_tolerance():
     t = trained_like((1000, 300))
-    acc = Fingerprinter(t.shape)
+    acc = Recorder({"w": t.shape})
     for s in range(0, 1000, 333):
-        acc.add_rows(t[s : s + 333], s)
+        acc.add_rows("w", s, t[s : s + 333])
     whole = fingerprint(t)
     scale = torch.tensor([1.0] + [float(whole[3])] * (len(TERMS) - 1))
     scale[2] = whole[2]
-    assert ((acc.value - whole).abs() / scale).max() < TOLERANCE / 100
+    assert ((acc.values["w"] - whole).abs() / scale).max() < TOLERANCE / 100
 
 
 def test_zero_dim_and_empty_tensors():

@@ -21,6 +21,7 @@ differs, which ``TOLERANCE`` covers (see docs/fingerprints.md for the measuremen
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -30,7 +31,8 @@ __all__ = [
     "ALGORITHM",
     "TERMS",
     "TOLERANCE",
-    "Fingerprinter",
+    "Recorder",
+    "as_record",
     "fingerprint",
     "block_fingerprint",
     "local_fingerprint",
@@ -126,16 +128,28 @@ def fingerprint(t: torch.Tensor) -> torch.Tensor:
     return block_fingerprint(t.detach(), [0] * t.dim(), tuple(t.shape))
 
 
-class Fingerprinter:
-    """Accumulates a tensor's fingerprint from consecutive blocks of whole rows, as a streaming writer reads them."""
+class Recorder:
+    """Fingerprints of tensors written block by block (rows [start, end) at a time), from several threads.
 
-    def __init__(self, shape: Sequence[int]) -> None:
-        self.shape = tuple(shape)
-        self.value = torch.zeros(len(TERMS), dtype=torch.float64)
+    Each block's share is computed outside the lock (torch releases the GIL for the sums), then added.
+    """
 
-    def add_rows(self, block: torch.Tensor, start: int) -> None:
-        offsets = [start] + [0] * (len(self.shape) - 1) if self.shape else []
-        self.value += block_fingerprint(block, offsets, self.shape)
+    def __init__(self, shapes: Mapping[str, Sequence[int]]) -> None:
+        self.shapes = {k: tuple(s) for k, s in shapes.items()}
+        self.values = {k: torch.zeros(len(TERMS), dtype=torch.float64) for k in self.shapes}
+        self._lock = threading.Lock()
+
+    def add_rows(self, key: str, start: int, block: torch.Tensor) -> None:
+        shape = self.shapes[key]
+        offsets = [start] + [0] * (len(shape) - 1) if shape else []
+        part = block_fingerprint(block, offsets, shape)
+        with self._lock:
+            self.values[key] += part
+
+
+def as_record(fp: torch.Tensor) -> list[float | int]:
+    """A fingerprint as stored in JSON: the non-finite count as an int, then the sums (always finite)."""
+    return [int(fp[0]), *(float(v) for v in fp[1:])]
 
 
 def local_fingerprint(value: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
