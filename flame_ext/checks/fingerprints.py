@@ -17,7 +17,7 @@ from flame_ext.io.fingerprint import Finding, matches, what_happened
 from flame_ext.io.manifest import Fingerprints
 from flame_ext.report import Problem
 
-__all__ = ["plan_verification", "Verification", "fingerprint_problems"]
+__all__ = ["plan_verification", "Verification", "fingerprint_problems", "hint_for"]
 
 _RECONVERT = "re-convert from the HF source with `flame-ext convert` (or check what wrote or edited this checkpoint)"
 _HINTS = {
@@ -36,6 +36,11 @@ _HINTS = {
         "in, or record the reference at the checkpoint's dtype (`flame-ext reference --dtype`)"
     ),
 }
+
+
+def hint_for(code: str | None) -> str:
+    """What to do about a tensor whose values are not the ones written, by what most likely happened."""
+    return _HINTS.get(code or "", "the tensor changed after it was written: " + _RECONVERT)
 
 
 @dataclass
@@ -95,5 +100,5 @@ def _problem(key: str, finding: Finding, severity: str, stored: str, recorded: s
         severity,  # type: ignore[arg-type]
         key,
         f"its values are not the ones written at conversion{where}: {finding.text}{cast}",
-        _HINTS.get(finding.code, "the tensor changed after conversion: " + _RECONVERT),
+        hint_for(finding.code),
     )

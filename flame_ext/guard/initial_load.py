@@ -322,7 +322,8 @@ class InitialLoadGuard:
                 )
             )
         elif not comparison.ok:
-            self.report.problems.append(_loss_gap_problem(comparison))
+            values_differ = any(p.kind == "value_mismatch" and p.severity == "error" for p in self.report.problems)
+            self.report.problems.append(_loss_gap_problem(comparison, values_differ))
         elif self.worst_rank_gap > comparison.threshold:
             self.report.problems.append(
                 Problem(
@@ -497,9 +498,18 @@ def _flat_into_nested(requested: RequestedLoad, found: Mapping[str, Any]) -> lis
     ]
 
 
-def _loss_gap_problem(lo: LossComparison) -> Problem:
+def _loss_gap_problem(lo: LossComparison, values_differ: bool) -> Problem:
     from flame_ext.checks.loss import positional_hint
 
+    if values_differ:  # the value problems name the tensors; the position clue would only distract
+        return Problem(
+            "loss_gap",
+            "error",
+            None,
+            f"step-0 loss {lo.observed:.4f} vs HF reference {lo.reference:.4f}: delta {lo.delta:+.4f} exceeds "
+            f"{lo.threshold}",
+            "the loaded weights differ from the ones written (see the value problems): re-convert from the HF source",
+        )
     hint = (
         "the loaded weights do not compute what the HF model computes: run `flame-ext diagnose --checkpoint C "
         "--model HF --values --loss` to find the tensors"

@@ -240,22 +240,22 @@ def what_happened(
     """
     o, e = _as_tensor(observed), _as_tensor(expected)
     if o[0] != e[0]:
-        return Finding("nonfinite", f"{int(o[0])} values are NaN or inf (written: {int(e[0])})")
+        return Finding("nonfinite", f"{int(o[0])} values are NaN or inf (expected: {int(e[0])})")
     if o[2] == 0 and e[2] != 0:
         return Finding("zeros", "it holds only zeros")
     twins = sorted(k for k, fp in (others or {}).items() if k != key and matches(o, fp, tol))
     if twins:
         more = f" (or one of {len(twins) - 1} other identical tensors)" if len(twins) > 1 else ""
-        return Finding("swapped", f"it holds the values written for {twins[0]}{more}: swapped or mixed up keys")
+        return Finding("swapped", f"it holds the values expected for {twins[0]}{more}: keys swapped or mixed up")
     square = len(shape) == 2 and shape[0] == shape[1]
     if square and matches(o, transposed(e), tol):
-        return Finding("transposed", "it holds the written values transposed")
+        return Finding("transposed", "it holds the expected values transposed")
     if all(_close(o, e, i, tol) for i in range(1, 4)):  # the same values, other places
         return _arrangement(o, e, tol)
     eps = torch.finfo(getattr(torch, dtype)).eps if getattr(torch, dtype).is_floating_point else 0.0
     scaled = _scale_factor(o, e, eps)
     if scaled is not None:
-        return Finding("scaled", f"it holds the written values scaled by {scaled:.4g}")
+        return Finding("scaled", f"it holds the expected values scaled by {scaled:.4g}")
     rel = _noise_estimate(o, e, shape)
     if rel <= 2 * eps:
         return Finding(
@@ -269,7 +269,9 @@ def what_happened(
             f"the values changed by small amounts of relative size ~{rel:.2g} of their spread (estimated from the "
             "weighted sums, assuming independent changes)",
         )
-    return Finding("different", "it holds different values (not a rearrangement, scaling or noise of the written ones)")
+    return Finding(
+        "different", "it holds different values (not a rearrangement, scaling or noise of the expected ones)"
+    )
 
 
 def _arrangement(o: torch.Tensor, e: torch.Tensor, tol: float) -> Finding:
@@ -278,14 +280,14 @@ def _arrangement(o: torch.Tensor, e: torch.Tensor, tol: float) -> Finding:
     cols_same = all(_close(o, e, names[t], tol) for t in ("col_p", "col_q"))
     if cols_same and not rows_same:
         return Finding(
-            "rows_permuted", "it holds the written values moved within their columns: rows permuted or swapped"
+            "rows_permuted", "it holds the expected values moved within their columns: rows permuted or swapped"
         )
     if rows_same and not cols_same:
         return Finding(
             "columns_permuted",
-            "it holds the written values moved within their rows: columns permuted (in some rows or all)",
+            "it holds the expected values moved within their rows: columns permuted (in some rows or all)",
         )
-    return Finding("rearranged", "it holds the written values in another arrangement (rows and columns moved)")
+    return Finding("rearranged", "it holds the expected values in another arrangement (rows and columns moved)")
 
 
 def _close(o: torch.Tensor, e: torch.Tensor, i: int, tol: float) -> bool:

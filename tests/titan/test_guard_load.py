@@ -137,7 +137,7 @@ def test_swapped_layers_are_named_by_the_values_and_the_loss_gate(swapped, tiny_
             .replace(".layers.1.", ".layers.0.")
             .replace(".layers.X.", ".layers.1.")
         )
-        assert f"the values written for {other}" in problem.detail, problem.detail
+        assert f"the values expected for {other}" in problem.detail, problem.detail
     assert [p.kind for p in report.errors if p.kind != "value_mismatch"] == ["loss_gap"]
     assert report.counts["missing"] == report.counts["unexpected"] == report.counts["shape"] == 0
     assert abs(report.loss.delta) > 0.1

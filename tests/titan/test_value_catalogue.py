@@ -96,12 +96,12 @@ CASES: dict[str, tuple[Edit, dict[str, str], str]] = {
                 if k.startswith((L0, L1))
             },
         },
-        {Q0: f"values written for {L1}self_attn.q_proj.weight", DOWN: f"values written for {L0}mlp.down_proj.weight"},
+        {Q0: f"values expected for {L1}self_attn.q_proj.weight", DOWN: f"values expected for {L0}mlp.down_proj.weight"},
         "fp32",
     ),
     "q_proj and o_proj swapped": (
         lambda sd, d: _swap(sd, Q0, O0),
-        {Q0: f"values written for {O0}", O0: f"values written for {Q0}"},
+        {Q0: f"values expected for {O0}", O0: f"values expected for {Q0}"},
         "fp32",
     ),
     "o_proj transposed": (lambda sd, d: {**sd, O0: sd[O0].t().contiguous()}, {O0: "transposed"}, "fp32"),
