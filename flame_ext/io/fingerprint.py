@@ -81,8 +81,11 @@ def _columns(global_shape: Sequence[int], local_shape: Sequence[int], offsets: S
     return index.reshape(-1)
 
 
-def block_fingerprint(block: torch.Tensor, offsets: Sequence[int], global_shape: Sequence[int]) -> torch.Tensor:
-    """The fingerprint contribution of ``block``, which sits at ``offsets`` in a tensor of ``global_shape``."""
+def block_fingerprint(
+    block: torch.Tensor, offsets: Sequence[int], global_shape: Sequence[int], dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The fingerprint contribution of ``block``, which sits at ``offsets`` in a tensor of ``global_shape``,
+    of its values cast to ``dtype`` (the stored dtype; cast chunk by chunk, never a whole copy)."""
     shape = tuple(block.shape)
     rows = shape[0] if shape else 1
     out = torch.zeros(len(TERMS), dtype=torch.float64)
@@ -96,6 +99,8 @@ def block_fingerprint(block: torch.Tensor, offsets: Sequence[int], global_shape:
     acc = torch.zeros((3, x2d.shape[1]), dtype=torch.float64)
     for start in range(0, rows, step):
         chunk = x2d[start : start + step]
+        if dtype is not None and chunk.dtype != dtype:
+            chunk = chunk.to(dtype)
         x = buffer[: len(chunk)]
         x.copy_(chunk)
         _add_chunk(out, acc, x, row0 + start)
@@ -160,22 +165,20 @@ def local_fingerprint(value: torch.Tensor, dtype: torch.dtype | None = None) -> 
     replica that differs still moves the total. A plain tensor is held whole by every rank: 1/world each.
     """
     value = value.detach()
-    if dtype is not None and value.dtype != dtype:
-        value = value.to(dtype)
     placements = getattr(value, "placements", None)
     if placements is None:
-        return fingerprint(value) / _world()
+        return block_fingerprint(value, [0] * value.dim(), tuple(value.shape), dtype) / _world()
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     mesh = value.device_mesh
     if any(type(p).__name__ == "_StridedShard" for p in placements):
         # FSDP over TP interleaves the shards: gather the whole tensor (a collective on this mesh) instead.
         full = value.full_tensor()
-        return fingerprint(full) / _world()
+        return block_fingerprint(full, [0] * full.dim(), tuple(full.shape), dtype) / _world()
     local = value.to_local()
     _, offsets = compute_local_shape_and_global_offset(tuple(value.shape), mesh, placements)
     copies = math.prod(mesh.size(d) for d, p in enumerate(placements) if not p.is_shard())
-    return block_fingerprint(local, list(offsets), tuple(value.shape)) / copies
+    return block_fingerprint(local, list(offsets), tuple(value.shape), dtype) / copies
 
 
 def _world() -> int:
