@@ -19,8 +19,8 @@ import torch
 from flame_ext.checks.fingerprints import fingerprint_problems, hint_for, plan_verification
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, DCPRowReader, row_blocks
 from flame_ext.io.fingerprint import TERMS, Finding, block_fingerprint, what_happened
-from flame_ext.io.manifest import Fingerprints
 from flame_ext.io.hf import HFCheckpoint, HFTensor, hf_source, read_tensor
+from flame_ext.io.manifest import Fingerprints
 from flame_ext.io.specs import TensorSpec
 from flame_ext.report import Problem
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from flame_ext import __version__
-from flame_ext.errors import DestinationError, InputError
 from flame_ext.convert.hf_to_dcp import source_reader
+from flame_ext.errors import DestinationError, InputError
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, replace_dtype, row_blocks
 from flame_ext.io.fingerprint import Recorder
 from flame_ext.io.hf import HFCheckpoint, open_hf
