@@ -168,6 +168,10 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="DCP folder (model-only or a full training checkpoint)")
     p.add_argument("--model", help="HF model folder or hub id (default: the embedded tiny OLMo2)")
     p.add_argument("--values", action="store_true", help="also compare every tensor's values (streaming)")
+    p.add_argument(
+        "--atol", type=float, default=0.0, help="--values against the HF source with |ckpt - hf| <= atol + rtol |hf|"
+    )
+    p.add_argument("--rtol", type=float, default=0.0, help="relative tolerance for --values (with --atol)")
     p.add_argument("--loss", action="store_true", help="also build the model as trainers do and compare the loss")
     p.add_argument("--threshold", type=float, default=0.1, help="loss gap that counts as an error, nats (default 0.1)")
     p.add_argument(

@@ -220,13 +220,15 @@ def _gap_problem(cmp: LossComparison, value_problems: bool) -> Problem:
         f"loss {cmp.observed:.4f} on the reference batch, HF reference {cmp.reference:.4f}: "
         f"delta {cmp.delta:+.4f} nats, threshold {cmp.threshold}"
     )
-    positional = positional_hint(cmp)
-    if positional:
-        hint = positional + (": see the value problems for the tensors that differ" if value_problems else "")
-    elif value_problems:
+    # Evidence first: tensors known to differ explain the gap; the shape of the gap by position is only a
+    # clue, worth giving when no tensor was found to differ.
+    positional = None if value_problems else positional_hint(cmp)
+    if value_problems:
         hint = (
             "the weights compute something else than the HF model: see the value problems for the tensors that differ"
         )
+    elif positional:
+        hint = positional
     else:
         hint = (
             "the weights compute something else than the HF model; run with --values to find the tensors that "

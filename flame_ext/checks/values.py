@@ -11,18 +11,20 @@ rounded to it and must then agree to within one unit in its last place (a conver
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from flame_ext.checks.fingerprints import fingerprint_problems, hint_for, plan_verification
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, DCPRowReader, row_blocks
+from flame_ext.io.fingerprint import TERMS, Finding, block_fingerprint, what_happened
 from flame_ext.io.hf import HFCheckpoint, HFTensor, hf_source, read_tensor
+from flame_ext.io.manifest import Fingerprints
 from flame_ext.io.specs import TensorSpec
 from flame_ext.report import Problem
 
-__all__ = ["ValueStats", "compare_values", "narrower"]
+__all__ = ["ValueStats", "Tolerance", "compare_values", "narrower", "verify_fingerprints"]
 
 
 @dataclass
@@ -47,39 +49,38 @@ class _TensorDiff:
     mismatched: int = 0
     nonfinite_ckpt: int = 0
     nonfinite_hf: int = 0
-    # Order-independent fingerprints (sum, sum of squares, in float64) of both sides: they recognise a
-    # tensor that holds another key's values (swapped layers) or its own values rearranged (transposed).
-    ckpt_fp: list[float] = field(default_factory=lambda: [0.0, 0.0])
-    src_fp: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    # Fingerprints of both sides (io.fingerprint): they tell what the wrong tensor holds instead (another
+    # key's values, its own transposed or permuted, scaled, rounded).
+    ckpt_fp: torch.Tensor = field(default_factory=lambda: torch.zeros(len(TERMS), dtype=torch.float64))
+    src_fp: torch.Tensor = field(default_factory=lambda: torch.zeros(len(TERMS), dtype=torch.float64))
 
 
-def _fingerprint(t: torch.Tensor, acc: list[float]) -> None:
-    x = t.double()
-    finite = torch.isfinite(x)
-    x = torch.where(finite, x, torch.zeros_like(x))
-    acc[0] += float(x.sum())
-    acc[1] += float((x * x).sum())
-
-
-def _compare_block(ckpt: torch.Tensor, src: torch.Tensor, diff: _TensorDiff) -> None:
+def _compare_block(
+    ckpt: torch.Tensor, src: torch.Tensor, diff: _TensorDiff, start: int, shape: tuple[int, ...], tol: Tolerance
+) -> None:
     if ckpt.is_floating_point():
         diff.nonfinite_ckpt += int((~torch.isfinite(ckpt)).sum())
     if src.is_floating_point():
         diff.nonfinite_hf += int((~torch.isfinite(src)).sum())
-    _fingerprint(ckpt, diff.ckpt_fp)
-    _fingerprint(src, diff.src_fp)
-    narrow = narrower(ckpt.dtype, src.dtype)
+    offsets = [start] + [0] * (len(shape) - 1) if shape else []
+    diff.ckpt_fp += block_fingerprint(ckpt, offsets, shape)
+    diff.src_fp += block_fingerprint(src, offsets, shape)
+    # A deliberate tolerance compares the values as stored (float64 holds both exactly); without one, both
+    # sides are rounded to the narrower dtype first, as a conversion does.
+    narrow = torch.float64 if tol.given and ckpt.is_floating_point() else narrower(ckpt.dtype, src.dtype)
     a, b = ckpt.to(narrow), src.to(narrow)
     if narrow.is_floating_point:
         both_finite = torch.isfinite(a) & torch.isfinite(b)
         # float32 holds every bf16/fp16 value exactly, so differences of rounded values are exact too.
-        gap = (a.float() - b.float()).abs()
-        if ckpt.dtype == src.dtype:
+        gap = (a.double() - b.double()).abs()
+        if tol.given:
+            bad = (gap > tol.atol + tol.rtol * b.abs()) & both_finite
+        elif ckpt.dtype == src.dtype:
             bad = (a != b) & both_finite
         else:
             # One rounding to the narrow dtype: after rounding both sides they may differ by one ulp at most.
             fi = torch.finfo(narrow)
-            bad = (gap > fi.eps * b.float().abs() + fi.smallest_normal * fi.eps) & both_finite
+            bad = (gap > fi.eps * b.double().abs() + fi.smallest_normal * fi.eps) & both_finite
         gap = torch.where(both_finite, gap, torch.zeros_like(gap))
     else:
         bad = a != b
@@ -89,27 +90,28 @@ def _compare_block(ckpt: torch.Tensor, src: torch.Tensor, diff: _TensorDiff) -> 
         diff.max_abs = max(diff.max_abs, float(gap.max()))
 
 
-def _same_fp(a: list[float], b: list[float]) -> bool:
-    return all(math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) for x, y in zip(a, b))
+@dataclass(frozen=True)
+class Tolerance:
+    """A deliberate elementwise tolerance (``--atol/--rtol``): |ckpt - hf| <= atol + rtol |hf| passes."""
+
+    atol: float = 0.0
+    rtol: float = 0.0
+
+    @property
+    def given(self) -> bool:
+        return self.atol > 0 or self.rtol > 0
 
 
-def _explain(key: str, diff: _TensorDiff, spec: TensorSpec, others: dict[str, tuple[TensorSpec, list[float]]]) -> str:
-    """What the wrong tensor holds instead, when that can be told from the fingerprints."""
-    if diff.ckpt_fp[1] == 0.0 and diff.src_fp[1] != 0.0:
-        return "; it holds only zeros"
-    twins = sorted(k for k, (s, fp) in others.items() if k != key and s == spec and _same_fp(fp, diff.ckpt_fp))
-    if twins:
-        return f"; it holds the HF values of {twins[0]}" + (
-            f" (or {len(twins) - 1} other identical tensors)" if len(twins) > 1 else ""
-        )
-    if _same_fp(diff.ckpt_fp, diff.src_fp):
-        square = len(spec.shape) == 2 and spec.shape[0] == spec.shape[1]
-        return "; it holds the HF values rearranged" + (" (transposed or permuted)" if square else " (permuted)")
-    return ""
+def _explain(
+    key: str, diff: _TensorDiff, spec: TensorSpec, others: dict[str, tuple[TensorSpec, torch.Tensor]]
+) -> Finding:
+    """What the wrong tensor holds instead, told from the fingerprints (io.fingerprint.what_happened)."""
+    twins = {k: fp for k, (s, fp) in others.items() if s == spec}
+    return what_happened(key, diff.ckpt_fp, diff.src_fp, shape=spec.shape, dtype=spec.dtype, others=twins)
 
 
 def _problems_for(
-    key: str, ckpt_key: str, diff: _TensorDiff, ckpt_spec: TensorSpec, src: HFTensor, why: str
+    key: str, ckpt_key: str, diff: _TensorDiff, ckpt_spec: TensorSpec, src: HFTensor, finding: Finding | None
 ) -> list[Problem]:
     problems = []
     numel = ckpt_spec.numel
@@ -136,14 +138,14 @@ def _problems_for(
         )
     if diff.mismatched:
         rule = "" if ckpt_spec.dtype == src.spec.dtype else f" beyond {src.spec.dtype} -> {ckpt_spec.dtype} rounding"
+        why = f"; {finding.text}" if finding is not None and finding.code != "nonfinite" else ""
         problems.append(
             Problem(
                 "value_mismatch",
                 "error",
                 key,
                 f"{diff.mismatched} of {numel} values differ from the HF source{rule}; max abs diff {diff.max_abs:.4g}{why}{where}",
-                "the right shape holding the wrong tensor (swapped layers, a transposed or permuted projection, a "
-                "failed write): re-convert from the HF source with `flame-ext convert`",
+                hint_for(finding.code if finding is not None else None),
             )
         )
     return problems
@@ -158,6 +160,7 @@ def compare_values(
     tied: dict[str, str],
     base_prefix: str,
     buffer_bytes: int = DEFAULT_BUFFER_BYTES // 4,
+    tolerance: Tolerance = Tolerance(),
 ) -> tuple[list[Problem], ValueStats]:
     """Compare each located checkpoint tensor with its HF source, block by block; every difference reported."""
     reader = DCPRowReader(folder)
@@ -178,7 +181,7 @@ def compare_values(
             ckpt = reader.rows(ckpt_key, spec, start, end)
             whole = not spec.shape or (start, end) == (0, spec.shape[0])
             source = read_tensor(src, None if whole else (start, end))
-            _compare_block(ckpt, source, diff)
+            _compare_block(ckpt, source, diff, start, spec.shape, tolerance)
             stats.bytes_read += ckpt.numel() * ckpt.element_size() + source.numel() * source.element_size()
             del ckpt, source
         stats.compared += 1
@@ -186,6 +189,37 @@ def compare_values(
     hf_prints = {k: (src.spec, d.src_fp) for k, (_, d, _, src) in diffs.items() if src.spec.dtype == diffs[k][2].dtype}
     problems: list[Problem] = []
     for key, (ckpt_key, diff, spec, src) in diffs.items():
-        why = _explain(key, diff, spec, hf_prints) if diff.mismatched and spec.dtype == src.spec.dtype else ""
-        problems.extend(_problems_for(key, ckpt_key, diff, spec, src, why))
+        finding = _explain(key, diff, spec, hf_prints) if diff.mismatched and spec.dtype == src.spec.dtype else None
+        problems.extend(_problems_for(key, ckpt_key, diff, spec, src, finding))
     return problems, stats
+
+
+def verify_fingerprints(
+    folder: str | Path,
+    found: dict[str, TensorSpec | None],
+    recorded: Fingerprints,
+    *,
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES // 4,
+) -> tuple[list[Problem], ValueStats]:
+    """Every checkpoint tensor against the fingerprint recorded when it was written; the HF source is not read."""
+    plan = plan_verification(recorded, [k for k, s in found.items() if s is not None])
+    reader = DCPRowReader(folder)
+    stats = ValueStats()
+    observed: dict[str, torch.Tensor] = {}
+    for key in plan.keys:
+        spec = found[key]
+        assert spec is not None
+        dtype = getattr(torch, recorded[plan.keys[key]][0])
+        fp = torch.zeros(len(TERMS), dtype=torch.float64)
+        for start, end in row_blocks(spec, buffer_bytes):
+            block = reader.rows(key, spec, start, end)
+            stats.bytes_read += block.numel() * block.element_size()
+            fp += block_fingerprint(
+                block.to(dtype), [start] + [0] * (len(spec.shape) - 1) if spec.shape else [], spec.shape
+            )
+        observed[key] = fp
+        stats.compared += 1
+    stats.skipped.update({k: "no recorded fingerprint" for k in plan.unrecorded})
+    shapes = {k: found[k].shape for k in plan.keys}  # type: ignore[union-attr]
+    stored = {k: s.dtype for k, s in found.items() if s is not None}
+    return fingerprint_problems(observed, recorded, plan, shapes, stored_dtypes=stored), stats

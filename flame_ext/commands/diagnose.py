@@ -54,8 +54,14 @@ class DiagnoseOptions:
     reference: str | None = None
     trust_remote_code: bool = False
     buffer_bytes: int = DEFAULT_BUFFER_BYTES // 4
+    atol: float = 0.0
+    rtol: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("atol", "rtol"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise InputError(f"--{name} {value}: must be a finite number >= 0")
         if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
             raise InputError(f"--threshold {self.threshold}: must be a finite number of nats >= 0")
 
@@ -305,8 +311,25 @@ def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: 
 def _values_pass(
     ctx: _Context, opts: DiagnoseOptions, report: Report, on_stage: Callable[[str], None]
 ) -> list[Problem]:
-    from flame_ext.checks.values import compare_values
+    """Against the HF source when one is named (``--model``), else against the manifest's fingerprints
+    (exact; the HF files are not read). ``--atol/--rtol`` set a deliberate elementwise tolerance (HF source).
+    """
+    from flame_ext.checks.values import Tolerance, compare_values, verify_fingerprints
+    from flame_ext.io.manifest import read_fingerprints
 
+    tolerance = Tolerance(opts.atol, opts.rtol)
+    recorded, note = read_fingerprints(ctx.manifest) if ctx.manifest and ctx.manifest_usable else (None, None)
+    if recorded is not None and opts.model is None and not tolerance.given:
+        on_stage("verifying values against the manifest's fingerprints")
+        problems, stats = verify_fingerprints(ctx.folder, ctx.found, recorded, buffer_bytes=opts.buffer_bytes)
+        report.notes.append(
+            f"values: {stats.compared} tensors verified against the fingerprints recorded at conversion "
+            f"({stats.bytes_read / 1e6:,.1f} MB read, HF source not read)"
+            + (f", {len(stats.skipped)} without one" if stats.skipped else "")
+        )
+        return problems
+    if note and ctx.manifest:
+        report.notes.append(note)
     on_stage("comparing values with the HF source")
     base_prefix = getattr(ctx.model, "base_model_prefix", "model") + "."
     problems, stats = compare_values(
@@ -317,9 +340,11 @@ def _values_pass(
         tied=ctx.tied,
         base_prefix=base_prefix,
         buffer_bytes=opts.buffer_bytes,
+        tolerance=tolerance,
     )
+    within = f" within atol {opts.atol:g} + rtol {opts.rtol:g}" if tolerance.given else ""
     report.notes.append(
-        f"values: {stats.compared} tensors compared with the HF source ({stats.bytes_read / 1e6:,.1f} MB read)"
+        f"values: {stats.compared} tensors compared with the HF source{within} ({stats.bytes_read / 1e6:,.1f} MB read)"
         + (f", {len(stats.skipped)} skipped" if stats.skipped else "")
     )
     return problems
@@ -363,6 +388,8 @@ def options_from_args(args: argparse.Namespace) -> DiagnoseOptions:
         tokenizer=getattr(args, "tokenizer", None),
         reference=getattr(args, "reference", None),
         trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
+        atol=getattr(args, "atol", 0.0),
+        rtol=getattr(args, "rtol", 0.0),
     )
 
 

@@ -9,12 +9,32 @@ from pathlib import Path
 from typing import Any
 
 from flame_ext import __version__
+from flame_ext.convert.hf_to_dcp import source_reader
 from flame_ext.errors import DestinationError, InputError
-from flame_ext.io.hf import open_hf
-from flame_ext.io.manifest import FORMAT_VERSION, config_hash
+from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, replace_dtype, row_blocks
+from flame_ext.io.fingerprint import Recorder
+from flame_ext.io.hf import HFCheckpoint, open_hf
+from flame_ext.io.manifest import FORMAT_VERSION, config_hash, fingerprints_section
 from flame_ext.model.reference import compute_reference, reference_device
 
-__all__ = ["write_reference"]
+__all__ = ["write_reference", "source_fingerprints"]
+
+
+def source_fingerprints(hf: HFCheckpoint, dtype: str | None, buffer_bytes: int = DEFAULT_BUFFER_BYTES // 4) -> dict:
+    """The fingerprints section for every tensor of the HF files, as ``dtype`` would store them (None: as is).
+
+    Streamed block by block through the converter's own reader, so the values are exactly what a
+    `flame-ext convert --dtype` would write; keys are the HF files' (the guard maps them to a checkpoint's).
+    """
+    specs = {k: replace_dtype(t.spec, dtype) for k, t in hf.tensors.items()}
+    recorder = Recorder({k: s.shape for k, s in specs.items()})
+    for key, spec in specs.items():
+        read = source_reader(hf.tensors[key], spec.dtype)
+        for start, end in row_blocks(spec, buffer_bytes):
+            block = read(start, end)
+            recorder.add_rows(key, start, block)
+            del block
+    return fingerprints_section(recorder.values, {k: s.dtype for k, s in specs.items()})
 
 
 def write_reference(args: argparse.Namespace) -> dict[str, Any]:
@@ -49,8 +69,9 @@ def write_reference(args: argparse.Namespace) -> dict[str, Any]:
             "config_sha256": config_hash(hf.config),
         },
         "reference": ref,
+        "fingerprints": source_fingerprints(hf, dtype),
     }
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.write_text(json.dumps(manifest, indent=1, allow_nan=False))
     os.replace(tmp, out)
     return ref

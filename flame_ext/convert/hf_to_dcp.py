@@ -29,13 +29,14 @@ from flame_ext.io.hf import (
     open_hf,
     tied_aliases,
 )
-from flame_ext.io.manifest import FORMAT_VERSION, config_hash, write_manifest
+from flame_ext.io.fingerprint import Recorder
+from flame_ext.io.manifest import FORMAT_VERSION, config_hash, fingerprints_section, write_manifest
 from flame_ext.io.specs import TensorSpec, dtype_name
 from flame_ext.model.future_predictor import ATTRIBUTE as FP_ATTRIBUTE
 from flame_ext.model.future_predictor import attach_future_predictor
 from flame_ext.model.reference import reference_device
 
-__all__ = ["ConvertOptions", "convert_hf_to_dcp", "plan_hf_to_dcp"]
+__all__ = ["ConvertOptions", "convert_hf_to_dcp", "plan_hf_to_dcp", "source_reader"]
 
 
 @dataclass
@@ -69,7 +70,8 @@ class ConvertOptions:
             reference_device(self.reference_device)  # refused before anything is written
 
 
-def _reader(t: HFTensor, dtype: str) -> Any:
+def source_reader(t: HFTensor, dtype: str) -> Any:
+    """``read_rows(start, end)`` of HF tensor ``t`` as stored at ``dtype`` (a view of the file when no cast)."""
     out_dtype = getattr(torch, dtype)
 
     def read_rows(start: int, end: int) -> torch.Tensor:
@@ -119,7 +121,7 @@ def plan_hf_to_dcp(
             continue
         used.add(src.key)
         out_spec = replace_dtype(src.spec, None if dtype == "auto" else dtype)
-        entries.append(WriteEntry(out_key, out_spec, _reader(src, out_spec.dtype)))
+        entries.append(WriteEntry(out_key, out_spec, source_reader(src, out_spec.dtype)))
     if missing or shape_errors:
         parts = []
         if missing:
@@ -170,10 +172,13 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
     parameters = _parameter_count(model, entries, LAYOUTS[opts.layout])
     summary = Summary(Path(opts.checkpoint).absolute(), notes=notes, parameters=parameters)
     total = sum(e.spec.nbytes for e in entries)
+    recorder = Recorder({e.key: e.spec.shape for e in entries})
     with atomic_folder(opts.checkpoint, force=opts.force) as tmp:
         bar = Progress(total, opts.progress, "convert")
         try:
-            save_streaming(tmp, entries, buffer_bytes=opts.buffer_bytes, on_written=bar.update)
+            save_streaming(
+                tmp, entries, buffer_bytes=opts.buffer_bytes, on_written=bar.update, on_block=recorder.add_rows
+            )
         finally:
             bar.close()
         reference = None
@@ -190,6 +195,7 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
             )
             summary.notes += reference.get("notes", [])
         summary.manifest = _manifest(hf, opts, entries, fresh, reference, parameters)
+        summary.manifest["fingerprints"] = fingerprints_section(recorder.values, {e.key: e.spec.dtype for e in entries})
         write_manifest(tmp, summary.manifest)
     summary.tensors = len(entries)
     summary.bytes = total

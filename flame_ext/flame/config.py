@@ -84,6 +84,13 @@ GUARD_OPTIONS: tuple[GuardOption, ...] = (
         "Recompute non-persistent buffers (RoPE inv_freq) that meta -> to_empty() left uninitialised, instead of "
         "failing on them. --checkpoint.no_initial_load_repair_buffers turns it off.",
     ),
+    GuardOption(
+        "initial_load_verify_values",
+        bool,
+        None,
+        "Verify every loaded tensor exactly against the fingerprints recorded at conversion, on every rank "
+        "(default: when the reference has them). --checkpoint.no_initial_load_verify_values skips it.",
+    ),
 )
 
 

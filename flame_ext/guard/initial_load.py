@@ -1,13 +1,14 @@
 """The step-0 guard: check the first load of a training run before step 1 can hide what went wrong.
 
 Host-independent: the torchtitan adapters in ``flame_ext.titan`` decide *when* a load is the initial one
-and hand over what the load asks for; this module decides whether it is right. Three checks, in order:
+and hand over what the load asks for; this module decides whether it is right. Four checks, in order:
 
 1. before any tensor is read, the keys / global shapes / dtypes the load will request against the
    checkpoint's metadata (``checks.keys.compare_specs``), every problem at once;
-2. after loading, the non-persistent buffers no checkpoint holds (``checks.buffers.check_buffers``), repaired
-   when asked;
-3. one forward pass on the manifest's reference batch, against the HF model's loss on the same tokens.
+2. after loading, every loaded tensor against the fingerprint recorded when it was written
+   (``checks.fingerprints``): each rank sums its shards, one all-reduce gives the whole; exact, no threshold;
+3. the non-persistent buffers no checkpoint holds (``checks.buffers.check_buffers``), repaired when asked;
+4. one forward pass on the manifest's reference batch, against the HF model's loss on the same tokens.
 
 Every check runs on every rank and the ranks pool their findings (collectives on the default process
 group) before deciding, so all ranks raise ``InitialLoadValidationError`` together or none does: a
@@ -44,6 +45,7 @@ __all__ = [
     "IGNORE_INDEX",
     "tied_keys",
     "record_metrics",
+    "model_state",
 ]
 
 logger = logging.getLogger("flame_ext.guard")  # the name users filter the guard's log lines by
@@ -168,6 +170,10 @@ class InitialLoadGuard:
         self.worst_rank_gap = 0.0  # largest |loss - reference| of a single rank, set by the loss pass
         self.reference: dict[str, Any] = {}
         self.fresh: list[str] = []
+        self.fingerprints: Any = None  # io.manifest.Fingerprints when values are verified
+        self.found: dict[str, TensorSpec | None] = {}
+        self.figures: dict[str, float] = {}  # step-0 figures for the metric logger beside the loss
+        self.model_prefix = ""
 
     # -- before
 
@@ -185,8 +191,9 @@ class InitialLoadGuard:
         ``extra`` are host-found problems (e.g. keys an adapter does not map) pooled with the rest.
         """
         start = time.perf_counter()
-        self.reference, self.fresh = self._agreed(self._read_reference, "reading the reference")
-        found = dict(self._agreed(read_found, "reading the checkpoint metadata"))
+        self.reference, self.fresh, self.fingerprints = self._agreed(self._read_reference, "reading the reference")
+        found = self.found = dict(self._agreed(read_found, "reading the checkpoint metadata"))
+        self.model_prefix = requested.model_prefix
         problems = self._agreed(lambda: list(extra) + self._parity(requested, found, tied or {}), "the key/shape check")
         self.report.extend(pool(problems))
         self.report.counts = pool_counts(self.report.counts)
@@ -201,8 +208,8 @@ class InitialLoadGuard:
         )
         self._raise_if_failed("before loading (nothing was read)")
 
-    def _read_reference(self) -> tuple[dict[str, Any], list[str]]:
-        from flame_ext.io.manifest import MANIFEST_NAME, read_manifest, read_reference
+    def _read_reference(self) -> tuple[dict[str, Any], list[str], Any]:
+        from flame_ext.io.manifest import MANIFEST_NAME, read_fingerprints, read_manifest, read_reference
 
         own = Path(self.checkpoint) / MANIFEST_NAME
         path = Path(self.config.initial_load_reference) if self.config.initial_load_reference else own
@@ -211,6 +218,7 @@ class InitialLoadGuard:
         try:
             reference = read_reference(path)
             fresh = read_manifest(own).get("fresh_keys", []) if own.is_file() else []
+            fingerprints = self._fingerprints(read_fingerprints(read_manifest(path)), path)
         except FlameExtError as exc:
             self._fail_manifest(str(exc))
         ids = reference["token_ids"]
@@ -225,7 +233,22 @@ class InitialLoadGuard:
                 f"{path}: reference token id {top} is outside the model's vocabulary of {vocab}: "
                 "the reference was made for another tokenizer or model"
             )
-        return reference, list(fresh)
+        return reference, list(fresh), fingerprints
+
+    def _fingerprints(self, found: tuple[Any, str | None], path: Path) -> Any:
+        """The recorded fingerprints when values are to be verified; None (with a note) when not."""
+        fingerprints, note = found
+        wanted = self.config.initial_load_verify_values
+        if wanted is False:
+            self.report.notes.append("value verification switched off (checkpoint.initial_load_verify_values = false)")
+            return None
+        if fingerprints is None and wanted:
+            raise FlameExtError(
+                f"{path}: checkpoint.initial_load_verify_values = true, but {note}; or unset the option"
+            )
+        if note:
+            self.report.notes.append(note)
+        return fingerprints
 
     def _fail_manifest(self, detail: str) -> None:
         self.report.problems.append(Problem("manifest", "error", None, detail, _REFERENCE_HINT))
@@ -266,14 +289,20 @@ class InitialLoadGuard:
         position_multiple: int = 1,
         max_positions: int | None = None,
         metric_logger: Any = None,
+        loaded: Mapping[str, Any] | None = None,
     ) -> Report:
-        """Buffers, then the loss gate; logs the comparison and the JSON record; raises on any error.
+        """Values, buffers, then the loss gate; logs the comparison and the JSON record; raises on any error.
+
+        ``loaded`` is what the load filled, keyed as the checkpoint names it (the trainer's own parameters,
+        DTensor shards included); its values are verified against the recorded fingerprints.
 
         The reference rows are cut to ``max_positions`` predicted positions (a native model's RoPE table
         ends at the training sequence length) and to a multiple of ``position_multiple`` (a chunked loss
         splits the sequence evenly): the model is causal, so a prefix's per-token reference is exact.
         """
         start = time.perf_counter()
+        if self.fingerprints is not None and loaded is not None:
+            self.report.extend(pool(self._verify_values(loaded)))
         repair = self.config.initial_load_repair_buffers
         problems = self._agreed(lambda: self._buffers(repair), "the buffer check")
         self.report.extend(pool(problems))
@@ -293,7 +322,8 @@ class InitialLoadGuard:
                 )
             )
         elif not comparison.ok:
-            self.report.problems.append(_loss_gap_problem(comparison))
+            values_differ = any(p.kind == "value_mismatch" and p.severity == "error" for p in self.report.problems)
+            self.report.problems.append(_loss_gap_problem(comparison, values_differ))
         elif self.worst_rank_gap > comparison.threshold:
             self.report.problems.append(
                 Problem(
@@ -306,7 +336,8 @@ class InitialLoadGuard:
                     "diagnose --checkpoint C --model HF --values --loss` on it",
                 )
             )
-        record_metrics(metric_logger, comparison)
+        self._log_versions()
+        record_metrics(metric_logger, comparison, self.figures)
         self._raise_if_failed("after loading")
         logger.info("flame-ext initial-load report: %s", json.dumps(self.report.to_dict(), allow_nan=True))
         logger.info(
@@ -315,6 +346,56 @@ class InitialLoadGuard:
             (time.perf_counter() - start) * 1e3,
         )
         return self.report
+
+    def _verify_values(self, loaded: Mapping[str, Any]) -> list[Problem]:
+        """Every rank's share of each fingerprint, one all-reduce, then the same comparison on every rank."""
+        from flame_ext.checks.fingerprints import fingerprint_problems, plan_verification
+        from flame_ext.io.fingerprint import TERMS, local_fingerprint
+
+        start = time.perf_counter()
+        tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+        plan = plan_verification(self.fingerprints, tensors)
+        keys = list(plan.keys)
+
+        def shares() -> torch.Tensor:
+            dtypes = [getattr(torch, self.fingerprints[plan.keys[k]][0]) for k in keys]
+            parts = [local_fingerprint(tensors[k], d) for k, d in zip(keys, dtypes)]
+            return torch.stack(parts) if parts else torch.zeros(0, len(TERMS), dtype=torch.float64)
+
+        total = sum_over_ranks(self._agreed(shares, "the value check"))
+        observed = dict(zip(keys, total))
+        stored = {k: s.dtype for k, s in self.found.items() if s is not None}
+        shapes = {k: tuple(tensors[k].shape) for k in keys}
+        problems = self._agreed(
+            lambda: fingerprint_problems(observed, self.fingerprints, plan, shapes, stored_dtypes=stored),
+            "the value check",
+        )
+        mismatched = sum(1 for p in problems if p.severity == "error")
+        self.figures.update({"initial_load/tensors_verified": len(keys), "initial_load/value_mismatches": mismatched})
+        self.report.notes.append(
+            f"values: {len(keys)} tensors verified against the fingerprints recorded at conversion, "
+            f"{mismatched} differ" + (f"; {len(plan.unrecorded)} loaded tensors have none" if plan.unrecorded else "")
+        )
+        logger.info(
+            "flame-ext: verified the values of %d loaded tensors against their recorded fingerprints on %d rank(s): "
+            "%d differ (%.0f ms)",
+            len(keys),
+            world(),
+            mismatched,
+            (time.perf_counter() - start) * 1e3,
+        )
+        return problems
+
+    def _log_versions(self) -> None:
+        """The transformers that measured the reference and the one running: a different one can read the
+        same config differently (see checks.config)."""
+        import transformers
+
+        then, now = self.reference.get("transformers_version"), transformers.__version__
+        line = f"reference measured with transformers {then or 'unknown'}; running transformers {now}"
+        logger.info("flame-ext: %s", line)
+        if then != now:
+            self.report.notes.append(line)
 
     def _buffers(self, repair: bool) -> list[Problem]:
         from flame_ext.checks.buffers import check_buffers
@@ -417,9 +498,18 @@ def _flat_into_nested(requested: RequestedLoad, found: Mapping[str, Any]) -> lis
     ]
 
 
-def _loss_gap_problem(lo: LossComparison) -> Problem:
+def _loss_gap_problem(lo: LossComparison, values_differ: bool) -> Problem:
     from flame_ext.checks.loss import positional_hint
 
+    if values_differ:  # the value problems name the tensors; the position clue would only distract
+        return Problem(
+            "loss_gap",
+            "error",
+            None,
+            f"step-0 loss {lo.observed:.4f} vs HF reference {lo.reference:.4f}: delta {lo.delta:+.4f} exceeds "
+            f"{lo.threshold}",
+            "the loaded weights differ from the ones written (see the value problems): re-convert from the HF source",
+        )
     hint = (
         "the loaded weights do not compute what the HF model computes: run `flame-ext diagnose --checkpoint C "
         "--model HF --values --loss` to find the tensors"
@@ -436,8 +526,9 @@ def _loss_gap_problem(lo: LossComparison) -> Problem:
     )
 
 
-def record_metrics(metric_logger: Any, lo: LossComparison) -> None:
-    """Step-0 figures to the host's metric logger (torchtitan MetricsProcessor or its logger), if any."""
+def record_metrics(metric_logger: Any, lo: LossComparison, extra: Mapping[str, float] | None = None) -> None:
+    """Step-0 figures to the host's metric logger (torchtitan MetricsProcessor or its logger), if any:
+    the loss comparison and ``extra`` (tensors verified, value mismatches)."""
     target = getattr(metric_logger, "logger", metric_logger)
     if target is None or not callable(getattr(target, "log", None)):
         return
@@ -447,6 +538,7 @@ def record_metrics(metric_logger: Any, lo: LossComparison) -> None:
         "initial_load/loss_delta": lo.delta,
     }
     figures.update({f"initial_load/loss_pos_{b['start']}_{b['end']}": b["observed"] for b in lo.by_position})
+    figures.update(extra or {})
     try:
         target.log(figures, 0)
     except Exception as exc:  # a metrics backend failing must not stop training over a log line
@@ -458,3 +550,13 @@ def tied_keys(parts: Iterable[nn.Module], prefix: str = "") -> dict[str, str]:
     from flame_ext.io.hf import tied_aliases
 
     return {prefix + a: prefix + s for part in parts for a, s in tied_aliases(part).items()}
+
+
+def model_state(wrapper: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The trainer's own parameters after the load, keyed as the checkpoint names them.
+
+    ``wrapper`` is the host's ``ModelWrapper`` (``states["model"]``): its ``state_dict()`` is what the host
+    loads into, with the host's key hooks applied, FSDP/TP parameters as DTensors (each rank its shards),
+    and no collective.
+    """
+    return {prefix + k: v for k, v in wrapper.state_dict().items()}

@@ -18,7 +18,7 @@ __all__ = ["GuardConfig"]
 
 @dataclass
 class GuardConfig:
-    """The guard's four settings; hosts carry them as ``checkpoint.<name>`` (flame TOML, torchtitan Config)."""
+    """The guard's settings; hosts carry them as ``checkpoint.<name>`` (flame TOML, torchtitan Config)."""
 
     validate_initial_load: bool = False
     """Check the initial load (step-0 folder or initial_load_path); resumes are never checked."""
@@ -28,11 +28,20 @@ class GuardConfig:
     """Manifest or reference file (`flame-ext reference`); default: flame_ext.json in the loaded checkpoint."""
     initial_load_repair_buffers: bool = True
     """Recompute wrong non-persistent buffers (RoPE inv_freq) from the config instead of failing."""
+    initial_load_verify_values: bool | None = None
+    """Verify every loaded tensor exactly against the fingerprints recorded at conversion, on every rank.
+    Unset: verify when the reference has fingerprints; true: require them; false: skip (the loss gate still runs)."""
 
     def __post_init__(self) -> None:
         for name in ("validate_initial_load", "initial_load_repair_buffers"):
             if not isinstance(getattr(self, name), bool):
                 raise GuardConfigError(f"checkpoint.{name} = {getattr(self, name)!r}: must be true or false")
+        verify = self.initial_load_verify_values
+        if verify is not None and not isinstance(verify, bool):
+            raise GuardConfigError(
+                f"checkpoint.initial_load_verify_values = {verify!r}: must be true, false, or unset "
+                "(unset: verify when the reference has fingerprints)"
+            )
         delta = self.initial_load_max_loss_delta
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta) or delta < 0:
             raise GuardConfigError(

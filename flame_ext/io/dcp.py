@@ -95,8 +95,10 @@ class _StreamingPlanner(DefaultSavePlanner):
         entries: list[WriteEntry],
         buffer_bytes: int,
         on_written: Callable[[int], None],
+        on_block: Callable[[str, int, torch.Tensor], None] | None = None,
     ):
         super().__init__()
+        self._on_block = on_block
         self._entries = {e.key: e for e in entries}
         self._buffer_bytes = buffer_bytes
         self._on_written = on_written
@@ -130,16 +132,18 @@ class _StreamingPlanner(DefaultSavePlanner):
         if self._cancelled.is_set():
             raise _Cancelled()
         e = self._entries[write_item.index.fqn]
+        start = write_item.index.offset[0] if e.spec.shape else 0
         if not e.spec.shape:
             data = e.read_rows(0, 1)
         else:
-            start = write_item.index.offset[0]
             data = e.read_rows(start, start + write_item.tensor_data.chunk.sizes[0])
         expected = tuple(write_item.tensor_data.chunk.sizes)
         if tuple(data.shape) != expected or dtype_name(data.dtype) != e.spec.dtype:
             raise CheckpointFormatError(
                 f"{e.key}: source gave {tuple(data.shape)} {dtype_name(data.dtype)}, planned {expected} {e.spec.dtype}"
             )
+        if self._on_block is not None:
+            self._on_block(e.key, start, data)  # the block in hand: a fingerprint costs no second read
         with self._lock:
             self._on_written(data.numel() * data.element_size())
         return data.contiguous()
@@ -260,8 +264,12 @@ def save_streaming(
     buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     on_written: Callable[[int], None] = lambda n: None,
     threads: int = DEFAULT_THREADS,
+    on_block: Callable[[str, int, torch.Tensor], None] | None = None,
 ) -> None:
     """Write ``entries`` as a DCP checkpoint into ``folder``; tensor data in memory stays within ``buffer_bytes``.
+
+    ``on_block(key, start_row, block)`` sees every block exactly as it is written (from the writer threads,
+    so it must be thread-safe); the converter records fingerprints with it.
 
     ``threads`` files are written at once (two keep both cores of a small machine busy: a single
     writer thread copied about half as fast into the page cache). Each writer holds up to two blocks
@@ -278,7 +286,7 @@ def save_streaming(
     # its first large allocation; it changes nothing else.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     threads = max(1, threads)
-    planner = _StreamingPlanner(entries, max(1, buffer_bytes // (2 * threads)), on_written)
+    planner = _StreamingPlanner(entries, max(1, buffer_bytes // (2 * threads)), on_written, on_block)
     meta_sd = {e.key: torch.empty(e.spec.shape, dtype=getattr(torch, e.spec.dtype), device="meta") for e in entries}
     writer = _Writer(str(folder), single_file_per_rank=False, thread_count=threads, sync_files=False)
     with warnings.catch_warnings():

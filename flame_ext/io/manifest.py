@@ -8,18 +8,34 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
-from flame_ext.errors import CheckpointFormatError, InputError
+import torch
 
-__all__ = ["MANIFEST_NAME", "FORMAT_VERSION", "write_manifest", "read_manifest", "read_reference", "config_hash"]
+from flame_ext.errors import CheckpointFormatError, InputError
+from flame_ext.io.fingerprint import ALGORITHM, TERMS, TOLERANCE, as_record
+
+__all__ = [
+    "MANIFEST_NAME",
+    "FORMAT_VERSION",
+    "FINGERPRINTS_VERSION",
+    "write_manifest",
+    "read_manifest",
+    "read_reference",
+    "config_hash",
+    "fingerprints_section",
+    "Fingerprints",
+    "read_fingerprints",
+]
 
 MANIFEST_NAME = "flame_ext.json"
 FORMAT_VERSION = 1
 _REQUIRED = ("format_version", "tool_version", "source", "tensors", "total_parameters", "fresh_keys", "reference")
 _REFERENCE_REQUIRED = ("token_ids", "loss_mean", "loss_per_token", "dtype", "attn_implementation")
+FINGERPRINTS_VERSION = 1
 
 
 def config_hash(config: dict) -> str:
@@ -62,6 +78,8 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in required if k not in data]
     if missing:
         raise CheckpointFormatError(f"{path}: not a valid manifest (missing {', '.join(missing)})")
+    if "fingerprints" in data:
+        _check_fingerprints(path, data["fingerprints"])
     ref = data.get("reference")
     if ref is not None:
         if not isinstance(ref, dict) or any(k not in ref for k in _REFERENCE_REQUIRED):
@@ -80,3 +98,68 @@ def read_reference(path: str | os.PathLike) -> dict[str, Any]:
             "write one with `flame-ext reference --model HF --out FILE`"
         )
     return data["reference"]
+
+
+def fingerprints_section(values: dict[str, torch.Tensor], dtypes: dict[str, str]) -> dict[str, Any]:
+    """The manifest's ``fingerprints`` section: per key, the fingerprint of the values as stored."""
+    return {
+        "version": FINGERPRINTS_VERSION,
+        "algorithm": ALGORITHM,
+        "terms": list(TERMS),
+        "tolerance": TOLERANCE,
+        "tensors": {k: {"dtype": dtypes[k], "fingerprint": as_record(v)} for k, v in sorted(values.items())},
+    }
+
+
+class Fingerprints(dict):
+    """key -> (stored dtype, fingerprint) from a manifest, with the tolerance it was written for."""
+
+    tolerance: float = TOLERANCE
+
+
+def read_fingerprints(manifest: dict[str, Any]) -> tuple[Fingerprints | None, str | None]:
+    """The fingerprints of a (checked) manifest, or None with a note saying why values cannot be verified."""
+    section = manifest.get("fingerprints")
+    if section is None:
+        return None, (
+            "the manifest has no fingerprints (written before flame-ext recorded them): values are not verified "
+            "exactly; re-convert, or write them with `flame-ext reference --model HF --out FILE`"
+        )
+    if section.get("version") != FINGERPRINTS_VERSION or section.get("algorithm") != ALGORITHM:
+        return None, (
+            f"the manifest's fingerprints are version {section.get('version')!r} ({section.get('algorithm')!r}); this "
+            f"flame-ext reads version {FINGERPRINTS_VERSION} ({ALGORITHM}): values are not verified exactly"
+        )
+    out = Fingerprints({k: (v["dtype"], v["fingerprint"]) for k, v in section["tensors"].items()})
+    out.tolerance = float(section["tolerance"])
+    return out, None
+
+
+def _check_fingerprints(path: Path, section: Any) -> None:
+    """A fingerprint section of a version this flame-ext reads must be well formed (others are left alone)."""
+
+    def bad(why: str) -> CheckpointFormatError:
+        return CheckpointFormatError(f"{path}: not a valid manifest (fingerprints: {why})")
+
+    if not isinstance(section, dict):
+        raise bad("not an object")
+    if section.get("version") != FINGERPRINTS_VERSION or section.get("algorithm") != ALGORITHM:
+        return  # another version: read_fingerprints says it is not understood
+    tol = section.get("tolerance")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol <= 1e-6:
+        raise bad(f"tolerance {tol!r} is not a number in (0, 1e-6]")
+    tensors = section.get("tensors")
+    if not isinstance(tensors, dict):
+        raise bad("no tensors table")
+    for key, item in tensors.items():
+        fp = item.get("fingerprint") if isinstance(item, dict) else None
+        ok = (
+            isinstance(item, dict)
+            and isinstance(item.get("dtype"), str)
+            and isinstance(getattr(torch, item["dtype"], None), torch.dtype)
+            and isinstance(fp, list)
+            and len(fp) == len(TERMS)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in fp)
+        )
+        if not ok:
+            raise bad(f"the entry for {key!r} is not a dtype and {len(TERMS)} finite numbers")

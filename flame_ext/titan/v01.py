@@ -21,7 +21,14 @@ import torch
 from torchtitan.components.checkpoint import MODEL, CheckpointManager
 
 from flame_ext.errors import GuardConfigError
-from flame_ext.guard.initial_load import InitialLoadGuard, hf_loss_probe, record_metrics, split_request, tied_keys
+from flame_ext.guard.initial_load import (
+    InitialLoadGuard,
+    hf_loss_probe,
+    model_state,
+    record_metrics,
+    split_request,
+    tied_keys,
+)
 from flame_ext.guard.options import GuardConfig
 from flame_ext.io.dcp import read_dcp_metadata
 from flame_ext.report import Report
@@ -56,6 +63,7 @@ class ValidatingCheckpointManager(CheckpointManager):
         self.metric_logger: Any = None
         self.initial_load_report: Report | None = None
         self._guard: InitialLoadGuard | None = None
+        self._figures: dict[str, float] = {}
         super().__init__(dataloader, model_parts, optimizers, lr_schedulers, states, job_config, ft_manager)
 
     @torch.no_grad()
@@ -79,7 +87,12 @@ class ValidatingCheckpointManager(CheckpointManager):
         finally:
             self._guard = None
         if loaded:
-            self.initial_load_report = guard.after_load(hf_loss_probe(parts[0]), metric_logger=self.metric_logger)
+            self.initial_load_report = guard.after_load(
+                hf_loss_probe(parts[0]),
+                metric_logger=self.metric_logger,
+                loaded=model_state(self.states[MODEL], guard.model_prefix),
+            )
+            self._figures = guard.figures
         return loaded
 
     def _initial_load_target(self, step: int) -> str | None:
@@ -111,7 +124,7 @@ class ValidatingCheckpointManager(CheckpointManager):
     def record_initial_load_metrics(self, metric_logger: Any) -> None:
         """Log the step-0 figures of the last validated load with a metric logger built after loading."""
         if self.initial_load_report is not None and self.initial_load_report.loss is not None:
-            record_metrics(metric_logger, self.initial_load_report.loss)
+            record_metrics(metric_logger, self.initial_load_report.loss, self._figures)
 
 
 @dataclass

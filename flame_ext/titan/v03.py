@@ -41,6 +41,7 @@ from flame_ext.guard.initial_load import (
     RequestedLoad,
     hf_loss_probe,
     meta_copy,
+    model_state,
     split_request,
     tied_keys,
 )
@@ -78,6 +79,9 @@ class ValidatingCheckpointManager(CheckpointManager):
         initial_load_repair_buffers: bool = True
         """Recompute wrong non-persistent buffers (RoPE) from the config instead of failing."""
 
+        initial_load_verify_values: bool | None = None
+        """Verify every loaded tensor against the recorded fingerprints (unset: when the reference has them)."""
+
         def __post_init__(self) -> None:
             CheckpointManager.Config.__post_init__(self)  # zero-arg super() fails in slots dataclasses
             checked = GuardConfig.from_section(self)
@@ -89,12 +93,13 @@ class ValidatingCheckpointManager(CheckpointManager):
         self.initial_load_report: Report | None = None
         self._guard: InitialLoadGuard | None = None
         self._loading = False
+        self._from_hf = False
         super().__init__(config, **kwargs)
 
     def _load(self, step: int = -1) -> bool:
         if not self.guard_config.validate_initial_load:
             return super()._load(step)
-        self._loading, self._guard = True, None
+        self._loading, self._guard, self._from_hf = True, None, False
         try:
             loaded = super()._load(step)  # dcp_load below runs the pre-load check
             guard = self._guard
@@ -109,6 +114,7 @@ class ValidatingCheckpointManager(CheckpointManager):
                     position_multiple=multiple,
                     max_positions=max_positions,
                     metric_logger=getattr(trainer, "metrics_processor", None),
+                    loaded=self._loaded_state(),
                 )
         return loaded
 
@@ -120,7 +126,16 @@ class ValidatingCheckpointManager(CheckpointManager):
             )
         elif self._loading:
             self._guard = self._check_before(state_dict, checkpoint_id, from_hf, from_quantized)
+            self._from_hf = from_hf
         super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
+
+    def _loaded_state(self) -> dict[str, Any]:
+        """The loaded parameters in the checkpoint's key space: the model's own keys, or for an HF load the HF
+        keys the adapter maps them to (the same ``to_hf`` the host loaded through, on the live tensors)."""
+        state = model_state(self.states[MODEL])
+        if not self._from_hf:
+            return state
+        return self.sd_adapter.to_hf(state)
 
     def _is_resume(self, checkpoint_id: str) -> bool:
         match = re.fullmatch(r"step-(\d+)", str(checkpoint_id).rstrip("/").rsplit("/", 1)[-1])

@@ -100,10 +100,10 @@ def test_right_shaped_wrong_tensors_are_caught_by_values_and_loss(arch, case, ca
         partner = {k: b + k[len(a) :] for k in expected if k.startswith(a)}
         partner.update({v: k for k, v in partner.items()})
         for p in problems_of(r, "value_mismatch"):  # the cause is named: which HF tensor it holds instead
-            assert f"it holds the HF values of {partner[p['key']]}" in p["detail"]
+            assert f"it holds the values expected for {partner[p['key']]}" in p["detail"]
     elif case == "transposed":
         assert flagged == {TRANSPOSED}
-        assert "rearranged (transposed or permuted)" in problems_of(r, "value_mismatch")[0]["detail"]
+        assert "it holds the expected values transposed" in problems_of(r, "value_mismatch")[0]["detail"]
     elif case == "zeroed_mlp":
         assert flagged == {k for k in open_hf(model).tensors if k.startswith(ZEROED_MLP)}
         assert all("only zeros" in p["detail"] for p in problems_of(r, "value_mismatch"))
@@ -199,12 +199,16 @@ def test_rotary_layout_mixup_gets_the_positional_hint(arch, catalogue, hf_models
     """q/k channels in the interleaved rotary layout: every shape and key right, the loss wrong everywhere but
     at the first position, and the hint names positional encoding; --values names the permuted tensors."""
     ckpt, model = catalogue(arch, "rotary_interleaved"), hf_models[arch]
-    code, r = diagnose_json("--checkpoint", ckpt, "--model", model, "--values", "--loss")
+    code, r = diagnose_json("--checkpoint", ckpt, "--model", model, "--loss")
     assert code == 1 and not r["ok"]
-    gap = problems_of(r, "loss_gap")
     gap = problems_of(r, "loss_gap")
     assert len(gap) == 1 and "positional encoding" in gap[0]["hint"], r["loss"]
     # The first position is exact (its token attends only to itself); the gap is all in the later ones.
     assert abs(r["loss"]["first_position_delta"]) < 1e-3 < 0.1 < r["loss"]["delta"], r["loss"]
+    # With --values the evidence is the tensors themselves: they are named, with the rotary layout as the
+    # likely cause, and the loss-gap hint points at them instead of guessing from positions.
+    code, r = diagnose_json("--checkpoint", ckpt, "--model", model, "--values", "--loss")
     flagged = {p["key"] for p in problems_of(r, "value_mismatch")}
     assert flagged == set(rotary_interleaved_keys(load_all(catalogue(arch))))
+    assert all("rotary" in p["hint"] for p in problems_of(r, "value_mismatch"))
+    assert "positional encoding" not in problems_of(r, "loss_gap")[0]["hint"]

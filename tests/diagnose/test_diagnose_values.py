@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from flame_ext.checks.values import narrower
@@ -87,3 +88,26 @@ def test_metadata_pass_reads_no_tensor_data(catalogue, hf_models, tmp_path, caps
         assert main(["diagnose", "--checkpoint", str(ckpt), "--model", str(hf_models["olmo2"]), "--values"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot read" in err[0]
+
+
+def test_values_without_a_model_verify_against_the_manifest_fingerprints(catalogue, diagnose_json, monkeypatch):
+    """No --model: the checkpoint is checked against what was written, the HF files are never opened."""
+    import flame_ext.checks.values as values
+
+    monkeypatch.setattr(values, "read_tensor", lambda *a, **k: pytest.fail("the HF source was read"))
+    code, r = diagnose_json("--checkpoint", catalogue("olmo2", "transposed"), "--values")
+    assert code == 1
+    (problem,) = [p for p in r["problems"] if p["kind"] == "value_mismatch"]
+    assert problem["key"] == "model.layers.0.self_attn.o_proj.weight"
+    assert "transposed" in problem["detail"] and "transposed" in problem["hint"]
+    code, r = diagnose_json("--checkpoint", catalogue("olmo2"), "--values")
+    assert code == 0 and not [p for p in r["problems"] if p["kind"] == "value_mismatch"]
+
+
+def test_atol_rtol_set_a_deliberate_tolerance_against_the_hf_source(catalogue, hf_models, diagnose_json):
+    """bf16 checkpoint of an fp32 model: beyond one rounding it fails; with a loose enough rtol it passes."""
+    args = ("--checkpoint", catalogue("olmo2", "bf16"), "--model", hf_models["olmo2"], "--values")
+    code, r = diagnose_json(*args, "--rtol", "1e-6")
+    assert code == 1 and any(p["kind"] == "value_mismatch" for p in r["problems"])
+    code, r = diagnose_json(*args, "--rtol", "0.01", "--atol", "1e-6")
+    assert not [p for p in r["problems"] if p["kind"] == "value_mismatch"]

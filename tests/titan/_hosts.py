@@ -20,6 +20,7 @@ GUARD_FIELDS = (
     "initial_load_max_loss_delta",
     "initial_load_reference",
     "initial_load_repair_buffers",
+    "initial_load_verify_values",
 )
 
 

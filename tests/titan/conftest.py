@@ -48,3 +48,8 @@ def nested(tiny_model: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("nested") / "step-0"
     convert_hf_to_dcp(ConvertOptions(model=str(tiny_model), checkpoint=str(out), layout="nested", progress=False))
     return out
+
+
+# The trained tiny models of the diagnose catalogue (cached across sessions), for the value catalogue.
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from diagnose.conftest import hf_models, tied_model  # noqa: E402, F401

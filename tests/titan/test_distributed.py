@@ -53,13 +53,32 @@ def test_two_ranks_pass_together_on_a_healthy_checkpoint(healthy, tiny_model, tm
     losses = [r["report"]["loss"] for r in results]
     assert losses[0] == losses[1]  # the same figures on both ranks
     assert abs(losses[0]["delta"]) < 0.01
+    # every tensor's fingerprint, summed from both ranks' FSDP shards, is the one recorded at conversion
+    verified = [line for line in proc.stderr.splitlines() if "verified the values of" in line]
+    assert len(verified) == 2 and all("on 2 rank(s): 0 differ" in line for line in verified), verified
+
+
+def test_two_ranks_stop_a_damage_the_loss_gate_passes(healthy, tiny_model, tmp_path):
+    """o_proj scaled by 0.9 moves the step-0 loss by far less than 0.1: only the fingerprints see it."""
+    import torch
+    from _models import rewrite_dcp
+
+    key = "model.layers.0.self_attn.o_proj.weight"
+    damaged = rewrite_dcp(healthy, tmp_path / "scaled", lambda sd: {**sd, key: sd[key] * torch.tensor(0.9)})
+    proc, elapsed, results = torchrun(tmp_path / "run", "--hf", str(tiny_model), "--checkpoint", str(damaged))
+    assert proc.returncode != 0 and elapsed < DEADLINE, proc.stderr[-3000:]
+    assert [r["kinds"] for r in results] == [["value_mismatch"]] * 2, proc.stderr[-3000:]
+    for r in results:
+        (problem,) = r["report"]["problems"]
+        assert problem["key"] == key and "scaled by 0.9" in problem["detail"]
+        assert abs(r["report"]["loss"]["delta"]) < 0.1  # the loss gate alone would have let it through
 
 
 def test_a_broken_checkpoint_ends_both_ranks_within_60s(swapped, tiny_model, tmp_path):
     proc, elapsed, results = torchrun(tmp_path, "--hf", str(tiny_model), "--checkpoint", str(swapped))
     assert proc.returncode != 0 and elapsed < DEADLINE, proc.stderr[-3000:]
     # each rank reached the verdict itself (result written just before it raised) and raised it
-    assert [r["kinds"] for r in results] == [["loss_gap"], ["loss_gap"]]
+    assert [r["kinds"] for r in results] == [["loss_gap", "value_mismatch"]] * 2
     for rank in (0, 1):
         assert f"[rank{rank}]: flame_ext.guard.InitialLoadValidationError" in proc.stderr
 

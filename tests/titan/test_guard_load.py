@@ -121,16 +121,28 @@ def test_key_problems_abort_before_any_tensor_is_read(broken_keys, tiny_model, t
     assert info.value.report.loss is None
 
 
-def test_swapped_layers_abort_on_the_loss_gate(swapped, tiny_model, tmp_path):
+def test_swapped_layers_are_named_by_the_values_and_the_loss_gate(swapped, tiny_model, tmp_path):
     model = hf_like_trainer(tiny_model)
     manager = build_manager(model, tmp_path, initial_load_path=str(swapped), validate_initial_load=True)
     with pytest.raises(InitialLoadValidationError) as info:
         manager.load()
     report = info.value.report
-    assert [p.kind for p in report.errors] == ["loss_gap"]
+    # every tensor of both layers is named, with the key it was swapped with; the loss gate agrees
+    values = {p.key: p for p in report.errors if p.kind == "value_mismatch"}
+    layer_keys = {k for k in hf_like_trainer(tiny_model).state_dict() if ".layers." in k}
+    assert set(values) == layer_keys
+    for key, problem in values.items():
+        other = (
+            key.replace(".layers.0.", ".layers.X.")
+            .replace(".layers.1.", ".layers.0.")
+            .replace(".layers.X.", ".layers.1.")
+        )
+        assert f"the values expected for {other}" in problem.detail, problem.detail
+    assert [p.kind for p in report.errors if p.kind != "value_mismatch"] == ["loss_gap"]
     assert report.counts["missing"] == report.counts["unexpected"] == report.counts["shape"] == 0
     assert abs(report.loss.delta) > 0.1
-    assert "positional encoding" not in report.errors[0].hint  # whole layers: the first position is off too
+    gap = next(p for p in report.errors if p.kind == "loss_gap")
+    assert "positional encoding" not in gap.hint  # whole layers: the first position is off too
 
 
 def test_resume_skips_the_guard(healthy, tiny_model, tmp_path, caplog):

@@ -1,0 +1,170 @@
+"""Fingerprints: equal over any tiling into blocks, different under every damage the guard must see."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flame_ext.io.fingerprint import (
+    TERMS,
+    TOLERANCE,
+    Recorder,
+    block_fingerprint,
+    fingerprint,
+    matches,
+    transposed,
+    what_happened,
+)
+
+
+def trained_like(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    """Weights with some structure (row scales differ), as trained projections have."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 0.02
+    if x.dim() >= 2:
+        x = x * (1 + torch.rand(shape[0], *([1] * (x.dim() - 1)), generator=g))
+    return x.to(dtype)
+
+
+def tiles(t: torch.Tensor, row_cuts: list[int], col_cuts: list[int]) -> torch.Tensor:
+    """The sum of the fingerprints of a grid of blocks of ``t`` (2-D and more: rows and dim 1 cut)."""
+    total = torch.zeros(len(TERMS), dtype=torch.float64)
+    rows = [0, *row_cuts, t.shape[0]]
+    cols = [0, *col_cuts, t.shape[1]] if t.dim() >= 2 else [None, None]
+    for r0, r1 in zip(rows, rows[1:]):
+        if t.dim() == 1:
+            total += block_fingerprint(t[r0:r1], [r0], tuple(t.shape))
+            continue
+        for c0, c1 in zip(cols, cols[1:]):
+            block = t[r0:r1, c0:c1]
+            total += block_fingerprint(block, [r0, c0] + [0] * (t.dim() - 2), tuple(t.shape))
+    return total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape,row_cuts,col_cuts",
+    [((96, 64), [1, 50], [7, 32]), ((300,), [128, 129], []), ((6, 10, 4), [3], [5]), ((1, 5), [], [2])],
+)
+def test_blocks_with_global_offsets_add_up_to_the_whole(shape, row_cuts, col_cuts, dtype):
+    t = trained_like(shape, dtype)
+    whole = fingerprint(t)
+    assert matches(tiles(t, row_cuts, col_cuts), whole)
+    assert not matches(tiles(t, row_cuts, col_cuts), fingerprint(t.flip(-1)))  # the comparison can fail
+
+
+def test_streamed_rows_equal_the_whole_and_the_summation_error_is_far_below_the_tolerance():
+    t = trained_like((1000, 300))
+    acc = Recorder({"w": t.shape})
+    for s in range(0, 1000, 333):
+        acc.add_rows("w", s, t[s : s + 333])
+    whole = fingerprint(t)
+    scale = torch.tensor([1.0] + [float(whole[3])] * (len(TERMS) - 1))
+    scale[2] = whole[2]
+    assert ((acc.values["w"] - whole).abs() / scale).max() < TOLERANCE / 100
+
+
+def test_zero_dim_and_empty_tensors():
+    assert matches(fingerprint(torch.tensor(3.0)), fingerprint(torch.tensor(3.0)))
+    assert not matches(fingerprint(torch.tensor(3.0)), fingerprint(torch.tensor(-3.0)))
+    assert fingerprint(torch.zeros(0, 4)).abs().sum() == 0
+
+
+def test_nonfinite_values_are_counted_and_the_fingerprint_stays_json_finite():
+    t = trained_like((8, 8))
+    t[1, 2], t[3, 3] = float("nan"), float("inf")
+    fp = fingerprint(t)
+    assert fp[0] == 2 and torch.isfinite(fp).all()
+    json.dumps(fp.tolist(), allow_nan=False)
+    assert what_happened("w", fp, fingerprint(trained_like((8, 8))), shape=(8, 8), dtype="float32").code == "nonfinite"
+
+
+SHAPE = (64, 64)
+
+
+def _swap_rows(t: torch.Tensor, a: int = 3, b: int = 40) -> torch.Tensor:
+    out = t.clone()
+    out[[a, b]] = t[[b, a]]
+    return out
+
+
+def _bf16_ulp_noise(t: torch.Tensor) -> torch.Tensor:
+    """Every value moved by one bf16 step up or down: noise exactly at the stored dtype's resolution."""
+    bits = t.view(torch.int16)
+    sign = torch.randint(0, 2, t.shape, generator=torch.Generator().manual_seed(1), dtype=torch.int16) * 2 - 1
+    return (bits + sign).view(torch.bfloat16)
+
+
+DAMAGES = {
+    "zeros": (lambda t: torch.zeros_like(t), "zeros"),
+    "scaled": (lambda t: (t.float() * 0.9).to(t.dtype), "scaled"),
+    "negated": (lambda t: -t, "scaled"),
+    "transposed": (lambda t: t.t().contiguous(), "transposed"),
+    "two rows swapped": (_swap_rows, "rows_permuted"),
+    "rows permuted": (lambda t: t[torch.randperm(64, generator=torch.Generator().manual_seed(3))], "rows_permuted"),
+    "one row's values permuted": (lambda t: torch.cat([t[:5], t[5:6].roll(1, dims=1), t[6:]]), "columns_permuted"),
+    "rows and columns permuted": (lambda t: t.flip(0).flip(1), "rearranged"),
+    "columns permuted": (
+        lambda t: t[:, torch.randperm(64, generator=torch.Generator().manual_seed(4))],
+        "columns_permuted",
+    ),
+    "noise 1e-3 std": (
+        lambda t: (
+            t.float() + 1e-3 * t.float().std() * torch.randn(t.shape, generator=torch.Generator().manual_seed(5))
+        ).to(t.dtype),
+        "noise",
+    ),
+    "random values": (lambda t: trained_like(tuple(t.shape), t.dtype, seed=9), "different"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_each_damage_changes_the_fingerprint_and_is_named(damage):
+    edit, code = DAMAGES[damage]
+    # bf16, except for noise below bf16's resolution (that is the rounding case, tested on its own)
+    t = trained_like(SHAPE, torch.float32 if damage.startswith("noise") else torch.bfloat16)
+    written = fingerprint(t)
+    seen = fingerprint(edit(t))
+    assert not matches(seen, written)
+    finding = what_happened("w", seen, written, shape=SHAPE, dtype=str(t.dtype).removeprefix("torch."))
+    assert finding.code == code, finding.text
+    if code == "scaled":
+        factor = -1.0 if damage == "negated" else 0.9
+        assert f"{factor:.4g}" in finding.text
+
+
+def test_noise_at_bf16_resolution_is_seen_and_called_rounding_not_a_swap():
+    t = trained_like((256, 256), torch.bfloat16)
+    finding = what_happened("w", fingerprint(_bf16_ulp_noise(t)), fingerprint(t), shape=(256, 256), dtype="bfloat16")
+    assert finding.code == "rounding", finding.text
+    assert "swap" not in finding.text and "transpos" not in finding.text
+
+
+def test_fp32_values_rounded_to_bf16_differ_from_the_fp32_fingerprint_at_rounding_level():
+    t = trained_like((128, 96))
+    rounded = t.to(torch.bfloat16).float()
+    finding = what_happened("w", fingerprint(rounded), fingerprint(t), shape=(128, 96), dtype="bfloat16")
+    assert finding.code == "rounding", finding.text
+
+
+def test_a_tensor_holding_another_keys_values_is_named_as_swapped():
+    a, b = trained_like(SHAPE, seed=1), trained_like(SHAPE, seed=2)
+    others = {"layers.0.w": fingerprint(a).tolist(), "layers.1.w": fingerprint(b).tolist()}
+    finding = what_happened("layers.0.w", fingerprint(b), fingerprint(a), shape=SHAPE, dtype="float32", others=others)
+    assert finding.code == "swapped" and "layers.1.w" in finding.text
+
+
+def test_transpose_of_the_fingerprint_is_the_fingerprint_of_the_transpose():
+    t = trained_like((40, 40))
+    assert matches(transposed(fingerprint(t)), fingerprint(t.t()))
+    assert not matches(fingerprint(t), fingerprint(t.t()))
+
+
+def test_a_one_value_change_is_seen_in_a_large_tensor():
+    """One value moved by 2% of the mean |x| in a 2048 x 2048 matrix: above the tolerance's reach."""
+    t = trained_like((2048, 2048))
+    changed = t.clone()
+    changed[1000, 7] += 0.02 * t.abs().mean() * 2048 * 2048 / 2048**2 * 100
+    assert not matches(fingerprint(changed), fingerprint(t))
