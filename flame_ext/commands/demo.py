@@ -189,14 +189,10 @@ def _manager_v03(model: torch.nn.Module, dump: Path, guard: dict[str, Any]) -> t
 
 def _guard_settings(repair: bool) -> tuple[dict[str, Any], list[str]]:
     """The guard switched on, repair on or off: as 0.3 Config fields and as 0.1 command-line flags."""
+    from flame_ext.flame.config import guard_flags
+
     fields = {"validate_initial_load": True, "initial_load_repair_buffers": repair, "initial_load_max_loss_delta": 0.1}
-    flags = [
-        "--checkpoint.validate_initial_load",
-        "--checkpoint.initial_load_max_loss_delta",
-        "0.1",
-        "--checkpoint.initial_load_repair_buffers" if repair else "--checkpoint.no_initial_load_repair_buffers",
-    ]
-    return fields, flags
+    return fields, guard_flags(fields)
 
 
 # ---------------------------------------------------------------------------------------- one run

@@ -21,8 +21,7 @@ import torch
 from torchtitan.components.checkpoint import MODEL, CheckpointManager
 
 from flame_ext.errors import GuardConfigError
-from flame_ext.guard.initial_load import InitialLoadGuard, hf_loss_probe, record_metrics, split_request, tied_keys
-from flame_ext.guard.options import GuardConfig
+from flame_ext.guard import GuardConfig, InitialLoadGuard, hf_loss_probe, record_metrics, split_request, tied_keys
 from flame_ext.io.dcp import read_dcp_metadata
 from flame_ext.report import Report
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,17 +25,18 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torchtitan.components.checkpoint import MODEL, CheckpointManager
 
 from flame_ext.errors import GuardConfigError
-from flame_ext.guard.initial_load import (
+from flame_ext.guard import (
     IGNORE_INDEX,
+    GuardConfig,
     InitialLoadGuard,
     LossProbe,
     RequestedLoad,
     hf_loss_probe,
+    host_config,
     meta_copy,
     split_request,
     tied_keys,
 )
-from flame_ext.guard.options import GuardConfig
 from flame_ext.io.dcp import read_dcp_metadata
 from flame_ext.io.specs import TensorSpec, dtype_name
 from flame_ext.report import Problem, Report
@@ -52,25 +52,9 @@ class ValidatingCheckpointManager(CheckpointManager):
     ``load()`` must run on ALL ranks (the host requires it already): the guard's checks hold collectives.
     """
 
-    @dataclass(kw_only=True, slots=True)
-    class Config(CheckpointManager.Config):
-        validate_initial_load: bool = False
-        """Check the initial load (step-0 folder, initial_load_path, HF assets) before step 1; resumes are not checked."""
-
-        initial_load_max_loss_delta: float = 0.1
-        """Largest |step-0 loss - HF reference loss| in nats that passes."""
-
-        initial_load_reference: str | None = None
-        """Reference file from `flame-ext reference`; default: flame_ext.json in the loaded checkpoint."""
-
-        initial_load_repair_buffers: bool = True
-        """Recompute wrong non-persistent buffers (RoPE) from the config instead of failing."""
-
-        def __post_init__(self) -> None:
-            CheckpointManager.Config.__post_init__(self)  # zero-arg super() fails in slots dataclasses
-            checked = GuardConfig.from_section(self)
-            self.initial_load_max_loss_delta = checked.initial_load_max_loss_delta
-            self.initial_load_reference = checked.initial_load_reference
+    Config = host_config(
+        CheckpointManager.Config, qualname="ValidatingCheckpointManager.Config", module=__name__
+    )  # the guard's fields (GuardConfig), checked when the config is built
 
     def __init__(self, config: Config, **kwargs: Any) -> None:
         self.guard_config = GuardConfig.from_section(config)
