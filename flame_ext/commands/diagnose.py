@@ -335,6 +335,7 @@ def _loss_pass(ctx: _Context, opts: DiagnoseOptions, report: Report, on_stage: C
         ctx.found,
         ctx.key_map,
         ctx.reference or (ctx.manifest if ctx.manifest_usable else None),
+        reference_name=f"--reference {opts.reference}" if ctx.reference else str(ctx.folder / MANIFEST_NAME),
         threshold=opts.threshold,
         dtype=_dominant_dtype(ctx.found),
         tokenizer=opts.tokenizer,
