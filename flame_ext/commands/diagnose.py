@@ -16,7 +16,6 @@ otherwise, 2 for unreadable input.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections.abc import Callable
@@ -353,35 +352,20 @@ def _loss_pass(ctx: _Context, opts: DiagnoseOptions, report: Report, on_stage: C
 # ---------------------------------------------------------------- command line
 
 
-def options_from_args(args: argparse.Namespace) -> DiagnoseOptions:
-    return DiagnoseOptions(
-        checkpoint=args.checkpoint,
-        model=args.model,
-        values=bool(getattr(args, "values", False)),
-        loss=bool(getattr(args, "loss", False)),
-        threshold=getattr(args, "threshold", 0.1),
-        train_config=getattr(args, "train_config", None),
-        tokenizer=getattr(args, "tokenizer", None),
-        reference=getattr(args, "reference", None),
-        trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
-    )
-
-
 def _header(opts: DiagnoseOptions, hf_source: str) -> str:
     passes = ["metadata"] + ["values"] * opts.values + ["loss"] * opts.loss + ["config"] * bool(opts.train_config)
     return f"flame-ext diagnose: {opts.checkpoint} against {hf_source} ({', '.join(passes)})"
 
 
-def run(args: argparse.Namespace) -> int:
+def run(opts: DiagnoseOptions, *, as_json: bool = False) -> int:
     """The ``diagnose`` subcommand: print the report (text or JSON); 0 when no error, 1 otherwise."""
-    opts = options_from_args(args)
     stage = (
         (lambda s: print(f"... {s}", file=sys.stderr, flush=True))
-        if sys.stderr.isatty() and not args.json
+        if sys.stderr.isatty() and not as_json
         else (lambda s: None)
     )
     report = diagnose(opts, on_stage=stage)
-    if args.json:
+    if as_json:
         import json
 
         print(json.dumps({**report.to_dict(), "notes": report.notes}, indent=2, allow_nan=True))
