@@ -2,7 +2,7 @@
 
 Right-shaped wrong tensors (swapped layers, a transposed square projection, zeroed weights) pass every
 key, shape and dtype check; only the values show them. Both sides are read one block of rows at a time
-(HF through ``safe_open`` slices, DCP through a load plan for just those rows), so memory stays near the
+(HF by a positioned read of just those rows' bytes, DCP through a load plan for just those rows), so memory stays near the
 block size whatever the model size, as in the converter.
 
 Equal dtypes must match exactly. Across a dtype change the narrower dtype decides: both sides are
@@ -27,7 +27,7 @@ __all__ = ["ValueStats", "compare_values", "narrower"]
 
 @dataclass
 class ValueStats:
-    """What the value pass did: tensors compared, skipped (with why), and the largest difference seen."""
+    """What the value pass did: tensors compared, tensors skipped (with why), bytes read."""
 
     compared: int = 0
     skipped: dict[str, str] = field(default_factory=dict)

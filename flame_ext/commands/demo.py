@@ -306,25 +306,9 @@ def _convert(hf_path: Path, step0: Path) -> float:
 
 
 def _diagnose(hf_path: Path, step0: Path) -> bool:
-    try:
-        from flame_ext.commands.diagnose import DiagnoseOptions, diagnose
-    except ImportError:  # the diagnose module ships separately in early builds: fall back to key/shape parity
-        return _parity_only(hf_path, step0)
+    from flame_ext.commands.diagnose import DiagnoseOptions, diagnose
+
     report = diagnose(DiagnoseOptions(checkpoint=str(step0), model=str(hf_path), values=True, loss=True))
-    for line in report.render_text().splitlines():
-        _say(f"    {line}")
-    return report.ok
-
-
-def _parity_only(hf_path: Path, step0: Path) -> bool:
-    from flame_ext.checks.keys import compare_specs
-    from flame_ext.io.dcp import read_dcp_metadata
-    from flame_ext.io.hf import build_meta_model, expected_tensors, open_hf, tied_aliases
-    from flame_ext.report import Report
-
-    model = build_meta_model(open_hf(str(hf_path)))
-    result = compare_specs(expected_tensors(model), read_dcp_metadata(step0), tied=tied_aliases(model))
-    report = Report(result.problems, result.counts)
     for line in report.render_text().splitlines():
         _say(f"    {line}")
     return report.ok
