@@ -107,7 +107,8 @@ def bench_parity_7b() -> None:
     print(f"  request from state dict  {t_request * 1e3:8.1f} ms")
     print(f"  compare_specs            {t_compare * 1e3:8.1f} ms")
     print(
-        f"  whole pre-load check     {t_total * 1e3:8.1f} ms   (model build on meta, not part of it: {build * 1e3:.0f} ms)"
+        f"  whole pre-load check     {t_total * 1e3:8.1f} ms   (model build on meta, not part of it: "
+        f"{build * 1e3:.0f} ms)"
     )
 
 

@@ -1,6 +1,6 @@
 """Drop-in for flame's ``flame/utils/convert_dcp_to_hf.py``, with flame's argument names.
 
-    python -m flame_ext.convert_dcp_to_hf --path exp/olmo2 --step 1000 --config allenai/OLMo-2-1124-7B --tokenizer allenai/OLMo-2-1124-7B
+    python -m flame_ext.convert_dcp_to_hf --path exp/olmo2 --step 1000 --config allenai/OLMo-2-1124-7B
 
 Reads ``PATH/checkpoint/step-STEP`` like flame's, streams tensor by tensor instead of going through a
 whole-model ``torch.save`` file, and writes the HF model to ``PATH/hf-step-STEP`` (``--out`` to choose):

@@ -70,7 +70,8 @@ def _layout_problems(
                 "layout",
                 "error",
                 None,
-                f"{len(wrapped)} keys carry module-wrapper names {', '.join(repr(i) for i in infixes)} (e.g. {example})",
+                f"{len(wrapped)} keys carry module-wrapper names {', '.join(repr(i) for i in infixes)} (e.g. "
+                f"{example})",
                 "the state dict was taken from a wrapped model (torch.compile / activation checkpointing / DDP); "
                 "save from the unwrapped module or strip these infixes before saving",
             )
@@ -173,7 +174,8 @@ def compare_specs(
                     "warning",
                     k,
                     f"checkpoint {got.dtype}, model {want.dtype}",
-                    "the load casts silently; fine when deliberate (e.g. a bf16 checkpoint for mixed-precision training)",
+                    "the load casts silently; fine when deliberate (e.g. a bf16 checkpoint for mixed-precision "
+                    "training)",
                 )
             )
     result.counts = {

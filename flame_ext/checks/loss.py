@@ -207,7 +207,8 @@ def reference_for(
     if ref is not None:
         return (
             ref,
-            f"the recorded HF reference ({ref.get('dtype')}, measured with transformers {ref.get('transformers_version', '?')})",
+            f"the recorded HF reference ({ref.get('dtype')}, measured with transformers "
+            f"{ref.get('transformers_version', '?')})",
         )
     from flame_ext.checks.tokenizer import has_tokenizer
     from flame_ext.model.reference import compute_reference
@@ -235,7 +236,8 @@ def loss_gap_problem(cmp: LossComparison, *, what: str, next_step: str) -> Probl
 
 def embedding_rows(parts: Iterable[nn.Module]) -> int | None:
     """Rows of the model's largest embedding table (its vocabulary); None when it has no ``nn.Embedding``."""
-    return max((m.num_embeddings for p in parts for m in p.modules() if isinstance(m, torch.nn.Embedding)), default=None)
+    rows = [m.num_embeddings for p in parts for m in p.modules() if isinstance(m, torch.nn.Embedding)]
+    return max(rows, default=None)
 
 
 def reference_vocabulary_problem(token_ids: list[list[int]], vocab: int | None, name: str, hint: str) -> Problem | None:
@@ -294,7 +296,8 @@ def check_loss(
     result.problems.extend(problems)
     if repaired:
         result.notes.append(
-            f"set {len(repaired)} non-persistent buffer(s) from the config before the loss, as the guard's repair does: {', '.join(repaired)}"
+            f"set {len(repaired)} non-persistent buffer(s) from the config before the loss, as the guard's repair "
+            f"does: {', '.join(repaired)}"
         )
     token_ids = torch.tensor(ref["token_ids"], dtype=torch.long)
     on_stage("running the reference batch")

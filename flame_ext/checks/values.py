@@ -2,8 +2,8 @@
 
 Right-shaped wrong tensors (swapped layers, a transposed square projection, zeroed weights) pass every
 key, shape and dtype check; only the values show them. Both sides are read one block of rows at a time
-(HF by a positioned read of just those rows' bytes, DCP through a load plan for just those rows), so memory stays near the
-block size whatever the model size, as in the converter.
+(HF by a positioned read of just those rows' bytes, DCP through a load plan for just those rows), so memory
+stays near the block size whatever the model size, as in the converter.
 
 Equal dtypes must match exactly. Across a dtype change the narrower dtype decides: both sides are
 rounded to it and must then agree to within one unit in its last place (a conversion rounds once).
@@ -121,7 +121,8 @@ def _problems_for(
                 "error",
                 key,
                 f"{diff.nonfinite_ckpt} of {numel} values are NaN or inf in the checkpoint{where}",
-                "a forward pass through this tensor yields NaN; re-convert from the HF source (and check what wrote this checkpoint)",
+                "a forward pass through this tensor yields NaN; re-convert from the HF source (and check what wrote "
+                "this checkpoint)",
             )
         )
     if diff.nonfinite_hf:
@@ -141,7 +142,8 @@ def _problems_for(
                 "value_mismatch",
                 "error",
                 key,
-                f"{diff.mismatched} of {numel} values differ from the HF source{rule}; max abs diff {diff.max_abs:.4g}{why}{where}",
+                f"{diff.mismatched} of {numel} values differ from the HF source{rule}; max abs diff "
+                f"{diff.max_abs:.4g}{why}{where}",
                 "the right shape holding the wrong tensor (swapped layers, a transposed or permuted projection, a "
                 "failed write): re-convert from the HF source with `flame-ext convert`",
             )

@@ -323,13 +323,15 @@ def _run_broken(hf_path: Path, dump: Path) -> bool:
 
     _say("[3/4] start training as flame does on transformers 4.x, initial_load_repair_buffers = false")
     _say(
-        "    meta build -> parallelize (nothing on 1 rank) -> to_empty() -> post_init() -> CheckpointManager.load(step-0)"
+        "    meta build -> parallelize (nothing on 1 rank) -> to_empty() -> post_init() -> "
+        "CheckpointManager.load(step-0)"
     )
 
     def built(result: TrainResult) -> None:
         if result.simulated:
             _say(
-                f"    SIMULATED: transformers {transformers.__version__} recomputes inv_freq in post_init(); as 4.x would, "
+                f"    SIMULATED: transformers {transformers.__version__} recomputes inv_freq in post_init(); as 4.x "
+                "would, "
                 "the demo put back what to_empty() left there:"
             )
         else:
@@ -381,7 +383,8 @@ def _story(work: Path) -> bool:
     dump = work / "exp"
     step0 = dump / "checkpoint" / "step-0"
     _say(
-        f"flame-ext {__version__} demo: transformers {transformers.__version__}, torchtitan {_installed('torchtitan')}, "
+        f"flame-ext {__version__} demo: transformers {transformers.__version__}, torchtitan "
+        f"{_installed('torchtitan')}, "
         f"torch {torch.__version__}; working in {work}"
     )
     _say(f"[1/4] convert: flame-ext convert --model {hf_path} --checkpoint {step0}")

@@ -127,7 +127,8 @@ def metadata_pass(
     if training:
         names = sorted({k.split(".", 1)[0] for k in training})
         report.notes.append(
-            f"full training checkpoint ({', '.join(names)}: {len(training)} entries besides the model); its model part is compared"
+            f"full training checkpoint ({', '.join(names)}: {len(training)} entries besides the model); its model "
+            "part is compared"
         )
         if model_prefix(model_keys, expected) == "model.":
             # torchtitan 0.1 saves {"model": ..., "optimizer": ...} unflattened: nested model keys are its layout.
@@ -177,7 +178,8 @@ def _foreign(m: dict[str, Any], hf: HFCheckpoint, name: str) -> Problem | None:
 
 
 def manifest_problems(ctx: _Context, *, reference_given: bool = False) -> list[Problem]:
-    """Absent (warning, unless a reference file is given), for another model (error), stale against ``.metadata`` (error)."""
+    """The manifest's problems: absent (a warning, unless a reference file is given), for another model (an
+    error), stale against ``.metadata`` (an error)."""
     m = ctx.manifest
     if m is None:
         if reference_given:
@@ -189,7 +191,8 @@ def manifest_problems(ctx: _Context, *, reference_given: bool = False) -> list[P
                 None,
                 f"no {MANIFEST_NAME} in {ctx.folder}: nothing records what it was made from or the HF reference loss",
                 "convert with `flame-ext convert` (it writes one), or record the reference with "
-                "`flame-ext reference --model HF --out FILE` (pass it here with --reference, and to the training guard)",
+                "`flame-ext reference --model HF --out FILE` (pass it here with --reference, and to the training "
+                "guard)",
             )
         ]
     problems = []
@@ -236,7 +239,8 @@ def _stale(table: dict[str, Any], found: dict[str, TensorSpec]) -> list[Problem]
             "error",
             None,
             f"{MANIFEST_NAME} is stale: its tensor table differs from .metadata: " + "; ".join(parts),
-            "the checkpoint was changed after conversion (or the manifest copied from another one); re-convert, or do not trust its reference",
+            "the checkpoint was changed after conversion (or the manifest copied from another one); re-convert, or "
+            "do not trust its reference",
         )
     ]
 

@@ -168,7 +168,7 @@ def job_config_class(base: type | None = None) -> type:
             (GuardOptionsMixin, base),
             {
                 "__module__": __name__,
-                "__doc__": f"{base.__module__}.{base.__qualname__} with the flame-ext initial-load guard options under [checkpoint].",
+                "__doc__": f"{base.__module__}.{base.__qualname__} with the guard's options under [checkpoint].",
             },
         )
     return _CLASSES[base]

@@ -1,8 +1,8 @@
 """The step-0 guard: check the first load of a training run before step 1 can hide what went wrong.
 
-``options`` declares the settings (and derives the hosts' forms of them), ``initial_load`` runs the checks (from ``flame_ext.checks``) around a
-host's load, ``ranks`` makes every rank take the same verdict. Hosts (``flame_ext.titan``) decide when a
-load is the initial one.
+``options`` declares the settings and derives the hosts' forms of them, ``initial_load`` runs the checks
+(from ``flame_ext.checks``) around a host's load, ``ranks`` makes every rank take the same verdict. Hosts
+(``flame_ext.titan``, ``flame_ext.flame``) decide when a load is the initial one. Hosts import from here.
 """
 
 from flame_ext.errors import GuardConfigError, InitialLoadValidationError

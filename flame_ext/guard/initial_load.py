@@ -300,7 +300,8 @@ class InitialLoadGuard:
                     "loss_gap",
                     "error",
                     None,
-                    f"the mean step-0 loss passes, but one rank's differs from the HF reference by {self.worst_rank_gap:.4f} "
+                    "the mean step-0 loss passes, but one rank's differs from the HF reference by "
+                    f"{self.worst_rank_gap:.4f} "
                     f"(threshold {comparison.threshold})",
                     "ranks loaded different weights: check that every rank reads the same checkpoint; run `flame-ext "
                     "diagnose --checkpoint C --model HF --values --loss` on it",
@@ -409,9 +410,11 @@ def _flat_into_nested(requested: RequestedLoad, found: Mapping[str, Any]) -> lis
             "layout",
             "error",
             None,
-            f"{len(plain)} of {len(requested.model)} keys are asked for under '{requested.model_prefix}' (a full training-state "
+            f"{len(plain)} of {len(requested.model)} keys are asked for under '{requested.model_prefix}' (a full "
+            "training-state "
             f"load) but the checkpoint holds them flat (e.g. {plain[0][len(requested.model_prefix) :]})",
-            "load the converted checkpoint model-only (torchtitan 0.1: checkpoint.initial_load_model_weights_only = true, "
+            "load the converted checkpoint model-only (torchtitan 0.1: checkpoint.initial_load_model_weights_only = "
+            "true, "
             "or put it in the step-0 folder), or convert with `flame-ext convert --layout nested`",
         )
     ]

@@ -206,7 +206,8 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
             sd = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointFormatError(
-            f"{file}: refused: it pickles Python objects other than tensors ({refused_global(exc) or first_line(exc)}), and loading "
+            f"{file}: refused: it pickles Python objects other than tensors "
+            f"({refused_global(exc) or first_line(exc)}), and loading "
             "them could run code; .bin weights are read only with weights_only=True. "
             "Use the model's safetensors files, or convert this one with a tool you trust"
         ) from exc

@@ -68,7 +68,8 @@ def reference_batch(
     n_rows = min(rows, len(ids) // seq_len)
     if n_rows == 0:
         raise InputError(
-            f"reference text: {len(ids)} tokens, fewer than --reference-seq-len {seq_len}; use a longer text or a shorter length"
+            f"reference text: {len(ids)} tokens, fewer than --reference-seq-len {seq_len}; use a longer text or a "
+            "shorter length"
         )
     return torch.tensor(ids[: n_rows * seq_len], dtype=torch.long).view(n_rows, seq_len)
 

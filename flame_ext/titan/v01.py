@@ -115,7 +115,7 @@ class ValidatingCheckpointManager(CheckpointManager):
 
 @dataclass
 class GuardCheckpoint(GuardConfig):
-    """The guard's fields (``GuardConfig``'s, with its checks), as the ``[checkpoint]`` section of a torchtitan 0.1 job config."""
+    """``GuardConfig``'s fields and checks as the ``[checkpoint]`` section of a torchtitan 0.1 job config."""
 
 
 @dataclass

@@ -113,8 +113,10 @@ class ValidatingCheckpointManager(CheckpointManager):
             )
         if "://" in str(checkpoint_id):
             raise GuardConfigError(
-                f"checkpoint.validate_initial_load reads the checkpoint's metadata and flame_ext.json from a local folder; "
-                f"{checkpoint_id} is remote: copy it locally, or check it with `flame-ext diagnose` and switch the guard off"
+                "checkpoint.validate_initial_load reads the checkpoint's metadata and flame_ext.json from a local "
+                "folder; "
+                f"{checkpoint_id} is remote: copy it locally, or check it with `flame-ext diagnose` and switch the "
+                "guard off"
             )
         guard = InitialLoadGuard(self.guard_config, str(checkpoint_id), parts)
         requested = split_request(state_dict)
