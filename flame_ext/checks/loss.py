@@ -1,4 +1,6 @@
-"""``diagnose --loss``: load the checkpoint the way a trainer does and compare its loss with the HF model's.
+"""The loss on the reference batch: ``diagnose --loss`` loads the checkpoint the way a trainer does and
+compares its loss with the HF model's. The rules the guard applies to its own step-0 loss live here too:
+the ``loss_gap`` problem with its positional hints, and the reference batch's vocabulary check.
 
 The model is built on ``meta``, materialised with ``to_empty()`` and filled by
 ``torch.distributed.checkpoint`` (strict for the model keys the checkpoint holds), exactly the path of

@@ -123,7 +123,7 @@ def _kill_trials(
     trials: int,
     rng: random.Random,
 ) -> dict:
-    """Run ``trials`` kill / inspect / re-run rounds; returns what happened (for the README figures)."""
+    """Run ``trials`` kill / inspect / re-run rounds; returns what happened (the figures in docs/reliability.md)."""
     full = {}  # duration of the last uncut run, with and without the last step
     for last_step in (False, True):
         t0 = time.monotonic()
