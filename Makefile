@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 VENV01 := .venv-titan01
 
-.PHONY: demo test test-main test-titan01 bench clean
+.PHONY: demo lint test test-main test-titan01 bench clean
 
 $(VENV)/.installed: pyproject.toml requirements/titan03.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,12 @@ $(VENV01)/.installed: pyproject.toml requirements/titan01.txt
 demo: $(VENV)/.installed
 	$(VENV)/bin/flame-ext demo
 
-test: test-main test-titan01
+# ruff: pyflakes, import order, line length 120 and the formatting (configured in pyproject.toml).
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint test-main test-titan01
 
 test-main: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q

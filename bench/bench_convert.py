@@ -138,7 +138,10 @@ def generate(folder: Path, size_gb: float) -> int:
 
 
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
-WARM_TOOLS = "import torch, torch.distributed.checkpoint, transformers, transformers.models.olmo2.modeling_olmo2, flame_ext.convert"
+WARM_TOOLS = (
+    "import torch, torch.distributed.checkpoint, transformers, transformers.models.olmo2.modeling_olmo2, "
+    "flame_ext.convert"
+)
 
 
 def can_drop_caches() -> bool:

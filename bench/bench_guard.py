@@ -77,8 +77,7 @@ def bench_parity_7b() -> None:
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
     from flame_ext.checks.keys import compare_specs
-    from flame_ext.guard.initial_load import InitialLoadGuard, split_request
-    from flame_ext.guard.options import GuardConfig
+    from flame_ext.guard import GuardConfig, InitialLoadGuard, split_request
     from flame_ext.io.dcp import read_dcp_metadata
 
     t0 = time.perf_counter()
@@ -108,7 +107,8 @@ def bench_parity_7b() -> None:
     print(f"  request from state dict  {t_request * 1e3:8.1f} ms")
     print(f"  compare_specs            {t_compare * 1e3:8.1f} ms")
     print(
-        f"  whole pre-load check     {t_total * 1e3:8.1f} ms   (model build on meta, not part of it: {build * 1e3:.0f} ms)"
+        f"  whole pre-load check     {t_total * 1e3:8.1f} ms   (model build on meta, not part of it: "
+        f"{build * 1e3:.0f} ms)"
     )
 
 
@@ -117,7 +117,7 @@ def bench_loss_tiny() -> None:
 
     from flame_ext.checks.buffers import check_buffers
     from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
-    from flame_ext.guard.initial_load import hf_loss_probe
+    from flame_ext.guard import hf_loss_probe
     from flame_ext.io.hf import DEFAULT_MODEL
     from flame_ext.io.manifest import read_reference
 

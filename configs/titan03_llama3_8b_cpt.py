@@ -8,9 +8,10 @@ initial load. The guard's reference sits in the HF folder, where the default loo
     PYTHONPATH=/path/to/flame-ext/configs torchrun --nproc_per_node=8 -m torchtitan.train \\
         --module titan03_llama3_8b_cpt --config llama3_8b_cpt --checkpoint.initial_load_max_loss_delta 0.1
 
-Every guard field is an ordinary flag (``--checkpoint.validate_initial_load`` / ``--checkpoint.no-validate-initial-load``,
-``--checkpoint.initial_load_reference FILE``, ...), because tyro reads them from the config's runtime class.
-Without a config function: ``--module llama3 --config llama3_8b --override.imports flame_ext.titan.config03.initial_load_guard``.
+Every guard field is an ordinary flag (``--checkpoint.validate_initial_load`` /
+``--checkpoint.no-validate-initial-load``, ``--checkpoint.initial_load_reference FILE``, ...), because tyro
+reads them from the config's runtime class. Without a config function: ``--module llama3 --config llama3_8b
+--override.imports flame_ext.titan.config03.initial_load_guard``.
 """
 
 from __future__ import annotations

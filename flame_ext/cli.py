@@ -11,9 +11,15 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from flame_ext import __version__
 from flame_ext.errors import run_guarded
+
+if TYPE_CHECKING:  # the commands import torch: only when one runs
+    from flame_ext.commands.diagnose import DiagnoseOptions
+    from flame_ext.convert.dcp_to_hf import ToHFOptions
+    from flame_ext.convert.hf_to_dcp import ConvertOptions
 
 EPILOG = """examples:
   flame-ext convert --model allenai/OLMo-2-1124-7B --checkpoint exp/olmo2/checkpoint/step-0 --dtype bfloat16
@@ -26,41 +32,43 @@ EPILOG = """examples:
 _DEVICE_HELP = "cpu, cuda or auto (default: cuda when torch sees a GPU): where the reference forward runs"
 
 
-def _add_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "convert",
-        help="HF checkpoint -> DCP, streaming, with a reference loss in flame_ext.json",
-        description=(
-            "Convert an HF checkpoint to DCP by streaming tensors from the safetensors files: the model is never "
-            "built for its weights, and memory stays near the buffer size whatever the model size. The reference "
-            "step (skip it with --no-reference) runs the HF model on the reference batch at the checkpoint's dtype, "
-            "one block of weights (the embedding or a decoder layer) read from the files at a time."
-        ),
-    )
-    p.add_argument("--model", help="HF model folder or hub id (default: the embedded tiny OLMo2)")
+def _flag(name: str, flame: bool) -> list[str]:
+    """``--trust-remote-code``; in a flame drop-in, flame's ``--trust_remote_code`` first, both accepted."""
+    underscored = "--" + name[2:].replace("-", "_")
+    return [underscored, name] if flame and underscored != name else [name]
+
+
+def add_convert_arguments(p: argparse.ArgumentParser, *, flame: bool = False) -> None:
+    """The arguments of ``convert`` (``flame``: as flame's convert_hf_to_dcp.py names them, --model required)."""
+    model_help = "HF model folder or hub id" + ("" if flame else " (default: the embedded tiny OLMo2)")
+    p.add_argument("--model", required=flame, help=model_help)
     p.add_argument("--checkpoint", required=True, help="output DCP folder (written atomically)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's own), bfloat16 or float32")
     p.add_argument(
         "--layout", default="flat", help="flat (torchtitan model-only load, default) or nested (model.-prefixed)"
     )
-    p.add_argument("--reference-text", help="text file for the reference batch (default: bundled English prose)")
-    p.add_argument("--reference-seq-len", type=int, default=512, help="tokens per reference row (default 512)")
-    p.add_argument("--no-reference", action="store_true", help="skip the HF reference loss (no model materialised)")
-    p.add_argument("--reference-device", default="auto", help=_DEVICE_HELP)
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+    p.add_argument(*_flag("--reference-text", flame), help="text file for the reference batch (default: bundled prose)")
     p.add_argument(
-        "--include-future-predictor", action="store_true", help="add a freshly initialised future predictor head"
+        *_flag("--reference-seq-len", flame), type=int, default=512, help="tokens per reference row (default 512)"
     )
-    p.add_argument("--future-predictor-head-type", default="linear", choices=["linear", "mlp"])
-    p.add_argument("--buffer-mb", type=int, default=256, help="memory for tensor data in flight, MiB (default 256)")
+    p.add_argument(*_flag("--no-reference", flame), action="store_true", help="skip the HF reference loss")
+    p.add_argument(*_flag("--reference-device", flame), default="auto", help=_DEVICE_HELP)
+    p.add_argument(*_flag("--trust-remote-code", flame), action="store_true", help="allow the model's own code to run")
+    p.add_argument(
+        *_flag("--include-future-predictor", flame), action="store_true", help="add a freshly initialised future head"
+    )
+    p.add_argument(*_flag("--future-predictor-head-type", flame), default="linear", choices=["linear", "mlp"])
+    p.add_argument(
+        *_flag("--buffer-mb", flame), type=int, default=256, help="memory for tensor data in flight, MiB (default 256)"
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.set_defaults(run=_run_convert)
 
 
-def _run_convert(args: argparse.Namespace) -> int:
-    from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
+def convert_options(args: argparse.Namespace) -> ConvertOptions:
+    """Parsed ``convert`` arguments (the CLI's or the drop-in's) as the converter's options."""
+    from flame_ext.convert.hf_to_dcp import ConvertOptions
 
-    opts = ConvertOptions(
+    return ConvertOptions(
         model=args.model,
         checkpoint=args.checkpoint,
         dtype=args.dtype,
@@ -75,14 +83,86 @@ def _run_convert(args: argparse.Namespace) -> int:
         buffer_bytes=args.buffer_mb * 1024 * 1024,
         progress=sys.stderr.isatty(),
     )
-    summary = convert_hf_to_dcp(opts)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Convert, then print the notes, the reference loss and the summary line."""
+    from flame_ext.convert.hf_to_dcp import convert_hf_to_dcp
+
+    summary = convert_hf_to_dcp(convert_options(args))
     for note in summary.notes:
         print(f"note: {note}")
     ref = (summary.manifest or {}).get("reference")
     if ref:
+        shape = f"{len(ref['token_ids'])}x{ref['seq_len']}"
         print(
-            f"HF reference loss {ref['loss_mean']:.4f} nats on {len(ref['token_ids'])}x{ref['seq_len']} tokens ({ref['dtype']}, {ref['attn_implementation']})"
+            f"HF reference loss {ref['loss_mean']:.4f} nats on {shape} tokens "
+            f"({ref['dtype']}, {ref['attn_implementation']})"
         )
+    print(summary.line())
+    return 0
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="HF checkpoint -> DCP, streaming, with a reference loss in flame_ext.json",
+        description=(
+            "Convert an HF checkpoint to DCP by streaming tensors from the safetensors files: the model is never "
+            "built for its weights, and memory stays near the buffer size whatever the model size. The reference "
+            "step (skip it with --no-reference) runs the HF model on the reference batch at the checkpoint's dtype, "
+            "one block of weights (the embedding or a decoder layer) read from the files at a time."
+        ),
+    )
+    add_convert_arguments(p)
+    p.set_defaults(run=run_convert)
+
+
+def add_to_hf_arguments(p: argparse.ArgumentParser, *, flame: bool = False) -> None:
+    """The arguments of ``to-hf`` besides where it reads and writes (the CLI and flame's drop-in name those apart)."""
+    p.add_argument(
+        "--config", required=True, help="HF model folder (or a folder with config.json) the checkpoint was made for"
+    )
+    p.add_argument("--tokenizer", help="local folder to copy tokenizer files from (default: --config)")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's own), bfloat16 or float32")
+    p.add_argument(
+        *_flag("--max-shard-mb", flame),
+        type=int,
+        default=5 * 1024,
+        help="largest safetensors shard, MiB (default 5120)",
+    )
+    p.add_argument(*_flag("--trust-remote-code", flame), action="store_true")
+    p.add_argument(
+        *_flag("--buffer-mb", flame), type=int, default=256, help="rows of a tensor read at once, MiB (default 256)"
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+
+def to_hf_options(args: argparse.Namespace) -> ToHFOptions:
+    """Parsed ``to-hf`` arguments (``args.checkpoint`` and ``args.out`` set) as the converter's options."""
+    from flame_ext.convert.dcp_to_hf import ToHFOptions
+
+    return ToHFOptions(
+        checkpoint=args.checkpoint,
+        config=args.config,
+        out=args.out,
+        dtype=args.dtype,
+        force=args.force,
+        tokenizer=args.tokenizer,
+        trust_remote_code=args.trust_remote_code,
+        max_shard_bytes=args.max_shard_mb * 1024 * 1024,
+        buffer_bytes=args.buffer_mb * 1024 * 1024,
+        progress=sys.stderr.isatty(),
+    )
+
+
+def run_to_hf(args: argparse.Namespace) -> int:
+    """Convert back to HF, then print the notes and the summary line."""
+    from flame_ext.convert.dcp_to_hf import convert_dcp_to_hf
+
+    summary = convert_dcp_to_hf(to_hf_options(args))
+    for note in summary.notes:
+        print(f"note: {note}")
     print(summary.line())
     return 0
 
@@ -92,37 +172,9 @@ def _add_to_hf(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint", required=True, help="DCP folder: flat or nested, model-only or full training checkpoint"
     )
-    p.add_argument(
-        "--config", required=True, help="HF model folder (or a folder with config.json) the checkpoint was made for"
-    )
     p.add_argument("--out", required=True, help="output HF folder (written atomically)")
-    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's own), bfloat16 or float32")
-    p.add_argument("--max-shard-mb", type=int, default=5 * 1024, help="largest safetensors shard, MiB (default 5120)")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--buffer-mb", type=int, default=256, help="rows of a tensor read at once, MiB (default 256)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.set_defaults(run=_run_to_hf)
-
-
-def _run_to_hf(args: argparse.Namespace) -> int:
-    from flame_ext.convert.dcp_to_hf import ToHFOptions, convert_dcp_to_hf
-
-    opts = ToHFOptions(
-        checkpoint=args.checkpoint,
-        config=args.config,
-        out=args.out,
-        dtype=args.dtype,
-        force=args.force,
-        trust_remote_code=args.trust_remote_code,
-        max_shard_bytes=args.max_shard_mb * 1024 * 1024,
-        buffer_bytes=args.buffer_mb * 1024 * 1024,
-        progress=sys.stderr.isatty(),
-    )
-    summary = convert_dcp_to_hf(opts)
-    for note in summary.notes:
-        print(f"note: {note}")
-    print(summary.line())
-    return 0
+    add_to_hf_arguments(p)
+    p.set_defaults(run=run_to_hf)
 
 
 def _add_reference(sub: argparse._SubParsersAction) -> None:
@@ -131,7 +183,7 @@ def _add_reference(sub: argparse._SubParsersAction) -> None:
         help="write only the reference part of the manifest (for checkpoints converted elsewhere, or HF loads)",
         description=(
             "Runs the HF model (at its own dtype unless --dtype) on the reference batch, one block of weights at a "
-            "time, and records its loss."
+            "time, and records its loss and the fingerprints of the tensors as that dtype stores them."
         ),
     )
     p.add_argument("--model", help="HF model folder or hub id (default: the embedded tiny OLMo2)")
@@ -153,20 +205,13 @@ def _run_reference(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_diagnose(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "diagnose",
-        help="compare a DCP checkpoint with its HF source: every problem, with its cause",
-        description=(
-            "Always: keys, shapes, dtypes, key layout, manifest and data-file sizes from metadata (no tensor data read), "
-            "and the tokenizer against the embedding. --values streams every tensor against the HF source; --loss "
-            "loads the checkpoint as trainers do (meta -> to_empty -> torch.distributed.checkpoint) and compares its "
-            "loss on the reference batch with the HF model's. Exit 0: no errors (warnings allowed); 1: errors found; "
-            "2: unreadable input."
-        ),
-    )
+def add_diagnose_arguments(p: argparse.ArgumentParser, *, flame: bool = False) -> None:
+    """The arguments of ``diagnose`` (``flame``: with flame-style underscored names, --model required)."""
     p.add_argument("--checkpoint", required=True, help="DCP folder (model-only or a full training checkpoint)")
-    p.add_argument("--model", help="HF model folder or hub id (default: the embedded tiny OLMo2)")
+    model_help = "HF model folder or hub id the checkpoint was made from"
+    p.add_argument(
+        "--model", required=flame, help=model_help + ("" if flame else " (default: the embedded tiny OLMo2)")
+    )
     p.add_argument("--values", action="store_true", help="also compare every tensor's values (streaming)")
     p.add_argument(
         "--atol", type=float, default=0.0, help="--values against the HF source with |ckpt - hf| <= atol + rtol |hf|"
@@ -175,21 +220,59 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", action="store_true", help="also build the model as trainers do and compare the loss")
     p.add_argument("--threshold", type=float, default=0.1, help="loss gap that counts as an error, nats (default 0.1)")
     p.add_argument(
-        "--train-config", help="model config the trainer builds from (file or folder) to compare with the HF one"
+        *_flag("--train-config", flame),
+        help="model config the trainer builds from (file or folder; flame's --model.config) to compare with the HF one",
     )
-    p.add_argument("--tokenizer", help="tokenizer folder the trainer uses (default: the model's)")
+    p.add_argument(
+        "--tokenizer", help="tokenizer folder the trainer uses (flame's --model.tokenizer_path; default: the model's)"
+    )
     p.add_argument(
         "--reference", help="reference file from `flame-ext reference` for --loss (default: the checkpoint's manifest)"
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.set_defaults(run=_run_diagnose)
+    p.add_argument(*_flag("--trust-remote-code", flame), action="store_true")
 
 
-def _run_diagnose(args: argparse.Namespace) -> int:
+def diagnose_options(args: argparse.Namespace) -> DiagnoseOptions:
+    """Parsed ``diagnose`` arguments (the CLI's or the drop-in's) as the diagnosis options."""
+    from flame_ext.commands.diagnose import DiagnoseOptions
+
+    return DiagnoseOptions(
+        checkpoint=args.checkpoint,
+        model=args.model,
+        values=args.values,
+        loss=args.loss,
+        threshold=args.threshold,
+        train_config=args.train_config,
+        tokenizer=args.tokenizer,
+        reference=args.reference,
+        trust_remote_code=args.trust_remote_code,
+        atol=args.atol,
+        rtol=args.rtol,
+    )
+
+
+def run_diagnose(args: argparse.Namespace) -> int:
+    """Diagnose and print the report; 0 when it holds no error, 1 otherwise."""
     from flame_ext.commands.diagnose import run
 
-    return run(args)
+    return run(diagnose_options(args), as_json=args.json)
+
+
+def _add_diagnose(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "diagnose",
+        help="compare a DCP checkpoint with its HF source: every problem, with its cause",
+        description=(
+            "Always: keys, shapes, dtypes, key layout, manifest and data-file sizes from metadata (no tensor data "
+            "read), and the tokenizer against the embedding. --values streams every tensor against the HF source; "
+            "--loss loads the checkpoint as trainers do (meta -> to_empty -> torch.distributed.checkpoint) and "
+            "compares its loss on the reference batch with the HF model's. Exit 0: no errors (warnings allowed); "
+            "1: errors found; 2: unreadable input."
+        ),
+    )
+    add_diagnose_arguments(p)
+    p.set_defaults(run=run_diagnose)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

@@ -1,6 +1,6 @@
 """Drop-in for flame's ``flame/utils/convert_dcp_to_hf.py``, with flame's argument names.
 
-    python -m flame_ext.convert_dcp_to_hf --path exp/olmo2 --step 1000 --config allenai/OLMo-2-1124-7B --tokenizer allenai/OLMo-2-1124-7B
+    python -m flame_ext.convert_dcp_to_hf --path exp/olmo2 --step 1000 --config allenai/OLMo-2-1124-7B
 
 Reads ``PATH/checkpoint/step-STEP`` like flame's, streams tensor by tensor instead of going through a
 whole-model ``torch.save`` file, and writes the HF model to ``PATH/hf-step-STEP`` (``--out`` to choose):
@@ -16,49 +16,27 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from flame_ext.cli import add_to_hf_arguments, run_to_hf
+from flame_ext.errors import run_guarded
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """flame's arguments (``--path`` and ``--step`` name the checkpoint); ``checkpoint`` and ``out`` derived."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--path", type=str, required=True, help="flame dump folder holding checkpoint/step-N")
     p.add_argument("--step", type=int, required=True)
-    p.add_argument("--config", type=str, required=True, help="HF model folder the checkpoint was made for")
-    p.add_argument(
-        "--tokenizer", type=str, default=None, help="local folder to copy tokenizer files from (default: --config)"
-    )
     p.add_argument("--out", type=str, default=None, help="output folder (default: PATH/hf-step-STEP)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--debug", action="store_true")
-    return p.parse_args(argv)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from flame_ext.convert.dcp_to_hf import ToHFOptions, convert_dcp_to_hf
-
-    checkpoint = Path(args.path) / "checkpoint" / f"step-{args.step}"
-    out = args.out or str(Path(args.path) / f"hf-step-{args.step}")
-    summary = convert_dcp_to_hf(
-        ToHFOptions(
-            checkpoint=str(checkpoint),
-            config=args.config,
-            out=out,
-            dtype=args.dtype,
-            force=args.force,
-            tokenizer=args.tokenizer,
-            progress=sys.stderr.isatty(),
-        )
-    )
-    for note in summary.notes:
-        print(f"note: {note}")
-    print(summary.line())
-    return 0
+    add_to_hf_arguments(p, flame=True)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    args.checkpoint = str(Path(args.path) / "checkpoint" / f"step-{args.step}")
+    args.out = args.out or str(Path(args.path) / f"hf-step-{args.step}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from flame_ext.errors import run_guarded
-
     args = parse_args(argv)
-    return run_guarded(_run, args, debug=args.debug, prog="convert_dcp_to_hf")
+    return run_guarded(run_to_hf, args, debug=args.debug, prog="convert_dcp_to_hf")
 
 
 if __name__ == "__main__":

@@ -14,40 +14,20 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from flame_ext.cli import add_diagnose_arguments, run_diagnose
 from flame_ext.errors import run_guarded
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=str, required=True, help="DCP folder (e.g. exp/.../checkpoint/step-0)")
-    p.add_argument("--model", type=str, required=True, help="HF model folder or hub id the checkpoint was made from")
-    p.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true")
-    p.add_argument("--values", action="store_true", help="also compare every tensor's values with the HF model")
-    p.add_argument("--loss", action="store_true", help="also load the checkpoint as trainers do and compare the loss")
-    p.add_argument("--threshold", type=float, default=0.1, help="loss gap that counts as an error, nats (default 0.1)")
-    p.add_argument(
-        "--train_config", "--train-config", help="the model config the trainer builds from (flame's --model.config)"
-    )
-    p.add_argument(
-        "--tokenizer", help="the tokenizer the trainer uses (flame's --model.tokenizer_path; default: the model's)"
-    )
-    p.add_argument(
-        "--reference", help="reference file from `flame-ext reference` for --loss (default: the checkpoint's manifest)"
-    )
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_diagnose_arguments(p, flame=True)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from flame_ext.commands.diagnose import run
-
-    return run(args)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_guarded(_run, args, debug=args.debug, prog="diagnose_checkpoint")
+    return run_guarded(run_diagnose, args, debug=args.debug, prog="diagnose_checkpoint")
 
 
 if __name__ == "__main__":

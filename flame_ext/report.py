@@ -57,7 +57,7 @@ class LossComparison:
     threshold: float
     by_position: list[dict[str, Any]] = field(default_factory=list)
     # Gap at the first predicted position alone: its token attends only to itself, so positional encoding
-    # and the query/key projections cannot change it (see ``reference.points_to_attention``).
+    # and the query/key projections cannot change it (see ``flame_ext.checks.loss.first_position_right``).
     first_position_delta: float | None = None
 
     @property

@@ -81,8 +81,10 @@ def check_buffers(model: nn.Module, *, repair: bool) -> tuple[list[Problem], lis
                         key,
                         detail,
                         "the model was built on meta and materialised with to_empty(), which leaves non-persistent "
-                        "buffers uninitialised and no checkpoint restores them; set checkpoint.initial_load_repair_buffers "
-                        "= true, or recompute them after to_empty() (e.g. upgrade to transformers >= 5, whose post_init does)",
+                        "buffers uninitialised and no checkpoint restores them; set "
+                        "checkpoint.initial_load_repair_buffers "
+                        "= true, or recompute them after to_empty() (e.g. upgrade to transformers >= 5, whose "
+                        "post_init does)",
                     )
                 )
     return problems, repaired
@@ -114,10 +116,13 @@ def load_path_hazards(build_meta: Any) -> list[Problem]:
                 "buffer_mismatch",
                 "warning",
                 p.key,
-                f"building this model on meta + to_empty() + post_init() leaves {p.key} uninitialised with the installed "
+                f"building this model on meta + to_empty() + post_init() leaves {p.key} uninitialised with the "
+                "installed "
                 f"transformers {transformers.__version__}",
-                "not a fault of this checkpoint: a trainer that builds the model this way (flame does) must recompute it; "
-                "turn on the training guard with checkpoint.initial_load_repair_buffers = true, or use transformers >= 5",
+                "not a fault of this checkpoint: a trainer that builds the model this way (flame does) must "
+                "recompute it; "
+                "turn on the training guard with checkpoint.initial_load_repair_buffers = true, or use transformers "
+                ">= 5",
             )
         )
     return hazards

@@ -253,7 +253,8 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], Path]:
         raise CheckpointFormatError(f"--train-config {file}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict) or "model_type" not in data:
         raise CheckpointFormatError(
-            f"--train-config {file}: no model_type; expected a transformers model config (what flame's --model.config names)"
+            f"--train-config {file}: no model_type; expected a transformers model config (what flame's "
+            "--model.config names)"
         )
     return data, file
 
@@ -342,7 +343,8 @@ def compare_configs(train: dict[str, Any], hf: dict[str, Any], *, train_name: st
                     "warning",
                     name,
                     detail,
-                    "changes training (regularisation, special-token ids or length limits), not what the weights compute; "
+                    "changes training (regularisation, special-token ids or length limits), not what the weights "
+                    "compute; "
                     "make sure it is deliberate",
                 )
             )

@@ -11,13 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import torch
-
 from flame_ext.io.dcp import NON_MODEL_PREFIXES
 from flame_ext.io.specs import TensorSpec
 from flame_ext.report import Problem
 
-__all__ = ["ParityResult", "compare_specs", "model_part", "specs_of", "locate_keys", "WRAPPER_INFIXES"]
+__all__ = ["ParityResult", "compare_specs", "model_part", "locate_keys", "WRAPPER_INFIXES"]
 
 # Module wrappers whose names leak into state-dict keys: torch.compile, activation checkpointing, DDP/DP.
 WRAPPER_INFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "module.")
@@ -72,7 +70,8 @@ def _layout_problems(
                 "layout",
                 "error",
                 None,
-                f"{len(wrapped)} keys carry module-wrapper names {', '.join(repr(i) for i in infixes)} (e.g. {example})",
+                f"{len(wrapped)} keys carry module-wrapper names {', '.join(repr(i) for i in infixes)} (e.g. "
+                f"{example})",
                 "the state dict was taken from a wrapped model (torch.compile / activation checkpointing / DDP); "
                 "save from the unwrapped module or strip these infixes before saving",
             )
@@ -175,7 +174,8 @@ def compare_specs(
                     "warning",
                     k,
                     f"checkpoint {got.dtype}, model {want.dtype}",
-                    "the load casts silently; fine when deliberate (e.g. a bf16 checkpoint for mixed-precision training)",
+                    "the load casts silently; fine when deliberate (e.g. a bf16 checkpoint for mixed-precision "
+                    "training)",
                 )
             )
     result.counts = {
@@ -187,15 +187,6 @@ def compare_specs(
         "dtype": n_dtype,
     }
     return result
-
-
-def specs_of(state_dict: dict[str, torch.Tensor]) -> dict[str, TensorSpec]:
-    """Specs of a live state dict (global shapes for DTensors): what a load of it will ask for."""
-    from flame_ext.io.specs import dtype_name
-
-    return {
-        k: TensorSpec(tuple(v.shape), dtype_name(v.dtype)) for k, v in state_dict.items() if isinstance(v, torch.Tensor)
-    }
 
 
 def locate_keys(expected: Iterable[str], found: Iterable[str]) -> dict[str, str]:

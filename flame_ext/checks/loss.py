@@ -1,4 +1,6 @@
-"""``diagnose --loss``: load the checkpoint the way a trainer does and compare its loss with the HF model's.
+"""The loss on the reference batch: ``diagnose --loss`` loads the checkpoint the way a trainer does and
+compares its loss with the HF model's. The rules the guard applies to its own step-0 loss live here too:
+the ``loss_gap`` problem with its positional hints, and the reference batch's vocabulary check.
 
 The model is built on ``meta``, materialised with ``to_empty()`` and filled by
 ``torch.distributed.checkpoint`` (strict for the model keys the checkpoint holds), exactly the path of
@@ -15,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +44,15 @@ __all__ = [
     "loss_by_position",
     "compare_loss",
     "positional_hint",
+    "loss_gap_problem",
+    "embedding_rows",
+    "reference_vocabulary_problem",
 ]
+
+_FOREIGN_HINT = (
+    "diagnose against the model the reference was recorded for, or record one for this model with "
+    "`flame-ext reference --model HF --out FILE` and pass it with --reference"
+)
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +209,8 @@ def reference_for(
     if ref is not None:
         return (
             ref,
-            f"the recorded HF reference ({ref.get('dtype')}, measured with transformers {ref.get('transformers_version', '?')})",
+            f"the recorded HF reference ({ref.get('dtype')}, measured with transformers "
+            f"{ref.get('transformers_version', '?')})",
         )
     from flame_ext.checks.tokenizer import has_tokenizer
     from flame_ext.model.reference import compute_reference
@@ -215,26 +226,39 @@ def reference_for(
     return ref, f"the HF model measured now ({ref['dtype']}, default reference text)"
 
 
-def _gap_problem(cmp: LossComparison, value_problems: bool) -> Problem:
+def loss_gap_problem(cmp: LossComparison, *, what: str, next_step: str, values_differ: bool = False) -> Problem:
+    """The ``loss_gap`` error: both losses, what the gap's shape says about its cause, then ``next_step``.
+
+    Evidence first: when tensors are known to differ (``values_differ``), they explain the gap, and the
+    shape of the gap by position, only a clue, is not offered as a cause.
+    """
     detail = (
-        f"loss {cmp.observed:.4f} on the reference batch, HF reference {cmp.reference:.4f}: "
-        f"delta {cmp.delta:+.4f} nats, threshold {cmp.threshold}"
+        f"{what} {cmp.observed:.4f} vs HF reference {cmp.reference:.4f}: delta {cmp.delta:+.4f} nats exceeds the "
+        f"threshold {cmp.threshold}"
     )
-    # Evidence first: tensors known to differ explain the gap; the shape of the gap by position is only a
-    # clue, worth giving when no tensor was found to differ.
-    positional = None if value_problems else positional_hint(cmp)
-    if value_problems:
-        hint = (
-            "the weights compute something else than the HF model: see the value problems for the tensors that differ"
-        )
-    elif positional:
-        hint = positional
+    if values_differ:
+        cause = "the loaded weights differ from the expected ones (see the value problems)"
     else:
-        hint = (
-            "the weights compute something else than the HF model; run with --values to find the tensors that "
-            "differ, or re-convert with `flame-ext convert`"
-        )
-    return Problem("loss_gap", "error", None, detail, hint)
+        cause = positional_hint(cmp) or "the weights compute something else than the HF model"
+    return Problem("loss_gap", "error", None, detail, f"{cause}; {next_step}")
+
+
+def embedding_rows(parts: Iterable[nn.Module]) -> int | None:
+    """Rows of the model's largest embedding table (its vocabulary); None when it has no ``nn.Embedding``."""
+    rows = [m.num_embeddings for p in parts for m in p.modules() if isinstance(m, torch.nn.Embedding)]
+    return max(rows, default=None)
+
+
+def reference_vocabulary_problem(token_ids: list[list[int]], vocab: int | None, name: str, hint: str) -> Problem | None:
+    """A reference batch holding a token id the model has no embedding row for was made for another model."""
+    top = max((max(row) for row in token_ids if row), default=-1)
+    if vocab is None or top < vocab:
+        return None
+    detail = (
+        f"{name}: reference token id {top} is outside the model's vocabulary of {vocab}: the reference was made "
+        "for another tokenizer or model"
+    )
+    return Problem("manifest", "error", None, detail, hint)
 
 
 @torch.no_grad()
@@ -250,14 +274,24 @@ def check_loss(
     tokenizer: str | None = None,
     trust_remote_code: bool = False,
     value_problems: bool = False,
+    reference_name: str = "the reference",
     on_stage: Callable[[str], None] = lambda s: None,
 ) -> LossResult:
-    """Build, load, repair buffers, run the reference batch, compare; a gap above ``threshold`` is an error."""
+    """Build, load, repair buffers, run the reference batch, compare; a gap above ``threshold`` is an error.
+
+    ``reference_name`` names where ``manifest``'s reference came from, for a problem with it.
+    """
     result = LossResult(None)
     ref, origin = reference_for(hf, manifest, dtype=dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
     run_dtype = str(ref.get("dtype") or dtype)
     on_stage("building the model on meta and loading the checkpoint with torch.distributed.checkpoint")
     model = build_like_trainer(hf, run_dtype, trust_remote_code=trust_remote_code)
+    name = reference_name if (manifest or {}).get("reference") is not None else origin
+    foreign = reference_vocabulary_problem(ref["token_ids"], embedding_rows([model]), name, _FOREIGN_HINT)
+    if foreign is not None:
+        result.problems.append(foreign)
+        result.notes.append("loss not measured: the reference batch is not for this model")
+        return result
     not_loaded = load_into(model, folder, found, key_map)
     if not_loaded:
         shown = ", ".join(not_loaded[:3]) + (" ..." if len(not_loaded) > 3 else "")
@@ -271,19 +305,22 @@ def check_loss(
     result.problems.extend(problems)
     if repaired:
         result.notes.append(
-            f"set {len(repaired)} non-persistent buffer(s) from the config before the loss, as the guard's repair does: {', '.join(repaired)}"
+            f"set {len(repaired)} non-persistent buffer(s) from the config before the loss, as the guard's repair "
+            f"does: {', '.join(repaired)}"
         )
     token_ids = torch.tensor(ref["token_ids"], dtype=torch.long)
-    rows = model.get_input_embeddings().weight.shape[0]
-    if token_ids.numel() and int(token_ids.max()) >= rows:
-        raise InputError(
-            f"reference batch holds token id {int(token_ids.max())}, the model has {rows} embedding rows: the reference is for another model"
-        )
     on_stage("running the reference batch")
     observed = per_token_loss(model(token_ids).logits, token_ids)
     cmp = compare_loss(observed, ref, threshold)
     result.comparison = cmp
     result.notes.append(f"loss compared with {origin}, model run in {run_dtype} on {tuple(token_ids.shape)} tokens")
     if not cmp.ok:
-        result.problems.append(_gap_problem(cmp, value_problems))
+        next_step = (
+            "see the value problems for the tensors that differ"
+            if value_problems
+            else "run with --values to find the tensors that differ, or re-convert with `flame-ext convert`"
+        )
+        result.problems.append(
+            loss_gap_problem(cmp, what="loss on the reference batch", next_step=next_step, values_differ=value_problems)
+        )
     return result

@@ -2,8 +2,8 @@
 
 Right-shaped wrong tensors (swapped layers, a transposed square projection, zeroed weights) pass every
 key, shape and dtype check; only the values show them. Both sides are read one block of rows at a time
-(HF through ``safe_open`` slices, DCP through a load plan for just those rows), so memory stays near the
-block size whatever the model size, as in the converter.
+(HF by a positioned read of just those rows' bytes, DCP through a load plan for just those rows), so memory
+stays near the block size whatever the model size, as in the converter.
 
 Equal dtypes must match exactly. Across a dtype change the narrower dtype decides: both sides are
 rounded to it and must then agree to within one unit in its last place (a conversion rounds once).
@@ -29,7 +29,7 @@ __all__ = ["ValueStats", "Tolerance", "compare_values", "narrower", "verify_fing
 
 @dataclass
 class ValueStats:
-    """What the value pass did: tensors compared, skipped (with why), and the largest difference seen."""
+    """What the value pass did: tensors compared, tensors skipped (with why), bytes read."""
 
     compared: int = 0
     skipped: dict[str, str] = field(default_factory=dict)
@@ -123,7 +123,8 @@ def _problems_for(
                 "error",
                 key,
                 f"{diff.nonfinite_ckpt} of {numel} values are NaN or inf in the checkpoint{where}",
-                "a forward pass through this tensor yields NaN; re-convert from the HF source (and check what wrote this checkpoint)",
+                "a forward pass through this tensor yields NaN; re-convert from the HF source (and check what wrote "
+                "this checkpoint)",
             )
         )
     if diff.nonfinite_hf:
@@ -144,7 +145,8 @@ def _problems_for(
                 "value_mismatch",
                 "error",
                 key,
-                f"{diff.mismatched} of {numel} values differ from the HF source{rule}; max abs diff {diff.max_abs:.4g}{why}{where}",
+                f"{diff.mismatched} of {numel} values differ from the HF source{rule}; max abs diff "
+                f"{diff.max_abs:.4g}{why}{where}",
                 hint_for(finding.code if finding is not None else None),
             )
         )

@@ -189,14 +189,10 @@ def _manager_v03(model: torch.nn.Module, dump: Path, guard: dict[str, Any]) -> t
 
 def _guard_settings(repair: bool) -> tuple[dict[str, Any], list[str]]:
     """The guard switched on, repair on or off: as 0.3 Config fields and as 0.1 command-line flags."""
+    from flame_ext.flame.config import guard_flags
+
     fields = {"validate_initial_load": True, "initial_load_repair_buffers": repair, "initial_load_max_loss_delta": 0.1}
-    flags = [
-        "--checkpoint.validate_initial_load",
-        "--checkpoint.initial_load_max_loss_delta",
-        "0.1",
-        "--checkpoint.initial_load_repair_buffers" if repair else "--checkpoint.no_initial_load_repair_buffers",
-    ]
-    return fields, flags
+    return fields, guard_flags(fields)
 
 
 # ---------------------------------------------------------------------------------------- one run
@@ -310,25 +306,9 @@ def _convert(hf_path: Path, step0: Path) -> float:
 
 
 def _diagnose(hf_path: Path, step0: Path) -> bool:
-    try:
-        from flame_ext.commands.diagnose import DiagnoseOptions, diagnose
-    except ImportError:  # the diagnose module ships separately in early builds: fall back to key/shape parity
-        return _parity_only(hf_path, step0)
+    from flame_ext.commands.diagnose import DiagnoseOptions, diagnose
+
     report = diagnose(DiagnoseOptions(checkpoint=str(step0), model=str(hf_path), values=True, loss=True))
-    for line in report.render_text().splitlines():
-        _say(f"    {line}")
-    return report.ok
-
-
-def _parity_only(hf_path: Path, step0: Path) -> bool:
-    from flame_ext.checks.keys import compare_specs
-    from flame_ext.io.dcp import read_dcp_metadata
-    from flame_ext.io.hf import build_meta_model, expected_tensors, open_hf, tied_aliases
-    from flame_ext.report import Report
-
-    model = build_meta_model(open_hf(str(hf_path)))
-    result = compare_specs(expected_tensors(model), read_dcp_metadata(step0), tied=tied_aliases(model))
-    report = Report(result.problems, result.counts)
     for line in report.render_text().splitlines():
         _say(f"    {line}")
     return report.ok
@@ -343,13 +323,15 @@ def _run_broken(hf_path: Path, dump: Path) -> bool:
 
     _say("[3/4] start training as flame does on transformers 4.x, initial_load_repair_buffers = false")
     _say(
-        "    meta build -> parallelize (nothing on 1 rank) -> to_empty() -> post_init() -> CheckpointManager.load(step-0)"
+        "    meta build -> parallelize (nothing on 1 rank) -> to_empty() -> post_init() -> "
+        "CheckpointManager.load(step-0)"
     )
 
     def built(result: TrainResult) -> None:
         if result.simulated:
             _say(
-                f"    SIMULATED: transformers {transformers.__version__} recomputes inv_freq in post_init(); as 4.x would, "
+                f"    SIMULATED: transformers {transformers.__version__} recomputes inv_freq in post_init(); as 4.x "
+                "would, "
                 "the demo put back what to_empty() left there:"
             )
         else:
@@ -401,7 +383,8 @@ def _story(work: Path) -> bool:
     dump = work / "exp"
     step0 = dump / "checkpoint" / "step-0"
     _say(
-        f"flame-ext {__version__} demo: transformers {transformers.__version__}, torchtitan {_installed('torchtitan')}, "
+        f"flame-ext {__version__} demo: transformers {transformers.__version__}, torchtitan "
+        f"{_installed('torchtitan')}, "
         f"torch {torch.__version__}; working in {work}"
     )
     _say(f"[1/4] convert: flame-ext convert --model {hf_path} --checkpoint {step0}")

@@ -16,7 +16,6 @@ otherwise, 2 for unreadable input.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections.abc import Callable
@@ -134,7 +133,8 @@ def metadata_pass(
     if training:
         names = sorted({k.split(".", 1)[0] for k in training})
         report.notes.append(
-            f"full training checkpoint ({', '.join(names)}: {len(training)} entries besides the model); its model part is compared"
+            f"full training checkpoint ({', '.join(names)}: {len(training)} entries besides the model); its model "
+            "part is compared"
         )
         if model_prefix(model_keys, expected) == "model.":
             # torchtitan 0.1 saves {"model": ..., "optimizer": ...} unflattened: nested model keys are its layout.
@@ -184,7 +184,8 @@ def _foreign(m: dict[str, Any], hf: HFCheckpoint, name: str) -> Problem | None:
 
 
 def manifest_problems(ctx: _Context, *, reference_given: bool = False) -> list[Problem]:
-    """Absent (warning, unless a reference file is given), for another model (error), stale against ``.metadata`` (error)."""
+    """The manifest's problems: absent (a warning, unless a reference file is given), for another model (an
+    error), stale against ``.metadata`` (an error)."""
     m = ctx.manifest
     if m is None:
         if reference_given:
@@ -196,7 +197,8 @@ def manifest_problems(ctx: _Context, *, reference_given: bool = False) -> list[P
                 None,
                 f"no {MANIFEST_NAME} in {ctx.folder}: nothing records what it was made from or the HF reference loss",
                 "convert with `flame-ext convert` (it writes one), or record the reference with "
-                "`flame-ext reference --model HF --out FILE` (pass it here with --reference, and to the training guard)",
+                "`flame-ext reference --model HF --out FILE` (pass it here with --reference, and to the training "
+                "guard)",
             )
         ]
     problems = []
@@ -243,7 +245,8 @@ def _stale(table: dict[str, Any], found: dict[str, TensorSpec]) -> list[Problem]
             "error",
             None,
             f"{MANIFEST_NAME} is stale: its tensor table differs from .metadata: " + "; ".join(parts),
-            "the checkpoint was changed after conversion (or the manifest copied from another one); re-convert, or do not trust its reference",
+            "the checkpoint was changed after conversion (or the manifest copied from another one); re-convert, or "
+            "do not trust its reference",
         )
     ]
 
@@ -360,6 +363,7 @@ def _loss_pass(ctx: _Context, opts: DiagnoseOptions, report: Report, on_stage: C
         ctx.found,
         ctx.key_map,
         ctx.reference or (ctx.manifest if ctx.manifest_usable else None),
+        reference_name=f"--reference {opts.reference}" if ctx.reference else str(ctx.folder / MANIFEST_NAME),
         threshold=opts.threshold,
         dtype=_dominant_dtype(ctx.found),
         tokenizer=opts.tokenizer,
@@ -377,37 +381,20 @@ def _loss_pass(ctx: _Context, opts: DiagnoseOptions, report: Report, on_stage: C
 # ---------------------------------------------------------------- command line
 
 
-def options_from_args(args: argparse.Namespace) -> DiagnoseOptions:
-    return DiagnoseOptions(
-        checkpoint=args.checkpoint,
-        model=args.model,
-        values=bool(getattr(args, "values", False)),
-        loss=bool(getattr(args, "loss", False)),
-        threshold=getattr(args, "threshold", 0.1),
-        train_config=getattr(args, "train_config", None),
-        tokenizer=getattr(args, "tokenizer", None),
-        reference=getattr(args, "reference", None),
-        trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
-        atol=getattr(args, "atol", 0.0),
-        rtol=getattr(args, "rtol", 0.0),
-    )
-
-
 def _header(opts: DiagnoseOptions, hf_source: str) -> str:
     passes = ["metadata"] + ["values"] * opts.values + ["loss"] * opts.loss + ["config"] * bool(opts.train_config)
     return f"flame-ext diagnose: {opts.checkpoint} against {hf_source} ({', '.join(passes)})"
 
 
-def run(args: argparse.Namespace) -> int:
+def run(opts: DiagnoseOptions, *, as_json: bool = False) -> int:
     """The ``diagnose`` subcommand: print the report (text or JSON); 0 when no error, 1 otherwise."""
-    opts = options_from_args(args)
     stage = (
         (lambda s: print(f"... {s}", file=sys.stderr, flush=True))
-        if sys.stderr.isatty() and not args.json
+        if sys.stderr.isatty() and not as_json
         else (lambda s: None)
     )
     report = diagnose(opts, on_stage=stage)
-    if args.json:
+    if as_json:
         import json
 
         print(json.dumps({**report.to_dict(), "notes": report.notes}, indent=2, allow_nan=True))

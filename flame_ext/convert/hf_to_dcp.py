@@ -19,6 +19,7 @@ from flame_ext.convert.summary import DTYPES, Progress, Summary, peak_rss_mb
 from flame_ext.errors import CheckpointFormatError, InputError
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, LAYOUTS, WriteEntry, replace_dtype, save_streaming
 from flame_ext.io.destination import atomic_folder, check_destination
+from flame_ext.io.fingerprint import Recorder
 from flame_ext.io.hf import (
     HFCheckpoint,
     HFTensor,
@@ -29,7 +30,6 @@ from flame_ext.io.hf import (
     open_hf,
     tied_aliases,
 )
-from flame_ext.io.fingerprint import Recorder
 from flame_ext.io.manifest import FORMAT_VERSION, config_hash, fingerprints_section, write_manifest
 from flame_ext.io.specs import TensorSpec, dtype_name
 from flame_ext.model.future_predictor import ATTRIBUTE as FP_ATTRIBUTE

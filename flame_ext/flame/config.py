@@ -2,8 +2,8 @@
 
 flame (fla-org/flame at e11e7be) does not use torchtitan's dataclass JobConfig: ``flame/config_manager.py``
 keeps its own argparse class (``--section.name`` arguments, TOML merged over the argparse defaults, then the
-arguments given on the command line merged over the TOML). The subclass here adds four arguments to that
-parser, so the options read the same from TOML and from the command line::
+arguments given on the command line merged over the TOML). The subclass here adds the guard's arguments to
+that parser, so the options read the same from TOML and from the command line::
 
     [checkpoint]
     validate_initial_load = true
@@ -21,16 +21,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict
 from typing import Any
 
 from flame_ext.errors import InputError
+from flame_ext.guard import GuardConfig, GuardOption, guard_options
 
 __all__ = [
-    "GuardOption",
     "GUARD_OPTIONS",
     "GuardOptionsMixin",
     "add_guard_arguments",
+    "guard_flags",
     "check_guard_values",
     "job_config_class",
     "flame_job_config",
@@ -39,72 +40,37 @@ __all__ = [
 SECTION = "checkpoint"
 
 
-@dataclass(frozen=True)
-class GuardOption:
-    """One guard option: its name under ``[checkpoint]``, Python type, default and help text."""
-
-    name: str
-    type: type
-    default: Any
-    help: str
-
-    @property
-    def dest(self) -> str:
-        return f"{SECTION}.{self.name}"
+# flame's form of the guard's settings, generated from their declaration (``GuardConfig``).
+GUARD_OPTIONS: tuple[GuardOption, ...] = guard_options()
 
 
-# The single list of guard options: flame's argparse arguments and torchtitan 0.1's dataclass fields are both
-# generated from it, so the two hosts cannot drift apart. Names and defaults: DESIGN.md, "Guard config".
-GUARD_OPTIONS: tuple[GuardOption, ...] = (
-    GuardOption(
-        "validate_initial_load",
-        bool,
-        False,
-        "Check the first load of training (the step-0 folder or initial_load_path): key/shape/dtype parity with "
-        "the checkpoint, non-persistent buffers, and the step-0 loss against the HF reference; abort on a gap. "
-        "--checkpoint.no_validate_initial_load turns it off.",
-    ),
-    GuardOption(
-        "initial_load_max_loss_delta",
-        float,
-        0.1,
-        "Largest step-0 loss gap to the HF reference, in nats, that still counts as a correct load.",
-    ),
-    GuardOption(
-        "initial_load_reference",
-        str,
-        None,
-        "Reference to compare the step-0 loss with: a flame_ext.json manifest or a `flame-ext reference` file "
-        "(default: the flame_ext.json in the checkpoint being loaded).",
-    ),
-    GuardOption(
-        "initial_load_repair_buffers",
-        bool,
-        True,
-        "Recompute non-persistent buffers (RoPE inv_freq) that meta -> to_empty() left uninitialised, instead of "
-        "failing on them. --checkpoint.no_initial_load_repair_buffers turns it off.",
-    ),
-    GuardOption(
-        "initial_load_verify_values",
-        bool,
-        None,
-        "Verify every loaded tensor exactly against the fingerprints recorded at conversion, on every rank "
-        "(default: when the reference has them). --checkpoint.no_initial_load_verify_values skips it.",
-    ),
-)
+def _dest(opt: GuardOption) -> str:
+    return f"{SECTION}.{opt.name}"
 
 
-def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
+def add_guard_arguments(parser: argparse.ArgumentParser, options: tuple[GuardOption, ...] = GUARD_OPTIONS) -> None:
     """Add the guard options to a flame-style parser; each boolean also gets flame's ``no_`` form."""
-    for opt in GUARD_OPTIONS:
-        flag = f"--{opt.dest}"
+    for opt in options:
+        dest = _dest(opt)
         if opt.type is bool:
-            parser.add_argument(flag, dest=opt.dest, action="store_true", default=opt.default, help=opt.help)
+            parser.add_argument(f"--{dest}", dest=dest, action="store_true", default=opt.default, help=opt.help)
             parser.add_argument(
-                f"--{SECTION}.no_{opt.name}", dest=opt.dest, action="store_false", help=f"Turn off --{opt.dest}."
+                f"--{SECTION}.no_{opt.name}", dest=dest, action="store_false", help=f"Turn off --{dest}."
             )
         else:
-            parser.add_argument(flag, dest=opt.dest, type=opt.type, default=opt.default, help=opt.help)
+            parser.add_argument(f"--{dest}", dest=dest, type=opt.type, default=opt.default, help=opt.help)
+
+
+def guard_flags(values: dict[str, Any], options: tuple[GuardOption, ...] = GUARD_OPTIONS) -> list[str]:
+    """The command-line flags that set ``values`` (option name -> value), as flame and torchtitan 0.1 read them."""
+    by_name = {opt.name: opt for opt in options}
+    flags: list[str] = []
+    for name, value in values.items():
+        if by_name[name].type is bool:
+            flags.append(f"--{SECTION}.{name}" if value else f"--{SECTION}.no_{name}")
+        elif value is not None:
+            flags += [f"--{SECTION}.{name}", str(value)]
+    return flags
 
 
 def _switch_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -136,10 +102,6 @@ def check_guard_values(values: dict[str, Any]) -> dict[str, Any]:
     value and the fix). One more check belongs to reading a config: a reference file that does not exist
     fails now, not minutes later at the first load.
     """
-    from dataclasses import asdict
-
-    from flame_ext.guard.options import GuardConfig
-
     out = asdict(GuardConfig(**{o.name: values.get(o.name, o.default) for o in GUARD_OPTIONS}))
     reference = out["initial_load_reference"]
     if out["validate_initial_load"] and reference is not None and not os.path.exists(reference):
@@ -206,7 +168,7 @@ def job_config_class(base: type | None = None) -> type:
             (GuardOptionsMixin, base),
             {
                 "__module__": __name__,
-                "__doc__": f"{base.__module__}.{base.__qualname__} with the flame-ext initial-load guard options under [checkpoint].",
+                "__doc__": f"{base.__module__}.{base.__qualname__} with the guard's options under [checkpoint].",
             },
         )
     return _CLASSES[base]

@@ -173,7 +173,8 @@ def _check_target(flame_dir: Path) -> None:
     absent = [m for m in _FLAME_MARKERS if not (flame_dir / m).is_file()]
     if absent:
         raise InputError(
-            f"{flame_dir}: not a fla-org/flame checkout (no {absent[0]}); pass the folder that holds flame/ and train.sh"
+            f"{flame_dir}: not a fla-org/flame checkout (no {absent[0]}); pass the folder that holds flame/ and "
+            "train.sh"
         )
 
 
@@ -186,7 +187,8 @@ def _refusal(flame_dir: Path, bad: list[tuple[FilePatch, str]], action: str) -> 
     why = "it is missing" if state == MISSING else _why_modified(flame_dir, fp.path)
     more = f" (and {len(bad) - 1} more file{'s' * (len(bad) > 2)})" if len(bad) > 1 else ""
     return InputError(
-        f"{flame_dir}: refusing to {action}: {fp.path} is neither flame {FLAME_BASE_COMMIT[:7]}'s file nor its patched form: "
+        f"{flame_dir}: refusing to {action}: {fp.path} is neither flame {FLAME_BASE_COMMIT[:7]}'s file nor its "
+        "patched form: "
         f"{why}{more}; nothing was changed. Stash or commit your edits, or check out {FLAME_BASE_COMMIT[:7]}, "
         "or train without patching: python -m flame_ext.flame.train ..."
     )
@@ -225,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{flame_dir}: nothing to do, the patches are already {'absent' if reverse else 'applied'}")
     else:
         print(
-            f"{flame_dir}: {done_word} {len(todo)} of {len(states)} patches (base fla-org/flame {FLAME_BASE_COMMIT[:7]})"
+            f"{flame_dir}: {done_word} {len(todo)} of {len(states)} patches (base fla-org/flame "
+            f"{FLAME_BASE_COMMIT[:7]})"
         )
     return 0

@@ -1,8 +1,8 @@
 """The step-0 guard: check the first load of a training run before step 1 can hide what went wrong.
 
-``options`` declares the settings, ``initial_load`` runs the checks (from ``flame_ext.checks``) around a
-host's load, ``ranks`` makes every rank take the same verdict. Hosts (``flame_ext.titan``) decide when a
-load is the initial one.
+``options`` declares the settings and derives the hosts' forms of them, ``initial_load`` runs the checks
+(from ``flame_ext.checks``) around a host's load, ``ranks`` makes every rank take the same verdict. Hosts
+(``flame_ext.titan``, ``flame_ext.flame``) decide when a load is the initial one. Hosts import from here.
 """
 
 from flame_ext.errors import GuardConfigError, InitialLoadValidationError
@@ -13,20 +13,25 @@ from flame_ext.guard.initial_load import (
     RequestedLoad,
     hf_loss_probe,
     meta_copy,
+    model_state,
     record_metrics,
     split_request,
     tied_keys,
 )
-from flame_ext.guard.options import GuardConfig
+from flame_ext.guard.options import GuardConfig, GuardOption, guard_options, host_config
 
 __all__ = [
     "GuardConfig",
+    "GuardOption",
+    "guard_options",
+    "host_config",
     "GuardConfigError",
     "InitialLoadValidationError",
     "InitialLoadGuard",
     "RequestedLoad",
     "split_request",
     "meta_copy",
+    "model_state",
     "hf_loss_probe",
     "LossProbe",
     "IGNORE_INDEX",

@@ -56,6 +56,7 @@ _REFERENCE_HINT = (
     "(`flame-ext convert` writes it into the checkpoint folder as flame_ext.json), or set "
     "checkpoint.validate_initial_load = false"
 )
+_NEXT_STEP = "run `flame-ext diagnose --checkpoint C --model HF --values --loss` to find the tensors that differ"
 
 # probe(token_ids [B, n+1], ranges) -> float64 [len(ranges), 2]: (sum of per-token loss, token count) per
 # position range [start, end) of the n predicted positions. Sums and counts, not means, so ranks add them up.
@@ -224,15 +225,12 @@ class InitialLoadGuard:
         ids = reference["token_ids"]
         if not ids or len(ids[0]) < 2:
             self._fail_manifest(f"{path}: the reference batch is empty")
-        vocab = max(
-            (m.num_embeddings for p in self.parts for m in p.modules() if isinstance(m, nn.Embedding)), default=None
-        )
-        top = max(max(row) for row in ids)
-        if vocab is not None and top >= vocab:
-            self._fail_manifest(
-                f"{path}: reference token id {top} is outside the model's vocabulary of {vocab}: "
-                "the reference was made for another tokenizer or model"
-            )
+        from flame_ext.checks.loss import embedding_rows, reference_vocabulary_problem
+
+        foreign = reference_vocabulary_problem(ids, embedding_rows(self.parts), str(path), _REFERENCE_HINT)
+        if foreign is not None:
+            self.report.problems.append(foreign)
+            self._raise_if_failed("before loading (nothing was read)")
         return reference, list(fresh), fingerprints
 
     def _fingerprints(self, found: tuple[Any, str | None], path: Path) -> Any:
@@ -322,15 +320,20 @@ class InitialLoadGuard:
                 )
             )
         elif not comparison.ok:
+            from flame_ext.checks.loss import loss_gap_problem
+
             values_differ = any(p.kind == "value_mismatch" and p.severity == "error" for p in self.report.problems)
-            self.report.problems.append(_loss_gap_problem(comparison, values_differ))
+            self.report.problems.append(
+                loss_gap_problem(comparison, what="step-0 loss", next_step=_NEXT_STEP, values_differ=values_differ)
+            )
         elif self.worst_rank_gap > comparison.threshold:
             self.report.problems.append(
                 Problem(
                     "loss_gap",
                     "error",
                     None,
-                    f"the mean step-0 loss passes, but one rank's differs from the HF reference by {self.worst_rank_gap:.4f} "
+                    "the mean step-0 loss passes, but one rank's differs from the HF reference by "
+                    f"{self.worst_rank_gap:.4f} "
                     f"(threshold {comparison.threshold})",
                     "ranks loaded different weights: check that every rank reads the same checkpoint; run `flame-ext "
                     "diagnose --checkpoint C --model HF --values --loss` on it",
@@ -490,40 +493,14 @@ def _flat_into_nested(requested: RequestedLoad, found: Mapping[str, Any]) -> lis
             "layout",
             "error",
             None,
-            f"{len(plain)} of {len(requested.model)} keys are asked for under '{requested.model_prefix}' (a full training-state "
+            f"{len(plain)} of {len(requested.model)} keys are asked for under '{requested.model_prefix}' (a full "
+            "training-state "
             f"load) but the checkpoint holds them flat (e.g. {plain[0][len(requested.model_prefix) :]})",
-            "load the converted checkpoint model-only (torchtitan 0.1: checkpoint.initial_load_model_weights_only = true, "
+            "load the converted checkpoint model-only (torchtitan 0.1: checkpoint.initial_load_model_weights_only = "
+            "true, "
             "or put it in the step-0 folder), or convert with `flame-ext convert --layout nested`",
         )
     ]
-
-
-def _loss_gap_problem(lo: LossComparison, values_differ: bool) -> Problem:
-    from flame_ext.checks.loss import positional_hint
-
-    if values_differ:  # the value problems name the tensors; the position clue would only distract
-        return Problem(
-            "loss_gap",
-            "error",
-            None,
-            f"step-0 loss {lo.observed:.4f} vs HF reference {lo.reference:.4f}: delta {lo.delta:+.4f} exceeds "
-            f"{lo.threshold}",
-            "the loaded weights differ from the ones written (see the value problems): re-convert from the HF source",
-        )
-    hint = (
-        "the loaded weights do not compute what the HF model computes: run `flame-ext diagnose --checkpoint C "
-        "--model HF --values --loss` to find the tensors"
-    )
-    positional = positional_hint(lo)
-    if positional:
-        hint = positional + "; " + hint
-    return Problem(
-        "loss_gap",
-        "error",
-        None,
-        f"step-0 loss {lo.observed:.4f} vs HF reference {lo.reference:.4f}: delta {lo.delta:+.4f} exceeds {lo.threshold}",
-        hint,
-    )
 
 
 def record_metrics(metric_logger: Any, lo: LossComparison, extra: Mapping[str, float] | None = None) -> None:

@@ -1,19 +1,27 @@
 """The guard's settings, declared once.
 
-Hosts carry them as ``checkpoint.<name>`` (flame's TOML/argparse JobConfig, torchtitan 0.3's ``Config``
-dataclasses); every host form is derived from this declaration.
+``GuardConfig`` is the declaration: each field's name, type, default and help (the docstring under the
+field), checked in ``__post_init__``. Hosts carry the settings as ``checkpoint.<name>`` and derive their
+forms from it: flame's argparse/TOML JobConfig (``flame_ext.flame.config``) from ``guard_options()``,
+torchtitan 0.3's nested ``Config`` (``flame_ext.titan.v03``) from ``host_config()``, torchtitan 0.1's job
+config by subclassing. A new setting is one new field here, with its docstring and its check.
 """
 
 from __future__ import annotations
 
+import ast
+import inspect
 import math
-from dataclasses import asdict, dataclass
+import textwrap
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
 from flame_ext.errors import GuardConfigError
 
-__all__ = ["GuardConfig"]
+__all__ = ["GuardConfig", "GuardOption", "guard_options", "field_docs", "host_config"]
 
 
 @dataclass
@@ -21,11 +29,14 @@ class GuardConfig:
     """The guard's settings; hosts carry them as ``checkpoint.<name>`` (flame TOML, torchtitan Config)."""
 
     validate_initial_load: bool = False
-    """Check the initial load (step-0 folder or initial_load_path); resumes are never checked."""
+    """Check the first load of training (the step-0 folder, initial_load_path or the HF assets) before step 1:
+    key/shape/dtype parity with the checkpoint, non-persistent buffers, and the step-0 loss against the HF
+    reference; abort every rank on a gap. Resumes are never checked."""
     initial_load_max_loss_delta: float = 0.1
-    """Largest |step-0 loss - HF reference loss| in nats that passes."""
+    """Largest |step-0 loss - HF reference loss|, in nats, that still counts as a correct load."""
     initial_load_reference: str | None = None
-    """Manifest or reference file (`flame-ext reference`); default: flame_ext.json in the loaded checkpoint."""
+    """Manifest or `flame-ext reference` file to compare the step-0 loss with; default: the flame_ext.json in
+    the checkpoint being loaded."""
     initial_load_repair_buffers: bool = True
     """Recompute wrong non-persistent buffers (RoPE inv_freq) from the config instead of failing."""
     initial_load_verify_values: bool | None = None
@@ -45,7 +56,8 @@ class GuardConfig:
         delta = self.initial_load_max_loss_delta
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta) or delta < 0:
             raise GuardConfigError(
-                f"checkpoint.initial_load_max_loss_delta = {delta!r}: must be a finite number of nats >= 0 (default 0.1)"
+                f"checkpoint.initial_load_max_loss_delta = {delta!r}: must be a finite number of nats >= 0 "
+                "(default 0.1)"
             )
         self.initial_load_max_loss_delta = float(delta)
         ref = self.initial_load_reference
@@ -59,3 +71,86 @@ class GuardConfig:
         """Read the fields from a host's checkpoint config; a stock config without them means "off"."""
         defaults = cls()
         return cls(**{name: getattr(section, name, getattr(defaults, name)) for name in asdict(defaults)})
+
+
+@dataclass(frozen=True)
+class GuardOption:
+    """One setting as a host spells it: name under ``[checkpoint]``, value type, default, help text.
+
+    ``type`` is the type of a given value (``str`` for a path that may be unset); ``annotation`` the full
+    type of the field (``str | None``).
+    """
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    annotation: Any
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (and of its dataclass bases), whitespace folded."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or not hasattr(klass, "__dataclass_fields__"):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # built at run time (make_dataclass): no source, no docstrings
+            continue
+        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+        for stmt, after in zip(body, body[1:]):
+            doc = after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) else None
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(doc, str):
+                docs[stmt.target.id] = " ".join(doc.split())
+    return docs
+
+
+def _value_type(annotation: Any) -> type:
+    """``str | None`` -> ``str``: the type of a value that is given."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        given = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(given) == 1:
+            return given[0]
+    return annotation
+
+
+def guard_options(declaration: type = GuardConfig) -> tuple[GuardOption, ...]:
+    """Every field of the declaration, in order: what each host form is generated from."""
+    hints = typing.get_type_hints(declaration)
+    docs = field_docs(declaration)
+    options = []
+    for f in fields(declaration):
+        if f.name not in docs:
+            raise TypeError(f"{declaration.__name__}.{f.name}: give the field a docstring (it is the option's help)")
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        options.append(GuardOption(f.name, _value_type(hints[f.name]), default, docs[f.name], hints[f.name]))
+    return tuple(options)
+
+
+def host_config(base: type, *, qualname: str, module: str, declaration: type = GuardConfig) -> type:
+    """``base`` (a host's keyword-only, slotted config dataclass) with the guard's fields added.
+
+    The fields' help goes into the class docstring's ``Attributes:`` section, where torchtitan's CLI (tyro)
+    reads it; ``__post_init__`` runs the base's checks, then the declaration's, and keeps the normalised values.
+    """
+    options = guard_options(declaration)
+
+    def __post_init__(self: Any) -> None:
+        base_post_init = getattr(base, "__post_init__", None)
+        if base_post_init is not None:
+            base_post_init(self)
+        checked = declaration.from_section(self)
+        for opt in options:
+            setattr(self, opt.name, getattr(checked, opt.name))
+
+    attributes = "".join(f"\n    {opt.name}: {opt.help}" for opt in options)
+    doc = f"{base.__qualname__} with the flame-ext initial-load guard's settings.\n\nAttributes:{attributes}\n"
+    return make_dataclass(
+        qualname.rsplit(".", 1)[-1],
+        [(opt.name, opt.annotation, field(default=opt.default)) for opt in options],
+        bases=(base,),
+        namespace={"__post_init__": __post_init__, "__doc__": doc, "__module__": module, "__qualname__": qualname},
+        kw_only=True,
+        slots=True,
+    )

@@ -37,7 +37,6 @@ __all__ = [
     "expected_tensors",
     "tied_aliases",
     "hf_source",
-    "nonpersistent_buffers",
 ]
 
 DEFAULT_MODEL = Path(__file__).parents[1] / "assets" / "tiny-olmo2"
@@ -207,7 +206,8 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
             sd = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointFormatError(
-            f"{file}: refused: it pickles Python objects other than tensors ({refused_global(exc) or first_line(exc)}), and loading "
+            f"{file}: refused: it pickles Python objects other than tensors "
+            f"({refused_global(exc) or first_line(exc)}), and loading "
             "them could run code; .bin weights are read only with weights_only=True. "
             "Use the model's safetensors files, or convert this one with a tool you trust"
         ) from exc
@@ -379,12 +379,3 @@ def hf_source(key: str, hf: HFCheckpoint, tied: dict[str, str], base_prefix: str
             if candidate in hf.tensors:
                 return hf.tensors[candidate]
     return None
-
-
-def nonpersistent_buffers(model: "nn.Module") -> list[str]:
-    """Buffers no checkpoint holds: a load never restores them, so whoever builds the model must."""
-    names = []
-    for mod_name, mod in model.named_modules():
-        for b in sorted(mod._non_persistent_buffers_set):
-            names.append(f"{mod_name}.{b}" if mod_name else b)
-    return names

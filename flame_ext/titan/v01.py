@@ -21,7 +21,8 @@ import torch
 from torchtitan.components.checkpoint import MODEL, CheckpointManager
 
 from flame_ext.errors import GuardConfigError
-from flame_ext.guard.initial_load import (
+from flame_ext.guard import (
+    GuardConfig,
     InitialLoadGuard,
     hf_loss_probe,
     model_state,
@@ -29,7 +30,6 @@ from flame_ext.guard.initial_load import (
     split_request,
     tied_keys,
 )
-from flame_ext.guard.options import GuardConfig
 from flame_ext.io.dcp import read_dcp_metadata
 from flame_ext.report import Report
 
@@ -129,7 +129,7 @@ class ValidatingCheckpointManager(CheckpointManager):
 
 @dataclass
 class GuardCheckpoint(GuardConfig):
-    """The guard's fields (``GuardConfig``'s, with its checks), as the ``[checkpoint]`` section of a torchtitan 0.1 job config."""
+    """``GuardConfig``'s fields and checks as the ``[checkpoint]`` section of a torchtitan 0.1 job config."""
 
 
 @dataclass

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,18 +33,19 @@ from torchtitan.config import TrainingConfig
 from torchtitan.protocols.model import BaseModel
 
 from flame_ext.errors import GuardConfigError
-from flame_ext.guard.initial_load import (
+from flame_ext.guard import (
     IGNORE_INDEX,
+    GuardConfig,
     InitialLoadGuard,
     LossProbe,
     RequestedLoad,
     hf_loss_probe,
+    host_config,
     meta_copy,
     model_state,
     split_request,
     tied_keys,
 )
-from flame_ext.guard.options import GuardConfig
 from flame_ext.io.dcp import read_dcp_metadata
 from flame_ext.io.specs import TensorSpec, dtype_name
 from flame_ext.report import Problem, Report
@@ -65,28 +65,9 @@ class ValidatingCheckpointManager(CheckpointManager):
     ``load()`` must run on ALL ranks (the host requires it already): the guard's checks hold collectives.
     """
 
-    @dataclass(kw_only=True, slots=True)
-    class Config(CheckpointManager.Config):
-        validate_initial_load: bool = False
-        """Check the initial load (step-0 folder, initial_load_path, HF assets) before step 1; resumes are not checked."""
-
-        initial_load_max_loss_delta: float = 0.1
-        """Largest |step-0 loss - HF reference loss| in nats that passes."""
-
-        initial_load_reference: str | None = None
-        """Reference file from `flame-ext reference`; default: flame_ext.json in the loaded checkpoint."""
-
-        initial_load_repair_buffers: bool = True
-        """Recompute wrong non-persistent buffers (RoPE) from the config instead of failing."""
-
-        initial_load_verify_values: bool | None = None
-        """Verify every loaded tensor against the recorded fingerprints (unset: when the reference has them)."""
-
-        def __post_init__(self) -> None:
-            CheckpointManager.Config.__post_init__(self)  # zero-arg super() fails in slots dataclasses
-            checked = GuardConfig.from_section(self)
-            self.initial_load_max_loss_delta = checked.initial_load_max_loss_delta
-            self.initial_load_reference = checked.initial_load_reference
+    Config = host_config(
+        CheckpointManager.Config, qualname="ValidatingCheckpointManager.Config", module=__name__
+    )  # the guard's fields (GuardConfig), checked when the config is built
 
     def __init__(self, config: Config, **kwargs: Any) -> None:
         self.guard_config = GuardConfig.from_section(config)
@@ -156,8 +137,10 @@ class ValidatingCheckpointManager(CheckpointManager):
             )
         if "://" in str(checkpoint_id):
             raise GuardConfigError(
-                f"checkpoint.validate_initial_load reads the checkpoint's metadata and flame_ext.json from a local folder; "
-                f"{checkpoint_id} is remote: copy it locally, or check it with `flame-ext diagnose` and switch the guard off"
+                "checkpoint.validate_initial_load reads the checkpoint's metadata and flame_ext.json from a local "
+                "folder; "
+                f"{checkpoint_id} is remote: copy it locally, or check it with `flame-ext diagnose` and switch the "
+                "guard off"
             )
         guard = InitialLoadGuard(self.guard_config, str(checkpoint_id), parts)
         requested = split_request(state_dict)

@@ -50,4 +50,4 @@ def test_demo_stops_the_broken_start_and_trains_the_repaired_one(tiny_model, tmp
     assert (tmp_path / "exp" / "checkpoint" / "step-0" / "flame_ext.json").is_file()
     assert not (tmp_path / "exp" / "checkpoint" / "step-0" / "stale").exists()
     assert (tmp_path / "keep.txt").read_text() == "user file"
-    assert elapsed < 120, f"demo took {elapsed:.0f} s"  # the README promises under a minute on 2 idle cores
+    assert elapsed < 120, f"demo took {elapsed:.0f} s"  # `flame-ext demo` promises under a minute on 2 idle cores

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flame_ext.checks.loss import _gap_problem
+from flame_ext.checks.loss import loss_gap_problem
 from flame_ext.cli import main
 from flame_ext.report import KINDS, LossComparison
 from tests.diagnose.conftest import one_thread
@@ -76,10 +76,12 @@ def _buckets(gaps: list[float]) -> list[dict]:
 def test_positional_hint_only_when_the_gap_grows_with_position():
     growing = LossComparison(reference=2.0, observed=2.5, threshold=0.1, by_position=_buckets([0.05, 0.3, 0.6, 1.0]))
     flat = LossComparison(reference=2.0, observed=2.5, threshold=0.1, by_position=_buckets([0.5, 0.5, 0.5, 0.5]))
-    assert "positional encoding" in _gap_problem(growing, value_problems=False).hint
-    assert "positional encoding" not in _gap_problem(flat, value_problems=False).hint
-    assert "--values" in _gap_problem(flat, value_problems=False).hint
-    assert "value problems" in _gap_problem(flat, value_problems=True).hint
+    growing_problem = loss_gap_problem(growing, what="loss", next_step="run with --values")
+    flat_problem = loss_gap_problem(flat, what="loss", next_step="run with --values")
+    assert "positional encoding" in growing_problem.hint and "positional encoding" not in flat_problem.hint
+    assert flat_problem.hint.endswith("; run with --values") and growing_problem.hint.endswith("; run with --values")
+    assert (flat_problem.kind, flat_problem.severity) == ("loss_gap", "error")
+    assert "2.5000 vs HF reference 2.0000: delta +0.5000 nats exceeds the threshold 0.1" in flat_problem.detail
 
 
 def test_reference_file_for_a_checkpoint_converted_elsewhere(catalogue, hf_models, diagnose_json, tmp_path, capsys):
@@ -99,3 +101,20 @@ def test_reference_file_for_a_checkpoint_converted_elsewhere(catalogue, hf_model
     foreign = [p for p in r["problems"] if p["kind"] == "manifest" and p["severity"] == "error"]
     assert len(foreign) == 1 and "another model" in foreign[0]["detail"] and "'olmo2'" in foreign[0]["detail"]
     assert any("measured now" in n for n in r["notes"])  # the foreign reference was not used
+
+
+def test_a_reference_batch_for_another_vocabulary_is_a_manifest_error(catalogue, hf_models, diagnose_json, tmp_path):
+    """The same rule as the guard's (checks.loss.reference_vocabulary_problem): named, and the loss not measured."""
+    import json
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(catalogue("olmo2"), ckpt)
+    manifest = json.loads((ckpt / "flame_ext.json").read_text())
+    manifest["reference"]["token_ids"][0][3] = 10**6
+    (ckpt / "flame_ext.json").write_text(json.dumps(manifest))
+    code, r = diagnose_json("--checkpoint", ckpt, "--model", hf_models["olmo2"], "--loss")
+    assert code == 1 and r["loss"] is None
+    foreign = [p for p in r["problems"] if p["kind"] == "manifest" and p["severity"] == "error"]
+    assert len(foreign) == 1 and "token id 1000000 is outside the model's vocabulary" in foreign[0]["detail"]
+    assert foreign[0]["detail"].startswith(str(ckpt / "flame_ext.json"))

@@ -1,5 +1,8 @@
-"""The flame checkout named by FLAME_SRC: helpers and the fixture (imported by the test modules; no conftest.py
-here, because a second module named `conftest` would shadow tests/conftest.py for `from conftest import ...`; shared helpers are in tests/cli_support.py)."""
+"""The flame checkout named by FLAME_SRC: helpers and the fixture, imported by the test modules.
+
+No conftest.py here: a second module named `conftest` would shadow tests/conftest.py for
+`from conftest import ...`; shared helpers are in tests/cli_support.py.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ def flame_src() -> Path | None:
 
 
 def flame_on_path(needed_for: str = "needs a flame checkout") -> Path:
-    """The FLAME_SRC checkout, importable as ``flame``; skips the test, saying how to run it, when FLAME_SRC is unset."""
+    """The FLAME_SRC checkout, importable as ``flame``; without FLAME_SRC the test is skipped, saying how to run it."""
     path = flame_src()
     if path is None:
         pytest.skip(f"{needed_for}: {FLAME_SRC_HOWTO}")

@@ -8,7 +8,6 @@ tested in the environment that has that torchtitan.
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from flame_src_env import flame_checkout, flame_on_path  # noqa: F401 -- a fixtu
 from flame_style import FlameStyleJobConfig
 
 from flame_ext.errors import FlameExtError
-from flame_ext.flame.config import GUARD_OPTIONS, job_config_class
+from flame_ext.flame.config import job_config_class
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,13 +45,6 @@ def toml(tmp_path: Path, text: str) -> str:
     path = tmp_path / "job.toml"
     path.write_text(text)
     return str(path)
-
-
-def test_options_are_the_guards_own():
-    """Names and defaults are those of the guard's GuardConfig: the flag a user sets is the field it reads."""
-    from flame_ext.guard.options import GuardConfig
-
-    assert {o.name: o.default for o in GUARD_OPTIONS} == dataclasses.asdict(GuardConfig())
 
 
 def test_defaults(JobConfig):

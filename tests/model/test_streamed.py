@@ -24,8 +24,14 @@ VOCAB = 300
 def _configs() -> dict[str, object]:
     import transformers as tf
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                  num_attention_heads=4, max_position_embeddings=256)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    )
     return {
         "llama_gqa": tf.LlamaConfig(**common, num_key_value_heads=2),
         "qwen2_tied": tf.Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True),

@@ -1,1 +1,4 @@
-"""Reliability and safety as tested properties (a package, so its conftest and helpers never shadow tests/conftest.py)."""
+"""Reliability and safety as tested properties.
+
+A package, so its conftest and helpers never shadow tests/conftest.py.
+"""

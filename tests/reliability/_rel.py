@@ -222,7 +222,8 @@ def assert_dcp_is(folder: Path, expected: dict[str, torch.Tensor]) -> None:
     """``folder`` is a complete DCP checkpoint holding exactly ``expected``, bit for bit, plus its manifest."""
     keys = dcp_keys(folder)
     assert set(keys) == set(expected), (
-        f"{folder}: keys differ: missing {sorted(set(expected) - set(keys))[:3]}, extra {sorted(set(keys) - set(expected))[:3]}"
+        f"{folder}: keys differ: missing {sorted(set(expected) - set(keys))[:3]}, extra "
+        f"{sorted(set(keys) - set(expected))[:3]}"
     )
     loaded = dcp_load(folder, {k: (tuple(v.shape), v.dtype) for k, v in expected.items()})
     bad = [k for k, v in expected.items() if not same_bits(loaded[k], v)]
@@ -236,7 +237,8 @@ def assert_hf_is(folder: Path, expected: dict[str, torch.Tensor]) -> None:
     assert (folder / "config.json").is_file(), f"{folder}: no config.json"
     got = hf_tensors(folder)
     assert set(got) == set(expected), (
-        f"{folder}: keys differ: missing {sorted(set(expected) - set(got))[:3]}, extra {sorted(set(got) - set(expected))[:3]}"
+        f"{folder}: keys differ: missing {sorted(set(expected) - set(got))[:3]}, extra "
+        f"{sorted(set(got) - set(expected))[:3]}"
     )
     bad = [k for k, v in expected.items() if not same_bits(got[k], v)]
     assert not bad, f"{folder}: {len(bad)} tensors differ from the source, e.g. {bad[:3]}"

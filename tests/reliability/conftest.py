@@ -8,7 +8,7 @@ mid-write. That takes 0.5-2 s depending on the machine's load and disk (more wit
 tests measure it and scale their delays to it.
 
 Set ``RELIABILITY_FIGURES=FILE`` to get the measured figures (cases tried, kills survived, files lost) as
-JSON; the README's reliability section quotes them.
+JSON; docs/reliability.md quotes them.
 """
 
 from __future__ import annotations

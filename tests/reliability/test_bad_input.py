@@ -353,15 +353,15 @@ def c_diagnose_missing_checkpoint(io: Inputs) -> Case:
 
 
 def c_diagnose_missing_model(io: Inputs) -> Case:
-    return Case(_diagnose(io.small_dcp, io.inp / "nomodel"), ["nomodel"], ["no such"], needs="flame_ext.commands.diagnose")
+    argv = _diagnose(io.small_dcp, io.inp / "nomodel")
+    return Case(argv, ["nomodel"], ["no such"], needs="flame_ext.commands.diagnose")
 
 
 def c_diagnose_truncated_metadata(io: Inputs) -> Case:
     c = io.dcp_copy()
     _truncate(c / ".metadata", 0.3)
-    return Case(
-        _diagnose(c, io.small_model), [str(c)], ["corrupt", "unreadable", "truncated"], needs="flame_ext.commands.diagnose"
-    )
+    argv = _diagnose(c, io.small_model)
+    return Case(argv, [str(c)], ["corrupt", "unreadable", "truncated"], needs="flame_ext.commands.diagnose")
 
 
 def c_diagnose_truncated_distcp(io: Inputs) -> Case:

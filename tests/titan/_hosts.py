@@ -8,20 +8,16 @@ Nothing here is a stand-in for torchtitan or torch.distributed: ``build_manager`
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from flame_ext.commands.demo import TrainState
+from flame_ext.guard import GuardConfig
 
-GUARD_FIELDS = (
-    "validate_initial_load",
-    "initial_load_max_loss_delta",
-    "initial_load_reference",
-    "initial_load_repair_buffers",
-    "initial_load_verify_values",
-)
+GUARD_FIELDS = tuple(f.name for f in dataclasses.fields(GuardConfig))
 
 
 def titan_generation() -> str | None:
