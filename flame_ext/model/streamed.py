@@ -15,6 +15,7 @@ then loads the whole model instead and says so.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +29,28 @@ from flame_ext.model.buffers import fresh_buffers
 __all__ = ["NotStreamable", "StreamedModel", "streamed_model", "whole_model_bytes"]
 
 _READ_BYTES = 64 * 1024 * 1024  # rows read at once when a tensor is cast: bounds the transient copy
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the block back to the system (glibc's ``malloc_trim``; nothing elsewhere).
+
+    A layer's activations are tens of MB each: once glibc has seen blocks of that size freed, it serves
+    them from its heap instead of fresh mappings, and the freed heap is not returned on its own. Measured
+    on OLMo-2-7B shapes: the resident size grew by about 40 MB a layer without this, 1.3 GB over 32 layers.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
 
 
 class NotStreamable(Exception):
@@ -157,6 +180,7 @@ class StreamedModel:
 
     def _drop_block(self, block: nn.Module, args: Any, output: Any) -> None:
         block.to_empty(device="meta")
+        _release_freed_memory()
 
 
 @contextlib.contextmanager
