@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from torch.futures import Future
 
 from flame_ext.errors import CheckpointFormatError, FlameExtError, InputError, first_line, refused_global
+from flame_ext.io.dcp_metadata import validate_metadata
 from flame_ext.io.specs import TensorSpec, dtype_name
 
 __all__ = [
@@ -50,7 +51,6 @@ __all__ = [
     "load_tensor",
     "load_state",
     "DCPRowReader",
-    "data_file_extents",
     "row_blocks",
     "model_prefix",
     "NON_MODEL_PREFIXES",
@@ -363,13 +363,16 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _unpickle_metadata(folder: Path) -> Metadata:
-    """``.metadata`` unpickled with the allow-list; every problem is one ``CheckpointFormatError``."""
+    """``.metadata`` unpickled with the allow-list and validated as data (``validate_metadata``); every reader of
+    a checkpoint comes through here, and every problem is one ``CheckpointFormatError``."""
     if not folder.exists():
         raise InputError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise InputError(f"{folder}: is a file; expected a DCP checkpoint folder")
-    if not (folder / ".metadata").is_file():
+    if not (folder / ".metadata").exists():
         raise CheckpointFormatError(f"{folder}: not a DCP checkpoint (no .metadata file)")
+    if not (folder / ".metadata").is_file():  # a FIFO or device would block or never end
+        raise CheckpointFormatError(f"{folder}/.metadata: not a regular file; the checkpoint is corrupt")
     try:
         with open(folder / ".metadata", "rb") as f:
             md = _MetadataUnpickler(f).load()
@@ -386,6 +389,7 @@ def _unpickle_metadata(folder: Path) -> Metadata:
         raise CheckpointFormatError(
             f"{folder}/.metadata: unreadable (holds a {type(md).__name__}); the checkpoint is corrupt"
         )
+    validate_metadata(folder, md)
     return md
 
 
@@ -402,16 +406,6 @@ def read_dcp_metadata(folder: str | Path) -> dict[str, TensorSpec | None]:
         else:
             out[key] = None
     return out
-
-
-def data_file_extents(folder: str | Path) -> dict[str, int]:
-    """Each data file ``.metadata`` names, with the bytes it must hold (the end of its last record)."""
-    needed: dict[str, int] = {}
-    for info in (_unpickle_metadata(Path(folder)).storage_data or {}).values():
-        path, end = getattr(info, "relative_path", None), getattr(info, "offset", 0) + getattr(info, "length", 0)
-        if path is not None:
-            needed[path] = max(needed.get(path, 0), end)
-    return needed
 
 
 class _VettedReader(dcp.FileSystemReader):
@@ -481,6 +475,7 @@ class DCPRowReader:
 
 def _load(reader: _VettedReader, state: dict[str, torch.Tensor], planner: DefaultLoadPlanner, what: str) -> None:
     """One ``dcp.load`` without a process group; a failure becomes one error naming ``what`` was read."""
+    reader.read_metadata()  # vetted and validated here, so its errors are not wrapped by DCP's
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         try:
