@@ -27,6 +27,7 @@ from flame_ext.io.dcp import (
 )
 from flame_ext.io.destination import atomic_folder, check_destination
 from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, tied_aliases
+from flame_ext.io.hf_config import read_model_config
 from flame_ext.io.safetensors_writer import shard_plan, write_safetensors
 
 __all__ = ["ToHFOptions", "convert_dcp_to_hf"]
@@ -77,10 +78,12 @@ def _config_folder(config: str | None) -> Path:
     return path
 
 
-def _meta_model_from_config(folder: Path, trust_remote_code: bool) -> torch.nn.Module:
-    config = json.loads((folder / "config.json").read_text())
+def _meta_model_from_config(folder: Path, trust_remote_code: bool, weight_bytes: int) -> torch.nn.Module:
+    """The model ``folder``'s config describes, on meta; the config is checked against the checkpoint's bytes
+    first, so a config asking for an absurd model is refused before building it costs minutes."""
+    config = read_model_config(folder / "config.json")
     stub = HFCheckpoint(str(folder), folder, None, config, {}, "none")
-    return build_meta_model(stub, trust_remote_code=trust_remote_code)
+    return build_meta_model(stub, trust_remote_code=trust_remote_code, weight_bytes=weight_bytes)
 
 
 def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
@@ -91,7 +94,8 @@ def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
     found = read_dcp_metadata(ckpt)
     config_dir = _config_folder(opts.config)
     tokenizer_dir = _tokenizer_folder(opts.tokenizer, config_dir)
-    model = _meta_model_from_config(config_dir, opts.trust_remote_code)
+    weight_bytes = sum(s.nbytes for s in found.values() if s is not None)
+    model = _meta_model_from_config(config_dir, opts.trust_remote_code, weight_bytes)
     aliases = tied_aliases(model)
     wanted = {k: s for k, s in expected_tensors(model).items() if k not in aliases}  # HF files omit tied twins
     prefix = model_prefix(found, wanted)
