@@ -73,6 +73,8 @@ def _run_convert(args: argparse.Namespace) -> int:
     summary = convert_hf_to_dcp(opts)
     for note in summary.notes:
         print(f"note: {note}")
+    for warning in summary.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     ref = (summary.manifest or {}).get("reference")
     if ref:
         print(
@@ -116,6 +118,8 @@ def _run_to_hf(args: argparse.Namespace) -> int:
     summary = convert_dcp_to_hf(opts)
     for note in summary.notes:
         print(f"note: {note}")
+    for warning in summary.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(summary.line())
     return 0
 

@@ -40,7 +40,7 @@ from torch.futures import Future
 
 from flame_ext.errors import CheckpointFormatError, FlameExtError, InputError, first_line, refused_global
 from flame_ext.io.dcp_metadata import validate_metadata
-from flame_ext.io.specs import TensorSpec, dtype_name
+from flame_ext.io.specs import TensorSpec, all_finite, dtype_name
 
 __all__ = [
     "LAYOUTS",
@@ -102,6 +102,7 @@ class _StreamingPlanner(DefaultSavePlanner):
         self._on_written = on_written
         self._cancelled = threading.Event()
         self._lock = threading.Lock()  # on_written (a progress bar) is called from several threads
+        self.nonfinite: set[str] = set()  # keys with a NaN or Inf in a block written so far
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -140,7 +141,10 @@ class _StreamingPlanner(DefaultSavePlanner):
             raise CheckpointFormatError(
                 f"{e.key}: source gave {tuple(data.shape)} {dtype_name(data.dtype)}, planned {expected} {e.spec.dtype}"
             )
+        finite = all_finite(data)
         with self._lock:
+            if not finite:
+                self.nonfinite.add(e.key)
             self._on_written(data.numel() * data.element_size())
         return data.contiguous()
 
@@ -260,8 +264,11 @@ def save_streaming(
     buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     on_written: Callable[[int], None] = lambda n: None,
     threads: int = DEFAULT_THREADS,
-) -> None:
+) -> list[str]:
     """Write ``entries`` as a DCP checkpoint into ``folder``; tensor data in memory stays within ``buffer_bytes``.
+
+    Returns the keys whose values hold NaN or Inf (written as they are: the copy is faithful), found block by
+    block as they are written.
 
     ``threads`` files are written at once (two keep both cores of a small machine busy: a single
     writer thread copied about half as fast into the page cache). Each writer holds up to two blocks
@@ -291,6 +298,7 @@ def save_streaming(
             if cause is exc:
                 raise
             raise cause from exc
+    return sorted(planner.nonfinite)
 
 
 def _root_cause(exc: CheckpointException) -> BaseException:

@@ -66,7 +66,7 @@ def read_json_object(path: Path, *, what: str, max_bytes: int = MAX_JSON_BYTES) 
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from exc
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise CheckpointFormatError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:160]})") from exc
+        raise CheckpointFormatError(f"{path}: not a valid {what} (not JSON: {str(exc).splitlines()[0][:160]})") from exc
     if not isinstance(data, dict):
         raise CheckpointFormatError(f"{path}: holds a JSON {type(data).__name__}, not an object; expected a {what}")
     return data
