@@ -132,10 +132,22 @@ BAD_REFERENCES = {
     "loss_mean null": ("loss_mean", _set(("loss_mean",), None)),
     "loss_mean a list": ("loss_mean", _set(("loss_mean",), [2.0])),
     "loss_mean NaN": ("loss_mean", _set(("loss_mean",), math.nan)),
+    # the examples of the issue that asked for these checks
+    "issue: negative id": ("token_ids", _set(("token_ids", 0, 2), -1)),
+    "issue: float id": ("token_ids", _set(("token_ids", 0, 2), 65.5)),
+    "issue: ragged rows": ("token_ids", _set(("token_ids", 0), [65, 66, 67])),
+    "issue: flat ids": ("token_ids", lambda ref: ref.__setitem__("token_ids", ref["token_ids"][0])),
+    "issue: string loss_mean": ("loss_mean", _set(("loss_mean",), "2.1")),
+    "issue: null loss_per_token": ("loss_per_token", _set(("loss_per_token",), None)),
+    "issue: short loss_per_token": ("loss_per_token", lambda ref: ref["loss_per_token"][0].pop()),
+    "issue: all-NaN loss_per_token": (
+        "loss_per_token",
+        lambda ref: ref.__setitem__("loss_per_token", [[math.nan] * len(r) for r in ref["loss_per_token"]]),
+    ),
 }
 
 
-@pytest.mark.parametrize("name", BAD_REFERENCES)
+@pytest.mark.parametrize("name", list(BAD_REFERENCES))
 def test_a_bad_reference_file_stops_the_guard_before_loading_naming_the_field(name, tiny_model, tiny_dcp, tmp_path):
     manifest = json.loads((tiny_dcp / "flame_ext.json").read_text())
     field, change = BAD_REFERENCES[name]
