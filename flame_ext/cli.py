@@ -92,6 +92,8 @@ def run_convert(args: argparse.Namespace) -> int:
     summary = convert_hf_to_dcp(convert_options(args))
     for note in summary.notes:
         print(f"note: {note}")
+    for warning in summary.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     ref = (summary.manifest or {}).get("reference")
     if ref:
         shape = f"{len(ref['token_ids'])}x{ref['seq_len']}"
@@ -163,6 +165,8 @@ def run_to_hf(args: argparse.Namespace) -> int:
     summary = convert_dcp_to_hf(to_hf_options(args))
     for note in summary.notes:
         print(f"note: {note}")
+    for warning in summary.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(summary.line())
     return 0
 

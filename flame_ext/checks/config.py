@@ -22,7 +22,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from flame_ext.errors import CheckpointFormatError, InputError
+from flame_ext.errors import InputError
+from flame_ext.io.hf_config import read_model_config
 from flame_ext.report import Problem
 
 __all__ = [
@@ -245,17 +246,9 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], Path]:
     file = path / "config.json" if path.is_dir() else path
     if not path.exists():
         raise InputError(f"--train-config {path}: no such file or folder")
-    if not file.is_file():
+    if not file.exists():
         raise InputError(f"--train-config {path}: no config.json in this folder")
-    try:
-        data = json.loads(file.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointFormatError(f"--train-config {file}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict) or "model_type" not in data:
-        raise CheckpointFormatError(
-            f"--train-config {file}: no model_type; expected a transformers model config (what flame's "
-            "--model.config names)"
-        )
+    data = read_model_config(file, what=f"--train-config {file}")
     return data, file
 
 

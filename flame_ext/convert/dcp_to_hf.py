@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from flame_ext.convert.summary import DTYPES, Progress, Summary, peak_rss_mb
+from flame_ext.convert.summary import DTYPES, Progress, Summary, nonfinite_warning, peak_rss_mb
 from flame_ext.errors import CheckpointFormatError, InputError
 from flame_ext.io.dcp import (
     DEFAULT_BUFFER_BYTES,
@@ -27,21 +27,16 @@ from flame_ext.io.dcp import (
 )
 from flame_ext.io.destination import atomic_folder, check_destination
 from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, tied_aliases
+from flame_ext.io.hf_config import read_model_config
+from flame_ext.io.manifest import MANIFEST_NAME
 from flame_ext.io.safetensors_writer import shard_plan, write_safetensors
+from flame_ext.io.specs import all_finite
 
 __all__ = ["ToHFOptions", "convert_dcp_to_hf"]
 
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
-_MODEL_FILES = ("generation_config.json",)
+# Never copied from the source folder: weights in any format, their indexes, what to-hf writes itself.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".distcp")
+_WRITTEN_HERE = ("config.json", MANIFEST_NAME)
 
 
 @dataclass
@@ -77,10 +72,12 @@ def _config_folder(config: str | None) -> Path:
     return path
 
 
-def _meta_model_from_config(folder: Path, trust_remote_code: bool) -> torch.nn.Module:
-    config = json.loads((folder / "config.json").read_text())
+def _meta_model_from_config(folder: Path, trust_remote_code: bool, weight_bytes: int) -> torch.nn.Module:
+    """The model ``folder``'s config describes, on meta; the config is checked against the checkpoint's bytes
+    first, so a config asking for an absurd model is refused before building it costs minutes."""
+    config = read_model_config(folder / "config.json")
     stub = HFCheckpoint(str(folder), folder, None, config, {}, "none")
-    return build_meta_model(stub, trust_remote_code=trust_remote_code)
+    return build_meta_model(stub, trust_remote_code=trust_remote_code, weight_bytes=weight_bytes)
 
 
 def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
@@ -91,7 +88,8 @@ def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
     found = read_dcp_metadata(ckpt)
     config_dir = _config_folder(opts.config)
     tokenizer_dir = _tokenizer_folder(opts.tokenizer, config_dir)
-    model = _meta_model_from_config(config_dir, opts.trust_remote_code)
+    weight_bytes = sum(s.nbytes for s in found.values() if s is not None)
+    model = _meta_model_from_config(config_dir, opts.trust_remote_code, weight_bytes)
     aliases = tied_aliases(model)
     wanted = {k: s for k, s in expected_tensors(model).items() if k not in aliases}  # HF files omit tied twins
     prefix = model_prefix(found, wanted)
@@ -116,10 +114,13 @@ def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
     total = sum(s.nbytes for s in specs.values())
 
     reader = DCPRowReader(ckpt)
+    nonfinite: set[str] = set()
 
     def read(key: str) -> Iterator[torch.Tensor]:
         # The block is sized at the stored dtype; a cast to a wider one at most doubles it.
         for block in reader.blocks(prefix + key, found[prefix + key], opts.buffer_bytes):  # type: ignore[arg-type]
+            if key not in nonfinite and not all_finite(block):  # the block in hand: no second read
+                nonfinite.add(key)
             yield block.to(getattr(torch, specs[key].dtype))
 
     with atomic_folder(opts.out, force=opts.force) as tmp:
@@ -142,16 +143,59 @@ def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
             }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         _write_config(config_dir, tmp, out_dtype)
-        for folder, names in ((config_dir, _MODEL_FILES), (tokenizer_dir, _TOKENIZER_FILES)):
-            for name in names:
-                if (folder / name).is_file():
-                    shutil.copy2(folder / name, tmp / name)
+        summary.notes += _copy_side_files(config_dir, tokenizer_dir, tmp)
+    if nonfinite:
+        summary.warnings.append(nonfinite_warning(sorted(prefix + k for k in nonfinite), str(ckpt)))
     summary.tensors = len(specs)
     summary.parameters = sum(s.numel for s in specs.values())
     summary.bytes = total
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_mb = peak_rss_mb()
     return summary
+
+
+def _copy_side_files(config_dir: Path, tokenizer_dir: Path, out: Path) -> list[str]:
+    """Copy what the source folder holds besides weights: tokenizer, chat template, generation config, code,
+    docs, whatever their names. With a separate tokenizer folder, the config folder gives only its
+    generation config. Top-level regular files only (no subfolders: a model folder's subfolders hold other
+    formats or other models); returns a note for each file left out as unsafe."""
+    notes: list[str] = []
+    picked: dict[str, Path] = {}
+    for folder in (config_dir, tokenizer_dir) if tokenizer_dir != config_dir else (config_dir,):
+        for entry in sorted(folder.iterdir()):
+            name = entry.name
+            if folder != tokenizer_dir and name != "generation_config.json":
+                continue
+            if name.startswith(".") or name in _WRITTEN_HERE or name.endswith(_WEIGHT_SUFFIXES + (".index.json",)):
+                continue
+            problem = _side_file_problem(folder, entry)
+            if problem is None:
+                picked[name] = entry
+            elif problem:
+                notes.append(f"{entry}: {problem}; not copied")
+    for name, entry in picked.items():
+        shutil.copyfile(entry, out / name)
+    return notes
+
+
+def _side_file_problem(folder: Path, entry: Path) -> str | None:
+    """None for a file to copy; "" for a folder (silently skipped); else why it is not copied.
+
+    A symlink is followed when it stays inside the folder, or, in a hub cache snapshot
+    (``.../snapshots/REV/``), when it leads into that repository's ``blobs/`` (how the hub cache stores files).
+    """
+    if entry.is_symlink():
+        target = entry.resolve()
+        inside = [folder.resolve()]
+        if folder.resolve().parent.name == "snapshots":
+            inside.append(folder.resolve().parent.parent / "blobs")
+        if not any(target.is_relative_to(root) for root in inside):
+            return f"a symlink to {target}, outside the source folder"
+    if entry.is_dir():
+        return ""
+    if not entry.is_file():
+        return "not a regular file"
+    return None
 
 
 def _tokenizer_folder(tokenizer: str | None, config_dir: Path) -> Path:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from flame_ext import __version__
-from flame_ext.convert.summary import DTYPES, Progress, Summary, peak_rss_mb
+from flame_ext.convert.summary import DTYPES, Progress, Summary, nonfinite_warning, peak_rss_mb
 from flame_ext.errors import CheckpointFormatError, InputError
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, LAYOUTS, WriteEntry, replace_dtype, save_streaming
 from flame_ext.io.destination import atomic_folder, check_destination
@@ -176,25 +176,20 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
     with atomic_folder(opts.checkpoint, force=opts.force) as tmp:
         bar = Progress(total, opts.progress, "convert")
         try:
-            save_streaming(
+            nonfinite = save_streaming(
                 tmp, entries, buffer_bytes=opts.buffer_bytes, on_written=bar.update, on_block=recorder.add_rows
             )
         finally:
             bar.close()
-        reference = None
-        if opts.reference:
-            from flame_ext.model.reference import compute_reference
-
-            reference = compute_reference(
-                hf,
-                text_path=opts.reference_text,
-                seq_len=opts.reference_seq_len,
-                dtype=_reference_dtype(hf, entries),
-                trust_remote_code=opts.trust_remote_code,
-                device=opts.reference_device,
-            )
+        if nonfinite:
+            summary.warnings.append(nonfinite_warning(nonfinite, hf.source))
+        reference, reference_note = _reference(hf, opts, entries, nonfinite)
+        if reference_note:
+            summary.warnings.append(reference_note)
+        if reference is not None:
             summary.notes += reference.get("notes", [])
         summary.manifest = _manifest(hf, opts, entries, fresh, reference, parameters)
+        summary.manifest.update(nonfinite_keys=nonfinite, reference_note=reference_note)
         summary.manifest["fingerprints"] = fingerprints_section(recorder.values, {e.key: e.spec.dtype for e in entries})
         write_manifest(tmp, summary.manifest)
     summary.tensors = len(entries)
@@ -202,6 +197,33 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_mb = peak_rss_mb()
     return summary
+
+
+def _reference(
+    hf: HFCheckpoint, opts: ConvertOptions, entries: list[WriteEntry], nonfinite: list[str]
+) -> tuple[dict | None, str | None]:
+    """The HF reference record, or None and the reason it was not recorded."""
+    if not opts.reference:
+        return None, None
+    if nonfinite:
+        return None, (
+            f"reference loss not computed: {len(nonfinite)} source tensors hold NaN or Inf, so the HF model's loss "
+            "is not a reference a checkpoint could be checked against"
+        )
+    from flame_ext.model.reference import NonFiniteReference, compute_reference
+
+    try:
+        reference = compute_reference(
+            hf,
+            text_path=opts.reference_text,
+            seq_len=opts.reference_seq_len,
+            dtype=_reference_dtype(hf, entries),
+            trust_remote_code=opts.trust_remote_code,
+            device=opts.reference_device,
+        )
+    except NonFiniteReference as exc:
+        return None, f"reference loss not recorded: {exc}"
+    return reference, None
 
 
 def _parameter_count(model: torch.nn.Module, entries: list[WriteEntry], prefix: str) -> int:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DTYPES", "Summary", "Progress", "peak_rss_mb"]
+__all__ = ["DTYPES", "Summary", "Progress", "peak_rss_mb", "nonfinite_warning"]
 
 DTYPES = ("auto", "bfloat16", "float32")
 
@@ -23,6 +23,7 @@ class Summary:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # printed to stderr: the output may not be what was wanted
     manifest: dict[str, Any] | None = None
 
     def line(self) -> str:
@@ -30,6 +31,15 @@ class Summary:
             f"wrote {self.destination}: {self.tensors} tensors, {self.parameters:,} parameters, "
             f"{self.bytes / 1e6:,.1f} MB in {self.seconds:.1f} s, peak RSS {self.peak_rss_mb:,.0f} MB"
         )
+
+
+def nonfinite_warning(keys: list[str], where: str) -> str:
+    """The one warning for tensors holding NaN or Inf, naming them (the first ten)."""
+    shown = ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+    return (
+        f"{len(keys)} tensors of {where} hold NaN or Inf values, copied as they are: {shown}; "
+        "a model with them computes NaN losses: check the source"
+    )
 
 
 def peak_rss_mb() -> float:

@@ -39,7 +39,8 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from torch.futures import Future
 
 from flame_ext.errors import CheckpointFormatError, FlameExtError, InputError, first_line, refused_global
-from flame_ext.io.specs import TensorSpec, dtype_name
+from flame_ext.io.dcp_metadata import validate_metadata
+from flame_ext.io.specs import TensorSpec, all_finite, dtype_name
 
 __all__ = [
     "LAYOUTS",
@@ -50,7 +51,6 @@ __all__ = [
     "load_tensor",
     "load_state",
     "DCPRowReader",
-    "data_file_extents",
     "row_blocks",
     "model_prefix",
     "NON_MODEL_PREFIXES",
@@ -104,6 +104,7 @@ class _StreamingPlanner(DefaultSavePlanner):
         self._on_written = on_written
         self._cancelled = threading.Event()
         self._lock = threading.Lock()  # on_written (a progress bar) is called from several threads
+        self.nonfinite: set[str] = set()  # keys with a NaN or Inf in a block written so far
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -144,7 +145,10 @@ class _StreamingPlanner(DefaultSavePlanner):
             )
         if self._on_block is not None:
             self._on_block(e.key, start, data)  # the block in hand: a fingerprint costs no second read
+        finite = all_finite(data)
         with self._lock:
+            if not finite:
+                self.nonfinite.add(e.key)
             self._on_written(data.numel() * data.element_size())
         return data.contiguous()
 
@@ -265,11 +269,14 @@ def save_streaming(
     on_written: Callable[[int], None] = lambda n: None,
     threads: int = DEFAULT_THREADS,
     on_block: Callable[[str, int, torch.Tensor], None] | None = None,
-) -> None:
+) -> list[str]:
     """Write ``entries`` as a DCP checkpoint into ``folder``; tensor data in memory stays within ``buffer_bytes``.
 
     ``on_block(key, start_row, block)`` sees every block exactly as it is written (from the writer threads,
     so it must be thread-safe); the converter records fingerprints with it.
+
+    Returns the keys whose values hold NaN or Inf (written as they are: the copy is faithful), found block by
+    block as they are written.
 
     ``threads`` files are written at once (two keep both cores of a small machine busy: a single
     writer thread copied about half as fast into the page cache). Each writer holds up to two blocks
@@ -299,6 +306,7 @@ def save_streaming(
             if cause is exc:
                 raise
             raise cause from exc
+    return sorted(planner.nonfinite)
 
 
 def _root_cause(exc: CheckpointException) -> BaseException:
@@ -371,13 +379,16 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _unpickle_metadata(folder: Path) -> Metadata:
-    """``.metadata`` unpickled with the allow-list; every problem is one ``CheckpointFormatError``."""
+    """``.metadata`` unpickled with the allow-list and validated as data (``validate_metadata``); every reader of
+    a checkpoint comes through here, and every problem is one ``CheckpointFormatError``."""
     if not folder.exists():
         raise InputError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise InputError(f"{folder}: is a file; expected a DCP checkpoint folder")
-    if not (folder / ".metadata").is_file():
+    if not (folder / ".metadata").exists():
         raise CheckpointFormatError(f"{folder}: not a DCP checkpoint (no .metadata file)")
+    if not (folder / ".metadata").is_file():  # a FIFO or device would block or never end
+        raise CheckpointFormatError(f"{folder}/.metadata: not a regular file; the checkpoint is corrupt")
     try:
         with open(folder / ".metadata", "rb") as f:
             md = _MetadataUnpickler(f).load()
@@ -394,6 +405,7 @@ def _unpickle_metadata(folder: Path) -> Metadata:
         raise CheckpointFormatError(
             f"{folder}/.metadata: unreadable (holds a {type(md).__name__}); the checkpoint is corrupt"
         )
+    validate_metadata(folder, md)
     return md
 
 
@@ -410,16 +422,6 @@ def read_dcp_metadata(folder: str | Path) -> dict[str, TensorSpec | None]:
         else:
             out[key] = None
     return out
-
-
-def data_file_extents(folder: str | Path) -> dict[str, int]:
-    """Each data file ``.metadata`` names, with the bytes it must hold (the end of its last record)."""
-    needed: dict[str, int] = {}
-    for info in (_unpickle_metadata(Path(folder)).storage_data or {}).values():
-        path, end = getattr(info, "relative_path", None), getattr(info, "offset", 0) + getattr(info, "length", 0)
-        if path is not None:
-            needed[path] = max(needed.get(path, 0), end)
-    return needed
 
 
 class _VettedReader(dcp.FileSystemReader):
@@ -489,6 +491,7 @@ class DCPRowReader:
 
 def _load(reader: _VettedReader, state: dict[str, torch.Tensor], planner: DefaultLoadPlanner, what: str) -> None:
     """One ``dcp.load`` without a process group; a failure becomes one error naming ``what`` was read."""
+    reader.read_metadata()  # vetted and validated here, so its errors are not wrapped by DCP's
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         try:

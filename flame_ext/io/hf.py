@@ -11,14 +11,16 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import torch
 
 from flame_ext.errors import CheckpointFormatError, InputError, first_line, refused_global
+from flame_ext.io.hf_config import check_config, read_json_object, read_model_config
 from flame_ext.io.specs import SAFETENSORS_DTYPES, TensorSpec, dtype_name
 
 if TYPE_CHECKING:
@@ -112,53 +114,105 @@ def read_safetensors_header(file: Path) -> dict[str, dict]:
 
 
 def _read_header(file: Path) -> tuple[dict[str, dict], int]:
-    """The header and the absolute position where the data section starts (8 + header length)."""
+    """The header and the absolute position where the data section starts (8 + header length).
+
+    Checked as the safetensors library checks it (``_check_header``), so no header byte or stray byte is
+    ever read as a weight, and stricter in one way: a key named twice is refused (JSON would keep the last).
+    """
     try:
-        size = file.stat().st_size
+        st = os.stat(file)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+            raise CheckpointFormatError(f"{file}: not a regular file; expected safetensors weights")
         with open(file, "rb") as f:
             raw_len = f.read(8)
             if len(raw_len) != 8:
                 raise CheckpointFormatError(f"{file}: not a safetensors file (shorter than 8 bytes)")
             (n,) = struct.unpack("<Q", raw_len)
-            if n > _MAX_HEADER or 8 + n > size:
+            if n > _MAX_HEADER or 8 + n > st.st_size:
                 raise CheckpointFormatError(f"{file}: bad safetensors header (declared length {n} bytes)")
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n), object_pairs_hook=_unique_keys(file))
     except OSError as exc:
         raise InputError(f"{file}: cannot read ({exc.strerror})") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointFormatError(f"{file}: bad safetensors header (not JSON)") from exc
+    return _check_header(file, header, st.st_size - 8 - n), 8 + n
+
+
+def _unique_keys(file: Path):
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        out = dict(items)
+        if len(out) != len(items):
+            twice = sorted({k for k, _ in items if sum(1 for k2, _ in items if k2 == k) > 1})
+            raise CheckpointFormatError(f"{file}: bad safetensors header ({twice[0]!r} appears twice)")
+        return out
+
+    return pairs
+
+
+def _check_header(file: Path, header: object, data_len: int) -> dict[str, dict]:
+    """Every entry typed and sized; the spans, in offset order, tile the data section exactly."""
     if not isinstance(header, dict):
         raise CheckpointFormatError(f"{file}: bad safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
-    data_end = 0
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (
+        isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+    ):
+        raise CheckpointFormatError(f"{file}: bad safetensors header (__metadata__ is not a map of strings)")
+    spans = []
     for key, info in header.items():
-        try:
-            start, end = info["data_offsets"]
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointFormatError(f"{file}: bad safetensors header entry for {key!r}") from exc
-        if end - start != TensorSpec(shape, dtype_name(dtype)).nbytes:
-            raise CheckpointFormatError(f"{file}: header of {key!r} declares {end - start} bytes for shape {shape}")
-        data_end = max(data_end, end)
-    if 8 + n + data_end > size:
+        bad = _entry_problem(info)
+        if bad:
+            raise CheckpointFormatError(f"{file}: bad safetensors header entry for {key!r} ({bad})")
+        start, end = info["data_offsets"]
+        nbytes = TensorSpec(tuple(info["shape"]), dtype_name(SAFETENSORS_DTYPES[info["dtype"]])).nbytes
+        if end - start != nbytes:
+            raise CheckpointFormatError(
+                f"{file}: header of {key!r} declares {end - start} bytes for shape {info['shape']} {info['dtype']} "
+                f"({nbytes} bytes)"
+            )
+        spans.append((start, end, key))
+    at = 0
+    for start, end, key in sorted(spans):
+        if start != at:
+            what = f"bytes {at}-{start} belong to no tensor" if start > at else "it overlaps the tensor before it"
+            raise CheckpointFormatError(f"{file}: bad safetensors header: {key!r} starts at byte {start}: {what}")
+        at = end
+    if at > data_len:
         raise CheckpointFormatError(
-            f"{file}: truncated ({size} bytes, header promises {8 + n + data_end}); re-download or re-export it"
+            f"{file}: truncated (its data section holds {data_len} bytes, the header promises {at}); "
+            "re-download or re-export it"
         )
-    return header, 8 + n
+    if at < data_len:
+        raise CheckpointFormatError(f"{file}: bad safetensors file: {data_len - at} bytes after its last tensor")
+    return header
+
+
+def _entry_problem(info: object) -> str | None:
+    """What is wrong with one header entry, or None."""
+    if not isinstance(info, dict):
+        return "not an object"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        return f"dtype {dtype!r} is not one of {', '.join(SAFETENSORS_DTYPES)}"
+    if not isinstance(shape, list) or not all(_natural(s) for s in shape):
+        return f"shape {shape!r} is not a list of integers >= 0"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_natural(o) for o in offsets)):
+        return f"data_offsets {offsets!r} is not two integers >= 0"
+    if offsets[0] > offsets[1]:
+        return f"data_offsets {offsets!r} end before they start"
+    return None
+
+
+def _natural(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _index_safetensors(folder: Path) -> dict[str, HFTensor] | None:
     index_file = folder / "model.safetensors.index.json"
+    weight_map: dict[str, str] | None = None
     if index_file.is_file():
-        try:
-            weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointFormatError(f"{index_file}: not a safetensors index (no weight_map)") from exc
+        weight_map = read_weight_map(index_file)
         files = sorted(set(weight_map.values()))
-        for name in files:
-            if not (folder / name).is_file():
-                raise CheckpointFormatError(f"{index_file}: names shard {name}, which is missing from {folder}")
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -167,19 +221,45 @@ def _index_safetensors(folder: Path) -> dict[str, HFTensor] | None:
     for name in files:
         header, data_start = _read_header(folder / name)
         for key, info in header.items():
+            if key in tensors:
+                raise CheckpointFormatError(f"{folder / name}: holds {key!r}, which {tensors[key].file.name} holds too")
             spec = TensorSpec(tuple(info["shape"]), dtype_name(SAFETENSORS_DTYPES[info["dtype"]]))
             tensors[key] = HFTensor(key, folder / name, spec, data_start + info["data_offsets"][0])
+    for key, name in (weight_map or {}).items():
+        if key not in tensors or tensors[key].file.name != PurePosixPath(name).name:
+            raise CheckpointFormatError(f"{index_file}: says shard {name} holds {key!r}; its header does not")
     return tensors
+
+
+def read_weight_map(index_file: Path) -> dict[str, str]:
+    """An index's ``weight_map``: tensor name -> shard file inside the model folder, every shard present.
+
+    A shard may be a symlink (the hub cache links snapshot files to its blob store); its name may not lead
+    out of the folder.
+    """
+    data = read_json_object(index_file, what="weights index")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointFormatError(f"{index_file}: not a weights index (no weight_map object)")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise CheckpointFormatError(f"{index_file}: weight_map maps {key!r} to {name!r}, not a shard file name")
+        if name.startswith(("/", "\\")) or ".." in PurePosixPath(name).parts or "\\" in name or "\0" in name:
+            raise CheckpointFormatError(f"{index_file}: weight_map names {name!r}, outside the model folder; refused")
+    for name in sorted(set(weight_map.values())):
+        shard = index_file.parent / name
+        if not shard.exists():
+            raise CheckpointFormatError(f"{index_file}: names shard {name}, which is missing from {index_file.parent}")
+        if not shard.is_file():
+            raise CheckpointFormatError(f"{shard}: not a regular file; expected a weights shard")
+    return weight_map
 
 
 def _index_bin(folder: Path) -> dict[str, HFTensor] | None:
     """Pickled weights, opened with ``weights_only=True`` (never arbitrary unpickling) and memory-mapped."""
     index_file = folder / "pytorch_model.bin.index.json"
     if index_file.is_file():
-        try:
-            files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointFormatError(f"{index_file}: not a weights index (no weight_map)") from exc
+        files = sorted(set(read_weight_map(index_file).values()))
     elif (folder / "pytorch_model.bin").is_file():
         files = ["pytorch_model.bin"]
     else:
@@ -225,20 +305,15 @@ def open_hf(model: str | os.PathLike | None = None) -> HFCheckpoint:
     source = str(model) if model is not None else str(DEFAULT_MODEL)
     folder, revision = _resolve_folder(source)
     config_file = folder / "config.json"
-    if not config_file.is_file():
+    if not config_file.exists():
         raise InputError(f"{source}: no config.json; expected an HF model folder")
-    try:
-        config = json.loads(config_file.read_text())
-    except ValueError as exc:
-        raise CheckpointFormatError(f"{config_file}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise CheckpointFormatError(f"{config_file}: no model_type; not a transformers config")
     tensors = _index_safetensors(folder)
     weight_format = "safetensors"
     if tensors is None:
         tensors, weight_format = _index_bin(folder), "bin"
     if tensors is None:
         raise InputError(f"{source}: no weights (model.safetensors, an index, or pytorch_model.bin)")
+    config = read_model_config(config_file)  # sizes checked here; against the weights in build_meta_model
     return HFCheckpoint(source, folder, revision, config, tensors, weight_format)
 
 
@@ -337,10 +412,19 @@ def refuse_remote_code(checkpoint: HFCheckpoint, *, trust_remote_code: bool) -> 
         )
 
 
-def build_meta_model(checkpoint: HFCheckpoint, *, trust_remote_code: bool = False) -> "nn.Module":
-    """The model class the trainer will build, on ``meta``: exact keys, shapes, ties and buffers, no memory."""
+def build_meta_model(
+    checkpoint: HFCheckpoint, *, trust_remote_code: bool = False, weight_bytes: int | None = None
+) -> "nn.Module":
+    """The model class the trainer will build, on ``meta``: exact keys, shapes, ties and buffers, no memory.
+
+    First the config must fit the weights (``weight_bytes``, default the checkpoint's own tensors): building
+    costs Python work per layer, which an absurd config turns into minutes.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if weight_bytes is None:
+        weight_bytes = sum(t.spec.nbytes for t in checkpoint.tensors.values())
+    check_config(checkpoint.config, what=str(checkpoint.path / "config.json"), weight_bytes=weight_bytes)
     refuse_remote_code(checkpoint, trust_remote_code=trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=trust_remote_code)

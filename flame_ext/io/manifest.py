@@ -17,6 +17,7 @@ import torch
 
 from flame_ext.errors import CheckpointFormatError, InputError
 from flame_ext.io.fingerprint import ALGORITHM, TERMS, TOLERANCE, as_record
+from flame_ext.io.hf_config import read_json_object
 
 __all__ = [
     "MANIFEST_NAME",
@@ -25,6 +26,7 @@ __all__ = [
     "write_manifest",
     "read_manifest",
     "read_reference",
+    "check_reference",
     "config_hash",
     "fingerprints_section",
     "Fingerprints",
@@ -57,14 +59,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"{path}: no such manifest file")
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointFormatError(f"{path}: not a valid manifest (not JSON: {exc})") from exc
-    if not isinstance(data, dict):
-        raise CheckpointFormatError(f"{path}: not a valid manifest (not a JSON object)")
+    data = read_json_object(path, what="flame-ext manifest")  # a regular file of bounded size, an object
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointFormatError(
@@ -86,15 +83,59 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointFormatError(
                 f"{path}: not a valid manifest (reference lacks {', '.join(_REFERENCE_REQUIRED)})"
             )
+        check_reference(ref, path)
     return data
+
+
+def check_reference(ref: dict[str, Any], path: str | os.PathLike) -> None:
+    """The reference record's shapes and types, before anything is built from it: ``token_ids`` a rectangle
+    of integer ids >= 0 with at least 2 tokens per row, ``loss_per_token`` finite numbers, one row per row of
+    ids and one column per predicted position, ``loss_mean`` a finite number. The vocabulary bound needs the
+    model and is checked where the model is. Raises ``CheckpointFormatError`` naming the field."""
+    where = f"{path}: reference"
+
+    def bad(field_name: str, problem: str) -> CheckpointFormatError:
+        return CheckpointFormatError(f"{where}.{field_name} {problem}; re-create it with `flame-ext reference`")
+
+    ids = ref.get("token_ids")
+    if not isinstance(ids, list) or not ids or not all(isinstance(row, list) for row in ids):
+        raise bad("token_ids", "is not a non-empty list of rows (lists of token ids)")
+    if len({len(row) for row in ids}) != 1:
+        raise bad("token_ids", f"has rows of different lengths ({sorted({len(row) for row in ids})[:4]})")
+    if len(ids[0]) < 2:
+        raise bad("token_ids", f"has rows of {len(ids[0])} tokens; a loss needs at least 2")
+    wrong = [t for row in ids for t in row if not (_is_int(t) and t >= 0)]
+    if wrong:
+        raise bad("token_ids", f"holds {wrong[0]!r}; token ids are integers >= 0")
+    losses = ref.get("loss_per_token")
+    shape = (len(ids), len(ids[0]) - 1)
+    if (
+        not isinstance(losses, list)
+        or len(losses) != shape[0]
+        or not all(isinstance(row, list) and len(row) == shape[1] for row in losses)
+    ):
+        raise bad("loss_per_token", f"is not {shape[0]} rows of {shape[1]} losses (one per predicted token)")
+    if not all(_is_finite_number(x) for row in losses for x in row):
+        raise bad("loss_per_token", "holds a value that is not a finite number")
+    if not _is_finite_number(ref.get("loss_mean")):
+        raise bad("loss_mean", f"is {ref.get('loss_mean')!r}, not a finite number")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: object) -> bool:
+    return (isinstance(value, float) or _is_int(value)) and math.isfinite(value)  # type: ignore[arg-type]
 
 
 def read_reference(path: str | os.PathLike) -> dict[str, Any]:
     """The reference part of a manifest; a clear error when the manifest was written with --no-reference."""
     data = read_manifest(path)
     if data.get("reference") is None:
+        why = data.get("reference_note") if isinstance(data.get("reference_note"), str) else None
         raise InputError(
-            f"{path}: the manifest has no reference loss (converted with --no-reference); "
+            f"{path}: the manifest has no reference loss ({why or 'converted with --no-reference'}); "
             "write one with `flame-ext reference --model HF --out FILE`"
         )
     return data["reference"]

@@ -7,13 +7,15 @@ so that a later gap can be located by position (a gap that grows with position p
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from flame_ext.errors import InputError
+from flame_ext.errors import CheckpointFormatError, InputError
 from flame_ext.io.hf import HFCheckpoint, refuse_remote_code
 
 if TYPE_CHECKING:
@@ -28,11 +30,19 @@ __all__ = [
     "per_token_loss",
     "load_hf_model",
     "compute_reference",
+    "read_reference_text",
+    "NonFiniteReference",
+    "MAX_TEXT_BYTES",
 ]
 
 DEFAULT_REFERENCE_TEXT = Path(__file__).parents[1] / "assets" / "reference.txt"
 DEFAULT_SEQ_LEN = 512
 DEFAULT_ROWS = 2
+MAX_TEXT_BYTES = 8 * 1024 * 1024
+
+
+class NonFiniteReference(CheckpointFormatError):
+    """The HF model's loss on the reference batch is NaN or Inf: there is no reference to record."""
 
 
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
@@ -48,11 +58,18 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
 
 
 def read_reference_text(path: str | Path | None) -> str:
+    """The reference text: a regular UTF-8 file, of which the first ``MAX_TEXT_BYTES`` are used (the batch
+    needs a few thousand tokens; a device such as /dev/zero, or a FIFO, would never end)."""
     path = Path(path) if path is not None else DEFAULT_REFERENCE_TEXT
     try:
-        return path.read_text(encoding="utf-8")
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise InputError(f"--reference-text {path}: not a regular file; give a text file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_TEXT_BYTES)
+        # A cut in the middle of a character drops that character only.
+        return raw.decode("utf-8", errors="ignore" if len(raw) == MAX_TEXT_BYTES else "strict")
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read reference text ({exc})") from exc
+        raise InputError(f"--reference-text {path}: cannot read reference text ({str(exc)[:160]})") from exc
 
 
 def reference_batch(
@@ -193,6 +210,12 @@ def compute_reference(
     losses, attn, notes = reference_losses(
         hf, token_ids, run_dtype, trust_remote_code=trust_remote_code, device=run_device
     )
+    if not torch.isfinite(losses).all():
+        bad = int((~torch.isfinite(losses)).sum())
+        raise NonFiniteReference(
+            f"{hf.source}: the HF model's loss on the reference batch is NaN or Inf at {bad} of {losses.numel()} "
+            f"positions ({run_dtype}); check its weights, or record the reference at float32"
+        )
     return {
         "token_ids": token_ids.tolist(),
         "seq_len": seq_len,

@@ -376,3 +376,78 @@ def test_drop_in_modules_with_flames_argument_names(sharded_model, tmp_path):
     assert "future_predictor.fc1.weight" in r.stdout, "the fresh head is not part of the HF model: say so"
     assert_bit_exact(sharded_model, out)
     assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 512}'
+
+
+# ---------------------------------------------------------------- untrusted sources
+
+
+def _poison(model: Path, key: str, value: float) -> None:
+    """Put a non-finite value into one tensor of a copied HF folder, as a diverged run would leave it."""
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    shard = model / index["weight_map"][key]
+    tensors = load_file(str(shard))
+    tensors[key].view(-1)[tensors[key].numel() // 2] = value
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+
+
+def test_non_finite_source_values_are_copied_faithfully_and_named(sharded_model, tmp_path):
+    import shutil
+
+    model = Path(shutil.copytree(sharded_model, tmp_path / "model"))
+    _poison(model, "model.layers.1.mlp.up_proj.weight", float("inf"))
+    _poison(model, "model.norm.weight", float("nan"))
+    out = tmp_path / "step-0"
+    r = run_cli("convert", "--model", str(model), "--checkpoint", str(out), "--buffer-mb", "1")
+    assert r.returncode == 0, r.stderr
+    warning = next(line for line in r.stderr.splitlines() if line.startswith("warning: 2 tensors"))
+    assert "model.layers.1.mlp.up_proj.weight" in warning and "model.norm.weight" in warning, warning
+    assert any("reference loss not computed" in line for line in r.stderr.splitlines()), r.stderr
+    manifest = json.loads((out / "flame_ext.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert manifest["nonfinite_keys"] == ["model.layers.1.mlp.up_proj.weight", "model.norm.weight"]
+    assert manifest["reference"] is None and "NaN or Inf" in manifest["reference_note"]
+    source, written = hf_tensors(model), _dcp_tensors(out)
+    assert all(torch.equal(written[k].view(torch.uint8), source[k].view(torch.uint8)) for k in source)
+
+    back = tmp_path / "back"
+    r = run_cli("to-hf", "--checkpoint", str(out), "--config", str(model), "--out", str(back))
+    assert r.returncode == 0, r.stderr
+    assert "warning: 2 tensors" in r.stderr and "model.norm.weight" in r.stderr, r.stderr
+    assert all(torch.equal(hf_tensors(back)[k].view(torch.uint8), source[k].view(torch.uint8)) for k in source)
+
+
+def _dcp_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    md = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    sd = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in md.items()}
+    dcp.load(sd, checkpoint_id=str(folder), planner=DefaultLoadPlanner(allow_partial_load=False), no_dist=True)
+    return sd
+
+
+def test_to_hf_copies_every_side_file_whatever_its_name(sharded_model, sharded_chunked_dcp, tmp_path):
+    import os
+    import shutil
+
+    source = Path(shutil.copytree(sharded_model, tmp_path / "source"))
+    side = {
+        "chat_template.jinja": "{{ messages }}",
+        "tokenizer.model": "\x00\x01sentencepiece",
+        "vocab.txt": "a\nb\n",
+        "preprocessor_config.json": "{}",
+        "README.md": "# a model",
+    }
+    for name, text in side.items():
+        (source / name).write_text(text)
+    (tmp_path / "secret.txt").write_text("not for the output")
+    os.symlink(tmp_path / "secret.txt", source / "added_tokens.json")  # leads out of the folder: not copied
+    os.symlink(source / "vocab.txt", source / "vocab_link.txt")  # stays inside: copied as a file
+    (source / "original").mkdir()  # a subfolder (other formats of the model): not copied
+    (source / "original" / "params.json").write_text("{}")
+    (source / "consolidated.pth").write_bytes(b"weights")
+    out = tmp_path / "out"
+    summary = convert_dcp_to_hf(ToHFOptions(str(sharded_chunked_dcp), str(source), str(out), progress=False))
+    copied = {p.name for p in out.iterdir()} - {p.name for p in out.glob("model*.safetensors*")} - {"config.json"}
+    assert copied == set(side) | {"vocab_link.txt", "generation_config.json"} & {p.name for p in source.iterdir()}
+    assert all((out / name).read_text() == text for name, text in side.items())
+    assert not (out / "vocab_link.txt").is_symlink()
+    assert any("added_tokens.json" in n and "outside the source folder" in n for n in summary.notes), summary.notes

@@ -96,3 +96,73 @@ def test_a_reference_for_another_vocabulary_is_refused_before_loading(tiny_model
     with pytest.raises(InitialLoadValidationError, match="outside the model's vocabulary") as info:
         guard.before_load(split_request(model.state_dict()), lambda: read_dcp_metadata(folder))
     assert info.value.report.problems[0].kind == "manifest"
+
+
+def _set(path: tuple, value) -> object:
+    """A change to a reference record: the item at ``path`` (keys and indexes) set to ``value``, or removed."""
+
+    def change(ref: dict) -> None:
+        *parents, last = path
+        target = ref
+        for p in parents:
+            target = target[p]
+        if value is _REMOVE:
+            target.pop(last)
+        else:
+            target[last] = value
+
+    return change
+
+
+_REMOVE = object()
+# name -> (field the message must name, change); each breaks one field of a sound record.
+BAD_REFERENCES = {
+    "id below zero": ("token_ids", _set(("token_ids", 1, 3), -7)),
+    "id a float": ("token_ids", _set(("token_ids", 0, 0), 12.0)),
+    "id a bool": ("token_ids", _set(("token_ids", 0, 1), False)),
+    "id a string": ("token_ids", _set(("token_ids", 0, 1), "65")),
+    "rows of unequal length": ("token_ids", _set(("token_ids", 1, -1), _REMOVE)),
+    "ids not rows": ("token_ids", _set(("token_ids",), [5, 6, 7])),
+    "one token per row": ("token_ids", _set(("token_ids",), [[5], [6]])),
+    "loss row of another length": ("loss_per_token", _set(("loss_per_token", 0), [1.0] * 7)),
+    "losses missing a row": ("loss_per_token", _set(("loss_per_token", -1), _REMOVE)),
+    "a NaN loss": ("loss_per_token", _set(("loss_per_token", 1, 4), math.nan)),
+    "an infinite loss": ("loss_per_token", _set(("loss_per_token", 0, 0), math.inf)),
+    "losses a number": ("loss_per_token", _set(("loss_per_token",), 2.5)),
+    "loss_mean null": ("loss_mean", _set(("loss_mean",), None)),
+    "loss_mean a list": ("loss_mean", _set(("loss_mean",), [2.0])),
+    "loss_mean NaN": ("loss_mean", _set(("loss_mean",), math.nan)),
+    # the examples of the issue that asked for these checks
+    "issue: negative id": ("token_ids", _set(("token_ids", 0, 2), -1)),
+    "issue: float id": ("token_ids", _set(("token_ids", 0, 2), 65.5)),
+    "issue: ragged rows": ("token_ids", _set(("token_ids", 0), [65, 66, 67])),
+    "issue: flat ids": ("token_ids", lambda ref: ref.__setitem__("token_ids", ref["token_ids"][0])),
+    "issue: string loss_mean": ("loss_mean", _set(("loss_mean",), "2.1")),
+    "issue: null loss_per_token": ("loss_per_token", _set(("loss_per_token",), None)),
+    "issue: short loss_per_token": ("loss_per_token", lambda ref: ref["loss_per_token"][0].pop()),
+    "issue: all-NaN loss_per_token": (
+        "loss_per_token",
+        lambda ref: ref.__setitem__("loss_per_token", [[math.nan] * len(r) for r in ref["loss_per_token"]]),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REFERENCES))
+def test_a_bad_reference_file_stops_the_guard_before_loading_naming_the_field(name, tiny_model, tiny_dcp, tmp_path):
+    manifest = json.loads((tiny_dcp / "flame_ext.json").read_text())
+    field, change = BAD_REFERENCES[name]
+    change(manifest["reference"])
+    ref_file = tmp_path / "reference.json"
+    ref_file.write_text(json.dumps(manifest))  # NaN written as the NaN literal Python's json reads back
+    model = _plain_model(tiny_model)
+    loads = []
+    guard = InitialLoadGuard(
+        GuardConfig(validate_initial_load=True, initial_load_reference=str(ref_file)), str(tiny_dcp), [model]
+    )
+    with pytest.raises(InitialLoadValidationError) as info:
+        guard.before_load(split_request(model.state_dict()), lambda: loads.append(1) or read_dcp_metadata(tiny_dcp))
+    problems = info.value.report.errors
+    assert [p.kind for p in problems] == ["manifest"], info.value.report.to_dict()
+    detail = problems[0].detail
+    assert "\n" not in detail and str(ref_file) in detail and f"reference.{field}" in detail, detail
+    assert not loads, "the checkpoint's metadata was read after a bad reference"

@@ -188,3 +188,161 @@ def test_malicious_bin_is_refused_and_its_code_never_runs(sharded_model, tmp_pat
     assert "Unsupported global" in lines[0] and "\x1b" not in lines[0]
     assert not marker.exists(), "the pickle's code ran"
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- headers, indexes and configs as untrusted data
+
+
+def _write_safetensors(file: Path, header: dict | str, data: bytes) -> Path:
+    raw = (header if isinstance(header, str) else json.dumps(header)).encode()
+    file.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return file
+
+
+def _header_folder(tmp_path: Path, name: str, header: dict | str, data: bytes, config: Path) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    shutil.copy(config, folder / "config.json")
+    _write_safetensors(folder / "model.safetensors", header, data)
+    return folder
+
+
+def _two(a: list[int] | None = None, b: list[int] | None = None, **change) -> dict:
+    """A header of two float16 vectors of 3 values each (12 bytes of data), with entries changed."""
+    h = {
+        "w1": {"dtype": "F16", "shape": [3], "data_offsets": a or [0, 6]},
+        "w2": {"dtype": "F16", "shape": [3], "data_offsets": b or [6, 12]},
+    }
+    for key, fields in change.items():
+        h[key] = fields if not isinstance(fields, dict) else {**h.get(key, {}), **fields}
+    return h
+
+
+HEADER_CASES = {
+    "gap between spans": (_two(b=[8, 14]), 14, "belong to no tensor"),
+    "spans overlap": (_two(b=[4, 10]), 12, "overlaps"),
+    "offsets past the data": (_two(b=[6, 12]), 10, "truncated"),
+    "bytes after the last tensor": (_two(), 20, "after its last tensor"),
+    "offset a string": (_two(b=["6", 12]), 12, "data_offsets"),
+    "three offsets": (_two(b=[6, 9, 12]), 12, "data_offsets"),
+    "offsets reversed": (_two(b=[12, 6]), 12, "end before they start"),
+    "bool in shape": (_two(w2={"shape": [True, 3]}), 12, "shape"),
+    "shape a number": (_two(w2={"shape": 3}), 12, "shape"),
+    "span not shape x dtype": (_two(w2={"shape": [2]}), 12, "declares 6 bytes"),
+    "unknown dtype": (_two(w2={"dtype": "F12"}), 12, "dtype"),
+    "dtype lowercase": (_two(w2={"dtype": "f16"}), 12, "dtype"),
+    "entry a list": (_two(w2=[6, 12]), 12, "not an object"),
+    "metadata a list": (_two(__metadata__=["format", "pt"]), 12, "__metadata__"),
+    "metadata value an int": (_two(__metadata__={"step": 3}), 12, "__metadata__"),
+    "key twice": (
+        '{"w1": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]}, '
+        '"w1": {"dtype": "F16", "shape": [3], "data_offsets": [6, 12]}}',
+        12,
+        "appears twice",
+    ),
+    "header a list": ("[]", 12, "not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("name", list(HEADER_CASES))
+def test_safetensors_headers_are_checked_as_the_format_does(name, sharded_model, tmp_path):
+    header, n_data, words = HEADER_CASES[name]
+    folder = _header_folder(tmp_path, "m", header, bytes(range(n_data)), sharded_model / "config.json")
+    with pytest.raises(CheckpointFormatError) as info:
+        open_hf(folder)
+    message = str(info.value)
+    assert "\n" not in message and "model.safetensors" in message and words in message, message
+    from safetensors.torch import load_file
+
+    if name not in ("key twice",):  # the library keeps the last of two same keys; flame-ext refuses them
+        with pytest.raises(Exception):  # control: the safetensors library refuses the same file
+            load_file(str(folder / "model.safetensors"))
+
+
+def test_sound_headers_however_ordered_read_as_the_library_reads_them(sharded_model, tmp_path):
+    from safetensors.torch import load_file
+
+    data = torch.arange(6, dtype=torch.float16).numpy().tobytes()
+    header = {
+        "w2": _two()["w2"],
+        "__metadata__": {"format": "pt"},
+        "w1": _two()["w1"],
+        "empty": {"dtype": "BF16", "shape": [0, 4], "data_offsets": [6, 6]},
+    }
+    folder = _header_folder(tmp_path, "m", header, data, sharded_model / "config.json")
+    hf = open_hf(folder)
+    expected = load_file(str(folder / "model.safetensors"))
+    assert set(hf.tensors) == set(expected)
+    assert all(torch.equal(read_tensor(hf.tensors[k]), v) for k, v in expected.items())
+
+
+def test_fifo_shard_is_refused_without_blocking(sharded_model, tmp_path):
+    import os
+
+    folder = Path(shutil.copytree(sharded_model, tmp_path / "m"))
+    shard = sorted(folder.glob("*.safetensors"))[1]
+    shard.unlink()
+    os.mkfifo(shard)
+    with pytest.raises(CheckpointFormatError, match="not a regular file"):
+        open_hf(folder)
+
+
+INDEX_CASES = {
+    "weight_map a string": ("model-00001.safetensors", "no weight_map object"),
+    "shard name a number": ({"model.norm.weight": 1}, "not a shard file name"),
+    "shard outside the folder": ({"model.norm.weight": "../elsewhere.safetensors"}, "outside the model folder"),
+    "absolute shard": ({"model.norm.weight": "/tmp/x.safetensors"}, "outside the model folder"),
+    "key in another shard": (None, "its header does not"),
+}
+
+
+@pytest.mark.parametrize("name", list(INDEX_CASES))
+def test_weight_maps_are_checked(name, sharded_model, tmp_path):
+    folder = Path(shutil.copytree(sharded_model, tmp_path / "m"))
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    value, words = INDEX_CASES[name]
+    if value is None:  # a real key, attributed to a real shard that does not hold it
+        shards = sorted(set(index["weight_map"].values()))
+        key = next(k for k, v in index["weight_map"].items() if v == shards[0])
+        index["weight_map"][key] = shards[1]
+    else:
+        index["weight_map"] = value if not isinstance(value, dict) else {**index["weight_map"], **value}
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointFormatError) as info:
+        open_hf(folder)
+    assert "\n" not in str(info.value) and words in str(info.value), str(info.value)
+
+
+CONFIG_CASES = {
+    "layers zero": ({"num_hidden_layers": 0}, "num_hidden_layers is 0"),
+    "heads a float": ({"num_attention_heads": 4.0}, "num_attention_heads is 4.0"),
+    "vocab a string": ({"vocab_size": "260"}, "vocab_size is '260'"),
+    "kv heads true": ({"num_key_value_heads": True}, "num_key_value_heads is True"),
+    "nested size negative": ({"text_config": {"hidden_size": -8}}, "text_config.hidden_size is -8"),
+    "hidden huge": ({"hidden_size": 4096 * 64}, "implies at least"),
+    "layers huge": ({"num_hidden_layers": 30_000}, "implies at least"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIG_CASES))
+def test_configs_are_checked_before_a_model_is_built(name, sharded_model, tmp_path):
+    import time
+
+    folder = Path(shutil.copytree(sharded_model, tmp_path / "m"))
+    config = json.loads((folder / "config.json").read_text())
+    change, words = CONFIG_CASES[name]
+    config.update(change)
+    (folder / "config.json").write_text(json.dumps(config))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointFormatError) as info:
+        build_meta_model(open_hf(folder))
+    assert time.perf_counter() - start < 1.0, "refused only after building"
+    assert "\n" not in str(info.value) and "config.json" in str(info.value) and words in str(info.value)
+
+
+def test_config_not_an_object(sharded_model, tmp_path):
+    folder = Path(shutil.copytree(sharded_model, tmp_path / "m"))
+    (folder / "config.json").write_text('"olmo2"')
+    with pytest.raises(CheckpointFormatError, match="holds a JSON str, not an object"):
+        open_hf(folder)

@@ -89,7 +89,8 @@ def swap_layers(sd: dict[str, torch.Tensor], a: int = 0, b: int = 1) -> dict[str
     return out
 
 
-def truncate_data_files(folder: Path) -> None:
-    """Empty every data file, keeping ``.metadata``: any attempt to read a tensor now fails."""
+def blank_data_files(folder: Path) -> None:
+    """Zero every data file at its size, keeping ``.metadata``: the metadata stays valid (every byte range it
+    names exists), but any attempt to read a tensor now fails."""
     for f in folder.glob("*.distcp"):
-        f.write_bytes(b"")
+        f.write_bytes(bytes(f.stat().st_size))

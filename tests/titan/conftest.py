@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _models import ADDED, DROPPED, RESHAPED, rewrite_dcp, swap_layers, truncate_data_files  # noqa: E402
+from _models import ADDED, DROPPED, RESHAPED, blank_data_files, rewrite_dcp, swap_layers  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +30,7 @@ def broken_keys(tiny_dcp: Path, tmp_path_factory) -> Path:
         return out
 
     folder = rewrite_dcp(tiny_dcp, tmp_path_factory.mktemp("broken") / "keys", edit)
-    truncate_data_files(folder)
+    blank_data_files(folder)
     return folder
 
 
