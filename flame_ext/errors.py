@@ -7,9 +7,12 @@ Bugs stay ordinary exceptions and keep their tracebacks.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -22,6 +25,9 @@ __all__ = [
     "DestinationError",
     "GuardConfigError",
     "InitialLoadValidationError",
+    "Terminated",
+    "TERMINATING_SIGNALS",
+    "termination_raises",
     "first_line",
     "refused_global",
     "run_guarded",
@@ -64,6 +70,42 @@ class InitialLoadValidationError(FlameExtError):
         self.report = report
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C would be, so every cleanup that runs for Ctrl-C runs for it too."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# Signals that end a run the way Ctrl-C does (SIGINT already raises KeyboardInterrupt).
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def termination_raises() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise ``Terminated`` for the block (in the main thread), then the old handlers return.
+
+    Only default handlers are replaced: a host (a trainer, a job runner) that installed its own keeps it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in TERMINATING_SIGNALS}
+    mine = [s for s, h in previous.items() if h == signal.SIG_DFL]
+    for s in mine:
+        signal.signal(s, _raise_terminated)
+    try:
+        yield
+    finally:
+        for s in mine:
+            signal.signal(s, previous[s])
+
+
 def first_line(exc: BaseException) -> str:
     """The line of a library's exception worth quoting in a one-line message (at most 200 characters).
 
@@ -86,22 +128,26 @@ def refused_global(exc: BaseException) -> str | None:
 
 
 def run_guarded(fn: Callable[[Any], int], args: Any, *, debug: bool, prog: str = "flame-ext") -> int:
-    """Run a command; user errors become one line and exit 2, interrupts exit 130 with nothing written."""
+    """Run a command; user errors become one line and exit 2; Ctrl-C, SIGTERM and SIGHUP exit 128 + the
+    signal number (130, 143, 129) with one line, after the same cleanup, nothing half-written."""
     try:
-        return fn(args)
+        with termination_raises():
+            return fn(args)
     except FlameExtError as exc:
         if debug:
             raise
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if debug:
             raise
+        signum = exc.signum if isinstance(exc, Terminated) else int(signal.SIGINT)
         print(
-            f"{prog}: interrupted; no output was left half-written (a destination is absent or complete)",
+            f"{prog}: interrupted by {signal.Signals(signum).name}; no output was left half-written "
+            "(a destination is absent or complete)",
             file=sys.stderr,
         )
-        return 130
+        return 128 + signum
     except OSError as exc:  # disk full, file size limit, permissions: the environment, not the input
         if debug:
             raise

@@ -86,7 +86,7 @@ def _meta_model_from_config(folder: Path, trust_remote_code: bool) -> torch.nn.M
 def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
     """DCP (flat or nested, model-only or full training checkpoint) -> HF folder, one block of rows at a time."""
     t0 = time.perf_counter()
-    check_destination(opts.out, force=opts.force)
+    check_destination(opts.out, kind="hf", force=opts.force)
     ckpt = Path(opts.checkpoint)
     found = read_dcp_metadata(ckpt)
     config_dir = _config_folder(opts.config)
@@ -122,7 +122,7 @@ def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
         for block in reader.blocks(prefix + key, found[prefix + key], opts.buffer_bytes):  # type: ignore[arg-type]
             yield block.to(getattr(torch, specs[key].dtype))
 
-    with atomic_folder(opts.out, force=opts.force) as tmp:
+    with atomic_folder(opts.out, kind="hf", force=opts.force) as tmp:
         bar = Progress(total, opts.progress, "to-hf")
         shards = shard_plan(specs, opts.max_shard_bytes)
         names = (
