@@ -101,7 +101,7 @@ _RECOGNISERS = {"dcp": is_dcp_folder, "hf": is_hf_folder, "reference": is_refere
 
 
 def written_by_flame_ext(path: Path, kind: Kind) -> bool:
-    """True when ``path`` holds exactly what the ``kind`` writer of flame-ext writes: the only thing --force replaces."""
+    """True when ``path`` holds exactly what flame-ext's ``kind`` writer writes: the only thing --force replaces."""
     return _RECOGNISERS[kind](path)
 
 

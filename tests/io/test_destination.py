@@ -316,7 +316,8 @@ def test_signal_mid_write_leaves_nothing(multishard_model, tmp_path, sig):
         assert not dest.exists() and not dest.parent.exists(), "the run must remove what it created"
         lines = [line for line in err.splitlines() if line.strip()]
         assert lines == [
-            f"flame-ext: interrupted by {sig.name}; no output was left half-written (a destination is absent or complete)"
+            f"flame-ext: interrupted by {sig.name}; no output was left half-written "
+            "(a destination is absent or complete)"
         ], err
     else:  # the signal came too late to interrupt: then the result must be complete
         assert proc.returncode == 0, err

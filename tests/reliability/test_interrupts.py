@@ -1,7 +1,7 @@
 """Interrupted work: a conversion killed at any moment leaves the destination absent or complete, never partial.
 
-Each trial starts ``convert`` (HF -> DCP, half of them with the reference loss) or ``to-hf`` (DCP -> HF) on an 8-shard model
-with small write blocks (~75 files), kills it with SIGKILL or SIGINT after a delay drawn by a seeded random
+Each trial starts ``convert`` (HF -> DCP, half of them with the reference loss) or ``to-hf`` (DCP -> HF) on an
+8-shard model with small write blocks (~75 files), kills it with SIGKILL, SIGINT, SIGTERM or SIGHUP after a delay drawn by a seeded random
 generator (2-110 % of the last uncut run's duration, so the kill points cover planning, writing, the reference
 loss and the rename on any machine), and then checks what a user would check: the destination is absent, or it
 loads strictly and is bit-identical to the source; what is left beside it is named after the dead run and is not
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from flame_ext.io.destination import lock_path, temp_prefix
 from flame_ext.errors import TERMINATING_SIGNALS
+from flame_ext.io.destination import lock_path, temp_prefix
 from tests.reliability._rel import TEMP_MARK, Result, assert_dcp_is, assert_hf_is, hf_tensors, siblings
 
 SEED = 6  # the issue number: any fixed seed makes the kill points reproducible
