@@ -1,9 +1,9 @@
 """Interrupted work: a conversion killed at any moment leaves the destination absent or complete, never partial.
 
 Each trial starts ``convert`` (HF -> DCP, half of them with the reference loss) or ``to-hf`` (DCP -> HF) on an
-8-shard model with small write blocks (~75 files), kills it with SIGKILL, SIGINT, SIGTERM or SIGHUP after a delay drawn by a seeded random
-generator (2-110 % of the last uncut run's duration, so the kill points cover planning, writing, the reference
-loss and the rename on any machine), and then checks what a user would check: the destination is absent, or it
+8-shard model with small write blocks (~75 files), kills it with SIGKILL, SIGINT, SIGTERM or SIGHUP after a
+delay drawn by a seeded random generator (2-110 % of the last uncut run's duration, so the kill points cover
+planning, writing, the reference loss and the rename on any machine), and then checks what a user would check: the destination is absent, or it
 loads strictly and is bit-identical to the source; what is left beside it is named after the dead run and is not
 taken by torchtitan for a saved step; and the same command run again succeeds and leaves nothing beside the
 destination. Some trials replace an existing checkpoint (``--force``): then the old checkpoint must survive
