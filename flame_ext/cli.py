@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from flame_ext import __version__
-from flame_ext.errors import run_guarded
+from flame_ext.errors import InputError, UsageError, run_guarded
 
 EPILOG = """examples:
   flame-ext convert --model allenai/OLMo-2-1124-7B --checkpoint exp/olmo2/checkpoint/step-0 --dtype bfloat16
@@ -21,6 +23,29 @@ EPILOG = """examples:
   flame-ext to-hf --checkpoint exp/olmo2/checkpoint/step-1000 --config allenai/OLMo-2-1124-7B --out olmo2-cpt
   flame-ext demo
 """
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line naming the option and what is wrong (``--help`` shows usage).
+
+    argparse's own ``error`` prints the whole usage, then the message; a user who typed ``--threshold abc``
+    needs only: "--threshold: 'abc' is not a number". The error becomes a ``UsageError``, so it is printed
+    (and, with ``--json``, reported as JSON) by the same code as every other bad input: exit 2.
+    """
+
+    _REWRITES = (
+        (re.compile(r"argument (\S+?)(?:/\S+)?: invalid float value: (.*)"), r"\1: \2 is not a number"),
+        (re.compile(r"argument (\S+?)(?:/\S+)?: invalid int value: (.*)"), r"\1: \2 is not a whole number"),
+        (re.compile(r"argument (\S+?)(?:/\S+)?: (.*)"), r"\1: \2"),
+        (re.compile(r"the following arguments are required: (.*)"), r"\1: required"),
+    )
+
+    def error(self, message: str) -> NoReturn:
+        for pattern, repl in self._REWRITES:
+            if pattern.fullmatch(message):
+                message = pattern.sub(repl, message)
+                break
+        raise UsageError(message, prog=self.prog)
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -34,8 +59,12 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
             "its loss on the reference batch: budget that model's size in RAM for it."
         ),
     )
-    p.add_argument("--model", help="HF model folder or hub id (default: the embedded tiny OLMo2)")
-    p.add_argument("--checkpoint", required=True, help="output DCP folder (written atomically)")
+    p.add_argument("--model", help="HF model folder or hub id (required; `flame-ext demo` shows the embedded model)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="output DCP folder (written atomically; must be absent, an empty folder, or with --force a DCP checkpoint)",
+    )
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's own), bfloat16 or float32")
     p.add_argument(
         "--layout", default="flat", help="flat (torchtitan model-only load, default) or nested (model.-prefixed)"
@@ -49,13 +78,17 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--future-predictor-head-type", default="linear", choices=["linear", "mlp"])
     p.add_argument("--buffer-mb", type=int, default=256, help="memory for tensor data in flight, MiB (default 256)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--force", action="store_true", help="replace an existing DCP checkpoint (never anything else: refused, exit 2)"
+    )
     p.set_defaults(run=_run_convert)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
     from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 
+    if not args.model:
+        raise InputError("--model is required; `flame-ext demo` shows the embedded model")
     opts = ConvertOptions(
         model=args.model,
         checkpoint=args.checkpoint,
@@ -88,14 +121,22 @@ def _add_to_hf(sub: argparse._SubParsersAction) -> None:
         "--checkpoint", required=True, help="DCP folder: flat or nested, model-only or full training checkpoint"
     )
     p.add_argument(
-        "--config", required=True, help="HF model folder (or a folder with config.json) the checkpoint was made for"
+        "--config",
+        required=True,
+        help="HF model folder or hub id (or a folder with config.json) the checkpoint was made for",
     )
-    p.add_argument("--out", required=True, help="output HF folder (written atomically)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output HF folder (written atomically; must be absent, an empty folder, or with --force an HF folder)",
+    )
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's own), bfloat16 or float32")
     p.add_argument("--max-shard-mb", type=int, default=5 * 1024, help="largest safetensors shard, MiB (default 5120)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--buffer-mb", type=int, default=256, help="rows of a tensor read at once, MiB (default 256)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--force", action="store_true", help="replace an HF folder written by to-hf (never anything else: exit 2)"
+    )
     p.set_defaults(run=_run_to_hf)
 
 
@@ -126,13 +167,15 @@ def _add_reference(sub: argparse._SubParsersAction) -> None:
         help="write only the reference part of the manifest (for checkpoints converted elsewhere, or HF loads)",
         description="Loads the HF model once (at its own dtype unless --dtype) and records its loss on the reference batch.",
     )
-    p.add_argument("--model", help="HF model folder or hub id (default: the embedded tiny OLMo2)")
-    p.add_argument("--out", required=True, help="output JSON file")
+    p.add_argument("--model", required=True, help="HF model folder or hub id")
+    p.add_argument("--out", required=True, help="output JSON file (checked before the model runs; written atomically)")
     p.add_argument("--reference-text")
     p.add_argument("--reference-seq-len", type=int, default=512)
     p.add_argument("--dtype", default="auto", help="auto, bfloat16 or float32: the dtype the model runs in")
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.add_argument(
+        "--force", action="store_true", help="replace a reference file written by `flame-ext reference` (only that)"
+    )
     p.set_defaults(run=_run_reference)
 
 
@@ -157,7 +200,9 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--checkpoint", required=True, help="DCP folder (model-only or a full training checkpoint)")
-    p.add_argument("--model", help="HF model folder or hub id (default: the embedded tiny OLMo2)")
+    p.add_argument(
+        "--model", help="HF model folder or hub id (default: the source recorded in the checkpoint's flame_ext.json)"
+    )
     p.add_argument("--values", action="store_true", help="also compare every tensor's values (streaming)")
     p.add_argument("--loss", action="store_true", help="also build the model as trainers do and compare the loss")
     p.add_argument("--threshold", type=float, default=0.1, help="loss gap that counts as an error, nats (default 0.1)")
@@ -168,7 +213,16 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--reference", help="reference file from `flame-ext reference` for --loss (default: the checkpoint's manifest)"
     )
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="with --loss: draw the per-position loss of the HF reference and the checkpoint (needs flame-ext[plot])",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print the report as JSON (docs/report-format.md; errors at exit 2 too: {"ok": false, "error": ...})',
+    )
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(run=_run_diagnose)
 
@@ -219,7 +273,7 @@ def _run_patch(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="flame-ext", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"flame-ext {__version__}")
@@ -230,10 +284,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_progress_bars() -> None:
+    """transformers' and huggingface_hub's own progress bars stay off when stderr is not a terminal (a log
+    file, a CI job): there they are only noise, one line per update."""
+    if sys.stderr.isatty():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by both libraries at import
+    if "transformers" in sys.modules:  # already imported (a host, a test): tell it directly
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_guarded(args.run, args, debug=args.debug or bool(os.environ.get("FLAME_EXT_DEBUG")))
+    quiet_progress_bars()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("FLAME_EXT_DEBUG"))
+
+    def parse_and_run(argv: list[str]) -> int:
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+
+    return run_guarded(parse_and_run, argv, debug=debug, json_errors="--json" in argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,11 @@ from pathlib import Path
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from flame_ext.cli import OneLineParser
+
+    p = OneLineParser(
+        prog="convert_dcp_to_hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--path", type=str, required=True, help="flame dump folder holding checkpoint/step-N")
     p.add_argument("--step", type=int, required=True)
     p.add_argument("--config", type=str, required=True, help="HF model folder the checkpoint was made for")
@@ -57,8 +61,14 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     from flame_ext.errors import run_guarded
 
-    args = parse_args(argv)
-    return run_guarded(_run, args, debug=args.debug, prog="convert_dcp_to_hf")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_guarded(
+        lambda a: _run(parse_args(a)),
+        argv,
+        debug="--debug" in argv,
+        prog="convert_dcp_to_hf",
+        json_errors="--json" in argv,
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,11 @@ from flame_ext.errors import run_guarded
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from flame_ext.cli import OneLineParser
+
+    p = OneLineParser(
+        prog="convert_hf_to_dcp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", type=str, required=True)
     p.add_argument("--checkpoint", type=str, required=True)
     p.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true")
@@ -57,8 +61,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_guarded(_run, args, debug=args.debug, prog="convert_hf_to_dcp")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_guarded(
+        lambda a: _run(parse_args(a)),
+        argv,
+        debug="--debug" in argv,
+        prog="convert_hf_to_dcp",
+        json_errors="--json" in argv,
+    )
 
 
 if __name__ == "__main__":

@@ -18,9 +18,17 @@ from flame_ext.errors import run_guarded
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from flame_ext.cli import OneLineParser
+
+    p = OneLineParser(
+        prog="diagnose_checkpoint", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", type=str, required=True, help="DCP folder (e.g. exp/.../checkpoint/step-0)")
-    p.add_argument("--model", type=str, required=True, help="HF model folder or hub id the checkpoint was made from")
+    p.add_argument(
+        "--model",
+        type=str,
+        help="HF model folder or hub id (default: the source recorded in the checkpoint's manifest)",
+    )
     p.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true")
     p.add_argument("--values", action="store_true", help="also compare every tensor's values with the HF model")
     p.add_argument("--loss", action="store_true", help="also load the checkpoint as trainers do and compare the loss")
@@ -34,7 +42,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--reference", help="reference file from `flame-ext reference` for --loss (default: the checkpoint's manifest)"
     )
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="with --loss: per-position loss plot (needs flame-ext[plot])")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (docs/report-format.md)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
@@ -46,8 +55,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_guarded(_run, args, debug=args.debug, prog="diagnose_checkpoint")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_guarded(
+        lambda a: _run(parse_args(a)),
+        argv,
+        debug="--debug" in argv,
+        prog="diagnose_checkpoint",
+        json_errors="--json" in argv,
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FlameExtError",
     "InputError",
+    "UsageError",
     "CheckpointFormatError",
     "DestinationError",
     "GuardConfigError",
@@ -40,6 +41,14 @@ class FlameExtError(Exception):
 
 class InputError(FlameExtError):
     """An input path, id or option is missing, unreadable or of the wrong kind."""
+
+
+class UsageError(InputError):
+    """A command line argparse cannot take (unknown option, bad value); ``prog`` is the (sub)command's name."""
+
+    def __init__(self, message: str, prog: str | None = None) -> None:
+        super().__init__(message)
+        self.prog = prog
 
 
 class CheckpointFormatError(FlameExtError):
@@ -127,7 +136,19 @@ def refused_global(exc: BaseException) -> str | None:
     return match.group(0) if match else None
 
 
-def run_guarded(fn: Callable[[Any], int], args: Any, *, debug: bool, prog: str = "flame-ext") -> int:
+def _say_error(prog: str, message: str, json_errors: bool) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    if json_errors:  # --json: a program reading stdout gets the failure as JSON too
+        import json
+
+        from flame_ext.report import error_record
+
+        print(json.dumps(error_record(message)))
+
+
+def run_guarded(
+    fn: Callable[[Any], int], args: Any, *, debug: bool, prog: str = "flame-ext", json_errors: bool = False
+) -> int:
     """Run a command; user errors become one line and exit 2; Ctrl-C, SIGTERM and SIGHUP exit 128 + the
     signal number (130, 143, 129) with one line, after the same cleanup, nothing half-written."""
     try:
@@ -136,7 +157,7 @@ def run_guarded(fn: Callable[[Any], int], args: Any, *, debug: bool, prog: str =
     except FlameExtError as exc:
         if debug:
             raise
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        _say_error(getattr(exc, "prog", None) or prog, str(exc), json_errors)
         return 2
     except KeyboardInterrupt as exc:
         if debug:
@@ -152,5 +173,5 @@ def run_guarded(fn: Callable[[Any], int], args: Any, *, debug: bool, prog: str =
         if debug:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"{prog}: error: {where}{exc.strerror or exc}; nothing was written", file=sys.stderr)
+        _say_error(prog, f"{where}{exc.strerror or exc}; nothing was written", json_errors)
         return 1

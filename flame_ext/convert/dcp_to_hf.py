@@ -26,7 +26,7 @@ from flame_ext.io.dcp import (
     replace_dtype,
 )
 from flame_ext.io.destination import atomic_folder, check_destination
-from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, tied_aliases
+from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, resolve_folder, tied_aliases
 from flame_ext.io.safetensors_writer import shard_plan, write_safetensors
 
 __all__ = ["ToHFOptions", "convert_dcp_to_hf"]
@@ -67,11 +67,11 @@ class ToHFOptions:
 
 
 def _config_folder(config: str | None) -> Path:
-    path = Path(config) if config else None
-    if path is None:
-        raise InputError("--config: required (the HF model folder or a folder with its config.json)")
-    if not path.is_dir():
-        raise InputError(f"{config}: no such folder (expected an HF model folder or a folder with config.json)")
+    """The folder holding config.json: a local folder, or a hub id fetched (config and tokenizer only) like
+    ``convert --model`` fetches a model."""
+    if not config:
+        raise InputError("--config: required (the HF model folder or hub id, or a folder with its config.json)")
+    path, _ = resolve_folder(config, weights=False)
     if not (path / "config.json").is_file():
         raise InputError(f"{config}: no config.json")
     return path

@@ -16,7 +16,6 @@ verdict taken on one rank alone would leave the others waiting in the next colle
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -32,7 +31,7 @@ from flame_ext.errors import FlameExtError, GuardConfigError, InitialLoadValidat
 from flame_ext.guard.options import GuardConfig
 from flame_ext.guard.ranks import RankFailure, agreed, max_over_ranks, pool, pool_counts, rank, sum_over_ranks, world
 from flame_ext.io.specs import TensorSpec, dtype_name
-from flame_ext.report import LossComparison, Problem, Report
+from flame_ext.report import LossComparison, Problem, Report, bucket_label
 
 __all__ = [
     "InitialLoadGuard",
@@ -185,10 +184,12 @@ class InitialLoadGuard:
         ``extra`` are host-found problems (e.g. keys an adapter does not map) pooled with the rest.
         """
         start = time.perf_counter()
-        self.reference, self.fresh = self._agreed(self._read_reference, "reading the reference")
+        self.report.checked = ["keys", "manifest"]
+        self.reference, self.fresh, reference_problems = self._agreed(self._read_reference, "reading the reference")
         found = dict(self._agreed(read_found, "reading the checkpoint metadata"))
         problems = self._agreed(lambda: list(extra) + self._parity(requested, found, tied or {}), "the key/shape check")
-        self.report.extend(pool(problems))
+        # What is wrong with the checkpoint itself first (a stock converter's nested keys), then the reference.
+        self.report.extend(pool(problems + reference_problems))
         self.report.counts = pool_counts(self.report.counts)
         logger.info(
             "flame-ext: checked %s before loading: %d model keys requested, %d keys in the checkpoint; %s "
@@ -201,35 +202,39 @@ class InitialLoadGuard:
         )
         self._raise_if_failed("before loading (nothing was read)")
 
-    def _read_reference(self) -> tuple[dict[str, Any], list[str]]:
+    def _read_reference(self) -> tuple[dict[str, Any], list[str], list[Problem]]:
+        """(reference, fresh keys, problems): a missing or unusable reference is a problem reported beside the
+        key/shape check's, not instead of it."""
         from flame_ext.io.manifest import MANIFEST_NAME, read_manifest, read_reference
 
         own = Path(self.checkpoint) / MANIFEST_NAME
         path = Path(self.config.initial_load_reference) if self.config.initial_load_reference else own
         if not path.is_file():
-            self._fail_manifest(f"no reference for the step-0 loss check: {path} does not exist")
+            return {}, [], [_manifest_problem(f"no reference for the step-0 loss check: {path} does not exist")]
         try:
             reference = read_reference(path)
             fresh = read_manifest(own).get("fresh_keys", []) if own.is_file() else []
         except FlameExtError as exc:
-            self._fail_manifest(str(exc))
+            return {}, [], [_manifest_problem(str(exc))]
         ids = reference["token_ids"]
         if not ids or len(ids[0]) < 2:
-            self._fail_manifest(f"{path}: the reference batch is empty")
+            return {}, [], [_manifest_problem(f"{path}: the reference batch is empty")]
         vocab = max(
             (m.num_embeddings for p in self.parts for m in p.modules() if isinstance(m, nn.Embedding)), default=None
         )
         top = max(max(row) for row in ids)
         if vocab is not None and top >= vocab:
-            self._fail_manifest(
-                f"{path}: reference token id {top} is outside the model's vocabulary of {vocab}: "
-                "the reference was made for another tokenizer or model"
+            return (
+                {},
+                [],
+                [
+                    _manifest_problem(
+                        f"{path}: reference token id {top} is outside the model's vocabulary of {vocab}: "
+                        "the reference was made for another tokenizer or model"
+                    )
+                ],
             )
-        return reference, list(fresh)
-
-    def _fail_manifest(self, detail: str) -> None:
-        self.report.problems.append(Problem("manifest", "error", None, detail, _REFERENCE_HINT))
-        self._raise_if_failed("before loading (nothing was read)")
+        return reference, list(fresh), []
 
     def _parity(
         self, requested: RequestedLoad, found: dict[str, TensorSpec | None], tied: dict[str, str]
@@ -281,7 +286,9 @@ class InitialLoadGuard:
             lambda: self._loss(probe, position_multiple, max_positions), "the step-0 forward pass"
         )
         self.report.loss = comparison
+        self.report.checked += ["buffers", "loss"]
         self._log_loss(comparison)
+        self._plot(comparison)
         if not math.isfinite(comparison.observed):
             self.report.problems.append(
                 Problem(
@@ -308,7 +315,7 @@ class InitialLoadGuard:
             )
         record_metrics(metric_logger, comparison)
         self._raise_if_failed("after loading")
-        logger.info("flame-ext initial-load report: %s", json.dumps(self.report.to_dict(), allow_nan=True))
+        logger.info("flame-ext initial-load report: %s", self.report.to_json(indent=None))
         logger.info(
             "flame-ext: initial load of %s validated (buffers and step-0 forward pass: %.0f ms)",
             self.checkpoint,
@@ -340,6 +347,8 @@ class InitialLoadGuard:
         ref = ref[:, :n]
         buckets = loss_by_position(ref, ref)
         ranges = [(0, n), (0, 1)] + [(b["start"], b["end"]) for b in buckets]  # all, the first position, buckets
+        if self.config.initial_load_plot:
+            ranges += [(i, i + 1) for i in range(n)]  # every position, for the plot
         with _EvalMode(self.parts):
             sums = probe(ids[:, : n + 1], ranges).to(torch.float64).cpu()
         reference_mean = float(self.reference["loss_mean"]) if n == ids.shape[1] - 1 else ref.mean().item()
@@ -351,7 +360,25 @@ class InitialLoadGuard:
         means = (sums[:, 0] / sums[:, 1]).tolist()
         by_position = [{**b, "observed": m} for b, m in zip(buckets, means[2:])]
         first = means[1] - ref[:, 0].mean().item()
-        return LossComparison(reference_mean, means[0], self.config.initial_load_max_loss_delta, by_position, first)
+        cmp = LossComparison(reference_mean, means[0], self.config.initial_load_max_loss_delta, by_position, first)
+        if self.config.initial_load_plot:
+            cmp.curve = {"observed": means[2 + len(buckets) :], "reference": ref.mean(0).tolist()}
+        return cmp
+
+    def _plot(self, cmp: LossComparison) -> None:
+        """Rank 0 draws ``initial_load_plot``; a plot that cannot be written is a warning, never a stop."""
+        path = self.config.initial_load_plot
+        if not path or rank() != 0 or cmp.curve is None:
+            return
+        from flame_ext.io.plot import plot_loss
+
+        try:
+            plot_loss(cmp, path, title=f"step-0 loss of {self.checkpoint} against the HF reference")
+        except (FlameExtError, OSError) as exc:
+            logger.warning("flame-ext: could not write checkpoint.initial_load_plot %s: %s", path, exc)
+            return
+        self.report.notes.append(f"per-position step-0 loss drawn in {path}")
+        logger.info("flame-ext: per-position step-0 loss drawn in %s", path)
 
     def _log_loss(self, lo: LossComparison) -> None:
         logger.info(
@@ -363,9 +390,7 @@ class InitialLoadGuard:
         )
         logger.info(
             "step-0 loss by position: %s",
-            "  ".join(
-                f"{b['start']}-{b['end']}: {b['observed']:.4f} (ref {b['reference']:.4f})" for b in lo.by_position
-            ),
+            "  ".join(f"{bucket_label(b)}: {b['observed']:.4f} (ref {b['reference']:.4f})" for b in lo.by_position),
         )
 
     # -- verdict
@@ -382,14 +407,19 @@ class InitialLoadGuard:
     def _raise_if_failed(self, when: str) -> None:
         if self.report.ok:
             return
-        record = json.dumps(self.report.to_dict(), allow_nan=True)
-        logger.error("flame-ext initial-load report: %s", record)
-        summary = self.report.render_text()
+        logger.error("flame-ext initial-load report: %s", self.report.to_json(indent=None))
+        summary = self.report.render_text(
+            more="all of them in the JSON record logged as 'flame-ext initial-load report'"
+        )
         raise InitialLoadValidationError(
             f"initial load of {self.checkpoint} failed validation {when} on rank {rank()} of {world()} "
             f"({_count_line(self.report)}):\n{summary}",
             self.report,
         )
+
+
+def _manifest_problem(detail: str) -> Problem:
+    return Problem("manifest", "error", None, detail, _REFERENCE_HINT)
 
 
 def _count_line(report: Report) -> str:

@@ -6,6 +6,7 @@ dataclasses); every host form is derived from this declaration.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ __all__ = ["GuardConfig"]
 
 @dataclass
 class GuardConfig:
-    """The guard's four settings; hosts carry them as ``checkpoint.<name>`` (flame TOML, torchtitan Config)."""
+    """The guard's settings; hosts carry them as ``checkpoint.<name>`` (flame TOML, torchtitan Config)."""
 
     validate_initial_load: bool = False
     """Check the initial load (step-0 folder or initial_load_path); resumes are never checked."""
@@ -28,6 +29,8 @@ class GuardConfig:
     """Manifest or reference file (`flame-ext reference`); default: flame_ext.json in the loaded checkpoint."""
     initial_load_repair_buffers: bool = True
     """Recompute wrong non-persistent buffers (RoPE inv_freq) from the config instead of failing."""
+    initial_load_plot: str | None = None
+    """PNG file for the per-position step-0 loss against the HF reference (rank 0 writes it; needs flame-ext[plot])."""
 
     def __post_init__(self) -> None:
         for name in ("validate_initial_load", "initial_load_repair_buffers"):
@@ -44,6 +47,21 @@ class GuardConfig:
             raise GuardConfigError(f"checkpoint.initial_load_reference = {ref!r}: must be a file path or unset")
         if ref is not None:
             self.initial_load_reference = str(Path(ref.strip()).expanduser())
+        self._check_plot()
+
+    def _check_plot(self) -> None:
+        plot = self.initial_load_plot
+        if plot is None:
+            return
+        if not isinstance(plot, str) or not plot.strip().lower().endswith(".png"):
+            raise GuardConfigError(
+                f"checkpoint.initial_load_plot = {plot!r}: must be a file path ending in .png, or unset"
+            )
+        if importlib.util.find_spec("matplotlib") is None:
+            raise GuardConfigError(
+                f"checkpoint.initial_load_plot = {plot!r}: drawing needs matplotlib: pip install flame-ext[plot]"
+            )
+        self.initial_load_plot = str(Path(plot.strip()).expanduser())
 
     @classmethod
     def from_section(cls, section: Any) -> GuardConfig:

@@ -380,6 +380,17 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise _RefusedGlobal(f"{module}.{name}")
 
 
+def _step_hint(folder: Path) -> str:
+    """``; did you mean .../step-0?`` for a trainer's checkpoint folder that holds saved steps."""
+    steps = sorted(
+        (int(p.name[5:]), p) for p in folder.glob("step-*") if p.name[5:].isdigit() and (p / ".metadata").is_file()
+    )
+    if not steps:
+        return ""
+    more = f" (it holds {len(steps)} saved steps, {steps[0][1].name} to {steps[-1][1].name})" if len(steps) > 1 else ""
+    return f"; did you mean {steps[0][1]}?{more}"
+
+
 def _unpickle_metadata(folder: Path) -> Metadata:
     """``.metadata`` unpickled with the allow-list; every problem is one ``CheckpointFormatError``."""
     if not folder.exists():
@@ -387,7 +398,7 @@ def _unpickle_metadata(folder: Path) -> Metadata:
     if not folder.is_dir():
         raise InputError(f"{folder}: is a file; expected a DCP checkpoint folder")
     if not (folder / ".metadata").is_file():
-        raise CheckpointFormatError(f"{folder}: not a DCP checkpoint (no .metadata file)")
+        raise CheckpointFormatError(f"{folder}: not a DCP checkpoint (no .metadata file){_step_hint(folder)}")
     try:
         with open(folder / ".metadata", "rb") as f:
             md = _MetadataUnpickler(f).load()

@@ -41,13 +41,20 @@ __all__ = [
     "is_dcp_folder",
     "is_hf_folder",
     "is_reference_file",
+    "is_png_file",
     "written_by_flame_ext",
 ]
 
-Kind = Literal["dcp", "hf", "reference"]
+Kind = Literal["dcp", "hf", "reference", "plot"]
 
-_WHAT = {"dcp": "a DCP checkpoint", "hf": "an HF model folder", "reference": "a reference file"}
-_WRITER = {"dcp": "flame-ext convert", "hf": "flame-ext to-hf", "reference": "flame-ext reference"}
+_WHAT = {"dcp": "a DCP checkpoint", "hf": "an HF model folder", "reference": "a reference file", "plot": "a PNG image"}
+_WRITER = {
+    "dcp": "flame-ext convert",
+    "hf": "flame-ext to-hf",
+    "reference": "flame-ext reference",
+    "plot": "a loss plot",
+}
+_FILE_KINDS = ("reference", "plot")
 
 # Files ``to-hf`` writes besides weights: config, generation config, and the tokenizer's files (it copies
 # every tokenizer and chat-template file of its source, whatever its exact name).
@@ -97,7 +104,15 @@ def is_reference_file(path: Path) -> bool:
     return isinstance(data, dict) and data.get("kind") == "reference" and "format_version" in data
 
 
-_RECOGNISERS = {"dcp": is_dcp_folder, "hf": is_hf_folder, "reference": is_reference_file}
+def is_png_file(path: Path) -> bool:
+    """A PNG image (a loss plot): a regular file starting with the PNG signature."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+_RECOGNISERS = {"dcp": is_dcp_folder, "hf": is_hf_folder, "reference": is_reference_file, "plot": is_png_file}
 
 
 def written_by_flame_ext(path: Path, kind: Kind) -> bool:
@@ -133,7 +148,7 @@ def check_destination(dest: str | os.PathLike, *, kind: Kind, force: bool) -> No
         )
     if not dest.exists():
         return
-    if dest.is_dir() and kind != "reference" and not os.listdir(dest):
+    if dest.is_dir() and kind not in _FILE_KINDS and not os.listdir(dest):
         return  # an empty folder is free to use
     if written_by_flame_ext(dest, kind):
         if force:
