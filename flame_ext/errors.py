@@ -8,6 +8,7 @@ Bugs stay ordinary exceptions and keep their tracebacks.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import sys
@@ -30,6 +31,7 @@ __all__ = [
     "TERMINATING_SIGNALS",
     "termination_raises",
     "first_line",
+    "report_without_traceback",
     "refused_global",
     "run_guarded",
 ]
@@ -115,6 +117,40 @@ def termination_raises() -> Iterator[None]:
             signal.signal(s, previous[s])
 
 
+def report_without_traceback() -> None:
+    """Make an uncaught ``InitialLoadValidationError`` print its report without a traceback (exit code 1, as
+    any uncaught exception; ``python -m flame_ext.flame.train`` exits 1 too).
+
+    For trainers that run the guard and do not catch its error (flame's patched ``train.py``): the report
+    is what the user needs; a traceback through torchtitan's load says nothing more. Also when the error is
+    wrapped (torchtitan 0.3 raises ``CheckpointException`` from it). Other exceptions, and any exception with
+    ``FLAME_EXT_DEBUG`` set, go to the hook that was installed before.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "_flame_ext", False):
+        return
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        found = _guard_error_in(exc)
+        if found is None or os.environ.get("FLAME_EXT_DEBUG"):
+            previous(exc_type, exc, tb)
+            return
+        print(f"{type(found).__module__}.{type(found).__name__}: {found}", file=sys.stderr, flush=True)
+
+    hook._flame_ext = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
+def _guard_error_in(exc: BaseException | None) -> InitialLoadValidationError | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, InitialLoadValidationError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def first_line(exc: BaseException) -> str:
     """The line of a library's exception worth quoting in a one-line message (at most 200 characters).
 
@@ -154,6 +190,11 @@ def run_guarded(
     try:
         with termination_raises():
             return fn(args)
+    except InitialLoadValidationError as exc:  # the run started and the guard found problems: exit 1, as diagnose
+        if debug:
+            raise
+        print(f"{prog}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     except FlameExtError as exc:
         if debug:
             raise

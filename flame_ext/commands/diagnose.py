@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from flame_ext.checks.keys import compare_specs, locate_keys, model_part
-from flame_ext.errors import CheckpointFormatError, InputError
-from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, data_file_extents, model_prefix, read_dcp_metadata
+from flame_ext.errors import InputError
+from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, check_data_files, model_prefix, read_dcp_metadata
 from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, open_hf, tied_aliases
 from flame_ext.io.manifest import MANIFEST_NAME, config_hash, read_manifest
 from flame_ext.io.specs import TensorSpec
@@ -77,22 +77,6 @@ class _Context:
 
 
 # ---------------------------------------------------------------- inputs
-
-
-def check_data_files(folder: Path) -> None:
-    """Every byte range ``.metadata`` promises must exist: a truncated shard is bad input, found by sizes only."""
-    needed = data_file_extents(folder)
-    for name, end in sorted(needed.items()):
-        file = folder / name
-        if not file.is_file():
-            raise CheckpointFormatError(
-                f"{file}: missing; .metadata names it as a data file of the checkpoint (incomplete copy?)"
-            )
-        size = file.stat().st_size
-        if size < end:
-            raise CheckpointFormatError(
-                f"{file}: truncated ({size} bytes, .metadata promises {end}); copy or write the checkpoint again"
-            )
 
 
 def _read_manifest_if_any(folder: Path) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ from flame_ext.io.dcp import (
     DEFAULT_BUFFER_BYTES,
     NON_MODEL_PREFIXES,
     DCPRowReader,
+    check_data_files,
     model_prefix,
     read_dcp_metadata,
     replace_dtype,
@@ -28,6 +29,7 @@ from flame_ext.io.dcp import (
 from flame_ext.io.destination import atomic_folder, check_destination
 from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, resolve_folder, tied_aliases
 from flame_ext.io.safetensors_writer import shard_plan, write_safetensors
+from flame_ext.io.specs import TensorSpec
 
 __all__ = ["ToHFOptions", "convert_dcp_to_hf"]
 
@@ -89,6 +91,7 @@ def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
     check_destination(opts.out, kind="hf", force=opts.force)
     ckpt = Path(opts.checkpoint)
     found = read_dcp_metadata(ckpt)
+    check_data_files(ckpt)
     config_dir = _config_folder(opts.config)
     tokenizer_dir = _tokenizer_folder(opts.tokenizer, config_dir)
     model = _meta_model_from_config(config_dir, opts.trust_remote_code)
@@ -112,7 +115,7 @@ def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
     specs = {k: replace_dtype(found[prefix + k], out_dtype) for k in wanted}  # type: ignore[arg-type]
     model_keys = {prefix + k for k in wanted}
     skipped = sorted(k for k in found if k not in model_keys and not k.startswith(NON_MODEL_PREFIXES))
-    summary = Summary(Path(opts.out).absolute(), notes=[f"{k}: not part of the HF model; not written" for k in skipped])
+    summary = Summary(Path(opts.out).absolute(), notes=[_skip_note(k, prefix, aliases) for k in skipped])
     total = sum(s.nbytes for s in specs.values())
 
     reader = DCPRowReader(ckpt)
@@ -141,7 +144,7 @@ def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
                 "weight_map": {k: n for n, keys in zip(names, shards) for k in keys},
             }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        _write_config(config_dir, tmp, out_dtype)
+        _write_config(config_dir, tmp, _dominant_dtype(specs))
         for folder, names in ((config_dir, _MODEL_FILES), (tokenizer_dir, _TOKENIZER_FILES)):
             for name in names:
                 if (folder / name).is_file():
@@ -162,13 +165,25 @@ def _tokenizer_folder(tokenizer: str | None, config_dir: Path) -> Path:
     return Path(tokenizer)
 
 
+def _skip_note(key: str, prefix: str, aliases: dict[str, str]) -> str:
+    name = key.removeprefix(prefix)
+    if name in aliases:
+        return f"{key}: tied to {aliases[name]} (the same tensor); HF files hold it once, as {aliases[name]}"
+    return f"{key}: not part of the HF model; not written"
+
+
+def _dominant_dtype(specs: dict[str, TensorSpec]) -> str | None:
+    floats = [s.dtype for s in specs.values() if getattr(torch, s.dtype).is_floating_point]
+    return max(set(floats), key=floats.count) if floats else None
+
+
 def _write_config(config_dir: Path, out: Path, dtype: str | None) -> None:
-    """Copy config.json as is (so a round trip keeps it byte for byte), updating only a changed dtype."""
-    if dtype is None:
+    """Copy config.json as is (so a round trip keeps it byte for byte) unless the weights' dtype differs from the
+    one it declares: then ``dtype`` (transformers 5) and ``torch_dtype`` (4.x) both say what the shards hold."""
+    config = json.loads((config_dir / "config.json").read_text())
+    declared = config.get("dtype") or config.get("torch_dtype")
+    if dtype is None or declared == dtype:
         shutil.copy2(config_dir / "config.json", out / "config.json")
         return
-    config = json.loads((config_dir / "config.json").read_text())
-    for field_name in ("dtype", "torch_dtype"):
-        if field_name in config:
-            config[field_name] = dtype
+    config["dtype"] = config["torch_dtype"] = dtype
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flame_ext.errors import FlameExtError, GuardConfigError, InitialLoadValidationError
+from flame_ext.errors import FlameExtError, GuardConfigError, InitialLoadValidationError, report_without_traceback
 from flame_ext.guard.options import GuardConfig
 from flame_ext.guard.ranks import RankFailure, agreed, max_over_ranks, pool, pool_counts, rank, sum_over_ranks, world
 from flame_ext.io.specs import TensorSpec, dtype_name
@@ -408,6 +408,7 @@ class InitialLoadGuard:
         if self.report.ok:
             return
         logger.error("flame-ext initial-load report: %s", self.report.to_json(indent=None))
+        report_without_traceback()  # a trainer that does not catch the error shows the report, not a traceback
         summary = self.report.render_text(
             more="all of them in the JSON record logged as 'flame-ext initial-load report'"
         )

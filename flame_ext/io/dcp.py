@@ -58,6 +58,7 @@ __all__ = [
     "load_state",
     "DCPRowReader",
     "data_file_extents",
+    "check_data_files",
     "row_blocks",
     "model_prefix",
     "NON_MODEL_PREFIXES",
@@ -441,6 +442,23 @@ def data_file_extents(folder: str | Path) -> dict[str, int]:
         if path is not None:
             needed[path] = max(needed.get(path, 0), end)
     return needed
+
+
+def check_data_files(folder: str | Path) -> None:
+    """Every byte range ``.metadata`` promises must exist: a missing or truncated data file is bad input, found
+    by sizes only, before any tensor is read."""
+    folder = Path(folder)
+    for name, end in sorted(data_file_extents(folder).items()):
+        file = folder / name
+        if not file.is_file():
+            raise CheckpointFormatError(
+                f"{file}: missing; .metadata names it as a data file of the checkpoint (incomplete copy?)"
+            )
+        size = file.stat().st_size
+        if size < end:
+            raise CheckpointFormatError(
+                f"{file}: truncated ({size} bytes, .metadata promises {end}); copy or write the checkpoint again"
+            )
 
 
 class _VettedReader(dcp.FileSystemReader):
