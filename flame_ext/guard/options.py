@@ -6,7 +6,6 @@ dataclasses); every host form is derived from this declaration.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,7 +56,9 @@ class GuardConfig:
             raise GuardConfigError(
                 f"checkpoint.initial_load_plot = {plot!r}: must be a file path ending in .png, or unset"
             )
-        if importlib.util.find_spec("matplotlib") is None:
+        from flame_ext.io.plot import matplotlib_missing
+
+        if matplotlib_missing():
             raise GuardConfigError(
                 f"checkpoint.initial_load_plot = {plot!r}: drawing needs matplotlib: pip install flame-ext[plot]"
             )

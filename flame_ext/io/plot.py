@@ -10,7 +10,6 @@ dependency (``pip install flame-ext[plot]``), imported only here and only when a
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -18,15 +17,24 @@ from flame_ext.errors import InputError
 from flame_ext.io.destination import atomic_file, check_destination
 from flame_ext.report import LossComparison, bucket_label
 
-__all__ = ["PLOT_SIZE", "check_plot_destination", "plot_loss", "smooth"]
+__all__ = ["PLOT_SIZE", "check_plot_destination", "matplotlib_missing", "plot_loss", "smooth"]
 
 PLOT_SIZE = (1000, 700)  # pixels of the PNG: 10 x 7 inches at 100 dpi
 _DPI = 100
 
 
+def matplotlib_missing() -> bool:
+    """True when matplotlib cannot be imported (the optional ``plot`` extra is not installed)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
 def check_plot_destination(path: str | os.PathLike, *, option: str) -> None:
     """Before any work: matplotlib importable, the path a .png that is absent or a previous plot."""
-    if importlib.util.find_spec("matplotlib") is None:
+    if matplotlib_missing():
         raise InputError(f"{option} {path}: drawing needs matplotlib: pip install flame-ext[plot]")
     if Path(path).suffix.lower() != ".png":
         raise InputError(f"{option} {path}: the plot is written as PNG; give a file name ending in .png")
