@@ -63,7 +63,7 @@ def plot_loss(cmp: LossComparison, path: str | os.PathLike, *, title: str) -> Pa
 
     observed, reference = cmp.curve["observed"], cmp.curve["reference"]
     n = len(observed)
-    window = max(1, n // 16)
+    window = max(1, n // 32)
     pos = list(range(n))
     obs_s, ref_s = smooth(observed, window), smooth(reference, window)
     gap = [o - r for o, r in zip(obs_s, ref_s)]
@@ -73,14 +73,14 @@ def plot_loss(cmp: LossComparison, path: str | os.PathLike, *, title: str) -> Pa
     top.plot(pos, obs_s, color="#d62728", lw=2.5, label=f"checkpoint (mean {cmp.observed:.3f})")
     top.plot(pos, ref_s, color="black", lw=1.5, ls="--", label=f"HF reference (mean {cmp.reference:.3f})")
     top.set_ylabel("loss, nats")
-    top.legend(loc="lower left", fontsize=10, framealpha=0.9)
+    top.legend(loc="best", fontsize=10, framealpha=0.9)
     fig.suptitle(title, fontsize=11)
     bottom.axhspan(-cmp.threshold, cmp.threshold, color="#2ca02c", alpha=0.15, label=f"threshold ±{cmp.threshold:g}")
     bottom.axhline(0.0, color="black", lw=0.8)
     bottom.plot(pos, gap, color="#9467bd", lw=2.5, label=f"checkpoint - reference (mean {cmp.delta:+.3f})")
     bottom.set_ylabel("gap, nats")
     bottom.set_xlabel(f"predicted position (moving average over {window} positions)")
-    bottom.legend(loc="upper left", fontsize=10, framealpha=0.9)
+    bottom.legend(loc="best", fontsize=10, framealpha=0.9)
     for b in cmp.by_position:
         for ax in (top, bottom):
             ax.axvline(b["start"], color="grey", lw=0.8, ls=":")
