@@ -11,7 +11,7 @@ import argparse
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from flame_ext import __version__
@@ -63,7 +63,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="output DCP folder (written atomically; must be absent, an empty folder, or with --force a DCP checkpoint)",
+        help="output DCP folder (written atomically): absent, an empty folder, or with --force a DCP checkpoint",
     )
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's own), bfloat16 or float32")
     p.add_argument(
@@ -294,16 +294,22 @@ def quiet_progress_bars() -> None:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run_command(
+    parse: Callable[[list[str]], argparse.Namespace],
+    run: Callable[[argparse.Namespace], int],
+    argv: Sequence[str] | None,
+    prog: str,
+) -> int:
+    """Parse and run one command line under ``run_guarded`` (so a usage error is one line too, and JSON with
+    ``--json``): the one way ``flame-ext`` and the drop-in modules start."""
     quiet_progress_bars()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("FLAME_EXT_DEBUG"))
+    return run_guarded(lambda a: run(parse(a)), argv, debug=debug, prog=prog, json_errors="--json" in argv)
 
-    def parse_and_run(argv: list[str]) -> int:
-        args = build_parser().parse_args(argv)
-        return args.run(args)
 
-    return run_guarded(parse_and_run, argv, debug=debug, json_errors="--json" in argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser().parse_args, lambda args: args.run(args), argv, "flame-ext")
 
 
 if __name__ == "__main__":

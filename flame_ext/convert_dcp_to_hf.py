@@ -59,16 +59,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from flame_ext.errors import run_guarded
+    from flame_ext.cli import run_command
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return run_guarded(
-        lambda a: _run(parse_args(a)),
-        argv,
-        debug="--debug" in argv,
-        prog="convert_dcp_to_hf",
-        json_errors="--json" in argv,
-    )
+    return run_command(parse_args, _run, argv, "convert_dcp_to_hf")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from flame_ext.errors import run_guarded
-
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     from flame_ext.cli import OneLineParser
@@ -61,14 +59,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return run_guarded(
-        lambda a: _run(parse_args(a)),
-        argv,
-        debug="--debug" in argv,
-        prog="convert_hf_to_dcp",
-        json_errors="--json" in argv,
-    )
+    from flame_ext.cli import run_command
+
+    return run_command(parse_args, _run, argv, "convert_hf_to_dcp")
 
 
 if __name__ == "__main__":
