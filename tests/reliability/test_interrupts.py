@@ -93,6 +93,8 @@ def _inspect(
         assert r.returncode == 128 + sig, f"{sig.name}: exit {r.returncode}\n{r.stderr[-3000:]}"
         # The last line says so (transformers may have drawn a progress bar before it); no traceback.
         assert "Traceback" not in r.stderr and f"interrupted by {sig.name}" in r.err_lines[-1], r.stderr[-3000:]
+        assert siblings(dest) == [], f"{sig.name} left {siblings(dest)}: it must clean up as Ctrl-C does"
+        stats[f"{sig.name}: cleaned up (nothing beside the destination)"] += 1
     elif sig == signal.SIGKILL and r.returncode != 0:
         assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     else:
