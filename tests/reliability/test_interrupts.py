@@ -3,12 +3,13 @@
 Each trial starts ``convert`` (HF -> DCP, half of them with the reference loss) or ``to-hf`` (DCP -> HF) on an
 8-shard model with small write blocks (~75 files), kills it with SIGKILL, SIGINT, SIGTERM or SIGHUP after a
 delay drawn by a seeded random generator (2-110 % of the last uncut run's duration, so the kill points cover
-planning, writing, the reference loss and the rename on any machine), and then checks what a user would check: the destination is absent, or it
-loads strictly and is bit-identical to the source; what is left beside it is named after the dead run and is not
-taken by torchtitan for a saved step; and the same command run again succeeds and leaves nothing beside the
-destination. Some trials replace an existing checkpoint (``--force``): then the old checkpoint must survive
-until the new one is complete. Also here: a write failure (file size limit) and two runs started at once into
-one destination.
+planning, writing, the reference loss and the rename on any machine), and then checks what a user would check:
+the destination is absent, or it loads strictly and is bit-identical to the source; a run stopped by SIGINT,
+SIGTERM or SIGHUP exits 128 + the signal number and leaves nothing beside the destination; what a SIGKILL
+leaves is named after the dead run and is not taken by torchtitan for a saved step; and the same command run
+again succeeds and leaves nothing beside the destination. Some trials replace an existing checkpoint
+(``--force``): then the old checkpoint must survive until the new one is complete. Also here: a write failure
+(file size limit) and two runs started at once into one destination.
 """
 
 from __future__ import annotations
