@@ -84,6 +84,13 @@ GUARD_OPTIONS: tuple[GuardOption, ...] = (
         "Recompute non-persistent buffers (RoPE inv_freq) that meta -> to_empty() left uninitialised, instead of "
         "failing on them. --checkpoint.no_initial_load_repair_buffers turns it off.",
     ),
+    GuardOption(
+        "initial_load_plot",
+        str,
+        None,
+        "PNG file for the per-position step-0 loss against the HF reference, written by rank 0 (needs "
+        "flame-ext[plot]).",
+    ),
 )
 
 

@@ -66,6 +66,9 @@ class ValidatingCheckpointManager(CheckpointManager):
         initial_load_repair_buffers: bool = True
         """Recompute wrong non-persistent buffers (RoPE) from the config instead of failing."""
 
+        initial_load_plot: str | None = None
+        """PNG file for the per-position step-0 loss against the HF reference (rank 0; needs flame-ext[plot])."""
+
         def __post_init__(self) -> None:
             CheckpointManager.Config.__post_init__(self)  # zero-arg super() fails in slots dataclasses
             checked = GuardConfig.from_section(self)
