@@ -18,8 +18,9 @@ from flame_ext.cli import main
 @pytest.fixture(scope="module")
 def model_256(tmp_path_factory) -> Path:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tests.reliability.make_model import byte_tokenizer
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("qwen2-256") / "model"
@@ -34,11 +35,7 @@ def model_256(tmp_path_factory) -> Path:
         tie_word_embeddings=False,
     )
     Qwen2ForCausalLM(cfg).save_pretrained(out)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # ids 0-255: the bytes
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast = byte_tokenizer()  # ids 0-255: the bytes; <|endoftext|> added after them
     assert fast.convert_tokens_to_ids("<|endoftext|>") == 256  # added past the 256-row embedding
     fast.save_pretrained(out)
     return out
