@@ -135,7 +135,11 @@ def report_without_traceback() -> None:
         if found is None or os.environ.get("FLAME_EXT_DEBUG"):
             previous(exc_type, exc, tb)
             return
-        print(f"{type(found).__module__}.{type(found).__name__}: {found}", file=sys.stderr, flush=True)
+        # Handed to the previous hook without its traceback and chain, so a hook that decorates the output
+        # (torch.distributed prefixes each line with "[rankN]: ") still does.
+        found.__cause__ = found.__context__ = None
+        found.__suppress_context__ = True
+        previous(type(found), found.with_traceback(None), None)
 
     hook._flame_ext = True  # type: ignore[attr-defined]
     sys.excepthook = hook
