@@ -138,7 +138,6 @@ def main() -> None:
     from flame_ext.commands.diagnose import (
         DiagnoseOptions,
         _Context,
-        check_data_files,
         diagnose,
         manifest_problems,
         metadata_pass,
@@ -169,7 +168,6 @@ def main() -> None:
     for _ in range(args.repeat):
         t0 = time.perf_counter()
         found = read_dcp_metadata(dcp_dir)
-        check_data_files(dcp_dir)
         hf = open_hf(hf_dir)
         manifest = read_manifest(dcp_dir)
         report, key_map = metadata_pass(found, expected, tied)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NoReturn
 
 from flame_ext import __version__
-from flame_ext.errors import run_guarded
+from flame_ext.errors import InputError, UsageError, run_guarded
 
 if TYPE_CHECKING:  # the commands import torch: only when one runs
     from flame_ext.commands.diagnose import DiagnoseOptions
@@ -29,6 +30,29 @@ EPILOG = """examples:
 """
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line naming the option and what is wrong (``--help`` shows usage).
+
+    argparse's own ``error`` prints the whole usage, then the message; a user who typed ``--threshold abc``
+    needs only: "--threshold: 'abc' is not a number". The error becomes a ``UsageError``, so it is printed
+    (and, with ``--json``, reported as JSON) by the same code as every other bad input: exit 2.
+    """
+
+    _REWRITES = (
+        (re.compile(r"argument (\S+?)(?:/\S+)?: invalid float value: (.*)"), r"\1: \2 is not a number"),
+        (re.compile(r"argument (\S+?)(?:/\S+)?: invalid int value: (.*)"), r"\1: \2 is not a whole number"),
+        (re.compile(r"argument (\S+?)(?:/\S+)?: (.*)"), r"\1: \2"),
+        (re.compile(r"the following arguments are required: (.*)"), r"\1: required"),
+    )
+
+    def error(self, message: str) -> NoReturn:
+        for pattern, repl in self._REWRITES:
+            if pattern.fullmatch(message):
+                message = pattern.sub(repl, message)
+                break
+        raise UsageError(message, prog=self.prog)
+
+
 _DEVICE_HELP = "cpu, cuda or auto (default: cuda when torch sees a GPU): where the reference forward runs"
 
 
@@ -40,9 +64,12 @@ def _flag(name: str, flame: bool) -> list[str]:
 
 def add_convert_arguments(p: argparse.ArgumentParser, *, flame: bool = False) -> None:
     """The arguments of ``convert`` (``flame``: as flame's convert_hf_to_dcp.py names them, --model required)."""
-    model_help = "HF model folder or hub id" + ("" if flame else " (default: the embedded tiny OLMo2)")
-    p.add_argument("--model", required=flame, help=model_help)
-    p.add_argument("--checkpoint", required=True, help="output DCP folder (written atomically)")
+    p.add_argument("--model", help="HF model folder or hub id (required; `flame-ext demo` shows the embedded model)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="output DCP folder (written atomically): absent, an empty folder, or with --force a DCP checkpoint",
+    )
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's own), bfloat16 or float32")
     p.add_argument(
         "--layout", default="flat", help="flat (torchtitan model-only load, default) or nested (model.-prefixed)"
@@ -61,13 +88,17 @@ def add_convert_arguments(p: argparse.ArgumentParser, *, flame: bool = False) ->
     p.add_argument(
         *_flag("--buffer-mb", flame), type=int, default=256, help="memory for tensor data in flight, MiB (default 256)"
     )
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--force", action="store_true", help="replace an existing DCP checkpoint (never anything else: refused, exit 2)"
+    )
 
 
 def convert_options(args: argparse.Namespace) -> ConvertOptions:
     """Parsed ``convert`` arguments (the CLI's or the drop-in's) as the converter's options."""
     from flame_ext.convert.hf_to_dcp import ConvertOptions
 
+    if not args.model:
+        raise InputError("--model is required; `flame-ext demo` shows the embedded model")
     return ConvertOptions(
         model=args.model,
         checkpoint=args.checkpoint,
@@ -123,7 +154,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def add_to_hf_arguments(p: argparse.ArgumentParser, *, flame: bool = False) -> None:
     """The arguments of ``to-hf`` besides where it reads and writes (the CLI and flame's drop-in name those apart)."""
     p.add_argument(
-        "--config", required=True, help="HF model folder (or a folder with config.json) the checkpoint was made for"
+        "--config",
+        required=True,
+        help="HF model folder or hub id (or a folder with config.json) the checkpoint was made for",
     )
     p.add_argument("--tokenizer", help="local folder to copy tokenizer files from (default: --config)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's own), bfloat16 or float32")
@@ -137,7 +170,9 @@ def add_to_hf_arguments(p: argparse.ArgumentParser, *, flame: bool = False) -> N
     p.add_argument(
         *_flag("--buffer-mb", flame), type=int, default=256, help="rows of a tensor read at once, MiB (default 256)"
     )
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--force", action="store_true", help="replace an HF folder written by to-hf (never anything else: exit 2)"
+    )
 
 
 def to_hf_options(args: argparse.Namespace) -> ToHFOptions:
@@ -176,7 +211,11 @@ def _add_to_hf(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint", required=True, help="DCP folder: flat or nested, model-only or full training checkpoint"
     )
-    p.add_argument("--out", required=True, help="output HF folder (written atomically)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output HF folder (written atomically; must be absent, an empty folder, or with --force an HF folder)",
+    )
     add_to_hf_arguments(p)
     p.set_defaults(run=run_to_hf)
 
@@ -190,14 +229,16 @@ def _add_reference(sub: argparse._SubParsersAction) -> None:
             "time, and records its loss and the fingerprints of the tensors as that dtype stores them."
         ),
     )
-    p.add_argument("--model", help="HF model folder or hub id (default: the embedded tiny OLMo2)")
-    p.add_argument("--out", required=True, help="output JSON file")
+    p.add_argument("--model", required=True, help="HF model folder or hub id")
+    p.add_argument("--out", required=True, help="output JSON file (checked before the model runs; written atomically)")
     p.add_argument("--reference-text")
     p.add_argument("--reference-seq-len", type=int, default=512)
     p.add_argument("--reference-device", default="auto", help=_DEVICE_HELP)
     p.add_argument("--dtype", default="auto", help="auto, bfloat16 or float32: the dtype the model runs in")
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.add_argument(
+        "--force", action="store_true", help="replace a reference file written by `flame-ext reference` (only that)"
+    )
     p.set_defaults(run=_run_reference)
 
 
@@ -214,7 +255,9 @@ def add_diagnose_arguments(p: argparse.ArgumentParser, *, flame: bool = False) -
     p.add_argument("--checkpoint", required=True, help="DCP folder (model-only or a full training checkpoint)")
     model_help = "HF model folder or hub id the checkpoint was made from"
     p.add_argument(
-        "--model", required=flame, help=model_help + ("" if flame else " (default: the embedded tiny OLMo2)")
+        "--model",
+        required=flame,
+        help=model_help + ("" if flame else " (default: the source recorded in the checkpoint's flame_ext.json)"),
     )
     p.add_argument("--values", action="store_true", help="also compare every tensor's values (streaming)")
     p.add_argument(
@@ -233,7 +276,16 @@ def add_diagnose_arguments(p: argparse.ArgumentParser, *, flame: bool = False) -
     p.add_argument(
         "--reference", help="reference file from `flame-ext reference` for --loss (default: the checkpoint's manifest)"
     )
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="with --loss: draw the per-position loss of the HF reference and the checkpoint (needs flame-ext[plot])",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print the report as JSON (docs/report-format.md; errors at exit 2 too: {"ok": false, "error": ...})',
+    )
     p.add_argument(*_flag("--trust-remote-code", flame), action="store_true")
 
 
@@ -260,7 +312,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
     """Diagnose and print the report; 0 when it holds no error, 1 otherwise."""
     from flame_ext.commands.diagnose import run
 
-    return run(diagnose_options(args), as_json=args.json)
+    return run(diagnose_options(args), as_json=args.json, plot=args.plot)
 
 
 def _add_diagnose(sub: argparse._SubParsersAction) -> None:
@@ -319,7 +371,7 @@ def _run_patch(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="flame-ext", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"flame-ext {__version__}")
@@ -330,10 +382,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_progress_bars() -> None:
+    """transformers' and huggingface_hub's own progress bars stay off when stderr is not a terminal (a log
+    file, a CI job): there they are only noise, one line per update."""
+    if sys.stderr.isatty():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by both libraries at import
+    if "transformers" in sys.modules:  # already imported (a host, a test): tell it directly
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+def run_command(
+    parse: Callable[[list[str]], argparse.Namespace],
+    run: Callable[[argparse.Namespace], int],
+    argv: Sequence[str] | None,
+    prog: str,
+) -> int:
+    """Parse and run one command line under ``run_guarded`` (so a usage error is one line too, and JSON with
+    ``--json``): the one way ``flame-ext`` and the drop-in modules start."""
+    quiet_progress_bars()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("FLAME_EXT_DEBUG"))
+    return run_guarded(lambda a: run(parse(a)), argv, debug=debug, prog=prog, json_errors="--json" in argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_guarded(args.run, args, debug=args.debug or bool(os.environ.get("FLAME_EXT_DEBUG")))
+    return run_command(build_parser().parse_args, lambda args: args.run(args), argv, "flame-ext")
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from flame_ext.cli import add_to_hf_arguments, run_to_hf
-from flame_ext.errors import run_guarded
+from flame_ext.cli import OneLineParser, add_to_hf_arguments, run_command, run_to_hf
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """flame's arguments (``--path`` and ``--step`` name the checkpoint); ``checkpoint`` and ``out`` derived."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(
+        prog="convert_dcp_to_hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--path", type=str, required=True, help="flame dump folder holding checkpoint/step-N")
     p.add_argument("--step", type=int, required=True)
     p.add_argument("--out", type=str, default=None, help="output folder (default: PATH/hf-step-STEP)")
@@ -35,8 +36,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_guarded(run_to_hf, args, debug=args.debug, prog="convert_dcp_to_hf")
+    return run_command(parse_args, run_to_hf, argv, "convert_dcp_to_hf")
 
 
 if __name__ == "__main__":

@@ -12,20 +12,19 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from flame_ext.cli import add_convert_arguments, run_convert
-from flame_ext.errors import run_guarded
+from flame_ext.cli import OneLineParser, add_convert_arguments, run_command, run_convert
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(
+        prog="convert_hf_to_dcp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_convert_arguments(p, flame=True)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_guarded(run_convert, args, debug=args.debug, prog="convert_hf_to_dcp")
+    return run_command(parse_args, run_convert, argv, "convert_hf_to_dcp")
 
 
 if __name__ == "__main__":

@@ -14,20 +14,20 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from flame_ext.cli import add_diagnose_arguments, run_diagnose
-from flame_ext.errors import run_guarded
+from flame_ext.cli import OneLineParser, add_diagnose_arguments, run_command, run_diagnose
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(
+        prog="diagnose_checkpoint", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_diagnose_arguments(p, flame=True)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_guarded(run_diagnose, args, debug=args.debug, prog="diagnose_checkpoint")
+    return run_command(parse_args, run_diagnose, argv, "diagnose_checkpoint")
 
 
 if __name__ == "__main__":

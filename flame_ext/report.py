@@ -1,17 +1,35 @@
 """Problems and how they are shown.
 
 A check never raises on the first thing it finds: it returns ``Problem`` records, and a ``Report`` gathers
-all of them so a user sees every fault at once, each with a hint saying what to do. The JSON form is a
-contract (see the README): tools and the training guard's log record use it.
+all of them so a user sees every fault at once, each with a hint saying what to do. The JSON form
+(``Report.to_dict``, the one implementation: ``diagnose --json`` prints it, the training guard logs it) is a
+versioned contract: ``schemas/report.schema.json`` describes it, docs/report-format.md explains it. It holds
+no NaN or Infinity literal (strict JSON parsers reject them): a non-finite number is ``null`` plus a note.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["Problem", "Report", "LossComparison", "KINDS"]
+__all__ = [
+    "Problem",
+    "Report",
+    "LossComparison",
+    "KINDS",
+    "SCHEMA_VERSION",
+    "SCHEMA_PATH",
+    "bucket_label",
+    "error_record",
+    "plural",
+]
+
+# Raised when a field changes meaning or is removed; new optional fields keep the version.
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "report.schema.json"
 
 KINDS = (
     "missing_key",
@@ -48,6 +66,29 @@ class Problem:
             raise ValueError(f"unknown severity {self.severity!r}")
 
 
+def plural(n: int, word: str) -> str:
+    """``1 error``, ``2 errors``."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def bucket_label(bucket: dict[str, Any]) -> str:
+    """A position bucket as the half-open range it is: ``[128, 256)`` (positions 128 to 255)."""
+    return f"[{bucket['start']}, {bucket['end']})"
+
+
+def error_record(message: str) -> dict[str, Any]:
+    """The JSON a command prints on stdout with ``--json`` when it fails at exit 2 (bad input)."""
+    return {"schema_version": SCHEMA_VERSION, "ok": False, "verdict": "ERROR", "error": message}
+
+
+def _finite_or_none(value: Any, where: str, notes: list[str]) -> Any:
+    """``value`` itself, or None (with a note naming the field) when it is a non-finite float."""
+    if isinstance(value, float) and not math.isfinite(value):
+        notes.append(f"{where} is {value} (not finite); written as null")
+        return None
+    return value
+
+
 @dataclass
 class LossComparison:
     """Observed loss on the reference batch against the HF reference, mean and by position bucket."""
@@ -59,6 +100,9 @@ class LossComparison:
     # Gap at the first predicted position alone: its token attends only to itself, so positional encoding
     # and the query/key projections cannot change it (see ``flame_ext.checks.loss.first_position_right``).
     first_position_delta: float | None = None
+    # Mean loss at every predicted position (over the rows), observed and reference: what ``--plot`` draws.
+    # Not part of the JSON (thousands of numbers); ``by_position`` summarises it.
+    curve: dict[str, list[float]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def delta(self) -> float:
@@ -69,14 +113,26 @@ class LossComparison:
         # NaN compares false, so a non-finite loss never passes.
         return abs(self.delta) <= self.threshold
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, notes: list[str] | None = None) -> dict[str, Any]:
+        """JSON-ready; a non-finite number becomes None, with a line in ``notes`` when given."""
+        notes = [] if notes is None else notes
         return {
-            "reference": self.reference,
-            "observed": self.observed,
-            "delta": self.delta,
+            "reference": _finite_or_none(self.reference, "loss.reference", notes),
+            "observed": _finite_or_none(self.observed, "loss.observed", notes),
+            "delta": _finite_or_none(self.delta, "loss.delta", notes),
             "threshold": self.threshold,
-            "by_position": self.by_position,
-            "first_position_delta": self.first_position_delta,
+            "by_position": [
+                {
+                    **b,
+                    "label": bucket_label(b),
+                    "observed": _finite_or_none(b["observed"], f"loss.by_position {bucket_label(b)} observed", notes),
+                    "reference": _finite_or_none(
+                        b["reference"], f"loss.by_position {bucket_label(b)} reference", notes
+                    ),
+                }
+                for b in self.by_position
+            ],
+            "first_position_delta": _finite_or_none(self.first_position_delta, "loss.first_position_delta", notes),
         }
 
 
@@ -88,8 +144,10 @@ class Report:
     counts: dict[str, int] = field(default_factory=dict)
     loss: LossComparison | None = None
     # Facts worth stating that are not problems (what kind of checkpoint it is, what was compared or repaired).
-    # Shown in the text report; not part of the JSON contract's problem list.
     notes: list[str] = field(default_factory=list)
+    # The passes that ran ("metadata", "tokenizer", "values", "loss"; the guard: "keys", "buffers", "loss"):
+    # an OK says only what was checked.
+    checked: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -99,36 +157,63 @@ class Report:
     def errors(self) -> list[Problem]:
         return [p for p in self.problems if p.severity == "error"]
 
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
     def extend(self, problems: list[Problem]) -> None:
         self.problems.extend(problems)
 
+    def unchecked(self) -> list[str]:
+        """Which of the costly passes (values, loss) did not run: a diagnose OK says so."""
+        if "keys" in self.checked:  # the guard: its loss pass is the value check
+            return []
+        return [p for p in ("values", "loss") if self.checked and p not in self.checked]
+
     def to_dict(self) -> dict[str, Any]:
+        """The JSON report (schema ``schemas/report.schema.json``, version ``SCHEMA_VERSION``)."""
         counts = {k: 0 for k in ("hf_params", "dcp_params", "missing", "unexpected", "shape", "dtype")}
         counts.update(self.counts)
+        notes = list(self.notes)
+        loss = self.loss.to_dict(notes) if self.loss else None
+        by_kind = {k: 0 for k in KINDS}
+        for p in self.problems:
+            by_kind[p.kind] += 1
         return {
+            "schema_version": SCHEMA_VERSION,
             "ok": self.ok,
+            "verdict": "OK" if self.ok else "FAILED",
+            "errors": len(self.errors),
+            "warnings": len(self.warnings),
+            "checked": list(self.checked),
+            "not_checked": self.unchecked(),
+            "problem_kinds": by_kind,
             "problems": [asdict(p) for p in self.problems],
             "counts": counts,
-            "loss": self.loss.to_dict() if self.loss else None,
+            "loss": loss,
+            "notes": notes,
         }
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=True)
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
-    def render_text(self, max_per_kind: int = 20, *, group_hints: bool = False) -> str:
+    def render_text(self, max_per_kind: int = 20, *, group_hints: bool = False, more: str = "see --json") -> str:
         """Readable report: counts, one line per problem with its hint, loss table, verdict line.
 
         ``group_hints``: consecutive problems of one kind with the same hint (18 tensors of two swapped
-        layers) show that hint once, after the last of them, instead of once per line.
+        layers) show that hint once, after the last of them, instead of once per line. ``more``: where the
+        problems beyond ``max_per_kind`` can be read. The parameter line is left out when no parameters were
+        counted (the key comparison did not run).
         """
         lines: list[str] = []
         d = self.to_dict()
         c = d["counts"]
-        lines.append(
-            f"parameters: HF {c['hf_params']:,}  checkpoint {c['dcp_params']:,}   "
-            f"missing {c['missing']}  unexpected {c['unexpected']}  shape {c['shape']}  dtype {c['dtype']}"
-        )
-        lines.extend(f"note: {n}" for n in self.notes)
+        if c["hf_params"] or c["dcp_params"]:
+            lines.append(
+                f"parameters: HF {c['hf_params']:,}  checkpoint {c['dcp_params']:,}   "
+                f"missing {c['missing']}  unexpected {c['unexpected']}  shape {c['shape']}  dtype {c['dtype']}"
+            )
+        lines.extend(f"note: {n}" for n in d["notes"])
         shown: dict[str, int] = {}
         visible = []
         for p in self.problems:
@@ -143,7 +228,7 @@ class Report:
                 lines.append(f"          hint: {p.hint}")
         for kind, n in shown.items():
             if n > max_per_kind:
-                lines.append(f"  ... and {n - max_per_kind} more {kind} problems (see --json)")
+                lines.append(f"  ... and {n - max_per_kind} more {kind} problems ({more})")
         if self.loss is not None:
             lo = self.loss
             lines.append(
@@ -151,13 +236,15 @@ class Report:
                 f"(delta {lo.delta:+.4f}, threshold {lo.threshold})"
             )
             if lo.by_position:
-                lines.append("  positions        observed   reference   delta")
+                lines.append("  positions          observed   reference   delta")
                 for b in lo.by_position:
                     lines.append(
-                        f"  {b['start']:>5}-{b['end']:<7}  {b['observed']:9.4f}   {b['reference']:9.4f}   "
+                        f"  {bucket_label(b):<15}  {b['observed']:9.4f}   {b['reference']:9.4f}   "
                         f"{b['observed'] - b['reference']:+.4f}"
                     )
-        n_err, n_warn = len(self.errors), len(self.problems) - len(self.errors)
-        verdict = "OK" if self.ok else "FAILED"
-        lines.append(f"verdict: {verdict} ({n_err} errors, {n_warn} warnings)")
+        counted = f"{plural(len(self.errors), 'error')}, {plural(len(self.warnings), 'warning')}"
+        skipped = self.unchecked()
+        if self.ok and skipped:
+            counted += f"; {' and '.join(skipped)} not checked (add " + " ".join(f"--{p}" for p in skipped) + ")"
+        lines.append(f"verdict: {d['verdict']} ({counted})")
         return "\n".join(lines)

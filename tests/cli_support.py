@@ -35,3 +35,27 @@ def run_cli(
     return subprocess.run(
         [sys.executable, "-m", module, *args], capture_output=True, text=True, env=full_env, timeout=timeout, **kw
     )
+
+
+def report_json(text: str) -> dict:
+    """Parse a JSON report (``diagnose --json`` output, the guard's logged record, an error record) strictly
+    (a NaN or Infinity literal fails) and validate it against the schema shipped in the package."""
+    import json
+
+    import jsonschema
+
+    from flame_ext.report import SCHEMA_PATH
+
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"the report holds a bare {name}: not strict JSON")
+
+    data = json.loads(text, parse_constant=no_constants)
+    jsonschema.validate(data, json.loads(SCHEMA_PATH.read_text()))
+    return data
+
+
+def valid_report(data: dict) -> dict:
+    """``report_json`` for a report already parsed (e.g. ``Report.to_dict()`` written by a worker process)."""
+    import json
+
+    return report_json(json.dumps(data, allow_nan=True))

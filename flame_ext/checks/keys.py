@@ -178,9 +178,11 @@ def compare_specs(
                     "training)",
                 )
             )
+    # A tied pair is one parameter stored under two names: counted once, as convert and the manifest count it.
+    twins = set(tied or {})
     result.counts = {
-        "hf_params": sum(s.numel for k, s in expected.items() if k not in fresh),
-        "dcp_params": sum(s.numel for k, s in have.items() if k not in fresh),
+        "hf_params": sum(s.numel for k, s in expected.items() if k not in fresh and k not in twins),
+        "dcp_params": sum(s.numel for k, s in have.items() if k not in fresh and rename.get(k, k) not in twins),
         "missing": len(missing),
         "unexpected": len(unexpected),
         "shape": n_shape,

@@ -88,6 +88,7 @@ def compare_loss(observed: torch.Tensor, reference: dict[str, Any], threshold: f
         threshold=threshold,
         by_position=loss_by_position(observed.float(), ref),
         first_position_delta=(observed[:, 0].float().mean() - ref[:, 0].mean()).item(),
+        curve={"observed": observed.float().mean(0).tolist(), "reference": ref.mean(0).tolist()},
     )
 
 

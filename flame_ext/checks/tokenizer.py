@@ -40,11 +40,30 @@ def _config_ids(value: Any) -> set[int]:
     return {int(v) for v in value} if isinstance(value, (list, tuple)) else {int(value)}
 
 
-def tokenizer_problems(tokenizer: Any, *, name: str, embedding_rows: int, config: dict[str, Any]) -> list[Problem]:
-    """Size against the embedding (error when larger), bos/eos/pad ids against the config (warnings)."""
+def tokenizer_problems(
+    tokenizer: Any, *, name: str, embedding_rows: int, config: dict[str, Any], source_own: bool = False
+) -> list[Problem]:
+    """Size against the embedding (error when larger), bos/eos/pad ids against the config (warnings).
+
+    ``source_own``: the tokenizer is the source model's own, so ids beyond the embedding are a property of
+    the source (a Qwen2-style tokenizer adding ``<|endoftext|>`` past the embedding), which the conversion
+    copied faithfully: a warning about the source, not an error about the checkpoint.
+    """
     problems: list[Problem] = []
     size = tokenizer_size(tokenizer)
-    if size > embedding_rows:
+    if size > embedding_rows and source_own:
+        problems.append(
+            Problem(
+                "tokenizer_mismatch",
+                "warning",
+                "vocab_size",
+                f"the source model's own tokenizer ({name}) produces ids up to {size - 1}, beyond its "
+                f"{embedding_rows}-row embedding: a property of the source, which the conversion copied as is",
+                "training data holding those ids fails at the first such batch (IndexError / device-side assert): "
+                "keep them out of the data, or resize the embedding (and vocab_size) before training",
+            )
+        )
+    elif size > embedding_rows:
         problems.append(
             Problem(
                 "tokenizer_mismatch",

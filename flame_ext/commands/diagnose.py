@@ -255,7 +255,10 @@ def tokenizer_check(ctx: _Context, tokenizer: str | None, trust_remote_code: boo
     path = tokenizer or str(ctx.hf.path)
     tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
     rows = ctx.model.get_input_embeddings().weight.shape[0]
-    return tokenizer_problems(tok, name=path, embedding_rows=rows, config=ctx.hf.config), None
+    problems = tokenizer_problems(
+        tok, name=path, embedding_rows=rows, config=ctx.hf.config, source_own=tokenizer is None
+    )
+    return problems, None
 
 
 # ---------------------------------------------------------------- the whole diagnosis
@@ -266,16 +269,41 @@ def _dominant_dtype(found: dict[str, TensorSpec | None]) -> str:
     return max(set(floats), key=floats.count) if floats else "float32"
 
 
+def recorded_source(folder: Path, manifest: dict[str, Any] | None) -> str:
+    """The HF model a manifest says the checkpoint was made from (local path if it still exists, else its id),
+    for ``diagnose`` without ``--model``; an error when nothing records it."""
+    src = (manifest or {}).get("source") or {}
+    path, model = src.get("path"), src.get("model")
+    if manifest is None or not (isinstance(path, str) or isinstance(model, str)):
+        where = f"no {MANIFEST_NAME}" if manifest is None else f"its {MANIFEST_NAME} records no source model"
+        raise InputError(
+            f"--model: not given, and {folder} has {where}; pass --model HF_FOLDER_OR_ID (the model it was made from)"
+        )
+    if isinstance(path, str) and Path(path).is_dir():
+        return path
+    return model if isinstance(model, str) else path
+
+
 def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: None) -> Report:
-    """Run every pass asked for; returns the report. Raises ``FlameExtError`` for unreadable input."""
+    """Run every pass asked for; returns the report. Raises ``FlameExtError`` for unreadable input.
+
+    Without ``opts.model`` the source recorded in the checkpoint's manifest is used (and ``opts.model`` set
+    to it, with a note saying so).
+    """
     folder = Path(opts.checkpoint)
     found = read_dcp_metadata(folder)  # validated: every byte range it promises exists (io.dcp_metadata)
-    hf = open_hf(opts.model)
     manifest = _read_manifest_if_any(folder)
+    recorded = opts.model is None
+    if recorded:
+        opts.model = recorded_source(folder, manifest)
+    hf = open_hf(opts.model)
     on_stage("building the model on meta")
     model = _build_expected(hf, manifest, opts.trust_remote_code)
     expected, tied = expected_tensors(model), tied_aliases(model)
     report, key_map = metadata_pass(found, expected, tied)
+    report.checked = ["metadata", "manifest", "tokenizer"] + ["config"] * bool(opts.train_config)
+    if recorded:
+        report.notes.insert(0, f"model: {opts.model}, the source recorded in {MANIFEST_NAME} (--model not given)")
     ctx = _Context(folder, found, hf, model, expected, tied, key_map, manifest)
     report.extend(manifest_problems(ctx, reference_given=opts.reference is not None))
     if opts.reference is not None:
@@ -287,8 +315,10 @@ def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: 
     report.notes.extend([tok_note] if tok_note else [])
     if opts.values:
         report.extend(_values_pass(ctx, opts, report, on_stage))
+        report.checked.append("values")
     if opts.loss:
         _loss_pass(ctx, opts, report, on_stage)
+        report.checked.append("loss")
     # Errors first; within a severity, the order of the passes (cheapest evidence first).
     report.problems.sort(key=lambda p: p.severity != "error")
     return report
@@ -369,19 +399,36 @@ def _header(opts: DiagnoseOptions, hf_source: str) -> str:
     return f"flame-ext diagnose: {opts.checkpoint} against {hf_source} ({', '.join(passes)})"
 
 
-def run(opts: DiagnoseOptions, *, as_json: bool = False) -> int:
-    """The ``diagnose`` subcommand: print the report (text or JSON); 0 when no error, 1 otherwise."""
+def run(opts: DiagnoseOptions, *, as_json: bool = False, plot: str | None = None) -> int:
+    """The ``diagnose`` subcommand: print the report (text or JSON), draw the loss when ``plot`` names a PNG;
+    0 when no error, 1 otherwise."""
+    if plot:
+        from flame_ext.io.plot import check_plot_destination
+
+        if not opts.loss:
+            raise InputError(f"--plot {plot}: draws the per-position loss, so it needs --loss")
+        check_plot_destination(plot, option="--plot")  # before the model runs
     stage = (
         (lambda s: print(f"... {s}", file=sys.stderr, flush=True))
         if sys.stderr.isatty() and not as_json
         else (lambda s: None)
     )
     report = diagnose(opts, on_stage=stage)
+    if plot:
+        _draw(report, plot, opts)
     if as_json:
-        import json
-
-        print(json.dumps({**report.to_dict(), "notes": report.notes}, indent=2, allow_nan=True))
+        print(report.to_json())
     else:
-        print(_header(opts, opts.model or "the embedded tiny OLMo2"))
+        print(_header(opts, opts.model or "?"))
         print(report.render_text(group_hints=True))
     return 0 if report.ok else 1
+
+
+def _draw(report: Report, plot: str, opts: DiagnoseOptions) -> None:
+    from flame_ext.io.plot import plot_loss
+
+    if report.loss is None or report.loss.curve is None:
+        report.notes.append(f"--plot {plot}: not drawn, the loss was not measured (see the notes above)")
+        return
+    plot_loss(report.loss, plot, title=f"{opts.checkpoint} against {opts.model}")
+    report.notes.append(f"per-position loss drawn in {plot}")

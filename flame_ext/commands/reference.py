@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from flame_ext import __version__
 from flame_ext.convert.hf_to_dcp import source_reader
-from flame_ext.errors import DestinationError, InputError
+from flame_ext.errors import InputError
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, replace_dtype, row_blocks
+from flame_ext.io.destination import atomic_file, check_destination
 from flame_ext.io.fingerprint import Recorder
 from flame_ext.io.hf import HFCheckpoint, open_hf
 from flame_ext.io.manifest import FORMAT_VERSION, config_hash, fingerprints_section
@@ -40,10 +40,7 @@ def source_fingerprints(hf: HFCheckpoint, dtype: str | None, buffer_bytes: int =
 def write_reference(args: argparse.Namespace) -> dict[str, Any]:
     """Compute the HF reference and write a reference-only manifest to ``args.out`` (atomically)."""
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise DestinationError(f"{out}: already exists; choose another path or pass --force to replace it")
-    if not out.parent.is_dir():
-        raise DestinationError(f"{out.parent}: no such folder")
+    check_destination(out, kind="reference", force=args.force)  # before the model runs
     if args.dtype not in ("auto", "bfloat16", "float32"):
         raise InputError(f"--dtype {args.dtype!r}: choose one of auto, bfloat16, float32")
     reference_device(args.reference_device)  # refused before the model runs
@@ -71,7 +68,6 @@ def write_reference(args: argparse.Namespace) -> dict[str, Any]:
         "reference": ref,
         "fingerprints": source_fingerprints(hf, dtype),
     }
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=1, allow_nan=False))
-    os.replace(tmp, out)
+    with atomic_file(out, kind="reference", force=args.force) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1, allow_nan=False))
     return ref

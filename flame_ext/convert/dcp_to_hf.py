@@ -26,11 +26,11 @@ from flame_ext.io.dcp import (
     replace_dtype,
 )
 from flame_ext.io.destination import atomic_folder, check_destination
-from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, tied_aliases
+from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, resolve_folder, tied_aliases
 from flame_ext.io.hf_config import read_model_config
 from flame_ext.io.manifest import MANIFEST_NAME
 from flame_ext.io.safetensors_writer import shard_plan, write_safetensors
-from flame_ext.io.specs import all_finite
+from flame_ext.io.specs import TensorSpec, all_finite
 
 __all__ = ["ToHFOptions", "convert_dcp_to_hf"]
 
@@ -62,11 +62,11 @@ class ToHFOptions:
 
 
 def _config_folder(config: str | None) -> Path:
-    path = Path(config) if config else None
-    if path is None:
-        raise InputError("--config: required (the HF model folder or a folder with its config.json)")
-    if not path.is_dir():
-        raise InputError(f"{config}: no such folder (expected an HF model folder or a folder with config.json)")
+    """The folder holding config.json: a local folder, or a hub id fetched (config and tokenizer only) like
+    ``convert --model`` fetches a model."""
+    if not config:
+        raise InputError("--config: required (the HF model folder or hub id, or a folder with its config.json)")
+    path, _ = resolve_folder(config, weights=False)
     if not (path / "config.json").is_file():
         raise InputError(f"{config}: no config.json")
     return path
@@ -83,9 +83,9 @@ def _meta_model_from_config(folder: Path, trust_remote_code: bool, weight_bytes:
 def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
     """DCP (flat or nested, model-only or full training checkpoint) -> HF folder, one block of rows at a time."""
     t0 = time.perf_counter()
-    check_destination(opts.out, force=opts.force)
+    check_destination(opts.out, kind="hf", force=opts.force)
     ckpt = Path(opts.checkpoint)
-    found = read_dcp_metadata(ckpt)
+    found = read_dcp_metadata(ckpt)  # validated: every byte range it promises exists (io.dcp_metadata)
     config_dir = _config_folder(opts.config)
     tokenizer_dir = _tokenizer_folder(opts.tokenizer, config_dir)
     weight_bytes = sum(s.nbytes for s in found.values() if s is not None)
@@ -110,7 +110,7 @@ def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
     specs = {k: replace_dtype(found[prefix + k], out_dtype) for k in wanted}  # type: ignore[arg-type]
     model_keys = {prefix + k for k in wanted}
     skipped = sorted(k for k in found if k not in model_keys and not k.startswith(NON_MODEL_PREFIXES))
-    summary = Summary(Path(opts.out).absolute(), notes=[f"{k}: not part of the HF model; not written" for k in skipped])
+    summary = Summary(Path(opts.out).absolute(), notes=[_skip_note(k, prefix, aliases) for k in skipped])
     total = sum(s.nbytes for s in specs.values())
 
     reader = DCPRowReader(ckpt)
@@ -123,7 +123,7 @@ def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
                 nonfinite.add(key)
             yield block.to(getattr(torch, specs[key].dtype))
 
-    with atomic_folder(opts.out, force=opts.force) as tmp:
+    with atomic_folder(opts.out, kind="hf", force=opts.force) as tmp:
         bar = Progress(total, opts.progress, "to-hf")
         shards = shard_plan(specs, opts.max_shard_bytes)
         names = (
@@ -142,7 +142,7 @@ def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
                 "weight_map": {k: n for n, keys in zip(names, shards) for k in keys},
             }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        _write_config(config_dir, tmp, out_dtype)
+        _write_config(config_dir, tmp, _dominant_dtype(specs))
         summary.notes += _copy_side_files(config_dir, tokenizer_dir, tmp)
     if nonfinite:
         summary.warnings.append(nonfinite_warning(sorted(prefix + k for k in nonfinite), str(ckpt)))
@@ -206,13 +206,25 @@ def _tokenizer_folder(tokenizer: str | None, config_dir: Path) -> Path:
     return Path(tokenizer)
 
 
+def _skip_note(key: str, prefix: str, aliases: dict[str, str]) -> str:
+    name = key.removeprefix(prefix)
+    if name in aliases:
+        return f"{key}: tied to {aliases[name]} (the same tensor); HF files hold it once, as {aliases[name]}"
+    return f"{key}: not part of the HF model; not written"
+
+
+def _dominant_dtype(specs: dict[str, TensorSpec]) -> str | None:
+    floats = [s.dtype for s in specs.values() if getattr(torch, s.dtype).is_floating_point]
+    return max(set(floats), key=floats.count) if floats else None
+
+
 def _write_config(config_dir: Path, out: Path, dtype: str | None) -> None:
-    """Copy config.json as is (so a round trip keeps it byte for byte), updating only a changed dtype."""
-    if dtype is None:
+    """Copy config.json as is (so a round trip keeps it byte for byte) unless the weights' dtype differs from the
+    one it declares: then ``dtype`` (transformers 5) and ``torch_dtype`` (4.x) both say what the shards hold."""
+    config = json.loads((config_dir / "config.json").read_text())
+    declared = config.get("dtype") or config.get("torch_dtype")
+    if dtype is None or declared == dtype:
         shutil.copy2(config_dir / "config.json", out / "config.json")
         return
-    config = json.loads((config_dir / "config.json").read_text())
-    for field_name in ("dtype", "torch_dtype"):
-        if field_name in config:
-            config[field_name] = dtype
+    config["dtype"] = config["torch_dtype"] = dtype
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -164,7 +164,7 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
     made the conversion slower, not faster.
     """
     t0 = time.perf_counter()
-    check_destination(opts.checkpoint, force=opts.force)
+    check_destination(opts.checkpoint, kind="dcp", force=opts.force)
     hf = open_hf(opts.model)
     model = build_meta_model(hf, trust_remote_code=opts.trust_remote_code)
     fresh = _fresh_tensors(model, opts.future_predictor, opts.dtype)
@@ -173,7 +173,7 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
     summary = Summary(Path(opts.checkpoint).absolute(), notes=notes, parameters=parameters)
     total = sum(e.spec.nbytes for e in entries)
     recorder = Recorder({e.key: e.spec.shape for e in entries})
-    with atomic_folder(opts.checkpoint, force=opts.force) as tmp:
+    with atomic_folder(opts.checkpoint, kind="dcp", force=opts.force) as tmp:
         bar = Progress(total, opts.progress, "convert")
         try:
             nonfinite = save_streaming(

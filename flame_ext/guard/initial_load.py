@@ -17,7 +17,6 @@ verdict taken on one rank alone would leave the others waiting in the next colle
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -29,11 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from flame_ext.errors import FlameExtError, GuardConfigError, InitialLoadValidationError
+from flame_ext.errors import FlameExtError, GuardConfigError, InitialLoadValidationError, report_without_traceback
 from flame_ext.guard.options import GuardConfig
 from flame_ext.guard.ranks import RankFailure, agreed, max_over_ranks, pool, pool_counts, rank, sum_over_ranks, world
 from flame_ext.io.specs import TensorSpec, dtype_name
-from flame_ext.report import LossComparison, Problem, Report
+from flame_ext.report import LossComparison, Problem, Report, bucket_label
 
 __all__ = [
     "InitialLoadGuard",
@@ -192,11 +191,15 @@ class InitialLoadGuard:
         ``extra`` are host-found problems (e.g. keys an adapter does not map) pooled with the rest.
         """
         start = time.perf_counter()
-        self.reference, self.fresh, self.fingerprints = self._agreed(self._read_reference, "reading the reference")
+        self.report.checked = ["keys", "manifest"]
+        self.reference, self.fresh, self.fingerprints, reference_problems = self._agreed(
+            self._read_reference, "reading the reference"
+        )
         found = self.found = dict(self._agreed(read_found, "reading the checkpoint metadata"))
         self.model_prefix = requested.model_prefix
         problems = self._agreed(lambda: list(extra) + self._parity(requested, found, tied or {}), "the key/shape check")
-        self.report.extend(pool(problems))
+        # What is wrong with the checkpoint itself first (a stock converter's nested keys), then the reference.
+        self.report.extend(pool(problems + reference_problems))
         self.report.counts = pool_counts(self.report.counts)
         logger.info(
             "flame-ext: checked %s before loading: %d model keys requested, %d keys in the checkpoint; %s "
@@ -209,27 +212,28 @@ class InitialLoadGuard:
         )
         self._raise_if_failed("before loading (nothing was read)")
 
-    def _read_reference(self) -> tuple[dict[str, Any], list[str], Any]:
+    def _read_reference(self) -> tuple[dict[str, Any], list[str], Any, list[Problem]]:
+        """(reference, fresh keys, fingerprints, problems): a missing or unusable reference is a problem reported
+        beside the key/shape check's, not instead of it."""
         from flame_ext.io.manifest import MANIFEST_NAME, read_fingerprints, read_manifest, read_reference
 
         own = Path(self.checkpoint) / MANIFEST_NAME
         path = Path(self.config.initial_load_reference) if self.config.initial_load_reference else own
         if not path.is_file():
-            self._fail_manifest(f"no reference for the step-0 loss check: {path} does not exist")
+            return {}, [], None, [_manifest_problem(f"no reference for the step-0 loss check: {path} does not exist")]
         try:
             reference = read_reference(path)
             fresh = read_manifest(own).get("fresh_keys", []) if own.is_file() else []
             fingerprints = self._fingerprints(read_fingerprints(read_manifest(path)), path)
         except FlameExtError as exc:
-            self._fail_manifest(str(exc))
+            return {}, [], None, [_manifest_problem(str(exc))]
         ids = reference["token_ids"]  # a rectangle of ids >= 0 (io.manifest.check_reference); bounded here
         from flame_ext.checks.loss import embedding_rows, reference_vocabulary_problem
 
         foreign = reference_vocabulary_problem(ids, embedding_rows(self.parts), str(path), _REFERENCE_HINT)
         if foreign is not None:
-            self.report.problems.append(foreign)
-            self._raise_if_failed("before loading (nothing was read)")
-        return reference, list(fresh), fingerprints
+            return {}, [], None, [foreign]
+        return reference, list(fresh), fingerprints, []
 
     def _fingerprints(self, found: tuple[Any, str | None], path: Path) -> Any:
         """The recorded fingerprints when values are to be verified; None (with a note) when not."""
@@ -245,10 +249,6 @@ class InitialLoadGuard:
         if note:
             self.report.notes.append(note)
         return fingerprints
-
-    def _fail_manifest(self, detail: str) -> None:
-        self.report.problems.append(Problem("manifest", "error", None, detail, _REFERENCE_HINT))
-        self._raise_if_failed("before loading (nothing was read)")
 
     def _parity(
         self, requested: RequestedLoad, found: dict[str, TensorSpec | None], tied: dict[str, str]
@@ -306,7 +306,9 @@ class InitialLoadGuard:
             lambda: self._loss(probe, position_multiple, max_positions), "the step-0 forward pass"
         )
         self.report.loss = comparison
+        self.report.checked += ["buffers", "loss"]
         self._log_loss(comparison)
+        self._plot(comparison)
         if not math.isfinite(comparison.observed):
             self.report.problems.append(
                 Problem(
@@ -340,7 +342,7 @@ class InitialLoadGuard:
         self._log_versions()
         record_metrics(metric_logger, comparison, self.figures)
         self._raise_if_failed("after loading")
-        logger.info("flame-ext initial-load report: %s", json.dumps(self.report.to_dict(), allow_nan=True))
+        logger.info("flame-ext initial-load report: %s", self.report.to_json(indent=None))
         logger.info(
             "flame-ext: initial load of %s validated (buffers and step-0 forward pass: %.0f ms)",
             self.checkpoint,
@@ -422,6 +424,8 @@ class InitialLoadGuard:
         ref = ref[:, :n]
         buckets = loss_by_position(ref, ref)
         ranges = [(0, n), (0, 1)] + [(b["start"], b["end"]) for b in buckets]  # all, the first position, buckets
+        if self.config.initial_load_plot:
+            ranges += [(i, i + 1) for i in range(n)]  # every position, for the plot
         with _EvalMode(self.parts):
             sums = probe(ids[:, : n + 1], ranges).to(torch.float64).cpu()
         reference_mean = float(self.reference["loss_mean"]) if n == ids.shape[1] - 1 else ref.mean().item()
@@ -433,7 +437,25 @@ class InitialLoadGuard:
         means = (sums[:, 0] / sums[:, 1]).tolist()
         by_position = [{**b, "observed": m} for b, m in zip(buckets, means[2:])]
         first = means[1] - ref[:, 0].mean().item()
-        return LossComparison(reference_mean, means[0], self.config.initial_load_max_loss_delta, by_position, first)
+        cmp = LossComparison(reference_mean, means[0], self.config.initial_load_max_loss_delta, by_position, first)
+        if self.config.initial_load_plot:
+            cmp.curve = {"observed": means[2 + len(buckets) :], "reference": ref.mean(0).tolist()}
+        return cmp
+
+    def _plot(self, cmp: LossComparison) -> None:
+        """Rank 0 draws ``initial_load_plot``; a plot that cannot be written is a warning, never a stop."""
+        path = self.config.initial_load_plot
+        if not path or rank() != 0 or cmp.curve is None:
+            return
+        from flame_ext.io.plot import plot_loss
+
+        try:
+            plot_loss(cmp, path, title=f"step-0 loss of {self.checkpoint} against the HF reference")
+        except (FlameExtError, OSError) as exc:
+            logger.warning("flame-ext: could not write checkpoint.initial_load_plot %s: %s", path, exc)
+            return
+        self.report.notes.append(f"per-position step-0 loss drawn in {path}")
+        logger.info("flame-ext: per-position step-0 loss drawn in %s", path)
 
     def _log_loss(self, lo: LossComparison) -> None:
         logger.info(
@@ -445,9 +467,7 @@ class InitialLoadGuard:
         )
         logger.info(
             "step-0 loss by position: %s",
-            "  ".join(
-                f"{b['start']}-{b['end']}: {b['observed']:.4f} (ref {b['reference']:.4f})" for b in lo.by_position
-            ),
+            "  ".join(f"{bucket_label(b)}: {b['observed']:.4f} (ref {b['reference']:.4f})" for b in lo.by_position),
         )
 
     # -- verdict
@@ -464,14 +484,20 @@ class InitialLoadGuard:
     def _raise_if_failed(self, when: str) -> None:
         if self.report.ok:
             return
-        record = json.dumps(self.report.to_dict(), allow_nan=True)
-        logger.error("flame-ext initial-load report: %s", record)
-        summary = self.report.render_text()
+        logger.error("flame-ext initial-load report: %s", self.report.to_json(indent=None))
+        report_without_traceback()  # a trainer that does not catch the error shows the report, not a traceback
+        summary = self.report.render_text(
+            more="all of them in the JSON record logged as 'flame-ext initial-load report'"
+        )
         raise InitialLoadValidationError(
             f"initial load of {self.checkpoint} failed validation {when} on rank {rank()} of {world()} "
             f"({_count_line(self.report)}):\n{summary}",
             self.report,
         )
+
+
+def _manifest_problem(detail: str) -> Problem:
+    return Problem("manifest", "error", None, detail, _REFERENCE_HINT)
 
 
 def _count_line(report: Report) -> str:

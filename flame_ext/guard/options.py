@@ -42,6 +42,8 @@ class GuardConfig:
     initial_load_verify_values: bool | None = None
     """Verify every loaded tensor exactly against the fingerprints recorded at conversion, on every rank.
     Unset: verify when the reference has fingerprints; true: require them; false: skip (the loss gate still runs)."""
+    initial_load_plot: str | None = None
+    """PNG file for the per-position step-0 loss against the HF reference (rank 0 writes it; needs flame-ext[plot])."""
 
     def __post_init__(self) -> None:
         for name in ("validate_initial_load", "initial_load_repair_buffers"):
@@ -65,6 +67,23 @@ class GuardConfig:
             raise GuardConfigError(f"checkpoint.initial_load_reference = {ref!r}: must be a file path or unset")
         if ref is not None:
             self.initial_load_reference = str(Path(ref.strip()).expanduser())
+        self._check_plot()
+
+    def _check_plot(self) -> None:
+        plot = self.initial_load_plot
+        if plot is None:
+            return
+        if not isinstance(plot, str) or not plot.strip().lower().endswith(".png"):
+            raise GuardConfigError(
+                f"checkpoint.initial_load_plot = {plot!r}: must be a file path ending in .png, or unset"
+            )
+        from flame_ext.io.plot import matplotlib_missing
+
+        if matplotlib_missing():
+            raise GuardConfigError(
+                f"checkpoint.initial_load_plot = {plot!r}: drawing needs matplotlib: pip install flame-ext[plot]"
+            )
+        self.initial_load_plot = str(Path(plot.strip()).expanduser())
 
     @classmethod
     def from_section(cls, section: Any) -> GuardConfig:

@@ -38,7 +38,14 @@ from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWrite
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.futures import Future
 
-from flame_ext.errors import CheckpointFormatError, FlameExtError, InputError, first_line, refused_global
+from flame_ext.errors import (
+    TERMINATING_SIGNALS,
+    CheckpointFormatError,
+    FlameExtError,
+    InputError,
+    first_line,
+    refused_global,
+)
 from flame_ext.io.dcp_metadata import validate_metadata
 from flame_ext.io.specs import TensorSpec, all_finite, dtype_name
 
@@ -225,7 +232,7 @@ class _Writer(dcp.FileSystemWriter):
 
 @contextlib.contextmanager
 def _ctrl_c_held() -> Iterator[None]:
-    """Hold Ctrl-C back until the block ends, then deliver it.
+    """Hold Ctrl-C (and SIGTERM/SIGHUP where flame-ext raises for them) back until the block ends, then deliver it.
 
     A Ctrl-C raised inside ``Thread.start`` would leave a thread running that nobody waits for: the
     worker was launched but never recorded. Blocking SIGINT in this thread is not enough: the kernel
@@ -234,19 +241,30 @@ def _ctrl_c_held() -> Iterator[None]:
     Only the main thread receives ``KeyboardInterrupt``; elsewhere there is nothing to hold. A handler
     installed outside Python (``getsignal`` gives None) could not be put back, so it is left alone.
     """
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    held = [s for s in (signal.SIGINT, *TERMINATING_SIGNALS) if _holdable(s)]
     noted: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in held}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if noted and callable(previous):
-            previous(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt here
-        elif noted and previous == signal.SIG_DFL:
-            signal.raise_signal(signal.SIGINT)
+        for s in held:
+            signal.signal(s, previous[s])
+        for signum in noted[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)  # the default SIGINT handler raises KeyboardInterrupt here
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
+
+def _holdable(signum: int) -> bool:
+    handler = signal.getsignal(signum)
+    if signum == signal.SIGINT:
+        return handler is not None
+    return callable(handler)  # SIGTERM/SIGHUP: only a Python handler (``termination_raises``) can be held
 
 
 def _wait_all(events: list[threading.Event]) -> None:
@@ -378,6 +396,17 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise _RefusedGlobal(f"{module}.{name}")
 
 
+def _step_hint(folder: Path) -> str:
+    """``; did you mean .../step-0?`` for a trainer's checkpoint folder that holds saved steps."""
+    steps = sorted(
+        (int(p.name[5:]), p) for p in folder.glob("step-*") if p.name[5:].isdigit() and (p / ".metadata").is_file()
+    )
+    if not steps:
+        return ""
+    more = f" (it holds {len(steps)} saved steps, {steps[0][1].name} to {steps[-1][1].name})" if len(steps) > 1 else ""
+    return f"; did you mean {steps[0][1]}?{more}"
+
+
 def _unpickle_metadata(folder: Path) -> Metadata:
     """``.metadata`` unpickled with the allow-list and validated as data (``validate_metadata``); every reader of
     a checkpoint comes through here, and every problem is one ``CheckpointFormatError``."""
@@ -386,7 +415,7 @@ def _unpickle_metadata(folder: Path) -> Metadata:
     if not folder.is_dir():
         raise InputError(f"{folder}: is a file; expected a DCP checkpoint folder")
     if not (folder / ".metadata").exists():
-        raise CheckpointFormatError(f"{folder}: not a DCP checkpoint (no .metadata file)")
+        raise CheckpointFormatError(f"{folder}: not a DCP checkpoint (no .metadata file){_step_hint(folder)}")
     if not (folder / ".metadata").is_file():  # a FIFO or device would block or never end
         raise CheckpointFormatError(f"{folder}/.metadata: not a regular file; the checkpoint is corrupt")
     try:

@@ -1,9 +1,17 @@
-"""Atomic output folders: a result appears whole at its destination or not at all.
+"""Destinations: what may be replaced, and atomic output (a result appears whole or not at all).
+
+What ``--force`` may replace is decided here, once, for every writer: only what flame-ext itself writes
+there (``written_by_flame_ext``: a DCP folder for ``convert``, an HF folder for ``to-hf``, a reference
+file for ``reference``). An empty folder is used without ``--force``. Anything else (a folder holding
+other files, a regular file, a symlink, a dangling symlink) is refused before any work, and again under
+the lock just before the rename, so nothing a user keeps there is ever removed.
 
 Work happens in a hidden temporary sibling (same filesystem, so the final step is a ``rename``, made only
-after everything in the sibling is flushed to disk), guarded
-by an exclusive lock so two runs aimed at one destination cannot interleave. Temporaries left by a killed
-run carry the dead process id in their name and are removed by the next run that takes the lock.
+after everything in it is flushed to disk), guarded by an exclusive ``flock`` so two runs aimed at one
+destination cannot interleave. A writer is identified by the lock it holds, not by its process id: a
+process id can be reused (and is 1 for every run in a container), a held ``flock`` dies with its holder.
+So whoever holds the lock removes every temporary sibling it finds: none of them can belong to a live run.
+Parent folders created for the output are removed again when the run fails.
 """
 
 from __future__ import annotations
@@ -12,14 +20,153 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import json
 import os
+import re
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 from flame_ext.errors import DestinationError
 
-__all__ = ["atomic_folder", "check_destination", "temp_prefix"]
+__all__ = [
+    "Kind",
+    "atomic_folder",
+    "atomic_file",
+    "check_destination",
+    "temp_prefix",
+    "lock_path",
+    "is_dcp_folder",
+    "is_hf_folder",
+    "is_reference_file",
+    "is_png_file",
+    "written_by_flame_ext",
+]
+
+Kind = Literal["dcp", "hf", "reference", "plot"]
+
+_WHAT = {"dcp": "a DCP checkpoint", "hf": "an HF model folder", "reference": "a reference file", "plot": "a PNG image"}
+_WRITER = {
+    "dcp": "flame-ext convert",
+    "hf": "flame-ext to-hf",
+    "reference": "flame-ext reference",
+    "plot": "a loss plot",
+}
+_FILE_KINDS = ("reference", "plot")
+
+# Files ``to-hf`` writes besides weights: config, generation config, and the tokenizer's files (it copies
+# every tokenizer and chat-template file of its source, whatever its exact name).
+_HF_SIDE_FILES = re.compile(
+    r"(config|generation_config|model\.safetensors\.index|special_tokens_map|added_tokens|preprocessor_config)\.json"
+    r"|model(-\d+-of-\d+)?\.safetensors|tokenizer.*|.*vocab.*|merges\.txt|.*chat_template.*|spiece\.model"
+    r"|.*\.tiktoken|sentencepiece.*\.model"
+)
+_DCP_FILES = re.compile(r"\.metadata|.*\.distcp|flame_ext\.json")
+
+
+# ---------------------------------------------------------------- what flame-ext writes
+
+
+def _plain_files(folder: Path) -> list[str] | None:
+    """Names of the entries of ``folder`` when every one is a regular file (no link, no folder), else None."""
+    names = []
+    for entry in os.scandir(folder):
+        if not entry.is_file(follow_symlinks=False):
+            return None
+        names.append(entry.name)
+    return names
+
+
+def is_dcp_folder(path: Path) -> bool:
+    """A DCP checkpoint as ``convert`` writes it: ``.metadata`` plus data files, with or without ``flame_ext.json``."""
+    names = _plain_files(path) if path.is_dir() and not path.is_symlink() else None
+    return names is not None and ".metadata" in names and all(_DCP_FILES.fullmatch(n) for n in names)
+
+
+def is_hf_folder(path: Path) -> bool:
+    """An HF folder as ``to-hf`` writes it: ``config.json``, safetensors weights, generation config, tokenizer."""
+    names = _plain_files(path) if path.is_dir() and not path.is_symlink() else None
+    if names is None or "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
+        return False
+    return all(_HF_SIDE_FILES.fullmatch(n) for n in names)
+
+
+def is_reference_file(path: Path) -> bool:
+    """A reference file as ``reference`` writes it: a JSON object of kind "reference" (read as data, bounded)."""
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > 64 << 20:
+        return False
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("kind") == "reference" and "format_version" in data
+
+
+def is_png_file(path: Path) -> bool:
+    """A PNG image (a loss plot): a regular file starting with the PNG signature."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+_RECOGNISERS = {"dcp": is_dcp_folder, "hf": is_hf_folder, "reference": is_reference_file, "plot": is_png_file}
+
+
+def written_by_flame_ext(path: Path, kind: Kind) -> bool:
+    """True when ``path`` holds exactly what flame-ext's ``kind`` writer writes: the only thing --force replaces."""
+    return _RECOGNISERS[kind](path)
+
+
+# ---------------------------------------------------------------- the rule
+
+
+def _describe_folder(path: Path, kind: Kind) -> str:
+    """What the folder holds, the entries that make it not ``kind``'s output named first."""
+    entries = sorted(os.scandir(path), key=lambda e: e.name)
+    if not entries:
+        return "an empty folder"
+    pattern = _DCP_FILES if kind == "dcp" else _HF_SIDE_FILES
+    foreign = [e.name for e in entries if not (e.is_file(follow_symlinks=False) and pattern.fullmatch(e.name))]
+    names = foreign + [e.name for e in entries if e.name not in foreign]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"a folder holding {shown}"
+
+
+def check_destination(dest: str | os.PathLike, *, kind: Kind, force: bool) -> None:
+    """Refuse a destination flame-ext may not write, before any work is done; one line naming what is there."""
+    dest = Path(dest)
+    what, writer = _WHAT[kind], _WRITER[kind]
+    if dest.is_symlink():
+        target = os.readlink(dest)
+        state = "" if dest.exists() else ", which does not exist"
+        raise DestinationError(
+            f"{dest}: is a symlink (to {target}{state}); flame-ext does not write through links: "
+            "choose another path or remove the link"
+        )
+    if not dest.exists():
+        return
+    if dest.is_dir() and kind not in _FILE_KINDS and not os.listdir(dest):
+        return  # an empty folder is free to use
+    if written_by_flame_ext(dest, kind):
+        if force:
+            return
+        raise DestinationError(f"{dest}: already exists ({what}); choose another path or pass --force to replace it")
+    if dest.is_dir():
+        found = _describe_folder(dest, kind)
+    elif dest.is_file():
+        found = "a regular file"
+    else:
+        found = f"a special file ({stat.filemode(dest.stat().st_mode)})"
+    raise DestinationError(
+        f"{dest}: already exists and is {found}, not {what} written by {writer}; "
+        "--force replaces only that: choose another path or move it away"
+    )
+
+
+# ---------------------------------------------------------------- temporaries and the lock
 
 
 def temp_prefix(dest: Path) -> str:
@@ -32,24 +179,94 @@ def temp_prefix(dest: Path) -> str:
     return f".{dest.name.replace('-', '_')}.flame-ext-tmp-"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def lock_path(dest: Path) -> Path:
+    """The lock file beside ``dest``; named like the temporaries' prefix, so two destination names that share
+    a prefix (``step-0``, ``step_0``) share a lock, and the lock holder may clear every temporary it sees."""
+    return dest.parent / f".{dest.name.replace('-', '_')}.flame-ext-lock"
 
 
 def _remove_stale_temps(dest: Path) -> list[Path]:
+    """Every temporary sibling of ``dest``: called with the lock held, so none belongs to a live run."""
     removed = []
     for p in dest.parent.glob(temp_prefix(dest) + "*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        removed.append(p)
     return removed
+
+
+@contextlib.contextmanager
+def _exclusive_lock(dest: Path) -> Iterator[None]:
+    """Hold ``dest``'s lock file with ``flock`` for the block; refuse when another run holds it.
+
+    The file is removed when the block ends. A run that opened it just before that removal would then
+    lock a file no longer in the folder, while a third run creates and locks a new one; so after taking
+    the lock, the file must still be the one at the path (same inode), or the lock is taken again.
+    """
+    path = lock_path(dest)
+    for _ in range(100):
+        try:
+            lock = open(path, "a+")  # noqa: SIM115 (closed below, after the lock is released)
+        except OSError as exc:
+            raise DestinationError(f"{dest.parent}: not writable ({exc.strerror})") from exc
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            lock.close()
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise DestinationError(
+                    f"{dest}: another flame-ext run is writing there now; wait for it to finish"
+                ) from exc
+            raise
+        with contextlib.suppress(OSError):
+            if os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        lock.close()
+    else:
+        raise DestinationError(f"{path}: the lock file keeps changing; is another program removing it?")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        lock.close()
+
+
+def _create_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns those created, deepest first (to remove on failure)."""
+    created: list[Path] = []
+    p = folder
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise DestinationError(f"{p}: is a file; the destination's parent must be a folder")
+    made = []
+    for q in reversed(created):
+        try:
+            q.mkdir()
+        except FileExistsError:
+            if q.is_dir():  # another run made it meanwhile: theirs, not ours to remove
+                continue
+            _remove_created(made[::-1])
+            raise DestinationError(f"{q}: is a file; the destination's parent must be a folder") from None
+        except OSError as exc:
+            _remove_created(made[::-1])
+            raise DestinationError(f"{q}: cannot create ({exc.strerror})") from exc
+        made.append(q)
+    return made[::-1]
+
+
+def _remove_created(created: list[Path]) -> None:
+    for q in created:  # deepest first; a folder something else wrote into meanwhile stays
+        with contextlib.suppress(OSError):
+            q.rmdir()
+
+
+# ---------------------------------------------------------------- durability and the final rename
 
 
 def _fsync_path(path: Path) -> None:
@@ -85,64 +302,69 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def check_destination(dest: str | os.PathLike, *, force: bool) -> None:
-    """Refuse an existing destination before any work is done (``atomic_folder`` checks again at the end)."""
-    dest = Path(dest)
-    if dest.exists() and not force:
-        raise DestinationError(f"{dest}: already exists; choose another path or pass --force to replace it")
+def _put_in_place(result: Path, dest: Path, spare: Path, *, kind: Kind, force: bool) -> None:
+    """Move ``result`` to ``dest``, replacing what is there only if the rule still allows it (checked again,
+    under the lock: something may have appeared meanwhile). ``spare`` is a free temporary name."""
+    check_destination(dest, kind=kind, force=force)
+    if not dest.exists():
+        os.rename(result, dest)
+    elif dest.is_dir() and not os.listdir(dest):
+        try:
+            os.rename(result, dest)  # replaces an empty folder in one step
+        except OSError as exc:
+            raise DestinationError(f"{dest}: something was written there meanwhile ({exc.strerror})") from exc
+    elif _exchange(result, dest):
+        _discard(result)  # now the replaced output
+    else:  # two renames: a kill between them leaves the destination absent (never partial)
+        os.rename(dest, spare)
+        os.rename(result, dest)
+        _discard(spare)
+    _fsync_path(dest.parent)  # the rename itself
+
+
+def _discard(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 @contextlib.contextmanager
-def atomic_folder(dest: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary folder; on normal exit it replaces ``dest``, on any exception it is removed.
-
-    ``dest`` must not exist unless ``force``. The check is made before any work and again under the lock
-    just before the rename, so a destination created meanwhile is never overwritten silently.
-    """
+def _staging(dest: str | os.PathLike, kind: Kind, force: bool) -> Iterator[tuple[Path, Path]]:
+    """Checks, parents, lock, a fresh temporary folder; yields (absolute dest, temporary folder). On any
+    exception the temporary folder goes, and so do parent folders created for the output."""
     dest = Path(dest).absolute()
-    check_destination(dest, force=force)
-    if dest.parent.exists() and not dest.parent.is_dir():
-        raise DestinationError(f"{dest.parent}: is a file; the destination's parent must be a folder")
+    check_destination(dest, kind=kind, force=force)
+    created = _create_parents(dest.parent)  # flame's step-0 path usually does not exist yet
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)  # flame's step-0 path usually does not exist yet
-    except OSError as exc:
-        raise DestinationError(f"{dest.parent}: cannot create ({exc.strerror})") from exc
-    lock_path = dest.parent / f".{dest.name}.flame-ext-lock"
-    try:
-        lock = open(lock_path, "a+")
-    except OSError as exc:
-        raise DestinationError(f"{dest.parent}: not writable ({exc.strerror})") from exc
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise DestinationError(
-                    f"{dest}: another flame-ext run is writing there now; wait for it to finish"
-                ) from exc
-            raise
-        _remove_stale_temps(dest)
-        tmp = dest.parent / f"{temp_prefix(dest)}{os.getpid()}"
-        tmp.mkdir()
-        try:
-            yield tmp
-            _make_durable(tmp)
-            if dest.exists():
-                if not force:
-                    raise DestinationError(f"{dest}: appeared while converting; pass --force to replace it")
-                if _exchange(tmp, dest):
-                    shutil.rmtree(tmp, ignore_errors=True)  # now the old checkpoint
-                else:  # two renames: a kill between them leaves the destination absent (never partial)
-                    old = dest.parent / f"{temp_prefix(dest)}old-{os.getpid()}"
-                    os.rename(dest, old)
-                    os.rename(tmp, dest)
-                    shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, dest)
-            _fsync_path(dest.parent)  # the rename itself
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        finally:
-            with contextlib.suppress(OSError):
-                lock_path.unlink()
+        with _exclusive_lock(dest):
+            _remove_stale_temps(dest)
+            tmp = dest.parent / f"{temp_prefix(dest)}{os.getpid()}"
+            tmp.mkdir()
+            try:
+                yield dest, tmp
+            finally:
+                _discard(tmp)  # after success it no longer exists; after a failure it is the half-written output
+    except BaseException:
+        _remove_created(created)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(dest: str | os.PathLike, *, kind: Kind = "dcp", force: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder; on normal exit it replaces ``dest``, on any exception it is removed."""
+    with _staging(dest, kind, force) as (final, tmp):
+        yield tmp
+        _make_durable(tmp)
+        _put_in_place(tmp, final, tmp.with_name(tmp.name + "-old"), kind=kind, force=force)
+
+
+@contextlib.contextmanager
+def atomic_file(dest: str | os.PathLike, *, kind: Kind = "reference", force: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path to write; on normal exit it replaces ``dest``, on any exception it is removed."""
+    with _staging(dest, kind, force) as (final, tmp):
+        file = tmp / final.name
+        yield file
+        _fsync_path(file)
+        _put_in_place(file, final, tmp / (final.name + "-old"), kind=kind, force=force)

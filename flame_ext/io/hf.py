@@ -31,6 +31,7 @@ __all__ = [
     "HFCheckpoint",
     "DEFAULT_MODEL",
     "open_hf",
+    "resolve_folder",
     "read_safetensors_header",
     "read_tensor",
     "map_tensor",
@@ -81,8 +82,9 @@ class HFCheckpoint:
         return str(value).removeprefix("torch.") if value else None
 
 
-def _resolve_folder(model: str) -> tuple[Path, str | None]:
-    """A local folder as is; anything else is a hub id, fetched only where the user has network."""
+def resolve_folder(model: str, *, weights: bool = True) -> tuple[Path, str | None]:
+    """(folder, revision): a local folder as is; anything else is a hub id, fetched only where the user has network
+    (without the weights when ``weights`` is false: config and tokenizer files only)."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path.resolve(), None
@@ -96,7 +98,8 @@ def _resolve_folder(model: str) -> tuple[Path, str | None]:
 
         folder = snapshot_download(
             model,
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"],
+            allow_patterns=["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
+            + ["*.safetensors"] * weights,
         )
     except Exception as exc:  # hub errors are many types; all mean "could not get it"
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -303,7 +306,7 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
 def open_hf(model: str | os.PathLike | None = None) -> HFCheckpoint:
     """Index an HF model folder (or hub id; default: the embedded tiny model) without reading tensor data."""
     source = str(model) if model is not None else str(DEFAULT_MODEL)
-    folder, revision = _resolve_folder(source)
+    folder, revision = resolve_folder(source)
     config_file = folder / "config.json"
     if not config_file.exists():
         raise InputError(f"{source}: no config.json; expected an HF model folder")

@@ -1,7 +1,8 @@
 """``flame_ext.json``: what a converted checkpoint was made from, what it holds, and how the HF model scored.
 
-The manifest is data only: it is read with ``json`` and checked field by field, never evaluated, and any
-path in it is informational (nothing is opened from it).
+The manifest is data only: it is read with ``json`` and checked field by field, never evaluated. Paths in
+it are informational, with one exception the user asks for: ``diagnose`` without ``--model`` opens the
+source model the manifest records (its folder, or its hub id), and its report says so.
 """
 
 from __future__ import annotations

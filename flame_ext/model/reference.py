@@ -108,15 +108,17 @@ def load_hf_model(hf: HFCheckpoint, *, dtype: str | None, trust_remote_code: boo
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
-        kwargs["dtype" if _transformers_major() >= 5 else "torch_dtype"] = getattr(torch, dtype)
+        # ``dtype`` since transformers 4.56 (4.57 warns on ``torch_dtype`` on stderr); ``torch_dtype`` before.
+        kwargs["dtype" if _transformers_version() >= (4, 56) else "torch_dtype"] = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(str(hf.path), **kwargs)
     return model.eval()
 
 
-def _transformers_major() -> int:
+def _transformers_version() -> tuple[int, int]:
     import transformers
 
-    return int(transformers.__version__.split(".")[0])
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 DEVICES = ("auto", "cpu", "cuda")

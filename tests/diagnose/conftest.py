@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from cli_support import report_json
 
 ARCHS = ("olmo2", "llama", "qwen2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -331,7 +332,7 @@ def diagnose_json(capsys) -> Callable[..., tuple[int, dict]]:
         with one_thread():
             code = main(["diagnose", *map(str, args), "--json"])
         out = capsys.readouterr().out
-        return code, json.loads(out)
+        return code, report_json(out)
 
     return run
 

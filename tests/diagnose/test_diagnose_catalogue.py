@@ -88,7 +88,7 @@ def test_right_shaped_wrong_tensors_are_caught_by_values_and_loss(arch, case, ca
     assert code == 1 and not r["ok"]
     gap = problems_of(r, "loss_gap")
     assert len(gap) == 1 and gap[0]["severity"] == "error"
-    assert not (abs(r["loss"]["delta"]) <= 0.1)  # NaN or a real gap
+    assert r["loss"]["delta"] is None or abs(r["loss"]["delta"]) > 0.1  # NaN (null in JSON) or a real gap
     assert "positional encoding" not in gap[0]["hint"], "these faults change the first position too"
     flagged = {p["key"] for p in r["problems"] if p["kind"] in ("value_mismatch", "nonfinite")}
     if case == "swapped_layers":

@@ -31,16 +31,28 @@ def test_text_report_lines(catalogue, hf_models, capsys):
         "loss_gap" in line for line in errors
     )
     assert any(line.strip().startswith("hint: ") for line in out)
-    assert "  positions        observed   reference   delta" in out
+    assert "  positions          observed   reference   delta" in out
+    # Buckets are half-open ranges that meet without overlapping: [0, a), [a, b), ...
+    rows = [line.split()[:2] for line in out if line.startswith("  [")]
+    bounds = [(int(a.strip("[,")), int(b.strip(")"))) for a, b in rows]
+    assert len(bounds) >= 2 and bounds[0][0] == 0 and all(x[1] == y[0] for x, y in zip(bounds, bounds[1:])), rows
     # At most 20 lines per kind (OLMo2 has 11 tensors per layer: 22 differ), the rest counted.
     more = sum(int(line.split()[2]) for line in out if line.startswith("  ... and "))
     warnings = [line for line in out if line.startswith("  WARNING ")]  # the transformers 4.x load-path hazard
-    assert out[-1] == f"verdict: FAILED ({len(errors) + more} errors, {len(warnings)} warnings)"
+    n_err, n_warn = len(errors) + more, len(warnings)
+    assert out[-1] == f"verdict: FAILED ({n_err} error{'s' * (n_err != 1)}, {n_warn} warning{'s' * (n_warn != 1)})"
 
 
 def test_json_contract(catalogue, hf_models, diagnose_json):
+    """The NaN checkpoint: its loss is NaN, which the JSON carries as null with a note (``diagnose_json``
+    parses strictly and validates against the schema)."""
     _, r = diagnose_json("--checkpoint", catalogue("olmo2", "nan"), "--model", hf_models["olmo2"], "--values", "--loss")
     assert set(r) >= {"ok", "problems", "counts", "loss"} and r["ok"] is False
+    assert r["schema_version"] == 1 and r["verdict"] == "FAILED" and r["checked"][-2:] == ["values", "loss"]
+    assert r["errors"] == sum(p["severity"] == "error" for p in r["problems"]) and r["errors"] > 0
+    assert r["warnings"] == len(r["problems"]) - r["errors"]
+    assert list(r["problem_kinds"]) == list(KINDS) and r["problem_kinds"]["nonfinite"] >= 1
+    assert r["loss"]["observed"] is None and any("loss.observed is nan" in n for n in r["notes"]), r["notes"]
     assert set(r["counts"]) == {"hf_params", "dcp_params", "missing", "unexpected", "shape", "dtype"}
     # The contract's loss fields, and first_position_delta (an addition: what the positional hint reads).
     assert set(r["loss"]) == {"reference", "observed", "delta", "threshold", "by_position", "first_position_delta"}

@@ -165,4 +165,66 @@ def test_a_bad_reference_file_stops_the_guard_before_loading_naming_the_field(na
     assert [p.kind for p in problems] == ["manifest"], info.value.report.to_dict()
     detail = problems[0].detail
     assert "\n" not in detail and str(ref_file) in detail and f"reference.{field}" in detail, detail
-    assert not loads, "the checkpoint's metadata was read after a bad reference"
+    # The checkpoint's own metadata is still checked (keys and shapes are fine here, so the reference is the
+    # only problem); no tensor is read before the verdict.
+    assert loads == [1]
+
+
+def test_a_stock_converter_checkpoint_without_manifest_says_what_is_wrong_with_it_first(tiny_model, tmp_path):
+    """flame's stock converter: nested ``model.`` keys and no manifest. The report leads with the layout (what
+    is wrong with the checkpoint), then the missing reference; parameters are counted, and the message points
+    at the JSON record in the log, not at a --json that a trainer does not have."""
+    from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
+
+    folder = tmp_path / "step-0"
+    convert_hf_to_dcp(
+        ConvertOptions(model=str(tiny_model), checkpoint=str(folder), layout="nested", reference=False, progress=False)
+    )
+    (folder / "flame_ext.json").unlink()
+    model = _plain_model(tiny_model)
+    guard = InitialLoadGuard(GuardConfig(validate_initial_load=True), str(folder), [model])
+    with pytest.raises(InitialLoadValidationError) as info:
+        guard.before_load(split_request(model.state_dict()), lambda: read_dcp_metadata(folder))
+    errors = info.value.report.errors
+    assert errors[0].kind == "layout" and "re-convert with `flame-ext convert`" in errors[0].hint
+    assert errors[-1].kind == "manifest" and "does not exist" in errors[-1].detail
+    assert "initial_load_reference" in errors[-1].hint
+    message = str(info.value)
+    assert "parameters: HF 0" not in message and "see --json" not in message and " 1 errors" not in message
+    assert info.value.report.counts["hf_params"] > 0
+
+
+def test_plot_setting_is_checked(tmp_path):
+    with pytest.raises(GuardConfigError, match="initial_load_plot.*ending in .png"):
+        GuardConfig(initial_load_plot=str(tmp_path / "loss.pdf"))
+    assert GuardConfig(initial_load_plot="~/loss.png").initial_load_plot.endswith("/loss.png")
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["healthy", "rope-broken"])
+def test_guard_draws_the_plot_on_rank_0_even_when_it_stops_the_run(broken, tiny_model, tiny_dcp, tmp_path):
+    from PIL import Image
+
+    from flame_ext.io.plot import PLOT_SIZE
+
+    plot = tmp_path / "step0.png"
+    model = _plain_model(tiny_model)
+    config = GuardConfig(validate_initial_load=True, initial_load_plot=str(plot), initial_load_repair_buffers=False)
+    guard = InitialLoadGuard(config, str(tiny_dcp), [model])
+    guard.before_load(split_request(model.state_dict()), lambda: read_dcp_metadata(tiny_dcp))
+    if broken:
+        model.model.rotary_emb.inv_freq.mul_(0.25)  # positions rotate at the wrong speed
+        with pytest.raises(InitialLoadValidationError) as info:
+            guard.after_load(hf_loss_probe(model))
+        report = info.value.report
+    else:
+        report = guard.after_load(hf_loss_probe(model))
+    with Image.open(plot) as img:
+        assert img.format == "PNG" and img.size == PLOT_SIZE
+    assert f"per-position step-0 loss drawn in {plot}" in report.notes
+    curve = report.loss.curve
+    assert len(curve["observed"]) == len(curve["reference"]) == report.loss.by_position[-1]["end"]
+    gaps = [o - r for o, r in zip(curve["observed"], curve["reference"])]
+    if broken:  # a RoPE fault: right at the first position, wrong later
+        assert abs(gaps[0]) < 1e-3 and sum(gaps[-50:]) / 50 > 0.1
+    else:
+        assert max(abs(g) for g in gaps) < 1e-3

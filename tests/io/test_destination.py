@@ -21,9 +21,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 from flame_ext.errors import CheckpointFormatError, DestinationError
 from flame_ext.io.dcp import WriteEntry, read_dcp_metadata, save_streaming
-from flame_ext.io.destination import atomic_folder, temp_prefix
+from flame_ext.io.destination import atomic_folder, check_destination, lock_path, temp_prefix, written_by_flame_ext
 from flame_ext.io.hf import open_hf
 from flame_ext.io.specs import TensorSpec
+from tests.reliability._rel import diff_snapshots, snapshot
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -71,43 +72,157 @@ def multishard_model(tmp_path_factory) -> Path:
     return out
 
 
-# ---------------------------------------------------------------- refusal and --force
+# ---------------------------------------------------------------- the --force rule
 
 
-def test_existing_destination_is_refused_without_force(sharded_model, tmp_path):
+def _convert_cli(model: Path, dest: Path, *extra: str):
+    return run_cli("convert", "--model", str(model), "--checkpoint", str(dest), "--no-reference", *extra)
+
+
+def _one_line(r) -> str:
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+    return lines[0]
+
+
+def _fake_dcp(folder: Path) -> Path:
+    """A folder shaped like a DCP checkpoint (names only: what the --force rule looks at)."""
+    folder.mkdir(parents=True)
+    for name in (".metadata", "__0_0.distcp", "flame_ext.json"):
+        (folder / name).write_bytes(b"x")
+    return folder
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["no-force", "force"])
+def test_folder_with_other_files_is_refused_even_with_force(sharded_model, tmp_path, force):
+    """The issue's commands: ``mkdir precious; echo notes > precious/notes.txt; flame-ext convert --model M
+    --checkpoint precious --force`` removed notes.txt. It must refuse and keep it."""
+    dest = tmp_path / "precious"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("notes\n")
+    before = snapshot(tmp_path)
+    line = _one_line(_convert_cli(sharded_model, dest, *["--force"] * force))
+    assert str(dest) in line and "notes.txt" in line and "not a DCP checkpoint" in line, line
+    assert (dest / "notes.txt").read_text() == "notes\n"
+    assert diff_snapshots(before, snapshot(tmp_path)) == []
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["no-force", "force"])
+def test_regular_file_is_refused_and_nothing_left(sharded_model, tmp_path, force):
+    """``--force`` onto a regular file used to leave ``.afile.flame-ext-tmp-NNNN`` (the old file) beside it."""
+    dest = tmp_path / "afile"
+    dest.write_text("mine")
+    line = _one_line(_convert_cli(sharded_model, dest, *["--force"] * force))
+    assert str(dest) in line and "regular file" in line, line
+    assert dest.read_text() == "mine" and _siblings(dest) == []
+
+
+@pytest.mark.parametrize("target", ["folder", "dcp", "dangling"])
+def test_symlink_destination_is_refused_up_front(sharded_model, tmp_path, target):
+    """A link (to a checkpoint or not, or dangling) is refused before anything runs: a missing model is not
+    even looked at, the destination's message comes first."""
+    link = tmp_path / "link"
+    real = _fake_dcp(tmp_path / "real") if target == "dcp" else tmp_path / "real"
+    if target == "folder":
+        real.mkdir()
+    link.symlink_to(real)
+    before = snapshot(tmp_path)
+    line = _one_line(_convert_cli(tmp_path / "no-such-model", link, "--force"))
+    assert str(link) in line and "symlink" in line, line
+    assert ("does not exist" in line) == (target == "dangling"), line
+    assert diff_snapshots(before, snapshot(tmp_path)) == []
+
+
+def test_empty_folder_is_used_without_force(sharded_model, tmp_path):
     dest = tmp_path / "step-0"
     dest.mkdir()
-    (dest / "precious.txt").write_text("do not touch")
-    before = _tree(dest)
-    r = run_cli("convert", "--model", str(sharded_model), "--checkpoint", str(dest), "--no-reference")
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(dest) in lines[0] and "--force" in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
-    assert _tree(dest) == before
-    assert _siblings(dest) == []
-
-
-def test_force_replaces_the_destination(sharded_model, tmp_path):
-    dest = tmp_path / "step-0"
-    dest.mkdir()
-    (dest / "old.txt").write_text("old")
-    convert_hf_to_dcp(
-        ConvertOptions(model=str(sharded_model), checkpoint=str(dest), force=True, reference=False, progress=False)
-    )
-    assert not (dest / "old.txt").exists()
+    r = _convert_cli(sharded_model, dest)
+    assert r.returncode == 0, r.stderr
     _assert_complete(dest, sharded_model)
     assert _siblings(dest) == []
 
 
+def test_previous_conversion_is_refused_without_force_and_replaced_with_it(sharded_model, tmp_path):
+    dest = tmp_path / "step-0"
+    assert _convert_cli(sharded_model, dest).returncode == 0
+    before = _tree(dest)
+    line = _one_line(_convert_cli(sharded_model, dest))
+    assert str(dest) in line and "already exists (a DCP checkpoint)" in line and "--force" in line, line
+    assert _tree(dest) == before
+    r = _convert_cli(sharded_model, dest, "--force")
+    assert r.returncode == 0, r.stderr
+    _assert_complete(dest, sharded_model)
+    assert _siblings(dest) == []
+
+
+def test_each_writer_replaces_only_its_own_kind(tmp_path):
+    dcp = _fake_dcp(tmp_path / "dcp")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
+        (hf / name).write_text("{}")
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"format_version": 1, "kind": "reference", "reference": None}))
+    other_json = tmp_path / "other.json"
+    other_json.write_text(json.dumps({"format_version": 1, "kind": "checkpoint"}))
+    assert (
+        written_by_flame_ext(dcp, "dcp") and written_by_flame_ext(hf, "hf") and written_by_flame_ext(ref, "reference")
+    )
+    for path, kind in [(dcp, "dcp"), (hf, "hf"), (ref, "reference")]:
+        check_destination(path, kind=kind, force=True)
+        with pytest.raises(DestinationError, match="already exists"):
+            check_destination(path, kind=kind, force=False)
+    for path, kind in [(dcp, "hf"), (hf, "dcp"), (ref, "dcp"), (other_json, "reference"), (dcp, "reference")]:
+        with pytest.raises(DestinationError, match="--force replaces only"):
+            check_destination(path, kind=kind, force=True)
+    (dcp / "notes.txt").write_text("mine")  # one foreign file makes it not ours
+    with pytest.raises(DestinationError, match="notes.txt"):
+        check_destination(dcp, kind="dcp", force=True)
+    (hf / "subfolder").mkdir()
+    with pytest.raises(DestinationError, match="subfolder"):
+        check_destination(hf, kind="hf", force=True)
+
+
 def test_a_run_that_holds_the_lock_keeps_others_out(tmp_path):
+    """The lock is what identifies a live writer: its temporary folder stays while it holds the lock."""
     dest = tmp_path / "out"
-    with open(tmp_path / f".{dest.name}.flame-ext-lock", "a+") as lock:
+    live = tmp_path / f"{temp_prefix(dest)}{os.getpid()}"
+    live.mkdir()
+    with open(lock_path(dest), "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         with pytest.raises(DestinationError, match="another flame-ext run"):
             with atomic_folder(dest):
                 pass
-    assert not dest.exists()
+    assert not dest.exists() and live.is_dir()
+
+
+@pytest.mark.parametrize("pid", ["own", "1"])
+def test_stale_temp_of_a_reused_pid_is_removed(sharded_model, tmp_path, pid):
+    """A temporary left by a killed run whose process id is alive again as another process (this test's
+    own, or 1 as every container's first process) is still stale: no run holds the lock."""
+    dest = tmp_path / "checkpoint" / "step-0"
+    dest.parent.mkdir()
+    number = os.getpid() if pid == "own" else 1
+    for name in (f"{temp_prefix(dest)}{number}", f"{temp_prefix(dest)}{number}-old"):
+        _fake_dcp(dest.parent / name)
+    (dest.parent / lock_path(dest).name).write_text("")  # the killed run's lock file, no longer held
+    convert_hf_to_dcp(ConvertOptions(model=str(sharded_model), checkpoint=str(dest), reference=False, progress=False))
+    _assert_complete(dest, sharded_model)
+    assert _siblings(dest) == []
+
+
+def test_parents_created_for_a_failed_run_are_removed(tmp_path):
+    dest = tmp_path / "new" / "a" / "b" / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_folder(dest, kind="hf") as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise RuntimeError("the write failed")
+    assert sorted(os.listdir(tmp_path)) == []
+    (tmp_path / "kept").mkdir()  # a parent that existed before stays
+    with pytest.raises(RuntimeError):
+        with atomic_folder(tmp_path / "kept" / "x" / "out"):
+            raise RuntimeError("again")
+    assert sorted(os.listdir(tmp_path)) == ["kept"] and os.listdir(tmp_path / "kept") == []
 
 
 # ---------------------------------------------------------------- failures mid-write
@@ -141,8 +256,7 @@ def _entries(tmp_holder: list[Path], fail_with: BaseException, seen: list[list[s
 def test_exception_from_a_read_leaves_nothing(failure, surfaces_as, existing, tmp_path):
     dest = tmp_path / "out"
     if existing:
-        dest.mkdir()
-        (dest / "old.txt").write_text("old")
+        _fake_dcp(dest)
     before = _tree(dest) if existing else None
     holder: list[Path] = []
     seen: list[list[str]] = []
@@ -188,17 +302,23 @@ def _wait_for_data_in_temp(proc: subprocess.Popen, dest: Path, timeout: float = 
     return False
 
 
-def test_ctrl_c_mid_write_leaves_nothing(multishard_model, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_signal_mid_write_leaves_nothing(multishard_model, tmp_path, sig):
+    """Ctrl-C, SIGTERM (a job scheduler's stop) and SIGHUP (a closed terminal) clean up alike: one line, exit
+    128 + the signal number, no destination, no temporary, and the parent folder the run created is gone."""
     dest = tmp_path / "checkpoint" / "step-0"
     proc = _start_convert(multishard_model, dest)
     mid_write = _wait_for_data_in_temp(proc, dest)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    if proc.returncode == 130:
+    if proc.returncode == 128 + sig:
         assert mid_write
-        assert not dest.exists()
-        assert "interrupted; no output was left half-written" in err and "Traceback" not in err
-        assert _siblings(dest) == [], "the interrupted run must remove its temporary folder"
+        assert not dest.exists() and not dest.parent.exists(), "the run must remove what it created"
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert lines == [
+            f"flame-ext: interrupted by {sig.name}; no output was left half-written "
+            "(a destination is absent or complete)"
+        ], err
     else:  # the signal came too late to interrupt: then the result must be complete
         assert proc.returncode == 0, err
         _assert_complete(dest, multishard_model)

@@ -157,11 +157,11 @@ def diff_snapshots(before: dict, after: dict) -> list[str]:
 
 def siblings(dest: Path) -> list[str]:
     """Temporary folders and lock files flame-ext keeps next to ``dest`` while it works."""
-    from flame_ext.io.destination import temp_prefix
+    from flame_ext.io.destination import lock_path, temp_prefix
 
     if not dest.parent.is_dir():
         return []
-    prefixes = (f".{dest.name}.", temp_prefix(dest))
+    prefixes = (f".{dest.name}.", temp_prefix(dest), lock_path(dest).name)
     return sorted(p.name for p in dest.parent.iterdir() if p.name.startswith(prefixes))
 
 

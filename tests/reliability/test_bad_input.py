@@ -422,6 +422,115 @@ def c_diagnose_hub_id_offline(io: Inputs) -> Case:
     )
 
 
+# ---------------------------------------------------------------- destinations, explicit inputs, option values
+# (issue 9: --force replaces only what flame-ext writes; no silent default model; one line for a bad value)
+
+
+def c_convert_without_model(io: Inputs) -> Case:
+    argv = ["convert", "--checkpoint", str(io.out / "step-0"), "--no-reference"]
+    return Case(argv, ["--model"], ["required"])
+
+
+def c_convert_force_onto_a_folder_of_notes(io: Inputs) -> Case:
+    dest = io.out / "precious"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("notes\n")
+    argv = ["convert", "--model", str(io.small_model), "--checkpoint", str(dest), "--no-reference", "--force"]
+    return Case(argv, [str(dest)], ["notes.txt"])
+
+
+def c_convert_force_onto_a_regular_file(io: Inputs) -> Case:
+    dest = io.out / "afile"
+    dest.write_text("mine")
+    argv = ["convert", "--model", str(io.small_model), "--checkpoint", str(dest), "--no-reference", "--force"]
+    return Case(argv, [str(dest)], ["regular file"])
+
+
+def c_convert_onto_a_dangling_symlink(io: Inputs) -> Case:
+    dest = io.out / "step-0"
+    dest.symlink_to(io.out / "gone")
+    argv = ["convert", "--model", str(io.small_model), "--checkpoint", str(dest), "--no-reference", "--force"]
+    return Case(argv, [str(dest)], ["symlink"])
+
+
+def c_tohf_force_onto_a_dcp_checkpoint(io: Inputs) -> Case:
+    dest = Path(shutil.copytree(io.small_dcp, io.out / "hf"))  # a checkpoint is not what to-hf writes
+    return Case(_to_hf(io.small_dcp, io.small_model, io, "--force"), [str(dest)], ["not an HF model folder"])
+
+
+def c_reference_force_onto_a_foreign_json(io: Inputs) -> Case:
+    dest = io.out / "results.json"
+    dest.write_text(json.dumps({"accuracy": 0.5}))
+    argv = ["reference", "--model", str(io.small_model), "--out", str(dest), "--force"]
+    return Case(argv, [str(dest)], ["not a reference file"])
+
+
+def c_reference_onto_a_folder(io: Inputs) -> Case:
+    dest = io.out / "refs"
+    dest.mkdir()
+    argv = ["reference", "--model", str(io.inp / "nope"), "--out", str(dest)]  # the destination is checked first
+    return Case(argv, [str(dest)], ["not a reference file"])
+
+
+def c_tohf_missing_data_file(io: Inputs) -> Case:
+    c = io.dcp_copy()
+    f = _biggest_distcp(c)
+    f.unlink()
+    return Case(_to_hf(c, io.small_model, io), [str(f)], ["missing"])
+
+
+def c_tohf_config_hub_id_offline(io: Inputs) -> Case:
+    return Case(
+        _to_hf(io.small_dcp, "flame-ext-test/no-such-config", io),
+        ["flame-ext-test/no-such-config"],
+        ["hub"],
+        env={"HF_HUB_OFFLINE": "1"},
+    )
+
+
+def c_diagnose_folder_of_steps(io: Inputs) -> Case:
+    run = io.inp / "exp" / "checkpoint"
+    run.mkdir(parents=True)
+    shutil.copytree(io.small_dcp, run / "step-0")
+    return Case(_diagnose(run, io.small_model), [str(run)], [f"did you mean {run / 'step-0'}?"])
+
+
+def c_diagnose_without_model_or_manifest(io: Inputs) -> Case:
+    c = io.dcp_copy()
+    (c / "flame_ext.json").unlink()
+    return Case(["diagnose", "--checkpoint", str(c)], ["--model", str(c)], ["not given"])
+
+
+def c_diagnose_threshold_not_a_number(io: Inputs) -> Case:
+    return Case(
+        _diagnose(io.small_dcp, io.small_model, "--threshold", "abc"), ["--threshold", "'abc'"], ["not a number"]
+    )
+
+
+def c_convert_buffer_not_a_whole_number(io: Inputs) -> Case:
+    return Case(_convert(io.small_model, io, "--buffer-mb", "lots"), ["--buffer-mb", "'lots'"], ["not a whole number"])
+
+
+def c_diagnose_unknown_option(io: Inputs) -> Case:
+    return Case(_diagnose(io.small_dcp, io.small_model, "--valuez"), ["--valuez"], ["unrecognized"])
+
+
+def c_diagnose_plot_without_loss(io: Inputs) -> Case:
+    plot = io.out / "loss.png"
+    return Case(_diagnose(io.small_dcp, io.small_model, "--plot", str(plot)), ["--plot"], ["needs --loss"])
+
+
+def c_diagnose_plot_onto_a_foreign_file(io: Inputs) -> Case:
+    plot = io.out / "loss.png"
+    plot.write_text("my notes, not an image")
+    return Case(_diagnose(io.small_dcp, io.small_model, "--loss", "--plot", str(plot)), [str(plot)], ["not a PNG"])
+
+
+def c_dropin_diagnose_threshold_not_a_number(io: Inputs) -> Case:
+    argv = ["--checkpoint", str(io.small_dcp), "--model", str(io.small_model), "--threshold", "abc"]
+    return Case(argv, ["--threshold", "'abc'"], ["not a number"], module="flame_ext.diagnose_checkpoint")
+
+
 CASES: dict[str, Callable[[Inputs], Case]] = {
     name[2:]: fn for name, fn in sorted(globals().items()) if name.startswith("c_") and callable(fn)
 }
