@@ -79,6 +79,9 @@ class _Context:
     manifest: dict[str, Any] | None
     manifest_usable: bool = True
     reference: dict[str, Any] | None = None  # a usable --reference file, preferred over the manifest for --loss
+    # The HF source was named with --model (not taken from the manifest): --values then compares with it;
+    # otherwise the manifest's fingerprints are the record of what was written, and the HF files are not read.
+    model_given: bool = True
 
 
 # ---------------------------------------------------------------- inputs
@@ -304,7 +307,7 @@ def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: 
     report.checked = ["metadata", "manifest", "tokenizer"] + ["config"] * bool(opts.train_config)
     if recorded:
         report.notes.insert(0, f"model: {opts.model}, the source recorded in {MANIFEST_NAME} (--model not given)")
-    ctx = _Context(folder, found, hf, model, expected, tied, key_map, manifest)
+    ctx = _Context(folder, found, hf, model, expected, tied, key_map, manifest, model_given=not recorded)
     report.extend(manifest_problems(ctx, reference_given=opts.reference is not None))
     if opts.reference is not None:
         report.extend(_use_reference_file(ctx, opts.reference))
@@ -335,7 +338,7 @@ def _values_pass(
 
     tolerance = Tolerance(opts.atol, opts.rtol)
     recorded, note = read_fingerprints(ctx.manifest) if ctx.manifest and ctx.manifest_usable else (None, None)
-    if recorded is not None and opts.model is None and not tolerance.given:
+    if recorded is not None and not ctx.model_given and not tolerance.given:
         on_stage("verifying values against the manifest's fingerprints")
         problems, stats = verify_fingerprints(ctx.folder, ctx.found, recorded, buffer_bytes=opts.buffer_bytes)
         report.notes.append(
