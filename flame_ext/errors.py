@@ -22,6 +22,7 @@ __all__ = [
     "DestinationError",
     "GuardConfigError",
     "InitialLoadValidationError",
+    "ForwardUnavailableError",
     "first_line",
     "refused_global",
     "run_guarded",
@@ -62,6 +63,13 @@ class InitialLoadValidationError(FlameExtError):
     def __init__(self, message: str, report: Report) -> None:
         super().__init__(message)
         self.report = report
+
+
+class ForwardUnavailableError(FlameExtError):
+    """The model's forward pass cannot run on this machine (e.g. fla's Triton kernels without a GPU).
+
+    Not a fault of any input: what needs the forward (a reference loss, the step-0 loss) is done elsewhere.
+    """
 
 
 def first_line(exc: BaseException) -> str:

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from flame_ext.checks.buffers import check_buffers
-from flame_ext.errors import InputError
+from flame_ext.errors import ForwardUnavailableError, InputError
 from flame_ext.io.dcp import load_state
 from flame_ext.io.hf import HFCheckpoint, build_meta_model
 from flame_ext.io.specs import TensorSpec
-from flame_ext.model.reference import per_token_loss
+from flame_ext.model.reference import per_token_loss, run_forward
 from flame_ext.report import LossComparison, Problem
 
 if TYPE_CHECKING:
@@ -252,8 +252,13 @@ def check_loss(
 ) -> LossResult:
     """Build, load, repair buffers, run the reference batch, compare; a gap above ``threshold`` is an error."""
     result = LossResult(None)
-    ref, origin = reference_for(hf, manifest, dtype=dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
-    run_dtype = str(ref.get("dtype") or dtype)
+    try:
+        ref, origin = reference_for(
+            hf, manifest, dtype=dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code
+        )
+    except ForwardUnavailableError as exc:
+        ref, origin = None, str(exc)
+    run_dtype = str(ref.get("dtype") or dtype) if ref else dtype
     on_stage("building the model on meta and loading the checkpoint with torch.distributed.checkpoint")
     model = build_like_trainer(hf, run_dtype, trust_remote_code=trust_remote_code)
     not_loaded = load_into(model, folder, found, key_map)
@@ -271,6 +276,9 @@ def check_loss(
         result.notes.append(
             f"set {len(repaired)} non-persistent buffer(s) from the config before the loss, as the guard's repair does: {', '.join(repaired)}"
         )
+    if ref is None:  # the buffers are checked all the same: they do not need the forward pass
+        result.notes.append(f"loss not measured: {origin}; run `flame-ext diagnose --loss` on a machine that can")
+        return result
     token_ids = torch.tensor(ref["token_ids"], dtype=torch.long)
     rows = model.get_input_embeddings().weight.shape[0]
     if token_ids.numel() and int(token_ids.max()) >= rows:
@@ -278,7 +286,11 @@ def check_loss(
             f"reference batch holds token id {int(token_ids.max())}, the model has {rows} embedding rows: the reference is for another model"
         )
     on_stage("running the reference batch")
-    observed = per_token_loss(model(token_ids).logits, token_ids)
+    try:
+        observed = per_token_loss(run_forward(model, token_ids), token_ids)
+    except ForwardUnavailableError as exc:
+        result.notes.append(f"loss not measured: {exc}; run `flame-ext diagnose --loss` on a machine that can")
+        return result
     cmp = compare_loss(observed, ref, threshold)
     result.comparison = cmp
     result.notes.append(f"loss compared with {origin}, model run in {run_dtype} on {tuple(token_ids.shape)} tokens")

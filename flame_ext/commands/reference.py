@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from flame_ext import __version__
-from flame_ext.errors import DestinationError, InputError
+from flame_ext.errors import DestinationError, ForwardUnavailableError, InputError
 from flame_ext.io.hf import open_hf
 from flame_ext.io.manifest import FORMAT_VERSION, config_hash
 from flame_ext.model.reference import compute_reference
@@ -28,13 +28,16 @@ def write_reference(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError(f"--dtype {args.dtype!r}: choose one of auto, bfloat16, float32")
     hf = open_hf(args.model)
     dtype = None if args.dtype == "auto" else args.dtype
-    ref = compute_reference(
-        hf,
-        text_path=args.reference_text,
-        seq_len=args.reference_seq_len,
-        dtype=dtype or hf.torch_dtype,
-        trust_remote_code=args.trust_remote_code,
-    )
+    try:
+        ref = compute_reference(
+            hf,
+            text_path=args.reference_text,
+            seq_len=args.reference_seq_len,
+            dtype=dtype or hf.torch_dtype,
+            trust_remote_code=args.trust_remote_code,
+        )
+    except ForwardUnavailableError as exc:
+        raise ForwardUnavailableError(f"{exc}; run `flame-ext reference` on a machine with a GPU") from exc
     manifest = {
         "format_version": FORMAT_VERSION,
         "kind": "reference",

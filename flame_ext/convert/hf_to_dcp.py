@@ -172,24 +172,39 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
             save_streaming(tmp, entries, buffer_bytes=opts.buffer_bytes, on_written=bar.update)
         finally:
             bar.close()
-        reference = None
-        if opts.reference:
-            from flame_ext.model.reference import compute_reference
-
-            reference = compute_reference(
-                hf,
-                text_path=opts.reference_text,
-                seq_len=opts.reference_seq_len,
-                dtype=_reference_dtype(hf, entries),
-                trust_remote_code=opts.trust_remote_code,
-            )
+        reference, unavailable = _reference(hf, opts, entries) if opts.reference else (None, None)
         summary.manifest = _manifest(hf, opts, entries, fresh, reference, parameters)
+        if unavailable:
+            summary.manifest["reference_unavailable"] = unavailable
+            summary.notes.append(
+                f"no reference loss recorded: {unavailable}. The weights are converted and the training guard runs "
+                "every other check. To add the loss gate, on a machine with a GPU run `flame-ext reference --model "
+                f"{hf.source} --out REF.json` and set checkpoint.initial_load_reference = REF.json"
+            )
         write_manifest(tmp, summary.manifest)
     summary.tensors = len(entries)
     summary.bytes = total
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_mb = peak_rss_mb()
     return summary
+
+
+def _reference(hf: HFCheckpoint, opts: ConvertOptions, entries: list[WriteEntry]) -> tuple[dict | None, str | None]:
+    """The HF reference record, or None and why the model cannot run on this machine (never another failure)."""
+    from flame_ext.errors import ForwardUnavailableError
+    from flame_ext.model.reference import compute_reference
+
+    try:
+        reference = compute_reference(
+            hf,
+            text_path=opts.reference_text,
+            seq_len=opts.reference_seq_len,
+            dtype=_reference_dtype(hf, entries),
+            trust_remote_code=opts.trust_remote_code,
+        )
+    except ForwardUnavailableError as exc:
+        return None, str(exc)
+    return reference, None
 
 
 def _parameter_count(model: torch.nn.Module, entries: list[WriteEntry], prefix: str) -> int:

@@ -167,6 +167,8 @@ class InitialLoadGuard:
         self.report = Report()
         self.worst_rank_gap = 0.0  # largest |loss - reference| of a single rank, set by the loss pass
         self.reference: dict[str, Any] = {}
+        self.reference_unavailable: str | None = None  # why the conversion recorded no reference loss
+        self.skipped_loss: str | None = None  # why the loss gate was skipped on this machine
         self.fresh: list[str] = []
 
     # -- before
@@ -209,8 +211,14 @@ class InitialLoadGuard:
         if not path.is_file():
             self._fail_manifest(f"no reference for the step-0 loss check: {path} does not exist")
         try:
-            reference = read_reference(path)
             fresh = read_manifest(own).get("fresh_keys", []) if own.is_file() else []
+            manifest = read_manifest(path)
+            if manifest.get("reference") is None and manifest.get("reference_unavailable"):
+                # The conversion could not run the model (e.g. Triton without a GPU): after loading, the loss
+                # gate is skipped if this machine cannot run it either, and the missing reference is an error if it can.
+                self.reference_unavailable = str(manifest["reference_unavailable"])
+                return {}, list(fresh)
+            reference = read_reference(path)
         except FlameExtError as exc:
             self._fail_manifest(str(exc))
         ids = reference["token_ids"]
@@ -280,6 +288,20 @@ class InitialLoadGuard:
         comparison = self._agreed(
             lambda: self._loss(probe, position_multiple, max_positions), "the step-0 forward pass"
         )
+        if comparison is not None:
+            self._judge_loss(comparison, metric_logger)
+        self._raise_if_failed("after loading")
+        logger.info("flame-ext initial-load report: %s", json.dumps(self.report.to_dict(), allow_nan=True))
+        logger.info(
+            "flame-ext: initial load of %s validated (buffers%s: %.0f ms)",
+            self.checkpoint,
+            "; step-0 loss not measured" if comparison is None else " and step-0 forward pass",
+            (time.perf_counter() - start) * 1e3,
+        )
+        return self.report
+
+    def _judge_loss(self, comparison: LossComparison, metric_logger: Any) -> None:
+        """The loss gate: a non-finite loss, a mean gap or one rank's gap above the threshold is an error."""
         self.report.loss = comparison
         self._log_loss(comparison)
         if not math.isfinite(comparison.observed):
@@ -307,14 +329,6 @@ class InitialLoadGuard:
                 )
             )
         record_metrics(metric_logger, comparison)
-        self._raise_if_failed("after loading")
-        logger.info("flame-ext initial-load report: %s", json.dumps(self.report.to_dict(), allow_nan=True))
-        logger.info(
-            "flame-ext: initial load of %s validated (buffers and step-0 forward pass: %.0f ms)",
-            self.checkpoint,
-            (time.perf_counter() - start) * 1e3,
-        )
-        return self.report
 
     def _buffers(self, repair: bool) -> list[Problem]:
         from flame_ext.checks.buffers import check_buffers
@@ -326,7 +340,10 @@ class InitialLoadGuard:
             self.report.notes += [f"repaired non-persistent buffer {key} (wrong after loading)" for key in repaired]
         return problems
 
-    def _loss(self, probe: LossProbe, multiple: int, max_positions: int | None) -> LossComparison:
+    def _loss(self, probe: LossProbe, multiple: int, max_positions: int | None) -> LossComparison | None:
+        """The step-0 comparison; None (on every rank alike) when the forward pass cannot run on this machine."""
+        if not self.reference:
+            return self._without_reference(probe, multiple)
         from flame_ext.checks.loss import loss_by_position
 
         ids = torch.tensor(self.reference["token_ids"], dtype=torch.long)
@@ -340,8 +357,9 @@ class InitialLoadGuard:
         ref = ref[:, :n]
         buckets = loss_by_position(ref, ref)
         ranges = [(0, n), (0, 1)] + [(b["start"], b["end"]) for b in buckets]  # all, the first position, buckets
-        with _EvalMode(self.parts):
-            sums = probe(ids[:, : n + 1], ranges).to(torch.float64).cpu()
+        sums = self._run_probe(probe, ids[:, : n + 1], ranges)
+        if sums is None:
+            return None
         reference_mean = float(self.reference["loss_mean"]) if n == ids.shape[1] - 1 else ref.mean().item()
         # The mean over ranks is what is logged; the gate also looks at the worst single rank, because one
         # rank with wrong weights among 256 would move the mean by only 1/256 of its gap.
@@ -352,6 +370,50 @@ class InitialLoadGuard:
         by_position = [{**b, "observed": m} for b, m in zip(buckets, means[2:])]
         first = means[1] - ref[:, 0].mean().item()
         return LossComparison(reference_mean, means[0], self.config.initial_load_max_loss_delta, by_position, first)
+
+    def _run_probe(self, probe: LossProbe, ids: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor | None:
+        """The probe's sums, or None on every rank when any rank's device cannot run the model's forward pass.
+
+        Only that one failure (``model.reference.forward_unavailable``) skips the gate; any other is raised.
+        """
+        from flame_ext.model.reference import forward_unavailable
+
+        reason = None
+        try:
+            with _EvalMode(self.parts):
+                sums = probe(ids, ranges).to(torch.float64).cpu()
+        except Exception as exc:
+            reason = forward_unavailable(exc)
+            if reason is None:
+                raise
+        if max_over_ranks(0.0 if reason is None else 1.0) > 0:  # every rank skips, or none does
+            self.skipped_loss = reason or "another rank cannot run the model's forward pass"
+            logger.warning(
+                "flame-ext: step-0 loss gate skipped: the model's forward pass cannot run here (%s); every other "
+                "check ran. Run the first steps on a machine that can run it to have the loss checked",
+                self.skipped_loss,
+            )
+            self.report.notes.append(f"step-0 loss not measured: {self.skipped_loss}")
+            return None
+        return sums
+
+    def _without_reference(self, probe: LossProbe, multiple: int) -> LossComparison | None:
+        """No reference loss (convert could not run the model): skip if this machine cannot either, else stop."""
+        ids = torch.zeros((1, max(multiple, 1) + 1), dtype=torch.long)  # token 0 exists in every vocabulary
+        if self._run_probe(probe, ids, [(0, ids.shape[1] - 1)]) is None:
+            return None
+        self.report.problems.append(
+            Problem(
+                "manifest",
+                "error",
+                None,
+                f"no reference loss for the step-0 check: the conversion could not run the model "
+                f"({self.reference_unavailable}), and this machine can",
+                "on this machine run `flame-ext reference --model HF --out REF.json` and set "
+                "checkpoint.initial_load_reference = REF.json, or set checkpoint.validate_initial_load = false",
+            )
+        )
+        return None
 
     def _log_loss(self, lo: LossComparison) -> None:
         logger.info(

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from flame_ext.errors import CheckpointFormatError, InputError, first_line, refused_global
+from flame_ext.io.registry import register_model_type
 from flame_ext.io.specs import SAFETENSORS_DTYPES, TensorSpec, dtype_name
 
 if TYPE_CHECKING:
@@ -342,11 +343,12 @@ def build_meta_model(checkpoint: HFCheckpoint, *, trust_remote_code: bool = Fals
     from transformers import AutoConfig, AutoModelForCausalLM
 
     refuse_remote_code(checkpoint, trust_remote_code=trust_remote_code)
+    register_model_type(checkpoint.model_type, checkpoint.source)
     try:
         config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, OSError) as exc:
+    except (ValueError, KeyError, OSError, ImportError) as exc:  # ImportError: e.g. fla's Transformer wants flash-attn
         raise InputError(
             f"{checkpoint.source}: transformers cannot build a causal LM from this config "
             f"(model_type {checkpoint.model_type!r}: {str(exc).splitlines()[0][:200]})"

@@ -7,14 +7,16 @@ so that a later gap can be located by position (a gap that grows with position p
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from flame_ext.errors import InputError
+from flame_ext.errors import ForwardUnavailableError, InputError, first_line
 from flame_ext.io.hf import HFCheckpoint, refuse_remote_code
+from flame_ext.io.registry import register_model_type
 from flame_ext.io.specs import dtype_name
 
 if TYPE_CHECKING:
@@ -28,6 +30,8 @@ __all__ = [
     "reference_batch",
     "per_token_loss",
     "load_hf_model",
+    "forward_unavailable",
+    "run_forward",
     "compute_reference",
 ]
 
@@ -86,6 +90,7 @@ def load_hf_model(hf: HFCheckpoint, *, dtype: str | None, trust_remote_code: boo
     """Materialise the HF model the ordinary way (``from_pretrained``): the trusted side of the comparison."""
     from transformers import AutoModelForCausalLM
 
+    register_model_type(hf.model_type, hf.source)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype" if _transformers_major() >= 5 else "torch_dtype"] = getattr(torch, dtype)
@@ -97,6 +102,34 @@ def _transformers_major() -> int:
     import transformers
 
     return int(transformers.__version__.split(".")[0])
+
+
+_NO_TRITON_DRIVER = re.compile(r"^0 active drivers \(\[\]\)")  # triton.runtime.driver with no GPU backend
+
+
+def forward_unavailable(exc: BaseException) -> str | None:
+    """Why a forward pass that raised ``exc`` cannot run on this machine at all, or None for any other failure.
+
+    Recognises exactly one failure: Triton asked for its active driver where there is none (no GPU), which
+    is how fla's kernels fail on a CPU-only machine. Everything else is a real error and stays one.
+    """
+    if isinstance(exc, ForwardUnavailableError):
+        return str(exc)
+    if isinstance(exc, RuntimeError) and _NO_TRITON_DRIVER.match(str(exc)):
+        return f"its Triton kernels need a GPU, and Triton finds none on this machine ({first_line(exc)})"
+    return None
+
+
+def run_forward(model: "nn.Module", token_ids: torch.Tensor) -> torch.Tensor:
+    """The logits of ``model`` on ``token_ids``; ``ForwardUnavailableError`` when this machine cannot run it."""
+    try:
+        return model(token_ids).logits
+    except RuntimeError as exc:
+        reason = forward_unavailable(exc)
+        if reason is None:
+            raise
+        name = type(model).__name__
+        raise ForwardUnavailableError(f"{name} cannot run a forward pass on this machine: {reason}") from exc
 
 
 @torch.no_grad()
@@ -117,7 +150,7 @@ def compute_reference(
     text = read_reference_text(text_path)
     token_ids = reference_batch(tokenizer, text, seq_len)
     model = load_hf_model(hf, dtype=dtype, trust_remote_code=trust_remote_code)
-    losses = per_token_loss(model(token_ids).logits, token_ids)
+    losses = per_token_loss(run_forward(model, token_ids), token_ids)
     return {
         "token_ids": token_ids.tolist(),
         "seq_len": seq_len,
