@@ -175,6 +175,9 @@ def load_path_hazards(build_meta: Any) -> list[Problem]:
         for b in names:
             module._buffers[b].fill_(float("nan"))
     if hasattr(model, "post_init"):
+        # As flame does before its post_init(): transformers 4.x marks modules initialised when the model is
+        # built and would skip them all; flame clears the mark so every module's _init_weights runs again.
+        model.apply(lambda m: setattr(m, "_is_hf_initialized", False))
         model.post_init()
     problems, _ = check_buffers(model, repair=False)
     import transformers

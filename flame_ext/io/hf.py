@@ -388,5 +388,7 @@ def nonpersistent_buffers(model: "nn.Module") -> list[str]:
     names = []
     for mod_name, mod in model.named_modules():
         for b in sorted(mod._non_persistent_buffers_set):
+            if mod._buffers.get(b) is None:  # registered as None (e.g. fla's rotary ``scale`` without xPos)
+                continue
             names.append(f"{mod_name}.{b}" if mod_name else b)
     return names
