@@ -253,9 +253,7 @@ def check_loss(
     """Build, load, repair buffers, run the reference batch, compare; a gap above ``threshold`` is an error."""
     result = LossResult(None)
     try:
-        ref, origin = reference_for(
-            hf, manifest, dtype=dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code
-        )
+        ref, origin = reference_for(hf, manifest, dtype=dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
     except ForwardUnavailableError as exc:
         ref, origin = None, str(exc)
     run_dtype = str(ref.get("dtype") or dtype) if ref else dtype

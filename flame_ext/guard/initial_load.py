@@ -378,15 +378,20 @@ class InitialLoadGuard:
         """
         from flame_ext.model.reference import forward_unavailable
 
-        reason = None
+        reason, failure = None, None
         try:
             with _EvalMode(self.parts):
                 sums = probe(ids, ranges).to(torch.float64).cpu()
         except Exception as exc:
             reason = forward_unavailable(exc)
-            if reason is None:
-                raise
-        if max_over_ranks(0.0 if reason is None else 1.0) > 0:  # every rank skips, or none does
+            failure = exc if reason is None else None
+        # One collective, so that every rank takes the same branch: fail, skip, or go on to the comparison.
+        state = max_over_ranks(2.0 if failure is not None else 1.0 if reason is not None else 0.0)
+        if failure is not None:
+            raise failure
+        if state == 2.0:
+            raise RankFailure("the step-0 forward pass failed on another rank")
+        if state == 1.0:
             self.skipped_loss = reason or "another rank cannot run the model's forward pass"
             logger.warning(
                 "flame-ext: step-0 loss gate skipped: the model's forward pass cannot run here (%s); every other "

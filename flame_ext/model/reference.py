@@ -31,6 +31,7 @@ __all__ = [
     "per_token_loss",
     "load_hf_model",
     "forward_unavailable",
+    "forward_device",
     "run_forward",
     "compute_reference",
 ]
@@ -120,10 +121,21 @@ def forward_unavailable(exc: BaseException) -> str | None:
     return None
 
 
+def forward_device(model: "nn.Module") -> torch.device:
+    """Where the reference forward runs: the CPU, except for fla models on a machine with a GPU, whose Triton
+    kernels run only there (the CPU keeps every other model's reference exactly reproducible)."""
+    if type(model).__module__.startswith("fla.") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def run_forward(model: "nn.Module", token_ids: torch.Tensor) -> torch.Tensor:
-    """The logits of ``model`` on ``token_ids``; ``ForwardUnavailableError`` when this machine cannot run it."""
+    """The logits of ``model`` on ``token_ids`` (moved to ``forward_device`` first); ``ForwardUnavailableError``
+    when this machine cannot run it."""
+    device = forward_device(model)
+    model.to(device)
     try:
-        return model(token_ids).logits
+        return model(token_ids.to(device)).logits
     except RuntimeError as exc:
         reason = forward_unavailable(exc)
         if reason is None:

@@ -77,7 +77,8 @@ def save_fla_model(family: str, out: Path) -> Path:
 
 def like_flame(hf_dir: Path) -> torch.nn.Module:
     """flame's build (flame/train.py): ``from_config`` on meta, every module's ``_is_hf_initialized`` cleared,
-    ``to_empty``, ``post_init()`` (which runs fla's ``_init_weights``, hence rotary ``reset_parameters``), train mode."""
+    ``to_empty``, ``post_init()`` (which runs fla's ``_init_weights``, hence rotary ``reset_parameters``), train
+    mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(hf_dir)

@@ -107,7 +107,9 @@ def test_config_parity_reads_fla_field_names(fla_hf, tmp_path):
     train = json.loads((hf_dir / "config.json").read_text())
     train.update(attn_mode="fused_recurrent", fuse_norm=not train["fuse_norm"], expand_k=1.0, use_l2warp=True)
     (tmp_path / "train.json").write_text(json.dumps(train))
-    report = diagnose(DiagnoseOptions(checkpoint=str(dcp_dir), model=str(hf_dir), train_config=str(tmp_path / "train.json")))
+    report = diagnose(
+        DiagnoseOptions(checkpoint=str(dcp_dir), model=str(hf_dir), train_config=str(tmp_path / "train.json"))
+    )
     found = {p.key: p.severity for p in report.problems if p.kind == "config_mismatch"}
     assert found == {"expand_k": "error", "use_l2warp": "warning"}
 

@@ -58,7 +58,9 @@ def test_guard_repairs_every_buffer_and_skips_only_the_loss_gate(name, fla_hf, f
     assert any(n.startswith("step-0 loss not measured:") and "Triton" in n for n in report.notes)
     messages = [r.getMessage() for r in caplog.records]
     assert any(r.levelno == logging.WARNING and "loss gate skipped" in r.getMessage() for r in caplog.records)
-    assert sorted(m.split("repaired non-persistent buffer ")[1].split(" ")[0] for m in messages if "flame-ext: repaired" in m) == sorted(poisoned)
+    assert sorted(
+        m.split("repaired non-persistent buffer ")[1].split(" ")[0] for m in messages if "flame-ext: repaired" in m
+    ) == sorted(poisoned)
     expected = freshly_built_buffers(name)
     assert sorted(expected) == sorted(poisoned)
     actual = dict(model.named_buffers())
@@ -103,15 +105,18 @@ def test_no_reference_is_an_error_where_the_model_can_run(tiny_model, tiny_dcp, 
     cannot run either; the embedded OLMo2 runs on the CPU, so here it stops the run, saying what to do."""
     import json
 
-    from flame_ext.io.manifest import MANIFEST_NAME
     from test_guard_load import hf_like_trainer
+
+    from flame_ext.io.manifest import MANIFEST_NAME
 
     step0 = tmp_path / "ckpt"
     shutil.copytree(tiny_dcp, step0)
     manifest = json.loads((step0 / MANIFEST_NAME).read_text())
     manifest.update(reference=None, reference_unavailable="Olmo2ForCausalLM could not run where it was converted")
     (step0 / MANIFEST_NAME).write_text(json.dumps(manifest))
-    manager = build_manager(hf_like_trainer(tiny_model), tmp_path / "run", initial_load_path=str(step0), validate_initial_load=True)
+    manager = build_manager(
+        hf_like_trainer(tiny_model), tmp_path / "run", initial_load_path=str(step0), validate_initial_load=True
+    )
     with pytest.raises(InitialLoadValidationError) as info:
         manager.load()
     (problem,) = info.value.report.errors

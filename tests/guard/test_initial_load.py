@@ -96,3 +96,32 @@ def test_a_reference_for_another_vocabulary_is_refused_before_loading(tiny_model
     with pytest.raises(InitialLoadValidationError, match="outside the model's vocabulary") as info:
         guard.before_load(split_request(model.state_dict()), lambda: read_dcp_metadata(folder))
     assert info.value.report.problems[0].kind == "manifest"
+
+
+def _guard_after_load(model, checkpoint, probe):
+    """The guard's two steps on an already loaded model (the OLMo2 runs on the CPU)."""
+    from flame_ext.guard.initial_load import RequestedLoad
+
+    guard = InitialLoadGuard(GuardConfig(validate_initial_load=True), str(checkpoint), [model])
+    specs = {k: TensorSpec(tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
+    guard.before_load(RequestedLoad(specs, []), lambda: read_dcp_metadata(checkpoint))
+    return guard.after_load(probe)
+
+
+def test_the_loss_gate_is_skipped_only_for_a_device_that_cannot_run_the_model(tiny_model, tiny_dcp, caplog):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+
+    def no_gpu(ids, ranges):
+        raise RuntimeError("0 active drivers ([]). There should only be one.")
+
+    report = _guard_after_load(model, tiny_dcp, no_gpu)
+    assert report.ok and report.loss is None
+    assert any("loss gate skipped" in r.getMessage() for r in caplog.records)
+
+    def broken(ids, ranges):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        _guard_after_load(model, tiny_dcp, broken)
