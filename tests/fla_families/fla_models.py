@@ -57,6 +57,7 @@ def fla_config(family: str) -> Any:
 
     from flame_ext.io.registry import register_model_type
 
+    require_fla()
     register_model_type(family, family)
     return AutoConfig.for_model(family, hidden_size=64, num_hidden_layers=2, **_TOKENS, **FAMILIES[family])
 
