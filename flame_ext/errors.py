@@ -30,6 +30,7 @@ __all__ = [
     "Terminated",
     "TERMINATING_SIGNALS",
     "termination_raises",
+    "ForwardUnavailableError",
     "first_line",
     "report_without_traceback",
     "refused_global",
@@ -153,6 +154,13 @@ def _guard_error_in(exc: BaseException | None) -> InitialLoadValidationError | N
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+class ForwardUnavailableError(FlameExtError):
+    """The model's forward pass cannot run on this machine (e.g. fla's Triton kernels without a GPU).
+
+    Not a fault of any input: what needs the forward (a reference loss, the step-0 loss) is done elsewhere.
+    """
 
 
 def first_line(exc: BaseException) -> str:

@@ -3,7 +3,8 @@
 RoPE's ``inv_freq`` is registered with ``persistent=False``. Trainers build the model on ``meta`` and call
 ``to_empty()``, which leaves such buffers as uninitialised memory; no checkpoint load restores them, and
 with transformers 4.x ``post_init()`` does not recompute them either. The expected value of each buffer
-is therefore derived from the config, by constructing its module afresh on the CPU, and compared.
+is therefore derived the way the module derives it (from its config, or by the module's own method that
+fills its buffers, run on a stand-in copy), and compared.
 """
 
 from __future__ import annotations
@@ -103,6 +104,9 @@ def load_path_hazards(build_meta: Any) -> list[Problem]:
         for b in names:
             module._buffers[b].fill_(float("nan"))
     if hasattr(model, "post_init"):
+        # As flame does before its post_init(): transformers 4.x marks modules initialised when the model is
+        # built and would skip them all; flame clears the mark so every module's _init_weights runs again.
+        model.apply(lambda m: setattr(m, "_is_hf_initialized", False))
         model.post_init()
     problems, _ = check_buffers(model, repair=False)
     import transformers

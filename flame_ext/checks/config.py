@@ -24,6 +24,7 @@ from typing import Any
 
 from flame_ext.errors import InputError
 from flame_ext.io.hf_config import read_model_config
+from flame_ext.io.registry import register_model_type
 from flame_ext.report import Problem
 
 __all__ = [
@@ -118,6 +119,111 @@ COMPUTE_FIELDS = frozenset(
         "qk_rope_head_dim",
         "v_head_dim",
         "qk_nope_head_dim",
+        # flash-linear-attention (fla) models: sizes and head layout of the token mixers
+        "num_heads",
+        "num_kv_heads",
+        "num_v_heads",
+        "expand_k",
+        "expand_v",
+        "expand_ratio",
+        "expand",
+        "hidden_ratio",
+        "value_dim",
+        "qk_head_dim",
+        "state_size",
+        "n_groups",
+        "num_slots",
+        "num_householder",
+        "num_memories",
+        "shared_mem",
+        "single_kv_proj",
+        "capacity",
+        "topk",
+        "router_type",
+        "router_score",
+        "conv_size",
+        "conv_kernel",
+        "conv_bias",
+        "use_conv_bias",
+        "use_bias",
+        "use_short_conv",
+        "use_w_shortconv",
+        "dt_rank",
+        "time_step_rank",
+        "gate_low_rank_dim",
+        "decay_low_rank_dim",
+        "a_low_rank_dim",
+        "v_low_rank_dim",
+        "proj_low_rank_dim",
+        "input_gate_low_rank",
+        "is_mimo",
+        "mimo_rank",
+        # fla: which layers are attention, window and block structure
+        "attn",
+        "block_type",
+        "block_size",
+        "block_counts",
+        "window_size",
+        "moba_chunk_size",
+        "moba_topk",
+        "num_self_decoder_layers",
+        "self_decoder_attn",
+        "cross_decoder_attn",
+        "ska_attn",
+        "attnres_block_size",
+        "compressor_hidden_size",
+        "compressor_num_heads",
+        "compressor_num_layers",
+        "dim_fx",
+        "max_chunk_size",
+        # fla: gates, feature maps, norms and activations inside the token mixers
+        "feature_map",
+        "norm_feature_map",
+        "tie_feature_map_qk",
+        "norm_q",
+        "norm_k",
+        "qk_norm",
+        "qk_activation",
+        "use_beta",
+        "use_gate",
+        "use_gk",
+        "use_gv",
+        "use_output_gate",
+        "output_gate_activation",
+        "use_output_norm",
+        "use_output_correction",
+        "use_inner_decay",
+        "use_forget_gate",
+        "use_low_rank_w",
+        "use_lower_bound",
+        "use_norm",
+        "use_rope",
+        "use_scalar_gate",
+        "allow_neg_eigval",
+        "safe_gate",
+        "lower_bound",
+        "clamp_min",
+        "clamp_max",
+        "gate_logit_normalizer",
+        "correction_factor",
+        "decay_type",
+        "bias_rmm",
+        "squash_x",
+        "squash_eps",
+        "lambda_lower_bound",
+        "max_cg_step_decoding",
+        "attend_current",
+        "elementwise_affine",
+        "norm_first",
+        "norm_bias",
+        "norm_before_gate",
+        "rmsnorm",
+        "is_outproj_norm",
+        "k_norm_eps",
+        "D_has_hdim",
+        "A_floor",
+        "dt_limit",
+        "rope_fraction",
     }
 )
 
@@ -140,6 +246,15 @@ TRAINING_FIELDS = frozenset(
         "sep_token_id",
         # Changes the computation only with a scaled rope (see _tier); with the default rope it is a length limit.
         "max_position_embeddings",
+        "rope_max_position_embeddings",
+        # fla: terms of the training loss and training-time schedules, not what the weights compute
+        "use_l2warp",
+        "aux_loss_scale",
+        "use_layer_wise_balance",
+        "add_gumbel_noise",
+        "max_cg_step_training",
+        "min_train_chunk_size",
+        "train_chunk_size_schedule",
     }
 )
 
@@ -218,6 +333,32 @@ IGNORED_FIELDS = frozenset(
         "fuse_norm",
         "fuse_swiglu",
         "fuse_linear_cross_entropy",
+        # fla: which kernel computes the same function (chunked, fused-recurrent, ...), recomputation and padding
+        "attn_mode",
+        "chunk_size",
+        "checkpoint_level",
+        "mom_backend",
+        "use_flash_moba",
+        "pad_to_multiple_of",
+        "residual_in_fp32",  # the residual stream's precision: rounding, as a dtype change is
+        "block_residual_in_fp32",
+        # fla: initialisation only (the weights come from the checkpoint)
+        "rescale_prenorm_residual",
+        "A_init_range",
+        "conv_init",
+        "dt_min",
+        "dt_max",
+        "dt_init_floor",
+        "dt_init_scheme",
+        "dt_scale",
+        "time_step_min",
+        "time_step_max",
+        "time_step_floor",
+        "time_step_scale",
+        "time_step_init_scheme",
+        "a_log_init_lower",
+        "log_atk_scale_init",
+        "gate_init_bias",
     }
 )
 
@@ -276,6 +417,7 @@ def normalized_config(config: dict[str, Any], *, what: str) -> dict[str, Any]:
     from transformers import CONFIG_MAPPING
 
     model_type = config.get("model_type")
+    register_model_type(str(model_type), what)
     try:
         cls = CONFIG_MAPPING[model_type]
     except KeyError:

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from flame_ext.checks.buffers import check_buffers
-from flame_ext.errors import InputError
+from flame_ext.errors import ForwardUnavailableError, InputError
 from flame_ext.io.dcp import load_state
 from flame_ext.io.hf import HFCheckpoint, build_meta_model
 from flame_ext.io.specs import TensorSpec
-from flame_ext.model.reference import per_token_loss
+from flame_ext.model.reference import per_token_loss, run_forward
 from flame_ext.report import LossComparison, Problem
 
 if TYPE_CHECKING:
@@ -262,6 +262,14 @@ def reference_vocabulary_problem(token_ids: list[list[int]], vocab: int | None, 
     return Problem("manifest", "error", None, detail, hint)
 
 
+def _device_for(model: "nn.Module") -> torch.device:
+    """fla models run where their Triton kernels can (a GPU when there is one); every other model on the CPU,
+    where its loss is reproducible to the bit."""
+    if type(model).__module__.startswith("fla.") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def check_loss(
     hf: HFCheckpoint,
@@ -283,13 +291,16 @@ def check_loss(
     ``reference_name`` names where ``manifest``'s reference came from, for a problem with it.
     """
     result = LossResult(None)
-    ref, origin = reference_for(hf, manifest, dtype=dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
-    run_dtype = str(ref.get("dtype") or dtype)
+    try:
+        ref, origin = reference_for(hf, manifest, dtype=dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
+    except ForwardUnavailableError as exc:
+        ref, origin = None, str(exc)
+    run_dtype = str(ref.get("dtype") or dtype) if ref else dtype
     on_stage("building the model on meta and loading the checkpoint with torch.distributed.checkpoint")
     model = build_like_trainer(hf, run_dtype, trust_remote_code=trust_remote_code)
     name = reference_name if (manifest or {}).get("reference") is not None else origin
-    foreign = reference_vocabulary_problem(ref["token_ids"], embedding_rows([model]), name, _FOREIGN_HINT)
-    if foreign is not None:
+    foreign = ref and reference_vocabulary_problem(ref["token_ids"], embedding_rows([model]), name, _FOREIGN_HINT)
+    if foreign:
         result.problems.append(foreign)
         result.notes.append("loss not measured: the reference batch is not for this model")
         return result
@@ -309,9 +320,16 @@ def check_loss(
             f"set {len(repaired)} non-persistent buffer(s) from the config before the loss, as the guard's repair "
             f"does: {', '.join(repaired)}"
         )
+    if ref is None:  # the buffers are checked all the same: they do not need the forward pass
+        result.notes.append(f"loss not measured: {origin}; run `flame-ext diagnose --loss` on a machine that can")
+        return result
     token_ids = torch.tensor(ref["token_ids"], dtype=torch.long)
     on_stage("running the reference batch")
-    observed = per_token_loss(model(token_ids).logits, token_ids)
+    try:
+        observed = per_token_loss(run_forward(model.to(_device_for(model)), token_ids, _device_for(model)), token_ids)
+    except ForwardUnavailableError as exc:
+        result.notes.append(f"loss not measured: {exc}; run `flame-ext diagnose --loss` on a machine that can")
+        return result
     cmp = compare_loss(observed, ref, threshold)
     result.comparison = cmp
     result.notes.append(f"loss compared with {origin}, model run in {run_dtype} on {tuple(token_ids.shape)} tokens")

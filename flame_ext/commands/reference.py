@@ -9,7 +9,7 @@ from typing import Any
 
 from flame_ext import __version__
 from flame_ext.convert.hf_to_dcp import source_reader
-from flame_ext.errors import InputError
+from flame_ext.errors import ForwardUnavailableError, InputError
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, replace_dtype, row_blocks
 from flame_ext.io.destination import atomic_file, check_destination
 from flame_ext.io.fingerprint import Recorder
@@ -46,14 +46,17 @@ def write_reference(args: argparse.Namespace) -> dict[str, Any]:
     reference_device(args.reference_device)  # refused before the model runs
     hf = open_hf(args.model)
     dtype = None if args.dtype == "auto" else args.dtype
-    ref = compute_reference(
-        hf,
-        text_path=args.reference_text,
-        seq_len=args.reference_seq_len,
-        dtype=dtype or hf.torch_dtype,
-        trust_remote_code=args.trust_remote_code,
-        device=args.reference_device,
-    )
+    try:
+        ref = compute_reference(
+            hf,
+            text_path=args.reference_text,
+            seq_len=args.reference_seq_len,
+            dtype=dtype or hf.torch_dtype,
+            trust_remote_code=args.trust_remote_code,
+            device=args.reference_device,
+        )
+    except ForwardUnavailableError as exc:
+        raise ForwardUnavailableError(f"{exc}; run `flame-ext reference` on a machine with a GPU") from exc
     manifest = {
         "format_version": FORMAT_VERSION,
         "kind": "reference",

@@ -183,7 +183,7 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
             bar.close()
         if nonfinite:
             summary.warnings.append(nonfinite_warning(nonfinite, hf.source))
-        reference, reference_note = _reference(hf, opts, entries, nonfinite)
+        reference, reference_note, unavailable = _reference(hf, opts, entries, nonfinite)
         if reference_note:
             summary.warnings.append(reference_note)
         if reference is not None:
@@ -191,6 +191,13 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
         summary.manifest = _manifest(hf, opts, entries, fresh, reference, parameters)
         summary.manifest.update(nonfinite_keys=nonfinite, reference_note=reference_note)
         summary.manifest["fingerprints"] = fingerprints_section(recorder.values, {e.key: e.spec.dtype for e in entries})
+        if unavailable:
+            summary.manifest["reference_unavailable"] = unavailable
+            summary.notes.append(
+                f"no reference loss recorded: {unavailable}. The weights are converted and the training guard runs "
+                "every other check. To add the loss gate, on a machine with a GPU run `flame-ext reference --model "
+                f"{hf.source} --out REF.json` and set checkpoint.initial_load_reference = REF.json"
+            )
         write_manifest(tmp, summary.manifest)
     summary.tensors = len(entries)
     summary.bytes = total
@@ -201,15 +208,21 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
 
 def _reference(
     hf: HFCheckpoint, opts: ConvertOptions, entries: list[WriteEntry], nonfinite: list[str]
-) -> tuple[dict | None, str | None]:
-    """The HF reference record, or None and the reason it was not recorded."""
+) -> tuple[dict | None, str | None, str | None]:
+    """The HF reference record, or None with the reason it was not recorded (a warning), or None with why the
+    model cannot run on this machine (fla's Triton kernels without a GPU; never another failure)."""
     if not opts.reference:
-        return None, None
+        return None, None, None
     if nonfinite:
-        return None, (
-            f"reference loss not computed: {len(nonfinite)} source tensors hold NaN or Inf, so the HF model's loss "
-            "is not a reference a checkpoint could be checked against"
+        return (
+            None,
+            (
+                f"reference loss not computed: {len(nonfinite)} source tensors hold NaN or Inf, so the HF model's loss "
+                "is not a reference a checkpoint could be checked against"
+            ),
+            None,
         )
+    from flame_ext.errors import ForwardUnavailableError
     from flame_ext.model.reference import NonFiniteReference, compute_reference
 
     try:
@@ -222,8 +235,10 @@ def _reference(
             device=opts.reference_device,
         )
     except NonFiniteReference as exc:
-        return None, f"reference loss not recorded: {exc}"
-    return reference, None
+        return None, f"reference loss not recorded: {exc}", None
+    except ForwardUnavailableError as exc:
+        return None, None, str(exc)
+    return reference, None, None
 
 
 def _parameter_count(model: torch.nn.Module, entries: list[WriteEntry], prefix: str) -> int:

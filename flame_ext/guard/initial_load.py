@@ -169,6 +169,8 @@ class InitialLoadGuard:
         self.report = Report()
         self.worst_rank_gap = 0.0  # largest |loss - reference| of a single rank, set by the loss pass
         self.reference: dict[str, Any] = {}
+        self.reference_unavailable: str | None = None  # why the conversion recorded no reference loss
+        self.skipped_loss: str | None = None  # why the loss gate was skipped on this machine
         self.fresh: list[str] = []
         self.fingerprints: Any = None  # io.manifest.Fingerprints when values are verified
         self.found: dict[str, TensorSpec | None] = {}
@@ -222,9 +224,16 @@ class InitialLoadGuard:
         if not path.is_file():
             return {}, [], None, [_manifest_problem(f"no reference for the step-0 loss check: {path} does not exist")]
         try:
-            reference = read_reference(path)
             fresh = read_manifest(own).get("fresh_keys", []) if own.is_file() else []
-            fingerprints = self._fingerprints(read_fingerprints(read_manifest(path)), path)
+            manifest = read_manifest(path)
+            fingerprints = self._fingerprints(read_fingerprints(manifest), path)
+            if manifest.get("reference") is None and manifest.get("reference_unavailable"):
+                # The conversion could not run the model (e.g. Triton without a GPU): after loading, the loss
+                # gate is skipped if this machine cannot run it either, and the missing reference is an error if
+                # it can. Every other check (keys, buffers, values) runs.
+                self.reference_unavailable = str(manifest["reference_unavailable"])
+                return {}, list(fresh), fingerprints, []
+            reference = read_reference(path)
         except FlameExtError as exc:
             return {}, [], None, [_manifest_problem(str(exc))]
         ids = reference["token_ids"]  # a rectangle of ids >= 0 (io.manifest.check_reference); bounded here
@@ -294,7 +303,9 @@ class InitialLoadGuard:
 
         The reference rows are cut to ``max_positions`` predicted positions (a native model's RoPE table
         ends at the training sequence length) and to a multiple of ``position_multiple`` (a chunked loss
-        splits the sequence evenly): the model is causal, so a prefix's per-token reference is exact.
+        splits the sequence evenly): the model is causal, so a prefix's per-token reference is exact. When
+        the model cannot run on this machine (fla's Triton kernels without a GPU), only the loss gate is
+        skipped, with a warning.
         """
         start = time.perf_counter()
         if self.fingerprints is not None and loaded is not None:
@@ -302,11 +313,29 @@ class InitialLoadGuard:
         repair = self.config.initial_load_repair_buffers
         problems = self._agreed(lambda: self._buffers(repair), "the buffer check")
         self.report.extend(pool(problems))
+        self.report.checked += ["buffers"]
         comparison = self._agreed(
             lambda: self._loss(probe, position_multiple, max_positions), "the step-0 forward pass"
         )
+        if comparison is not None:
+            self._judge_loss(comparison)
+        self._log_versions()
+        if comparison is not None:
+            record_metrics(metric_logger, comparison, self.figures)
+        self._raise_if_failed("after loading")
+        logger.info("flame-ext initial-load report: %s", self.report.to_json(indent=None))
+        logger.info(
+            "flame-ext: initial load of %s validated (buffers%s: %.0f ms)",
+            self.checkpoint,
+            "; step-0 loss not measured" if comparison is None else " and step-0 forward pass",
+            (time.perf_counter() - start) * 1e3,
+        )
+        return self.report
+
+    def _judge_loss(self, comparison: LossComparison) -> None:
+        """The loss gate: a non-finite loss, a mean gap or one rank's gap above the threshold is an error."""
         self.report.loss = comparison
-        self.report.checked += ["buffers", "loss"]
+        self.report.checked += ["loss"]
         self._log_loss(comparison)
         self._plot(comparison)
         if not math.isfinite(comparison.observed):
@@ -333,22 +362,11 @@ class InitialLoadGuard:
                     "error",
                     None,
                     "the mean step-0 loss passes, but one rank's differs from the HF reference by "
-                    f"{self.worst_rank_gap:.4f} "
-                    f"(threshold {comparison.threshold})",
+                    f"{self.worst_rank_gap:.4f} (threshold {comparison.threshold})",
                     "ranks loaded different weights: check that every rank reads the same checkpoint; run `flame-ext "
                     "diagnose --checkpoint C --model HF --values --loss` on it",
                 )
             )
-        self._log_versions()
-        record_metrics(metric_logger, comparison, self.figures)
-        self._raise_if_failed("after loading")
-        logger.info("flame-ext initial-load report: %s", self.report.to_json(indent=None))
-        logger.info(
-            "flame-ext: initial load of %s validated (buffers and step-0 forward pass: %.0f ms)",
-            self.checkpoint,
-            (time.perf_counter() - start) * 1e3,
-        )
-        return self.report
 
     def _verify_values(self, loaded: Mapping[str, Any]) -> list[Problem]:
         """Every rank's share of each fingerprint, one all-reduce, then the same comparison on every rank."""
@@ -410,7 +428,10 @@ class InitialLoadGuard:
             self.report.notes += [f"repaired non-persistent buffer {key} (wrong after loading)" for key in repaired]
         return problems
 
-    def _loss(self, probe: LossProbe, multiple: int, max_positions: int | None) -> LossComparison:
+    def _loss(self, probe: LossProbe, multiple: int, max_positions: int | None) -> LossComparison | None:
+        """The step-0 comparison; None (on every rank alike) when the forward pass cannot run on this machine."""
+        if not self.reference:
+            return self._without_reference(probe, multiple)
         from flame_ext.checks.loss import loss_by_position
 
         ids = torch.tensor(self.reference["token_ids"], dtype=torch.long)
@@ -426,8 +447,9 @@ class InitialLoadGuard:
         ranges = [(0, n), (0, 1)] + [(b["start"], b["end"]) for b in buckets]  # all, the first position, buckets
         if self.config.initial_load_plot:
             ranges += [(i, i + 1) for i in range(n)]  # every position, for the plot
-        with _EvalMode(self.parts):
-            sums = probe(ids[:, : n + 1], ranges).to(torch.float64).cpu()
+        sums = self._run_probe(probe, ids[:, : n + 1], ranges)
+        if sums is None:
+            return None
         reference_mean = float(self.reference["loss_mean"]) if n == ids.shape[1] - 1 else ref.mean().item()
         # The mean over ranks is what is logged; the gate also looks at the worst single rank, because one
         # rank with wrong weights among 256 would move the mean by only 1/256 of its gap.
@@ -456,6 +478,55 @@ class InitialLoadGuard:
             return
         self.report.notes.append(f"per-position step-0 loss drawn in {path}")
         logger.info("flame-ext: per-position step-0 loss drawn in %s", path)
+
+    def _run_probe(self, probe: LossProbe, ids: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor | None:
+        """The probe's sums, or None on every rank when any rank's device cannot run the model's forward pass.
+
+        Only that one failure (``model.reference.forward_unavailable``) skips the gate; any other is raised.
+        """
+        from flame_ext.model.reference import forward_unavailable
+
+        reason, failure = None, None
+        try:
+            with _EvalMode(self.parts):
+                sums = probe(ids, ranges).to(torch.float64).cpu()
+        except Exception as exc:
+            reason = forward_unavailable(exc)
+            failure = exc if reason is None else None
+        # One collective, so that every rank takes the same branch: fail, skip, or go on to the comparison.
+        state = max_over_ranks(2.0 if failure is not None else 1.0 if reason is not None else 0.0)
+        if failure is not None:
+            raise failure
+        if state == 2.0:
+            raise RankFailure("the step-0 forward pass failed on another rank")
+        if state == 1.0:
+            self.skipped_loss = reason or "another rank cannot run the model's forward pass"
+            logger.warning(
+                "flame-ext: step-0 loss gate skipped: the model's forward pass cannot run here (%s); every other "
+                "check ran. Run the first steps on a machine that can run it to have the loss checked",
+                self.skipped_loss,
+            )
+            self.report.notes.append(f"step-0 loss not measured: {self.skipped_loss}")
+            return None
+        return sums
+
+    def _without_reference(self, probe: LossProbe, multiple: int) -> LossComparison | None:
+        """No reference loss (convert could not run the model): skip if this machine cannot either, else stop."""
+        ids = torch.zeros((1, max(multiple, 1) + 1), dtype=torch.long)  # token 0 exists in every vocabulary
+        if self._run_probe(probe, ids, [(0, ids.shape[1] - 1)]) is None:
+            return None
+        self.report.problems.append(
+            Problem(
+                "manifest",
+                "error",
+                None,
+                f"no reference loss for the step-0 check: the conversion could not run the model "
+                f"({self.reference_unavailable}), and this machine can",
+                "on this machine run `flame-ext reference --model HF --out REF.json` and set "
+                "checkpoint.initial_load_reference = REF.json, or set checkpoint.validate_initial_load = false",
+            )
+        )
+        return None
 
     def _log_loss(self, lo: LossComparison) -> None:
         logger.info(

@@ -21,6 +21,7 @@ import torch
 
 from flame_ext.errors import CheckpointFormatError, InputError, first_line, refused_global
 from flame_ext.io.hf_config import check_config, read_json_object, read_model_config
+from flame_ext.io.registry import register_model_type
 from flame_ext.io.specs import SAFETENSORS_DTYPES, TensorSpec, dtype_name
 
 if TYPE_CHECKING:
@@ -429,11 +430,12 @@ def build_meta_model(
         weight_bytes = sum(t.spec.nbytes for t in checkpoint.tensors.values())
     check_config(checkpoint.config, what=str(checkpoint.path / "config.json"), weight_bytes=weight_bytes)
     refuse_remote_code(checkpoint, trust_remote_code=trust_remote_code)
+    register_model_type(checkpoint.model_type, checkpoint.source)
     try:
         config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, OSError) as exc:
+    except (ValueError, KeyError, OSError, ImportError) as exc:  # ImportError: e.g. fla's Transformer wants flash-attn
         raise InputError(
             f"{checkpoint.source}: transformers cannot build a causal LM from this config "
             f"(model_type {checkpoint.model_type!r}: {str(exc).splitlines()[0][:200]})"
@@ -466,3 +468,14 @@ def hf_source(key: str, hf: HFCheckpoint, tied: dict[str, str], base_prefix: str
             if candidate in hf.tensors:
                 return hf.tensors[candidate]
     return None
+
+
+def nonpersistent_buffers(model: "nn.Module") -> list[str]:
+    """Buffers no checkpoint holds: a load never restores them, so whoever builds the model must."""
+    names = []
+    for mod_name, mod in model.named_modules():
+        for b in sorted(mod._non_persistent_buffers_set):
+            if mod._buffers.get(b) is None:  # registered as None (e.g. fla's rotary ``scale`` without xPos)
+                continue
+            names.append(f"{mod_name}.{b}" if mod_name else b)
+    return names

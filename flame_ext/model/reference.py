@@ -8,6 +8,7 @@ so that a later gap can be located by position (a gap that grows with position p
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from flame_ext.errors import CheckpointFormatError, InputError
+from flame_ext.errors import CheckpointFormatError, ForwardUnavailableError, InputError, first_line
 from flame_ext.io.hf import HFCheckpoint, refuse_remote_code
+from flame_ext.io.registry import register_model_type
 
 if TYPE_CHECKING:
     from torch import nn
@@ -29,6 +31,8 @@ __all__ = [
     "reference_batch",
     "per_token_loss",
     "load_hf_model",
+    "forward_unavailable",
+    "run_forward",
     "compute_reference",
     "read_reference_text",
     "NonFiniteReference",
@@ -106,6 +110,7 @@ def load_hf_model(hf: HFCheckpoint, *, dtype: str | None, trust_remote_code: boo
     """Materialise the HF model the ordinary way (``from_pretrained``): the trusted side of the comparison."""
     from transformers import AutoModelForCausalLM
 
+    register_model_type(hf.model_type, hf.source)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         # ``dtype`` since transformers 4.56 (4.57 warns on ``torch_dtype`` on stderr); ``torch_dtype`` before.
@@ -139,8 +144,7 @@ def _losses_streamed(
     from flame_ext.model.streamed import streamed_model
 
     with streamed_model(hf, dtype, trust_remote_code=trust_remote_code, device=device) as sm:
-        # use_cache=False: a KV cache would keep every layer's keys and values (17 MB a layer at 7B, 1024 tokens).
-        logits = sm.module(token_ids.to(device), use_cache=False).logits
+        logits = run_forward(sm.module, token_ids, device)
         return per_token_loss(logits, token_ids).cpu(), getattr(sm.module.config, "_attn_implementation", None)
 
 
@@ -148,7 +152,7 @@ def _losses_whole(
     hf: HFCheckpoint, token_ids: torch.Tensor, dtype: str, trust_remote_code: bool, device: torch.device | None = None
 ) -> tuple[torch.Tensor, str | None]:
     model = load_hf_model(hf, dtype=dtype, trust_remote_code=trust_remote_code).to(device or "cpu")
-    logits = model(token_ids.to(device or "cpu")).logits
+    logits = run_forward(model, token_ids, device or "cpu")
     return per_token_loss(logits, token_ids).cpu(), getattr(model.config, "_attn_implementation", None)
 
 
@@ -184,6 +188,35 @@ def reference_losses(
     note = f"reference loss computed with the whole model in memory ({size:.1f} GB at {dtype}); cannot stream: {reason}"
     note = note[:240]
     return losses, attn, [note]
+
+
+_NO_TRITON_DRIVER = re.compile(r"^0 active drivers \(\[\]\)")  # triton.runtime.driver with no GPU backend
+
+
+def forward_unavailable(exc: BaseException) -> str | None:
+    """Why a forward pass that raised ``exc`` cannot run on this machine at all, or None for any other failure.
+
+    Recognises exactly one failure: Triton asked for its active driver where there is none (no GPU), which
+    is how fla's kernels fail on a CPU-only machine. Everything else is a real error and stays one.
+    """
+    if isinstance(exc, ForwardUnavailableError):
+        return str(exc)
+    if isinstance(exc, RuntimeError) and _NO_TRITON_DRIVER.match(str(exc)):
+        return f"its Triton kernels need a GPU, and Triton finds none on this machine ({first_line(exc)})"
+    return None
+
+
+def run_forward(model: "nn.Module", token_ids: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The logits of ``model`` on ``token_ids`` (no KV cache: a cache would keep every layer's keys and values);
+    ``ForwardUnavailableError`` when this machine cannot run it."""
+    try:
+        return model(token_ids.to(device), use_cache=False).logits
+    except RuntimeError as exc:
+        reason = forward_unavailable(exc)
+        if reason is None:
+            raise
+        name = type(model).__name__
+        raise ForwardUnavailableError(f"{name} cannot run a forward pass on this machine: {reason}") from exc
 
 
 @torch.no_grad()

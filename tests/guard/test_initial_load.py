@@ -228,3 +228,32 @@ def test_guard_draws_the_plot_on_rank_0_even_when_it_stops_the_run(broken, tiny_
         assert abs(gaps[0]) < 1e-3 and sum(gaps[-50:]) / 50 > 0.1
     else:
         assert max(abs(g) for g in gaps) < 1e-3
+
+
+def _guard_after_load(model, checkpoint, probe):
+    """The guard's two steps on an already loaded model (the OLMo2 runs on the CPU)."""
+    from flame_ext.guard.initial_load import RequestedLoad
+
+    guard = InitialLoadGuard(GuardConfig(validate_initial_load=True), str(checkpoint), [model])
+    specs = {k: TensorSpec(tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
+    guard.before_load(RequestedLoad(specs, []), lambda: read_dcp_metadata(checkpoint))
+    return guard.after_load(probe)
+
+
+def test_the_loss_gate_is_skipped_only_for_a_device_that_cannot_run_the_model(tiny_model, tiny_dcp, caplog):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+
+    def no_gpu(ids, ranges):
+        raise RuntimeError("0 active drivers ([]). There should only be one.")
+
+    report = _guard_after_load(model, tiny_dcp, no_gpu)
+    assert report.ok and report.loss is None
+    assert any("loss gate skipped" in r.getMessage() for r in caplog.records)
+
+    def broken(ids, ranges):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        _guard_after_load(model, tiny_dcp, broken)
