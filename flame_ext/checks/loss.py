@@ -335,7 +335,7 @@ def check_loss(
     result.notes.append(f"loss compared with {origin}, model run in {run_dtype} on {tuple(token_ids.shape)} tokens")
     if not cmp.ok:
         next_step = (
-            "see the value problems for the tensors that differ"
+            "re-convert from the HF source with `flame-ext convert`"
             if value_problems
             else "run with --values to find the tensors that differ, or re-convert with `flame-ext convert`"
         )
