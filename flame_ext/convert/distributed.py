@@ -44,6 +44,8 @@ DEFAULT_TIMEOUT_S = 300.0
 REFERENCE_WAIT_S = 4 * 3600.0
 # Options that do not change what is written (the progress bar follows each rank's own terminal).
 _LOCAL_OPTIONS = ("progress",)
+# ConvertOptions fields whose command-line flag is not simply --<field>.
+_FLAGS = {"reference": "--no-reference", "buffer_bytes": "--buffer-mb", "future_predictor": "--future-predictor-*"}
 
 
 def launched_by_torchrun() -> bool:
@@ -124,13 +126,16 @@ def _refuse_different_ranks(opts: ConvertOptions, plan: ConversionPlan) -> None:
     """Every rank must convert the same source with the same options; refused on every rank otherwise."""
     identities = _all(_identity(opts, plan))
     for r, other in enumerate(identities[1:], start=1):
-        differ = sorted(k for k in identities[0] if other.get(k) != identities[0][k])
-        if differ:
-            names = ", ".join("the source model's files" if k == "source" else k for k in differ)
-            raise InputError(
-                f"rank {r} was started with a different {names} than rank 0: every rank must run the same command "
-                "on the same model; nothing was written"
-            )
+        differ = [k for k in identities[0] if other.get(k) != identities[0][k]]
+        if not differ:
+            continue
+        named = [_FLAGS.get(k, f"--{k.replace('_', '-')}") for k in differ if k not in ("source", "plan")]
+        if "source" in differ:
+            named.append("the source's files")
+        raise InputError(
+            f"rank {r} was started differently from rank 0 ({', '.join(named or ['the plan'])} differ): every rank "
+            "must run the same command on the same model; nothing was written"
+        )
 
 
 def _own_files(folder: Path, rank: int) -> list[Path]:
