@@ -209,7 +209,10 @@ def to_hf_options(args: argparse.Namespace) -> ToHFOptions:
 def run_to_hf(args: argparse.Namespace) -> int:
     """Convert back to HF, then print the notes and the summary line."""
     from flame_ext.convert.dcp_to_hf import convert_dcp_to_hf
+    from flame_ext.convert.distributed import launched_by_torchrun
 
+    if launched_by_torchrun():  # every rank would race for the same destination
+        raise InputError("to-hf runs as one process: start it without torchrun (its ranks would all write one folder)")
     summary = convert_dcp_to_hf(to_hf_options(args))
     for note in summary.notes:
         print(f"note: {note}")

@@ -82,7 +82,8 @@ def _process_group(timeout_s: float) -> Iterator[Any]:
     try:
         yield dist.new_group(backend="gloo", timeout=timedelta(seconds=max(timeout_s, REFERENCE_WAIT_S)))
     finally:
-        dist.destroy_process_group()
+        with contextlib.suppress(Exception):  # after a peer died it may fail too; the first error is the one
+            dist.destroy_process_group()
 
 
 def _all(obj: Any, group: Any = None) -> list[Any]:
@@ -150,19 +151,17 @@ def convert_distributed(opts: ConvertOptions, timeout_s: float = DEFAULT_TIMEOUT
     """
     if timeout_s <= 0:
         raise InputError(f"--timeout-s {timeout_s}: must be positive")
-    with _process_group(timeout_s) as slow_group:
-        import torch.distributed as dist
-
-        rank, world = dist.get_rank(), dist.get_world_size()
-        try:
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
+    try:
+        with _process_group(timeout_s) as slow_group:
             return _convert(opts, rank, world, slow_group), rank, world
-        except (FlameExtError, OSError, KeyboardInterrupt):
-            raise
-        except BaseException as exc:  # a collective broke (a rank died or timed out) or DCP wrapped a failure
-            raise DistributedRunError(
-                f"rank {rank} of {world} stopped: another rank failed or stopped ({type(exc).__name__}: "
-                f"{first_line(exc)}); nothing was published at {opts.checkpoint}"
-            ) from exc
+    except (FlameExtError, OSError, KeyboardInterrupt):
+        raise
+    except BaseException as exc:  # a collective broke (a rank died or timed out) or DCP wrapped a failure
+        raise DistributedRunError(
+            f"rank {rank} of {world} stopped: another rank failed or stopped ({type(exc).__name__}: "
+            f"{first_line(exc)}); nothing was published at {opts.checkpoint}"
+        ) from exc
 
 
 def _convert(opts: ConvertOptions, rank: int, world: int, slow_group: Any) -> Summary:

@@ -117,3 +117,32 @@ def test_a_rank_given_another_model_is_refused_before_anything_is_written(tiny_m
     assert "(--model, the source's files differ)" in refusals[0]
     assert list(tmp_path.iterdir()) == []
     assert "flame_ext/" not in proc.stderr  # one line per rank: no traceback through our code
+
+
+def test_shares_are_disjoint_cover_everything_and_balance_by_bytes():
+    from flame_ext.convert.distributed import split_by_bytes
+    from flame_ext.io.dcp import WriteEntry
+    from flame_ext.io.specs import TensorSpec
+
+    sizes = [7, 1, 5, 3, 3, 2, 9, 4, 4, 1]
+    entries = [WriteEntry(f"t{i}", TensorSpec((n, 256), "float32"), lambda a, b: None) for i, n in enumerate(sizes)]
+    shares = split_by_bytes(entries, 3)
+    keys = [e.key for share in shares for e in share]
+    assert sorted(keys) == sorted(e.key for e in entries)  # each tensor on exactly one rank
+    loads = [sum(e.spec.nbytes for e in share) for share in shares]
+    assert max(loads) - min(loads) <= max(e.spec.nbytes for e in entries)
+    assert loads == [13 * 1024, 13 * 1024, 13 * 1024]  # 39 rows of 1 KiB: greedy largest-first splits them evenly
+    assert split_by_bytes(entries, 3) == shares  # every rank computes the same split
+
+
+def test_to_hf_under_torchrun_is_refused_in_one_line(tiny_model, tiny_dcp, tmp_path):
+    from cli_support import run_cli
+
+    out = tmp_path / "hf"
+    args = ("to-hf", "--checkpoint", str(tiny_dcp), "--config", str(tiny_model), "--out", str(out))
+    proc = run_cli(*args, env={"WORLD_SIZE": "2", "RANK": "1"})  # what torchrun sets for each rank
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "flame-ext: error: to-hf runs as one process: start it without torchrun (its ranks would all write one folder)"
+    )
+    assert not out.exists()
