@@ -91,6 +91,12 @@ def add_convert_arguments(p: argparse.ArgumentParser, *, flame: bool = False) ->
     p.add_argument(
         "--force", action="store_true", help="replace an existing DCP checkpoint (never anything else: refused, exit 2)"
     )
+    p.add_argument(
+        *_flag("--timeout-s", flame),
+        type=float,
+        default=300.0,
+        help="under torchrun: seconds a rank waits for the others before giving up (default 300)",
+    )
 
 
 def convert_options(args: argparse.Namespace) -> ConvertOptions:
@@ -118,9 +124,16 @@ def convert_options(args: argparse.Namespace) -> ConvertOptions:
 
 def run_convert(args: argparse.Namespace) -> int:
     """Convert, then print the notes, the reference loss and the summary line."""
+    from flame_ext.convert.distributed import convert_distributed, launched_by_torchrun
     from flame_ext.convert.hf_to_dcp import convert_hf_to_dcp
 
-    summary = convert_hf_to_dcp(convert_options(args))
+    if launched_by_torchrun():
+        summary, rank, world = convert_distributed(convert_options(args), args.timeout_s)
+        if rank != 0:  # rank 0 prints the checkpoint's summary; the others only their share
+            print(f"rank {rank} of {world}, its share: {summary.line()}")
+            return 0
+    else:
+        summary = convert_hf_to_dcp(convert_options(args))
     for note in summary.notes:
         print(f"note: {note}")
     for warning in summary.warnings:
@@ -196,7 +209,10 @@ def to_hf_options(args: argparse.Namespace) -> ToHFOptions:
 def run_to_hf(args: argparse.Namespace) -> int:
     """Convert back to HF, then print the notes and the summary line."""
     from flame_ext.convert.dcp_to_hf import convert_dcp_to_hf
+    from flame_ext.convert.distributed import launched_by_torchrun
 
+    if launched_by_torchrun():  # every rank would race for the same destination
+        raise InputError("to-hf runs as one process: start it without torchrun (its ranks would all write one folder)")
     summary = convert_dcp_to_hf(to_hf_options(args))
     for note in summary.notes:
         print(f"note: {note}")

@@ -25,6 +25,7 @@ __all__ = [
     "UsageError",
     "CheckpointFormatError",
     "DestinationError",
+    "DistributedRunError",
     "GuardConfigError",
     "InitialLoadValidationError",
     "Terminated",
@@ -60,6 +61,10 @@ class CheckpointFormatError(FlameExtError):
 
 class DestinationError(FlameExtError):
     """The output location cannot be used (exists without --force, busy, not writable)."""
+
+
+class DistributedRunError(FlameExtError):
+    """A run under torchrun stopped because another rank failed, stopped, or was started differently."""
 
 
 class GuardConfigError(FlameExtError, ValueError):

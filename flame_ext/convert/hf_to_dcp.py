@@ -36,7 +36,15 @@ from flame_ext.model.future_predictor import ATTRIBUTE as FP_ATTRIBUTE
 from flame_ext.model.future_predictor import attach_future_predictor
 from flame_ext.model.reference import reference_device
 
-__all__ = ["ConvertOptions", "convert_hf_to_dcp", "plan_hf_to_dcp", "source_reader"]
+__all__ = [
+    "ConvertOptions",
+    "ConversionPlan",
+    "complete_manifest",
+    "convert_hf_to_dcp",
+    "plan_hf_to_dcp",
+    "prepare_conversion",
+    "source_reader",
+]
 
 
 @dataclass
@@ -155,6 +163,50 @@ def _reference_dtype(hf: HFCheckpoint, entries: list[WriteEntry]) -> str:
     return max(set(floats), key=floats.count) if floats else "float32"
 
 
+@dataclass
+class ConversionPlan:
+    """What a conversion writes, worked out from metadata alone (every rank of a distributed run makes the same)."""
+
+    hf: HFCheckpoint
+    fresh: dict[str, torch.Tensor]
+    entries: list[WriteEntry]
+    notes: list[str]
+    parameters: int
+
+
+def prepare_conversion(opts: ConvertOptions) -> ConversionPlan:
+    """Open the source, build the model on ``meta`` and map every key; raises before anything is written."""
+    hf = open_hf(opts.model)
+    model = build_meta_model(hf, trust_remote_code=opts.trust_remote_code)
+    fresh = _fresh_tensors(model, opts.future_predictor, opts.dtype)
+    entries, notes = plan_hf_to_dcp(hf, model, dtype=opts.dtype, layout=opts.layout, fresh=fresh)
+    return ConversionPlan(hf, fresh, entries, notes, _parameter_count(model, entries, LAYOUTS[opts.layout]))
+
+
+def complete_manifest(
+    summary: Summary, plan: ConversionPlan, opts: ConvertOptions, nonfinite: list[str], fingerprints: dict
+) -> None:
+    """After every tensor is written: the reference loss, the warnings and ``summary.manifest``."""
+    hf, entries = plan.hf, plan.entries
+    if nonfinite:
+        summary.warnings.append(nonfinite_warning(nonfinite, hf.source))
+    reference, reference_note, unavailable = _reference(hf, opts, entries, nonfinite)
+    if reference_note:
+        summary.warnings.append(reference_note)
+    if reference is not None:
+        summary.notes += reference.get("notes", [])
+    summary.manifest = _manifest(hf, opts, entries, plan.fresh, reference, plan.parameters)
+    summary.manifest.update(nonfinite_keys=nonfinite, reference_note=reference_note)
+    summary.manifest["fingerprints"] = fingerprints_section(fingerprints, {e.key: e.spec.dtype for e in entries})
+    if unavailable:
+        summary.manifest["reference_unavailable"] = unavailable
+        summary.notes.append(
+            f"no reference loss recorded: {unavailable}. The weights are converted and the training guard runs "
+            "every other check. To add the loss gate, on a machine with a GPU run `flame-ext reference --model "
+            f"{hf.source} --out REF.json` and set checkpoint.initial_load_reference = REF.json"
+        )
+
+
 def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
     """Convert; returns the summary. Raises ``FlameExtError`` for anything the user can fix.
 
@@ -165,12 +217,9 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
     """
     t0 = time.perf_counter()
     check_destination(opts.checkpoint, kind="dcp", force=opts.force)
-    hf = open_hf(opts.model)
-    model = build_meta_model(hf, trust_remote_code=opts.trust_remote_code)
-    fresh = _fresh_tensors(model, opts.future_predictor, opts.dtype)
-    entries, notes = plan_hf_to_dcp(hf, model, dtype=opts.dtype, layout=opts.layout, fresh=fresh)
-    parameters = _parameter_count(model, entries, LAYOUTS[opts.layout])
-    summary = Summary(Path(opts.checkpoint).absolute(), notes=notes, parameters=parameters)
+    plan = prepare_conversion(opts)
+    summary = Summary(Path(opts.checkpoint).absolute(), notes=list(plan.notes), parameters=plan.parameters)
+    entries = plan.entries
     total = sum(e.spec.nbytes for e in entries)
     recorder = Recorder({e.key: e.spec.shape for e in entries})
     with atomic_folder(opts.checkpoint, kind="dcp", force=opts.force) as tmp:
@@ -181,23 +230,7 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
             )
         finally:
             bar.close()
-        if nonfinite:
-            summary.warnings.append(nonfinite_warning(nonfinite, hf.source))
-        reference, reference_note, unavailable = _reference(hf, opts, entries, nonfinite)
-        if reference_note:
-            summary.warnings.append(reference_note)
-        if reference is not None:
-            summary.notes += reference.get("notes", [])
-        summary.manifest = _manifest(hf, opts, entries, fresh, reference, parameters)
-        summary.manifest.update(nonfinite_keys=nonfinite, reference_note=reference_note)
-        summary.manifest["fingerprints"] = fingerprints_section(recorder.values, {e.key: e.spec.dtype for e in entries})
-        if unavailable:
-            summary.manifest["reference_unavailable"] = unavailable
-            summary.notes.append(
-                f"no reference loss recorded: {unavailable}. The weights are converted and the training guard runs "
-                "every other check. To add the loss gate, on a machine with a GPU run `flame-ext reference --model "
-                f"{hf.source} --out REF.json` and set checkpoint.initial_load_reference = REF.json"
-            )
+        complete_manifest(summary, plan, opts, nonfinite, recorder.values)
         write_manifest(tmp, summary.manifest)
     summary.tensors = len(entries)
     summary.bytes = total

@@ -287,6 +287,7 @@ def save_streaming(
     on_written: Callable[[int], None] = lambda n: None,
     threads: int = DEFAULT_THREADS,
     on_block: Callable[[str, int, torch.Tensor], None] | None = None,
+    distributed: bool = False,
 ) -> list[str]:
     """Write ``entries`` as a DCP checkpoint into ``folder``; tensor data in memory stays within ``buffer_bytes``.
 
@@ -300,6 +301,10 @@ def save_streaming(
     writer thread copied about half as fast into the page cache). Each writer holds up to two blocks
     at once (torch's write loop still references the block it just wrote while it asks for the next),
     so blocks are planned at ``buffer_bytes / (2 * threads)``.
+
+    ``distributed``: every rank of the default process group calls this with its own share of the entries
+    (disjoint keys) and the same ``folder``; DCP's coordinator merges the ranks' plans and writes the one
+    ``.metadata``, and a write failure on any rank is raised on every rank.
 
     Files are not fsynced one by one (each fsync stalls the stream on the disk); the caller makes the
     folder durable once, before publishing it (``destination.atomic_folder`` does), as ``cp`` + ``sync``.
@@ -318,7 +323,7 @@ def save_streaming(
         # "assuming the intent is to save in a single process": yes, that is the intent.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         try:
-            dcp.save(meta_sd, storage_writer=writer, planner=planner, no_dist=True)
+            dcp.save(meta_sd, storage_writer=writer, planner=planner, no_dist=not distributed)
         except CheckpointException as exc:
             cause = _root_cause(exc)
             if cause is exc:

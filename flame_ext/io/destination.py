@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -36,6 +36,7 @@ __all__ = [
     "atomic_folder",
     "atomic_file",
     "check_destination",
+    "flush_files",
     "temp_prefix",
     "lock_path",
     "is_dcp_folder",
@@ -275,6 +276,12 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def flush_files(paths: Iterable[Path]) -> None:
+    """Flush these files to disk (a rank of a distributed writer flushes its own before rank 0 publishes)."""
+    for path in paths:
+        _fsync_path(path)
 
 
 def _make_durable(folder: Path) -> None:

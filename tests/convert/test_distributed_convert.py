@@ -1,0 +1,148 @@
+"""HF -> DCP under real torchrun (gloo, CPU): the checkpoint N ranks write is the one a single process writes,
+and a failing or mismatched rank leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
+from flame_ext.io.dcp import load_tensor, read_dcp_metadata
+from flame_ext.io.manifest import read_manifest
+
+pytestmark = pytest.mark.slow
+
+WORKER = Path(__file__).parent / "dist_convert_worker.py"
+TIMEOUT_S = 20  # --timeout-s given to the ranks
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TOOL_FIELDS = ("tool_version",)
+
+
+def torchrun(ranks: int, *command: str) -> tuple[subprocess.CompletedProcess, float]:
+    """``torchrun --standalone --nproc_per_node=ranks <command>``; its result and wall time."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *command]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=TIMEOUT_S + 60)
+    return proc, time.monotonic() - start
+
+
+def two_nodes(*command: str) -> tuple[list[subprocess.CompletedProcess], float]:
+    """Two torchrun agents of one rank each, as on two nodes: a rank's death is not seen by the other's agent,
+    only by its rank through the process group."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    rdzv = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{port}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, "--rdzv_id=convert", *command]
+    start = time.monotonic()
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for _ in "ab"]
+    results = []
+    for node in nodes:
+        out, err = node.communicate(timeout=TIMEOUT_S + 60)
+        results.append(subprocess.CompletedProcess(cmd, node.returncode, out, err))
+    return results, time.monotonic() - start
+
+
+def comparable(folder: Path) -> dict:
+    manifest = read_manifest(folder)
+    return {k: v for k, v in manifest.items() if k not in TOOL_FIELDS}
+
+
+def assert_same_checkpoint(ours: Path, single: Path) -> None:
+    specs = read_dcp_metadata(ours)
+    assert specs == read_dcp_metadata(single)  # same keys, shapes and dtypes
+    for key, spec in specs.items():
+        a, b = load_tensor(ours, key, spec), load_tensor(single, key, spec)
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), key  # bit for bit
+    assert comparable(ours) == comparable(single)
+
+
+def one_process(model: Path, out: Path, **options) -> Path:
+    convert_hf_to_dcp(ConvertOptions(model=str(model), checkpoint=str(out), progress=False, **options))
+    return out
+
+
+def test_two_ranks_write_the_checkpoint_one_process_writes(tiny_model, tiny_dcp, tmp_path):
+    """``flame-ext convert`` under torchrun, flat layout, with the reference loss (computed once, on rank 0)."""
+    out = tmp_path / "step-0"
+    proc, _ = torchrun(2, "-m", "flame_ext.cli", "convert", "--model", str(tiny_model), "--checkpoint", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("HF reference loss") == 1 and "rank 1 of 2, its share" in proc.stdout
+    assert len(list(out.glob("__0_*.distcp"))) and len(list(out.glob("__1_*.distcp")))  # both ranks wrote
+    assert comparable(out)["reference"] is not None
+    assert_same_checkpoint(out, tiny_dcp)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0"]  # no temporary folder or lock left
+
+
+def test_three_ranks_nested_with_a_future_head(sharded_model, tmp_path):
+    options = dict(layout="nested", future_predictor="mlp", reference=False)
+    single = one_process(sharded_model, tmp_path / "single", **options)
+    out = tmp_path / "dist"
+    flags = ["--layout", "nested", "--include_future_predictor", "--future_predictor_head_type", "mlp"]
+    proc, _ = torchrun(
+        3, "-m", "flame_ext.convert_hf_to_dcp", "--model", str(sharded_model), "--checkpoint", str(out),
+        *flags, "--no_reference",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(list(out.glob(f"__{r}_*.distcp")) for r in range(3))
+    assert_same_checkpoint(out, single)
+
+
+def test_a_rank_killed_mid_write_leaves_nothing_and_stops_the_other(sharded_model, tmp_path):
+    out = tmp_path / "step-0"
+    args = ["--model", str(sharded_model), "--checkpoint", str(out), "--no_reference", "--buffer_mb", "1"]
+    nodes, elapsed = two_nodes(str(WORKER), "--kill-rank", "1", "--", *args, "--timeout_s", str(TIMEOUT_S))
+    assert elapsed < TIMEOUT_S + 30, elapsed
+    assert all(n.returncode != 0 for n in nodes)
+    survivor = next(n for n in nodes if "stopped: another rank failed or stopped" in n.stderr)
+    (line,) = [x for x in survivor.stderr.splitlines() if x.startswith("convert_hf_to_dcp: error: rank 0 of 2")]
+    assert f"nothing was published at {out}" in line
+    assert list(tmp_path.iterdir()) == []  # no destination, no temporary folder, no lock
+
+
+def test_a_rank_given_another_model_is_refused_before_anything_is_written(tiny_model, sharded_model, tmp_path):
+    out = tmp_path / "step-0"
+    args = ["--model", str(sharded_model), "--checkpoint", str(out), "--no_reference"]
+    proc, _ = torchrun(2, str(WORKER), "--model-on-rank", "1", str(tiny_model), "--", *args)
+    assert proc.returncode != 0
+    refusals = [x for x in proc.stderr.splitlines() if "rank 1 was started differently from rank 0" in x]
+    assert len(refusals) == 2, proc.stderr[-3000:]  # said on both ranks
+    assert "(--model, the source's files differ)" in refusals[0]
+    assert list(tmp_path.iterdir()) == []
+    assert "flame_ext/" not in proc.stderr  # one line per rank: no traceback through our code
+
+
+def test_shares_are_disjoint_cover_everything_and_balance_by_bytes():
+    from flame_ext.convert.distributed import split_by_bytes
+    from flame_ext.io.dcp import WriteEntry
+    from flame_ext.io.specs import TensorSpec
+
+    sizes = [7, 1, 5, 3, 3, 2, 9, 4, 4, 1]
+    entries = [WriteEntry(f"t{i}", TensorSpec((n, 256), "float32"), lambda a, b: None) for i, n in enumerate(sizes)]
+    shares = split_by_bytes(entries, 3)
+    keys = [e.key for share in shares for e in share]
+    assert sorted(keys) == sorted(e.key for e in entries)  # each tensor on exactly one rank
+    loads = [sum(e.spec.nbytes for e in share) for share in shares]
+    assert max(loads) - min(loads) <= max(e.spec.nbytes for e in entries)
+    assert loads == [13 * 1024, 13 * 1024, 13 * 1024]  # 39 rows of 1 KiB: greedy largest-first splits them evenly
+    assert split_by_bytes(entries, 3) == shares  # every rank computes the same split
+
+
+def test_to_hf_under_torchrun_is_refused_in_one_line(tiny_model, tiny_dcp, tmp_path):
+    from cli_support import run_cli
+
+    out = tmp_path / "hf"
+    args = ("to-hf", "--checkpoint", str(tiny_dcp), "--config", str(tiny_model), "--out", str(out))
+    proc = run_cli(*args, env={"WORLD_SIZE": "2", "RANK": "1"})  # what torchrun sets for each rank
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "flame-ext: error: to-hf runs as one process: start it without torchrun (its ranks would all write one folder)"
+    )
+    assert not out.exists()
