@@ -47,6 +47,7 @@ __all__ = [
     "loss_gap_problem",
     "embedding_rows",
     "reference_vocabulary_problem",
+    "transformers_quiet",
 ]
 
 _FOREIGN_HINT = (
@@ -155,7 +156,7 @@ def _quiet(log: logging.Logger) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _transformers_quiet() -> Iterator[None]:
+def transformers_quiet() -> Iterator[None]:
     """No progress bars or "sequence longer than the model maximum" notes in the middle of a report."""
     from transformers.utils import logging as tf_logging
 
@@ -222,7 +223,7 @@ def reference_for(
             "pass --tokenizer, or --reference FILE written by `flame-ext reference`"
         )
 
-    with _transformers_quiet():
+    with transformers_quiet():
         ref = compute_reference(hf, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer_path=tokenizer)
     return ref, f"the HF model measured now ({ref['dtype']}, default reference text)"
 
