@@ -18,7 +18,7 @@ two runs on the same machine and library versions write byte-identical model.saf
 Data: every corpus/*.txt (~142 KB of original prose, see corpus/SOURCE.md), documents joined by
 <|endoftext|>; held-out: reference.txt, never trained on. Held-out loss is measured on the first
 2 x 512 bytes of reference.txt (prose only; flame-ext's default reference batch is now reference_mixed.txt,
-on which this model scores 6.966 nats: it has seen no code, tables or other languages).
+on which this model scores 3.560 nats: it has seen no code, tables or other languages).
 
 Measured (torch 2.13 CPU, transformers 5.24, 2 threads): 300 steps take ~45 s on an idle 2-core
 machine (0.14 s/step) and several minutes when other jobs share the cores; the output does not change.
