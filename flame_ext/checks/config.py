@@ -479,9 +479,9 @@ def recorded_source_problems(manifest_path: Path, model_config: Any = None) -> t
         return [], f"config: {file} was not checked: {exc}"
     if config_hash(config) != source.get("config_sha256"):
         return [], f"config: {file} changed since the conversion (its hash differs); not checked"
-    if model_config is not None and hasattr(model_config, "to_dict"):
-        import transformers
+    import transformers
 
+    if isinstance(model_config, transformers.PretrainedConfig):  # an HF model (flame); torchtitan's own have none
         reader = f"the trainer's model (transformers {transformers.__version__})"
         return installed_reading_problems(config, what=str(file), config_obj=model_config, reader=reader), None
     return installed_reading_problems(config, what=str(file), severity="warning"), None
