@@ -22,7 +22,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from flame_ext.checks.loss import transformers_quiet
 from flame_ext.errors import InputError
 from flame_ext.io.hf_config import read_model_config
 from flame_ext.report import Problem
@@ -428,11 +427,16 @@ def installed_reading_problems(
         cls = _config_class(config.get("model_type"))
         if cls is None:
             return []
+        from transformers.utils import logging as tf_logging
+
+        verbosity = tf_logging.get_verbosity()  # a config's own oddities (an eos id past the vocabulary) are not
+        tf_logging.set_verbosity_error()  # this check's; progress-bar state is left as the caller set it
         try:
-            with transformers_quiet():  # a config's own oddities (an eos id past the vocabulary) are not this check's
-                config_obj = cls.from_dict(dict(config))
+            config_obj = cls.from_dict(dict(config))
         except Exception:  # a config class rejects values with many exception types; other checks report it
             return []
+        finally:
+            tf_logging.set_verbosity(verbosity)
     wrote = config.get("transformers_version") or "an unrecorded version"
     running = transformers.__version__
     reader = reader or f"the installed transformers {running}"

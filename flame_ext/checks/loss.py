@@ -47,7 +47,6 @@ __all__ = [
     "loss_gap_problem",
     "embedding_rows",
     "reference_vocabulary_problem",
-    "transformers_quiet",
 ]
 
 _FOREIGN_HINT = (
@@ -156,7 +155,7 @@ def _quiet(log: logging.Logger) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def transformers_quiet() -> Iterator[None]:
+def _transformers_quiet() -> Iterator[None]:
     """No progress bars or "sequence longer than the model maximum" notes in the middle of a report."""
     from transformers.utils import logging as tf_logging
 
@@ -223,7 +222,7 @@ def reference_for(
             "pass --tokenizer, or --reference FILE written by `flame-ext reference`"
         )
 
-    with transformers_quiet():
+    with _transformers_quiet():
         ref = compute_reference(hf, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer_path=tokenizer)
     return ref, f"the HF model measured now ({ref['dtype']}, default reference text)"
 
