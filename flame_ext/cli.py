@@ -53,6 +53,7 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(message, prog=self.prog)
 
 
+_ROWS_HELP = "rows of the reference batch, cut from consecutive stretches of the text (default 2)"
 _DEVICE_HELP = "cpu, cuda or auto (default: cuda when torch sees a GPU): where the reference forward runs"
 
 
@@ -78,6 +79,7 @@ def add_convert_arguments(p: argparse.ArgumentParser, *, flame: bool = False) ->
     p.add_argument(
         *_flag("--reference-seq-len", flame), type=int, default=512, help="tokens per reference row (default 512)"
     )
+    p.add_argument(*_flag("--reference-rows", flame), type=int, default=2, help=_ROWS_HELP)
     p.add_argument(*_flag("--no-reference", flame), action="store_true", help="skip the HF reference loss")
     p.add_argument(*_flag("--reference-device", flame), default="auto", help=_DEVICE_HELP)
     p.add_argument(*_flag("--trust-remote-code", flame), action="store_true", help="allow the model's own code to run")
@@ -112,6 +114,7 @@ def convert_options(args: argparse.Namespace) -> ConvertOptions:
         layout=args.layout,
         reference_text=args.reference_text,
         reference_seq_len=args.reference_seq_len,
+        reference_rows=args.reference_rows,
         reference=not args.no_reference,
         reference_device=args.reference_device,
         trust_remote_code=args.trust_remote_code,
@@ -249,6 +252,7 @@ def _add_reference(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output JSON file (checked before the model runs; written atomically)")
     p.add_argument("--reference-text")
     p.add_argument("--reference-seq-len", type=int, default=512)
+    p.add_argument("--reference-rows", type=int, default=2, help=_ROWS_HELP)
     p.add_argument("--reference-device", default="auto", help=_DEVICE_HELP)
     p.add_argument("--dtype", default="auto", help="auto, bfloat16 or float32: the dtype the model runs in")
     p.add_argument("--trust-remote-code", action="store_true")

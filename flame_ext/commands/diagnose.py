@@ -242,10 +242,18 @@ def _stale(table: dict[str, Any], found: dict[str, TensorSpec]) -> list[Problem]
 
 
 def config_problems(ctx: _Context, train_config: str) -> list[Problem]:
-    from flame_ext.checks.config import compare_configs, read_config_file
+    from flame_ext.checks.config import compare_configs, installed_reading_problems, read_config_file
 
     data, file = read_config_file(train_config)
-    return compare_configs(data, ctx.hf.config, train_name=str(file), hf_name=ctx.hf.source)
+    problems = compare_configs(data, ctx.hf.config, train_name=str(file), hf_name=ctx.hf.source)
+    return problems + installed_reading_problems(data, what=f"--train-config {file}")
+
+
+def config_reading_problems(ctx: _Context) -> list[Problem]:
+    """The HF model's config.json as the installed transformers reads it (metadata pass: no tensor read)."""
+    from flame_ext.checks.config import installed_reading_problems
+
+    return installed_reading_problems(ctx.hf.config, what=f"{ctx.hf.source}/config.json")
 
 
 def tokenizer_check(ctx: _Context, tokenizer: str | None, trust_remote_code: bool) -> tuple[list[Problem], str | None]:
@@ -309,6 +317,7 @@ def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: 
         report.notes.insert(0, f"model: {opts.model}, the source recorded in {MANIFEST_NAME} (--model not given)")
     ctx = _Context(folder, found, hf, model, expected, tied, key_map, manifest, model_given=not recorded)
     report.extend(manifest_problems(ctx, reference_given=opts.reference is not None))
+    report.extend(config_reading_problems(ctx))
     if opts.reference is not None:
         report.extend(_use_reference_file(ctx, opts.reference))
     if opts.train_config:

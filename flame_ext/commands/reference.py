@@ -51,6 +51,7 @@ def write_reference(args: argparse.Namespace) -> dict[str, Any]:
             hf,
             text_path=args.reference_text,
             seq_len=args.reference_seq_len,
+            rows=args.reference_rows,
             dtype=dtype or hf.torch_dtype,
             trust_remote_code=args.trust_remote_code,
             device=args.reference_device,

@@ -57,6 +57,7 @@ class ConvertOptions:
     layout: str = "flat"
     reference_text: str | None = None
     reference_seq_len: int = 512
+    reference_rows: int = 2
     reference: bool = True
     reference_device: str = "cpu"
     trust_remote_code: bool = False
@@ -72,6 +73,8 @@ class ConvertOptions:
             raise InputError(f"--layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
         if self.reference_seq_len < 2:
             raise InputError(f"--reference-seq-len {self.reference_seq_len}: must be at least 2")
+        if self.reference_rows < 1:
+            raise InputError(f"--reference-rows {self.reference_rows}: must be at least 1")
         if self.buffer_bytes < 1024:
             raise InputError(f"buffer of {self.buffer_bytes} bytes: must be at least 1 KiB")
         if self.reference:
@@ -263,6 +266,7 @@ def _reference(
             hf,
             text_path=opts.reference_text,
             seq_len=opts.reference_seq_len,
+            rows=opts.reference_rows,
             dtype=_reference_dtype(hf, entries),
             trust_remote_code=opts.trust_remote_code,
             device=opts.reference_device,

@@ -197,11 +197,12 @@ class InitialLoadGuard:
         self.reference, self.fresh, self.fingerprints, reference_problems = self._agreed(
             self._read_reference, "reading the reference"
         )
+        config_problems = self._agreed(self._config_reading, "the config check")
         found = self.found = dict(self._agreed(read_found, "reading the checkpoint metadata"))
         self.model_prefix = requested.model_prefix
         problems = self._agreed(lambda: list(extra) + self._parity(requested, found, tied or {}), "the key/shape check")
         # What is wrong with the checkpoint itself first (a stock converter's nested keys), then the reference.
-        self.report.extend(pool(problems + reference_problems))
+        self.report.extend(pool(problems + reference_problems + config_problems))
         self.report.counts = pool_counts(self.report.counts)
         logger.info(
             "flame-ext: checked %s before loading: %d model keys requested, %d keys in the checkpoint; %s "
@@ -243,6 +244,18 @@ class InitialLoadGuard:
         if foreign is not None:
             return {}, [], None, [foreign]
         return reference, list(fresh), fingerprints, []
+
+    def _config_reading(self) -> list[Problem]:
+        """The source config as the trainer's model (or the installed transformers) reads it: checks.config."""
+        from flame_ext.checks.config import recorded_source_problems
+        from flame_ext.io.manifest import MANIFEST_NAME
+
+        path = Path(self.config.initial_load_reference or Path(self.checkpoint) / MANIFEST_NAME)
+        if not path.is_file():
+            return []  # reported by the reference check
+        problems, note = recorded_source_problems(path, getattr(self.parts[0], "config", None))
+        self.report.notes.extend([note] if note else [])
+        return problems
 
     def _fingerprints(self, found: tuple[Any, str | None], path: Path) -> Any:
         """The recorded fingerprints when values are to be verified; None (with a note) when not."""

@@ -39,7 +39,9 @@ __all__ = [
     "MAX_TEXT_BYTES",
 ]
 
-DEFAULT_REFERENCE_TEXT = Path(__file__).parents[1] / "assets" / "reference.txt"
+# Prose, code, tables, arithmetic and a dozen languages interleaved in short passages, so that the first
+# 1024 tokens of a byte-level tokenizer already cover five kinds of text (see assets/corpus/SOURCE.md).
+DEFAULT_REFERENCE_TEXT = Path(__file__).parents[1] / "assets" / "reference_mixed.txt"
 DEFAULT_SEQ_LEN = 512
 DEFAULT_ROWS = 2
 MAX_TEXT_BYTES = 8 * 1024 * 1024
@@ -82,6 +84,8 @@ def reference_batch(
     """Token ids [rows, seq_len] cut from consecutive stretches of the text (fewer rows if it is short)."""
     if seq_len < 2:
         raise InputError(f"--reference-seq-len {seq_len}: must be at least 2")
+    if rows < 1:
+        raise InputError(f"--reference-rows {rows}: must be at least 1")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)[
         "input_ids"
     ]  # longer than the model: it is cut into rows
@@ -225,6 +229,7 @@ def compute_reference(
     *,
     text_path: str | Path | None = None,
     seq_len: int = DEFAULT_SEQ_LEN,
+    rows: int = DEFAULT_ROWS,
     dtype: str | None = None,
     trust_remote_code: bool = False,
     tokenizer_path: str | Path | None = None,
@@ -239,7 +244,7 @@ def compute_reference(
     refuse_remote_code(hf, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(tokenizer_path or hf.path, trust_remote_code=trust_remote_code)
     text = read_reference_text(text_path)
-    token_ids = reference_batch(tokenizer, text, seq_len)
+    token_ids = reference_batch(tokenizer, text, seq_len, rows)
     run_dtype = dtype or hf.torch_dtype or "float32"
     run_device = reference_device(device)
     losses, attn, notes = reference_losses(

@@ -42,3 +42,17 @@ def test_a_failed_run_creates_nothing(capsys, tmp_path):
     code, err = _reference(capsys, tmp_path / "no-such-model", out)
     assert code == 2 and "no-such-model" in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_rows_and_kinds_of_text(capsys, tiny_model, tmp_path):
+    """``--reference-rows`` sets the batch's rows; the default text's first two 512-token rows (bytes, for
+    the embedded byte-level model) already hold prose, code, numbers and another language."""
+    out = tmp_path / "ref.json"
+    assert _reference(capsys, tiny_model, out, "--reference-rows", "5")[0] == 0
+    assert len(json.loads(out.read_text())["reference"]["token_ids"]) == 5
+    assert main(["reference", "--model", str(tiny_model), "--out", str(out), "--force"]) == 0
+    ids = json.loads(out.read_text())["reference"]["token_ids"]
+    assert [len(row) for row in ids] == [512, 512]
+    text = bytes(ids[0] + ids[1]).decode("utf-8", errors="ignore")
+    for sample in ("the keeper climbed", "def lamp_hours(", "1891,365,1001.2", "la gardienne"):
+        assert sample in text, sample

@@ -76,7 +76,7 @@ def test_manifest_reference_equals_an_independent_hf_forward(manifest, tiny_mode
     torch.testing.assert_close(
         torch.tensor(ref["loss_per_token"]), per_token, atol=1e-4, rtol=1e-4
     )  # 6-decimal rounding + kernel order
-    assert ref["loss_mean"] < 2.2, "the embedded model is trained: its loss is far below ln(256)"
+    assert ref["loss_mean"] < 4.0, "the embedded model is trained: its loss is far below ln(256) = 5.55"
 
 
 def _tf5() -> bool:

@@ -136,4 +136,4 @@ def test_the_manifest_records_where_the_reference_ran(tiny_model, tmp_path):
     assert r.returncode == 0, r.stderr
     ref = json.loads(out.read_text())["reference"]
     assert ref["device"] == "cpu" and ref["notes"] == []
-    assert abs(ref["loss_mean"] - 1.7611) < 1e-3  # the embedded model's known reference loss
+    assert abs(ref["loss_mean"] - 3.5601) < 1e-3  # the embedded model's known reference loss (mixed text)

@@ -219,6 +219,10 @@ def c_reference_seq_len_nonsense(io: Inputs) -> Case:
     return Case(_convert(io.small_model, io, "--reference-seq-len", "1"), ["--reference-seq-len"], ["at least"])
 
 
+def c_reference_rows_nonsense(io: Inputs) -> Case:
+    return Case(_convert(io.small_model, io, "--reference-rows", "0"), ["--reference-rows"], ["at least"])
+
+
 def c_tohf_missing_checkpoint(io: Inputs) -> Case:
     return Case(_to_hf(io.inp / "nope", io.small_model, io), ["nope"], ["no such", "not found", "does not exist"])
 

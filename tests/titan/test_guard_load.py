@@ -278,3 +278,47 @@ def test_the_adapter_imports_without_triton():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == f"flame_ext.titan.v0{titan_generation()[-1]}"
+
+
+def test_a_config_the_installed_transformers_misreads_is_stopped_before_the_load(tiny_model, tmp_path):
+    """The source's config.json states rope_theta 500000 only in rope_parameters (transformers 5's spelling):
+    4.x builds the trainer's model with its default 10000 and the guard says so before a tensor is read; 5.x
+    reads it as written and the load passes. The source folder moved away: a note, nothing checked."""
+    import sys
+
+    from cli_support import transformers_major
+
+    from flame_ext.cli import main
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "checks"))
+    from test_config import rope_parameters_config
+
+    source = tmp_path / "olmo2"
+    shutil.copytree(tiny_model, source)
+    (source / "config.json").write_text(json.dumps(rope_parameters_config()))
+    dcp = tmp_path / "step-0"
+    assert main(["convert", "--model", str(source), "--checkpoint", str(dcp), "--no-reference"]) == 0
+
+    def load(run: str):
+        manager = build_manager(
+            hf_like_trainer(source), tmp_path / run, initial_load_path=str(dcp), validate_initial_load=True
+        )
+        try:
+            manager.load()
+        except InitialLoadValidationError as exc:
+            return exc.report
+        return manager.initial_load_report
+
+    report = load("run")
+    found = [p for p in report.problems if p.kind == "config_mismatch"]
+    if transformers_major() < 5:
+        assert [(p.severity, p.key) for p in found] == [("error", "rope_theta")]
+        assert "trainer's model" in found[0].detail and "10000.0" in found[0].detail
+        assert report.loss is None  # stopped before the load
+    else:
+        assert found == []
+    shutil.move(source, tmp_path / "moved")
+    source = tmp_path / "moved"
+    report = load("run-moved")
+    assert not [p for p in report.problems if p.kind == "config_mismatch"]
+    assert any("was not checked against the installed transformers" in n for n in report.notes)

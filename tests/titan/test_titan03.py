@@ -42,6 +42,7 @@ def reference_file(hf_dir: Path, out: Path) -> Path:
             dtype="float32",
             reference_text=None,
             reference_seq_len=512,
+            reference_rows=2,
             reference_device="cpu",
             trust_remote_code=False,
         )
