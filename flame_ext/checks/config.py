@@ -434,7 +434,23 @@ def normalized_config(config: dict[str, Any], *, what: str) -> dict[str, Any]:
     return json.loads(json.dumps(_flatten_rope(d), default=str))
 
 
+_JSON_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def _plain(value: Any) -> Any:
+    """A config value as plain JSON data: transformers writes a non-finite float as {"__float__": "Infinity"},
+    and a config object holds tuples where the file has lists."""
+    if isinstance(value, dict) and set(value) == {"__float__"} and value["__float__"] in _JSON_FLOATS:
+        return _JSON_FLOATS[value["__float__"]]
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _same(a: Any, b: Any) -> bool:
+    a, b = _plain(a), _plain(b)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if (
         isinstance(a, (int, float))
         and isinstance(b, (int, float))
