@@ -33,7 +33,7 @@ from flame_ext.convert.summary import Progress, Summary, peak_rss_mb
 from flame_ext.errors import DistributedRunError, FlameExtError, InputError, first_line
 from flame_ext.io.dcp import WriteEntry, save_streaming
 from flame_ext.io.destination import atomic_folder, check_destination, flush_files
-from flame_ext.io.fingerprint import Recorder
+from flame_ext.io.fingerprint import Recorder, nonfinite_keys
 from flame_ext.io.manifest import config_hash, write_manifest
 
 __all__ = ["launched_by_torchrun", "split_by_bytes", "convert_distributed", "DEFAULT_TIMEOUT_S"]
@@ -183,7 +183,7 @@ def _convert(opts: ConvertOptions, rank: int, world: int, slow_group: Any) -> Su
         recorder = Recorder({e.key: e.spec.shape for e in share})
         bar = Progress(sum(e.spec.nbytes for e in share), opts.progress and rank == 0, "convert")
         try:
-            nonfinite = save_streaming(
+            save_streaming(
                 tmp,
                 share,
                 buffer_bytes=opts.buffer_bytes,
@@ -194,15 +194,14 @@ def _convert(opts: ConvertOptions, rank: int, world: int, slow_group: Any) -> Su
         finally:
             bar.close()
         flush_files(_own_files(tmp, rank))  # each rank flushes what it wrote: on a shared filesystem only it can
-        results = _all((nonfinite, recorder.values))  # after this, every rank's files are written and flushed
+        results = _all(recorder.values)  # after this, every rank's files are written and flushed
         summary = Summary(Path(opts.checkpoint).absolute(), notes=list(plan.notes), parameters=plan.parameters)
 
         def publish() -> None:
             if rank != 0:
                 return
-            nonfinite_all = sorted({k for keys, _ in results for k in keys})
-            fingerprints = {k: v for _, values in results for k, v in values.items()}
-            complete_manifest(summary, plan, opts, nonfinite_all, fingerprints)
+            fingerprints = {k: v for values in results for k, v in values.items()}
+            complete_manifest(summary, plan, opts, nonfinite_keys(fingerprints), fingerprints)
             write_manifest(tmp, summary.manifest)
             stack.close()  # made durable and renamed: the destination appears whole
 

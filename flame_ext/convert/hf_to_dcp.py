@@ -19,7 +19,7 @@ from flame_ext.convert.summary import DTYPES, Progress, Summary, nonfinite_warni
 from flame_ext.errors import CheckpointFormatError, InputError
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, LAYOUTS, WriteEntry, replace_dtype, save_streaming
 from flame_ext.io.destination import atomic_folder, check_destination
-from flame_ext.io.fingerprint import Recorder
+from flame_ext.io.fingerprint import Recorder, nonfinite_keys
 from flame_ext.io.hf import (
     HFCheckpoint,
     HFTensor,
@@ -228,12 +228,12 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
     with atomic_folder(opts.checkpoint, kind="dcp", force=opts.force) as tmp:
         bar = Progress(total, opts.progress, "convert")
         try:
-            nonfinite = save_streaming(
+            save_streaming(
                 tmp, entries, buffer_bytes=opts.buffer_bytes, on_written=bar.update, on_block=recorder.add_rows
             )
         finally:
             bar.close()
-        complete_manifest(summary, plan, opts, nonfinite, recorder.values)
+        complete_manifest(summary, plan, opts, nonfinite_keys(recorder.values), recorder.values)
         write_manifest(tmp, summary.manifest)
     summary.tensors = len(entries)
     summary.bytes = total

@@ -47,7 +47,7 @@ from flame_ext.errors import (
     refused_global,
 )
 from flame_ext.io.dcp_metadata import validate_metadata
-from flame_ext.io.specs import TensorSpec, all_finite, dtype_name
+from flame_ext.io.specs import TensorSpec, dtype_name
 
 __all__ = [
     "LAYOUTS",
@@ -111,7 +111,6 @@ class _StreamingPlanner(DefaultSavePlanner):
         self._on_written = on_written
         self._cancelled = threading.Event()
         self._lock = threading.Lock()  # on_written (a progress bar) is called from several threads
-        self.nonfinite: set[str] = set()  # keys with a NaN or Inf in a block written so far
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -152,10 +151,7 @@ class _StreamingPlanner(DefaultSavePlanner):
             )
         if self._on_block is not None:
             self._on_block(e.key, start, data)  # the block in hand: a fingerprint costs no second read
-        finite = all_finite(data)
         with self._lock:
-            if not finite:
-                self.nonfinite.add(e.key)
             self._on_written(data.numel() * data.element_size())
         return data.contiguous()
 
@@ -288,14 +284,14 @@ def save_streaming(
     threads: int = DEFAULT_THREADS,
     on_block: Callable[[str, int, torch.Tensor], None] | None = None,
     distributed: bool = False,
-) -> list[str]:
+) -> None:
     """Write ``entries`` as a DCP checkpoint into ``folder``; tensor data in memory stays within ``buffer_bytes``.
 
     ``on_block(key, start_row, block)`` sees every block exactly as it is written (from the writer threads,
     so it must be thread-safe); the converter records fingerprints with it.
 
-    Returns the keys whose values hold NaN or Inf (written as they are: the copy is faithful), found block by
-    block as they are written.
+    Values are written as they are, NaN and Inf included (the copy is faithful); the converter finds such
+    tensors from the fingerprints ``on_block`` records.
 
     ``threads`` files are written at once (two keep both cores of a small machine busy: a single
     writer thread copied about half as fast into the page cache). Each writer holds up to two blocks
@@ -329,7 +325,6 @@ def save_streaming(
             if cause is exc:
                 raise
             raise cause from exc
-    return sorted(planner.nonfinite)
 
 
 def _root_cause(exc: CheckpointException) -> BaseException:
