@@ -77,7 +77,8 @@ def bench_parity_7b() -> None:
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
     from flame_ext.checks.keys import compare_specs
-    from flame_ext.guard import GuardConfig, InitialLoadGuard, split_request
+    from flame_ext.guard import split_request
+    from flame_ext.guard.parity import parity_problems
     from flame_ext.io.dcp import read_dcp_metadata
 
     t0 = time.perf_counter()
@@ -95,10 +96,8 @@ def bench_parity_7b() -> None:
         assert not result.problems
 
         def whole_check() -> None:  # what the adapters run before a load, reference read excluded
-            guard = InitialLoadGuard(GuardConfig(validate_initial_load=True), str(folder), [model])
-            guard.reference, guard.fresh = {}, []
             found_now = read_dcp_metadata(folder)
-            problems = guard._parity(split_request(model.state_dict()), found_now, {})
+            problems = parity_problems(split_request(model.state_dict()), found_now, fresh=[], tied={}, counts={})
             assert not problems
 
         t_total, _ = timed(whole_check)

@@ -21,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 from flame_ext.commands.demo import _flame_model
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 from flame_ext.errors import InitialLoadValidationError
-from flame_ext.guard.initial_load import InitialLoadGuard, hf_loss_probe, split_request
+from flame_ext.guard import InitialLoadGuard, hf_loss_probe, split_request
 from flame_ext.guard.options import GuardConfig
 from flame_ext.io.dcp import read_dcp_metadata
 from flame_ext.io.hf import DEFAULT_MODEL

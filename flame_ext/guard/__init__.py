@@ -1,24 +1,19 @@
 """The step-0 guard: check the first load of a training run before step 1 can hide what went wrong.
 
 ``options`` declares the settings and derives the hosts' forms of them, ``initial_load`` runs the checks
-(from ``flame_ext.checks``) around a host's load, ``ranks`` makes every rank take the same verdict. Hosts
-(``flame_ext.titan``, ``flame_ext.flame``) decide when a load is the initial one. Hosts import from here.
+(from ``flame_ext.checks``) around a host's load: ``state`` reads what the load asks for and filled,
+``reference`` what it is checked against, ``parity``, ``values`` and ``step0_loss`` are the checks before
+and after the load (``probe`` runs the forward pass), ``metrics`` hands the figures to the host's logger,
+``ranks`` makes every rank take the same verdict. Hosts (``flame_ext.titan``, ``flame_ext.flame``) decide
+when a load is the initial one. Hosts import from here.
 """
 
 from flame_ext.errors import GuardConfigError, InitialLoadValidationError
-from flame_ext.guard.initial_load import (
-    IGNORE_INDEX,
-    InitialLoadGuard,
-    LossProbe,
-    RequestedLoad,
-    hf_loss_probe,
-    meta_copy,
-    model_state,
-    record_metrics,
-    split_request,
-    tied_keys,
-)
+from flame_ext.guard.initial_load import InitialLoadGuard
+from flame_ext.guard.metrics import record_metrics
 from flame_ext.guard.options import GuardConfig, GuardOption, guard_options, host_config
+from flame_ext.guard.probe import IGNORE_INDEX, LossProbe, hf_loss_probe
+from flame_ext.guard.state import RequestedLoad, meta_copy, model_state, split_request, tied_keys
 
 __all__ = [
     "GuardConfig",

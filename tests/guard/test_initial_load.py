@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flame_ext.errors import GuardConfigError, InitialLoadValidationError
-from flame_ext.guard.initial_load import InitialLoadGuard, hf_loss_probe, split_request
+from flame_ext.guard import InitialLoadGuard, hf_loss_probe, split_request
 from flame_ext.guard.options import GuardConfig
 from flame_ext.io.dcp import read_dcp_metadata
 from flame_ext.io.specs import TensorSpec
@@ -232,7 +232,7 @@ def test_guard_draws_the_plot_on_rank_0_even_when_it_stops_the_run(broken, tiny_
 
 def _guard_after_load(model, checkpoint, probe):
     """The guard's two steps on an already loaded model (the OLMo2 runs on the CPU)."""
-    from flame_ext.guard.initial_load import RequestedLoad
+    from flame_ext.guard import RequestedLoad
 
     guard = InitialLoadGuard(GuardConfig(validate_initial_load=True), str(checkpoint), [model])
     specs = {k: TensorSpec(tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}

@@ -13,7 +13,7 @@ import torch.distributed.checkpoint as dcp
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from flame_ext.errors import InitialLoadValidationError
-from flame_ext.guard.initial_load import InitialLoadGuard, hf_loss_probe, split_request
+from flame_ext.guard import InitialLoadGuard, hf_loss_probe, split_request
 from flame_ext.guard.options import GuardConfig
 from flame_ext.io.dcp import read_dcp_metadata
 

@@ -623,7 +623,7 @@ def test_guard_reference_of_another_format_version(small_dcp, tmp_path, figures)
     import torch
 
     from flame_ext.errors import InitialLoadValidationError
-    from flame_ext.guard.initial_load import InitialLoadGuard, RequestedLoad
+    from flame_ext.guard import InitialLoadGuard, RequestedLoad
     from flame_ext.guard.options import GuardConfig
 
     manifest = json.loads((small_dcp / "flame_ext.json").read_text())

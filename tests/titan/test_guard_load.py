@@ -290,8 +290,8 @@ def test_a_config_the_installed_transformers_misreads_is_stopped_before_the_load
 
     from flame_ext.cli import main
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "checks"))
-    from test_config import rope_parameters_config
+    sys.path.insert(0, str(Path(__file__).parents[1] / "checks" / "config"))
+    from test_misread import rope_parameters_config
 
     source = tmp_path / "olmo2"
     shutil.copytree(tiny_model, source)

@@ -1,0 +1,153 @@
+"""The step-0 loss gate: one forward pass on the manifest's reference batch, against the HF model's loss on
+the same tokens, measured by position bucket, pooled over ranks, and judged against the threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from flame_ext.errors import FlameExtError, GuardConfigError
+from flame_ext.guard.ranks import max_over_ranks, rank, sum_over_ranks
+from flame_ext.report import LossComparison, Problem, bucket_label
+
+__all__ = ["measure_loss", "loss_gate_problems", "missing_reference_problems", "log_loss", "draw_loss_plot"]
+
+logger = logging.getLogger("flame_ext.guard")  # the name users filter the guard's log lines by
+
+NEXT_STEP = "run `flame-ext diagnose --checkpoint C --model HF --values --loss` to find the tensors that differ"
+
+# The guard's probe on every rank: the sums of ``probe.LossProbe``, or None on every rank when it was skipped.
+RunProbe = Callable[[torch.Tensor, list[tuple[int, int]]], "torch.Tensor | None"]
+
+
+def measure_loss(
+    reference: dict[str, Any],
+    run: RunProbe,
+    *,
+    multiple: int,
+    max_positions: int | None,
+    threshold: float,
+    per_position: bool,
+) -> tuple[LossComparison | None, float]:
+    """(the step-0 comparison over all ranks, the largest gap of a single rank); (None, 0.0) when skipped.
+
+    The reference rows are cut to ``max_positions`` predicted positions and to a multiple of ``multiple``:
+    the model is causal, so a prefix's per-token reference is exact. ``per_position`` adds every position's
+    loss, for the plot.
+    """
+    from flame_ext.checks.loss import loss_by_position
+
+    ids = torch.tensor(reference["token_ids"], dtype=torch.long)
+    ref = torch.tensor(reference["loss_per_token"], dtype=torch.float64)
+    n = min(ids.shape[1] - 1, max_positions or ids.shape[1])
+    n = (n // multiple) * multiple  # predicted positions the host's model and loss can take
+    if n < 1:
+        raise GuardConfigError(
+            f"reference rows of {ids.shape[1]} tokens are too short for a loss in chunks of {multiple}"
+        )
+    ref = ref[:, :n]
+    buckets = loss_by_position(ref, ref)
+    ranges = [(0, n), (0, 1)] + [(b["start"], b["end"]) for b in buckets]  # all, the first position, buckets
+    if per_position:
+        ranges += [(i, i + 1) for i in range(n)]
+    sums = run(ids[:, : n + 1], ranges)
+    if sums is None:
+        return None, 0.0
+    reference_mean = float(reference["loss_mean"]) if n == ids.shape[1] - 1 else ref.mean().item()
+    # The mean over ranks is what is logged; the gate also looks at the worst single rank, because one
+    # rank with wrong weights among 256 would move the mean by only 1/256 of its gap.
+    own_gap = abs((sums[0, 0] / sums[0, 1]).item() - reference_mean)
+    worst_rank_gap = max_over_ranks(own_gap if math.isfinite(own_gap) else math.inf)
+    sums = sum_over_ranks(sums)
+    means = (sums[:, 0] / sums[:, 1]).tolist()
+    by_position = [{**b, "observed": m} for b, m in zip(buckets, means[2:])]
+    first = means[1] - ref[:, 0].mean().item()
+    cmp = LossComparison(reference_mean, means[0], threshold, by_position, first)
+    if per_position:
+        cmp.curve = {"observed": means[2 + len(buckets) :], "reference": ref.mean(0).tolist()}
+    return cmp, worst_rank_gap
+
+
+def missing_reference_problems(run: RunProbe, multiple: int, unavailable: str | None) -> list[Problem]:
+    """No reference loss (convert could not run the model): fine if this machine cannot run it either (the
+    probe skips), an error if it can."""
+    ids = torch.zeros((1, max(multiple, 1) + 1), dtype=torch.long)  # token 0 exists in every vocabulary
+    if run(ids, [(0, ids.shape[1] - 1)]) is None:
+        return []
+    return [
+        Problem(
+            "manifest",
+            "error",
+            None,
+            f"no reference loss for the step-0 check: the conversion could not run the model ({unavailable}), "
+            "and this machine can",
+            "on this machine run `flame-ext reference --model HF --out REF.json` and set "
+            "checkpoint.initial_load_reference = REF.json, or set checkpoint.validate_initial_load = false",
+        )
+    ]
+
+
+def loss_gate_problems(comparison: LossComparison, worst_rank_gap: float, *, values_differ: bool) -> list[Problem]:
+    """The gate: a non-finite loss, a mean gap or one rank's gap above the threshold is an error."""
+    if not math.isfinite(comparison.observed):
+        return [
+            Problem(
+                "nonfinite",
+                "error",
+                None,
+                f"step-0 loss is {comparison.observed}",
+                "a weight or buffer holds inf/NaN after loading: run `flame-ext diagnose --values`",
+            )
+        ]
+    if not comparison.ok:
+        from flame_ext.checks.loss import loss_gap_problem
+
+        return [loss_gap_problem(comparison, what="step-0 loss", next_step=NEXT_STEP, values_differ=values_differ)]
+    if worst_rank_gap > comparison.threshold:
+        return [
+            Problem(
+                "loss_gap",
+                "error",
+                None,
+                "the mean step-0 loss passes, but one rank's differs from the HF reference by "
+                f"{worst_rank_gap:.4f} (threshold {comparison.threshold})",
+                "ranks loaded different weights: check that every rank reads the same checkpoint; run `flame-ext "
+                "diagnose --checkpoint C --model HF --values --loss` on it",
+            )
+        ]
+    return []
+
+
+def log_loss(lo: LossComparison) -> None:
+    logger.info(
+        "step-0 loss %.4f vs HF reference %.4f (delta %+.4f, threshold %g)",
+        lo.observed,
+        lo.reference,
+        lo.delta,
+        lo.threshold,
+    )
+    logger.info(
+        "step-0 loss by position: %s",
+        "  ".join(f"{bucket_label(b)}: {b['observed']:.4f} (ref {b['reference']:.4f})" for b in lo.by_position),
+    )
+
+
+def draw_loss_plot(cmp: LossComparison, path: str | None, checkpoint: str) -> str | None:
+    """Rank 0 draws ``initial_load_plot``; returns the report's note, or None. A plot that cannot be written
+    is a warning, never a stop."""
+    if not path or rank() != 0 or cmp.curve is None:
+        return None
+    from flame_ext.io.plot import plot_loss
+
+    try:
+        plot_loss(cmp, path, title=f"step-0 loss of {checkpoint} against the HF reference")
+    except (FlameExtError, OSError) as exc:
+        logger.warning("flame-ext: could not write checkpoint.initial_load_plot %s: %s", path, exc)
+        return None
+    logger.info("flame-ext: per-position step-0 loss drawn in %s", path)
+    return f"per-position step-0 loss drawn in {path}"
