@@ -97,105 +97,12 @@ def _flame_model(hf_path: Path, *, simulate_tf4: bool) -> tuple[torch.nn.Module,
     return model, simulated, left
 
 
-# ---------------------------------------------------------------------------------------- the host
-
-
-class TrainState:
-    """flame's TrainState, reduced to the step (a torch Stateful); the test hosts use it too."""
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": torch.tensor(self.step)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.step = int(state_dict["step"])
-
-
-def _titan_generation() -> str:
-    from flame_ext.titan import generation
-
-    return generation()
-
-
-def _manager_v01(model: torch.nn.Module, dump: Path, guard_flags: list[str]) -> tuple[Any, Any, Any]:
-    """torchtitan 0.1 (flame's pin): JobConfig from torchtitan's own parser with the guard fields added."""
-    from torchtitan.components.ft import init_ft_manager
-    from torchtitan.components.lr_scheduler import build_lr_schedulers
-    from torchtitan.components.optimizer import build_optimizers
-    from torchtitan.config_manager import ConfigManager
-
-    from flame_ext.titan import ValidatingCheckpointManager
-
-    argv = [
-        "--experimental.custom_args_module",
-        "flame_ext.titan.v01",
-        "--job.dump_folder",
-        str(dump),
-        "--model.tokenizer_path",
-        str(dump),
-        "--optimizer.lr",
-        str(LR),
-        "--optimizer.implementation",
-        "for-loop",
-        "--lr_scheduler.warmup_steps",
-        "1",
-        "--training.steps",
-        str(STEPS),
-        "--checkpoint.enable_checkpoint",
-        "--checkpoint.keep_latest_k",
-        "0",
-        *guard_flags,
-    ]
-    job_config = ConfigManager().parse_args(argv)
-    ft_manager = init_ft_manager(job_config)
-    optimizers = build_optimizers([model], job_config, ft_manager)
-    schedulers = build_lr_schedulers(optimizers, job_config)
-    manager = ValidatingCheckpointManager(
-        dataloader=None,
-        model_parts=[model],
-        optimizers=optimizers,
-        lr_schedulers=schedulers,
-        states={"train_state": TrainState()},
-        job_config=job_config,
-        ft_manager=ft_manager,
-    )
-    return manager, optimizers, schedulers
-
-
-def _manager_v03(model: torch.nn.Module, dump: Path, guard: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """torchtitan 0.3: the guard's nested Config, built the way the 0.3 Trainer builds its checkpointer."""
-    from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
-
-    from flame_ext.titan import ValidatingCheckpointManager
-
-    optimizers = default_adamw(lr=LR).build(model_parts=[model])
-    schedulers = LRSchedulersContainer.Config(warmup_steps=1).build(optimizers=optimizers, training_steps=STEPS)
-    config = ValidatingCheckpointManager.Config(
-        enable=True, folder="checkpoint", interval=1000, keep_latest_k=0, initial_load_model_only=False, **guard
-    )
-    manager = config.build(
-        dataloader=None,
-        model_parts=[model],
-        optimizers=optimizers,
-        lr_schedulers=schedulers,
-        states={"train_state": TrainState()},
-        sd_adapter=None,
-        base_folder=str(dump),
-    )
-    return manager, optimizers, schedulers
-
-
-def _guard_settings(repair: bool) -> tuple[dict[str, Any], list[str]]:
-    """The guard switched on, repair on or off: as 0.3 Config fields and as 0.1 command-line flags."""
-    from flame_ext.flame.config import guard_flags
-
-    fields = {"validate_initial_load": True, "initial_load_repair_buffers": repair, "initial_load_max_loss_delta": 0.1}
-    return fields, guard_flags(fields)
-
-
 # ---------------------------------------------------------------------------------------- one run
+
+
+def _guard_settings(repair: bool) -> dict[str, Any]:
+    """The guard switched on, repair on or off (``GuardConfig`` fields)."""
+    return {"validate_initial_load": True, "initial_load_repair_buffers": repair, "initial_load_max_loss_delta": 0.1}
 
 
 def _batches(hf_path: Path) -> Iterator[torch.Tensor]:
@@ -224,14 +131,12 @@ def train_flame_shaped(
     ``on_built`` sees the result (buffers as ``to_empty()`` left them, simulated or not) before the load.
     """
     from flame_ext.errors import InitialLoadValidationError
+    from flame_ext.titan.managers import build_checkpoint_manager
 
     torch.manual_seed(0)
     model, simulated, left = _flame_model(hf_path, simulate_tf4=simulate_tf4)
-    fields, flags = _guard_settings(repair)
-    if _titan_generation() == "0.1":
-        manager, optimizers, schedulers = _manager_v01(model, dump, flags)
-    else:
-        manager, optimizers, schedulers = _manager_v03(model, dump, fields)
+    training = build_checkpoint_manager([model], dump, guard=_guard_settings(repair), lr=LR, steps=STEPS)
+    manager, optimizers, schedulers = training.manager, training.optimizers, training.lr_schedulers
     result = TrainResult(aborted=False, simulated=simulated, left_by_to_empty=left)
     on_built(result)
     try:

@@ -46,44 +46,15 @@ def dump(tiny_dcp, tmp_path) -> Path:
     return tmp_path / "exp"
 
 
-def _job_config(dump: Path, *guard_flags: str):
-    from torchtitan.config_manager import ConfigManager
-
-    return ConfigManager().parse_args(
-        [
-            "--experimental.custom_args_module",
-            "flame_ext.titan.v01",
-            "--job.dump_folder",
-            str(dump),
-            "--model.tokenizer_path",
-            str(dump),
-            "--optimizer.lr",
-            "1e-3",
-            "--optimizer.implementation",
-            "for-loop",
-            "--lr_scheduler.warmup_steps",
-            "1",
-            "--checkpoint.enable_checkpoint",
-            "--checkpoint.keep_latest_k",
-            "0",
-            *guard_flags,
-        ]
-    )
-
-
-def _flame_start(hf: Path, dump: Path, *guard_flags: str, stock: bool = False):
+def _flame_start(hf: Path, dump: Path, stock: bool = False, **guard):
     """flame/train.py's sequence up to and including ``checkpoint.load``; returns (model, manager, optimizers)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torchtitan.components.checkpoint import CheckpointManager
-    from torchtitan.components.ft import init_ft_manager
-    from torchtitan.components.lr_scheduler import build_lr_schedulers
-    from torchtitan.components.optimizer import build_optimizers
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from flame_ext.titan import ValidatingCheckpointManager
+    from flame_ext.titan.managers import build_checkpoint_manager
 
-    job_config = _job_config(dump, *guard_flags)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf))
         model.apply(lambda m: setattr(m, "_is_hf_initialized", False))
@@ -95,31 +66,9 @@ def _flame_start(hf: Path, dump: Path, *guard_flags: str, stock: bool = False):
     with torch.no_grad():
         model.post_init()
     model.train()
-    ft_manager = init_ft_manager(job_config)
-    optimizers = build_optimizers([model], job_config, ft_manager)
-    lr_schedulers = build_lr_schedulers(optimizers, job_config)
-    cls = CheckpointManager if stock else ValidatingCheckpointManager
-    manager = cls(
-        dataloader=None,
-        model_parts=[model],
-        optimizers=optimizers,
-        lr_schedulers=lr_schedulers,
-        states={"train_state": _TrainState()},
-        job_config=job_config,
-        ft_manager=ft_manager,
-    )
-    manager.load(step=job_config.checkpoint.load_step)
-    return model, manager, optimizers
-
-
-class _TrainState:
-    step = 0
-
-    def state_dict(self):
-        return {"step": torch.tensor(self.step)}
-
-    def load_state_dict(self, sd):
-        self.step = int(sd["step"])
+    training = build_checkpoint_manager([model], dump, guard=guard, manager_class=CheckpointManager if stock else None)
+    training.manager.load(step=-1)  # flame's default --checkpoint.load_step
+    return model, training.manager, training.optimizers
 
 
 def _reference(dump: Path) -> dict:
@@ -144,7 +93,7 @@ def _inv_freq_is_right(model) -> bool:
 
 
 def test_guard_passes_with_repair_and_training_steps(gloo, tiny_model, dump):
-    model, manager, optimizers = _flame_start(tiny_model, dump, "--checkpoint.validate_initial_load")
+    model, manager, optimizers = _flame_start(tiny_model, dump, validate_initial_load=True)
     report = manager.initial_load_report
     assert report is not None and report.ok and report.loss is not None
     ref = _reference(dump)
@@ -166,9 +115,7 @@ def test_guard_stops_the_run_without_repair(gloo, tiny_model, dump):
     if _transformers_major() >= 5:
         pytest.skip("transformers >= 5 recomputes inv_freq in post_init(); the 4.x failure needs transformers 4.x")
     with pytest.raises(InitialLoadValidationError) as info:
-        _flame_start(
-            tiny_model, dump, "--checkpoint.validate_initial_load", "--checkpoint.no_initial_load_repair_buffers"
-        )
+        _flame_start(tiny_model, dump, validate_initial_load=True, initial_load_repair_buffers=False)
     kinds = {p.kind for p in info.value.report.errors}
     assert "buffer_mismatch" in kinds
     assert any("inv_freq" in (p.key or "") for p in info.value.report.errors)
@@ -185,6 +132,7 @@ def test_control_stock_manager_loads_silently_and_the_loss_is_off(gloo, tiny_mod
 
 
 def test_guard_off_is_torchtitans_manager(gloo, tiny_model, dump):
-    """A JobConfig without the flag: the validating class behaves as the stock one (no report, no check)."""
+    """A JobConfig without the guard settings: the validating class behaves as the stock one (no report, no
+    check)."""
     model, manager, _ = _flame_start(tiny_model, dump)
     assert manager.initial_load_report is None

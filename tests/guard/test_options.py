@@ -78,9 +78,9 @@ def test_the_test_hosts_and_the_demo_use_the_declared_names():
     hosts = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hosts)
     assert hosts.GUARD_FIELDS == tuple(declared())
-    fields, flags = _guard_settings(repair=False)
-    parsed = vars(flame_parser().parse_args(flags))
-    assert {k: parsed[f"checkpoint.{k}"] for k in fields} == fields  # the 0.1 flags say what the 0.3 fields say
+    fields = _guard_settings(repair=False)
+    parsed = vars(flame_parser().parse_args(guard_flags(fields)))
+    assert {k: parsed[f"checkpoint.{k}"] for k in fields} == fields  # flame's flags say what the fields say
 
 
 @pytest.mark.skipif(not version("torchtitan").startswith("0.3."), reason="torchtitan 0.3's Config")

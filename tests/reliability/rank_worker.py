@@ -32,57 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from flame_ext.commands.demo import TrainState
-
-
-def build_manager(model: torch.nn.Module, base: Path, checkpoint: str) -> Any:
-    """The installed generation's guarded manager, configured as a user switches the guard on."""
-    from importlib.metadata import version
-
-    from flame_ext.titan import ValidatingCheckpointManager
-
-    guard = {"validate_initial_load": True}
-    if version("torchtitan").startswith("0.1"):
-        from torchtitan.components.ft import FTManager
-        from torchtitan.components.lr_scheduler import build_lr_schedulers
-        from torchtitan.components.optimizer import build_optimizers
-        from torchtitan.config_manager import JobConfig
-
-        job = JobConfig()
-        job.job.dump_folder = str(base)
-        job.checkpoint.enable_checkpoint = True
-        job.checkpoint.keep_latest_k = 0
-        job.checkpoint.initial_load_path = checkpoint
-        job.checkpoint.initial_load_model_weights_only = True
-        for name, value in guard.items():  # flame's extended JobConfig carries these in [checkpoint]
-            setattr(job.checkpoint, name, value)
-        ft = FTManager(None)
-        optimizers = build_optimizers([model], job, ft)
-        return ValidatingCheckpointManager(
-            dataloader=None,
-            model_parts=[model],
-            optimizers=optimizers,
-            lr_schedulers=build_lr_schedulers(optimizers, job),
-            states={"train_state": TrainState()},
-            job_config=job,
-            ft_manager=ft,
-        )
-    from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
-
-    optimizers = default_adamw(lr=1e-3).build(model_parts=[model])
-    schedulers = LRSchedulersContainer.Config(warmup_steps=1).build(optimizers=optimizers, training_steps=10)
-    config = ValidatingCheckpointManager.Config(
-        enable=True, keep_latest_k=0, initial_load_path=checkpoint, initial_load_model_only=True, **guard
-    )
-    return config.build(
-        dataloader=None,
-        model_parts=[model],
-        optimizers=optimizers,
-        lr_schedulers=schedulers,
-        states={"train_state": TrainState()},
-        sd_adapter=None,
-        base_folder=str(base),
-    )
+from flame_ext.titan.managers import build_checkpoint_manager
 
 
 def run_scenario(args: argparse.Namespace, scenario: str, rank: int) -> bool:
@@ -105,7 +55,11 @@ def run_scenario(args: argparse.Namespace, scenario: str, rank: int) -> bool:
             os.kill(os.getpid(), sig)
 
         model.register_forward_pre_hook(die)  # the guard's reference forward pass is this model's first forward
-    manager = build_manager(model, Path(args.out) / f"run-{scenario}-rank{rank}", checkpoint)
+    base = Path(args.out) / f"run-{scenario}-rank{rank}"
+    # the installed generation's guarded manager, configured as a user switches the guard on
+    manager = build_checkpoint_manager(
+        [model], base, guard={"validate_initial_load": True}, initial_load_path=checkpoint
+    ).manager
     dist.barrier()  # every rank built and ready: the load starts together
     record["t_load"] = time.time()
     try:
