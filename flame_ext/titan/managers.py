@@ -111,15 +111,7 @@ def _build01(cls: type, parts: list[nn.Module], s: _Settings, pipeline_degree: i
     ft_manager = init_ft_manager(job)
     optimizers = build_optimizers(parts, job, ft_manager)
     schedulers = build_lr_schedulers(optimizers, job)
-    manager = cls(
-        dataloader=None,
-        model_parts=parts,
-        optimizers=optimizers,
-        lr_schedulers=schedulers,
-        states={"train_state": TrainState()},
-        job_config=job,
-        ft_manager=ft_manager,
-    )
+    manager = cls(**_trainer_states(parts, optimizers, schedulers), job_config=job, ft_manager=ft_manager)
     return TitanTraining(manager, optimizers, schedulers)
 
 
@@ -138,12 +130,18 @@ def _build03(cls: Any, parts: list[nn.Module], s: _Settings, sd_adapter: Any, in
         **s.guard,
     )
     manager = config.build(
-        dataloader=None,
-        model_parts=parts,
-        optimizers=optimizers,
-        lr_schedulers=schedulers,
-        states={"train_state": TrainState()},
-        sd_adapter=sd_adapter,
-        base_folder=str(s.base),
+        **_trainer_states(parts, optimizers, schedulers), sd_adapter=sd_adapter, base_folder=str(s.base)
     )
     return TitanTraining(manager, optimizers, schedulers)
+
+
+def _trainer_states(parts: list[nn.Module], optimizers: Any, schedulers: Any) -> dict[str, Any]:
+    """What both generations' trainers hand their manager: the model parts, optimizers, LR schedulers, the
+    train state; no dataloader (a converted checkpoint holds none)."""
+    return {
+        "dataloader": None,
+        "model_parts": parts,
+        "optimizers": optimizers,
+        "lr_schedulers": schedulers,
+        "states": {"train_state": TrainState()},
+    }
