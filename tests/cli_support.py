@@ -10,11 +10,7 @@ import os
 import subprocess
 import sys
 
-
-def transformers_major() -> int:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0])
+from flame_ext.io.registry import transformers_major  # noqa: F401  (re-exported for the tests)
 
 
 def titan_version() -> str | None:

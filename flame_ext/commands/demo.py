@@ -54,12 +54,6 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def _transformers_major() -> int:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0])
-
-
 # ---------------------------------------------------------------------------------------- the model
 
 
@@ -72,6 +66,7 @@ def _flame_model(hf_path: Path, *, simulate_tf4: bool) -> tuple[torch.nn.Module,
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from flame_ext.checks.buffers import nonpersistent_buffer_modules
+    from flame_ext.io.registry import transformers_major
 
     config = AutoConfig.from_pretrained(str(hf_path))
     with torch.device("meta"):
@@ -87,7 +82,7 @@ def _flame_model(hf_path: Path, *, simulate_tf4: bool) -> tuple[torch.nn.Module,
     with torch.no_grad():
         model.post_init()
     simulated = False
-    if simulate_tf4 and _transformers_major() >= 5:
+    if simulate_tf4 and transformers_major() >= 5:
         with torch.no_grad():
             for name, module, names in nonpersistent_buffer_modules(model):
                 for b in names:

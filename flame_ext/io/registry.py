@@ -15,7 +15,7 @@ import warnings
 
 from flame_ext.errors import InputError, first_line
 
-__all__ = ["FLA_PACKAGE", "FLA_MODEL_TYPES", "fla_install_hint", "register_model_type"]
+__all__ = ["FLA_PACKAGE", "FLA_MODEL_TYPES", "fla_install_hint", "register_model_type", "transformers_major"]
 
 FLA_PACKAGE = "flash-linear-attention"
 
@@ -70,11 +70,16 @@ FLA_MODEL_TYPES = frozenset(
 )
 
 
-def fla_install_hint() -> str:
-    """The install line for the installed transformers generation (fla 0.6 needs transformers >= 5.6.2)."""
+def transformers_major() -> int:
+    """The installed transformers' major version: 4.x and 5.x read configs and build models differently."""
     import transformers
 
-    if int(transformers.__version__.split(".")[0]) >= 5:
+    return int(transformers.__version__.split(".")[0])
+
+
+def fla_install_hint() -> str:
+    """The install line for the installed transformers generation (fla 0.6 needs transformers >= 5.6.2)."""
+    if transformers_major() >= 5:
         return f"pip install {FLA_PACKAGE}"
     return f"pip install {FLA_PACKAGE}==0.5.2 triton==3.8.0 (fla 0.6 needs transformers >= 5.6.2)"
 

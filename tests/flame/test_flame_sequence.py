@@ -15,17 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_support import transformers_major
 
 pytestmark = pytest.mark.skipif(
     not version("torchtitan").startswith("0.1"),
     reason=f"flame's generation, torchtitan 0.1.x (installed: {version('torchtitan')}); runs in .venv-titan01",
 )
-
-
-def _transformers_major() -> int:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0])
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +107,7 @@ def test_guard_passes_with_repair_and_training_steps(gloo, tiny_model, dump):
 def test_guard_stops_the_run_without_repair(gloo, tiny_model, dump):
     from flame_ext.errors import InitialLoadValidationError
 
-    if _transformers_major() >= 5:
+    if transformers_major() >= 5:
         pytest.skip("transformers >= 5 recomputes inv_freq in post_init(); the 4.x failure needs transformers 4.x")
     with pytest.raises(InitialLoadValidationError) as info:
         _flame_start(tiny_model, dump, validate_initial_load=True, initial_load_repair_buffers=False)
@@ -123,7 +118,7 @@ def test_guard_stops_the_run_without_repair(gloo, tiny_model, dump):
 
 def test_control_stock_manager_loads_silently_and_the_loss_is_off(gloo, tiny_model, dump):
     """Without the guard: every key loads, nothing complains, and the model is not the HF model."""
-    if _transformers_major() >= 5:
+    if transformers_major() >= 5:
         pytest.skip("transformers >= 5 recomputes inv_freq in post_init(); the 4.x failure needs transformers 4.x")
     model, _, _ = _flame_start(tiny_model, dump, stock=True)
     assert not _inv_freq_is_right(model)

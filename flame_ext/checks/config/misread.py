@@ -14,6 +14,7 @@ from typing import Any
 from flame_ext.checks.config.fields import classify
 from flame_ext.checks.config.normalize import ROPE_DICTS, config_class, flattened, same_value
 from flame_ext.io.hf_config import read_model_config
+from flame_ext.io.registry import transformers_major
 from flame_ext.report import Problem
 
 __all__ = ["misread_fields", "installed_reading_problems", "recorded_source_problems"]
@@ -96,7 +97,7 @@ def installed_reading_problems(
     for name, value, used in misread_fields(config, config_obj):
         fix = (
             f"write {name} = {value!r} at the top level of config.json (transformers 4.x reads rope settings there)"
-            if name.startswith("rope") and int(running.split(".")[0]) < 5
+            if name.startswith("rope") and transformers_major() < 5
             else f"set {name} = {value!r} where the config is read"
         )
         problems.append(
