@@ -3,25 +3,30 @@
     cd /path/to/flame && torchrun --nproc_per_node=8 -m flame_ext.flame.train --job.config_file ... \\
         --checkpoint.validate_initial_load
 
-does what the patched ``flame/train.py`` does: before flame's module runs, ``install()`` points the two
-names it builds from at flame-ext's classes (torchtitan's ``CheckpointManager`` -> the validating one,
-flame's ``JobConfig`` -> the one with the guard options); then flame's ``flame.train`` runs as
-``__main__``, unchanged. flame offers no hook for either class, so replacing the names it imports is the
-only way in; it happens once, in this process only, before flame is imported.
+does what the patched ``flame/train.py`` does: before flame's module runs, ``install()`` points the
+names it builds from at flame-ext's (torchtitan's ``CheckpointManager`` -> the validating one, flame's
+``JobConfig`` -> the one with the guard options, torchtitan's ``build_metrics_processor`` -> one that also
+gives the new metric logger the guard's step-0 figures); then flame's ``flame.train`` runs as ``__main__``,
+unchanged. flame offers no hook for any of them, so replacing the names it imports is the only way in; it
+happens once, in this process only, before flame is imported.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import runpy
 import sys
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
 
 __all__ = ["install", "main"]
 
 
 def install() -> None:
-    """Make flame's ``train.py`` build the validating CheckpointManager and the extended JobConfig.
+    """Make flame's ``train.py`` build the validating CheckpointManager, the extended JobConfig, and a metric
+    logger that receives the step-0 figures of the validated load.
 
     Must run before ``flame.train`` is imported (its ``from ... import`` lines copy the names); if it was
     imported already, its globals are updated too. Idempotent.
@@ -31,16 +36,52 @@ def install() -> None:
     current = flame_job_config()  # first: one clear message when no flame checkout is importable
     import flame.config_manager as flame_config
     import torchtitan.components.checkpoint as titan_checkpoint
+    import torchtitan.components.metrics as titan_metrics
 
-    from flame_ext.titan import ValidatingCheckpointManager
-
+    manager = _flame_checkpoint_manager()
     extended = current if issubclass(current, GuardOptionsMixin) else job_config_class(current)
-    titan_checkpoint.CheckpointManager = ValidatingCheckpointManager
+    build = titan_metrics.build_metrics_processor
+    if not getattr(build, "gives_step0_figures", False):
+        build = titan_metrics.build_metrics_processor = _giving_step0_figures(build)
+    titan_checkpoint.CheckpointManager = manager
     flame_config.JobConfig = extended
     loaded = sys.modules.get("flame.train")
     if loaded is not None:
-        loaded.CheckpointManager = ValidatingCheckpointManager
+        loaded.CheckpointManager = manager
         loaded.JobConfig = extended
+        loaded.build_metrics_processor = build
+
+
+_BUILT: weakref.WeakSet = weakref.WeakSet()  # the checkpoint managers flame built in this process
+
+
+@functools.cache
+def _flame_checkpoint_manager() -> type:
+    """The validating manager, remembered when built: flame builds its metric logger after loading, and
+    (unpatched) never hands it to the manager, so the step-0 figures wait for ``_giving_step0_figures``."""
+    from flame_ext.titan import ValidatingCheckpointManager
+
+    class FlameCheckpointManager(ValidatingCheckpointManager):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            _BUILT.add(self)
+
+    return FlameCheckpointManager
+
+
+def _giving_step0_figures(build: Callable[..., Any]) -> Callable[..., Any]:
+    """torchtitan's ``build_metrics_processor``, then the step-0 figures of each validated load to the new
+    logger (what the patched train.py does with ``checkpoint.record_initial_load_metrics``)."""
+
+    @functools.wraps(build)
+    def build_metrics_processor(*args: Any, **kwargs: Any) -> Any:
+        processor = build(*args, **kwargs)
+        for manager in list(_BUILT):
+            manager.record_initial_load_metrics(processor)
+        return processor
+
+    build_metrics_processor.gives_step0_figures = True  # type: ignore[attr-defined]
+    return build_metrics_processor
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -269,17 +269,24 @@ def test_install_twice_extends_once(flame_checkout):
     """install() swaps flame's names once; a second call (or a second import) changes nothing."""
     import flame.config_manager as flame_config
     import torchtitan.components.checkpoint as titan_checkpoint
+    import torchtitan.components.metrics as titan_metrics
 
     from flame_ext.flame.train import install
     from flame_ext.titan import ValidatingCheckpointManager
 
-    original_job, original_manager = flame_config.JobConfig, titan_checkpoint.CheckpointManager
+    def names() -> tuple:
+        return flame_config.JobConfig, titan_checkpoint.CheckpointManager, titan_metrics.build_metrics_processor
+
+    originals = names()
     try:
         install()
-        first = flame_config.JobConfig
+        first = names()
         install()
-        assert flame_config.JobConfig is first and titan_checkpoint.CheckpointManager is ValidatingCheckpointManager
-        assert first.__mro__.count(first.__mro__[1]) == 1
-        assert parse(first, "--checkpoint.validate_initial_load").checkpoint.validate_initial_load is True
+        assert names() == first
+        assert issubclass(first[1], ValidatingCheckpointManager)
+        assert first[2].__wrapped__ is originals[2]  # torchtitan's own builder, wrapped once
+        job_config = first[0]
+        assert job_config.__mro__.count(job_config.__mro__[1]) == 1
+        assert parse(job_config, "--checkpoint.validate_initial_load").checkpoint.validate_initial_load is True
     finally:
-        flame_config.JobConfig, titan_checkpoint.CheckpointManager = original_job, original_manager
+        flame_config.JobConfig, titan_checkpoint.CheckpointManager, titan_metrics.build_metrics_processor = originals

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -100,6 +101,50 @@ def _train(
     return proc
 
 
+def _guard_report(out: str) -> dict:
+    """The JSON record the guard logs as 'flame-ext initial-load report: {...}' (one line)."""
+    marker = "flame-ext initial-load report: "
+    lines = [line for line in out.splitlines() if marker in line]
+    assert len(lines) == 1, out[-3000:]
+    return json.loads(lines[0].split(marker, 1)[1])
+
+
+def _tensors_verified(out: str) -> int:
+    found = re.findall(r"verified the values of (\d+) loaded tensors", out)
+    assert len(found) == 1, out[-3000:]
+    return int(found[0])
+
+
+def _step0_scalars(dump: Path) -> dict[str, list[tuple[int, float]]]:
+    """The ``initial_load/*`` scalars of the run's TensorBoard event file, read back with tensorboard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = (dump / "tb").iterdir()  # torchtitan writes <dump>/<save_tb_folder>/<date-time>/events.out.tfevents.*
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+        if tag.startswith("initial_load/")
+    }
+
+
+def _assert_step0_figures_match(dump: Path, out: str) -> None:
+    """Loss, reference, delta, tensors verified (= the checkpoint's tensor count) and 0 mismatches, at step 0."""
+    from flame_ext.io.dcp import read_dcp_metadata
+
+    loss = _guard_report(out)["loss"]
+    scalars = _step0_scalars(dump)
+    assert all(steps == [steps[0]] and steps[0][0] == 0 for steps in scalars.values()), scalars  # once, at step 0
+    figures = {tag: steps[0][1] for tag, steps in scalars.items()}
+    assert figures["initial_load/loss"] == pytest.approx(loss["observed"], rel=1e-6)
+    assert figures["initial_load/reference_loss"] == pytest.approx(loss["reference"], rel=1e-6)
+    assert figures["initial_load/loss_delta"] == pytest.approx(loss["delta"], rel=1e-4, abs=1e-9)
+    tensors = [k for k, spec in read_dcp_metadata(dump / "checkpoint" / "step-0").items() if spec is not None]
+    assert figures["initial_load/tensors_verified"] == _tensors_verified(out) == len(tensors)
+    assert figures["initial_load/value_mismatches"] == 0
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """flame's json dataset: one {"text": ...} per paragraph of the bundled corpus."""
@@ -181,6 +226,45 @@ def test_patched_flame_converts_and_trains_with_the_guard(patched, tiny_model, d
     assert (dump / "hf-step-2" / "config.json").is_file() and list((dump / "hf-step-2").glob("*.safetensors"))
 
 
+def test_patched_flame_writes_the_step0_figures_to_tensorboard(patched, tiny_dcp, data, tiny_model, tmp_path):
+    """A healthy run with flame's TensorBoard on: the guard's step-0 figures are in the event file at step 0."""
+    dump = tmp_path / "exp"
+    shutil.copytree(tiny_dcp, dump / "checkpoint" / "step-0")
+    proc = _train(patched, "flame.train", dump, tiny_model, data, "--metrics.enable_tensorboard")
+    out = proc.stdout + proc.stderr
+    print(out[-3000:])
+    assert proc.returncode == 0 and "Training completed" in out, out[-3000:]
+    assert _guard_report(out)["ok"] is True
+    _assert_step0_figures_match(dump, out)
+
+
+def test_patched_flame_stops_a_damage_the_loss_gate_passes(patched, tiny_dcp, data, tiny_model, tmp_path, monkeypatch):
+    """One o_proj scaled by 0.9 after conversion (manifest kept): the step-0 loss moves far less than the gate's
+    threshold, so the fingerprints alone stop the run, before step 1."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(HERE.parent / "titan"))
+    from _models import rewrite_dcp  # the catalogue's way of damaging a DCP while keeping its manifest
+
+    key = "model.layers.0.self_attn.o_proj.weight"
+    dump = tmp_path / "exp"
+    rewrite_dcp(tiny_dcp, dump / "checkpoint" / "step-0", lambda sd: {**sd, key: sd[key] * torch.tensor(0.9)})
+    proc = _train(patched, "flame.train", dump, tiny_model, data)
+    out = proc.stdout + proc.stderr
+    print(out[-3000:])
+    assert proc.returncode != 0
+    assert "InitialLoadValidationError" in out and "Training completed" not in out
+    assert not re.search(r"step:\s+1\s", out) and not (dump / "checkpoint" / "step-1").exists()
+    report = _guard_report(out)
+    (problem,) = report["problems"]
+    assert problem["kind"] == "value_mismatch" and problem["key"] == key
+    assert "scaled by 0.9" in problem["detail"]
+    # the loss gate ran and passed it: only the fingerprints caught it
+    assert "loss" in report["checked"] and report["problem_kinds"]["loss_gap"] == 0
+    assert abs(report["loss"]["delta"]) < report["loss"]["threshold"]
+    assert f"value_mismatch {key}: its values are not the ones written at conversion" in out
+
+
 def test_patched_flame_stops_on_a_nested_checkpoint(patched, tiny_model, data, tmp_path):
     """The layout flame's stock converter writes: the guard names it before DCP reads a tensor."""
     from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
@@ -207,11 +291,12 @@ def test_unpatched_flame_through_flame_ext_train(flame_env, tiny_model, data, tm
     convert_hf_to_dcp(
         ConvertOptions(model=str(tiny_model), checkpoint=str(dump / "checkpoint" / "step-0"), progress=False)
     )
-    proc = _train(flame_dir, "flame_ext.flame.train", dump, tiny_model, data)
+    proc = _train(flame_dir, "flame_ext.flame.train", dump, tiny_model, data, "--metrics.enable_tensorboard")
     out = proc.stdout + proc.stderr
     print(out[-3000:])
     assert proc.returncode == 0, out[-3000:]
     assert "step-0 loss" in out and "Training completed" in out
+    _assert_step0_figures_match(dump, out)  # install() hands flame's metric logger the figures too
     assert (flame_dir / "flame" / "train.py").read_bytes() == (flame_env / "flame" / "train.py").read_bytes()
 
 
