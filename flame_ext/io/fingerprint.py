@@ -213,17 +213,27 @@ class Recorder:
     """Fingerprints of tensors written block by block (rows [start, end) at a time), from several threads.
 
     Each block's share is computed outside the lock (torch releases the GIL for the sums), then added.
+    The writer threads are the parallelism here: each computes its share with one torch thread. With torch's
+    intra-op (OpenMP) threads, every thread calling would start its own team for every small operation, and
+    each operation would wait at a barrier for threads the other writers keep busy (on 2 cores under load
+    that doubled the fingerprint's CPU time at conversion). The thread count in force when the recorder
+    was made is put back after each block.
     """
 
     def __init__(self, shapes: Mapping[str, Sequence[int]]) -> None:
         self.shapes = {k: tuple(s) for k, s in shapes.items()}
         self.values = {k: torch.zeros(len(TERMS), dtype=torch.float64) for k in self.shapes}
         self._lock = threading.Lock()
+        self._threads = torch.get_num_threads()
 
     def add_rows(self, key: str, start: int, block: torch.Tensor) -> None:
         shape = self.shapes[key]
         offsets = [start] + [0] * (len(shape) - 1) if shape else []
-        part = block_fingerprint(block, offsets, shape)
+        torch.set_num_threads(1)
+        try:
+            part = block_fingerprint(block, offsets, shape)
+        finally:
+            torch.set_num_threads(self._threads)
         with self._lock:
             self.values[key] += part
 

@@ -57,9 +57,11 @@ def test_blocks_with_global_offsets_add_up_to_the_whole(shape, row_cuts, col_cut
 
 def test_streamed_rows_equal_the_whole_and_the_summation_error_is_far_below_the_tolerance():
     t = trained_like((1000, 300))
+    threads = torch.get_num_threads()
     acc = Recorder({"w": t.shape})
     for s in range(0, 1000, 333):
         acc.add_rows("w", s, t[s : s + 333])
+    assert torch.get_num_threads() == threads  # one thread per block, the caller's count put back
     whole = fingerprint(t)
     scale = torch.tensor([1.0] + [float(whole[3])] * (len(TERMS) - 1))
     scale[2] = whole[2]
