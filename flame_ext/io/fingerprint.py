@@ -57,8 +57,10 @@ TERMS = (
     "row_q_col_p",
 )
 # Relative to each term's scale (sum_abs for the linear terms, sum_sq for itself). Measured float64
-# summation-order differences between blockings stay below 1e-14 on 4096 x 11008 tensors; 1e-11 leaves
-# three orders of margin and still sees one value changed by 2% of the mean |x| in a 7B-sized projection.
+# summation-order differences (whole tensor against 3x3 blocks or two workers: 2.4e-15; against the chunking
+# of the first release, which wrote the manifests already out there: 1.9e-14) on 4096 x 11008 and other
+# shapes (bench/bench_fingerprint.py); 1e-11 leaves 500x margin and still sees one value changed by 2% of
+# the mean |x| in a 7B-sized projection.
 TOLERANCE = 1e-11
 _P, _Q = (math.sqrt(5) - 1) / 2, math.sqrt(2) - 1
 _CHUNK = 1 << 18  # values per float64 chunk (2 MB): the passes over one chunk stay in cache
