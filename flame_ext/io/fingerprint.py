@@ -150,8 +150,8 @@ def _parallel_sums(x2d: torch.Tensor, row_w: torch.Tensor, dtype: torch.dtype | 
     Each thread runs torch single-threaded (``block_fingerprint`` sees to it) on its own rows and the parts are
     added (the fingerprint is a sum over rows). Torch's own intra-op threads would split every small operation
     instead: one OpenMP barrier per operation, thousands per tensor, and on a machine busy with other work each
-    barrier waits for a descheduled thread (measured: 2 intra-op threads took 15-40x the wall time of 1 on a
-    2-core machine under load; independent workers do not wait for each other).
+    barrier waits for a descheduled thread (measured on a 2-core machine under load: 2 intra-op threads took 40x
+    the wall time of these 2 workers; independent workers do not wait for each other).
     """
     rows = x2d.shape[0]
     workers = max(1, min(workers, x2d.numel() // (2 * _CHUNK), rows))
