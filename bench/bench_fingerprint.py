@@ -1,86 +1,219 @@
-"""Benchmark: what fingerprints cost, at conversion and in the guard.
+"""Benchmark: what fingerprints cost, at conversion and in the guard, and how exact they are.
 
 1. Conversion with and without recording fingerprints, each in a fresh subprocess (wall, CPU seconds and
    peak RSS from ``os.wait4``), on a generated OLMo2-shaped bf16 checkpoint (``bench_convert.generate``),
-   warm page cache. "without" is the same converter with the recorder's ``add_rows`` replaced by a no-op.
-2. The guard's verification on OLMo-2-1124-7B shapes on CPU, one process: one decoder layer's tensors
-   (q/k/v/o 4096x4096, gate/up 11008x4096, down 4096x11008, four norms) built in memory as random
-   float32 parameters, fingerprinted at bfloat16 (the stored dtype) as the guard does, timed and scaled to
-   32 layers; plus the embedding and the LM head (100352x4096) timed themselves.
+   warm page cache, the variants interleaved run by run. "without" is the same converter with the
+   recorder's ``add_rows`` replaced by a no-op. With ``--before REV``, also the fingerprint code of git
+   revision REV (its ``flame_ext/io/fingerprint.py`` swapped in).
+2. The guard's verification on OLMo-2-1124-7B shapes on CPU: one decoder layer's tensors (q/k/v/o
+   4096x4096, gate/up 11008x4096, down 4096x11008, four norms) as random float32 parameters, fingerprinted
+   at bfloat16 (the stored dtype) with ``local_fingerprint`` as the guard does, timed and scaled to 32
+   layers; plus the embedding and the LM head (100352x4096) timed themselves. One thread (CPU seconds) and
+   two threads (wall seconds), this code and, with ``--before REV``, REV's, alternating on the same tensors.
+3. The guard's own path on one FSDP2 rank: the same layer as a module sharded with ``fully_shard`` (gloo,
+   one process), its ``state_dict()`` DTensors fingerprinted and summed over ranks as the guard does.
+4. Summation order: the largest relative difference (of ``sum_abs`` for the linear terms, of ``sum_sq`` for
+   itself) between a whole-tensor fingerprint and a 3x3 grid of blocks, two workers, and REV's code.
 
-    python bench/bench_fingerprint.py                  # ~1 GB conversion + the 7B estimate
-    python bench/bench_fingerprint.py --size-gb 4
+    python bench/bench_fingerprint.py --size-gb 4 --before 5c6ab44
+    python bench/bench_fingerprint.py --skip-convert                  # the guard figures only
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_convert import generate, measure  # noqa: E402
 
-NO_RECORD = (
-    "import sys, flame_ext.io.fingerprint as f; f.Recorder.add_rows = lambda self, key, start, block: None; "
-    "from flame_ext.cli import main; sys.exit(main(sys.argv[1:]))"
+CLI = "from flame_ext.cli import main; sys.exit(main(sys.argv[1:]))"
+VARIANTS = {
+    "with fingerprints": "import sys; " + CLI,
+    "without": (
+        "import sys, flame_ext.io.fingerprint as f; f.Recorder.add_rows = lambda self, key, start, block: None; " + CLI
+    ),
+}
+BEFORE = (
+    "import sys, importlib.util as u, flame_ext.io.fingerprint as f; "
+    "s = u.spec_from_file_location('before', {path!r}); m = sys.modules['before'] = u.module_from_spec(s); "
+    "s.loader.exec_module(m); f.block_fingerprint = m.block_fingerprint; " + CLI
 )
-WITH_RECORD = "import sys; from flame_ext.cli import main; sys.exit(main(sys.argv[1:]))"
+H, INTER, VOCAB, LAYERS = 4096, 11008, 100352, 32
+LAYER_SHAPES = [(H, H)] * 4 + [(INTER, H)] * 2 + [(H, INTER)] + [(H,)] * 4
 
 
-def conversion(size_gb: float, repeat: int) -> None:
+def load_before(rev: str, work: Path) -> tuple[ModuleType, Path]:
+    """REV's fingerprint module (torch only), loaded from a copy under ``work``."""
+    path = work / "fingerprint_before.py"
+    path.write_text(
+        subprocess.run(
+            ["git", "show", f"{rev}:flame_ext/io/fingerprint.py"], check=True, capture_output=True, text=True
+        ).stdout
+    )
+    spec = importlib.util.spec_from_file_location("fingerprint_before", path)
+    module = sys.modules["fingerprint_before"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, path
+
+
+def conversion(size_gb: float, repeat: int, before: Path | None, work: Path) -> None:
     import shutil
 
-    with tempfile.TemporaryDirectory(dir=Path.cwd()) as work:
-        src = Path(work) / "hf"
-        total = generate(src, size_gb)
-        print(f"conversion of {total / 1e9:.2f} GB bf16 (OLMo2-shaped, warm cache), median of {repeat}:")
-        runs: dict[str, list] = {"with fingerprints": [], "without": []}
-        for i in range(repeat):
-            for name, code in (("with fingerprints", WITH_RECORD), ("without", NO_RECORD)):
-                out = Path(work) / f"out-{i}-{len(runs[name])}"
-                cmd = [sys.executable, "-c", code, "convert", "--model", str(src), "--checkpoint", str(out)]
-                runs[name].append(measure(name, cmd + ["--no-reference"]))
-                shutil.rmtree(out, ignore_errors=True)
-        for name, rs in runs.items():
+    variants = dict(VARIANTS)
+    if before is not None:
+        variants["with fingerprints (before)"] = BEFORE.format(path=str(before))
+    src = work / "hf"
+    total = generate(src, size_gb)
+    print(f"conversion of {total / 1e9:.2f} GB bf16 (OLMo2-shaped, warm cache), median of {repeat}:", flush=True)
+    runs: dict[str, list] = {name: [] for name in variants}
+    for i in range(repeat):
+        for name, code in variants.items():
+            out = work / f"out-{i}"
+            cmd = [sys.executable, "-c", code, "convert", "--model", str(src), "--checkpoint", str(out)]
+            runs[name].append(measure(name, cmd + ["--no-reference"]))
+            shutil.rmtree(out, ignore_errors=True)
+    base = {f: statistics.median(getattr(r, f) for r in runs["without"]) for f in ("wall", "cpu")}
+    base_rss = max(r.rss_mb for r in runs["without"])
+    for name, rs in runs.items():
+        wall, cpu = statistics.median(r.wall for r in rs), statistics.median(r.cpu for r in rs)
+        rss = max(r.rss_mb for r in rs)
+        print(
+            f"  {name:28s} wall {wall:6.1f} s (x{wall / base['wall']:.2f})   cpu {cpu:6.1f} s "
+            f"(x{cpu / base['cpu']:.2f})   peak RSS {rss:6.0f} MB (x{rss / base_rss:.2f})   "
+            f"walls {[round(r.wall, 1) for r in rs]}   rc {max(r.rc for r in rs)}",
+            flush=True,
+        )
+
+
+def timed(fn, threads: int) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of ``fn()`` with torch set to ``threads`` intra-op threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    c0, w0 = time.process_time(), time.perf_counter()
+    fn()
+    return time.process_time() - c0, time.perf_counter() - w0
+
+
+def guard_7b(before: ModuleType | None, repeat: int) -> None:
+    import torch
+
+    from flame_ext.io import fingerprint
+
+    impls = {"after": fingerprint.local_fingerprint}
+    if before is not None:
+        impls["before"] = before.local_fingerprint
+    gen = torch.Generator().manual_seed(0)
+    layer = [torch.randn(s, generator=gen) * 0.02 for s in LAYER_SHAPES]
+    emb = torch.randn((VOCAB, H), generator=gen) * 0.02
+    n = LAYERS * sum(torch.Size(s).numel() for s in LAYER_SHAPES) + 2 * VOCAB * H
+    print(
+        f"guard verification, OLMo-2-7B shapes ({n / 1e9:.2f} G values), fp32 parameters fingerprinted at bf16 "
+        f"({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start), best of {repeat}:",
+        flush=True,
+    )
+    for threads in (1, 2):
+        for name, fn in impls.items():
+            fn(layer[-1], torch.bfloat16)  # warm up
+            lay = [timed(lambda: [fn(t, torch.bfloat16) for t in layer], threads) for _ in range(repeat)]
+            em = [timed(lambda: fn(emb, torch.bfloat16), threads) for _ in range(repeat)]
+            cpu = min(c for c, _ in lay) * LAYERS + 2 * min(c for c, _ in em)
+            wall = min(w for _, w in lay) * LAYERS + 2 * min(w for _, w in em)
             print(
-                f"  {name:18s} wall {statistics.median(r.wall for r in rs):6.1f} s   "
-                f"cpu {statistics.median(r.cpu for r in rs):6.1f} s   peak RSS {max(r.rss_mb for r in rs):7.0f} MB"
+                f"  {name:6s} {threads} thread(s): whole model {cpu:5.1f} CPU s, {wall:5.1f} s wall   (one layer "
+                f"{min(c for c, _ in lay):.3f} CPU s / {min(w for _, w in lay):.3f} s wall, embedding "
+                f"{min(c for c, _ in em):.3f} / {min(w for _, w in em):.3f} s); load average now "
+                f"{os.getloadavg()[0]:.1f}",
+                flush=True,
             )
 
 
-def guard_7b() -> None:
+def guard_path(repeat: int) -> None:
+    """The guard's calls on one FSDP2 rank (DTensor shards, one all-reduce), for one 7B decoder layer."""
     import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
+    from flame_ext.guard.ranks import sum_over_ranks
     from flame_ext.io.fingerprint import local_fingerprint
 
-    h, inter, vocab, layers = 4096, 11008, 100352, 32
-    shapes = [(h, h)] * 4 + [(inter, h)] * 2 + [(h, inter)] + [(h,)] * 4
-    torch.set_num_threads(1)  # one rank's work on one core: a shared, loaded machine makes 2 threads spin
-    gen = torch.Generator().manual_seed(0)
-    layer = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
-    local_fingerprint(layer[-1], torch.bfloat16)  # warm up
-    times = []
-    for _ in range(2):
-        t0 = time.process_time()
-        for t in layer:
-            local_fingerprint(t, torch.bfloat16)
-        times.append(time.process_time() - t0)
-    per_layer = min(times)
-    del layer
-    emb = torch.randn((vocab, h), generator=gen) * 0.02
-    t0 = time.process_time()
-    local_fingerprint(emb, torch.bfloat16)
-    emb_s = time.process_time() - t0
-    total = per_layer * layers + 2 * emb_s
-    n = layers * sum(torch.Size(s).numel() for s in shapes) + 2 * vocab * h
+    with tempfile.NamedTemporaryFile() as rendezvous:
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous.name}", rank=0, world_size=1)
+        try:
+            mesh = init_device_mesh("cpu", (1,))
+            module = torch.nn.Module()
+            for i, s in enumerate(LAYER_SHAPES):
+                module.register_parameter(f"p{i}", torch.nn.Parameter(torch.randn(s) * 0.02))
+            fully_shard(module, mesh=mesh)
+            state = module.state_dict()
+
+            def verify() -> torch.Tensor:
+                return sum_over_ranks(torch.stack([local_fingerprint(v, torch.bfloat16) for v in state.values()]))
+
+            for threads in (1, 2):
+                runs = [timed(verify, threads) for _ in range(repeat)]
+                cpu, wall = min(c for c, _ in runs), min(w for _, w in runs)
+                print(
+                    f"guard path (fully_shard DTensors, 1 rank, all-reduce), one 7B layer, {threads} thread(s): "
+                    f"{cpu:.3f} CPU s, {wall:.3f} s wall -> x{LAYERS} layers {cpu * LAYERS:.1f} CPU s, "
+                    f"{wall * LAYERS:.1f} s wall",
+                    flush=True,
+                )
+        finally:
+            dist.destroy_process_group()
+
+
+def summation_order(before: ModuleType | None) -> None:
+    """Largest relative difference between ways of summing the same tensor's fingerprint."""
+    import torch
+
+    from flame_ext.io.fingerprint import TERMS, block_fingerprint
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        scale = torch.full_like(a, float(max(a[3], b[3])))
+        scale[2], scale[0] = max(a[2], b[2]), 1.0
+        return float(((a - b).abs() / scale).max())
+
+    def grid(fn, t: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(len(TERMS), dtype=torch.float64)
+        rows = [0, t.shape[0] // 3 + 1, 2 * t.shape[0] // 3 + 7, t.shape[0]]
+        cols = [0, t.shape[1] // 3 + 3, 2 * t.shape[1] // 3 + 1, t.shape[1]] if t.dim() > 1 else [0, 1]
+        for r0, r1 in zip(rows, rows[1:]):
+            for c0, c1 in zip(cols, cols[1:]):
+                block = t[r0:r1, c0:c1] if t.dim() > 1 else t[r0:r1]
+                total += fn(block, [r0, c0][: t.dim()] + [0] * (t.dim() - 2), tuple(t.shape))
+        return total
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(1)
+    worst = {"3x3 blocks": 0.0, "2 workers": 0.0}
+    if before is not None:
+        worst["previous code"] = 0.0
+    shapes = [(H, INTER), (INTER, H), (H * INTER // 7,), (64, 128, 512)]
+    for shape in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            t = (torch.randn(shape, generator=gen) * 0.02 + 1e-3).to(dtype)
+            whole = block_fingerprint(t, [0] * t.dim(), shape)
+            worst["3x3 blocks"] = max(worst["3x3 blocks"], rel(grid(block_fingerprint, t), whole))
+            worst["2 workers"] = max(
+                worst["2 workers"], rel(block_fingerprint(t, [0] * t.dim(), shape, workers=2), whole)
+            )
+            if before is not None:
+                worst["previous code"] = max(worst["previous code"], rel(grid(before.block_fingerprint, t), whole))
     print(
-        f"guard verification, OLMo-2-7B shapes, fp32 parameters fingerprinted at bf16, one thread, CPU "
-        f"seconds: one layer {per_layer:.2f} s, embedding {emb_s:.2f} s -> whole model ({n / 1e9:.2f} G values) "
-        f"{total:.1f} s on one rank ({total / 8:.1f} s per rank when 8 ranks share the shards)"
+        f"summation order, largest relative difference from the whole-tensor fingerprint over {shapes} in fp32 "
+        "and bf16: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()),
+        flush=True,
     )
 
 
@@ -88,11 +221,17 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-gb", type=float, default=1.0)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--before", metavar="REV", help="also time the fingerprint code of this git revision")
     p.add_argument("--skip-convert", action="store_true")
     args = p.parse_args()
-    if not args.skip_convert:
-        conversion(args.size_gb, args.repeat)
-    guard_7b()
+    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
+        work = Path(tmp)
+        before, before_path = load_before(args.before, work) if args.before else (None, None)
+        if not args.skip_convert:
+            conversion(args.size_gb, args.repeat, before_path, work)
+        guard_7b(before, args.repeat)
+        guard_path(args.repeat)
+        summation_order(before)
     return 0
 
 

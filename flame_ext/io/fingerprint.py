@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -56,8 +57,10 @@ TERMS = (
     "row_q_col_p",
 )
 # Relative to each term's scale (sum_abs for the linear terms, sum_sq for itself). Measured float64
-# summation-order differences between blockings stay below 1e-14 on 4096 x 11008 tensors; 1e-11 leaves
-# three orders of margin and still sees one value changed by 2% of the mean |x| in a 7B-sized projection.
+# summation-order differences (whole tensor against 3x3 blocks or two workers: 2.4e-15; against the chunking
+# of the first release, which wrote the manifests already out there: 1.9e-14) on 4096 x 11008 and other
+# shapes (bench/bench_fingerprint.py); 1e-11 leaves 500x margin and still sees one value changed by 2% of
+# the mean |x| in a 7B-sized projection.
 TOLERANCE = 1e-11
 _P, _Q = (math.sqrt(5) - 1) / 2, math.sqrt(2) - 1
 _CHUNK = 1 << 18  # values per float64 chunk (2 MB): the passes over one chunk stay in cache
@@ -71,6 +74,13 @@ def _weights(index: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.frac(k * _P), torch.frac(k * _Q)], dim=1) * 2 - 1
 
 
+def _row_weights(row0: int, rows: int) -> torch.Tensor:
+    """[3, rows]: 1, p(i), q(i) for the global rows ``row0 ...``; built once per block, sliced per chunk."""
+    w = torch.ones((3, rows), dtype=torch.float64)
+    w[1:] = _weights(torch.arange(row0, row0 + rows)).t()
+    return w
+
+
 def _columns(global_shape: Sequence[int], local_shape: Sequence[int], offsets: Sequence[int]) -> torch.Tensor:
     """The global flattened column index of each local column (trailing dims flattened, row-major)."""
     if len(global_shape) <= 1:
@@ -82,50 +92,118 @@ def _columns(global_shape: Sequence[int], local_shape: Sequence[int], offsets: S
 
 
 def block_fingerprint(
-    block: torch.Tensor, offsets: Sequence[int], global_shape: Sequence[int], dtype: torch.dtype | None = None
+    block: torch.Tensor,
+    offsets: Sequence[int],
+    global_shape: Sequence[int],
+    dtype: torch.dtype | None = None,
+    *,
+    workers: int = 1,
 ) -> torch.Tensor:
     """The fingerprint contribution of ``block``, which sits at ``offsets`` in a tensor of ``global_shape``,
-    of its values cast to ``dtype`` (the stored dtype; cast chunk by chunk, never a whole copy)."""
+    of its values cast to ``dtype`` (the stored dtype; cast chunk by chunk, never a whole copy).
+
+    ``workers`` > 1 splits the rows among that many threads, each running torch single-threaded (see
+    ``_parallel_sums``); it changes torch's process-wide thread count while it runs, so only a caller that owns
+    the process at that moment (the guard, before step 1) may ask for it.
+    """
+    if workers <= 1 or torch.get_num_threads() == 1:
+        return _block_fingerprint(block, offsets, global_shape, dtype, workers)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # for the small operations too: an idle OpenMP team spins between them
+    try:
+        return _block_fingerprint(block, offsets, global_shape, dtype, workers)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _block_fingerprint(
+    block: torch.Tensor, offsets: Sequence[int], global_shape: Sequence[int], dtype: torch.dtype | None, workers: int
+) -> torch.Tensor:
     shape = tuple(block.shape)
     rows = shape[0] if shape else 1
     out = torch.zeros(len(TERMS), dtype=torch.float64)
     if block.numel() == 0:
         return out
     x2d = block.reshape(rows, -1)
-    row0 = offsets[0] if len(offsets) else 0
-    step = max(1, _CHUNK // x2d.shape[1])
-    buffer = torch.empty((min(step, rows), x2d.shape[1]), dtype=torch.float64)
-    # acc[0], acc[1], acc[2]: per column, sum_i x, sum_i x p(i), sum_i x q(i); the column weights come last.
-    acc = torch.zeros((3, x2d.shape[1]), dtype=torch.float64)
-    for start in range(0, rows, step):
-        chunk = x2d[start : start + step]
-        if dtype is not None and chunk.dtype != dtype:
-            chunk = chunk.to(dtype)
-        x = buffer[: len(chunk)]
-        x.copy_(chunk)
-        _add_chunk(out, acc, x, row0 + start)
+    if dtype is None or x2d.dtype == dtype:
+        dtype = None
+    row_w = _row_weights(offsets[0] if len(offsets) else 0, rows)
+    sums = _parallel_sums(x2d, row_w, dtype, False, workers)
+    if not math.isfinite(sums.sum_sq):  # rare (a NaN or inf: x*x of one is not finite): count them, sum as 0
+        sums = _parallel_sums(x2d, row_w, dtype, True, workers)
     col_w = _weights(_columns(global_shape, shape, offsets))  # [cols, 2]: p(j), q(j)
-    out[1] += acc[0].sum()
-    out[4:6] += acc[1:].sum(1)
-    out[6:8] += acc[0] @ col_w
-    out[8] += acc[1] @ col_w[:, 1]
-    out[9] += acc[2] @ col_w[:, 0]
+    acc = sums.acc
+    out[0] = sums.nonfinite
+    out[1] = acc[0].sum()
+    out[2] = sums.sum_sq
+    out[3] = sums.sum_abs
+    out[4:6] = acc[1:].sum(1)
+    out[6:8] = acc[0] @ col_w
+    out[8] = acc[1] @ col_w[:, 1]
+    out[9] = acc[2] @ col_w[:, 0]
     return out
 
 
-def _add_chunk(out: torch.Tensor, acc: torch.Tensor, x: torch.Tensor, row0: int) -> None:
-    """Add one float64 chunk of rows to the sums (the chunk is overwritten where values are not finite)."""
-    flat = x.view(-1)
-    sum_sq = torch.linalg.vector_norm(flat, 2) ** 2
-    if not torch.isfinite(sum_sq):  # rare: count the non-finite values, then treat them as 0
-        finite = torch.isfinite(x)
-        out[0] += float((~finite).sum())
-        x.masked_fill_(~finite, 0.0)
-        sum_sq = torch.linalg.vector_norm(flat, 2) ** 2
-    out[2] += sum_sq
-    out[3] += flat.abs().sum()
-    rw = torch.cat([torch.ones(1, len(x), dtype=torch.float64), _weights(torch.arange(row0, row0 + len(x))).t()])
-    acc += rw @ x
+def _parallel_sums(x2d: torch.Tensor, row_w: torch.Tensor, dtype: torch.dtype | None, mask: bool, workers: int):
+    """The block's sums, its rows split among ``workers`` threads when it is large enough to be worth it.
+
+    Each thread runs torch single-threaded (``block_fingerprint`` sees to it) on its own rows and the parts are
+    added (the fingerprint is a sum over rows). Torch's own intra-op threads would split every small operation
+    instead: one OpenMP barrier per operation, thousands per tensor, and on a machine busy with other work each
+    barrier waits for a descheduled thread (measured on a 2-core machine under load: 2 intra-op threads took 40x
+    the wall time of these 2 workers; independent workers do not wait for each other).
+    """
+    rows = x2d.shape[0]
+    workers = max(1, min(workers, x2d.numel() // (2 * _CHUNK), rows))
+    if workers == 1:
+        return _Sums(x2d, row_w, dtype, mask)
+    cuts = [rows * w // workers for w in range(workers + 1)]
+    with ThreadPoolExecutor(workers) as pool:
+        parts = list(
+            pool.map(lambda r: _Sums(x2d[r[0] : r[1]], row_w[:, r[0] : r[1]], dtype, mask), zip(cuts, cuts[1:]))
+        )
+    total = parts[0]
+    for part in parts[1:]:
+        total.add(part)
+    return total
+
+
+class _Sums:
+    """One pass over a 2-D block in float64 chunks of at most ``_CHUNK`` values (cache-sized, so the block is
+    never copied whole): per column ``sum_i x``, ``sum_i x p(i)``, ``sum_i x q(i)`` in one matrix product with
+    the row weights, plus ``sum x^2`` and ``sum |x|``. Four passes over each chunk, all in cache: the float64
+    copy, the product, the dot product, and ``abs_`` + sum (in place: the chunk is a scratch copy)."""
+
+    def __init__(self, x2d: torch.Tensor, row_w: torch.Tensor, dtype: torch.dtype | None, mask: bool) -> None:
+        rows, cols = x2d.shape
+        step = max(1, _CHUNK // cols)
+        buffer = torch.empty((min(step, rows), cols), dtype=torch.float64)
+        staging = torch.empty((min(step, rows), cols), dtype=dtype) if dtype is not None else None
+        self.acc = torch.zeros((3, cols), dtype=torch.float64)
+        self.nonfinite = 0
+        squares, absolutes = [], []
+        for start in range(0, rows, step):
+            chunk = x2d[start : start + step]
+            if staging is not None:  # round to the stored dtype first, then widen exactly
+                chunk = staging[: len(chunk)].copy_(chunk)
+            x = buffer[: len(chunk)]
+            x.copy_(chunk)
+            if mask:
+                bad = ~torch.isfinite(x)
+                self.nonfinite += int(bad.sum())
+                x.masked_fill_(bad, 0.0)
+            flat = x.view(-1)
+            squares.append(torch.dot(flat, flat))
+            self.acc.addmm_(row_w[:, start : start + len(x)], x)
+            absolutes.append(flat.abs_().sum())
+        self.sum_sq = float(torch.stack(squares).sum())
+        self.sum_abs = float(torch.stack(absolutes).sum())
+
+    def add(self, other: _Sums) -> None:
+        self.acc += other.acc
+        self.nonfinite += other.nonfinite
+        self.sum_sq += other.sum_sq
+        self.sum_abs += other.sum_abs
 
 
 def fingerprint(t: torch.Tensor) -> torch.Tensor:
@@ -137,17 +215,27 @@ class Recorder:
     """Fingerprints of tensors written block by block (rows [start, end) at a time), from several threads.
 
     Each block's share is computed outside the lock (torch releases the GIL for the sums), then added.
+    The writer threads are the parallelism here: each computes its share with one torch thread. With torch's
+    intra-op (OpenMP) threads, every thread calling would start its own team for every small operation, and
+    each operation would wait at a barrier for threads the other writers keep busy (on 2 cores under load
+    that doubled the fingerprint's CPU time at conversion). The thread count in force when the recorder
+    was made is put back after each block.
     """
 
     def __init__(self, shapes: Mapping[str, Sequence[int]]) -> None:
         self.shapes = {k: tuple(s) for k, s in shapes.items()}
         self.values = {k: torch.zeros(len(TERMS), dtype=torch.float64) for k in self.shapes}
         self._lock = threading.Lock()
+        self._threads = torch.get_num_threads()
 
     def add_rows(self, key: str, start: int, block: torch.Tensor) -> None:
         shape = self.shapes[key]
         offsets = [start] + [0] * (len(shape) - 1) if shape else []
-        part = block_fingerprint(block, offsets, shape)
+        torch.set_num_threads(1)
+        try:
+            part = block_fingerprint(block, offsets, shape)
+        finally:
+            torch.set_num_threads(self._threads)
         with self._lock:
             self.values[key] += part
 
@@ -163,28 +251,34 @@ def as_record(fp: torch.Tensor) -> list[float | int]:
     return [int(fp[0]), *(float(v) for v in fp[1:])]
 
 
-def local_fingerprint(value: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def local_fingerprint(
+    value: torch.Tensor, dtype: torch.dtype | None = None, *, workers: int | None = None
+) -> torch.Tensor:
     """This rank's share of a parameter's fingerprint, at ``dtype`` (the stored one); sum it over all ranks.
+
+    ``workers`` (default: torch's intra-op thread count, the cores the trainer gave this rank) threads share
+    the work, as in ``block_fingerprint``: call it where nothing else runs torch in this process meanwhile.
 
     A DTensor contributes its local shard at the shard's global offsets, divided by the number of ranks
     holding a copy of that shard (Replicate mesh dims), so the sum over ranks counts each value once and a
     replica that differs still moves the total. A plain tensor is held whole by every rank: 1/world each.
     """
     value = value.detach()
+    workers = torch.get_num_threads() if workers is None else workers
     placements = getattr(value, "placements", None)
     if placements is None:
-        return block_fingerprint(value, [0] * value.dim(), tuple(value.shape), dtype) / _world()
+        return block_fingerprint(value, [0] * value.dim(), tuple(value.shape), dtype, workers=workers) / _world()
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     mesh = value.device_mesh
     if any(type(p).__name__ == "_StridedShard" for p in placements):
         # FSDP over TP interleaves the shards: gather the whole tensor (a collective on this mesh) instead.
         full = value.full_tensor()
-        return block_fingerprint(full, [0] * full.dim(), tuple(full.shape), dtype) / _world()
+        return block_fingerprint(full, [0] * full.dim(), tuple(full.shape), dtype, workers=workers) / _world()
     local = value.to_local()
     _, offsets = compute_local_shape_and_global_offset(tuple(value.shape), mesh, placements)
     copies = math.prod(mesh.size(d) for d, p in enumerate(placements) if not p.is_shard())
-    return block_fingerprint(local, list(offsets), tuple(value.shape), dtype) / copies
+    return block_fingerprint(local, list(offsets), tuple(value.shape), dtype, workers=workers) / copies
 
 
 def _world() -> int:

@@ -57,9 +57,11 @@ def test_blocks_with_global_offsets_add_up_to_the_whole(shape, row_cuts, col_cut
 
 def test_streamed_rows_equal_the_whole_and_the_summation_error_is_far_below_the_tolerance():
     t = trained_like((1000, 300))
+    threads = torch.get_num_threads()
     acc = Recorder({"w": t.shape})
     for s in range(0, 1000, 333):
         acc.add_rows("w", s, t[s : s + 333])
+    assert torch.get_num_threads() == threads  # one thread per block, the caller's count put back
     whole = fingerprint(t)
     scale = torch.tensor([1.0] + [float(whole[3])] * (len(TERMS) - 1))
     scale[2] = whole[2]
@@ -168,3 +170,40 @@ def test_a_one_value_change_is_seen_in_a_large_tensor():
     changed = t.clone()
     changed[1000, 7] += 0.02 * t.abs().mean() * 2048 * 2048 / 2048**2 * 100
     assert not matches(fingerprint(changed), fingerprint(t))
+
+
+def _by_definition(t: torch.Tensor) -> torch.Tensor:
+    """The ten terms written out as the module docstring and docs/fingerprints.md define them, whole-tensor."""
+    x = t.double().reshape(t.shape[0] if t.dim() else 1, -1)
+
+    def weyl(n: int, a: float) -> torch.Tensor:
+        return 2 * torch.frac((torch.arange(n, dtype=torch.float64) + 1) * a) - 1
+
+    a_p, a_q = (5**0.5 - 1) / 2, 2**0.5 - 1
+    pi, qi = weyl(x.shape[0], a_p)[:, None], weyl(x.shape[0], a_q)[:, None]
+    pj, qj = weyl(x.shape[1], a_p)[None, :], weyl(x.shape[1], a_q)[None, :]
+    if t.dim() <= 1:
+        pj, qj = torch.full_like(pj, 2 * a_p - 1), torch.full_like(qj, 2 * a_q - 1)
+    sums = [x, x * x, x.abs(), x * pi, x * qi, x * pj, x * qj, x * pi * qj, x * qi * pj]
+    return torch.tensor([0.0] + [float(s.sum()) for s in sums], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("shape", [(1100, 513), (300_000,), (30, 20, 1000)])
+def test_the_chunked_computation_is_the_defined_one(shape):
+    """Several chunks per block (the values are cast and widened chunk by chunk): still the defined sums,
+    so manifests recorded by earlier releases of the same algorithm verify without a version change."""
+    t = trained_like(shape) + 1e-3
+    assert matches(fingerprint(t), _by_definition(t), TOLERANCE / 100)
+    stored = t.to(torch.bfloat16)
+    assert matches(block_fingerprint(t, [0] * t.dim(), shape, torch.bfloat16), _by_definition(stored), TOLERANCE / 100)
+
+
+def test_workers_share_the_rows_and_give_the_same_fingerprint():
+    t = trained_like((1100, 1024))  # ~1.1 M values: split between the workers
+    threads = torch.get_num_threads()
+    one = block_fingerprint(t, [0, 0], t.shape, torch.bfloat16)
+    two = block_fingerprint(t, [0, 0], t.shape, torch.bfloat16, workers=2)
+    assert matches(two, one, TOLERANCE / 100) and torch.get_num_threads() == threads
+    t[1000, 3] = float("nan")  # in the second worker's rows
+    damaged = block_fingerprint(t, [0, 0], t.shape, torch.bfloat16, workers=2)
+    assert damaged[0] == 1 and torch.isfinite(damaged).all() and not matches(damaged, one)
