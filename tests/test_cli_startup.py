@@ -21,7 +21,9 @@ def _python(code: str, *args: str) -> subprocess.CompletedProcess:
 
 def _heavy_after(code: str) -> tuple[list[str], str]:
     """The heavy modules loaded after ``code`` runs in a fresh interpreter, and what it printed."""
-    probe = _python(textwrap.dedent(code) + f"\nimport sys\nprint('LOADED', *[m for m in {HEAVY!r} if m in sys.modules])")
+    probe = _python(
+        textwrap.dedent(code) + f"\nimport sys\nprint('LOADED', *[m for m in {HEAVY!r} if m in sys.modules])"
+    )
     assert probe.returncode == 0, probe.stderr
     out = probe.stdout.splitlines()
     return out[-1].split()[1:], "\n".join(out[:-1])
