@@ -154,18 +154,24 @@ def run_once(case: Case, tree: Path, work: Path) -> tuple[float, float]:
     return float(stamp[0]) - start, float(stamp[1])
 
 
-def prepare(tree: Path, work: Path) -> None:
-    """The converted checkpoint ``diagnose`` reads (made once per tree, by that tree)."""
-    argv = [
+def convert_argv(tree: Path, dest: Path, *extra: str) -> list[str]:
+    """``flame-ext convert`` of the tree's tiny model to ``dest``; ``extra`` before ``-m`` are interpreter options."""
+    return [
         sys.executable,
+        *extra,
         "-m",
         "flame_ext.cli",
         "convert",
         "--model",
         str(tree / MODEL_IN_TREE),
         "--checkpoint",
-        str(work / "converted"),
+        str(dest),
     ]
+
+
+def prepare(tree: Path, work: Path) -> None:
+    """The converted checkpoint ``diagnose`` reads (made once per tree, by that tree)."""
+    argv = convert_argv(tree, work / "converted")
     subprocess.run(argv, env=environment(tree), cwd=work, check=True, capture_output=True)
 
 
@@ -256,19 +262,7 @@ def importtime_table(tree: Path, top: int) -> None:
     """Where ``convert --no-reference`` spends its import time, from one ``-X importtime`` run."""
     work = Path(tempfile.mkdtemp(prefix="bench_startup_imports_"))
     try:
-        argv = [
-            sys.executable,
-            "-X",
-            "importtime",
-            "-m",
-            "flame_ext.cli",
-            "convert",
-            "--model",
-            str(tree / MODEL_IN_TREE),
-            "--checkpoint",
-            str(work / "out"),
-            "--no-reference",
-        ]
+        argv = [*convert_argv(tree, work / "out", "-X", "importtime"), "--no-reference"]
         proc = subprocess.run(argv, env=environment(tree), cwd=work, capture_output=True, text=True, check=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
