@@ -436,9 +436,10 @@ def exit_without_teardown(command: Callable[[], int]) -> NoReturn:
 
     Clearing the modules torch, torch.distributed.checkpoint and transformers load takes about 1 s of CPU and
     changes nothing on disk: every output is written, synced and renamed before a command returns. The exit
-    is otherwise the usual one: non-daemon threads are joined and every exit handler runs (this one was
-    registered first, so it runs last), then the standard streams are flushed. A command that raises ends the
-    usual way (traceback, exit 1 or the signal).
+    is otherwise the usual one: non-daemon threads are joined and every exit handler the command's imports
+    register runs (this one is registered before the command starts, so it runs after them; call this at the
+    start of a process), then the standard streams are flushed. A command that raises ends the usual way
+    (traceback, exit 1 or the signal).
     """
     returned: list[int] = []
     atexit.register(_end_process, returned)
