@@ -12,11 +12,10 @@ temporary sibling renamed into place), and ``PATH`` already exists. Tokenizer fi
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from flame_ext.cli import OneLineParser, add_to_hf_arguments, run_command, run_to_hf
+from flame_ext.cli import OneLineParser, add_to_hf_arguments, exit_without_teardown, run_command, run_to_hf
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -40,4 +39,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main)

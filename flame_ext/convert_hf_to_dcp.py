@@ -9,10 +9,9 @@ asks for, and records a reference loss in ``flame_ext.json`` for the training gu
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
-from flame_ext.cli import OneLineParser, add_convert_arguments, run_command, run_convert
+from flame_ext.cli import OneLineParser, add_convert_arguments, exit_without_teardown, run_command, run_convert
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -28,4 +27,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main)

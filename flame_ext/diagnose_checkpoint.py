@@ -11,10 +11,9 @@ Exit 0: no errors; 1: problems found; 2: unreadable input.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
-from flame_ext.cli import OneLineParser, add_diagnose_arguments, run_command, run_diagnose
+from flame_ext.cli import OneLineParser, add_diagnose_arguments, exit_without_teardown, run_command, run_diagnose
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -31,4 +30,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main)

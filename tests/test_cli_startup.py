@@ -1,0 +1,125 @@
+"""What a command costs before its work: help, usage errors and package imports load none of the heavy
+libraries, and a command run as its own process exits with its code and all its output but without the
+interpreter's teardown (figures: bench/bench_startup.py, docs/benchmarks.md "Start-up")."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+HEAVY = ("torch", "torch.distributed.checkpoint", "transformers", "safetensors", "matplotlib", "jsonschema")
+
+
+def _python(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def _heavy_after(code: str) -> tuple[list[str], str]:
+    """The heavy modules loaded after ``code`` runs in a fresh interpreter, and what it printed."""
+    probe = _python(
+        textwrap.dedent(code) + f"\nimport sys\nprint('LOADED', *[m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    assert probe.returncode == 0, probe.stderr
+    out = probe.stdout.splitlines()
+    return out[-1].split()[1:], "\n".join(out[:-1])
+
+
+@pytest.mark.parametrize(
+    "argv, exit_code",
+    [
+        (["--help"], 0),
+        (["--version"], 0),
+        (["convert", "--help"], 0),
+        (["diagnose", "--help"], 0),
+        (["convert"], 2),  # --checkpoint missing
+        (["diagnose", "--checkpoint", "c", "--threshold", "abc"], 2),
+        (["to-hf", "--checkpoint", "c"], 2),
+        (["frobnicate"], 2),
+    ],
+)
+def test_help_and_usage_errors_load_no_heavy_library(argv, exit_code):
+    loaded, printed = _heavy_after(
+        f"""
+        from flame_ext.cli import main
+        try:
+            code = main({argv!r})
+        except SystemExit as exc:  # --help, --version
+            code = exc.code
+        print('CODE', code)
+        """
+    )
+    assert f"CODE {exit_code}" in printed
+    assert loaded == []
+
+
+def test_a_flame_checkout_check_loads_no_heavy_library(tmp_path):
+    loaded, printed = _heavy_after(
+        f"""
+        from flame_ext.cli import main
+        print('CODE', main(['patch', 'check', {str(tmp_path)!r}]))
+        """
+    )
+    assert "CODE 2" in printed  # not a flame checkout
+    assert loaded == []
+
+
+@pytest.mark.parametrize("package", ["flame_ext.convert", "flame_ext.titan", "flame_ext.flame", "flame_ext.cli"])
+def test_importing_a_package_loads_no_heavy_library(package):
+    loaded, _ = _heavy_after(f"import {package}")
+    assert loaded == []
+
+
+def test_the_public_conversion_names_still_import():
+    loaded, printed = _heavy_after(
+        "from flame_ext.convert import ConvertOptions, ToHFOptions, convert_dcp_to_hf, convert_hf_to_dcp\n"
+        "print(ConvertOptions.__module__, ToHFOptions.__module__, convert_dcp_to_hf.__name__)"
+    )
+    assert printed == "flame_ext.convert.hf_to_dcp flame_ext.convert.dcp_to_hf convert_dcp_to_hf"
+    assert "torch" in loaded
+
+
+def test_a_command_process_keeps_its_code_output_threads_and_handlers_but_skips_teardown():
+    done = _python(
+        """
+        import atexit, sys, threading, time
+        from flame_ext.cli import exit_without_teardown
+
+        class Teardown:
+            def __del__(self):
+                print("teardown ran", flush=True)
+
+        def command():
+            global kept
+            kept = Teardown()  # collected only when the interpreter tears its modules down
+            atexit.register(print, "handler ran")  # as torch and logging register theirs when imported
+            threading.Thread(target=lambda: (time.sleep(0.2), print("thread done"))).start()
+            sys.stdout.write("x" * 1_000_000 + "\\n")  # a pipe: block-buffered, flushed by the exit
+            print("to stderr", file=sys.stderr)
+            return 3
+
+        exit_without_teardown(command)
+        """
+    )
+    assert done.returncode == 3
+    lines = done.stdout.splitlines()
+    assert lines[0] == "x" * 1_000_000
+    assert lines[1:] == ["thread done", "handler ran"]
+    assert done.stderr == "to stderr\n"
+
+
+def test_a_command_that_raises_ends_the_usual_way():
+    done = _python(
+        """
+        from flame_ext.cli import exit_without_teardown
+        def command():
+            raise RuntimeError("boom")
+        exit_without_teardown(command)
+        """
+    )
+    assert done.returncode == 1
+    assert "RuntimeError: boom" in done.stderr
