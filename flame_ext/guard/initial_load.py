@@ -146,6 +146,7 @@ class InitialLoadGuard:
             self.figures.update(values.figures)
             self.report.notes.append(values.note)
             self.report.extend(pool(values.problems))
+            self.report.checked += ["values"]
         repair = self.config.initial_load_repair_buffers
         problems = self._agreed(lambda: self._buffers(repair), "the buffer check")
         self.report.extend(pool(problems))
@@ -238,6 +239,7 @@ class InitialLoadGuard:
         logger.error("flame-ext initial-load report: %s", self.report.to_json(indent=None))
         report_without_traceback()  # a trainer that does not catch the error shows the report, not a traceback
         summary = self.report.render_text(
+            group_hints=True,
             more="all of them in the JSON record logged as 'flame-ext initial-load report'"
         )
         raise InitialLoadValidationError(

@@ -44,15 +44,20 @@ def _rope_buffers(model: nn.Module) -> list[torch.Tensor]:
     return [module._buffers[b] for _, module, names in nonpersistent_buffer_modules(model) for b in names]
 
 
+def _plausible_garbage(buf: torch.Tensor) -> bool:
+    """Finite and small enough that the forward pass stays finite (1e30 is finite, its cos/sin products are not)."""
+    return bool(torch.isfinite(buf).all()) and float(buf.abs().max()) < 1e3
+
+
 def leave_rope_uninitialised(model: nn.Module) -> bool:
     """The RoPE buffers as meta + to_empty leaves them: uninitialised memory.
 
     With transformers 4.57 ``post_init`` leaves them so by itself (returns True); with 5.x it recomputes them,
     so they are overwritten here with arbitrary values, as to_empty's memory would hold (returns False).
     Memory reuse can make 4.57's garbage come out right by chance, or hold inf/NaN (every position's loss is then
-    non-finite: another failure, with its own test); then it is overwritten too.
+    non-finite: another failure, with its own test), or values so large the loss overflows; then it is overwritten too.
     """
-    if not rope_is_right(model) and all(torch.isfinite(buf).all() for buf in _rope_buffers(model)):
+    if not rope_is_right(model) and all(_plausible_garbage(buf) for buf in _rope_buffers(model)):
         return True
     gen = torch.Generator().manual_seed(7)
     for _, module, names in nonpersistent_buffer_modules(model):

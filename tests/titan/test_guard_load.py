@@ -67,7 +67,7 @@ def test_healthy_checkpoint_passes_and_logs_the_step0_loss(healthy, tiny_model, 
     assert (
         record["ok"] is True
         and record["verdict"] == "OK"
-        and record["checked"] == ["keys", "manifest", "buffers", "loss"]
+        and record["checked"] == ["keys", "manifest", "values", "buffers", "loss"]
     )
     assert record["loss"]["reference"] == pytest.approx(reference, abs=1e-4)
     assert len(record["loss"]["by_position"]) == 4
