@@ -239,8 +239,7 @@ class InitialLoadGuard:
         logger.error("flame-ext initial-load report: %s", self.report.to_json(indent=None))
         report_without_traceback()  # a trainer that does not catch the error shows the report, not a traceback
         summary = self.report.render_text(
-            group_hints=True,
-            more="all of them in the JSON record logged as 'flame-ext initial-load report'"
+            group_hints=True, more="all of them in the JSON record logged as 'flame-ext initial-load report'"
         )
         raise InitialLoadValidationError(
             f"initial load of {self.checkpoint} failed validation {when} on rank {rank()} of {world()} "
