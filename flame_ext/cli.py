@@ -93,6 +93,10 @@ def add_convert_arguments(p: argparse.ArgumentParser, *, flame: bool = False) ->
     p.add_argument(
         "--force", action="store_true", help="replace an existing DCP checkpoint (never anything else: refused, exit 2)"
     )
+    _add_timeout(p, flame)
+
+
+def _add_timeout(p: argparse.ArgumentParser, flame: bool) -> None:
     p.add_argument(
         *_flag("--timeout-s", flame),
         type=float,
@@ -178,9 +182,9 @@ def add_to_hf_arguments(p: argparse.ArgumentParser, *, flame: bool = False) -> N
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's own), bfloat16 or float32")
     p.add_argument(
         *_flag("--max-shard-mb", flame),
-        type=int,
+        type=float,
         default=5 * 1024,
-        help="largest safetensors shard, MiB (default 5120)",
+        help="largest safetensors shard, MiB (default 5120); under torchrun each rank writes whole shards",
     )
     p.add_argument(*_flag("--trust-remote-code", flame), action="store_true")
     p.add_argument(
@@ -189,6 +193,7 @@ def add_to_hf_arguments(p: argparse.ArgumentParser, *, flame: bool = False) -> N
     p.add_argument(
         "--force", action="store_true", help="replace an HF folder written by to-hf (never anything else: exit 2)"
     )
+    _add_timeout(p, flame)
 
 
 def to_hf_options(args: argparse.Namespace) -> ToHFOptions:
@@ -203,7 +208,7 @@ def to_hf_options(args: argparse.Namespace) -> ToHFOptions:
         force=args.force,
         tokenizer=args.tokenizer,
         trust_remote_code=args.trust_remote_code,
-        max_shard_bytes=args.max_shard_mb * 1024 * 1024,
+        max_shard_bytes=int(args.max_shard_mb * 1024 * 1024),
         buffer_bytes=args.buffer_mb * 1024 * 1024,
         progress=sys.stderr.isatty(),
     )
@@ -212,11 +217,15 @@ def to_hf_options(args: argparse.Namespace) -> ToHFOptions:
 def run_to_hf(args: argparse.Namespace) -> int:
     """Convert back to HF, then print the notes and the summary line."""
     from flame_ext.convert.dcp_to_hf import convert_dcp_to_hf
-    from flame_ext.convert.distributed import launched_by_torchrun
+    from flame_ext.convert.distributed import launched_by_torchrun, to_hf_distributed
 
-    if launched_by_torchrun():  # every rank would race for the same destination
-        raise InputError("to-hf runs as one process: start it without torchrun (its ranks would all write one folder)")
-    summary = convert_dcp_to_hf(to_hf_options(args))
+    if launched_by_torchrun():
+        summary, rank, world = to_hf_distributed(to_hf_options(args), args.timeout_s)
+        if rank != 0:  # rank 0 prints the folder's summary; the others only their shards
+            print(f"rank {rank} of {world}, its shards: {summary.line()}")
+            return 0
+    else:
+        summary = convert_dcp_to_hf(to_hf_options(args))
     for note in summary.notes:
         print(f"note: {note}")
     for warning in summary.warnings:

@@ -60,6 +60,8 @@ class ToHFOptions:
             raise InputError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.buffer_bytes < 1024:
             raise InputError(f"buffer of {self.buffer_bytes} bytes: must be at least 1 KiB")
+        if self.max_shard_bytes < 1:
+            raise InputError(f"--max-shard-mb: {self.max_shard_bytes / 2**20:g} is not a positive size")
 
 
 def _config_folder(config: str | None) -> Path:
