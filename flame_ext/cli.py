@@ -12,7 +12,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from flame_ext import __version__
 from flame_ext.errors import InputError, UsageError, run_guarded
@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the commands import torch: only when one runs
     from flame_ext.commands.diagnose import DiagnoseOptions
     from flame_ext.convert.dcp_to_hf import ToHFOptions
     from flame_ext.convert.hf_to_dcp import ConvertOptions
+    from flame_ext.convert.summary import Summary
 
 EPILOG = """examples:
   flame-ext convert --model allenai/OLMo-2-1124-7B --checkpoint exp/olmo2/checkpoint/step-0 --dtype bfloat16
@@ -129,22 +130,41 @@ def convert_options(args: argparse.Namespace) -> ConvertOptions:
     )
 
 
-def run_convert(args: argparse.Namespace) -> int:
-    """Convert, then print the notes, the reference loss and the summary line."""
-    from flame_ext.convert.distributed import convert_distributed, launched_by_torchrun
-    from flame_ext.convert.hf_to_dcp import convert_hf_to_dcp
+def _one_process_or_ranks(
+    one_process: Callable[[Any], Summary],
+    ranks: Callable[[Any, float], tuple[Summary, int, int]],
+    opts: Any,
+    args: argparse.Namespace,
+    share: str,
+) -> Summary | None:
+    """Run in one process, or as a rank under torchrun; the summary to print, its notes and warnings printed.
+
+    Rank 0 returns the output's summary; another rank prints one line for ``share`` (what it wrote) and returns None.
+    """
+    from flame_ext.convert.distributed import launched_by_torchrun
 
     if launched_by_torchrun():
-        summary, rank, world = convert_distributed(convert_options(args), args.timeout_s)
-        if rank != 0:  # rank 0 prints the checkpoint's summary; the others only their share
-            print(f"rank {rank} of {world}, its share: {summary.line()}")
-            return 0
+        summary, rank, world = ranks(opts, args.timeout_s)
+        if rank != 0:
+            print(f"rank {rank} of {world}, {share}: {summary.line()}")
+            return None
     else:
-        summary = convert_hf_to_dcp(convert_options(args))
+        summary = one_process(opts)
     for note in summary.notes:
         print(f"note: {note}")
     for warning in summary.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    return summary
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Convert, then print the notes, the reference loss and the summary line."""
+    from flame_ext.convert.distributed import convert_distributed
+    from flame_ext.convert.hf_to_dcp import convert_hf_to_dcp
+
+    summary = _one_process_or_ranks(convert_hf_to_dcp, convert_distributed, convert_options(args), args, "its share")
+    if summary is None:
+        return 0
     ref = (summary.manifest or {}).get("reference")
     if ref:
         shape = f"{len(ref['token_ids'])}x{ref['seq_len']}"
@@ -217,20 +237,11 @@ def to_hf_options(args: argparse.Namespace) -> ToHFOptions:
 def run_to_hf(args: argparse.Namespace) -> int:
     """Convert back to HF, then print the notes and the summary line."""
     from flame_ext.convert.dcp_to_hf import convert_dcp_to_hf
-    from flame_ext.convert.distributed import launched_by_torchrun, to_hf_distributed
+    from flame_ext.convert.distributed import to_hf_distributed
 
-    if launched_by_torchrun():
-        summary, rank, world = to_hf_distributed(to_hf_options(args), args.timeout_s)
-        if rank != 0:  # rank 0 prints the folder's summary; the others only their shards
-            print(f"rank {rank} of {world}, its shards: {summary.line()}")
-            return 0
-    else:
-        summary = convert_dcp_to_hf(to_hf_options(args))
-    for note in summary.notes:
-        print(f"note: {note}")
-    for warning in summary.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    print(summary.line())
+    summary = _one_process_or_ranks(convert_dcp_to_hf, to_hf_distributed, to_hf_options(args), args, "its shards")
+    if summary is not None:
+        print(summary.line())
     return 0
 
 

@@ -54,6 +54,7 @@ from flame_ext.io.manifest import config_hash, write_manifest
 __all__ = ["launched_by_torchrun", "split_by_bytes", "convert_distributed", "to_hf_distributed", "DEFAULT_TIMEOUT_S"]
 
 T = TypeVar("T")
+P = TypeVar("P")
 DEFAULT_TIMEOUT_S = 300.0
 # Rank 0 computes the reference loss while the others wait; on CPU at 70B that takes far longer than a
 # collective should ever wait otherwise, so that one wait has a group of its own with this floor.
@@ -178,8 +179,21 @@ def _as_rank(run: Callable[[int, int, Any], Summary], dest: str, timeout_s: floa
         ) from exc
 
 
-def _staged_folder(rank: int, dest: str, kind: Kind, force: bool, stack: contextlib.ExitStack) -> Path:
-    """Rank 0 checks the destination and enters its atomic folder on ``stack``; every rank gets its path."""
+def _plan_and_stage(
+    rank: int,
+    prepare: Callable[[], P],
+    what: str,
+    identity: Callable[[P], dict[str, str]],
+    dest: str,
+    kind: Kind,
+    force: bool,
+) -> tuple[P, Path, contextlib.ExitStack]:
+    """The steps before any write, on every rank: plan (a failure on any rank stops all), refuse ranks started
+    differently, and stage: rank 0 checks the destination and enters its atomic folder on the returned stack
+    (closing it publishes; an exception in it removes the folder); every rank gets the folder's path."""
+    plan = agreed(prepare, what)
+    _refuse_different_ranks(identity(plan))
+    stack = contextlib.ExitStack()
 
     def stage() -> Path | None:
         if rank != 0:
@@ -188,7 +202,7 @@ def _staged_folder(rank: int, dest: str, kind: Kind, force: bool, stack: context
         return stack.enter_context(atomic_folder(dest, kind=kind, force=force))
 
     staged = agreed(stage, "preparing the destination")
-    return Path(gather(None if staged is None else str(staged))[0])
+    return plan, Path(gather(None if staged is None else str(staged))[0]), stack
 
 
 def convert_distributed(opts: ConvertOptions, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Summary, int, int]:
@@ -201,10 +215,10 @@ def convert_distributed(opts: ConvertOptions, timeout_s: float = DEFAULT_TIMEOUT
 
 def _convert(opts: ConvertOptions, rank: int, world: int, slow_group: Any) -> Summary:
     t0 = time.perf_counter()
-    plan = agreed(lambda: prepare_conversion(opts), "planning the conversion")
-    _refuse_different_ranks(_identity(opts, plan))
-    stack = contextlib.ExitStack()
-    tmp = _staged_folder(rank, opts.checkpoint, "dcp", opts.force, stack)
+    plan, tmp, stack = _plan_and_stage(
+        rank, lambda: prepare_conversion(opts), "planning the conversion", lambda p: _identity(opts, p),
+        opts.checkpoint, "dcp", opts.force,
+    )  # fmt: skip
     with stack:  # on rank 0: any exception removes the temporary folder, success renames it
         share = split_by_bytes(plan.entries, world, _entry_bytes)[rank]
         recorder = Recorder({e.key: e.spec.shape for e in share})
@@ -253,10 +267,10 @@ def to_hf_distributed(opts: ToHFOptions, timeout_s: float = DEFAULT_TIMEOUT_S) -
 
 def _to_hf(opts: ToHFOptions, rank: int, world: int) -> Summary:
     t0 = time.perf_counter()
-    plan = agreed(lambda: prepare_to_hf(opts), "reading the checkpoint and the config")
-    _refuse_different_ranks(_to_hf_identity(opts, plan))
-    stack = contextlib.ExitStack()
-    tmp = _staged_folder(rank, opts.out, "hf", opts.force, stack)
+    plan, tmp, stack = _plan_and_stage(
+        rank, lambda: prepare_to_hf(opts), "reading the checkpoint and the config", lambda p: _to_hf_identity(opts, p),
+        opts.out, "hf", opts.force,
+    )  # fmt: skip
     with stack:  # on rank 0: any exception removes the temporary folder, success renames it
         mine = split_by_bytes(list(range(len(plan.shards))), world, plan.shard_bytes)[rank]
         bar = Progress(sum(plan.shard_bytes(i) for i in mine), opts.progress and rank == 0, "to-hf")
