@@ -38,6 +38,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_convert import generate, verify_sample  # noqa: E402
 
 RSS = re.compile(r"peak RSS ([\d,]+) MB")
+# Linux keeps a process's peak RSS across exec, and a child forked from this process (which holds a generated
+# shard and torch) starts with this process's peak: a 1-rank run would report ours, not its own. A small
+# launcher forks the run instead, so each run's figure is its own (torchrun's ranks are forked by its agent).
+FRESH = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
 
 
 def convert_command(src: Path, out: Path) -> list[str]:
@@ -57,7 +61,8 @@ def run(ranks: int, command: list[str]) -> tuple[float, list[float]]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     os.sync()
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, *launch, *command], capture_output=True, text=True, env=env)
+    cmd = [sys.executable, "-c", FRESH, sys.executable, *launch, *command]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{ranks} ranks failed:\n{proc.stderr[-3000:]}")
