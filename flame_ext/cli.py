@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from flame_ext import __version__
 from flame_ext.errors import InputError, UsageError, run_guarded
@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # the commands import torch: only when one runs
     from flame_ext.commands.diagnose import DiagnoseOptions
     from flame_ext.convert.dcp_to_hf import ToHFOptions
     from flame_ext.convert.hf_to_dcp import ConvertOptions
+    from flame_ext.convert.summary import Summary
 
 EPILOG = """examples:
   flame-ext convert --model allenai/OLMo-2-1124-7B --checkpoint exp/olmo2/checkpoint/step-0 --dtype bfloat16
@@ -94,6 +95,10 @@ def add_convert_arguments(p: argparse.ArgumentParser, *, flame: bool = False) ->
     p.add_argument(
         "--force", action="store_true", help="replace an existing DCP checkpoint (never anything else: refused, exit 2)"
     )
+    _add_timeout(p, flame)
+
+
+def _add_timeout(p: argparse.ArgumentParser, flame: bool) -> None:
     p.add_argument(
         *_flag("--timeout-s", flame),
         type=float,
@@ -126,22 +131,41 @@ def convert_options(args: argparse.Namespace) -> ConvertOptions:
     )
 
 
-def run_convert(args: argparse.Namespace) -> int:
-    """Convert, then print the notes, the reference loss and the summary line."""
-    from flame_ext.convert.distributed import convert_distributed, launched_by_torchrun
-    from flame_ext.convert.hf_to_dcp import convert_hf_to_dcp
+def _one_process_or_ranks(
+    one_process: Callable[[Any], Summary],
+    ranks: Callable[[Any, float], tuple[Summary, int, int]],
+    opts: Any,
+    args: argparse.Namespace,
+    share: str,
+) -> Summary | None:
+    """Run in one process, or as a rank under torchrun; the summary to print, its notes and warnings printed.
+
+    Rank 0 returns the output's summary; another rank prints one line for ``share`` (what it wrote) and returns None.
+    """
+    from flame_ext.convert.distributed import launched_by_torchrun
 
     if launched_by_torchrun():
-        summary, rank, world = convert_distributed(convert_options(args), args.timeout_s)
-        if rank != 0:  # rank 0 prints the checkpoint's summary; the others only their share
-            print(f"rank {rank} of {world}, its share: {summary.line()}")
-            return 0
+        summary, rank, world = ranks(opts, args.timeout_s)
+        if rank != 0:
+            print(f"rank {rank} of {world}, {share}: {summary.line()}")
+            return None
     else:
-        summary = convert_hf_to_dcp(convert_options(args))
+        summary = one_process(opts)
     for note in summary.notes:
         print(f"note: {note}")
     for warning in summary.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    return summary
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Convert, then print the notes, the reference loss and the summary line."""
+    from flame_ext.convert.distributed import convert_distributed
+    from flame_ext.convert.hf_to_dcp import convert_hf_to_dcp
+
+    summary = _one_process_or_ranks(convert_hf_to_dcp, convert_distributed, convert_options(args), args, "its share")
+    if summary is None:
+        return 0
     ref = (summary.manifest or {}).get("reference")
     if ref:
         shape = f"{len(ref['token_ids'])}x{ref['seq_len']}"
@@ -179,9 +203,9 @@ def add_to_hf_arguments(p: argparse.ArgumentParser, *, flame: bool = False) -> N
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's own), bfloat16 or float32")
     p.add_argument(
         *_flag("--max-shard-mb", flame),
-        type=int,
+        type=float,
         default=5 * 1024,
-        help="largest safetensors shard, MiB (default 5120)",
+        help="largest safetensors shard, MiB (default 5120); under torchrun each rank writes whole shards",
     )
     p.add_argument(*_flag("--trust-remote-code", flame), action="store_true")
     p.add_argument(
@@ -190,6 +214,7 @@ def add_to_hf_arguments(p: argparse.ArgumentParser, *, flame: bool = False) -> N
     p.add_argument(
         "--force", action="store_true", help="replace an HF folder written by to-hf (never anything else: exit 2)"
     )
+    _add_timeout(p, flame)
 
 
 def to_hf_options(args: argparse.Namespace) -> ToHFOptions:
@@ -204,7 +229,7 @@ def to_hf_options(args: argparse.Namespace) -> ToHFOptions:
         force=args.force,
         tokenizer=args.tokenizer,
         trust_remote_code=args.trust_remote_code,
-        max_shard_bytes=args.max_shard_mb * 1024 * 1024,
+        max_shard_bytes=int(args.max_shard_mb * 1024 * 1024),
         buffer_bytes=args.buffer_mb * 1024 * 1024,
         progress=sys.stderr.isatty(),
     )
@@ -213,16 +238,11 @@ def to_hf_options(args: argparse.Namespace) -> ToHFOptions:
 def run_to_hf(args: argparse.Namespace) -> int:
     """Convert back to HF, then print the notes and the summary line."""
     from flame_ext.convert.dcp_to_hf import convert_dcp_to_hf
-    from flame_ext.convert.distributed import launched_by_torchrun
+    from flame_ext.convert.distributed import to_hf_distributed
 
-    if launched_by_torchrun():  # every rank would race for the same destination
-        raise InputError("to-hf runs as one process: start it without torchrun (its ranks would all write one folder)")
-    summary = convert_dcp_to_hf(to_hf_options(args))
-    for note in summary.notes:
-        print(f"note: {note}")
-    for warning in summary.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    print(summary.line())
+    summary = _one_process_or_ranks(convert_dcp_to_hf, to_hf_distributed, to_hf_options(args), args, "its shards")
+    if summary is not None:
+        print(summary.line())
     return 0
 
 

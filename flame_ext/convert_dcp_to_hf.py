@@ -6,7 +6,8 @@ Reads ``PATH/checkpoint/step-STEP`` like flame's, streams tensor by tensor inste
 whole-model ``torch.save`` file, and writes the HF model to ``PATH/hf-step-STEP`` (``--out`` to choose):
 flame's writes into ``PATH`` itself, beside ``checkpoint/``, but the output is written atomically (a
 temporary sibling renamed into place), and ``PATH`` already exists. Tokenizer files are copied from
-``--tokenizer`` (a local folder; default ``--config``).
+``--tokenizer`` (a local folder; default ``--config``). Under ``torchrun`` the ranks share the safetensors shards
+and write the folder one process writes (docs/distributed.md).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +26,14 @@ from flame_ext.io.dcp import (
     replace_dtype,
 )
 from flame_ext.io.destination import atomic_folder, check_destination
+from flame_ext.io.fingerprint import Recorder, nonfinite_keys
 from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, resolve_folder, tied_aliases
 from flame_ext.io.hf_config import read_model_config
 from flame_ext.io.manifest import MANIFEST_NAME
 from flame_ext.io.safetensors_writer import shard_plan, write_safetensors
-from flame_ext.io.specs import TensorSpec, all_finite
+from flame_ext.io.specs import TensorSpec
 
-__all__ = ["ToHFOptions", "convert_dcp_to_hf"]
+__all__ = ["ToHFOptions", "ToHFPlan", "convert_dcp_to_hf", "prepare_to_hf", "write_shards", "finish_folder"]
 
 # Never copied from the source folder: weights in any format, their indexes, what to-hf writes itself.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".distcp")
@@ -59,6 +60,8 @@ class ToHFOptions:
             raise InputError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.buffer_bytes < 1024:
             raise InputError(f"buffer of {self.buffer_bytes} bytes: must be at least 1 KiB")
+        if self.max_shard_bytes < 1:
+            raise InputError(f"--max-shard-mb: {self.max_shard_bytes / 2**20:g} is not a positive size")
 
 
 def _config_folder(config: str | None) -> Path:
@@ -80,10 +83,31 @@ def _meta_model_from_config(folder: Path, trust_remote_code: bool, weight_bytes:
     return build_meta_model(stub, trust_remote_code=trust_remote_code, weight_bytes=weight_bytes)
 
 
-def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
-    """DCP (flat or nested, model-only or full training checkpoint) -> HF folder, one block of rows at a time."""
-    t0 = time.perf_counter()
-    check_destination(opts.out, kind="hf", force=opts.force)
+@dataclass
+class ToHFPlan:
+    """What ``to-hf`` writes, worked out from metadata alone (every rank of a distributed run makes the same):
+    the tensors at their output dtype, grouped into the shards one process writes, under the same names."""
+
+    checkpoint: Path
+    found: dict[str, TensorSpec | None]
+    config_dir: Path
+    tokenizer_dir: Path
+    prefix: str
+    specs: dict[str, TensorSpec]
+    shards: list[list[str]]
+    names: list[str]
+    notes: list[str]
+
+    @property
+    def total(self) -> int:
+        return sum(s.nbytes for s in self.specs.values())
+
+    def shard_bytes(self, i: int) -> int:
+        return sum(self.specs[k].nbytes for k in self.shards[i])
+
+
+def prepare_to_hf(opts: ToHFOptions) -> ToHFPlan:
+    """Read the checkpoint's metadata and the config, map every key; raises before anything is written."""
     ckpt = Path(opts.checkpoint)
     found = read_dcp_metadata(ckpt)  # validated: every byte range it promises exists (io.dcp_metadata)
     config_dir = _config_folder(opts.config)
@@ -110,45 +134,76 @@ def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
     specs = {k: replace_dtype(found[prefix + k], out_dtype) for k in wanted}  # type: ignore[arg-type]
     model_keys = {prefix + k for k in wanted}
     skipped = sorted(k for k in found if k not in model_keys and not k.startswith(NON_MODEL_PREFIXES))
-    summary = Summary(Path(opts.out).absolute(), notes=[_skip_note(k, prefix, aliases) for k in skipped])
-    total = sum(s.nbytes for s in specs.values())
+    shards = shard_plan(specs, opts.max_shard_bytes)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    notes = [_skip_note(k, prefix, aliases) for k in skipped]
+    return ToHFPlan(ckpt, found, config_dir, tokenizer_dir, prefix, specs, shards, names, notes)
 
-    reader = DCPRowReader(ckpt)
-    nonfinite: set[str] = set()
+
+def write_shards(
+    plan: ToHFPlan, folder: Path, which: list[int], buffer_bytes: int, on_written: Callable[[int], None]
+) -> Recorder:
+    """Write shards ``which`` of the plan into ``folder``, one block of rows at a time; returns the fingerprints
+    of what was written (their non-finite counts say which tensors hold NaN or Inf, at no second read)."""
+    keys = [k for i in which for k in plan.shards[i]]
+    recorder = Recorder({k: plan.specs[k].shape for k in keys})
+    reader = DCPRowReader(plan.checkpoint)
 
     def read(key: str) -> Iterator[torch.Tensor]:
         # The block is sized at the stored dtype; a cast to a wider one at most doubles it.
-        for block in reader.blocks(prefix + key, found[prefix + key], opts.buffer_bytes):  # type: ignore[arg-type]
-            if key not in nonfinite and not all_finite(block):  # the block in hand: no second read
-                nonfinite.add(key)
-            yield block.to(getattr(torch, specs[key].dtype))
+        stored, start = plan.found[plan.prefix + key], 0
+        for block in reader.blocks(plan.prefix + key, stored, buffer_bytes):  # type: ignore[arg-type]
+            block = block.to(getattr(torch, plan.specs[key].dtype))
+            recorder.add_rows(key, start, block)
+            start += block.shape[0] if block.dim() else 1
+            yield block
 
-    with atomic_folder(opts.out, kind="hf", force=opts.force) as tmp:
-        bar = Progress(total, opts.progress, "to-hf")
-        shards = shard_plan(specs, opts.max_shard_bytes)
-        names = (
-            ["model.safetensors"]
-            if len(shards) == 1
-            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for i in which:
+        write_safetensors(
+            folder / plan.names[i], {k: plan.specs[k] for k in plan.shards[i]}, read, on_written=on_written
         )
+    return recorder
+
+
+def finish_folder(plan: ToHFPlan, folder: Path) -> list[str]:
+    """After every shard is written: the index (when sharded), config and side files; returns notes."""
+    if len(plan.shards) > 1:
+        index = {
+            "metadata": {"total_size": plan.total},
+            "weight_map": {k: n for n, keys in zip(plan.names, plan.shards) for k in keys},
+        }
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    _write_config(plan.config_dir, folder, _dominant_dtype(plan.specs))
+    return _copy_side_files(plan.config_dir, plan.tokenizer_dir, folder)
+
+
+def nonfinite_note(plan: ToHFPlan, fingerprints: dict[str, torch.Tensor]) -> list[str]:
+    """The warning naming the checkpoint's tensors that hold NaN or Inf (none: no warning)."""
+    bad = nonfinite_keys(fingerprints)
+    return [nonfinite_warning([plan.prefix + k for k in bad], str(plan.checkpoint))] if bad else []
+
+
+def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
+    """DCP (flat or nested, model-only or full training checkpoint) -> HF folder, one block of rows at a time."""
+    t0 = time.perf_counter()
+    check_destination(opts.out, kind="hf", force=opts.force)
+    plan = prepare_to_hf(opts)
+    summary = Summary(Path(opts.out).absolute(), notes=list(plan.notes))
+    with atomic_folder(opts.out, kind="hf", force=opts.force) as tmp:
+        bar = Progress(plan.total, opts.progress, "to-hf")
         try:
-            for name, keys in zip(names, shards):
-                write_safetensors(tmp / name, {k: specs[k] for k in keys}, read, on_written=bar.update)
+            recorder = write_shards(plan, tmp, list(range(len(plan.shards))), opts.buffer_bytes, bar.update)
         finally:
             bar.close()
-        if len(shards) > 1:
-            index = {
-                "metadata": {"total_size": total},
-                "weight_map": {k: n for n, keys in zip(names, shards) for k in keys},
-            }
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        _write_config(config_dir, tmp, _dominant_dtype(specs))
-        summary.notes += _copy_side_files(config_dir, tokenizer_dir, tmp)
-    if nonfinite:
-        summary.warnings.append(nonfinite_warning(sorted(prefix + k for k in nonfinite), str(ckpt)))
-    summary.tensors = len(specs)
-    summary.parameters = sum(s.numel for s in specs.values())
-    summary.bytes = total
+        summary.notes += finish_folder(plan, tmp)
+    summary.warnings += nonfinite_note(plan, recorder.values)
+    summary.tensors = len(plan.specs)
+    summary.parameters = sum(s.numel for s in plan.specs.values())
+    summary.bytes = plan.total
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_mb = peak_rss_mb()
     return summary

@@ -1,16 +1,22 @@
-"""HF -> DCP under torchrun: N ranks write one checkpoint, the one a single process writes.
+"""Conversion under torchrun: N ranks write one output, the one a single process writes.
 
-Every rank plans the whole conversion from metadata (cheap, and the same everywhere), then writes only its
-share of the tensors, balanced by bytes, into one folder; DCP's coordinator merges the ranks' plans and
-writes the single ``.metadata``. Rank 0 owns the destination: it takes the lock, makes the temporary
-sibling, tells the others its path, and after every rank has written and flushed its files it records the
-reference loss, writes the manifest and renames. Only files go through the filesystem (shared by all
-ranks); only small Python objects (paths, digests, fingerprints, error lines) go through the process group.
+Every rank plans the whole conversion from metadata (cheap, and the same everywhere), checks that every
+other rank was started the same way, then writes only its share, balanced by bytes, into one temporary
+folder that rank 0 owns: rank 0 takes the destination's lock, makes the temporary sibling and tells the
+others its path; after every rank has written and flushed its own files, rank 0 writes what is written once
+and renames. Only files go through the filesystem (shared by all ranks); only small Python objects (paths,
+digests, fingerprints, error lines) go through the process group.
+
+- ``convert`` (HF -> DCP): a rank's share is a set of tensors; DCP's coordinator merges the ranks' plans and
+  writes the single ``.metadata``; rank 0 records the reference loss and writes the manifest.
+- ``to-hf`` (DCP -> HF): a rank's share is a set of whole safetensors shards, the shards (names, contents
+  and order) one process writes, so the folder is the same byte for byte; rank 0 writes the index, the
+  config and the tokenizer files.
 
 A failure on any rank ends every rank with one line each, and nothing appears at the destination: steps
-that can fail on one rank share their outcome (``_agree``), DCP's collective save raises a write failure on
-every rank, and a rank that dies is noticed by the others through the process group (at once when its
-connection closes, at the latest after ``--timeout-s``).
+that can fail on one rank share their outcome (``collectives.agreed``), and a rank that dies is noticed by
+the others through the process group (at once when its connection closes, at the latest after
+``--timeout-s``).
 """
 
 from __future__ import annotations
@@ -20,32 +26,48 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
+from flame_ext.collectives import agreed, gather
+from flame_ext.convert.dcp_to_hf import (
+    ToHFOptions,
+    ToHFPlan,
+    finish_folder,
+    nonfinite_note,
+    prepare_to_hf,
+    write_shards,
+)
 from flame_ext.convert.hf_to_dcp import ConversionPlan, ConvertOptions, complete_manifest, prepare_conversion
 from flame_ext.convert.summary import Progress, Summary, peak_rss_mb
 from flame_ext.errors import DistributedRunError, FlameExtError, InputError, first_line
 from flame_ext.io.dcp import WriteEntry, save_streaming
-from flame_ext.io.destination import atomic_folder, check_destination, flush_files
+from flame_ext.io.destination import Kind, atomic_folder, check_destination, flush_files
 from flame_ext.io.fingerprint import Recorder, nonfinite_keys
 from flame_ext.io.manifest import config_hash, write_manifest
 
-__all__ = ["launched_by_torchrun", "split_by_bytes", "convert_distributed", "DEFAULT_TIMEOUT_S"]
+__all__ = ["launched_by_torchrun", "split_by_bytes", "convert_distributed", "to_hf_distributed", "DEFAULT_TIMEOUT_S"]
 
+T = TypeVar("T")
+P = TypeVar("P")
 DEFAULT_TIMEOUT_S = 300.0
 # Rank 0 computes the reference loss while the others wait; on CPU at 70B that takes far longer than a
 # collective should ever wait otherwise, so that one wait has a group of its own with this floor.
 REFERENCE_WAIT_S = 4 * 3600.0
 # Options that do not change what is written (the progress bar follows each rank's own terminal).
 _LOCAL_OPTIONS = ("progress",)
-# ConvertOptions fields whose command-line flag is not simply --<field>.
-_FLAGS = {"reference": "--no-reference", "buffer_bytes": "--buffer-mb", "future_predictor": "--future-predictor-*"}
+# Option fields whose command-line flag is not simply --<field>.
+_FLAGS = {
+    "reference": "--no-reference",
+    "buffer_bytes": "--buffer-mb",
+    "future_predictor": "--future-predictor-*",
+    "max_shard_bytes": "--max-shard-mb",
+}
 
 
 def launched_by_torchrun() -> bool:
@@ -53,19 +75,25 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
 
 
-def split_by_bytes(entries: list[WriteEntry], ranks: int) -> list[list[WriteEntry]]:
-    """Each rank's share: largest tensor first, to the rank with the fewest bytes so far (ties: lowest rank).
+def split_by_bytes(items: Sequence[T], ranks: int, nbytes: Callable[[T], int]) -> list[list[T]]:
+    """Each rank's share: largest item first, to the rank with the fewest bytes so far (ties: the earlier item,
+    the lowest rank).
 
-    Deterministic, so every rank computes the same split without exchanging it. A tensor is never split
-    between ranks: its fingerprint is then computed from the same blocks, in the same order, as in one process.
+    Deterministic, so every rank computes the same split without exchanging it. An item (a tensor for
+    ``convert``, a safetensors shard for ``to-hf``) is never split between ranks: a tensor's fingerprint is then
+    computed from the same blocks, in the same order, as in one process.
     """
-    shares: list[list[WriteEntry]] = [[] for _ in range(ranks)]
+    shares: list[list[T]] = [[] for _ in range(ranks)]
     loads = [0] * ranks
-    for e in sorted(entries, key=lambda e: (-e.spec.nbytes, e.key)):
-        r = min(range(ranks), key=lambda i: (loads[i], i))
-        shares[r].append(e)
-        loads[r] += e.spec.nbytes
+    for i in sorted(range(len(items)), key=lambda i: (-nbytes(items[i]), i)):
+        r = min(range(ranks), key=lambda j: (loads[j], j))
+        shares[r].append(items[i])
+        loads[r] += nbytes(items[i])
     return shares
+
+
+def _entry_bytes(e: WriteEntry) -> int:
+    return e.spec.nbytes
 
 
 @contextlib.contextmanager
@@ -86,46 +114,35 @@ def _process_group(timeout_s: float) -> Iterator[Any]:
             dist.destroy_process_group()
 
 
-def _all(obj: Any, group: Any = None) -> list[Any]:
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj, group=group)
-    return out
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
 
 
-def _agree(step: Callable[[], Any], what: str, group: Any = None) -> Any:
-    """Run ``step`` on every rank and share whether it failed: the failing rank raises its own error, the
-    others a ``DistributedRunError`` naming it, instead of waiting for it in the next collective."""
-    try:
-        result, failure = step(), None
-    except Exception as exc:  # noqa: BLE001 -- shared with the other ranks before re-raising
-        result, failure = None, exc
-    outcomes = _all(None if failure is None else first_line(failure), group)
-    if failure is not None:
-        raise failure
-    bad = [(r, m) for r, m in enumerate(outcomes) if m is not None]
-    if bad:
-        raise DistributedRunError(f"stopped: rank {bad[0][0]} failed {what}: {bad[0][1]}")
-    return result
+def _option_identity(opts: ConvertOptions | ToHFOptions) -> dict[str, str]:
+    return {k: json.dumps(v) for k, v in asdict(opts).items() if k not in _LOCAL_OPTIONS}
 
 
 def _identity(opts: ConvertOptions, plan: ConversionPlan) -> dict[str, str]:
     """What must be the same on every rank: each option, the source's config and tensors, the plan."""
-    options = {k: json.dumps(v) for k, v in asdict(opts).items() if k not in _LOCAL_OPTIONS}
     source = [
         config_hash(plan.hf.config),
         sorted((k, list(t.spec.shape), t.spec.dtype) for k, t in plan.hf.tensors.items()),
     ]
     written = [(e.key, list(e.spec.shape), e.spec.dtype) for e in plan.entries]
-    options["source"] = hashlib.sha256(json.dumps(source).encode()).hexdigest()
-    options["plan"] = hashlib.sha256(json.dumps(written).encode()).hexdigest()
-    return options
+    return {**_option_identity(opts), "source": _digest(source), "plan": _digest(written)}
 
 
-def _refuse_different_ranks(opts: ConvertOptions, plan: ConversionPlan) -> None:
+def _to_hf_identity(opts: ToHFOptions, plan: ToHFPlan) -> dict[str, str]:
+    """As ``_identity`` for ``to-hf``: the options, the checkpoint's tensors and the config, the shards."""
+    stored = sorted((k, list(s.shape), s.dtype) for k, s in plan.found.items() if s is not None)
+    source = [stored, (plan.config_dir / "config.json").read_text()]
+    written = [plan.names, [[(k, list(plan.specs[k].shape), plan.specs[k].dtype) for k in s] for s in plan.shards]]
+    return {**_option_identity(opts), "source": _digest(source), "plan": _digest(written)}
+
+
+def _refuse_different_ranks(identity: dict[str, str]) -> None:
     """Every rank must convert the same source with the same options; refused on every rank otherwise."""
-    identities = _all(_identity(opts, plan))
+    identities = gather(identity)
     for r, other in enumerate(identities[1:], start=1):
         differ = [k for k in identities[0] if other.get(k) != identities[0][k]]
         if not differ:
@@ -135,7 +152,7 @@ def _refuse_different_ranks(opts: ConvertOptions, plan: ConversionPlan) -> None:
             named.append("the source's files")
         raise InputError(
             f"rank {r} was started differently from rank 0 ({', '.join(named or ['the plan'])} differ): every rank "
-            "must run the same command on the same model; nothing was written"
+            "must run the same command on the same input; nothing was written"
         )
 
 
@@ -144,42 +161,66 @@ def _own_files(folder: Path, rank: int) -> list[Path]:
     return sorted(folder.glob(f"__{rank}_*.distcp"))
 
 
-def convert_distributed(opts: ConvertOptions, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Summary, int, int]:
-    """Convert as one rank of a torchrun launch; returns this rank's summary, its rank and the world size.
-
-    Rank 0's summary describes the whole checkpoint; another rank's describes its own share.
-    """
+def _as_rank(run: Callable[[int, int, Any], Summary], dest: str, timeout_s: float) -> tuple[Summary, int, int]:
+    """Run ``run(rank, world, slow_group)`` as one rank of a torchrun launch inside the process group; a broken
+    collective (a rank died or timed out) becomes one line saying nothing was published at ``dest``."""
     if timeout_s <= 0:
         raise InputError(f"--timeout-s {timeout_s}: must be positive")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
     try:
         with _process_group(timeout_s) as slow_group:
-            return _convert(opts, rank, world, slow_group), rank, world
+            return run(rank, world, slow_group), rank, world
     except (FlameExtError, OSError, KeyboardInterrupt):
         raise
     except BaseException as exc:  # a collective broke (a rank died or timed out) or DCP wrapped a failure
         raise DistributedRunError(
             f"rank {rank} of {world} stopped: another rank failed or stopped ({type(exc).__name__}: "
-            f"{first_line(exc)}); nothing was published at {opts.checkpoint}"
+            f"{first_line(exc)}); nothing was published at {dest}"
         ) from exc
 
 
-def _convert(opts: ConvertOptions, rank: int, world: int, slow_group: Any) -> Summary:
-    t0 = time.perf_counter()
-    plan = _agree(lambda: prepare_conversion(opts), "to plan the conversion")
-    _refuse_different_ranks(opts, plan)
+def _plan_and_stage(
+    rank: int,
+    prepare: Callable[[], P],
+    what: str,
+    identity: Callable[[P], dict[str, str]],
+    dest: str,
+    kind: Kind,
+    force: bool,
+) -> tuple[P, Path, contextlib.ExitStack]:
+    """The steps before any write, on every rank: plan (a failure on any rank stops all), refuse ranks started
+    differently, and stage: rank 0 checks the destination and enters its atomic folder on the returned stack
+    (closing it publishes; an exception in it removes the folder); every rank gets the folder's path."""
+    plan = agreed(prepare, what)
+    _refuse_different_ranks(identity(plan))
     stack = contextlib.ExitStack()
 
     def stage() -> Path | None:
         if rank != 0:
             return None
-        check_destination(opts.checkpoint, kind="dcp", force=opts.force)
-        return stack.enter_context(atomic_folder(opts.checkpoint, kind="dcp", force=opts.force))
+        check_destination(dest, kind=kind, force=force)
+        return stack.enter_context(atomic_folder(dest, kind=kind, force=force))
 
-    staged = _agree(stage, "to prepare the destination")
-    tmp = Path(_all(None if staged is None else str(staged))[0])
+    staged = agreed(stage, "preparing the destination")
+    return plan, Path(gather(None if staged is None else str(staged))[0]), stack
+
+
+def convert_distributed(opts: ConvertOptions, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Summary, int, int]:
+    """Convert as one rank of a torchrun launch; returns this rank's summary, its rank and the world size.
+
+    Rank 0's summary describes the whole checkpoint; another rank's describes its own share.
+    """
+    return _as_rank(lambda rank, world, slow: _convert(opts, rank, world, slow), opts.checkpoint, timeout_s)
+
+
+def _convert(opts: ConvertOptions, rank: int, world: int, slow_group: Any) -> Summary:
+    t0 = time.perf_counter()
+    plan, tmp, stack = _plan_and_stage(
+        rank, lambda: prepare_conversion(opts), "planning the conversion", lambda p: _identity(opts, p),
+        opts.checkpoint, "dcp", opts.force,
+    )  # fmt: skip
     with stack:  # on rank 0: any exception removes the temporary folder, success renames it
-        share = split_by_bytes(plan.entries, world)[rank]
+        share = split_by_bytes(plan.entries, world, _entry_bytes)[rank]
         recorder = Recorder({e.key: e.spec.shape for e in share})
         bar = Progress(sum(e.spec.nbytes for e in share), opts.progress and rank == 0, "convert")
         try:
@@ -194,7 +235,7 @@ def _convert(opts: ConvertOptions, rank: int, world: int, slow_group: Any) -> Su
         finally:
             bar.close()
         flush_files(_own_files(tmp, rank))  # each rank flushes what it wrote: on a shared filesystem only it can
-        results = _all(recorder.values)  # after this, every rank's files are written and flushed
+        results = gather(recorder.values)  # after this, every rank's files are written and flushed
         summary = Summary(Path(opts.checkpoint).absolute(), notes=list(plan.notes), parameters=plan.parameters)
 
         def publish() -> None:
@@ -205,12 +246,59 @@ def _convert(opts: ConvertOptions, rank: int, world: int, slow_group: Any) -> Su
             write_manifest(tmp, summary.manifest)
             stack.close()  # made durable and renamed: the destination appears whole
 
-        _agree(publish, "to record the reference loss, write the manifest or publish the checkpoint", slow_group)
+        agreed(publish, "recording the reference loss, writing the manifest or publishing the checkpoint", slow_group)
     mine = plan.entries if rank == 0 else share
     if rank != 0:
         summary.parameters = sum(e.spec.numel for e in share)
     summary.tensors = len(mine)
     summary.bytes = sum(e.spec.nbytes for e in mine)
+    summary.seconds = time.perf_counter() - t0
+    summary.peak_rss_mb = peak_rss_mb()
+    return summary
+
+
+def to_hf_distributed(opts: ToHFOptions, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Summary, int, int]:
+    """``to-hf`` as one rank of a torchrun launch; returns this rank's summary, its rank and the world size.
+
+    Rank 0's summary describes the whole HF folder; another rank's describes its own shards.
+    """
+    return _as_rank(lambda rank, world, _: _to_hf(opts, rank, world), opts.out, timeout_s)
+
+
+def _to_hf(opts: ToHFOptions, rank: int, world: int) -> Summary:
+    t0 = time.perf_counter()
+    plan, tmp, stack = _plan_and_stage(
+        rank, lambda: prepare_to_hf(opts), "reading the checkpoint and the config", lambda p: _to_hf_identity(opts, p),
+        opts.out, "hf", opts.force,
+    )  # fmt: skip
+    with stack:  # on rank 0: any exception removes the temporary folder, success renames it
+        mine = split_by_bytes(list(range(len(plan.shards))), world, plan.shard_bytes)[rank]
+        bar = Progress(sum(plan.shard_bytes(i) for i in mine), opts.progress and rank == 0, "to-hf")
+
+        def write() -> Recorder:
+            try:
+                recorder = write_shards(plan, tmp, sorted(mine), opts.buffer_bytes, bar.update)
+            finally:
+                bar.close()
+            flush_files(tmp / plan.names[i] for i in mine)  # on a shared filesystem only the writer can
+            return recorder
+
+        recorder = agreed(write, "writing its safetensors shards")  # after this every shard is written and flushed
+        results = gather(recorder.values)
+        summary = Summary(Path(opts.out).absolute(), notes=list(plan.notes))
+
+        def publish() -> None:
+            if rank != 0:
+                return
+            summary.notes += finish_folder(plan, tmp)
+            summary.warnings += nonfinite_note(plan, {k: v for values in results for k, v in values.items()})
+            stack.close()  # made durable and renamed: the destination appears whole
+
+        agreed(publish, "writing the index, config and tokenizer files or publishing the folder")
+    keys = list(plan.specs) if rank == 0 else [k for i in mine for k in plan.shards[i]]
+    summary.tensors = len(keys)
+    summary.parameters = sum(plan.specs[k].numel for k in keys)
+    summary.bytes = sum(plan.specs[k].nbytes for k in keys)
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_mb = peak_rss_mb()
     return summary

@@ -1,4 +1,7 @@
-"""Collectives that let every rank reach the same verdict, and none wait for a rank that gave up.
+"""The guard's collectives: problems pooled over ranks, and loss sums and maxima reduced over them.
+
+The agreement primitives (``gather``, ``agreed``, ``RankFailure``) live in ``flame_ext.collectives``, shared
+with distributed conversion, and are re-exported here.
 
 All of these run on the default process group and must be called by ALL ranks in the same order;
 without a process group (one process) they are plain local operations.
@@ -6,12 +9,11 @@ without a process group (one process) they are plain local operations.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
 
 import torch
 
+from flame_ext.collectives import RankFailure, agreed, gather, rank, world
 from flame_ext.report import Problem
 
 __all__ = [
@@ -25,33 +27,6 @@ __all__ = [
     "max_over_ranks",
     "RankFailure",
 ]
-
-
-class RankFailure(Exception):
-    """Raised on the other ranks when a step failed on one rank (that rank raises its own error)."""
-
-
-def world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def gather(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` on every rank (one small collective); ``[obj]`` without a process group."""
-    if world() == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * world()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def pool(problems: list[Problem]) -> list[Problem]:
@@ -79,26 +54,6 @@ def pool_counts(counts: dict[str, int]) -> dict[str, int]:
         for key, n in each.items():
             merged[key] = max(merged.get(key, n), n)
     return merged
-
-
-def agreed(step: Callable[[], Any], what: str) -> Any:
-    """Run ``step`` on every rank and share whether it failed, so a failure on one rank ends all of them.
-
-    The failing rank re-raises its own exception (with its traceback); the others raise ``RankFailure``
-    naming it, instead of waiting in the next collective.
-    """
-    try:
-        result, failure = step(), None
-    except Exception as exc:  # noqa: BLE001 -- shared with the other ranks before re-raising
-        result, failure = None, exc
-    message = None if failure is None else f"{type(failure).__name__}: {failure}"
-    messages = gather(message)
-    if failure is not None:
-        raise failure
-    bad = [(r, m) for r, m in enumerate(messages) if m is not None]
-    if bad:
-        raise RankFailure(f"{what} failed on rank {bad[0][0]}: {bad[0][1]}")
-    return result
 
 
 def max_over_ranks(value: float) -> float:

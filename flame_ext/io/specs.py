@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TensorSpec", "dtype_name", "all_finite", "SAFETENSORS_DTYPES", "SAFETENSORS_CODES"]
+__all__ = ["TensorSpec", "dtype_name", "SAFETENSORS_DTYPES", "SAFETENSORS_CODES"]
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -31,12 +31,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 def dtype_name(dtype: torch.dtype) -> str:
     """'bfloat16' for torch.bfloat16: the spelling used in reports, manifests and on the command line."""
     return str(dtype).removeprefix("torch.")
-
-
-def all_finite(block: torch.Tensor) -> bool:
-    """No NaN or Inf in ``block`` (integer and bool tensors always pass). One pass over memory already in hand,
-    so converters check each block as they write it instead of reading the source a second time."""
-    return not block.is_floating_point() or bool(torch.isfinite(block).all())
 
 
 SAFETENSORS_CODES: dict[str, str] = {dtype_name(dtype): code for code, dtype in SAFETENSORS_DTYPES.items()}

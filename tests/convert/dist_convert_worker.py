@@ -1,10 +1,11 @@
-"""One rank of ``flame_ext.convert_hf_to_dcp`` under torchrun, with one fault injected on one rank.
+"""One rank of a conversion drop-in under torchrun, with one fault injected on one rank.
 
-    torchrun ... dist_convert_worker.py [--kill-rank R | --fail-rank R] [--model-on-rank R PATH] -- ARGS
+    torchrun ... dist_convert_worker.py [--to-hf] [--kill-rank R | --fail-rank R] [--arg-on-rank R NAME VALUE] -- ARGS
 
+Runs ``flame_ext.convert_hf_to_dcp`` (``--to-hf``: ``flame_ext.convert_dcp_to_hf``).
 ``--kill-rank R``: rank R is killed (SIGKILL, no clean-up possible) just after it read its first block, so
 the others are mid-write. ``--fail-rank R``: rank R's write fails there instead (disk full).
-``--model-on-rank R PATH``: rank R is given ``--model PATH``, as a mistyped launch script would.
+``--arg-on-rank R NAME VALUE``: rank R is given ``--NAME VALUE`` instead, as a mistyped launch script would.
 ARGS are the drop-in's own; everything else is the real drop-in.
 """
 
@@ -16,8 +17,29 @@ import os
 import signal
 import sys
 
-from flame_ext.convert_hf_to_dcp import main
 from flame_ext.io import dcp
+
+
+def after_first_block_read(then) -> None:  # noqa: ANN001 -- what to do next: die or fail
+    """to-hf: ``then()`` when the converter asks for its second block (the first is written)."""
+    blocks = dcp.DCPRowReader.blocks
+
+    def first_then(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202 -- the reader's own signature
+        for n, block in enumerate(blocks(self, *args, **kwargs)):
+            if n:
+                then()
+            yield block
+        then()
+
+    dcp.DCPRowReader.blocks = first_then
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def disk_full() -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/injected/disk")
 
 
 def kill_after_first_block() -> None:
@@ -44,15 +66,20 @@ if __name__ == "__main__":
     split = sys.argv.index("--")
     own, argv = sys.argv[1:split], sys.argv[split + 1 :]
     p = argparse.ArgumentParser()
+    p.add_argument("--to-hf", action="store_true")
     p.add_argument("--kill-rank", type=int)
     p.add_argument("--fail-rank", type=int)
-    p.add_argument("--model-on-rank", nargs=2)
+    p.add_argument("--arg-on-rank", nargs=3)
     args = p.parse_args(own)
     rank = int(os.environ["RANK"])
+    if args.to_hf:
+        from flame_ext.convert_dcp_to_hf import main
+    else:
+        from flame_ext.convert_hf_to_dcp import main
     if args.kill_rank == rank:
-        kill_after_first_block()
+        after_first_block_read(die) if args.to_hf else kill_after_first_block()
     if args.fail_rank == rank:
-        fail_after_first_block()
-    if args.model_on_rank and int(args.model_on_rank[0]) == rank:
-        argv[argv.index("--model") + 1] = args.model_on_rank[1]
+        after_first_block_read(disk_full) if args.to_hf else fail_after_first_block()
+    if args.arg_on_rank and int(args.arg_on_rank[0]) == rank:
+        argv[argv.index("--" + args.arg_on_rank[1]) + 1] = args.arg_on_rank[2]
     sys.exit(main(argv))

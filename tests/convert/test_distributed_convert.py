@@ -3,51 +3,18 @@ and a failing or mismatched rank leaves nothing behind."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from torchrun_support import TIMEOUT_S, WORKER, torchrun, two_nodes
 
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 from flame_ext.io.dcp import load_tensor, read_dcp_metadata
 from flame_ext.io.manifest import read_manifest
 
 pytestmark = pytest.mark.slow
-
-WORKER = Path(__file__).parent / "dist_convert_worker.py"
-TIMEOUT_S = 20  # --timeout-s given to the ranks
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TOOL_FIELDS = ("tool_version",)
-
-
-def torchrun(ranks: int, *command: str) -> tuple[subprocess.CompletedProcess, float]:
-    """``torchrun --standalone --nproc_per_node=ranks <command>``; its result and wall time."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *command]
-    start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=TIMEOUT_S + 60)
-    return proc, time.monotonic() - start
-
-
-def two_nodes(*command: str) -> tuple[list[subprocess.CompletedProcess], float]:
-    """Two torchrun agents of one rank each, as on two nodes: a rank's death is not seen by the other's agent,
-    only by its rank through the process group."""
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    rdzv = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{port}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, "--rdzv_id=convert", *command]
-    start = time.monotonic()
-    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for _ in "ab"]
-    results = []
-    for node in nodes:
-        out, err = node.communicate(timeout=TIMEOUT_S + 60)
-        results.append(subprocess.CompletedProcess(cmd, node.returncode, out, err))
-    return results, time.monotonic() - start
 
 
 def comparable(folder: Path) -> dict:
@@ -110,7 +77,7 @@ def test_a_rank_killed_mid_write_leaves_nothing_and_stops_the_other(sharded_mode
 def test_a_rank_given_another_model_is_refused_before_anything_is_written(tiny_model, sharded_model, tmp_path):
     out = tmp_path / "step-0"
     args = ["--model", str(sharded_model), "--checkpoint", str(out), "--no_reference"]
-    proc, _ = torchrun(2, str(WORKER), "--model-on-rank", "1", str(tiny_model), "--", *args)
+    proc, _ = torchrun(2, str(WORKER), "--arg-on-rank", "1", "model", str(tiny_model), "--", *args)
     assert proc.returncode != 0
     # Said on both ranks; counted in the whole stream, since two processes' lines can run together on one line.
     said = "rank 1 was started differently from rank 0 (--model, the source's files differ)"
@@ -126,23 +93,10 @@ def test_shares_are_disjoint_cover_everything_and_balance_by_bytes():
 
     sizes = [7, 1, 5, 3, 3, 2, 9, 4, 4, 1]
     entries = [WriteEntry(f"t{i}", TensorSpec((n, 256), "float32"), lambda a, b: None) for i, n in enumerate(sizes)]
-    shares = split_by_bytes(entries, 3)
+    shares = split_by_bytes(entries, 3, lambda e: e.spec.nbytes)
     keys = [e.key for share in shares for e in share]
     assert sorted(keys) == sorted(e.key for e in entries)  # each tensor on exactly one rank
     loads = [sum(e.spec.nbytes for e in share) for share in shares]
     assert max(loads) - min(loads) <= max(e.spec.nbytes for e in entries)
     assert loads == [13 * 1024, 13 * 1024, 13 * 1024]  # 39 rows of 1 KiB: greedy largest-first splits them evenly
-    assert split_by_bytes(entries, 3) == shares  # every rank computes the same split
-
-
-def test_to_hf_under_torchrun_is_refused_in_one_line(tiny_model, tiny_dcp, tmp_path):
-    from cli_support import run_cli
-
-    out = tmp_path / "hf"
-    args = ("to-hf", "--checkpoint", str(tiny_dcp), "--config", str(tiny_model), "--out", str(out))
-    proc = run_cli(*args, env={"WORLD_SIZE": "2", "RANK": "1"})  # what torchrun sets for each rank
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == (
-        "flame-ext: error: to-hf runs as one process: start it without torchrun (its ranks would all write one folder)"
-    )
-    assert not out.exists()
+    assert split_by_bytes(entries, 3, lambda e: e.spec.nbytes) == shares  # every rank computes the same split

@@ -1,0 +1,67 @@
+"""Rank agreement: collectives that give every rank the same answer, so no rank waits for one that gave up.
+
+Each function runs on the given process group (the default one unless named) and must be called by ALL
+ranks in the same order; without a process group (one process) they are plain local operations. Only
+small Python objects go through them (paths, messages, digests, fingerprints), never checkpoint tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flame_ext.errors import DistributedRunError, first_line
+
+__all__ = ["world", "rank", "gather", "agreed", "RankFailure"]
+
+
+class RankFailure(DistributedRunError):
+    """Raised on the other ranks when a step failed on one rank (that rank raises its own error)."""
+
+
+def _initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if _initialized() else 1
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if _initialized() else 0
+
+
+def gather(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``obj`` on every rank (one small collective); ``[obj]`` without a process group."""
+    if not _initialized():
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def agreed(step: Callable[[], Any], what: str, group: Any = None) -> Any:
+    """Run ``step`` on every rank and share whether it failed, so a failure on one rank ends all of them.
+
+    The failing rank re-raises its own exception (with its traceback); the others raise ``RankFailure``
+    naming it and quoting its first line, instead of waiting for it in the next collective.
+    """
+    try:
+        result, failure = step(), None
+    except Exception as exc:  # noqa: BLE001 -- shared with the other ranks before re-raising
+        result, failure = None, exc
+    messages = gather(None if failure is None else f"{type(failure).__name__}: {first_line(failure)}", group)
+    if failure is not None:
+        raise failure
+    bad = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if bad:
+        raise RankFailure(f"{what} failed on rank {bad[0][0]}: {bad[0][1]}")
+    return result
