@@ -109,16 +109,20 @@ def contenders(model: Path, work: Path, out_bytes: int) -> dict[str, list[str]]:
     }
 
 
-def bench_one(case: str, root: Path, cold: bool, rows: list[str]) -> dict[str, tuple]:
-    """Generate one checkpoint, time the rows on it (outputs deleted after each), delete it.
+def bench_one(case: str, root: Path, cold: bool, rows: list[str], keep: bool = False) -> dict[str, tuple]:
+    """Generate one checkpoint (or take the one an earlier run in ``root`` kept), time the rows on it (outputs
+    deleted after each), delete it unless ``keep``.
 
     The generator runs in a child process and this one never imports torch: Linux carries a process's
     peak RSS across fork and exec, so a contender forked from a 2 GB parent would report at least 2 GB.
     """
     model, work = root / f"model-{case}", root / f"out-{case}"
     t0 = time.perf_counter()
-    cmd = [sys.executable, __file__, "--generate", str(model), case]
-    total = int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
+    index = model / "model.safetensors.index.json"  # written last: a complete checkpoint from an earlier run
+    if not index.is_file():
+        shutil.rmtree(model, ignore_errors=True)
+        subprocess.run([sys.executable, __file__, "--generate", str(model), case], check=True, capture_output=True)
+    total = json.loads(index.read_text())["metadata"]["total_size"]
     config = json.loads((model / "config.json").read_text())
     print(
         f"\n{case}: {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, {total / 1e9:.2f} GB fp32 "
@@ -135,7 +139,8 @@ def bench_one(case: str, root: Path, cold: bool, rows: list[str]) -> dict[str, t
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         wall, cpu, rss, rc = results[name]
         print(f"  {name:11} {wall:8.1f} s wall {cpu:8.1f} s CPU {rss:8.0f} MB  rc={rc}", flush=True)
-    shutil.rmtree(model)
+    if not keep:
+        shutil.rmtree(model)
     shutil.rmtree(work, ignore_errors=True)
     print_ratios(results)
     return results
@@ -174,6 +179,7 @@ def main() -> None:
     ap.add_argument("--workdir", help="where the checkpoints go (default: a temporary folder)")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each row (root)")
     ap.add_argument("--whole", action="store_true", help="also the whole-model reference (the model's size in RAM)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints in --workdir for a next run")
     ap.add_argument("--skip", nargs="*", default=[], help="rows to leave out, e.g. stock on a small machine")
     ap.add_argument("--generate", nargs=2, metavar=("FOLDER", "CASE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -192,7 +198,7 @@ def main() -> None:
     else:
         cases = [(f"{s:g}GB", every) for s in args.size_gb]
     try:
-        results = {case: bench_one(case, root, args.cold, rows) for case, rows in cases}
+        results = {case: bench_one(case, root, args.cold, rows, args.keep) for case, rows in cases}
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
