@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from flame_ext.convert.summary import Progress
 from flame_ext.errors import ForwardUnavailableError
 from flame_ext.io.dcp import _ctrl_c_held, _wait_all
 from flame_ext.model.reference import ReferenceForward, ReferenceStopped
@@ -37,10 +38,13 @@ class ForwardBeside:
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._done = threading.Event()
+        self.blocks = fwd.streamed.block_count() if fwd.streamed is not None else 0
+        self.blocks_run = 0
 
     def _check(self) -> None:
         if self._stop.is_set():
             raise ReferenceStopped()
+        self.blocks_run += 1
 
     def _work(self) -> None:
         try:
@@ -69,10 +73,17 @@ class ForwardBeside:
 
         return checked
 
-    def wait(self) -> None:
-        """Until the forward has finished (Ctrl-C stays deliverable); its failure is raised here."""
-        while not self._done.wait(0.1):
-            pass
+    def wait(self, progress: bool = False) -> None:
+        """Until the forward has finished (Ctrl-C stays deliverable), with a bar over its blocks when ``progress``
+        and it is still running; its failure is raised here."""
+        bar = Progress(self.blocks, progress and not self._done.is_set() and self.blocks > 0, "reference forward")
+        shown = 0
+        try:
+            while not self._done.wait(0.1):
+                bar.update(self.blocks_run - shown)
+                shown = self.blocks_run
+        finally:
+            bar.close()
         if self.error is not None:
             raise self.error
 

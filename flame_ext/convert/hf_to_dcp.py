@@ -276,7 +276,7 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
             finally:
                 bar.close()
             if beside:
-                beside.wait()
+                beside.wait(opts.progress)
         complete_manifest(summary, plan, opts, nonfinite_keys(recorder.values), recorder.values, beside or fwd)
         write_manifest(tmp, summary.manifest)
     summary.tensors = len(entries)

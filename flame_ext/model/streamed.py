@@ -161,6 +161,13 @@ class StreamedModel:
             held += value.nbytes
         return held
 
+    def block_count(self) -> int:
+        """How many blocks the forward loads one after the other (0 when the structure cannot be walked)."""
+        try:
+            return len(_blocks(self.module))
+        except NotStreamable:
+            return 0
+
     @contextlib.contextmanager
     def hooked(self) -> Iterator[None]:
         blocks = _blocks(self.module)
