@@ -338,27 +338,9 @@ def reference_record(fwd: ReferenceForward, text_path: str | Path | None = None)
     }
 
 
-def compute_reference(
-    hf: HFCheckpoint,
-    *,
-    text_path: str | Path | None = None,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    rows: int = DEFAULT_ROWS,
-    dtype: str | None = None,
-    trust_remote_code: bool = False,
-    tokenizer_path: str | Path | None = None,
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """Run the HF model once on the reference batch; the manifest's ``reference`` record."""
-    fwd = prepare_reference(
-        hf,
-        text_path=text_path,
-        seq_len=seq_len,
-        rows=rows,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        tokenizer_path=tokenizer_path,
-        device=device,
-    )
+def compute_reference(hf: HFCheckpoint, **options: Any) -> dict[str, Any]:
+    """Run the HF model once on the reference batch; the manifest's ``reference`` record. ``options`` are
+    ``prepare_reference``'s (text_path, seq_len, rows, dtype, trust_remote_code, tokenizer_path, device)."""
+    fwd = prepare_reference(hf, **options)
     fwd.run()
-    return reference_record(fwd, text_path)
+    return reference_record(fwd, options.get("text_path"))
