@@ -47,17 +47,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-HIDDEN, INTERMEDIATE, HEADS, VOCAB = 2048, 8192, 16, 100352
-SHARD_BYTES = 1_000_000_000
+from olmo2_checkpoint import DROP_CACHES, STOCK, can_drop_caches, drop_page_cache, generate, layers_for, olmo2_config
 
-STOCK = """
-import sys, torch, torch.distributed.checkpoint as DCP
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
-state_dict = model.state_dict()
-storage_writer = DCP.filesystem.FileSystemWriter(sys.argv[2], thread_count=8)
-DCP.save({"model": state_dict}, storage_writer=storage_writer)
-"""
+HIDDEN, INTERMEDIATE, HEADS = 2048, 8192, 16
 
 
 USERSPACE_COPY = (
@@ -74,85 +66,12 @@ class Result:
     cpu: float = 0.0  # user + system seconds: less sensitive to a busy machine than wall time
 
 
-def olmo2_config(size_gb: float) -> dict:
-    """A real Olmo2ForCausalLM config whose bf16 weights total about ``size_gb`` GB."""
-    per_layer = 4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTERMEDIATE + 4 * HIDDEN  # attention, MLP, norms
-    fixed = 2 * VOCAB * HIDDEN + HIDDEN  # embeddings, lm_head, final norm
-    layers = max(1, round((size_gb * 1e9 / 2 - fixed) / per_layer))
-    from transformers import Olmo2Config
-
-    cfg = Olmo2Config(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=layers,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
-        max_position_embeddings=4096,
-        pad_token_id=1,
-        eos_token_id=VOCAB - 1,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    cfg.architectures = ["Olmo2ForCausalLM"]
-    out = cfg.to_dict()
-    out["dtype" if "dtype" in out else "torch_dtype"] = "bfloat16"
-    return out
-
-
-def generate(folder: Path, size_gb: float) -> int:
-    """Write config.json, ~1 GB safetensors shards and the index; returns the total tensor bytes.
-
-    Only one shard's tensors exist in memory at a time: shapes come from the model built on ``meta``.
-    """
-    import torch
-    from safetensors.torch import save_file
-    from transformers import Olmo2Config, Olmo2ForCausalLM
-
-    folder.mkdir(parents=True)
-    config = olmo2_config(size_gb)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Olmo2ForCausalLM(Olmo2Config.from_dict(config)).state_dict().items()}
-    groups: list[list[str]] = [[]]
-    size = 0
-    for key, shape in shapes.items():
-        nbytes = 2 * shape.numel()
-        if groups[-1] and size + nbytes > SHARD_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(key)
-        size += nbytes
-    gen = torch.Generator().manual_seed(0)
-    weight_map, total = {}, 0
-    for i, keys in enumerate(groups):
-        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        shard = {k: torch.randn(shapes[k], generator=gen, dtype=torch.bfloat16) for k in keys}
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        total += sum(t.numel() * 2 for t in shard.values())
-        weight_map.update({k: name for k in keys})
-        del shard
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return total
-
-
-DROP_CACHES = Path("/proc/sys/vm/drop_caches")
-WARM_TOOLS = (
-    "import torch, torch.distributed.checkpoint, transformers, transformers.models.olmo2.modeling_olmo2, "
-    "flame_ext.convert"
-)
-
-
-def can_drop_caches() -> bool:
-    return os.access(DROP_CACHES, os.W_OK)
-
-
-def drop_page_cache() -> None:
-    """Empty the page cache, then read the libraries back: the checkpoint is cold, the tools are not."""
-    os.sync()
-    DROP_CACHES.write_text("3\n")
-    subprocess.run([sys.executable, "-c", WARM_TOOLS], check=True)
+def generate_sized(folder: Path, size_gb: float) -> int:
+    """A bf16 checkpoint of about ``size_gb`` GB (hidden 2048, vocab 100352); returns the total tensor bytes."""
+    layers = layers_for(size_gb, HIDDEN, INTERMEDIATE, 2)
+    shape = dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_attention_heads=HEADS)
+    config = olmo2_config({**shape, "num_key_value_heads": HEADS, "num_hidden_layers": layers}, "bfloat16")
+    return generate(folder, config, dtype="bfloat16", std=1.0, tokenizer=False)
 
 
 def measure(name: str, cmd: list[str], cold: bool = False) -> Result:
@@ -312,7 +231,7 @@ def main() -> int:
     p.add_argument("--verify", nargs=2, help=argparse.SUPPRESS)  # internal: the child that checks the output
     args = p.parse_args()
     if args.generate_into:
-        print(generate(Path(args.generate_into), args.size_gb[0]))
+        print(generate_sized(Path(args.generate_into), args.size_gb[0]))
         return 0
     if args.verify:
         print(verify_sample(Path(args.verify[0]), Path(args.verify[1])))

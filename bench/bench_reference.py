@@ -1,23 +1,28 @@
-"""Benchmark: the reference loss inside conversion, streamed block by block, against the whole-model way.
+"""Benchmark: conversion with the reference loss (the default), against its parts and the stock approach.
 
-Side by side, each in its own fresh subprocess (wall seconds and peak RSS from ``os.wait4``), on generated
-OLMo2-shaped checkpoints (random weights of std 0.02, written one ~1 GB shard at a time):
+Side by side, each in its own fresh subprocess (wall seconds, CPU seconds and peak RSS from ``os.wait4``),
+on generated OLMo2-shaped fp32 checkpoints (random weights of std 0.02), converted to bf16:
 
   read        ``cat`` of the files to /dev/null: the read limit
-  no-ref      ``flame-ext convert --no-reference``
-  default     ``flame-ext convert`` (conversion, then the streamed reference forward)
-  ref-stream  ``flame-ext reference``: the streamed reference forward alone
-  ref-whole   ``from_pretrained`` + the same forward: what the reference cost before streaming
+  write       ``dd`` of the bf16 output's size from /dev/zero, fsynced: the write limit
+  stock       flame's way: ``from_pretrained(dtype=bfloat16)`` + ``dcp.save`` (8 writer threads)
+  no-ref      ``flame-ext convert --dtype bfloat16 --no-reference``
+  default     ``flame-ext convert --dtype bfloat16``: the reference forward runs beside the writer
+  ref-stream  the streamed reference forward alone (``compute_reference``, as ``convert`` runs it)
+  ref-whole   (``--whole``) ``from_pretrained`` + the same forward: what the reference cost before streaming
 
-Memory should stay flat across sizes for every flame-ext row and grow with the model for ``ref-whole``.
+Then the flatness table: peak RSS of the flame-ext rows at every size.
 
-    python bench/bench_reference.py                          # 1, 2 and 3 GB fp32 -> bf16
-    python bench/bench_reference.py --size-gb 1 2 4
-    python bench/bench_reference.py --olmo2-7b --workdir /big/disk   # 29 GB of disk, fp32 OLMo-2-1124-7B shapes
-    python bench/bench_reference.py --cold                   # drop the page cache before each row (root)
+    python bench/bench_reference.py                            # 1, 2 and 3 GB, every row
+    python bench/bench_reference.py --olmo2-7b --cold --workdir /big/disk
+        # OLMo-2-1124-7B shapes (29 GB of disk, + 14.6 GB of output at a time), every row; then, for the
+        # flatness table, the same width with 8 layers and a 1 GB model (flame-ext rows only)
 
-Targets (issue 13): default convert <= 2 GB peak RSS at the 7B shape; wall <= 2.0x ``no-ref`` and
-<= 1.3x (read + ref-stream).
+``--cold`` drops the page cache before each row (root) and reads the Python libraries back in: the
+checkpoint comes from the disk, the tools do not.
+
+Targets (issue 13): default convert <= 2 GB peak RSS at the 7B shape, flat in the model size; wall <= 2.0x
+``no-ref`` and <= 1.3x (read + ref-stream).
 """
 
 from __future__ import annotations
@@ -32,10 +37,24 @@ import tempfile
 import time
 from pathlib import Path
 
-SHARD_BYTES = 1_000_000_000
-SHAPE_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32)
+from olmo2_checkpoint import SHAPE_7B, can_drop_caches, drop_page_cache, generate, layers_for, olmo2_config
+
 SHAPE_SMALL = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16)
-VOCAB = 100352
+FLAME_ROWS = ("no-ref", "default", "ref-stream")
+
+STOCK_BF16 = """
+import sys, torch, torch.distributed.checkpoint as DCP
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+DCP.save({"model": model.state_dict()}, storage_writer=DCP.filesystem.FileSystemWriter(sys.argv[2], thread_count=8))
+"""
+
+STREAMED = """
+import sys
+from flame_ext.io.hf import open_hf
+from flame_ext.model.reference import compute_reference
+print(compute_reference(open_hf(sys.argv[1]), dtype="bfloat16")["loss_mean"])
+"""
 
 WHOLE = """
 import sys, torch
@@ -49,127 +68,121 @@ with torch.no_grad():
 """
 
 
-def olmo2_config(size_gb: float | None, itemsize: int) -> dict:
-    """An Olmo2ForCausalLM config: OLMo-2-1124-7B's shapes, or a smaller width with layers for ``size_gb``."""
-    from transformers import Olmo2Config
-
-    shape = dict(SHAPE_7B) if size_gb is None else dict(SHAPE_SMALL)
-    if size_gb is not None:
-        h, i = shape["hidden_size"], shape["intermediate_size"]
-        per_layer = (4 * h * h + 3 * h * i + 4 * h) * itemsize
-        shape["num_hidden_layers"] = max(1, round((size_gb * 1e9 - 2 * VOCAB * h * itemsize) / per_layer))
-    cfg = Olmo2Config(
-        vocab_size=VOCAB,
-        max_position_embeddings=4096,
-        pad_token_id=1,
-        eos_token_id=VOCAB - 1,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-        **shape,
-    )
-    cfg.architectures = ["Olmo2ForCausalLM"]
-    out = cfg.to_dict()
-    out["dtype" if "dtype" in out else "torch_dtype"] = "float32"
-    return out
+def shape_for(case: str) -> dict:
+    """``7b``: OLMo-2-1124-7B; ``7b-<n>L``: its width with n layers; ``<x>GB``: hidden 1024, layers for x GB."""
+    if case == "7b":
+        return dict(SHAPE_7B)
+    if case.startswith("7b-"):
+        return {**SHAPE_7B, "num_hidden_layers": int(case[3:-1])}
+    size = float(case[:-2])
+    h, i = SHAPE_SMALL["hidden_size"], SHAPE_SMALL["intermediate_size"]
+    return {**SHAPE_SMALL, "num_hidden_layers": layers_for(size, h, i, 4)}
 
 
-def generate(folder: Path, config: dict) -> int:
-    """config.json, a byte-level tokenizer (the embedded model's), fp32 shards and their index."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import Olmo2Config, Olmo2ForCausalLM
-
-    from flame_ext.io.hf import DEFAULT_MODEL
-
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(DEFAULT_MODEL / name, folder / name)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Olmo2ForCausalLM(Olmo2Config.from_dict(config)).state_dict().items()}
-    groups: list[list[str]] = [[]]
-    size = 0
-    for key, shape in shapes.items():
-        if groups[-1] and size + 4 * shape.numel() > SHARD_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(key)
-        size += 4 * shape.numel()
-    gen = torch.Generator().manual_seed(0)
-    weight_map, total = {}, 0
-    for i, keys in enumerate(groups):
-        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        shard = {}
-        for k in keys:
-            shard[k] = (
-                torch.ones(shapes[k]) if k.endswith("norm.weight") else torch.randn(shapes[k], generator=gen) * 0.02
-            )
-        save_file(shard, folder / name, metadata={"format": "pt"})
-        total += sum(t.nbytes for t in shard.values())
-        weight_map.update(dict.fromkeys(keys, name))
-        del shard
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    return total
-
-
-def run(cmd: list[str], cold: bool) -> tuple[float, float, int]:
-    """Wall seconds, peak RSS in MB and exit code of one command in a fresh process."""
-    subprocess.run(["sync"], check=True)
+def run(cmd: list[str], cold: bool) -> tuple[float, float, float, int]:
+    """Wall seconds, CPU seconds, peak RSS in MB and exit code of one command in a fresh process."""
+    os.sync()
     if cold:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        drop_page_cache()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if status != 0:
         sys.stderr.write(proc.stderr.read().decode()[-2000:])
-    return wall, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
 
 
-def contenders(model: Path, work: Path) -> dict[str, list[str]]:
+def contenders(model: Path, work: Path, out_bytes: int) -> dict[str, list[str]]:
     cli = [sys.executable, "-m", "flame_ext.cli"]
     files = sorted(str(f) for f in model.glob("*.safetensors"))
+    convert = cli + ["convert", "--model", str(model), "--checkpoint", str(work / "dcp"), "--dtype", "bfloat16"]
+    mib = -(-out_bytes // 2**20)
     return {
         "read": ["sh", "-c", 'cat "$@" > /dev/null', "cat", *files],
-        "no-ref": cli
-        + ["convert", "--model", str(model), "--checkpoint", str(work / "a"), "--dtype", "bfloat16", "--no-reference"],
-        "default": cli + ["convert", "--model", str(model), "--checkpoint", str(work / "b"), "--dtype", "bfloat16"],
-        "ref-stream": cli
-        + ["reference", "--model", str(model), "--out", str(work / "ref.json"), "--dtype", "bfloat16"],
+        "ref-stream": [sys.executable, "-c", STREAMED, str(model)],
+        "write": ["dd", "if=/dev/zero", f"of={work / 'zeros'}", "bs=1M", f"count={mib}", "conv=fsync", "status=none"],
+        "no-ref": convert + ["--no-reference"],
+        "default": convert,
+        "stock": [sys.executable, "-c", STOCK_BF16, str(model), str(work / "dcp")],
         "ref-whole": [sys.executable, "-c", WHOLE, str(model)],
     }
 
 
-def bench_one(label: str, size_gb: float | None, root: Path, cold: bool, skip: set[str]) -> dict[str, tuple]:
-    """Generate one checkpoint and time every contender on it.
+WRITERS = ("write", "no-ref", "default", "stock")
+
+
+def wait_for_disk(folder: Path, needed: int, patience_s: float = 900) -> None:
+    """On a shared disk, wait (outside every timing) until the output of a row fits, with 1 GB to spare."""
+    t0 = time.monotonic()
+    while shutil.disk_usage(folder).free < needed + 10**9 and time.monotonic() - t0 < patience_s:
+        print(f"  (waiting for {needed / 1e9:.1f} GB of free disk: {shutil.disk_usage(folder).free / 1e9:.1f} GB)")
+        time.sleep(30)
+
+
+def bench_one(case: str, root: Path, cold: bool, rows: list[str], keep: bool = False) -> dict[str, tuple]:
+    """Generate one checkpoint (or take the one an earlier run in ``root`` kept), time the rows on it (outputs
+    deleted after each), delete it unless ``keep``.
 
     The generator runs in a child process and this one never imports torch: Linux carries a process's
     peak RSS across fork and exec, so a contender forked from a 2 GB parent would report at least 2 GB.
     """
-    model = root / f"model-{label}"
-    size = "7b" if size_gb is None else str(size_gb)
-    cmd = [sys.executable, __file__, "--generate", str(model), size]
-    total = int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
+    model, work = root / f"model-{case}", root / f"out-{case}"
+    t0 = time.perf_counter()
+    index = model / "model.safetensors.index.json"  # written last: a complete checkpoint from an earlier run
+    if not index.is_file():
+        shutil.rmtree(model, ignore_errors=True)
+        subprocess.run([sys.executable, __file__, "--generate", str(model), case], check=True, capture_output=True)
+    total = json.loads(index.read_text())["metadata"]["total_size"]
     config = json.loads((model / "config.json").read_text())
-    print(f"\n{label}: {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, {total / 1e9:.2f} GB fp32")
-    rows = {}
-    for name, cmd in contenders(model, root / f"out-{label}").items():
-        if name in skip:
+    print(
+        f"\n{case}: {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, {total / 1e9:.2f} GB fp32 "
+        f"(generated in {time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
+    work.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name, cmd in contenders(model, work, total // 2).items():
+        if name not in rows:
             continue
-        rows[name] = run(cmd, cold)
-        for out in (root / f"out-{label}").glob("*"):
+        if name in WRITERS:
+            wait_for_disk(work, total // 2)
+        results[name] = run(cmd, cold)
+        for out in work.glob("*"):
             shutil.rmtree(out) if out.is_dir() else out.unlink()
-        wall, rss, rc = rows[name]
-        print(f"  {name:11} {wall:8.1f} s  {rss:8.0f} MB  rc={rc}", flush=True)
-    if {"default", "no-ref"} <= rows.keys():
-        print(f"  default / no-ref wall: {rows['default'][0] / rows['no-ref'][0]:.2f}x")
-    if {"default", "read", "ref-stream"} <= rows.keys():
-        limit = rows["read"][0] + rows["ref-stream"][0]
-        print(f"  default / (read + ref-stream) wall: {rows['default'][0] / limit:.2f}x")
-    shutil.rmtree(model)
-    shutil.rmtree(root / f"out-{label}", ignore_errors=True)
-    return rows
+        wall, cpu, rss, rc = results[name]
+        print(f"  {name:11} {wall:8.1f} s wall {cpu:8.1f} s CPU {rss:8.0f} MB  rc={rc}", flush=True)
+    if not keep:
+        shutil.rmtree(model)
+    shutil.rmtree(work, ignore_errors=True)
+    print_ratios(results)
+    return results
+
+
+def print_ratios(results: dict[str, tuple]) -> None:
+    """Every row against the read limit, and the two wall-time targets."""
+    if "read" in results:
+        read = results["read"][0]
+        print("  x read: " + "  ".join(f"{n} {r[0] / read:.2f}" for n, r in results.items()))
+    if {"default", "no-ref"} <= results.keys():
+        print(f"  default / no-ref: {results['default'][0] / results['no-ref'][0]:.2f}x  (target <= 2.0)")
+    if {"default", "read", "ref-stream"} <= results.keys():
+        limit = results["read"][0] + results["ref-stream"][0]
+        print(f"  default / (read + ref-stream): {results['default'][0] / limit:.2f}x  (target <= 1.3)")
+    if {"default", "no-ref", "ref-stream"} <= results.keys():
+        serial = results["no-ref"][0] + results["ref-stream"][0]
+        print(
+            f"  default / (no-ref + ref-stream), i.e. against running them one after the other: "
+            f"{results['default'][0] / serial:.2f}x"
+        )
+
+
+def print_flatness(all_results: dict[str, dict[str, tuple]]) -> None:
+    print("\npeak RSS (MB) by size:")
+    print(f"  {'row':11}" + "".join(f"{case:>12}" for case in all_results))
+    for name in FLAME_ROWS:
+        cells = [f"{r[name][2]:12.0f}" if name in r else f"{'-':>12}" for r in all_results.values()]
+        print(f"  {name:11}" + "".join(cells))
 
 
 def main() -> None:
@@ -178,28 +191,36 @@ def main() -> None:
     ap.add_argument("--olmo2-7b", action="store_true", help="the OLMo-2-1124-7B shape in fp32 (29 GB of disk)")
     ap.add_argument("--workdir", help="where the checkpoints go (default: a temporary folder)")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each row (root)")
-    ap.add_argument("--skip", nargs="*", default=[], help="rows to leave out, e.g. ref-whole on a small machine")
-    ap.add_argument("--generate", nargs=2, metavar=("FOLDER", "SIZE_GB_OR_7B"), help=argparse.SUPPRESS)
+    ap.add_argument("--whole", action="store_true", help="also the whole-model reference (the model's size in RAM)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints in --workdir for a next run")
+    ap.add_argument("--skip", nargs="*", default=[], help="rows to leave out, e.g. stock on a small machine")
+    ap.add_argument("--generate", nargs=2, metavar=("FOLDER", "CASE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.generate:
-        size = None if args.generate[1] == "7b" else float(args.generate[1])
-        print(generate(Path(args.generate[0]), olmo2_config(size, 4)))
+        config = olmo2_config(shape_for(args.generate[1]), "float32")
+        print(generate(Path(args.generate[0]), config, dtype="float32", std=0.02, tokenizer=True))
         return
+    if args.cold and not can_drop_caches():
+        sys.exit("--cold: /proc/sys/vm/drop_caches is not writable here (run as root, or leave --cold out)")
     root = Path(args.workdir or tempfile.mkdtemp(prefix="flame-ext-bench-ref-"))
     root.mkdir(parents=True, exist_ok=True)
-    sizes = [("7b", None)] if args.olmo2_7b else [(f"{s:g}GB", s) for s in args.size_gb]
-    results = {label: bench_one(label, size, root, args.cold, set(args.skip)) for label, size in sizes}
-    print(
-        "\n"
-        + json.dumps(
-            {
-                k: {n: {"wall_s": round(w, 1), "rss_mb": round(r)} for n, (w, r, _) in v.items()}
-                for k, v in results.items()
-            }
-        )
-    )
-    if not args.workdir:
-        shutil.rmtree(root, ignore_errors=True)
+    every = [r for r in ("read", "write", "stock", *FLAME_ROWS) if r not in args.skip]  # run in contenders' order
+    every += ["ref-whole"] if args.whole else []
+    if args.olmo2_7b:
+        cases = [("7b", every), ("7b-8L", list(FLAME_ROWS)), ("1GB", list(FLAME_ROWS))]
+    else:
+        cases = [(f"{s:g}GB", every) for s in args.size_gb]
+    try:
+        results = {case: bench_one(case, root, args.cold, rows, args.keep) for case, rows in cases}
+    finally:
+        if not args.workdir:
+            shutil.rmtree(root, ignore_errors=True)
+    print_flatness(results)
+    summary = {
+        case: {n: {"wall_s": round(w, 1), "cpu_s": round(c, 1), "rss_mb": round(r)} for n, (w, c, r, _) in v.items()}
+        for case, v in results.items()
+    }
+    print("\n" + json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from flame_ext import __version__
+from flame_ext.convert.alongside import ForwardBeside, forward_beside
 from flame_ext.convert.summary import DTYPES, Progress, Summary, nonfinite_warning, peak_rss_mb
-from flame_ext.errors import CheckpointFormatError, InputError
+from flame_ext.errors import CheckpointFormatError, FlameExtError, InputError
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, LAYOUTS, WriteEntry, replace_dtype, save_streaming
 from flame_ext.io.destination import atomic_folder, check_destination
 from flame_ext.io.fingerprint import Recorder, nonfinite_keys
@@ -34,7 +35,7 @@ from flame_ext.io.manifest import FORMAT_VERSION, config_hash, fingerprints_sect
 from flame_ext.io.specs import TensorSpec, dtype_name
 from flame_ext.model.future_predictor import ATTRIBUTE as FP_ATTRIBUTE
 from flame_ext.model.future_predictor import attach_future_predictor
-from flame_ext.model.reference import reference_device
+from flame_ext.model.reference import ReferenceForward, reference_device
 
 __all__ = [
     "ConvertOptions",
@@ -42,6 +43,7 @@ __all__ = [
     "complete_manifest",
     "convert_hf_to_dcp",
     "plan_hf_to_dcp",
+    "prepare_reference_forward",
     "prepare_conversion",
     "source_reader",
 ]
@@ -187,13 +189,22 @@ def prepare_conversion(opts: ConvertOptions) -> ConversionPlan:
 
 
 def complete_manifest(
-    summary: Summary, plan: ConversionPlan, opts: ConvertOptions, nonfinite: list[str], fingerprints: dict
+    summary: Summary,
+    plan: ConversionPlan,
+    opts: ConvertOptions,
+    nonfinite: list[str],
+    fingerprints: dict,
+    forward: "ForwardBeside | ReferenceForward | FlameExtError | None" = None,
 ) -> None:
-    """After every tensor is written: the reference loss, the warnings and ``summary.manifest``."""
+    """After every tensor is written: the reference loss, the warnings and ``summary.manifest``.
+
+    ``forward``: the reference forward prepared (and perhaps already run beside the writer), or the error
+    preparing it raised; None prepares and runs it here when ``opts.reference`` asks for one.
+    """
     hf, entries = plan.hf, plan.entries
     if nonfinite:
         summary.warnings.append(nonfinite_warning(nonfinite, hf.source))
-    reference, reference_note, unavailable = _reference(hf, opts, entries, nonfinite)
+    reference, reference_note, unavailable = _reference(plan, opts, forward, nonfinite)
     if reference_note:
         summary.warnings.append(reference_note)
     if reference is not None:
@@ -208,6 +219,24 @@ def complete_manifest(
             "every other check. To add the loss gate, on a machine with a GPU run `flame-ext reference --model "
             f"{hf.source} --out REF.json` and set checkpoint.initial_load_reference = REF.json"
         )
+
+
+def prepare_reference_forward(plan: ConversionPlan, opts: ConvertOptions) -> "ReferenceForward | None":
+    """The reference forward up to its first weight read (tokenizer, batch, the model on ``meta``), or None
+    with ``--no-reference``. Its bad input is refused here, before anything is written."""
+    if not opts.reference:
+        return None
+    from flame_ext.model.reference import prepare_reference
+
+    return prepare_reference(
+        plan.hf,
+        text_path=opts.reference_text,
+        seq_len=opts.reference_seq_len,
+        rows=opts.reference_rows,
+        dtype=_reference_dtype(plan.hf, plan.entries),
+        trust_remote_code=opts.trust_remote_code,
+        device=opts.reference_device,
+    )
 
 
 def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
@@ -225,15 +254,30 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
     entries = plan.entries
     total = sum(e.spec.nbytes for e in entries)
     recorder = Recorder({e.key: e.spec.shape for e in entries})
+    on_block = recorder.add_rows
+    try:
+        fwd: ReferenceForward | FlameExtError | None = prepare_reference_forward(plan, opts)
+    except FlameExtError as exc:  # e.g. no tokenizer: reported after the writing, unless the source holds
+        fwd = exc  # NaN or Inf (then there is no reference to compute and the conversion succeeds with a warning)
     with atomic_folder(opts.checkpoint, kind="dcp", force=opts.force) as tmp:
-        bar = Progress(total, opts.progress, "convert")
-        try:
-            save_streaming(
-                tmp, entries, buffer_bytes=opts.buffer_bytes, on_written=bar.update, on_block=recorder.add_rows
-            )
-        finally:
-            bar.close()
-        complete_manifest(summary, plan, opts, nonfinite_keys(recorder.values), recorder.values)
+        # The reference forward runs beside the writer (see ``convert.alongside``): reading its own copy of
+        # each block from the source, it is bounded by one block, and the wall time is about the longer of
+        # the two instead of their sum.
+        with forward_beside(fwd if isinstance(fwd, ReferenceForward) else None) as beside:
+            bar = Progress(total, opts.progress, "convert")
+            try:
+                save_streaming(
+                    tmp,
+                    entries,
+                    buffer_bytes=opts.buffer_bytes,
+                    on_written=bar.update,
+                    on_block=beside.guard(on_block) if beside else on_block,
+                )
+            finally:
+                bar.close()
+            if beside:
+                beside.wait(opts.progress)
+        complete_manifest(summary, plan, opts, nonfinite_keys(recorder.values), recorder.values, beside or fwd)
         write_manifest(tmp, summary.manifest)
     summary.tensors = len(entries)
     summary.bytes = total
@@ -243,7 +287,10 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
 
 
 def _reference(
-    hf: HFCheckpoint, opts: ConvertOptions, entries: list[WriteEntry], nonfinite: list[str]
+    plan: ConversionPlan,
+    opts: ConvertOptions,
+    forward: "ForwardBeside | ReferenceForward | FlameExtError | None",
+    nonfinite: list[str],
 ) -> tuple[dict | None, str | None, str | None]:
     """The HF reference record, or None with the reason it was not recorded (a warning), or None with why the
     model cannot run on this machine (fla's Triton kernels without a GPU; never another failure)."""
@@ -259,18 +306,21 @@ def _reference(
             None,
         )
     from flame_ext.errors import ForwardUnavailableError
-    from flame_ext.model.reference import NonFiniteReference, compute_reference
+    from flame_ext.model.reference import NonFiniteReference, reference_record
 
+    if isinstance(forward, FlameExtError):
+        raise forward
     try:
-        reference = compute_reference(
-            hf,
-            text_path=opts.reference_text,
-            seq_len=opts.reference_seq_len,
-            rows=opts.reference_rows,
-            dtype=_reference_dtype(hf, entries),
-            trust_remote_code=opts.trust_remote_code,
-            device=opts.reference_device,
-        )
+        if forward is None:
+            forward = prepare_reference_forward(plan, opts)
+        if isinstance(forward, ForwardBeside):
+            if forward.unavailable:
+                return None, None, forward.unavailable
+            fwd = forward.fwd
+        else:
+            fwd = forward
+            fwd.run()  # type: ignore[union-attr]
+        reference = reference_record(fwd, opts.reference_text)  # type: ignore[arg-type]
     except NonFiniteReference as exc:
         return None, f"reference loss not recorded: {exc}", None
     except ForwardUnavailableError as exc:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +25,8 @@ from flame_ext.io.registry import register_model_type
 if TYPE_CHECKING:
     from torch import nn
 
+    from flame_ext.model.streamed import StreamedModel
+
 __all__ = [
     "DEFAULT_REFERENCE_TEXT",
     "DEFAULT_SEQ_LEN",
@@ -34,6 +38,10 @@ __all__ = [
     "forward_unavailable",
     "run_forward",
     "compute_reference",
+    "prepare_reference",
+    "reference_record",
+    "ReferenceForward",
+    "ReferenceStopped",
     "read_reference_text",
     "NonFiniteReference",
     "MAX_TEXT_BYTES",
@@ -142,16 +150,6 @@ def reference_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def _losses_streamed(
-    hf: HFCheckpoint, token_ids: torch.Tensor, dtype: str, trust_remote_code: bool, device: torch.device
-) -> tuple[torch.Tensor, str | None]:
-    from flame_ext.model.streamed import streamed_model
-
-    with streamed_model(hf, dtype, trust_remote_code=trust_remote_code, device=device) as sm:
-        logits = run_forward(sm.module, token_ids, device)
-        return per_token_loss(logits, token_ids).cpu(), getattr(sm.module.config, "_attn_implementation", None)
-
-
 def _losses_whole(
     hf: HFCheckpoint, token_ids: torch.Tensor, dtype: str, trust_remote_code: bool, device: torch.device | None = None
 ) -> tuple[torch.Tensor, str | None]:
@@ -163,6 +161,81 @@ def _losses_whole(
 def _meta_reached(exc: BaseException) -> bool:
     """A weight used outside the block that holds it: the forward touched a ``meta`` tensor."""
     return isinstance(exc, (RuntimeError, NotImplementedError)) and "meta" in str(exc).lower()
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+
+
+class ReferenceStopped(Exception):
+    """The streamed forward was stopped between blocks because the work beside it failed or was interrupted."""
+
+
+@dataclass
+class ReferenceForward:
+    """One reference forward, in three steps so that a converter can run it beside its writer.
+
+    ``prepare`` builds the model on ``meta`` and reads no weights (on the main thread: building changes
+    torch's process-wide default dtype). ``run`` streams the weights block by block and may run on another
+    thread; ``before_block`` may raise to stop it between blocks. ``losses`` gives the result, and loads the
+    whole model for a model that could not be streamed (notes say so, with the memory it took).
+    """
+
+    hf: HFCheckpoint
+    token_ids: torch.Tensor
+    dtype: str
+    device: torch.device
+    trust_remote_code: bool = False
+    streamed: "StreamedModel | None" = None
+    not_streamable: str | None = None
+    result: tuple[torch.Tensor, str | None] | None = None
+
+    @classmethod
+    def prepare(
+        cls, hf: HFCheckpoint, token_ids: torch.Tensor, dtype: str, *, trust_remote_code: bool, device: torch.device
+    ) -> "ReferenceForward":
+        from flame_ext.model.streamed import NotStreamable, build_streamed
+
+        fwd = cls(hf, token_ids, dtype, device, trust_remote_code)
+        try:
+            fwd.streamed = build_streamed(hf, dtype, trust_remote_code=trust_remote_code, device=device)
+        except NotStreamable as exc:
+            fwd.not_streamable = _reason(exc)
+        return fwd
+
+    @torch.no_grad()
+    def run(self, before_block: Callable[[], None] | None = None) -> None:
+        """The streamed forward; a model found not streamable is left for ``losses`` to load whole."""
+        from flame_ext.model.streamed import NotStreamable
+
+        sm, self.streamed = self.streamed, None  # the meta model goes with this call
+        if sm is None:
+            return
+        sm.before_block = before_block
+        try:
+            with sm.hooked():
+                logits = run_forward(sm.module, self.token_ids, self.device)
+                losses = per_token_loss(logits, self.token_ids).cpu()
+            self.result = losses, getattr(sm.module.config, "_attn_implementation", None)
+        except (NotStreamable, RuntimeError, NotImplementedError) as exc:
+            if not isinstance(exc, NotStreamable) and not _meta_reached(exc):
+                raise
+            self.not_streamable = _reason(exc)
+
+    @torch.no_grad()
+    def losses(self) -> tuple[torch.Tensor, str | None, list[str]]:
+        """Per-token loss [B, L-1], the attention implementation, and notes."""
+        from flame_ext.model.streamed import whole_model_bytes
+
+        if self.result is not None:
+            return *self.result, []
+        losses, attn = _losses_whole(self.hf, self.token_ids, self.dtype, self.trust_remote_code, self.device)
+        size = whole_model_bytes(self.hf, self.dtype) / 1e9
+        note = (
+            f"reference loss computed with the whole model in memory ({size:.1f} GB at {self.dtype}); "
+            f"cannot stream: {self.not_streamable}"
+        )
+        return losses, attn, [note[:240]]
 
 
 def reference_losses(
@@ -178,20 +251,11 @@ def reference_losses(
     Streamed block by block (memory: the largest block, not the model); a model that cannot be walked
     that way is loaded whole, and the note says so with what it costs.
     """
-    from flame_ext.model.streamed import NotStreamable, whole_model_bytes
-
-    try:
-        losses, attn = _losses_streamed(hf, token_ids, dtype, trust_remote_code, device or torch.device("cpu"))
-        return losses, attn, []
-    except (NotStreamable, RuntimeError, NotImplementedError) as exc:
-        if not isinstance(exc, NotStreamable) and not _meta_reached(exc):
-            raise
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-    losses, attn = _losses_whole(hf, token_ids, dtype, trust_remote_code, device)
-    size = whole_model_bytes(hf, dtype) / 1e9
-    note = f"reference loss computed with the whole model in memory ({size:.1f} GB at {dtype}); cannot stream: {reason}"
-    note = note[:240]
-    return losses, attn, [note]
+    fwd = ReferenceForward.prepare(
+        hf, token_ids, dtype, trust_remote_code=trust_remote_code, device=device or torch.device("cpu")
+    )
+    fwd.run()
+    return fwd.losses()
 
 
 _NO_TRITON_DRIVER = re.compile(r"^0 active drivers \(\[\]\)")  # triton.runtime.driver with no GPU backend
@@ -223,8 +287,7 @@ def run_forward(model: "nn.Module", token_ids: torch.Tensor, device: torch.devic
         raise ForwardUnavailableError(f"{name} cannot run a forward pass on this machine: {reason}") from exc
 
 
-@torch.no_grad()
-def compute_reference(
+def prepare_reference(
     hf: HFCheckpoint,
     *,
     text_path: str | Path | None = None,
@@ -234,38 +297,50 @@ def compute_reference(
     trust_remote_code: bool = False,
     tokenizer_path: str | Path | None = None,
     device: str = "cpu",
-) -> dict[str, Any]:
-    """Run the HF model once on the reference batch; the manifest's ``reference`` record.
-
-    ``notes`` in the record says how the forward ran when it could not stream (see ``reference_losses``).
-    """
-    import transformers
-
+) -> ReferenceForward:
+    """Tokenizer, reference batch and the model on ``meta``: everything before the first weight is read.
+    Bad input (remote code, tokenizer, text) is refused here."""
     refuse_remote_code(hf, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(tokenizer_path or hf.path, trust_remote_code=trust_remote_code)
-    text = read_reference_text(text_path)
-    token_ids = reference_batch(tokenizer, text, seq_len, rows)
-    run_dtype = dtype or hf.torch_dtype or "float32"
-    run_device = reference_device(device)
-    losses, attn, notes = reference_losses(
-        hf, token_ids, run_dtype, trust_remote_code=trust_remote_code, device=run_device
+    token_ids = reference_batch(tokenizer, read_reference_text(text_path), seq_len, rows)
+    return ReferenceForward.prepare(
+        hf,
+        token_ids,
+        dtype or hf.torch_dtype or "float32",
+        trust_remote_code=trust_remote_code,
+        device=reference_device(device),
     )
+
+
+def reference_record(fwd: ReferenceForward, text_path: str | Path | None = None) -> dict[str, Any]:
+    """The manifest's ``reference`` record of a forward that ran (``notes`` says how, when it could not stream)."""
+    import transformers
+
+    losses, attn, notes = fwd.losses()
     if not torch.isfinite(losses).all():
         bad = int((~torch.isfinite(losses)).sum())
         raise NonFiniteReference(
-            f"{hf.source}: the HF model's loss on the reference batch is NaN or Inf at {bad} of {losses.numel()} "
-            f"positions ({run_dtype}); check its weights, or record the reference at float32"
+            f"{fwd.hf.source}: the HF model's loss on the reference batch is NaN or Inf at {bad} of "
+            f"{losses.numel()} positions ({fwd.dtype}); check its weights, or record the reference at float32"
         )
     return {
-        "token_ids": token_ids.tolist(),
-        "seq_len": seq_len,
+        "token_ids": fwd.token_ids.tolist(),
+        "seq_len": fwd.token_ids.shape[1],
         "loss_mean": losses.mean().item(),
         "loss_per_token": [[round(x, 6) for x in row] for row in losses.tolist()],
-        "dtype": run_dtype,
+        "dtype": fwd.dtype,
         "attn_implementation": attn,
-        "device": run_device.type,
+        "device": fwd.device.type,
         "text": str(text_path) if text_path else "default",
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
         "notes": notes,
     }
+
+
+def compute_reference(hf: HFCheckpoint, **options: Any) -> dict[str, Any]:
+    """Run the HF model once on the reference batch; the manifest's ``reference`` record. ``options`` are
+    ``prepare_reference``'s (text_path, seq_len, rows, dtype, trust_remote_code, tokenizer_path, device)."""
+    fwd = prepare_reference(hf, **options)
+    fwd.run()
+    return reference_record(fwd, options.get("text_path"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from flame_ext.io.dcp import row_blocks
 from flame_ext.io.hf import HFCheckpoint, HFTensor, build_meta_model, hf_source, read_tensor, tied_aliases
 from flame_ext.model.buffers import fresh_buffers
 
-__all__ = ["NotStreamable", "StreamedModel", "streamed_model", "whole_model_bytes"]
+__all__ = ["NotStreamable", "StreamedModel", "build_streamed", "streamed_model", "whole_model_bytes"]
 
 _READ_BYTES = 64 * 1024 * 1024  # rows read at once when a tensor is cast: bounds the transient copy
 
@@ -94,6 +94,9 @@ class StreamedModel:
         self.keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
         self.bytes_read = 0
         self.largest_block = 0
+        # Called before each block is read; a caller running the forward beside other work raises from it
+        # to stop the forward between blocks.
+        self.before_block: Callable[[], None] | None = None
 
     def _source(self, key: str) -> HFTensor:
         src = hf_source(key, self.hf, self.tied, self.base_prefix)
@@ -158,6 +161,13 @@ class StreamedModel:
             held += value.nbytes
         return held
 
+    def block_count(self) -> int:
+        """How many blocks the forward loads one after the other (0 when the structure cannot be walked)."""
+        try:
+            return len(_blocks(self.module))
+        except NotStreamable:
+            return 0
+
     @contextlib.contextmanager
     def hooked(self) -> Iterator[None]:
         blocks = _blocks(self.module)
@@ -176,6 +186,8 @@ class StreamedModel:
                 h.remove()
 
     def _load_block(self, block: nn.Module, args: Any) -> None:
+        if self.before_block is not None:
+            self.before_block()
         self.largest_block = max(self.largest_block, self.fill(block, recurse=True))
 
     def _drop_block(self, block: nn.Module, args: Any, output: Any) -> None:
@@ -183,15 +195,14 @@ class StreamedModel:
         _release_freed_memory()
 
 
-@contextlib.contextmanager
-def streamed_model(
+def build_streamed(
     hf: HFCheckpoint, dtype: str, *, trust_remote_code: bool = False, device: torch.device | str = "cpu"
-) -> Iterator[StreamedModel]:
-    """The model on ``meta`` at ``dtype`` (as ``from_pretrained(dtype=...)`` builds it), hooked to stream.
+) -> StreamedModel:
+    """The model on ``meta`` at ``dtype`` (as ``from_pretrained(dtype=...)`` builds it), not yet hooked.
 
-    Raises ``NotStreamable`` before anything is read when the structure cannot be walked; a failure while
-    running (a weight used outside its block reaches a ``meta`` tensor) surfaces as the forward's own
-    error, which the caller turns into the fallback.
+    Building changes torch's process-wide default dtype for its duration, so it belongs on the thread that
+    owns the process, before any other thread creates tensors; ``hooked()`` and the forward may then run on
+    any thread.
     """
     previous = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, dtype))
@@ -199,6 +210,19 @@ def streamed_model(
         model = build_meta_model(hf, trust_remote_code=trust_remote_code)
     finally:
         torch.set_default_dtype(previous)
-    streamed = StreamedModel(hf, model.eval(), dtype, torch.device(device))
+    return StreamedModel(hf, model.eval(), dtype, torch.device(device))
+
+
+@contextlib.contextmanager
+def streamed_model(
+    hf: HFCheckpoint, dtype: str, *, trust_remote_code: bool = False, device: torch.device | str = "cpu"
+) -> Iterator[StreamedModel]:
+    """The model built by ``build_streamed`` and hooked to stream.
+
+    Raises ``NotStreamable`` before anything is read when the structure cannot be walked; a failure while
+    running (a weight used outside its block reaches a ``meta`` tensor) surfaces as the forward's own
+    error, which the caller turns into the fallback.
+    """
+    streamed = build_streamed(hf, dtype, trust_remote_code=trust_remote_code, device=device)
     with streamed.hooked():
         yield streamed
