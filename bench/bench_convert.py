@@ -1,6 +1,6 @@
 """Benchmark: HF -> DCP conversion of a generated multi-shard, OLMo2-shaped bf16 checkpoint.
 
-Side by side, each in its own fresh subprocess (wall seconds and peak RSS from ``os.wait4``):
+Side by side, each in its own fresh subprocess (wall seconds, CPU seconds and the command's own peak RSS):
 
   copy     ``cp -r`` of the same files: the physical limit for reading and writing those bytes
   convert  ``flame-ext convert --no-reference`` (this project's streaming converter)
@@ -47,6 +47,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fresh_process import run_fresh
 from olmo2_checkpoint import DROP_CACHES, STOCK, can_drop_caches, drop_page_cache, generate, layers_for, olmo2_config
 
 HIDDEN, INTERMEDIATE, HEADS = 2048, 8192, 16
@@ -75,20 +76,15 @@ def generate_sized(folder: Path, size_gb: float) -> int:
 
 
 def measure(name: str, cmd: list[str], cold: bool = False) -> Result:
-    """Run ``cmd`` in a fresh process; its own wall time and peak RSS (``os.wait4`` rusage of that child)."""
+    """Run ``cmd`` in a fresh process; its own wall time, CPU seconds and peak RSS (``fresh_process``)."""
     os.sync()  # flush the previous contender's dirty pages outside the timing
     if cold:
         drop_page_cache()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        print(f"{name} failed (exit {proc.returncode}):\n{output[-2000:]}", file=sys.stderr)
-    return Result(name, wall, usage.ru_maxrss / 1024, proc.returncode, usage.ru_utime + usage.ru_stime)
+    run = run_fresh(cmd, env)
+    if run.rc != 0:
+        print(f"{name} failed (exit {run.rc}):\n{run.output[-2000:]}", file=sys.stderr)
+    return Result(name, run.wall, run.rss_mb, run.rc, run.cpu)
 
 
 def verify_sample(source: Path, checkpoint: Path, n: int = 8) -> int:

@@ -37,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from fresh_process import run_fresh
 from olmo2_checkpoint import SHAPE_7B, can_drop_caches, drop_page_cache, generate, layers_for, olmo2_config
 
 SHAPE_SMALL = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16)
@@ -84,13 +85,10 @@ def run(cmd: list[str], cold: bool) -> tuple[float, float, float, int]:
     os.sync()
     if cold:
         drop_page_cache()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if status != 0:
-        sys.stderr.write(proc.stderr.read().decode()[-2000:])
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
+    result = run_fresh(cmd)
+    if result.rc != 0:
+        sys.stderr.write(result.output[-2000:])
+    return result.wall, result.cpu, result.rss_mb, result.rc
 
 
 def contenders(model: Path, work: Path, out_bytes: int) -> dict[str, list[str]]:
