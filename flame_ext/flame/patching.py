@@ -3,7 +3,8 @@
 The patches in ``patches/`` are git diffs against one flame commit (``FLAME_BASE_COMMIT``), written with
 ``--full-index``: each names the git blob id of the file before and after. A file's state is therefore
 known exactly, without git and without fuzz: its blob id is the base one (the patch applies), the patched
-one (already applied), or neither (local edits or another flame version: refused, nothing is changed).
+one (already applied), the patched one of an earlier flame-ext (``patches/superseded/``: ``apply`` updates it,
+``revert`` undoes it), or none of these (local edits or another flame version: refused, nothing is changed).
 All files are checked before any is written, and each is replaced atomically, so a refused or interrupted
 run leaves the checkout as it was. ``git apply PATCH`` gives the same result as ``apply``.
 """
@@ -30,7 +31,7 @@ _FLAME_MARKERS = ("flame/train.py", "flame/config_manager.py")
 _HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 _INDEX = re.compile(r"^index ([0-9a-f]{40})\.\.([0-9a-f]{40})")
 
-CLEAN, APPLIED, MODIFIED, MISSING = "clean", "applied", "modified", "missing"
+CLEAN, APPLIED, OUTDATED, MODIFIED, MISSING = "clean", "applied", "outdated", "modified", "missing"
 
 
 @dataclass
@@ -50,6 +51,7 @@ class FilePatch:
     old_blob: str
     new_blob: str
     hunks: list[Hunk]
+    earlier: list[FilePatch] = field(default_factory=list)  # superseded versions from the same base
 
 
 def git_blob_id(data: bytes) -> str:
@@ -93,11 +95,16 @@ def parse_patch(text: bytes, name: str) -> list[FilePatch]:
 
 
 def load_patches(folder: Path = PATCH_DIR) -> list[FilePatch]:
-    """Every file diff of every ``*.patch`` in ``folder``, in file-name order."""
+    """Every file diff of every ``*.patch`` in ``folder``, in file-name order, each with the superseded versions
+    of itself found in ``folder/superseded`` (so a checkout patched by an earlier flame-ext is recognised)."""
     names = sorted(folder.glob("*.patch")) if folder.is_dir() else []
     if not names:
         raise InputError(f"{folder}: no patches found; install flame-ext from its source checkout (pip install -e .)")
-    return [fp for p in names for fp in parse_patch(p.read_bytes(), p.name)]
+    patches = [fp for p in names for fp in parse_patch(p.read_bytes(), p.name)]
+    old = [fp for p in sorted((folder / "superseded").glob("*.patch")) for fp in parse_patch(p.read_bytes(), p.name)]
+    for fp in patches:
+        fp.earlier = [e for e in old if e.path == fp.path and e.old_blob == fp.old_blob and e.new_blob != fp.new_blob]
+    return patches
 
 
 def _apply_hunks(data: bytes, hunks: list[Hunk], *, reverse: bool) -> bytes:
@@ -118,27 +125,41 @@ def _apply_hunks(data: bytes, hunks: list[Hunk], *, reverse: bool) -> bytes:
 
 
 def file_state(flame_dir: Path, fp: FilePatch) -> str:
-    """clean (base file: the patch applies), applied, modified (neither), or missing."""
+    """clean (base file: the patch applies), applied, outdated (an earlier version applied), modified (none of
+    these), or missing."""
     target = flame_dir / fp.path
     if not target.is_file():
         return MISSING
     blob = git_blob_id(target.read_bytes())
-    return {fp.old_blob: CLEAN, fp.new_blob: APPLIED}.get(blob, MODIFIED)
+    states = {fp.old_blob: CLEAN, fp.new_blob: APPLIED, **{e.new_blob: OUTDATED for e in fp.earlier}}
+    return states.get(blob, MODIFIED)
 
 
-def apply_patch(flame_dir: Path, fp: FilePatch, *, reverse: bool = False) -> None:
-    """Rewrite one file (atomically, mode kept) and confirm the result is the blob the patch promises."""
-    target = flame_dir / fp.path
-    result = _apply_hunks(target.read_bytes(), fp.hunks, reverse=reverse)
+def _patched(data: bytes, fp: FilePatch, *, reverse: bool) -> bytes:
+    """``data`` with ``fp`` applied (or undone), confirmed to be the blob the patch promises."""
+    result = _apply_hunks(data, fp.hunks, reverse=reverse)
     expected = fp.old_blob if reverse else fp.new_blob
     if git_blob_id(result) != expected:  # cannot happen for a well-formed patch; never write a wrong file
         raise InputError(
             f"{fp.patch_name}: applying it to {fp.path} does not give blob {expected[:12]}; the patch file is damaged"
         )
+    return result
+
+
+def apply_patch(flame_dir: Path, fp: FilePatch, *, reverse: bool = False) -> None:
+    """Rewrite one file (atomically, mode kept) with the patch applied or undone; a file patched by an earlier
+    version is first taken back to the base, in memory, so the file is written once."""
+    target = flame_dir / fp.path
+    data = target.read_bytes()
+    earlier = {e.new_blob: e for e in fp.earlier}.get(git_blob_id(data))
+    if earlier is not None:
+        data = _patched(data, earlier, reverse=True)
+    if not (reverse and earlier is not None):
+        data = _patched(data, fp, reverse=reverse)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(result)
+            f.write(data)
         shutil.copymode(target, tmp)
         os.replace(tmp, target)
     except BaseException:
@@ -195,14 +216,20 @@ def _refusal(flame_dir: Path, bad: list[tuple[FilePatch, str]], action: str) -> 
 
 
 def _check(flame_dir: Path, states: list[tuple[FilePatch, str]]) -> int:
-    words = {CLEAN: "applies cleanly", APPLIED: "already applied", MISSING: "does not apply: the file is missing"}
+    words = {
+        CLEAN: "applies cleanly",
+        APPLIED: "already applied",
+        OUTDATED: "patched by an earlier flame-ext: `flame-ext patch apply` updates it",
+        MISSING: "does not apply: the file is missing",
+    }
     for fp, state in states:
         word = words.get(state) or f"does not apply: {_why_modified(flame_dir, fp.path)}"
         print(f"{fp.path}: {word} ({fp.patch_name})")
     bad = sum(s in (MODIFIED, MISSING) for _, s in states)
     applied = sum(s == APPLIED for _, s in states)
-    summary = f"{len(states) - bad - applied} to apply, {applied} already applied, {bad} do not apply"
-    print(f"{flame_dir}: base fla-org/flame {FLAME_BASE_COMMIT[:7]}; {summary}")
+    outdated = sum(s == OUTDATED for _, s in states)
+    summary = f"{len(states) - bad - applied - outdated} to apply, {outdated} to update, {applied} already applied, "
+    print(f"{flame_dir}: base fla-org/flame {FLAME_BASE_COMMIT[:7]}; {summary}{bad} do not apply")
     return 1 if bad else 0
 
 
@@ -218,10 +245,11 @@ def run(args: argparse.Namespace) -> int:
     bad = [(fp, s) for fp, s in states if s in (MODIFIED, MISSING)]
     if bad:
         raise _refusal(flame_dir, bad, args.action)
-    todo = [fp for fp, s in states if s == (APPLIED if reverse else CLEAN)]
-    for fp in todo:
+    todo = [(fp, s) for fp, s in states if s in ((APPLIED, OUTDATED) if reverse else (CLEAN, OUTDATED))]
+    for fp, state in todo:
         apply_patch(flame_dir, fp, reverse=reverse)
-        print(f"{fp.path}: {'reverted' if reverse else 'applied'} {fp.patch_name}")
+        word = "reverted" if reverse else ("updated to" if state == OUTDATED else "applied")
+        print(f"{fp.path}: {word} {fp.patch_name}")
     done_word = "reverted" if reverse else "applied"
     if not todo:
         print(f"{flame_dir}: nothing to do, the patches are already {'absent' if reverse else 'applied'}")

@@ -116,6 +116,26 @@ def test_a_dirty_file_stops_everything(tree, capsys):
     assert (root / "flame/train.py").read_text() == OLD_TRAIN  # all or nothing
 
 
+def test_a_checkout_patched_by_an_earlier_version_is_updated_or_reverted(tree, capsys):
+    """A patch file that changed between releases: the file patched by the old one is recognised, not refused."""
+    root, patches = tree
+    old_new_train = OLD_TRAIN.replace("line 3\n", "line 3 (earlier patch)\n")
+    (patches.parent / "old").mkdir()
+    earlier = _make_patch(patches.parent / "old", "0001.patch", {"flame/train.py": (OLD_TRAIN, old_new_train)})
+    shutil.move(str(earlier), str(patches / "superseded"))
+    (root / "flame/train.py").write_text(old_new_train)  # applied by the earlier flame-ext
+    assert _run("check", root, patches) == 0
+    out = capsys.readouterr().out
+    assert "flame/train.py: patched by an earlier flame-ext: `flame-ext patch apply` updates it" in out
+    assert "1 to apply, 1 to update, 0 already applied, 0 do not apply" in out
+    assert _run("apply", root, patches) == 0
+    assert "flame/train.py: updated to 0001.patch" in capsys.readouterr().out
+    assert (root / "flame/train.py").read_text() == NEW_TRAIN and (root / "flame/utils/u.py").read_text() == NEW_UTIL
+    (root / "flame/train.py").write_text(old_new_train)
+    assert _run("revert", root, patches) == 0
+    assert (root / "flame/train.py").read_text() == OLD_TRAIN and (root / "flame/utils/u.py").read_text() == OLD_UTIL
+
+
 def test_cli_refuses_unknown_and_foreign_targets(tmp_path, capsys):
     assert cli_main(["patch", "apply", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -168,6 +188,20 @@ def test_real_flame_same_as_git_apply(flame_copy, tmp_path, capsys):
     for patch in sorted(PATCH_DIR.glob("*.patch")):
         subprocess.run(["git", "apply", str(patch)], cwd=other, check=True, timeout=60)
     assert _snapshot(flame_copy) == _snapshot(other)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git to apply the superseded patch")
+def test_real_flame_patched_by_the_previous_release_is_updated(flame_copy, capsys):
+    superseded = sorted((PATCH_DIR / "superseded").glob("*.patch"))
+    assert superseded, "no superseded patch to test"
+    for patch in superseded:
+        subprocess.run(["git", "apply", str(patch)], cwd=flame_copy, check=True, timeout=60)
+    assert cli_main(["patch", "check", str(flame_copy)]) == 0
+    assert "patched by an earlier flame-ext" in capsys.readouterr().out
+    assert cli_main(["patch", "apply", str(flame_copy)]) == 0
+    capsys.readouterr()
+    assert cli_main(["patch", "check", str(flame_copy)]) == 0
+    assert capsys.readouterr().out.count(": already applied") == 3
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git for a dirty work tree")
