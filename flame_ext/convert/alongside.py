@@ -18,7 +18,7 @@ from typing import Any
 
 from flame_ext.convert.summary import Progress
 from flame_ext.errors import ForwardUnavailableError
-from flame_ext.io.dcp import _ctrl_c_held, _wait_all
+from flame_ext.io.dcp_save import ctrl_c_held, wait_all
 from flame_ext.model.reference import ReferenceForward, ReferenceStopped
 
 __all__ = ["ForwardBeside", "forward_beside"]
@@ -57,7 +57,7 @@ class ForwardBeside:
             self._done.set()
 
     def start(self) -> None:
-        with _ctrl_c_held():  # a Ctrl-C inside Thread.start would leave a thread nobody waits for
+        with ctrl_c_held():  # a Ctrl-C inside Thread.start would leave a thread nobody waits for
             threading.Thread(target=self._work, name="flame-ext-reference", daemon=True).start()
 
     def failed(self) -> bool:
@@ -90,7 +90,7 @@ class ForwardBeside:
     def stop(self) -> None:
         """Stop the forward before its next block and wait for it, through further Ctrl-Cs."""
         self._stop.set()
-        _wait_all([self._done])
+        wait_all([self._done])
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ from flame_ext.convert.dcp_to_hf import (
 from flame_ext.convert.hf_to_dcp import ConversionPlan, ConvertOptions, complete_manifest, prepare_conversion
 from flame_ext.convert.summary import Progress, Summary, peak_rss_mb
 from flame_ext.errors import DistributedRunError, FlameExtError, InputError, first_line
-from flame_ext.io.dcp import WriteEntry, save_streaming
+from flame_ext.io.dcp_save import WriteEntry, save_streaming
 from flame_ext.io.destination import Kind, atomic_folder, check_destination, flush_files
 from flame_ext.io.fingerprint import Recorder, nonfinite_keys
 from flame_ext.io.manifest import config_hash, write_manifest

@@ -18,7 +18,8 @@ from flame_ext import __version__
 from flame_ext.convert.alongside import ForwardBeside, forward_beside
 from flame_ext.convert.summary import DTYPES, Progress, Summary, nonfinite_warning, peak_rss_mb
 from flame_ext.errors import CheckpointFormatError, FlameExtError, InputError
-from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, LAYOUTS, WriteEntry, replace_dtype, save_streaming
+from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, LAYOUTS, replace_dtype
+from flame_ext.io.dcp_save import WriteEntry, save_streaming
 from flame_ext.io.destination import atomic_folder, check_destination
 from flame_ext.io.fingerprint import Recorder, nonfinite_keys
 from flame_ext.io.hf import (

@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 
-from flame_ext.io import dcp
+from flame_ext.io import dcp, dcp_save
 
 
 def after_first_block_read(then) -> None:  # noqa: ANN001 -- what to do next: die or fail
@@ -43,23 +43,23 @@ def disk_full() -> None:
 
 
 def kill_after_first_block() -> None:
-    read_block = dcp._StreamingPlanner.resolve_data
+    read_block = dcp_save._StreamingPlanner.resolve_data
 
     def resolve_then_die(self, item):  # noqa: ANN001, ANN202 -- torch's planner signature
         read_block(self, item)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    dcp._StreamingPlanner.resolve_data = resolve_then_die
+    dcp_save._StreamingPlanner.resolve_data = resolve_then_die
 
 
 def fail_after_first_block() -> None:
-    read_block = dcp._StreamingPlanner.resolve_data
+    read_block = dcp_save._StreamingPlanner.resolve_data
 
     def resolve_then_fail(self, item):  # noqa: ANN001, ANN202 -- torch's planner signature
         read_block(self, item)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/injected/disk")
 
-    dcp._StreamingPlanner.resolve_data = resolve_then_fail
+    dcp_save._StreamingPlanner.resolve_data = resolve_then_fail
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def test_a_rank_given_another_model_is_refused_before_anything_is_written(tiny_m
 
 def test_shares_are_disjoint_cover_everything_and_balance_by_bytes():
     from flame_ext.convert.distributed import split_by_bytes
-    from flame_ext.io.dcp import WriteEntry
+    from flame_ext.io.dcp_save import WriteEntry
     from flame_ext.io.specs import TensorSpec
 
     sizes = [7, 1, 5, 3, 3, 2, 9, 4, 4, 1]

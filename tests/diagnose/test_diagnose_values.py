@@ -7,7 +7,8 @@ import torch
 
 from flame_ext.checks.values import narrower
 from flame_ext.commands.diagnose import DiagnoseOptions, diagnose
-from flame_ext.io.dcp import DCPRowReader, WriteEntry, read_dcp_metadata, save_streaming
+from flame_ext.io.dcp import DCPRowReader, read_dcp_metadata
+from flame_ext.io.dcp_save import WriteEntry, save_streaming
 from flame_ext.io.specs import TensorSpec
 from tests.diagnose.conftest import TRANSPOSED, load_all, one_thread, save_dcp
 

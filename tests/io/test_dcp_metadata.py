@@ -22,7 +22,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorStorageMetadata
 
 from flame_ext.errors import CheckpointFormatError
-from flame_ext.io.dcp import WriteEntry, load_state, load_tensor, read_dcp_metadata, save_streaming
+from flame_ext.io.dcp import load_state, load_tensor, read_dcp_metadata
+from flame_ext.io.dcp_save import WriteEntry, save_streaming
 from flame_ext.io.specs import TensorSpec, dtype_name
 
 KEY = "blocks"  # 12 x 5 float32, written in 4 row blocks of 3 rows

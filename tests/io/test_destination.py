@@ -20,7 +20,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 from flame_ext.errors import CheckpointFormatError, DestinationError
-from flame_ext.io.dcp import WriteEntry, read_dcp_metadata, save_streaming
+from flame_ext.io.dcp import read_dcp_metadata
+from flame_ext.io.dcp_save import WriteEntry, save_streaming
 from flame_ext.io.destination import atomic_folder, check_destination, lock_path, temp_prefix, written_by_flame_ext
 from flame_ext.io.hf import open_hf
 from flame_ext.io.specs import TensorSpec

@@ -37,6 +37,7 @@ PRELOAD = (
     "flame_ext.convert",
     "flame_ext.io.hf",
     "flame_ext.io.dcp",
+    "flame_ext.io.dcp_save",
     "flame_ext.io.manifest",
     "flame_ext.model.reference",
     "flame_ext.commands.reference",
