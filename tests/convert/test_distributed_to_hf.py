@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from test_convert import _poison, assert_bit_exact, hf_tensors
-from torchrun_support import TIMEOUT_S, WORKER, torchrun, two_nodes
+from torchrun_support import TIMEOUT_S, WORKER, assert_killed_rank_stopped_everything, torchrun, two_nodes
 
 from flame_ext.convert.dcp_to_hf import ToHFOptions, convert_dcp_to_hf, prepare_to_hf
 from flame_ext.convert.distributed import split_by_bytes
@@ -119,12 +119,7 @@ def test_a_rank_killed_mid_write_leaves_nothing_and_stops_the_other(sharded_mode
     args = ["--path", str(nested_dcp_with_head.parent.parent), "--step", "0", "--config", str(sharded_model)]
     args += ["--out", str(out), "--max_shard_mb", str(SHARD_MB), "--timeout_s", str(TIMEOUT_S)]
     nodes, elapsed = two_nodes(str(WORKER), "--to-hf", "--kill-rank", "1", "--", *args)
-    assert elapsed < TIMEOUT_S + 30, elapsed
-    assert all(n.returncode != 0 for n in nodes)
-    survivor = next(n for n in nodes if "stopped: another rank failed or stopped" in n.stderr)
-    (line,) = [x for x in survivor.stderr.splitlines() if x.startswith("convert_dcp_to_hf: error: rank 0 of 2")]
-    assert f"nothing was published at {out}" in line
-    assert list(tmp_path.iterdir()) == []  # no destination, no temporary folder, no lock
+    assert_killed_rank_stopped_everything(nodes, elapsed, "convert_dcp_to_hf", out)
 
 
 def test_a_rank_whose_write_fails_stops_every_rank(sharded_model, nested_dcp_with_head, tmp_path):

@@ -37,3 +37,16 @@ def two_nodes(*command: str) -> tuple[list[subprocess.CompletedProcess], float]:
         out, err = node.communicate(timeout=TIMEOUT_S + 60)
         results.append(subprocess.CompletedProcess(cmd, node.returncode, out, err))
     return results, time.monotonic() - start
+
+
+def assert_killed_rank_stopped_everything(
+    nodes: list[subprocess.CompletedProcess], elapsed: float, tool: str, out: Path
+) -> None:
+    """What a user sees when one rank is killed mid-write: every rank fails within the timeout, the survivor
+    says another rank stopped and that nothing was published, and nothing is left beside ``out``."""
+    assert elapsed < TIMEOUT_S + 30, elapsed
+    assert all(n.returncode != 0 for n in nodes)
+    survivor = next(n for n in nodes if "stopped: another rank failed or stopped" in n.stderr)
+    (line,) = [x for x in survivor.stderr.splitlines() if x.startswith(f"{tool}: error: rank 0 of 2")]
+    assert f"nothing was published at {out}" in line
+    assert list(out.parent.iterdir()) == []  # no destination, no temporary folder, no lock
