@@ -76,14 +76,12 @@ class ForwardBeside:
     def wait(self, progress: bool = False) -> None:
         """Until the forward has finished (Ctrl-C stays deliverable), with a bar over its blocks when ``progress``
         and it is still running; its failure is raised here."""
-        bar = Progress(self.blocks, progress and not self._done.is_set() and self.blocks > 0, "reference forward")
         shown = 0
-        try:
+        show = progress and not self._done.is_set() and self.blocks > 0
+        with Progress(self.blocks, show, "reference forward") as bar:
             while not self._done.wait(0.1):
                 bar.update(self.blocks_run - shown)
                 shown = self.blocks_run
-        finally:
-            bar.close()
         if self.error is not None:
             raise self.error
 

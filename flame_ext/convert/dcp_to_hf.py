@@ -194,11 +194,8 @@ def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
     plan = prepare_to_hf(opts)
     summary = Summary(Path(opts.out).absolute(), notes=list(plan.notes))
     with atomic_folder(opts.out, kind="hf", force=opts.force) as tmp:
-        bar = Progress(plan.total, opts.progress, "to-hf")
-        try:
+        with Progress(plan.total, opts.progress, "to-hf") as bar:
             recorder = write_shards(plan, tmp, list(range(len(plan.shards))), opts.buffer_bytes, bar.update)
-        finally:
-            bar.close()
         summary.notes += finish_folder(plan, tmp)
     summary.warnings += nonfinite_note(plan, recorder.values)
     summary.tensors = len(plan.specs)

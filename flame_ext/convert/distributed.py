@@ -222,8 +222,7 @@ def _convert(opts: ConvertOptions, rank: int, world: int, slow_group: Any) -> Su
     with stack:  # on rank 0: any exception removes the temporary folder, success renames it
         share = split_by_bytes(plan.entries, world, _entry_bytes)[rank]
         recorder = Recorder({e.key: e.spec.shape for e in share})
-        bar = Progress(sum(e.spec.nbytes for e in share), opts.progress and rank == 0, "convert")
-        try:
+        with Progress(sum(e.spec.nbytes for e in share), opts.progress and rank == 0, "convert") as bar:
             save_streaming(
                 tmp,
                 share,
@@ -232,8 +231,6 @@ def _convert(opts: ConvertOptions, rank: int, world: int, slow_group: Any) -> Su
                 on_block=recorder.add_rows,
                 distributed=True,
             )
-        finally:
-            bar.close()
         flush_files(_own_files(tmp, rank))  # each rank flushes what it wrote: on a shared filesystem only it can
         results = gather(recorder.values)  # after this, every rank's files are written and flushed
         summary = Summary(Path(opts.checkpoint).absolute(), notes=list(plan.notes), parameters=plan.parameters)
@@ -241,7 +238,7 @@ def _convert(opts: ConvertOptions, rank: int, world: int, slow_group: Any) -> Su
         def publish() -> None:
             if rank != 0:
                 return
-            fingerprints = {k: v for values in results for k, v in values.items()}
+            fingerprints = _merged(results)
             complete_manifest(summary, plan, opts, nonfinite_keys(fingerprints), fingerprints)
             write_manifest(tmp, summary.manifest)
             stack.close()  # made durable and renamed: the destination appears whole
@@ -273,13 +270,10 @@ def _to_hf(opts: ToHFOptions, rank: int, world: int) -> Summary:
     )  # fmt: skip
     with stack:  # on rank 0: any exception removes the temporary folder, success renames it
         mine = split_by_bytes(list(range(len(plan.shards))), world, plan.shard_bytes)[rank]
-        bar = Progress(sum(plan.shard_bytes(i) for i in mine), opts.progress and rank == 0, "to-hf")
 
         def write() -> Recorder:
-            try:
+            with Progress(sum(plan.shard_bytes(i) for i in mine), opts.progress and rank == 0, "to-hf") as bar:
                 recorder = write_shards(plan, tmp, sorted(mine), opts.buffer_bytes, bar.update)
-            finally:
-                bar.close()
             flush_files(tmp / plan.names[i] for i in mine)  # on a shared filesystem only the writer can
             return recorder
 
@@ -291,7 +285,7 @@ def _to_hf(opts: ToHFOptions, rank: int, world: int) -> Summary:
             if rank != 0:
                 return
             summary.notes += finish_folder(plan, tmp)
-            summary.warnings += nonfinite_note(plan, {k: v for values in results for k, v in values.items()})
+            summary.warnings += nonfinite_note(plan, _merged(results))
             stack.close()  # made durable and renamed: the destination appears whole
 
         agreed(publish, "writing the index, config and tokenizer files or publishing the folder")
@@ -302,3 +296,8 @@ def _to_hf(opts: ToHFOptions, rank: int, world: int) -> Summary:
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_mb = peak_rss_mb()
     return summary
+
+
+def _merged(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ranks' fingerprint maps (disjoint keys) as one."""
+    return {k: v for values in per_rank for k, v in values.items()}

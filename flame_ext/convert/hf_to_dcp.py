@@ -265,8 +265,7 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
         # each block from the source, it is bounded by one block, and the wall time is about the longer of
         # the two instead of their sum.
         with forward_beside(fwd if isinstance(fwd, ReferenceForward) else None) as beside:
-            bar = Progress(total, opts.progress, "convert")
-            try:
+            with Progress(total, opts.progress, "convert") as bar:
                 save_streaming(
                     tmp,
                     entries,
@@ -274,8 +273,6 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
                     on_written=bar.update,
                     on_block=beside.guard(on_block) if beside else on_block,
                 )
-            finally:
-                bar.close()
             if beside:
                 beside.wait(opts.progress)
         complete_manifest(summary, plan, opts, nonfinite_keys(recorder.values), recorder.values, beside or fwd)
