@@ -35,11 +35,15 @@ class Case:
 
 @dataclass
 class Inputs:
-    """Where a case builds its inputs (``root/in``) and points its output (``root/out``, which exists)."""
+    """Where a case builds its inputs (``root/in``) and points its output (``root/out``); both exist once made."""
 
     root: Path
     small_model: Path
     small_dcp: Path
+
+    def __post_init__(self) -> None:
+        self.inp.mkdir()
+        self.out.mkdir()
 
     @property
     def inp(self) -> Path:
@@ -547,8 +551,6 @@ def _needs_missing(module: str | None) -> bool:
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_refused_cleanly(name, forkserver, small_model, small_dcp, tmp_path, figures):
     io = Inputs(tmp_path, small_model, small_dcp)
-    io.inp.mkdir()
-    io.out.mkdir()
     case = CASES[name](io)
     if _needs_missing(case.needs):
         pytest.skip(f"{case.needs} does not exist yet in this checkout: the case is written and waits for it")

@@ -196,8 +196,6 @@ QUICK = {"two_million_layers_convert", "two_million_layers_to_hf"}
 @pytest.mark.parametrize("name", list(CASES))
 def test_untrusted_input_is_refused_cleanly(name, forkserver, small_model, small_dcp, tmp_path, figures):
     io = Inputs(tmp_path, small_model, small_dcp)
-    io.inp.mkdir()
-    io.out.mkdir()
     case = CASES[name](io)
     before = snapshot(tmp_path)
     start = time.perf_counter()
