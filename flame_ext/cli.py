@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import io
 import os
 import re
 import sys
@@ -131,6 +132,15 @@ def convert_options(args: argparse.Namespace) -> ConvertOptions:
     )
 
 
+def _one_write_per_line() -> None:
+    """The ranks share one stdout and stderr. Unbuffered (``python -u``, ``PYTHONUNBUFFERED``), ``print`` writes
+    a line's text and its newline apart, and two ranks' lines run together into one; line buffering writes each
+    line whole, and a pipe keeps a write of under 4 KB whole."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(line_buffering=True, write_through=False)
+
+
 def _one_process_or_ranks(
     one_process: Callable[[Any], Summary],
     ranks: Callable[[Any, float], tuple[Summary, int, int]],
@@ -145,6 +155,7 @@ def _one_process_or_ranks(
     from flame_ext.convert.distributed import launched_by_torchrun
 
     if launched_by_torchrun():
+        _one_write_per_line()
         summary, rank, world = ranks(opts, args.timeout_s)
         if rank != 0:
             print(f"rank {rank} of {world}, {share}: {summary.line()}")

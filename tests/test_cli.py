@@ -5,8 +5,10 @@ and the drop-in modules build the very options the CLI builds (flame's argument 
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from cli_support import report_json, run_cli
 from PIL import Image
 
 from flame_ext import convert_dcp_to_hf, convert_hf_to_dcp, diagnose_checkpoint
-from flame_ext.cli import build_parser, convert_options, diagnose_options, main, to_hf_options
+from flame_ext.cli import _one_write_per_line, build_parser, convert_options, diagnose_options, main, to_hf_options
 from flame_ext.io.plot import PLOT_SIZE
 
 
@@ -245,3 +247,32 @@ def test_drop_ins_ask_for_the_model_as_flames_scripts_do(module, capsys):
     assert module.main(["--checkpoint", "c"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and "--model" in lines[0], lines
+
+
+class _Writes(io.RawIOBase):
+    """A raw stream that keeps each write apart, as a pipe shared by ranks sees them."""
+
+    def __init__(self) -> None:
+        self.calls: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.calls.append(bytes(data))
+        return len(data)
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_ranks_write_each_line_whole(monkeypatch, whole):
+    """Under torchrun every rank prints to the same pipe: unbuffered, a line's text and its newline are two
+    writes (another rank's line lands between them); the ranks' streams are set to write each line whole."""
+    raw = _Writes()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, write_through=True))  # as python -u makes it
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(_Writes(), write_through=True))
+    if whole:
+        _one_write_per_line()
+    print("rank 1 of 2, its shards:", "wrote out: 5 tensors")
+    sys.stdout.flush()
+    line = b"rank 1 of 2, its shards: wrote out: 5 tensors\n"
+    assert (raw.calls == [line]) is whole, raw.calls
