@@ -140,27 +140,25 @@ class StreamedModel:
             prefix = ".".join(p for p in (self.names[module], sub_name) if p)
             yield (prefix + "." if prefix else ""), sub
 
-    def _weights(self, module: nn.Module, recurse: bool) -> dict[str, torch.Tensor]:
-        """The parameters and persistent buffers of ``module`` read from the files, by key, at the dtype
-        ``from_pretrained`` gives them. Changes no module, so it may run on the read-ahead thread."""
-        out = {}
+    def _stored(self, module: nn.Module, recurse: bool) -> Iterator[tuple[str, torch.dtype]]:
+        """Key and run dtype of every tensor of ``module`` that comes from the files: its parameters (at the
+        dtype ``from_pretrained`` gives them) and persistent buffers."""
         for prefix, sub in self._named(module, recurse):
             for name, p in sub._parameters.items():
                 if p is not None:
-                    out[prefix + name] = self._read_as(self._source(prefix + name), self._dtype_for(prefix + name, p))
+                    yield prefix + name, self._dtype_for(prefix + name, p)
             for name, b in sub._buffers.items():
                 if b is not None and name not in sub._non_persistent_buffers_set:
-                    out[prefix + name] = self._read_as(self._source(prefix + name), b.dtype)
-        return out
+                    yield prefix + name, b.dtype
+
+    def _weights(self, module: nn.Module, recurse: bool) -> dict[str, torch.Tensor]:
+        """The stored tensors of ``module`` read from the files, by key. Changes no module, so it may run
+        on the read-ahead thread."""
+        return {key: self._read_as(self._source(key), dtype) for key, dtype in self._stored(module, recurse)}
 
     def _weight_bytes(self, module: nn.Module) -> int:
         """What ``_weights(module, recurse=True)`` will hold, from the file headers (nothing read)."""
-        total = 0
-        for prefix, sub in self._named(module, True):
-            for name, p in sub._parameters.items():
-                if p is not None:
-                    total += self._source(prefix + name).spec.numel * self._dtype_for(prefix + name, p).itemsize
-        return total
+        return sum(self._source(key).spec.numel * dtype.itemsize for key, dtype in self._stored(module, True))
 
     def fill(self, module: nn.Module, *, recurse: bool, weights: dict[str, torch.Tensor] | None = None) -> int:
         """Give ``module`` (and its children when ``recurse``) real tensors: ``weights`` (read from the files
