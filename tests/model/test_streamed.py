@@ -114,18 +114,10 @@ def test_one_layer_is_read_ahead_and_no_more(arch_models):
 def test_an_embedding_larger_than_two_layers_is_never_held_beside_one(tmp_path):
     """A 7B's embedding is the size of two layers or more: the first layer is read after it ran, not beside
     it, and the head after the last layer, so the peak stays the largest block."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    big_vocab = 4000  # 4000 x 64 floats = 1 MB, against ~150 KB a layer
-    cfg = LlamaConfig(
-        vocab_size=big_vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
+    cfg = _configs()["llama_gqa"]
+    cfg.vocab_size = 4000  # 4000 x 64 floats = 1 MB, against ~150 KB a layer
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
     hf = open_hf(str(tmp_path))
