@@ -172,12 +172,7 @@ def _transformers_quiet() -> Iterator[None]:
 def build_like_trainer(hf: HFCheckpoint, dtype: str, *, trust_remote_code: bool = False) -> "nn.Module":
     """The HF model class on ``meta`` at ``dtype`` (buffers keep the dtype the class gives them), then
     ``to_empty()``: every parameter and buffer is uninitialised memory until something fills it."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, dtype))
-    try:
-        model = build_meta_model(hf, trust_remote_code=trust_remote_code)
-    finally:
-        torch.set_default_dtype(previous)
+    model = build_meta_model(hf, trust_remote_code=trust_remote_code, dtype=dtype)
     return model.to_empty(device="cpu").eval()
 
 

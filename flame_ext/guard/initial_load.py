@@ -162,9 +162,10 @@ class InitialLoadGuard:
         self._raise_if_failed("after loading")
         logger.info("flame-ext initial-load report: %s", self.report.to_json(indent=None))
         logger.info(
-            "flame-ext: initial load of %s validated (buffers%s: %.0f ms)",
+            "flame-ext: initial load of %s validated (%s%s: %.0f ms)",
             self.checkpoint,
-            "; step-0 loss not measured" if comparison is None else " and step-0 forward pass",
+            ", ".join(self.report.checked),
+            "; step-0 loss not measured" if comparison is None else "",
             (time.perf_counter() - start) * 1e3,
         )
         return self.report

@@ -417,13 +417,28 @@ def refuse_remote_code(checkpoint: HFCheckpoint, *, trust_remote_code: bool) -> 
 
 
 def build_meta_model(
-    checkpoint: HFCheckpoint, *, trust_remote_code: bool = False, weight_bytes: int | None = None
+    checkpoint: HFCheckpoint,
+    *,
+    trust_remote_code: bool = False,
+    weight_bytes: int | None = None,
+    dtype: str | None = None,
 ) -> "nn.Module":
     """The model class the trainer will build, on ``meta``: exact keys, shapes, ties and buffers, no memory.
 
     First the config must fit the weights (``weight_bytes``, default the checkpoint's own tensors): building
-    costs Python work per layer, which an absurd config turns into minutes.
+    costs Python work per layer, which an absurd config turns into minutes. With ``dtype`` the model is
+    built as ``from_pretrained(dtype=...)`` builds it: parameters at ``dtype``, buffers at what the class
+    gives them. That sets torch's process-wide default dtype for the build, so call it on the thread that
+    owns the process, before other threads create tensors.
     """
+    if dtype is not None:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(getattr(torch, dtype))
+        try:
+            return build_meta_model(checkpoint, trust_remote_code=trust_remote_code, weight_bytes=weight_bytes)
+        finally:
+            torch.set_default_dtype(previous)
+
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if weight_bytes is None:

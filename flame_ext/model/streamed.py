@@ -280,12 +280,7 @@ def build_streamed(
     owns the process, before any other thread creates tensors; ``hooked()`` and the forward may then run on
     any thread.
     """
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, dtype))
-    try:
-        model = build_meta_model(hf, trust_remote_code=trust_remote_code)
-    finally:
-        torch.set_default_dtype(previous)
+    model = build_meta_model(hf, trust_remote_code=trust_remote_code, dtype=dtype)
     return StreamedModel(hf, model.eval(), dtype, torch.device(device))
 
 

@@ -4,6 +4,7 @@ run directly on a model and a converted checkpoint, with no trainer around them.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 
@@ -63,13 +64,16 @@ def _plain_model(hf_dir):
     return AutoModelForCausalLM.from_pretrained(hf_dir).train()
 
 
-def test_guard_on_its_own_passes_a_healthy_load(tiny_model, tiny_dcp):
+def test_guard_on_its_own_passes_a_healthy_load(tiny_model, tiny_dcp, caplog):
+    caplog.set_level(logging.INFO, logger="flame_ext")
     model = _plain_model(tiny_model)
     guard = InitialLoadGuard(GuardConfig(validate_initial_load=True), str(tiny_dcp), [model])
     guard.before_load(split_request(model.state_dict()), lambda: read_dcp_metadata(tiny_dcp))
-    report = guard.after_load(hf_loss_probe(model))
+    report = guard.after_load(hf_loss_probe(model), loaded=model.state_dict())
     assert report.ok and abs(report.loss.delta) < 0.01
     assert model.training  # eval mode only for the forward pass
+    # The last line a user reads before training starts names every check that ran, the values included.
+    assert f"initial load of {tiny_dcp} validated (keys, manifest, values, buffers, loss: " in caplog.messages[-1]
 
 
 def test_a_shorter_or_chunked_host_compares_the_matching_prefix(tiny_model, tiny_dcp):
