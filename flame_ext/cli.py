@@ -152,10 +152,9 @@ def _one_process_or_ranks(
 
     Rank 0 returns the output's summary; another rank prints one line for ``share`` (what it wrote) and returns None.
     """
-    from flame_ext.convert.distributed import launched_by_torchrun
+    from flame_ext.collectives import launched_by_torchrun
 
     if launched_by_torchrun():
-        _one_write_per_line()
         summary, rank, world = ranks(opts, args.timeout_s)
         if rank != 0:
             print(f"rank {rank} of {world}, {share}: {summary.line()}")
@@ -472,6 +471,10 @@ def exit_without_teardown(command: Callable[[], int]) -> NoReturn:
     start of a process), then the standard streams are flushed. A command that raises ends the usual way
     (traceback, exit 1 or the signal).
     """
+    from flame_ext.collectives import launched_by_torchrun
+
+    if launched_by_torchrun():
+        _one_write_per_line()
     returned: list[int] = []
     atexit.register(_end_process, returned)
     returned.append(command())

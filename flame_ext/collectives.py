@@ -7,16 +7,22 @@ small Python objects go through them (paths, messages, digests, fingerprints), n
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 from flame_ext.errors import DistributedRunError, first_line
 
-__all__ = ["world", "rank", "gather", "agreed", "RankFailure"]
+__all__ = ["launched_by_torchrun", "world", "rank", "gather", "agreed", "RankFailure"]
 
 
 class RankFailure(DistributedRunError):
     """Raised on the other ranks when a step failed on one rank (that rank raises its own error)."""
+
+
+def launched_by_torchrun() -> bool:
+    """True when this process is one of several ranks (torchrun sets ``WORLD_SIZE``); no process group needed."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
 
 
 def _initialized() -> bool:

@@ -51,7 +51,7 @@ from flame_ext.io.destination import Kind, atomic_folder, check_destination, flu
 from flame_ext.io.fingerprint import Recorder, nonfinite_keys
 from flame_ext.io.manifest import config_hash, write_manifest
 
-__all__ = ["launched_by_torchrun", "split_by_bytes", "convert_distributed", "to_hf_distributed", "DEFAULT_TIMEOUT_S"]
+__all__ = ["split_by_bytes", "convert_distributed", "to_hf_distributed", "DEFAULT_TIMEOUT_S"]
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -68,11 +68,6 @@ _FLAGS = {
     "future_predictor": "--future-predictor-*",
     "max_shard_bytes": "--max-shard-mb",
 }
-
-
-def launched_by_torchrun() -> bool:
-    """True when this process is one of several ranks (torchrun sets ``WORLD_SIZE``)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
 
 
 def split_by_bytes(items: Sequence[T], ranks: int, nbytes: Callable[[T], int]) -> list[list[T]]:
