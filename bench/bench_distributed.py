@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_convert import generate, verify_sample  # noqa: E402
+from bench_convert import generate_sized, verify_sample  # noqa: E402
 
 RSS = re.compile(r"peak RSS ([\d,]+) MB")
 # Linux keeps a process's peak RSS across exec, and a child forked from this process (which holds a generated
@@ -142,7 +142,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-dist-", dir=args.workdir))
     try:
         src = work / "hf"
-        total = generate(src, args.size_gb)
+        total = generate_sized(src, args.size_gb)
         shards = len(list(src.glob("*.safetensors")))
         print(f"checkpoint: {total / 1e9:.2f} GB bf16, {shards} shards, {os.cpu_count()} CPUs")
         print(f"{'':>6}{'ranks':>5} {'wall s (runs)':>24} {'GB/s':>6} {'peak RSS per rank, MB':>24} {'.metadata':>18}")

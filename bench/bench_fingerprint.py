@@ -33,7 +33,7 @@ from pathlib import Path
 from types import ModuleType
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_convert import generate, measure  # noqa: E402
+from bench_convert import generate_sized, measure  # noqa: E402
 
 CLI = "from flame_ext.cli import main; sys.exit(main(sys.argv[1:]))"
 VARIANTS = {
@@ -72,7 +72,7 @@ def conversion(size_gb: float, repeat: int, before: Path | None, work: Path) -> 
     if before is not None:
         variants["with fingerprints (before)"] = BEFORE.format(path=str(before))
     src = work / "hf"
-    total = generate(src, size_gb)
+    total = generate_sized(src, size_gb)
     print(f"conversion of {total / 1e9:.2f} GB bf16 (OLMo2-shaped, warm cache), median of {repeat}:", flush=True)
     runs: dict[str, list] = {name: [] for name in variants}
     for i in range(repeat):

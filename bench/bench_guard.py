@@ -14,13 +14,13 @@
 from __future__ import annotations
 
 import logging
-import pickle
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_diagnose import write_sparse_dcp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "titan"))
@@ -53,26 +53,6 @@ def timed(fn, repeat: int = 5) -> tuple[float, object]:
     return min(times), out
 
 
-def write_metadata(folder: Path, state_dict: dict[str, torch.Tensor]) -> None:
-    """A DCP ``.metadata`` for these keys/shapes/dtypes, pickled as torch's FileSystemWriter does."""
-    from torch.distributed.checkpoint.metadata import (
-        ChunkStorageMetadata,
-        Metadata,
-        StorageMeta,
-        TensorProperties,
-        TensorStorageMetadata,
-    )
-
-    md = {
-        k: TensorStorageMetadata(
-            TensorProperties(dtype=v.dtype), v.shape, [ChunkStorageMetadata(torch.Size([0] * v.dim()), v.shape)]
-        )
-        for k, v in state_dict.items()
-    }
-    with open(folder / ".metadata", "wb") as f:
-        pickle.dump(Metadata(state_dict_metadata=md, storage_data={}, storage_meta=StorageMeta()), f)
-
-
 def bench_parity_7b() -> None:
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
@@ -88,8 +68,10 @@ def bench_parity_7b() -> None:
     sd = model.state_dict()
     n_params = sum(v.numel() for v in sd.values())
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        write_metadata(folder, sd)
+        folder = Path(tmp) / "dcp"
+        # A real .metadata as torch's writer makes it, over sparse data files: the check never reads the data,
+        # and the reader refuses a .metadata without storage records.
+        write_sparse_dcp(folder, sd, {"model_type": "olmo2", **OLMO2_7B})
         t_read, found = timed(lambda: read_dcp_metadata(folder))
         t_request, requested = timed(lambda: split_request(model.state_dict()))
         t_compare, result = timed(lambda: compare_specs(requested.model, found))
