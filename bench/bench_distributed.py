@@ -1,7 +1,7 @@
 """Benchmark: HF -> DCP and DCP -> HF with 1 rank vs N ranks under torchrun, on a generated OLMo2-shaped bf16
 checkpoint.
 
-The checkpoint comes from ``bench_convert.generate`` (~1 GB safetensors shards, random bf16 data). Each
+The checkpoint comes from ``bench_convert.generate_sized`` (~1 GB safetensors shards, random bf16 data). Each
 contender runs in a fresh process tree, with ``sync`` between them outside the timings:
 
   convert, 1 rank   ``flame-ext convert --no-reference`` (no process group)
