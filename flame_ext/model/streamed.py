@@ -101,6 +101,7 @@ class StreamedModel:
         self.largest_block = 0
         self.most_held = 0  # bytes of block weights held at once, a block read ahead included
         self._next: dict[nn.Module, nn.Module] = {}
+        self._sizes: dict[nn.Module, int] = {}  # each block's weight bytes, from the file headers
         self._ahead_limit = 0
         self._ahead: tuple[nn.Module, Future] | None = None
         self._reader: ThreadPoolExecutor | None = None
@@ -212,7 +213,8 @@ class StreamedModel:
             if module not in inside:
                 self.fill(module, recurse=False)
         self._next = dict(zip(blocks, blocks[1:]))
-        self._ahead_limit = 2 * max(self._weight_bytes(layer) for layer in _decoder_layers(self.module))
+        self._sizes = {block: self._weight_bytes(block) for block in blocks}
+        self._ahead_limit = 2 * max(self._sizes[layer] for layer in _decoder_layers(self.module))
         handles = []
         for block in blocks:
             handles.append(block.register_forward_pre_hook(self._load_block))
@@ -233,7 +235,7 @@ class StreamedModel:
         weights = self._take_read_ahead(block)
         if weights is None:
             weights = self._weights(block, recurse=True)
-        current = sum(w.nbytes for w in weights.values())
+        current = self._sizes[block]
         ahead = self._read_ahead(self._next.get(block), current)
         self.most_held = max(self.most_held, current + ahead)
         self.largest_block = max(self.largest_block, self.fill(block, recurse=True, weights=weights))
@@ -242,7 +244,7 @@ class StreamedModel:
         """Start reading ``block`` while the current one computes, if both fit the limit; the bytes it will hold."""
         if block is None or self._reader is None:
             return 0
-        size = self._weight_bytes(block)
+        size = self._sizes[block]
         if current + size > self._ahead_limit:
             return 0
         self._ahead = (block, self._reader.submit(self._weights, block, True))
