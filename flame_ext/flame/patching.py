@@ -228,8 +228,9 @@ def _check(flame_dir: Path, states: list[tuple[FilePatch, str]]) -> int:
     bad = sum(s in (MODIFIED, MISSING) for _, s in states)
     applied = sum(s == APPLIED for _, s in states)
     outdated = sum(s == OUTDATED for _, s in states)
-    summary = f"{len(states) - bad - applied - outdated} to apply, {outdated} to update, {applied} already applied, "
-    print(f"{flame_dir}: base fla-org/flame {FLAME_BASE_COMMIT[:7]}; {summary}{bad} do not apply")
+    to_apply = len(states) - bad - applied - outdated
+    summary = f"{to_apply} to apply, {outdated} to update, {applied} already applied, {bad} do not apply"
+    print(f"{flame_dir}: base fla-org/flame {FLAME_BASE_COMMIT[:7]}; {summary}")
     return 1 if bad else 0
 
 
