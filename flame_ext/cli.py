@@ -132,15 +132,6 @@ def convert_options(args: argparse.Namespace) -> ConvertOptions:
     )
 
 
-def _one_write_per_line() -> None:
-    """The ranks share one stdout and stderr. Unbuffered (``python -u``, ``PYTHONUNBUFFERED``), ``print`` writes
-    a line's text and its newline apart, and two ranks' lines run together into one; line buffering writes each
-    line whole, and a pipe keeps a write of under 4 KB whole."""
-    for stream in (sys.stdout, sys.stderr):
-        if isinstance(stream, io.TextIOWrapper):
-            stream.reconfigure(line_buffering=True, write_through=False)
-
-
 def _one_process_or_ranks(
     one_process: Callable[[Any], Summary],
     ranks: Callable[[Any, float], tuple[Summary, int, int]],
@@ -479,6 +470,15 @@ def exit_without_teardown(command: Callable[[], int]) -> NoReturn:
     atexit.register(_end_process, returned)
     returned.append(command())
     sys.exit(returned[0])
+
+
+def _one_write_per_line() -> None:
+    """The ranks share one stdout and stderr. Unbuffered (``python -u``, ``PYTHONUNBUFFERED``), ``print`` writes
+    a line's text and its newline apart, and two ranks' lines run together into one; line buffering writes each
+    line whole, and a pipe keeps a write of under 4 KB whole."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(line_buffering=True, write_through=False)
 
 
 def _end_process(returned: list[int]) -> None:
