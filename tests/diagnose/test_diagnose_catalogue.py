@@ -12,6 +12,7 @@ import torch
 
 from flame_ext.io.dcp import read_dcp_metadata
 from flame_ext.io.hf import open_hf, read_tensor
+from flame_ext.io.registry import transformers_major
 from tests.diagnose.conftest import (
     ARCHS,
     DROPPED,
@@ -28,12 +29,6 @@ from tests.diagnose.conftest import (
 RIGHT_SHAPE_WRONG = ("swapped_layers", "transposed", "zeroed_mlp", "nan")
 
 
-def _transformers_major() -> int:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0])
-
-
 def _hf_differs(model, key_a: str, key_b: str) -> bool:
     hf = open_hf(model)
     return not torch.equal(read_tensor(hf.tensors[key_a]), read_tensor(hf.tensors[key_b]))
@@ -47,7 +42,7 @@ def test_healthy_conversion_passes_every_pass(arch, catalogue, hf_models, diagno
     assert all(r["counts"][k] == 0 for k in ("missing", "unexpected", "shape", "dtype"))
     assert abs(r["loss"]["delta"]) < 1e-3  # same weights, same dtype, same batch: rounding noise only
     # The only thing a healthy checkpoint may be warned about is the trainer's load path (transformers 4.x).
-    if _transformers_major() >= 5:
+    if transformers_major() >= 5:
         assert r["problems"] == []
     else:
         assert kinds(r) == {"buffer_mismatch"}
@@ -58,7 +53,7 @@ def test_inv_freq_load_path_hazard_depends_on_transformers(arch, catalogue, hf_m
     """transformers 4.x post_init() does not recompute inv_freq after meta + to_empty(): a warning; 5.x does."""
     _, r = diagnose_json("--checkpoint", catalogue(arch), "--model", hf_models[arch], "--loss")
     hazards = problems_of(r, "buffer_mismatch")
-    if _transformers_major() >= 5:
+    if transformers_major() >= 5:
         assert hazards == []
     else:
         assert any(p["key"].endswith("rotary_emb.inv_freq") for p in hazards)

@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 import flame_ext
 from flame_ext.errors import CheckpointFormatError, InputError
 from flame_ext.io.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest, read_reference, write_manifest
+from flame_ext.io.registry import transformers_major
 from flame_ext.model.reference import DEFAULT_REFERENCE_TEXT
 
 
@@ -65,7 +66,8 @@ def test_manifest_reference_equals_an_independent_hf_forward(manifest, tiny_mode
     assert ids.flatten().tolist() == tokens[: rows * 512]
 
     dtype = getattr(torch, ref["dtype"])
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, **{"dtype" if _tf5() else "torch_dtype": dtype}).eval()
+    dtype_arg = "dtype" if transformers_major() >= 5 else "torch_dtype"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, **{dtype_arg: dtype}).eval()
     assert ref["dtype"] == str(next(model.parameters()).dtype).removeprefix("torch.")
     assert ref["attn_implementation"] == model.config._attn_implementation
     with torch.no_grad():
@@ -77,12 +79,6 @@ def test_manifest_reference_equals_an_independent_hf_forward(manifest, tiny_mode
         torch.tensor(ref["loss_per_token"]), per_token, atol=1e-4, rtol=1e-4
     )  # 6-decimal rounding + kernel order
     assert ref["loss_mean"] < 4.0, "the embedded model is trained: its loss is far below ln(256) = 5.55"
-
-
-def _tf5() -> bool:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0]) >= 5
 
 
 # ---------------------------------------------------------------- reading manifests back
