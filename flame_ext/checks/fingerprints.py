@@ -1,8 +1,11 @@
 """Values against the fingerprints recorded at conversion: one rule for ``diagnose --values`` and the guard.
 
 The caller computes the observed fingerprints its own way (diagnose streams the DCP files; the guard sums
-every rank's shards of the live parameters) in the checkpoint's key space; this module maps the recorded
-keys onto those (a nested checkpoint adds ``model.``), compares, and says what most likely happened.
+every rank's shards of the live parameters), always of the values as they are, never a rounding of them, in
+the checkpoint's key space. This module maps the recorded keys onto those (a nested checkpoint adds
+``model.``), chooses for each key the recorded fingerprint that values of its dtype must match
+(``expected_fingerprint``), compares, says what most likely happened, and states the coverage: how many of
+the tensors had a fingerprint to check, and why the others had none.
 """
 
 from __future__ import annotations
@@ -13,11 +16,19 @@ from dataclasses import dataclass, field
 import torch
 
 from flame_ext.checks.keys import locate_keys
-from flame_ext.io.fingerprint import Finding, matches, what_happened
+from flame_ext.io.fingerprint import Finding, exact_widening, matches, what_happened
 from flame_ext.io.manifest import Fingerprints
 from flame_ext.report import Problem
 
-__all__ = ["plan_verification", "Verification", "fingerprint_problems", "hint_for"]
+__all__ = [
+    "plan_verification",
+    "Verification",
+    "fingerprint_problems",
+    "coverage_problems",
+    "expected_fingerprint",
+    "values_dtype",
+    "hint_for",
+]
 
 _RECONVERT = "re-convert from the HF source with `flame-ext convert` (or check what wrote or edited this checkpoint)"
 _HINTS = {
@@ -32,10 +43,15 @@ _HINTS = {
     "rearranged": "its values were moved around (a wrong reshape or view): " + _RECONVERT,
     "scaled": "it was scaled after conversion (a folded norm, a scale applied twice): " + _RECONVERT,
     "rounding": (
-        "the values went through another rounding than the recorded dtype: re-convert at the dtype you train "
-        "in, or record the reference at the checkpoint's dtype (`flame-ext reference --dtype`)"
+        "the values are not those of any exact cast of the recorded ones (changed below the recorded dtype's "
+        "resolution, or rounded another way than round-to-nearest): " + _RECONVERT
     ),
 }
+_UNRECORDED_HINT = (
+    "record fingerprints in this checkpoint's key space: `flame-ext convert` records every tensor it writes; a "
+    "reference from `flame-ext reference` has the HF files' keys, which a checkpoint with other names (a "
+    "torchtitan-native layout) does not match"
+)
 
 
 def hint_for(code: str | None) -> str:
@@ -43,20 +59,69 @@ def hint_for(code: str | None) -> str:
     return _HINTS.get(code or "", "the tensor changed after it was written: " + _RECONVERT)
 
 
+def values_dtype(held: str, stored: str | None = None) -> str:
+    """The dtype whose values the observed tensor holds: the checkpoint's ``stored`` dtype when the load widened
+    it exactly into ``held`` (a bf16 checkpoint in fp32 parameters holds bf16 values), else ``held``."""
+    return stored if stored is not None and exact_widening(stored, held) else held
+
+
+def expected_fingerprint(recorded: Fingerprints, key: str, dtype: str) -> tuple[list[float], str] | None:
+    """The recorded fingerprint that values of ``dtype`` (``values_dtype``) under recorded ``key`` must match,
+    with the dtype it was taken at; None when the record has none for that dtype (not verifiable).
+
+    The plain fingerprint when ``dtype`` is the recorded one or an exact widening of it (bf16 -> fp32: the
+    same numbers); else the fingerprint of the recorded values rounded to ``dtype``, if it was recorded. A
+    legitimate cast then matches exactly, and a value changed below the recorded dtype's resolution does not.
+    """
+    stored, fp = recorded[key]
+    if exact_widening(stored, dtype):
+        return fp, stored
+    rounded = getattr(recorded, "rounded", {}).get(key, {}).get(dtype)
+    return (rounded, dtype) if rounded is not None else None
+
+
 @dataclass
 class Verification:
     """Which checkpoint keys are verified against which recorded fingerprint, and what was left out."""
 
-    keys: dict[str, str] = field(default_factory=dict)  # checkpoint key -> recorded key
+    keys: dict[str, str] = field(default_factory=dict)  # checkpoint key -> recorded key (verifiable)
     unrecorded: list[str] = field(default_factory=list)  # checkpoint keys with no recorded fingerprint
+    dtypes: dict[str, str] = field(default_factory=dict)  # checkpoint key -> dtype of its observed values
+    # recorded, but not at its values' dtype: checkpoint key -> (its values' dtype, the recorded dtype)
+    not_verifiable: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return len(self.keys) + len(self.unrecorded) + len(self.not_verifiable)
+
+    @property
+    def complete(self) -> bool:
+        return not (self.unrecorded or self.not_verifiable)
+
+    def coverage(self) -> str:
+        """``N of M``: the tensors with a fingerprint to check, of all the tensors there are."""
+        return f"{len(self.keys)} of {self.total}"
 
 
-def plan_verification(recorded: Fingerprints, checkpoint_keys: Iterable[str]) -> Verification:
-    """Map recorded keys (HF or flat names) onto the checkpoint's keys; keys on neither side are listed."""
+def plan_verification(
+    recorded: Fingerprints, checkpoint_keys: Iterable[str], dtypes: Mapping[str, str] | None = None
+) -> Verification:
+    """Map recorded keys (HF or flat names) onto the checkpoint's keys; keys on neither side are listed.
+
+    ``dtypes``: checkpoint key -> the dtype of the values that will be observed (``values_dtype``); a key whose
+    record has no fingerprint at that dtype is listed as not verifiable, and not observed at all.
+    """
     checkpoint_keys = sorted(checkpoint_keys)
     located = locate_keys(recorded, checkpoint_keys)
     keys = {ck: rk for rk, ck in located.items()}
-    return Verification(dict(sorted(keys.items())), [k for k in checkpoint_keys if k not in keys])
+    plan = Verification(unrecorded=[k for k in checkpoint_keys if k not in keys], dtypes=dict(dtypes or {}))
+    for ck, rk in sorted(keys.items()):
+        dtype = plan.dtypes.get(ck)
+        if dtype is not None and expected_fingerprint(recorded, rk, dtype) is None:
+            plan.not_verifiable[ck] = (dtype, recorded[rk][0])
+        else:
+            plan.keys[ck] = rk
+    return plan
 
 
 def fingerprint_problems(
@@ -68,37 +133,69 @@ def fingerprint_problems(
     stored_dtypes: Mapping[str, str] | None = None,
     where: str = "",
 ) -> list[Problem]:
-    """One ``value_mismatch`` per checkpoint key whose observed fingerprint is not the recorded one.
+    """One ``value_mismatch`` per checkpoint key whose observed fingerprint is not the expected one.
 
-    ``stored_dtypes`` (checkpoint key -> dtype in the checkpoint) makes a rounding-level difference a
-    warning when the checkpoint was deliberately stored at another dtype than the one recorded.
+    The dtype of each key's observed values is ``plan.dtypes`` (``plan_verification(dtypes=...)``), else
+    ``stored_dtypes``, else the recorded dtype; it chooses the recorded fingerprint to compare with
+    (``expected_fingerprint``). A key with none at its dtype is skipped here (``coverage_problems`` says so).
     """
-    problems = []
+    dtypes = {**(stored_dtypes or {}), **plan.dtypes}
+    expected = {}
     for key, rec_key in plan.keys.items():
-        dtype, expected = recorded[rec_key]
-        if key not in observed or matches(observed[key], expected, recorded.tolerance):
+        found = expected_fingerprint(recorded, rec_key, dtypes.get(key, recorded[rec_key][0]))
+        if found is not None:
+            expected[key] = found
+    problems = []
+    for key, (fp, at) in expected.items():
+        if key not in observed or matches(observed[key], fp, recorded.tolerance):
             continue
         shape = tuple(shapes[key])
-        others = {
-            ck: recorded[rk][1]
-            for ck, rk in plan.keys.items()
-            if ck != key and tuple(shapes.get(ck, ())) == shape and recorded[rk][0] == dtype
-        }
-        finding = what_happened(
-            key, observed[key], expected, shape=shape, dtype=dtype, others=others, tol=recorded.tolerance
-        )
-        stored = (stored_dtypes or {}).get(key, dtype)
-        severity = "warning" if finding.code == "rounding" and stored != dtype else "error"
-        problems.append(_problem(key, finding, severity, stored, dtype, where))
+        others = {ck: e for ck, (e, d) in expected.items() if ck != key and d == at and tuple(shapes[ck]) == shape}
+        finding = what_happened(key, observed[key], fp, shape=shape, dtype=at, others=others, tol=recorded.tolerance)
+        problems.append(_problem(key, finding, dtypes.get(key, at), recorded[plan.keys[key]][0], where))
     return problems
 
 
-def _problem(key: str, finding: Finding, severity: str, stored: str, recorded: str, where: str) -> Problem:
-    cast = f" (stored as {stored}, recorded as {recorded})" if stored != recorded else ""
+def _problem(key: str, finding: Finding, held: str, recorded: str, where: str) -> Problem:
+    cast = f" (values of {held}, recorded as {recorded})" if held != recorded else ""
     return Problem(
         "value_mismatch",
-        severity,  # type: ignore[arg-type]
+        "error",
         key,
         f"its values are not the ones written at conversion{where}: {finding.text}{cast}",
         hint_for(finding.code),
     )
+
+
+def coverage_problems(plan: Verification, *, required: bool, what: str = "loaded") -> list[Problem]:
+    """A ``manifest`` problem for each reason some of the ``what`` tensors have no fingerprint to check: a
+    warning, or an error when verification is ``required`` (the user asked for every value to be verified)."""
+    severity = "error" if required else "warning"
+    problems = []
+    if plan.unrecorded:
+        n, first = len(plan.unrecorded), ", ".join(plan.unrecorded[:3])
+        problems.append(
+            Problem(
+                "manifest",
+                severity,  # type: ignore[arg-type]
+                None,
+                f"values: {plan.coverage()} tensors verified: no fingerprint recorded for {n} {what} tensors "
+                f"(e.g. {first})",
+                _UNRECORDED_HINT,
+            )
+        )
+    by_dtype: dict[tuple[str, str], list[str]] = {}
+    for key, dtypes in plan.not_verifiable.items():
+        by_dtype.setdefault(dtypes, []).append(key)
+    for (dtype, recorded), keys in sorted(by_dtype.items()):
+        problems.append(
+            Problem(
+                "manifest",
+                severity,  # type: ignore[arg-type]
+                None,
+                f"values: {plan.coverage()} tensors verified: values of {len(keys)} tensors {what} as {dtype} are "
+                f"not verified: the record has no {dtype} fingerprints (recorded as {recorded}; e.g. {keys[0]})",
+                f"re-convert with this flame-ext (it records every training dtype) or at {dtype}",
+            )
+        )
+    return problems

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from flame_ext.checks.fingerprints import fingerprint_problems, hint_for, plan_verification
+from flame_ext.checks.fingerprints import coverage_problems, fingerprint_problems, hint_for, plan_verification
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, DCPRowReader, row_blocks
 from flame_ext.io.fingerprint import TERMS, Finding, block_fingerprint, what_happened
 from flame_ext.io.hf import HFCheckpoint, HFTensor, hf_source, read_tensor
@@ -34,6 +34,7 @@ class ValueStats:
     compared: int = 0
     skipped: dict[str, str] = field(default_factory=dict)
     bytes_read: int = 0
+    total: int = 0  # the tensors there are to verify (compared + skipped)
 
 
 def narrower(a: torch.dtype, b: torch.dtype) -> torch.dtype:
@@ -203,24 +204,28 @@ def verify_fingerprints(
     *,
     buffer_bytes: int = DEFAULT_BUFFER_BYTES // 4,
 ) -> tuple[list[Problem], ValueStats]:
-    """Every checkpoint tensor against the fingerprint recorded when it was written; the HF source is not read."""
-    plan = plan_verification(recorded, [k for k, s in found.items() if s is not None])
+    """Every checkpoint tensor against the fingerprint recorded when it was written; the HF source is not read.
+
+    The values are summed as stored; the stored dtype chooses the recorded fingerprint they must match
+    (``checks.fingerprints``). A tensor with no fingerprint to check is an error: ``--values`` asks for all.
+    """
+    tensors = {k: s for k, s in found.items() if s is not None}
+    plan = plan_verification(recorded, tensors, {k: s.dtype for k, s in tensors.items()})
     reader = DCPRowReader(folder)
-    stats = ValueStats()
+    stats = ValueStats(total=plan.total)
     observed: dict[str, torch.Tensor] = {}
     for key in plan.keys:
-        spec = found[key]
-        assert spec is not None
-        dtype = getattr(torch, recorded[plan.keys[key]][0])
+        spec = tensors[key]
         fp = torch.zeros(len(TERMS), dtype=torch.float64)
         for start, end in row_blocks(spec, buffer_bytes):
             block = reader.rows(key, spec, start, end)
             stats.bytes_read += block.numel() * block.element_size()
             offsets = [start] + [0] * (len(spec.shape) - 1) if spec.shape else []
-            fp += block_fingerprint(block, offsets, spec.shape, dtype)  # cast chunk by chunk, if at all
+            fp += block_fingerprint(block, offsets, spec.shape)  # the values as stored
         observed[key] = fp
         stats.compared += 1
     stats.skipped.update({k: "no recorded fingerprint" for k in plan.unrecorded})
-    shapes = {k: found[k].shape for k in plan.keys}  # type: ignore[union-attr]
-    stored = {k: s.dtype for k, s in found.items() if s is not None}
-    return fingerprint_problems(observed, recorded, plan, shapes, stored_dtypes=stored), stats
+    stats.skipped.update({k: f"not verified at {d}" for k, (d, _) in plan.not_verifiable.items()})
+    shapes = {k: tensors[k].shape for k in plan.keys}
+    problems = fingerprint_problems(observed, recorded, plan, shapes)
+    return problems + coverage_problems(plan, required=True, what="stored"), stats

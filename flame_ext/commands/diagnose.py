@@ -351,9 +351,8 @@ def _values_pass(
         on_stage("verifying values against the manifest's fingerprints")
         problems, stats = verify_fingerprints(ctx.folder, ctx.found, recorded, buffer_bytes=opts.buffer_bytes)
         report.notes.append(
-            f"values: {stats.compared} tensors verified against the fingerprints recorded at conversion "
-            f"({stats.bytes_read / 1e6:,.1f} MB read, HF source not read)"
-            + (f", {len(stats.skipped)} without one" if stats.skipped else "")
+            f"values: {stats.compared} of {stats.total} tensors verified against the fingerprints recorded at "
+            f"conversion ({stats.bytes_read / 1e6:,.1f} MB read, HF source not read)"
         )
         return problems
     if note and ctx.manifest:

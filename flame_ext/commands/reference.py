@@ -21,20 +21,22 @@ __all__ = ["write_reference", "source_fingerprints"]
 
 
 def source_fingerprints(hf: HFCheckpoint, dtype: str | None, buffer_bytes: int = DEFAULT_BUFFER_BYTES // 4) -> dict:
-    """The fingerprints section for every tensor of the HF files, as ``dtype`` would store them (None: as is).
+    """The fingerprints section for every tensor of the HF files, as ``dtype`` would store them (None: as is),
+    with those of the values rounded to the other training dtypes, so that a checkpoint stored or loaded at any
+    of them verifies exactly.
 
     Streamed block by block through the converter's own reader, so the values are exactly what a
     `flame-ext convert --dtype` would write; keys are the HF files' (the guard maps them to a checkpoint's).
     """
     specs = {k: replace_dtype(t.spec, dtype) for k, t in hf.tensors.items()}
-    recorder = Recorder({k: s.shape for k, s in specs.items()})
+    recorder = Recorder({k: s.shape for k, s in specs.items()}, rounded=True)
     for key, spec in specs.items():
         read = source_reader(hf.tensors[key], spec.dtype)
         for start, end in row_blocks(spec, buffer_bytes):
             block = read(start, end)
             recorder.add_rows(key, start, block)
             del block
-    return fingerprints_section(recorder.values, {k: s.dtype for k, s in specs.items()})
+    return fingerprints_section(recorder.values, {k: s.dtype for k, s in specs.items()}, recorder.rounded)
 
 
 def write_reference(args: argparse.Namespace) -> dict[str, Any]:

@@ -216,7 +216,7 @@ def _convert(opts: ConvertOptions, rank: int, world: int, slow_group: Any) -> Su
     )  # fmt: skip
     with stack:  # on rank 0: any exception removes the temporary folder, success renames it
         share = split_by_bytes(plan.entries, world, _entry_bytes)[rank]
-        recorder = Recorder({e.key: e.spec.shape for e in share})
+        recorder = Recorder({e.key: e.spec.shape for e in share}, rounded=True)
         with Progress(sum(e.spec.nbytes for e in share), opts.progress and rank == 0, "convert") as bar:
             save_streaming(
                 tmp,
@@ -227,14 +227,14 @@ def _convert(opts: ConvertOptions, rank: int, world: int, slow_group: Any) -> Su
                 distributed=True,
             )
         flush_files(_own_files(tmp, rank))  # each rank flushes what it wrote: on a shared filesystem only it can
-        results = gather(recorder.values)  # after this, every rank's files are written and flushed
+        results = gather((recorder.values, recorder.rounded))  # after this, every rank's files are written, flushed
         summary = Summary(Path(opts.checkpoint).absolute(), notes=list(plan.notes), parameters=plan.parameters)
 
         def publish() -> None:
             if rank != 0:
                 return
-            fingerprints = _merged(results)
-            complete_manifest(summary, plan, opts, nonfinite_keys(fingerprints), fingerprints)
+            fingerprints, rounded = _merged([r[0] for r in results]), _merged([r[1] for r in results])
+            complete_manifest(summary, plan, opts, nonfinite_keys(fingerprints), fingerprints, rounded=rounded)
             write_manifest(tmp, summary.manifest)
             stack.close()  # made durable and renamed: the destination appears whole
 

@@ -196,8 +196,12 @@ def complete_manifest(
     nonfinite: list[str],
     fingerprints: dict,
     forward: "ForwardBeside | ReferenceForward | FlameExtError | None" = None,
+    rounded: dict | None = None,
 ) -> None:
     """After every tensor is written: the reference loss, the warnings and ``summary.manifest``.
+
+    ``fingerprints`` and ``rounded`` are the recorder's (``io.fingerprint.Recorder``): the values as written,
+    and rounded to the other training dtypes.
 
     ``forward``: the reference forward prepared (and perhaps already run beside the writer), or the error
     preparing it raised; None prepares and runs it here when ``opts.reference`` asks for one.
@@ -212,7 +216,8 @@ def complete_manifest(
         summary.notes += reference.get("notes", [])
     summary.manifest = _manifest(hf, opts, entries, plan.fresh, reference, plan.parameters)
     summary.manifest.update(nonfinite_keys=nonfinite, reference_note=reference_note)
-    summary.manifest["fingerprints"] = fingerprints_section(fingerprints, {e.key: e.spec.dtype for e in entries})
+    dtypes = {e.key: e.spec.dtype for e in entries}
+    summary.manifest["fingerprints"] = fingerprints_section(fingerprints, dtypes, rounded)
     if unavailable:
         summary.manifest["reference_unavailable"] = unavailable
         summary.notes.append(
@@ -254,7 +259,7 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
     summary = Summary(Path(opts.checkpoint).absolute(), notes=list(plan.notes), parameters=plan.parameters)
     entries = plan.entries
     total = sum(e.spec.nbytes for e in entries)
-    recorder = Recorder({e.key: e.spec.shape for e in entries})
+    recorder = Recorder({e.key: e.spec.shape for e in entries}, rounded=True)
     on_block = recorder.add_rows
     try:
         fwd: ReferenceForward | FlameExtError | None = prepare_reference_forward(plan, opts)
@@ -275,7 +280,9 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
                 )
             if beside:
                 beside.wait(opts.progress)
-        complete_manifest(summary, plan, opts, nonfinite_keys(recorder.values), recorder.values, beside or fwd)
+        complete_manifest(
+            summary, plan, opts, nonfinite_keys(recorder.values), recorder.values, beside or fwd, recorder.rounded
+        )
         write_manifest(tmp, summary.manifest)
     summary.tensors = len(entries)
     summary.bytes = total

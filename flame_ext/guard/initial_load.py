@@ -69,6 +69,7 @@ class InitialLoadGuard:
         self.found: dict[str, TensorSpec | None] = {}
         self.figures: dict[str, float] = {}  # step-0 figures for the metric logger beside the loss
         self.model_prefix = ""
+        self.values_label = "values"  # in the final line: "values: N of M" when some had nothing to check
 
     # -- before
 
@@ -142,8 +143,10 @@ class InitialLoadGuard:
         """
         start = time.perf_counter()
         if self.fingerprints is not None and loaded is not None:
-            values = verify_loaded_values(self.fingerprints, loaded, self.found, self._agreed)
+            required = self.config.initial_load_verify_values is True
+            values = verify_loaded_values(self.fingerprints, loaded, self.found, self._agreed, required=required)
             self.figures.update(values.figures)
+            self.values_label = values.label
             self.report.notes.append(values.note)
             self.report.extend(pool(values.problems))
             self.report.checked += ["values"]
@@ -164,7 +167,7 @@ class InitialLoadGuard:
         logger.info(
             "flame-ext: initial load of %s validated (%s%s: %.0f ms)",
             self.checkpoint,
-            ", ".join(self.report.checked),
+            ", ".join(self.values_label if c == "values" else c for c in self.report.checked),
             "; step-0 loss not measured" if comparison is None else "",
             (time.perf_counter() - start) * 1e3,
         )

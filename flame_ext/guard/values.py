@@ -1,5 +1,7 @@
 """After loading: every loaded tensor against the fingerprint recorded when it was written
-(``checks.fingerprints``). Each rank sums its shards, one all-reduce gives the whole; exact, no threshold.
+(``checks.fingerprints``). Each rank sums its shards of the values as they are, one all-reduce gives the
+whole; exact, no threshold. The coverage (how many loaded tensors had a fingerprint to check) is always
+stated, and anything short of all of them is a warning, or an error when verification was asked for.
 """
 
 from __future__ import annotations
@@ -24,51 +26,76 @@ Agreed = Callable[[Callable[[], Any], str], Any]
 
 
 class ValueCheck:
-    """What the value check found: its problems, its figures for the metric logger, its line for the report."""
+    """What the value check found: its problems, its figures for the metric logger, its line for the report
+    and the label the final log line gives it (``values``, or ``values: N of M`` when some were not verified)."""
 
-    def __init__(self, problems: list[Problem], verified: int, unrecorded: int) -> None:
+    def __init__(self, problems: list[Problem], verified: int, total: int) -> None:
         self.problems = problems
-        mismatched = sum(1 for p in problems if p.severity == "error")
-        self.figures = {"initial_load/tensors_verified": verified, "initial_load/value_mismatches": mismatched}
-        self.note = f"values: {verified} tensors verified against the fingerprints recorded at conversion, " + (
-            f"{mismatched} differ" + (f"; {unrecorded} loaded tensors have none" if unrecorded else "")
+        mismatched = sum(1 for p in problems if p.kind == "value_mismatch")
+        self.figures = {
+            "initial_load/tensors_verified": verified,
+            "initial_load/tensors_total": total,
+            "initial_load/value_mismatches": mismatched,
+        }
+        self.complete = verified == total
+        self.label = "values" if self.complete else f"values: {verified} of {total}"
+        self.note = (
+            f"values: {verified} of {total} tensors verified against the fingerprints recorded at conversion, "
+            f"{mismatched} differ"
         )
 
 
 def verify_loaded_values(
-    fingerprints: Any, loaded: Mapping[str, Any], found: Mapping[str, TensorSpec | None], agreed: Agreed
+    fingerprints: Any,
+    loaded: Mapping[str, Any],
+    found: Mapping[str, TensorSpec | None],
+    agreed: Agreed,
+    *,
+    required: bool = False,
 ) -> ValueCheck:
     """Every rank's share of each fingerprint, one all-reduce, then the same comparison on every rank.
 
+    The values are summed as the trainer holds them; the recorded fingerprint they must match is chosen by
+    the dtype of those values (``checks.fingerprints.expected_fingerprint``). ``required``
+    (``initial_load_verify_values = true``): a loaded tensor with no fingerprint to check is an error.
+
     ALL ranks must call it: it holds collectives.
     """
-    from flame_ext.checks.fingerprints import fingerprint_problems, plan_verification
+    from flame_ext.checks.fingerprints import coverage_problems, fingerprint_problems, plan_verification, values_dtype
     from flame_ext.io.fingerprint import TERMS, local_fingerprint
 
     start = time.perf_counter()
     tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
-    plan = plan_verification(fingerprints, tensors)
+    dtypes = {k: values_dtype(_name(v.dtype), getattr(found.get(k), "dtype", None)) for k, v in tensors.items()}
+    plan = plan_verification(fingerprints, tensors, dtypes)
     keys = list(plan.keys)
 
     def shares() -> torch.Tensor:
-        dtypes = [getattr(torch, fingerprints[plan.keys[k]][0]) for k in keys]
-        parts = [local_fingerprint(tensors[k], d) for k, d in zip(keys, dtypes)]
+        parts = [local_fingerprint(tensors[k]) for k in keys]
         return torch.stack(parts) if parts else torch.zeros(0, len(TERMS), dtype=torch.float64)
 
     total = sum_over_ranks(agreed(shares, "the value check"))
     observed = dict(zip(keys, total))
-    stored = {k: s.dtype for k, s in found.items() if s is not None}
     shapes = {k: tuple(tensors[k].shape) for k in keys}
     problems = agreed(
-        lambda: fingerprint_problems(observed, fingerprints, plan, shapes, stored_dtypes=stored), "the value check"
+        lambda: fingerprint_problems(observed, fingerprints, plan, shapes) + coverage_problems(plan, required=required),
+        "the value check",
     )
-    check = ValueCheck(problems, len(keys), len(plan.unrecorded))
+    check = ValueCheck(problems, len(keys), plan.total)
     logger.info(
-        "flame-ext: verified the values of %d loaded tensors against their recorded fingerprints on %d rank(s): "
-        "%d differ (%.0f ms)",
+        "flame-ext: verified the values of %d loaded tensors (of %d) against their recorded fingerprints on %d "
+        "rank(s): %d differ (%.0f ms)",
         len(keys),
+        plan.total,
         world(),
         check.figures["initial_load/value_mismatches"],
         (time.perf_counter() - start) * 1e3,
     )
+    for p in problems:
+        if p.kind == "manifest" and p.severity == "warning":  # an error is in the failure report
+            logger.warning("flame-ext: %s", p.detail)
     return check
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

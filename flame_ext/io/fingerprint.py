@@ -32,10 +32,14 @@ __all__ = [
     "ALGORITHM",
     "TERMS",
     "TOLERANCE",
+    "TRAINING_DTYPES",
     "Recorder",
     "as_record",
     "fingerprint",
     "block_fingerprint",
+    "block_fingerprints",
+    "exact_widening",
+    "rounding_dtypes",
     "local_fingerprint",
     "matches",
     "transposed",
@@ -91,6 +95,40 @@ def _columns(global_shape: Sequence[int], local_shape: Sequence[int], offsets: S
     return index.reshape(-1)
 
 
+def exact_widening(narrow: str, wide: str) -> bool:
+    """Whether every value of dtype ``narrow`` (NaN and inf included) is also a value of ``wide``, so that a
+    cast from one to the other is exact by construction (bf16 -> fp32, fp16 -> fp32; a dtype to itself).
+
+    Floating point: ``wide`` has at least the precision, the range and the smallest subnormal of ``narrow``.
+    Integers: ``wide``'s range holds ``narrow``'s. Never between the two kinds."""
+    if narrow == wide:
+        return True
+    a, b = getattr(torch, narrow, None), getattr(torch, wide, None)
+    if not isinstance(a, torch.dtype) or not isinstance(b, torch.dtype) or a.is_complex or b.is_complex:
+        return False
+    if a.is_floating_point != b.is_floating_point or torch.bool in (a, b):
+        return False
+    if a.is_floating_point:
+        fa, fb = torch.finfo(a), torch.finfo(b)
+        return fb.eps <= fa.eps and fb.max >= fa.max and fb.smallest_normal * fb.eps <= fa.smallest_normal * fa.eps
+    ia, ib = torch.iinfo(a), torch.iinfo(b)
+    return ib.min <= ia.min and ib.max >= ia.max
+
+
+# The dtypes a trainer holds parameters in: a record verifies a load at any of them exactly.
+TRAINING_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def rounding_dtypes(stored: str) -> tuple[str, ...]:
+    """The training dtypes that values stored as ``stored`` reach only by rounding (a cast that is not exact by
+    construction): float32 -> (bfloat16, float16), bfloat16 -> (float16,), float16 -> (bfloat16,).
+    Their fingerprints are recorded beside the plain one (``Recorder(rounded=True)``)."""
+    dtype = getattr(torch, stored, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        return ()
+    return tuple(d for d in TRAINING_DTYPES if not exact_widening(stored, d))
+
+
 def block_fingerprint(
     block: torch.Tensor,
     offsets: Sequence[int],
@@ -100,51 +138,69 @@ def block_fingerprint(
     workers: int = 1,
 ) -> torch.Tensor:
     """The fingerprint contribution of ``block``, which sits at ``offsets`` in a tensor of ``global_shape``,
-    of its values cast to ``dtype`` (the stored dtype; cast chunk by chunk, never a whole copy).
+    of its values cast to ``dtype`` (None: as they are; cast chunk by chunk, never a whole copy).
 
     ``workers`` > 1 splits the rows among that many threads, each running torch single-threaded (see
     ``_parallel_sums``); it changes torch's process-wide thread count while it runs, so only a caller that owns
     the process at that moment (the guard, before step 1) may ask for it.
     """
+    return block_fingerprints(block, offsets, global_shape, (dtype,), workers=workers)[0]
+
+
+def block_fingerprints(
+    block: torch.Tensor,
+    offsets: Sequence[int],
+    global_shape: Sequence[int],
+    dtypes: Sequence[torch.dtype | None],
+    *,
+    workers: int = 1,
+) -> torch.Tensor:
+    """``[len(dtypes), len(TERMS)]``: ``block_fingerprint`` at each of ``dtypes``, in one pass over the block
+    (each chunk is read once and cast to each dtype while it is in cache)."""
     if workers <= 1 or torch.get_num_threads() == 1:
-        return _block_fingerprint(block, offsets, global_shape, dtype, workers)
+        return _block_fingerprints(block, offsets, global_shape, tuple(dtypes), workers)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # for the small operations too: an idle OpenMP team spins between them
     try:
-        return _block_fingerprint(block, offsets, global_shape, dtype, workers)
+        return _block_fingerprints(block, offsets, global_shape, tuple(dtypes), workers)
     finally:
         torch.set_num_threads(threads)
 
 
-def _block_fingerprint(
-    block: torch.Tensor, offsets: Sequence[int], global_shape: Sequence[int], dtype: torch.dtype | None, workers: int
+def _block_fingerprints(
+    block: torch.Tensor,
+    offsets: Sequence[int],
+    global_shape: Sequence[int],
+    dtypes: tuple[torch.dtype | None, ...],
+    workers: int,
 ) -> torch.Tensor:
     shape = tuple(block.shape)
     rows = shape[0] if shape else 1
-    out = torch.zeros(len(TERMS), dtype=torch.float64)
+    out = torch.zeros((len(dtypes), len(TERMS)), dtype=torch.float64)
     if block.numel() == 0:
         return out
     x2d = block.reshape(rows, -1)
-    if dtype is None or x2d.dtype == dtype:
-        dtype = None
+    dtypes = tuple(None if d == x2d.dtype else d for d in dtypes)
     row_w = _row_weights(offsets[0] if len(offsets) else 0, rows)
-    sums = _parallel_sums(x2d, row_w, dtype, False, workers)
-    if not math.isfinite(sums.sum_sq):  # rare (a NaN or inf: x*x of one is not finite): count them, sum as 0
-        sums = _parallel_sums(x2d, row_w, dtype, True, workers)
+    sums = _parallel_sums(x2d, row_w, dtypes, False, workers)
+    if not all(math.isfinite(s) for s in sums.sum_sq):  # rare (a NaN or inf: x*x is not finite): count, sum as 0
+        sums = _parallel_sums(x2d, row_w, dtypes, True, workers)
     col_w = _weights(_columns(global_shape, shape, offsets))  # [cols, 2]: p(j), q(j)
-    acc = sums.acc
-    out[0] = sums.nonfinite
-    out[1] = acc[0].sum()
-    out[2] = sums.sum_sq
-    out[3] = sums.sum_abs
-    out[4:6] = acc[1:].sum(1)
-    out[6:8] = acc[0] @ col_w
-    out[8] = acc[1] @ col_w[:, 1]
-    out[9] = acc[2] @ col_w[:, 0]
+    for i, acc in enumerate(sums.acc):
+        out[i, 0] = sums.nonfinite[i]
+        out[i, 1] = acc[0].sum()
+        out[i, 2] = sums.sum_sq[i]
+        out[i, 3] = sums.sum_abs[i]
+        out[i, 4:6] = acc[1:].sum(1)
+        out[i, 6:8] = acc[0] @ col_w
+        out[i, 8] = acc[1] @ col_w[:, 1]
+        out[i, 9] = acc[2] @ col_w[:, 0]
     return out
 
 
-def _parallel_sums(x2d: torch.Tensor, row_w: torch.Tensor, dtype: torch.dtype | None, mask: bool, workers: int):
+def _parallel_sums(
+    x2d: torch.Tensor, row_w: torch.Tensor, dtypes: tuple[torch.dtype | None, ...], mask: bool, workers: int
+) -> _Sums:
     """The block's sums, its rows split among ``workers`` threads when it is large enough to be worth it.
 
     Each thread runs torch single-threaded (``block_fingerprint`` sees to it) on its own rows and the parts are
@@ -156,11 +212,11 @@ def _parallel_sums(x2d: torch.Tensor, row_w: torch.Tensor, dtype: torch.dtype | 
     rows = x2d.shape[0]
     workers = max(1, min(workers, x2d.numel() // (2 * _CHUNK), rows))
     if workers == 1:
-        return _Sums(x2d, row_w, dtype, mask)
+        return _Sums(x2d, row_w, dtypes, mask)
     cuts = [rows * w // workers for w in range(workers + 1)]
     with ThreadPoolExecutor(workers) as pool:
         parts = list(
-            pool.map(lambda r: _Sums(x2d[r[0] : r[1]], row_w[:, r[0] : r[1]], dtype, mask), zip(cuts, cuts[1:]))
+            pool.map(lambda r: _Sums(x2d[r[0] : r[1]], row_w[:, r[0] : r[1]], dtypes, mask), zip(cuts, cuts[1:]))
         )
     total = parts[0]
     for part in parts[1:]:
@@ -170,40 +226,45 @@ def _parallel_sums(x2d: torch.Tensor, row_w: torch.Tensor, dtype: torch.dtype | 
 
 class _Sums:
     """One pass over a 2-D block in float64 chunks of at most ``_CHUNK`` values (cache-sized, so the block is
-    never copied whole): per column ``sum_i x``, ``sum_i x p(i)``, ``sum_i x q(i)`` in one matrix product with
-    the row weights, plus ``sum x^2`` and ``sum |x|``. Four passes over each chunk, all in cache: the float64
-    copy, the product, the dot product, and ``abs_`` + sum (in place: the chunk is a scratch copy)."""
+    never copied whole), for each of ``dtypes`` (None: the values as they are): per column ``sum_i x``,
+    ``sum_i x p(i)``, ``sum_i x q(i)`` in one matrix product with the row weights, plus ``sum x^2`` and
+    ``sum |x|``. Four passes over each chunk and dtype, all in cache: the float64 copy (rounded to the dtype
+    first, then widened exactly), the product, the dot product, and ``abs_`` + sum (in place: the chunk is a
+    scratch copy)."""
 
-    def __init__(self, x2d: torch.Tensor, row_w: torch.Tensor, dtype: torch.dtype | None, mask: bool) -> None:
+    def __init__(
+        self, x2d: torch.Tensor, row_w: torch.Tensor, dtypes: tuple[torch.dtype | None, ...], mask: bool
+    ) -> None:
         rows, cols = x2d.shape
         step = max(1, _CHUNK // cols)
         buffer = torch.empty((min(step, rows), cols), dtype=torch.float64)
-        staging = torch.empty((min(step, rows), cols), dtype=dtype) if dtype is not None else None
-        self.acc = torch.zeros((3, cols), dtype=torch.float64)
-        self.nonfinite = 0
-        squares, absolutes = [], []
+        staging = {d: torch.empty((min(step, rows), cols), dtype=d) for d in dtypes if d is not None}
+        self.acc = [torch.zeros((3, cols), dtype=torch.float64) for _ in dtypes]
+        self.nonfinite = [0] * len(dtypes)
+        squares: list[list[torch.Tensor]] = [[] for _ in dtypes]
+        absolutes: list[list[torch.Tensor]] = [[] for _ in dtypes]
         for start in range(0, rows, step):
             chunk = x2d[start : start + step]
-            if staging is not None:  # round to the stored dtype first, then widen exactly
-                chunk = staging[: len(chunk)].copy_(chunk)
-            x = buffer[: len(chunk)]
-            x.copy_(chunk)
-            if mask:
-                bad = ~torch.isfinite(x)
-                self.nonfinite += int(bad.sum())
-                x.masked_fill_(bad, 0.0)
-            flat = x.view(-1)
-            squares.append(torch.dot(flat, flat))
-            self.acc.addmm_(row_w[:, start : start + len(x)], x)
-            absolutes.append(flat.abs_().sum())
-        self.sum_sq = float(torch.stack(squares).sum())
-        self.sum_abs = float(torch.stack(absolutes).sum())
+            for i, dtype in enumerate(dtypes):
+                x = buffer[: len(chunk)]
+                x.copy_(chunk if dtype is None else staging[dtype][: len(chunk)].copy_(chunk))
+                if mask:
+                    bad = ~torch.isfinite(x)
+                    self.nonfinite[i] += int(bad.sum())
+                    x.masked_fill_(bad, 0.0)
+                flat = x.view(-1)
+                squares[i].append(torch.dot(flat, flat))
+                self.acc[i].addmm_(row_w[:, start : start + len(x)], x)
+                absolutes[i].append(flat.abs_().sum())
+        self.sum_sq = [float(torch.stack(s).sum()) for s in squares]
+        self.sum_abs = [float(torch.stack(a).sum()) for a in absolutes]
 
     def add(self, other: _Sums) -> None:
-        self.acc += other.acc
-        self.nonfinite += other.nonfinite
-        self.sum_sq += other.sum_sq
-        self.sum_abs += other.sum_abs
+        for i in range(len(self.acc)):
+            self.acc[i] += other.acc[i]
+            self.nonfinite[i] += other.nonfinite[i]
+            self.sum_sq[i] += other.sum_sq[i]
+            self.sum_abs[i] += other.sum_abs[i]
 
 
 def fingerprint(t: torch.Tensor) -> torch.Tensor:
@@ -214,6 +275,10 @@ def fingerprint(t: torch.Tensor) -> torch.Tensor:
 class Recorder:
     """Fingerprints of tensors written block by block (rows [start, end) at a time), from several threads.
 
+    ``values[key]`` is the fingerprint of the values as written. With ``rounded=True``, ``rounded[key]`` also
+    holds, for each dtype of ``rounding_dtypes(the block's dtype)``, the fingerprint of the values rounded to it
+    (what a trainer holding its parameters at that dtype loads), from the same pass over each block.
+
     Each block's share is computed outside the lock (torch releases the GIL for the sums), then added.
     The writer threads are the parallelism here: each computes its share with one torch thread. With torch's
     intra-op (OpenMP) threads, every thread calling would start its own team for every small operation, and
@@ -222,22 +287,27 @@ class Recorder:
     was made is put back after each block.
     """
 
-    def __init__(self, shapes: Mapping[str, Sequence[int]]) -> None:
+    def __init__(self, shapes: Mapping[str, Sequence[int]], *, rounded: bool = False) -> None:
         self.shapes = {k: tuple(s) for k, s in shapes.items()}
         self.values = {k: torch.zeros(len(TERMS), dtype=torch.float64) for k in self.shapes}
+        self.rounded: dict[str, dict[str, torch.Tensor]] = {k: {} for k in self.shapes} if rounded else {}
         self._lock = threading.Lock()
         self._threads = torch.get_num_threads()
 
     def add_rows(self, key: str, start: int, block: torch.Tensor) -> None:
         shape = self.shapes[key]
         offsets = [start] + [0] * (len(shape) - 1) if shape else []
+        targets = rounding_dtypes(str(block.dtype).removeprefix("torch.")) if self.rounded else ()
         torch.set_num_threads(1)
         try:
-            part = block_fingerprint(block, offsets, shape)
+            parts = block_fingerprints(block, offsets, shape, (None, *(getattr(torch, d) for d in targets)))
         finally:
             torch.set_num_threads(self._threads)
         with self._lock:
-            self.values[key] += part
+            self.values[key] += parts[0]
+            for dtype, part in zip(targets, parts[1:]):
+                into = self.rounded[key]
+                into[dtype] = into[dtype] + part if dtype in into else part
 
 
 def nonfinite_keys(values: Mapping[str, torch.Tensor]) -> list[str]:
@@ -254,7 +324,8 @@ def as_record(fp: torch.Tensor) -> list[float | int]:
 def local_fingerprint(
     value: torch.Tensor, dtype: torch.dtype | None = None, *, workers: int | None = None
 ) -> torch.Tensor:
-    """This rank's share of a parameter's fingerprint, at ``dtype`` (the stored one); sum it over all ranks.
+    """This rank's share of a parameter's fingerprint, of its values cast to ``dtype`` (None: as they are, which
+    is what the guard compares); sum it over all ranks.
 
     ``workers`` (default: torch's intra-op thread count, the cores the trainer gave this rank) threads share
     the work, as in ``block_fingerprint``: call it where nothing else runs torch in this process meanwhile.

@@ -142,21 +142,40 @@ def read_reference(path: str | os.PathLike) -> dict[str, Any]:
     return data["reference"]
 
 
-def fingerprints_section(values: dict[str, torch.Tensor], dtypes: dict[str, str]) -> dict[str, Any]:
-    """The manifest's ``fingerprints`` section: per key, the fingerprint of the values as stored."""
+def fingerprints_section(
+    values: dict[str, torch.Tensor],
+    dtypes: dict[str, str],
+    rounded: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> dict[str, Any]:
+    """The manifest's ``fingerprints`` section: per key, the fingerprint of the values as stored (``dtype``,
+    ``fingerprint``) and, when ``rounded`` has the key, those of the values rounded to each training dtype they
+    reach only by rounding (``rounded: {dtype: fingerprint}``; ``io.fingerprint.rounding_dtypes``)."""
+
+    def entry(key: str, fp: torch.Tensor) -> dict[str, Any]:
+        item: dict[str, Any] = {"dtype": dtypes[key], "fingerprint": as_record(fp)}
+        if (rounded or {}).get(key):
+            item["rounded"] = {d: as_record(v) for d, v in sorted(rounded[key].items())}  # type: ignore[index]
+        return item
+
     return {
         "version": FINGERPRINTS_VERSION,
         "algorithm": ALGORITHM,
         "terms": list(TERMS),
         "tolerance": TOLERANCE,
-        "tensors": {k: {"dtype": dtypes[k], "fingerprint": as_record(v)} for k, v in sorted(values.items())},
+        "tensors": {k: entry(k, v) for k, v in sorted(values.items())},
     }
 
 
 class Fingerprints(dict):
-    """key -> (stored dtype, fingerprint) from a manifest, with the tolerance it was written for."""
+    """key -> (stored dtype, fingerprint) from a manifest, with the tolerance it was written for, and
+    ``rounded``: key -> {dtype: fingerprint of the stored values rounded to it} (empty for manifests written
+    before flame-ext recorded them)."""
 
     tolerance: float = TOLERANCE
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rounded: dict[str, dict[str, list[float]]] = {}
 
 
 def read_fingerprints(manifest: dict[str, Any]) -> tuple[Fingerprints | None, str | None]:
@@ -174,6 +193,7 @@ def read_fingerprints(manifest: dict[str, Any]) -> tuple[Fingerprints | None, st
         )
     out = Fingerprints({k: (v["dtype"], v["fingerprint"]) for k, v in section["tensors"].items()})
     out.tolerance = float(section["tolerance"])
+    out.rounded = {k: dict(v["rounded"]) for k, v in section["tensors"].items() if isinstance(v.get("rounded"), dict)}
     return out, None
 
 
