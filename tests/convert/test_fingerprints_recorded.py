@@ -49,6 +49,27 @@ def test_small_blocks_and_a_cast_record_the_cast_values(tiny_model, tmp_path, dt
         assert matches(item["fingerprint"], recorded[key][1]), key
 
 
+def test_the_roundings_to_the_other_training_dtypes_are_recorded_and_equal_a_conversion_at_them(tiny_dcp, tmp_path):
+    """An fp32 conversion records, per tensor, the fingerprints of its values rounded to bf16 and fp16. The
+    bf16 one is exactly what a bf16 conversion of the same source records (and the reference command's): a
+    checkpoint stored or loaded at bf16 verifies against either record."""
+    recorded, _ = read_fingerprints(read_manifest(tiny_dcp))
+    assert all(sorted(recorded.rounded[k]) == ["bfloat16", "float16"] for k in recorded)
+    bf16 = tmp_path / "bf16"
+    source = read_manifest(tiny_dcp)["source"]["path"]
+    convert_hf_to_dcp(
+        ConvertOptions(model=source, checkpoint=str(bf16), dtype="bfloat16", reference=False, progress=False)
+    )
+    at_bf16, _ = read_fingerprints(read_manifest(bf16))
+    assert all(sorted(at_bf16.rounded[k]) == ["float16"] for k in at_bf16)  # bf16 -> fp32 is exact: not recorded
+    for key, (_, fp) in at_bf16.items():
+        assert matches(recorded.rounded[key]["bfloat16"], fp, recorded.tolerance), key
+    section = source_fingerprints(open_hf(source), "float32")  # what `flame-ext reference --dtype float32` records
+    for key, item in section["tensors"].items():
+        assert matches(item["rounded"]["bfloat16"], at_bf16[key][1]), key
+        assert matches(item["rounded"]["float16"], recorded.rounded[key]["float16"]), key
+
+
 def test_fresh_keys_get_the_fingerprint_of_the_values_written(tiny_model, tmp_path):
     out = tmp_path / "fp"
     convert_hf_to_dcp(

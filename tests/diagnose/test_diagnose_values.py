@@ -112,3 +112,60 @@ def test_atol_rtol_set_a_deliberate_tolerance_against_the_hf_source(catalogue, h
     assert code == 1 and any(p["kind"] == "value_mismatch" for p in r["problems"])
     code, r = diagnose_json(*args, "--rtol", "0.01", "--atol", "1e-6")
     assert not [p for p in r["problems"] if p["kind"] == "value_mismatch"]
+
+
+def _fp32_reference(model, out):
+    """``flame-ext reference --model MODEL --out OUT --dtype float32``, through the real CLI."""
+    from flame_ext.cli import main
+
+    assert main(["reference", "--model", str(model), "--out", str(out), "--dtype", "float32"]) == 0
+    return out
+
+
+def test_values_of_a_bf16_checkpoint_verify_exactly_against_an_fp32_reference(
+    catalogue, hf_models, diagnose_json, tmp_path
+):
+    """The reference records the fp32 values and their bf16 rounding: a bf16 checkpoint matches the latter."""
+    import shutil
+
+    checkpoint = tmp_path / "bf16"
+    shutil.copytree(catalogue("olmo2", "bf16"), checkpoint)
+    shutil.copy2(_fp32_reference(hf_models["olmo2"], tmp_path / "ref.json"), checkpoint / "flame_ext.json")
+    code, r = diagnose_json("--checkpoint", checkpoint, "--values")
+    assert code == 0, r["problems"]
+    assert any(n.startswith("values: 25 of 25 tensors verified") for n in r["notes"]), r["notes"]
+
+
+def test_values_moved_below_the_recorded_resolution_are_named(catalogue, diagnose_json, tmp_path):
+    """An fp32 checkpoint whose o_proj sits within half a bf16 step of the bf16-recorded one: rounded, it would
+    pass; as stored it is not what was written."""
+    key = "model.layers.0.self_attn.o_proj.weight"
+    bf16 = catalogue("olmo2", "bf16")
+    state = {k: v.float() for k, v in load_all(bf16).items()}
+    state[key] = state[key] * (1 + 2**-10)
+    moved = save_dcp(state, tmp_path / "moved", manifest_from=bf16)
+    code, r = diagnose_json("--checkpoint", moved, "--values")
+    assert code == 1
+    (problem,) = [p for p in r["problems"] if p["kind"] == "value_mismatch"]
+    assert problem["key"] == key and "values of float32, recorded as bfloat16" in problem["detail"]
+    assert any(n.startswith("values: 25 of 25 tensors verified") for n in r["notes"])
+
+
+def test_values_of_tensors_without_a_fingerprint_are_an_error(catalogue, diagnose_json, tmp_path):
+    """--values asks for every value: a manifest that records fewer tensors than the checkpoint holds fails,
+    naming the count and the first keys."""
+    import json
+    import shutil
+
+    checkpoint = tmp_path / "partial"
+    shutil.copytree(catalogue("olmo2"), checkpoint)
+    manifest = json.loads((checkpoint / "flame_ext.json").read_text())
+    for key in ("lm_head.weight", "model.norm.weight"):
+        del manifest["fingerprints"]["tensors"][key]
+    (checkpoint / "flame_ext.json").write_text(json.dumps(manifest))
+    code, r = diagnose_json("--checkpoint", checkpoint, "--values")
+    assert code == 1
+    (problem,) = [p for p in r["problems"] if p["kind"] == "manifest" and "fingerprint" in p["detail"]]
+    assert problem["severity"] == "error"
+    assert "values: 23 of 25 tensors verified: no fingerprint recorded for 2 stored tensors" in problem["detail"]
+    assert "(e.g. lm_head.weight, model.norm.weight)" in problem["detail"]

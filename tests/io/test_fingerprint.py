@@ -207,3 +207,52 @@ def test_workers_share_the_rows_and_give_the_same_fingerprint():
     t[1000, 3] = float("nan")  # in the second worker's rows
     damaged = block_fingerprint(t, [0, 0], t.shape, torch.bfloat16, workers=2)
     assert damaged[0] == 1 and torch.isfinite(damaged).all() and not matches(damaged, one)
+
+
+@pytest.mark.parametrize(
+    "stored,targets",
+    [("float32", ("bfloat16", "float16")), ("bfloat16", ("float16",)), ("float16", ("bfloat16",)), ("int64", ())],
+)
+def test_rounded_fingerprints_are_those_of_the_values_cast_from_the_same_pass(stored, targets):
+    """Recorded per block beside the plain one: each equals the fingerprint of the whole tensor cast to that
+    dtype; exact widenings (bf16 -> fp32) are not recorded, they are the plain numbers."""
+    from flame_ext.io.fingerprint import rounding_dtypes
+
+    dtype = getattr(torch, stored)
+    t = trained_like((300, 70)).mul(1000).to(dtype) if not dtype.is_floating_point else trained_like((300, 70), dtype)
+    assert rounding_dtypes(stored) == targets
+    acc = Recorder({"w": t.shape}, rounded=True)
+    for s in range(0, 300, 128):
+        acc.add_rows("w", s, t[s : s + 128])
+    assert matches(acc.values["w"], fingerprint(t))
+    assert sorted(acc.rounded["w"]) == sorted(targets)
+    for name in targets:
+        cast = t.to(getattr(torch, name))
+        assert matches(acc.rounded["w"][name], fingerprint(cast), TOLERANCE / 100)
+        lossless = torch.equal(cast.to(dtype), t)  # bf16 -> fp16 of these values is: then the same numbers
+        assert matches(acc.rounded["w"][name], acc.values["w"]) is lossless
+    assert Recorder({"w": t.shape}).rounded == {}  # off unless asked for: to-hf records no roundings
+
+
+def test_a_rounding_that_overflows_counts_the_infinities():
+    """fp32 values beyond fp16's range become inf when rounded to fp16: counted, the sums stay finite."""
+    t = trained_like((20, 20))
+    t[3, 4] = 1e6
+    (plain, half) = block_fingerprints_of(t, (None, torch.float16))
+    assert plain[0] == 0 and half[0] == 1 and torch.isfinite(half).all()
+
+
+def block_fingerprints_of(t: torch.Tensor, dtypes) -> torch.Tensor:
+    from flame_ext.io.fingerprint import block_fingerprints
+
+    return block_fingerprints(t, [0] * t.dim(), tuple(t.shape), dtypes)
+
+
+def test_exact_widening_is_decided_from_the_formats():
+    from flame_ext.io.fingerprint import exact_widening
+
+    assert exact_widening("bfloat16", "float32") and exact_widening("float16", "float32")
+    assert exact_widening("float32", "float32") and exact_widening("int32", "int64")
+    assert not exact_widening("float32", "bfloat16") and not exact_widening("bfloat16", "float16")
+    assert not exact_widening("float16", "bfloat16") and not exact_widening("int64", "float64")
+    assert not exact_widening("float32", "nosuchdtype")

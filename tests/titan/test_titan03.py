@@ -278,3 +278,36 @@ def test_training_run_stops_before_step_1_on_a_loss_gap(llama, tmp_path):
     assert proc.returncode != 0
     assert "InitialLoadValidationError" in log and "loss_gap" in log
     assert not re.search(r"step:\s+1\s", log) and not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_a_native_checkpoint_with_an_hf_keyed_reference_states_its_values_coverage(llama, tmp_path, caplog):
+    """torchtitan's own llama3 keys, a reference with the HF files' keys: one tensor (``norm.weight``) has a
+    fingerprint to check. The load passes with a warning and never says 'values' validated; with
+    ``initial_load_verify_values = true`` it is stopped naming the count."""
+    from _hosts import build_manager
+    from _llama import build_like_trainer, debug_model_config
+
+    from flame_ext.errors import InitialLoadValidationError
+
+    caplog.set_level("INFO", logger="flame_ext")
+    config = debug_model_config()
+
+    def load(run: str, **guard):
+        manager = build_manager(
+            build_like_trainer(config),
+            tmp_path / run,
+            initial_load_path=str(llama["dcp"]),
+            validate_initial_load=True,
+            **guard,
+        )
+        assert manager.load() is True
+        return manager.initial_load_report
+
+    report = load("unset")
+    (warning,) = [p for p in report.warnings if p.kind == "manifest"]
+    assert warning.detail.startswith("values: 1 of 57 tensors verified: no fingerprint recorded for 56 loaded")
+    assert any(n.startswith("values: 1 of 57 tensors verified") for n in report.notes)
+    final = caplog.messages[-1]
+    assert "validated (keys, manifest, values: 1 of 57, buffers" in final and "values," not in final
+    with pytest.raises(InitialLoadValidationError, match="no fingerprint recorded for 56 loaded tensors"):
+        load("required", initial_load_verify_values=True)
