@@ -3,8 +3,10 @@
 1. Conversion with and without recording fingerprints, each in a fresh subprocess (wall, CPU seconds and
    peak RSS from ``os.wait4``), on a generated OLMo2-shaped bf16 checkpoint (``bench_convert.generate``),
    warm page cache, the variants interleaved run by run. "without" is the same converter with the
-   recorder's ``add_rows`` replaced by a no-op. With ``--before REV``, also the fingerprint code of git
-   revision REV (its ``flame_ext/io/fingerprint.py`` swapped in).
+   recorder's ``add_rows`` replaced by a no-op; "plain only" records the fingerprints of the values as written
+   but not their roundings to the other training dtypes. ``--dtype float32`` converts to fp32 (the output is
+   then twice the source). With ``--before REV``, also the fingerprint code of git revision REV (its
+   ``flame_ext/io/fingerprint.py`` swapped in).
 2. The guard's verification on OLMo-2-1124-7B shapes on CPU: one decoder layer's tensors (q/k/v/o
    4096x4096, gate/up 11008x4096, down 4096x11008, four norms) as random float32 parameters, fingerprinted
    at bfloat16 (the stored dtype) with ``local_fingerprint`` as the guard does, timed and scaled to 32
@@ -17,6 +19,7 @@
 
     python bench/bench_fingerprint.py --size-gb 4 --before 5c6ab44
     python bench/bench_fingerprint.py --skip-convert                  # the guard figures only
+    python bench/bench_fingerprint.py --size-gb 0.25 --dtype float32 --convert-only
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from bench_convert import generate_sized, measure  # noqa: E402
 CLI = "from flame_ext.cli import main; sys.exit(main(sys.argv[1:]))"
 VARIANTS = {
     "with fingerprints": "import sys; " + CLI,
+    "plain only": "import sys, flame_ext.io.fingerprint as f; f.rounding_dtypes = lambda stored: (); " + CLI,
     "without": (
         "import sys, flame_ext.io.fingerprint as f; f.Recorder.add_rows = lambda self, key, start, block: None; " + CLI
     ),
@@ -65,7 +69,7 @@ def load_before(rev: str, work: Path) -> tuple[ModuleType, Path]:
     return module, path
 
 
-def conversion(size_gb: float, repeat: int, before: Path | None, work: Path) -> None:
+def conversion(size_gb: float, repeat: int, before: Path | None, work: Path, dtype: str = "auto") -> None:
     import shutil
 
     variants = dict(VARIANTS)
@@ -73,13 +77,18 @@ def conversion(size_gb: float, repeat: int, before: Path | None, work: Path) -> 
         variants["with fingerprints (before)"] = BEFORE.format(path=str(before))
     src = work / "hf"
     total = generate_sized(src, size_gb)
-    print(f"conversion of {total / 1e9:.2f} GB bf16 (OLMo2-shaped, warm cache), median of {repeat}:", flush=True)
+    written = total * (2 if dtype == "float32" else 1)
+    print(
+        f"conversion of {total / 1e9:.2f} GB bf16 (OLMo2-shaped, warm cache) to {written / 1e9:.2f} GB "
+        f"({dtype}), median of {repeat}:",
+        flush=True,
+    )
     runs: dict[str, list] = {name: [] for name in variants}
     for i in range(repeat):
         for name, code in variants.items():
             out = work / f"out-{i}"
             cmd = [sys.executable, "-c", code, "convert", "--model", str(src), "--checkpoint", str(out)]
-            runs[name].append(measure(name, cmd + ["--no-reference"]))
+            runs[name].append(measure(name, cmd + ["--no-reference", "--dtype", dtype]))
             shutil.rmtree(out, ignore_errors=True)
     base = {f: statistics.median(getattr(r, f) for r in runs["without"]) for f in ("wall", "cpu")}
     base_rss = max(r.rss_mb for r in runs["without"])
@@ -92,6 +101,8 @@ def conversion(size_gb: float, repeat: int, before: Path | None, work: Path) -> 
             f"walls {[round(r.wall, 1) for r in rs]}   rc {max(r.rc for r in rs)}",
             flush=True,
         )
+        if name != "without":
+            print(f"    {(cpu - base['cpu']) / (written / 1e9):.2f} CPU s per GB written over 'without'", flush=True)
 
 
 def timed(fn, threads: int) -> tuple[float, float]:
@@ -223,12 +234,16 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--before", metavar="REV", help="also time the fingerprint code of this git revision")
     p.add_argument("--skip-convert", action="store_true")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32"], help="the conversion's --dtype")
+    p.add_argument("--convert-only", action="store_true", help="the conversion figures only")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         work = Path(tmp)
         before, before_path = load_before(args.before, work) if args.before else (None, None)
         if not args.skip_convert:
-            conversion(args.size_gb, args.repeat, before_path, work)
+            conversion(args.size_gb, args.repeat, before_path, work, args.dtype)
+        if args.convert_only:
+            return 0
         guard_7b(before, args.repeat)
         guard_path(args.repeat)
         summation_order(before)

@@ -168,34 +168,31 @@ def _problem(key: str, finding: Finding, held: str, recorded: str, where: str) -
 
 
 def coverage_problems(plan: Verification, *, required: bool, what: str = "loaded") -> list[Problem]:
-    """A ``manifest`` problem for each reason some of the ``what`` tensors have no fingerprint to check: a
-    warning, or an error when verification is ``required`` (the user asked for every value to be verified)."""
-    severity = "error" if required else "warning"
-    problems = []
+    """One ``manifest`` problem when some of the ``what`` tensors have no fingerprint to check, naming the count
+    and each reason: a warning, or an error when verification is ``required`` (the user asked for every value).
+    One problem, not one per reason: the ranks pool problems by (kind, severity, key)."""
+    reasons, hints = [], []
     if plan.unrecorded:
         n, first = len(plan.unrecorded), ", ".join(plan.unrecorded[:3])
-        problems.append(
-            Problem(
-                "manifest",
-                severity,  # type: ignore[arg-type]
-                None,
-                f"values: {plan.coverage()} tensors verified: no fingerprint recorded for {n} {what} tensors "
-                f"(e.g. {first})",
-                _UNRECORDED_HINT,
-            )
-        )
+        reasons.append(f"no fingerprint recorded for {n} {what} tensors (e.g. {first})")
+        hints.append(_UNRECORDED_HINT)
     by_dtype: dict[tuple[str, str], list[str]] = {}
     for key, dtypes in plan.not_verifiable.items():
         by_dtype.setdefault(dtypes, []).append(key)
     for (dtype, recorded), keys in sorted(by_dtype.items()):
-        problems.append(
-            Problem(
-                "manifest",
-                severity,  # type: ignore[arg-type]
-                None,
-                f"values: {plan.coverage()} tensors verified: values of {len(keys)} tensors {what} as {dtype} are "
-                f"not verified: the record has no {dtype} fingerprints (recorded as {recorded}; e.g. {keys[0]})",
-                f"re-convert with this flame-ext (it records every training dtype) or at {dtype}",
-            )
+        reasons.append(
+            f"values of {len(keys)} tensors {what} as {dtype} are not verified: the record has no {dtype} "
+            f"fingerprints (recorded as {recorded}; e.g. {keys[0]})"
         )
-    return problems
+        hints.append(f"re-convert with this flame-ext (it records every training dtype) or at {dtype}")
+    if not reasons:
+        return []
+    return [
+        Problem(
+            "manifest",
+            "error" if required else "warning",
+            None,
+            f"values: {plan.coverage()} tensors verified: " + "; ".join(reasons),
+            "; ".join(hints),
+        )
+    ]

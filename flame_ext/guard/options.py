@@ -41,7 +41,8 @@ class GuardConfig:
     """Recompute wrong non-persistent buffers (RoPE inv_freq) from the config instead of failing."""
     initial_load_verify_values: bool | None = None
     """Verify every loaded tensor exactly against the fingerprints recorded at conversion, on every rank.
-    Unset: verify when the reference has fingerprints; true: require them; false: skip (the loss gate still runs)."""
+    Unset: verify when the reference has fingerprints (a loaded tensor without one: a warning); true: require one for
+    every loaded tensor; false: skip (the loss gate still runs)."""
     initial_load_plot: str | None = None
     """PNG file for the per-position step-0 loss against the HF reference (rank 0 writes it; needs flame-ext[plot])."""
 

@@ -143,3 +143,13 @@ def test_a_mismatch_tells_what_happened_at_the_dtype_compared():
     assert sorted(p.key for p in problems) == ["a", "b"]
     assert all(p.severity == "error" and "values expected for" in p.detail for p in problems)
     assert "(values of bfloat16, recorded as float32)" in problems[0].detail
+
+
+def test_every_reason_is_in_one_problem_so_that_pooling_over_ranks_keeps_them_all():
+    """The ranks pool problems by (kind, severity, key): the reasons share one ``manifest`` problem."""
+    recorded = record({"a": weights(seed=1), "b": weights(seed=2).to(torch.bfloat16)}, rounded=False)
+    plan = plan_verification(recorded, ["a", "b", "c"], {"a": "bfloat16", "b": "float16", "c": "float32"})
+    (problem,) = coverage_problems(plan, required=False)
+    assert problem.detail.startswith("values: 0 of 3 tensors verified: no fingerprint recorded for 1 loaded")
+    assert "1 tensors loaded as bfloat16 are not verified" in problem.detail
+    assert "1 tensors loaded as float16 are not verified" in problem.detail
