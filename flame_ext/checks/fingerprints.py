@@ -7,7 +7,7 @@ keys onto those (a nested checkpoint adds ``model.``), compares, and says what m
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -67,11 +67,14 @@ def fingerprint_problems(
     *,
     stored_dtypes: Mapping[str, str] | None = None,
     where: str = "",
+    written: str = "at conversion",
+    hint: Callable[[str | None], str] = hint_for,
 ) -> list[Problem]:
     """One ``value_mismatch`` per checkpoint key whose observed fingerprint is not the recorded one.
 
     ``stored_dtypes`` (checkpoint key -> dtype in the checkpoint) makes a rounding-level difference a
-    warning when the checkpoint was deliberately stored at another dtype than the one recorded.
+    warning when the checkpoint was deliberately stored at another dtype than the one recorded. ``written``
+    says when the record was made (a resume: "at the save of step 2"), ``hint`` what to do, by finding.
     """
     problems = []
     for key, rec_key in plan.keys.items():
@@ -89,16 +92,18 @@ def fingerprint_problems(
         )
         stored = (stored_dtypes or {}).get(key, dtype)
         severity = "warning" if finding.code == "rounding" and stored != dtype else "error"
-        problems.append(_problem(key, finding, severity, stored, dtype, where))
+        problems.append(_problem(key, finding, severity, stored, dtype, f"{written}{where}", hint))
     return problems
 
 
-def _problem(key: str, finding: Finding, severity: str, stored: str, recorded: str, where: str) -> Problem:
+def _problem(
+    key: str, finding: Finding, severity: str, stored: str, recorded: str, where: str, hint: Callable[[str | None], str]
+) -> Problem:
     cast = f" (stored as {stored}, recorded as {recorded})" if stored != recorded else ""
     return Problem(
         "value_mismatch",
         severity,  # type: ignore[arg-type]
         key,
-        f"its values are not the ones written at conversion{where}: {finding.text}{cast}",
-        hint_for(finding.code),
+        f"its values are not the ones written {where}: {finding.text}{cast}",
+        hint(finding.code),
     )
