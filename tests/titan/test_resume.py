@@ -241,3 +241,52 @@ def test_the_resume_figures_go_to_the_metric_logger(saved, tiny_model, tmp_path)
     assert [(e.step, e.value) for e in verified] == [(1, 101.0)]
     assert [e.value for e in events.Scalars("resume/value_mismatches")] == [0.0]
     assert "resume/seconds" in events.Tags()["scalars"]
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A real one-rank gloo process group: torchtitan's async saves and purges need one."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_an_async_save_is_recorded_once_it_has_completed(one_rank_group, tiny_model, tmp_path):
+    """torchtitan's "async" mode (a thread writes while training goes on): the record appears only after the
+    save's .metadata (the last file DCP writes), and the resume passes."""
+    base = tmp_path / "run"
+    model = hf_like_trainer(tiny_model)
+    manager = build_checkpoint(model, base, async_mode="async", interval=1)
+    train_step(model, manager)
+    assert manager.save(curr_step=1) in (True, None)  # 0.3 returns True, 0.1 None; 1 is a save step in both
+    record, metadata = step1(base) / "flame_ext.json", step1(base) / ".metadata"
+    assert not record.exists() or metadata.exists()
+    save_step(manager, 2)  # the host waits for the async save before the next one
+    manager.close()
+    assert record.is_file()
+    assert all(record.stat().st_mtime_ns >= f.stat().st_mtime_ns for f in step1(base).iterdir() if f != record)
+    _, again, _ = resumed(base, tiny_model)
+    assert again.load(step=1) is True and again.resume_report.ok
+    again.close()
+
+
+def test_the_record_is_purged_with_its_step_folder(one_rank_group, tiny_model, tmp_path):
+    base = tmp_path / "run"
+    model = hf_like_trainer(tiny_model)
+    manager = build_checkpoint(model, base, keep_latest_k=2, interval=1)
+    for step in (1, 2, 3):
+        train_step(model, manager, seed=step)
+        manager.save(curr_step=step)  # interval saves purge (0.3's last-step save does not)
+    manager.close()  # joins the host's purge thread
+    folders = sorted(p.name for p in (base / "checkpoint").iterdir())
+    assert folders == ["step-2", "step-3"]
+    assert all((base / "checkpoint" / f / "flame_ext.json").is_file() for f in folders)
+
+
+def build_checkpoint(model, base: Path, **host):
+    """A guarded manager with the host's own checkpoint settings (``async_mode``, ``keep_latest_k``...)."""
+    from flame_ext.titan.managers import build_checkpoint_manager
+
+    return build_checkpoint_manager([model], base, guard={"validate_initial_load": True}, host=host).manager
