@@ -237,7 +237,7 @@ class _ResumeCheck:
         errors = self.report.errors
         raise ResumeValidationError(
             f"resume from {self.checkpoint} failed validation on rank {rank()} of {world()} "
-            f"({len(errors)} error{'s' if len(errors) != 1 else ''}; nothing was trained on it):\n{summary}",
+            f"({len(errors)} error{'s' if len(errors) != 1 else ''}; stopped before the next step):\n{summary}",
             self.report,
         )
 
