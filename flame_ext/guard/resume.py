@@ -3,8 +3,9 @@
 Host-independent: the torchtitan adapters decide when a load is a resume and hand over what it loaded, as DCP
 keys (``io.training_state``): the live model and optimizer state (what the manager would save now) and the
 other states as the load read them (``LoadCapture``). Each rank fingerprints its shards, one all-reduce gives
-the whole, and the comparison with the save-time record (``guard.save_record``) is the one the first load uses
-(``checks.fingerprints.fingerprint_problems``); non-tensor states are compared by digest, rank by rank. The
+the whole, and the comparison with the save-time record (``guard.save_record``) is the one ``diagnose`` uses
+(``checks.saved_state``, built on the first load's ``checks.fingerprints``); non-tensor states are compared by
+digest, rank by rank. The
 world size may differ from the save's: fingerprints do not depend on the sharding.
 
 Other states are taken as read rather than re-serialised after the load: a dataloader's ``state_dict()``
@@ -32,13 +33,6 @@ from flame_ext.report import Problem, Report
 __all__ = ["LoadCapture", "verify_resume", "check_loaded_buffers"]
 
 logger = logging.getLogger("flame_ext.guard")  # the name users filter the guard's log lines by
-
-LABELS = {"model": "model", "optimizer": "optimizer state", "state": "other state"}
-_HINT = (
-    "the checkpoint changed after it was saved (a file edited, truncated, overwritten or copied in from another "
-    "run), or the load put other values there: do not train on; resume from another step folder "
-    "(checkpoint.load_step) or restore this one from a copy"
-)
 
 
 class LoadCapture:
@@ -163,20 +157,35 @@ class _ResumeCheck:
         state = self.agreed(lambda: dict(loaded()), "reading the loaded state")
         tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         others = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
-        verified, problems = self._tensors(record, tensors, groups)
-        problems += self.agreed(lambda: _digest_problems(record, others, groups, self.step), "the state digests")
-        self.report.extend(pool(problems))
+        recorded = record["fingerprints"]["tensors"]
+        keys = sorted(k for k in tensors if k in recorded)
+        observed = self._observed(keys, tensors)
+        checked = [k for k in others if k in record.get("digests", {})]
+
+        def compare() -> list[Problem]:
+            from flame_ext.checks.saved_state import saved_state_problems
+            from flame_ext.io.specs import dtype_name
+            from flame_ext.io.training_state import state_digest
+
+            return saved_state_problems(
+                record,
+                observed,
+                {k: tuple(tensors[k].shape) for k in keys},
+                stored_dtypes={k: dtype_name(tensors[k].dtype) for k in keys},
+                digests={k: state_digest(others[k]) for k in checked},
+                group=groups,
+            )
+
+        self.report.extend(pool(self.agreed(compare, "the value check")))
         self.report.checked.append("values")
-        digests = record.get("digests", {})
-        checked = [k for k in others if k in digests]
         mismatched = sum(1 for p in self.report.errors if p.kind == "value_mismatch")
-        self.figures.update({"resume/tensors_verified": verified, "resume/value_mismatches": mismatched})
+        self.figures.update({"resume/tensors_verified": len(keys), "resume/value_mismatches": mismatched})
         line = (
-            f"values: {verified} of {len(tensors)} tensors verified against the save-time record of step "
+            f"values: {len(keys)} of {len(tensors)} tensors verified against the save-time record of step "
             f"{self.step}, {len(checked)} of {len(others)} other states by digest; {mismatched} differ"
         )
         self.report.notes.append(line)
-        partial = verified < len(tensors) or len(checked) < len(others)
+        partial = len(keys) < len(tensors) or len(checked) < len(others)
         (logger.warning if partial else logger.info)(
             "flame-ext: resume from %s: %s%s",
             self.checkpoint,
@@ -184,44 +193,15 @@ class _ResumeCheck:
             " (the rest have no record: saved by another tool or version)" if partial else "",
         )
 
-    def _tensors(
-        self, record: dict[str, Any], tensors: dict[str, torch.Tensor], groups: Callable[[str], str]
-    ) -> tuple[int, list[Problem]]:
-        from flame_ext.checks.fingerprints import Verification, fingerprint_problems
+    def _observed(self, keys: list[str], tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each tensor's whole fingerprint: every rank's share of its shards (as loaded, no cast), one all-reduce."""
         from flame_ext.io.fingerprint import TERMS, local_fingerprint
-        from flame_ext.io.manifest import read_fingerprints
-        from flame_ext.io.specs import dtype_name
-
-        recorded, _ = read_fingerprints(record)
-        assert recorded is not None, "read_step_record returns only records whose fingerprints this version reads"
-        keys = sorted(k for k in tensors if k in recorded)
 
         def shares() -> torch.Tensor:
             parts = [local_fingerprint(tensors[k]) for k in keys]
             return torch.stack(parts) if parts else torch.zeros(0, len(TERMS), dtype=torch.float64)
 
-        total = sum_over_ranks(self.agreed(shares, "the value check"))
-        observed = dict(zip(keys, total))
-        shapes = {k: tuple(tensors[k].shape) for k in keys}
-        stored = {k: dtype_name(tensors[k].dtype) for k in keys}
-
-        def compare() -> list[Problem]:
-            problems: list[Problem] = []
-            for group in LABELS:  # per kind, so a finding ("holds the values expected for ...") stays within it
-                plan = Verification({k: k for k in keys if groups(k) == group}, [])
-                problems += fingerprint_problems(
-                    observed,
-                    recorded,
-                    plan,
-                    shapes,
-                    stored_dtypes=stored,
-                    written=f"at the save of step {self.step}",
-                    where=f" ({LABELS[group]})",
-                    hint=lambda _code: _HINT,
-                )
-            return problems
-
-        return len(keys), self.agreed(compare, "the value check")
+        return dict(zip(keys, sum_over_ranks(self.agreed(shares, "the value check"))))
 
     def verdict(self) -> None:
         if self.report.ok:
@@ -269,26 +249,3 @@ def read_step_record(folder: str) -> tuple[dict[str, Any] | Problem | None, str 
     if recorded is None:
         return None, why
     return data, None
-
-
-def _digest_problems(
-    record: dict[str, Any], others: Mapping[str, Any], groups: Callable[[str], str], step: int | None
-) -> list[Problem]:
-    from flame_ext.io.training_state import state_digest
-
-    digests = record.get("digests", {})
-    problems = []
-    for key in sorted(k for k in others if k in digests):
-        got, expected = state_digest(others[key]), digests[key].get("sha256")
-        if got != expected:
-            problems.append(
-                Problem(
-                    "value_mismatch",
-                    "error",
-                    key,
-                    f"its value is not the one written at the save of step {step} ({LABELS[groups(key)]}): "
-                    f"sha256 {got[:12]}... where {str(expected)[:12]}... was recorded",
-                    _HINT,
-                )
-            )
-    return problems

@@ -1,0 +1,117 @@
+"""A training checkpoint against its save-time record: one rule for the resume guard and ``diagnose --values``.
+
+The record (``guard.save_record``) holds, per DCP key, the fingerprint of each saved tensor with its kind
+(model, optimizer, other state) and the digest of each non-tensor state. The caller computes the observed
+side its own way (the guard from the live, loaded state summed over ranks; diagnose by streaming the step
+folder's files); this module compares, per kind, with ``checks.fingerprints.fingerprint_problems``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flame_ext.checks.fingerprints import Verification, fingerprint_problems
+from flame_ext.io.manifest import read_fingerprints
+from flame_ext.io.specs import TensorSpec
+from flame_ext.report import Problem
+
+__all__ = ["LABELS", "HINT", "recorded_groups", "saved_state_problems", "verify_step_folder"]
+
+LABELS = {"model": "model", "optimizer": "optimizer state", "state": "other state"}
+HINT = (
+    "the checkpoint changed after it was saved (a file edited, truncated, overwritten or copied in from another "
+    "run), or the load put other values there: do not train on; resume from another step folder "
+    "(checkpoint.load_step) or restore this one from a copy"
+)
+
+
+def recorded_groups(record: Mapping[str, Any]) -> dict[str, str]:
+    """Each recorded key's kind (``model``, ``optimizer``, ``state``), tensors and digests alike."""
+    groups = {k: v.get("group", "state") for k, v in record["fingerprints"]["tensors"].items()}
+    groups.update({k: v.get("group", "state") for k, v in record.get("digests", {}).items()})
+    return {k: g if g in LABELS else "state" for k, g in groups.items()}
+
+
+def saved_state_problems(
+    record: Mapping[str, Any],
+    observed: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    stored_dtypes: Mapping[str, str],
+    digests: Mapping[str, str],
+    group: Callable[[str], str],
+) -> list[Problem]:
+    """One ``value_mismatch`` per key whose fingerprint (``observed``, the whole tensor's) or digest (``digests``:
+    key -> sha256 of the value found) is not the recorded one, naming its kind."""
+    recorded, _ = read_fingerprints(dict(record))
+    assert recorded is not None, "only records whose fingerprints this version reads are compared"
+    step = record.get("step")
+    problems: list[Problem] = []
+    for kind, label in LABELS.items():  # per kind, so a finding ("holds the values expected for ...") stays within it
+        plan = Verification({k: k for k in sorted(observed) if k in recorded and group(k) == kind}, [])
+        problems += fingerprint_problems(
+            observed,
+            recorded,
+            plan,
+            shapes,
+            stored_dtypes=stored_dtypes,
+            written=f"at the save of step {step}",
+            where=f" ({label})",
+            hint=lambda _code: HINT,
+        )
+    expected = record.get("digests", {})
+    for key in sorted(k for k in digests if k in expected):
+        got, want = digests[key], str(expected[key].get("sha256"))
+        if got != want:
+            problems.append(
+                Problem(
+                    "value_mismatch",
+                    "error",
+                    key,
+                    f"its value is not the one written at the save of step {step} ({LABELS[group(key)]}): "
+                    f"sha256 {got[:12]}... where {want[:12]}... was recorded",
+                    HINT,
+                )
+            )
+    return problems
+
+
+def verify_step_folder(
+    folder: str | Path, found: Mapping[str, TensorSpec | None], record: Mapping[str, Any], *, buffer_bytes: int
+) -> tuple[list[Problem], str]:
+    """Every recorded tensor of a step folder, streamed from its files, against the record; with the coverage
+    line. Non-tensor states are not read: that would unpickle checkpoint data."""
+    from flame_ext.io.dcp import DCPRowReader, row_blocks
+    from flame_ext.io.fingerprint import TERMS, block_fingerprint
+
+    tensors = record["fingerprints"]["tensors"]
+    present = {k: s for k, s in found.items() if s is not None}
+    keys = sorted(k for k in present if k in tensors)
+    reader = DCPRowReader(folder)
+    observed: dict[str, torch.Tensor] = {}
+    for key in keys:
+        spec = present[key]
+        fp = torch.zeros(len(TERMS), dtype=torch.float64)
+        for start, end in row_blocks(spec, buffer_bytes):
+            offsets = [start] + [0] * (len(spec.shape) - 1) if spec.shape else []
+            fp += block_fingerprint(reader.rows(key, spec, start, end), offsets, spec.shape)  # as stored
+        observed[key] = fp
+    groups = recorded_groups(record)
+    problems = saved_state_problems(
+        record,
+        observed,
+        {k: present[k].shape for k in keys},
+        stored_dtypes={k: present[k].dtype for k in keys},
+        digests={},
+        group=lambda k: groups.get(k, "state"),
+    )
+    others = len([k for k, s in found.items() if s is None])
+    line = (
+        f"values: {len(keys)} of {len(present)} tensors verified against the save-time record of step "
+        f"{record.get('step')}; {others} non-tensor states not read (their digests are checked on resume)"
+    )
+    return problems, line
