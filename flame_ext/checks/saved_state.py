@@ -19,7 +19,14 @@ from flame_ext.io.manifest import read_fingerprints
 from flame_ext.io.specs import TensorSpec
 from flame_ext.report import Problem
 
-__all__ = ["LABELS", "HINT", "recorded_groups", "saved_state_problems", "verify_step_folder"]
+__all__ = [
+    "LABELS",
+    "HINT",
+    "recorded_groups",
+    "saved_state_problems",
+    "step_folder_key_problems",
+    "verify_step_folder",
+]
 
 LABELS = {"model": "model", "optimizer": "optimizer state", "state": "other state"}
 HINT = (
@@ -77,6 +84,48 @@ def saved_state_problems(
                     HINT,
                 )
             )
+    return problems
+
+
+def step_folder_key_problems(found: Mapping[str, TensorSpec | None], record: Mapping[str, Any]) -> list[Problem]:
+    """Keys the record holds and the step folder lacks, and tensors stored with another dtype than saved (errors);
+    entries without a record (one warning: written by something else than the guarded manager)."""
+    tensors = record["fingerprints"]["tensors"]
+    recorded = set(tensors) | set(record.get("digests", {}))
+    groups = recorded_groups(record)
+    problems = [
+        Problem(
+            "missing_key",
+            "error",
+            key,
+            f"the save of step {record.get('step')} wrote it ({LABELS[groups[key]]}), the folder's .metadata has none",
+            HINT,
+        )
+        for key in sorted(recorded - set(found))
+    ]
+    stored = {k: s.dtype for k, s in found.items() if s is not None}
+    problems += [
+        Problem(
+            "dtype_mismatch",
+            "error",
+            key,
+            f"stored as {stored[key]}, saved as {tensors[key]['dtype']} ({LABELS[groups[key]]})",
+            HINT,
+        )
+        for key in sorted(k for k in tensors if k in stored and stored[k] != tensors[k]["dtype"])
+    ]
+    unrecorded = sorted(k for k in found if k not in recorded)
+    if unrecorded:
+        problems.append(
+            Problem(
+                "unexpected_key",
+                "warning",
+                unrecorded[0],
+                f"{len(unrecorded)} entries have no save-time record (first: {unrecorded[0]})",
+                "written after the save by another tool, or the record comes from another save: their values are not "
+                "verified",
+            )
+        )
     return problems
 
 

@@ -290,3 +290,17 @@ def build_checkpoint(model, base: Path, **host):
     from flame_ext.titan.managers import build_checkpoint_manager
 
     return build_checkpoint_manager([model], base, guard={"validate_initial_load": True}, host=host).manager
+
+
+def test_diagnose_verifies_a_saved_step_offline(saved, tmp_path, capsys):
+    """``flame-ext diagnose --checkpoint .../step-1 --values``: no trainer, no HF model; the damage named."""
+    from flame_ext.cli import main
+
+    assert main(["diagnose", "--checkpoint", str(step1(saved)), "--values"]) == 0
+    assert "values: 101 of 101 tensors verified against the save-time record of step 1" in capsys.readouterr().out
+    base = tmp_path / "run"
+    key = key_ending(read_step(step1(saved)), DAMAGES["exp_avg_halved"][0])
+    rewrite_step(step1(saved), step1(base), lambda sd: _halve(sd, key))
+    assert main(["diagnose", "--checkpoint", str(step1(base)), "--values"]) == 1
+    out = capsys.readouterr().out
+    assert f"value_mismatch {key}: its values are not the ones written at the save of step 1 (optimizer state)" in out
