@@ -26,6 +26,8 @@ __all__ = [
     "saved_state_problems",
     "step_folder_key_problems",
     "verify_step_folder",
+    "step_record",
+    "export_problems",
 ]
 
 LABELS = {"model": "model", "optimizer": "optimizer state", "state": "other state"}
@@ -34,6 +36,21 @@ HINT = (
     "run), or the load put other values there: do not train on; resume from another step folder "
     "(checkpoint.load_step) or restore this one from a copy"
 )
+
+
+def step_record(folder: str | Path) -> tuple[dict[str, Any] | None, str | None]:
+    """A step folder's save-time record, or None and why not (absent, another kind of manifest, a version this
+    flame-ext does not read). A record that is there but unreadable raises ``CheckpointFormatError``."""
+    from flame_ext.io.manifest import MANIFEST_NAME, TRAINING_STEP, read_manifest
+
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return None, f"{path} is absent: saved without the guard, by another tool, or interrupted before it"
+    data = read_manifest(path)
+    if data.get("kind") != TRAINING_STEP:
+        return None, f"{path} is a {data.get('kind', 'checkpoint')!r} manifest, not a save-time record"
+    recorded, why = read_fingerprints(data)
+    return (data, None) if recorded is not None else (None, why)
 
 
 def recorded_groups(record: Mapping[str, Any]) -> dict[str, str]:
@@ -164,3 +181,23 @@ def verify_step_folder(
         f"{record.get('step')}; {others} non-tensor states not read (their digests are checked on resume)"
     )
     return problems, line
+
+
+def export_problems(
+    record: Mapping[str, Any],
+    observed: Mapping[str, torch.Tensor],
+    found: Mapping[str, TensorSpec | None],
+) -> list[Problem]:
+    """The tensors an export read (``observed``: checkpoint key -> fingerprint of the values as stored) against
+    the record; keys the record does not hold are not judged."""
+    tensors = record["fingerprints"]["tensors"]
+    keys = [k for k in observed if k in tensors and found.get(k) is not None]
+    groups = recorded_groups(record)
+    return saved_state_problems(
+        record,
+        {k: observed[k] for k in keys},
+        {k: found[k].shape for k in keys},  # type: ignore[union-attr]
+        stored_dtypes={k: found[k].dtype for k in keys},  # type: ignore[union-attr]
+        digests={},
+        group=lambda k: groups.get(k, "state"),
+    )

@@ -223,29 +223,20 @@ class _ResumeCheck:
 
 
 def read_step_record(folder: str) -> tuple[dict[str, Any] | Problem | None, str | None]:
-    """The step folder's save-time record; else None and why (absent, another kind, another version), or a
-    ``manifest`` problem when the file is there but unreadable."""
-    from flame_ext.io.manifest import MANIFEST_NAME, TRAINING_STEP, read_fingerprints, read_manifest
+    """``checks.saved_state.step_record``, with a record that is there but unreadable as a ``manifest`` problem."""
+    from flame_ext.checks.saved_state import step_record
+    from flame_ext.io.manifest import MANIFEST_NAME
 
-    path = Path(folder) / MANIFEST_NAME
-    if not path.is_file():
-        return None, f"{path} is absent: saved without the guard, by another tool, or interrupted before it"
     try:
-        data = read_manifest(path)
+        return step_record(folder)
     except (CheckpointFormatError, InputError) as exc:
         return (
             Problem(
                 "manifest",
                 "error",
-                str(path),
+                str(Path(folder) / MANIFEST_NAME),
                 f"the save-time record cannot be read: {exc}",
                 "it was damaged or edited after the save: restore it from a copy, or delete it to resume unverified",
             ),
             None,
         )
-    if data.get("kind") != TRAINING_STEP:
-        return None, f"{path} is a {data.get('kind', 'checkpoint')!r} manifest, not a save-time record"
-    recorded, why = read_fingerprints(data)
-    if recorded is None:
-        return None, why
-    return data, None

@@ -304,3 +304,26 @@ def test_diagnose_verifies_a_saved_step_offline(saved, tmp_path, capsys):
     assert main(["diagnose", "--checkpoint", str(step1(base)), "--values"]) == 1
     out = capsys.readouterr().out
     assert f"value_mismatch {key}: its values are not the ones written at the save of step 1 (optimizer state)" in out
+
+
+def test_to_hf_of_a_saved_step_checks_every_exported_tensor(saved, tiny_model, tmp_path):
+    """``flame-ext to-hf`` of a step folder: each exported tensor against the record (at a cast too); a weight
+    changed after the save ends the export with nothing published."""
+    from cli_support import run_cli
+
+    for dtype in ("auto", "bfloat16"):
+        out = tmp_path / f"hf-{dtype}"
+        proc = run_cli(
+            "to-hf", "--checkpoint", str(step1(saved)), "--config", str(tiny_model), "--out", str(out), "--dtype", dtype
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "values: 25 of 25 exported tensors match the save-time record" in proc.stdout + proc.stderr
+    base = tmp_path / "run"
+    suffix, prefix = DAMAGES["weight_rows_swapped"][:2]
+    key = key_ending(read_step(step1(saved)), suffix, prefix)
+    rewrite_step(step1(saved), step1(base), lambda sd: _swap_rows(sd, key))
+    out = tmp_path / "hf-damaged"
+    proc = run_cli("to-hf", "--checkpoint", str(step1(base)), "--config", str(tiny_model), "--out", str(out))
+    assert proc.returncode == 2 and not out.exists(), proc.stderr[-2000:]
+    assert f"differ from the save-time record of step 1 (first: {key}:" in proc.stderr
+    assert "(model)" in proc.stderr and "nothing written" in proc.stderr
