@@ -26,7 +26,7 @@ from torch import nn
 from flame_ext.errors import CheckpointFormatError, InputError, ResumeValidationError, report_without_traceback
 from flame_ext.guard.metrics import record_figures
 from flame_ext.guard.options import GuardConfig
-from flame_ext.guard.ranks import RankFailure, agreed, pool, rank, sum_over_ranks, world
+from flame_ext.guard.ranks import RankFailure, agreed, gather, pool, rank, sum_over_ranks, world
 from flame_ext.guard.save_record import step_of
 from flame_ext.report import Problem, Report
 
@@ -158,8 +158,10 @@ class _ResumeCheck:
         tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         others = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
         recorded = record["fingerprints"]["tensors"]
-        keys = sorted(k for k in tensors if k in recorded)
-        observed = self._observed(keys, tensors)
+        union = sorted({k for each in gather(sorted(tensors)) for k in each if k in recorded})  # one order everywhere
+        totals = self._observed(union, tensors)
+        keys = [k for k in union if k in tensors]
+        observed = {k: totals[k] for k in keys}
         checked = [k for k in others if k in record.get("digests", {})]
 
         def compare() -> list[Problem]:
@@ -194,11 +196,13 @@ class _ResumeCheck:
         )
 
     def _observed(self, keys: list[str], tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each tensor's whole fingerprint: every rank's share of its shards (as loaded, no cast), one all-reduce."""
+        """Each tensor's whole fingerprint: every rank's share of its shards (as loaded, no cast), one all-reduce.
+        ``keys`` are the same on every rank; a rank without one of them adds nothing to it."""
         from flame_ext.io.fingerprint import TERMS, local_fingerprint
 
         def shares() -> torch.Tensor:
-            parts = [local_fingerprint(tensors[k]) for k in keys]
+            none = torch.zeros(len(TERMS), dtype=torch.float64)
+            parts = [local_fingerprint(tensors[k]) if k in tensors else none for k in keys]
             return torch.stack(parts) if parts else torch.zeros(0, len(TERMS), dtype=torch.float64)
 
         return dict(zip(keys, sum_over_ranks(self.agreed(shares, "the value check"))))
