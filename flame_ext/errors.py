@@ -28,6 +28,7 @@ __all__ = [
     "DistributedRunError",
     "GuardConfigError",
     "InitialLoadValidationError",
+    "ResumeValidationError",
     "Terminated",
     "TERMINATING_SIGNALS",
     "termination_raises",
@@ -85,6 +86,13 @@ class InitialLoadValidationError(FlameExtError):
     def __init__(self, message: str, report: Report) -> None:
         super().__init__(message)
         self.report = report
+
+
+class ResumeValidationError(InitialLoadValidationError):
+    """A resume loaded state that differs from what was saved at that step (or wrong buffers); ``report``
+    holds every finding. A subclass of ``InitialLoadValidationError``, so code catching that catches this too."""
+
+    __module__ = "flame_ext.guard"
 
 
 class Terminated(KeyboardInterrupt):

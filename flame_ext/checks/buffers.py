@@ -43,10 +43,11 @@ def _matches(actual: torch.Tensor, expected: torch.Tensor) -> bool:
     return actual.shape == expected.shape and torch.allclose(_real(actual), _real(expected), rtol=_RTOL, atol=_ATOL)
 
 
-def check_buffers(model: nn.Module, *, repair: bool) -> tuple[list[Problem], list[str]]:
+def check_buffers(model: nn.Module, *, repair: bool, after: str | None = None) -> tuple[list[Problem], list[str]]:
     """Compare every non-persistent buffer with its config-derived value; repair in place when asked.
 
-    Returns (problems, repaired buffer names). A repaired buffer is not a problem; it is logged.
+    Returns (problems, repaired buffer names). A repaired buffer is not a problem; it is logged (at WARNING,
+    naming ``after``, the checkpoint just loaded, when given).
     """
     problems: list[Problem] = []
     repaired: list[str] = []
@@ -72,7 +73,8 @@ def check_buffers(model: nn.Module, *, repair: bool) -> tuple[list[Problem], lis
             if repair:
                 with torch.no_grad():
                     actual.copy_(expected[b].to(dtype=actual.dtype, device=actual.device))
-                logger.warning("flame-ext: repaired non-persistent buffer %s (%s)", key, detail)
+                loaded = f" after loading {after}" if after else ""
+                logger.warning("flame-ext: repaired non-persistent buffer %s%s (%s)", key, loaded, detail)
                 repaired.append(key)
             else:
                 problems.append(

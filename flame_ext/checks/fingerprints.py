@@ -10,7 +10,7 @@ the tensors had a fingerprint to check, and why the others had none.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -132,12 +132,16 @@ def fingerprint_problems(
     *,
     stored_dtypes: Mapping[str, str] | None = None,
     where: str = "",
+    written: str = "at conversion",
+    hint: Callable[[str | None], str] = hint_for,
 ) -> list[Problem]:
     """One ``value_mismatch`` per checkpoint key whose observed fingerprint is not the expected one.
 
     The dtype of each key's observed values is ``plan.dtypes`` (``plan_verification(dtypes=...)``), else
     ``stored_dtypes``, else the recorded dtype; it chooses the recorded fingerprint to compare with
     (``expected_fingerprint``). A key with none at its dtype is skipped here (``coverage_problems`` says so).
+    ``written`` says when the record was made (a resume: "at the save of step 2"), ``hint`` what to do, by
+    finding.
     """
     dtypes = {**(stored_dtypes or {}), **plan.dtypes}
     expected = {}
@@ -152,18 +156,21 @@ def fingerprint_problems(
         shape = tuple(shapes[key])
         others = {ck: e for ck, (e, d) in expected.items() if ck != key and d == at and tuple(shapes[ck]) == shape}
         finding = what_happened(key, observed[key], fp, shape=shape, dtype=at, others=others, tol=recorded.tolerance)
-        problems.append(_problem(key, finding, dtypes.get(key, at), recorded[plan.keys[key]][0], where))
+        held = dtypes.get(key, at)
+        problems.append(_problem(key, finding, held, recorded[plan.keys[key]][0], f"{written}{where}", hint))
     return problems
 
 
-def _problem(key: str, finding: Finding, held: str, recorded: str, where: str) -> Problem:
+def _problem(
+    key: str, finding: Finding, held: str, recorded: str, where: str, hint: Callable[[str | None], str]
+) -> Problem:
     cast = f" (values of {held}, recorded as {recorded})" if held != recorded else ""
     return Problem(
         "value_mismatch",
         "error",
         key,
-        f"its values are not the ones written at conversion{where}: {finding.text}{cast}",
-        hint_for(finding.code),
+        f"its values are not the ones written {where}: {finding.text}{cast}",
+        hint(finding.code),
     )
 
 

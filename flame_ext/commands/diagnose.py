@@ -29,7 +29,7 @@ from flame_ext.checks.keys import compare_specs, locate_keys, model_part
 from flame_ext.errors import InputError
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, model_prefix, read_dcp_metadata
 from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, open_hf, tied_aliases
-from flame_ext.io.manifest import MANIFEST_NAME, config_hash, read_manifest
+from flame_ext.io.manifest import MANIFEST_NAME, TRAINING_STEP, config_hash, read_manifest
 from flame_ext.io.specs import TensorSpec
 from flame_ext.report import Problem, Report
 
@@ -304,6 +304,8 @@ def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: 
     folder = Path(opts.checkpoint)
     found = read_dcp_metadata(folder)  # validated: every byte range it promises exists (io.dcp_metadata)
     manifest = _read_manifest_if_any(folder)
+    if manifest is not None and manifest.get("kind") == TRAINING_STEP:
+        return _training_step(opts, found, manifest, on_stage)
     recorded = opts.model is None
     if recorded:
         opts.model = recorded_source(folder, manifest)
@@ -332,6 +334,34 @@ def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: 
         _loss_pass(ctx, opts, report, on_stage)
         report.checked.append("loss")
     # Errors first; within a severity, the order of the passes (cheapest evidence first).
+    report.problems.sort(key=lambda p: p.severity != "error")
+    return report
+
+
+def _training_step(
+    opts: DiagnoseOptions, found: dict[str, TensorSpec | None], record: dict[str, Any], on_stage: Callable[[str], None]
+) -> Report:
+    """A training checkpoint (``step-N`` of a guarded run) against its save-time record: the keys, and with
+    ``--values`` every tensor (model and optimizer state). No HF model and no trainer are needed."""
+    from flame_ext.checks.saved_state import step_folder_key_problems, verify_step_folder
+
+    report = Report(checked=["keys", "manifest"])
+    report.notes.append(
+        f"a training checkpoint: step {record['step']}, saved on {record.get('world_size', '?')} rank(s); checked "
+        f"against the save-time record in its {MANIFEST_NAME}, not against an HF model"
+    )
+    unused = [f"--{n.replace('_', '-')}" for n in ("model", "loss", "train_config", "tokenizer") if getattr(opts, n)]
+    if unused:
+        report.notes.append(f"{', '.join(unused)} not used: they check a converted checkpoint against its HF model")
+    report.extend(step_folder_key_problems(found, record))
+    if opts.values:
+        on_stage("verifying values against the save-time record")
+        problems, line = verify_step_folder(opts.checkpoint, found, record, buffer_bytes=opts.buffer_bytes)
+        report.extend(problems)
+        report.notes.append(line)
+        report.checked.append("values")
+    else:
+        report.notes.append("values not checked (add --values)")
     report.problems.sort(key=lambda p: p.severity != "error")
     return report
 
@@ -430,7 +460,7 @@ def run(opts: DiagnoseOptions, *, as_json: bool = False, plot: str | None = None
     if as_json:
         print(report.to_json())
     else:
-        print(_header(opts, opts.model or "?"))
+        print(_header(opts, opts.model or "its save-time record"))
         print(report.render_text(group_hints=True))
     return 0 if report.ok else 1
 

@@ -145,10 +145,17 @@ def prepare_to_hf(opts: ToHFOptions) -> ToHFPlan:
 
 
 def write_shards(
-    plan: ToHFPlan, folder: Path, which: list[int], buffer_bytes: int, on_written: Callable[[int], None]
+    plan: ToHFPlan,
+    folder: Path,
+    which: list[int],
+    buffer_bytes: int,
+    on_written: Callable[[int], None],
+    *,
+    as_read: Recorder | None = None,
 ) -> Recorder:
     """Write shards ``which`` of the plan into ``folder``, one block of rows at a time; returns the fingerprints
-    of what was written (their non-finite counts say which tensors hold NaN or Inf, at no second read)."""
+    of what was written (their non-finite counts say which tensors hold NaN or Inf, at no second read).
+    ``as_read`` also gets the fingerprints of the values as stored, for tensors whose dtype the export changes."""
     keys = [k for i in which for k in plan.shards[i]]
     recorder = Recorder({k: plan.specs[k].shape for k in keys})
     reader = DCPRowReader(plan.checkpoint)
@@ -157,6 +164,8 @@ def write_shards(
         # The block is sized at the stored dtype; a cast to a wider one at most doubles it.
         stored, start = plan.found[plan.prefix + key], 0
         for block in reader.blocks(plan.prefix + key, stored, buffer_bytes):  # type: ignore[arg-type]
+            if as_read is not None and stored.dtype != plan.specs[key].dtype:  # type: ignore[union-attr]
+                as_read.add_rows(key, start, block)
             block = block.to(getattr(torch, plan.specs[key].dtype))
             recorder.add_rows(key, start, block)
             start += block.shape[0] if block.dim() else 1
@@ -193,9 +202,14 @@ def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
     check_destination(opts.out, kind="hf", force=opts.force)
     plan = prepare_to_hf(opts)
     summary = Summary(Path(opts.out).absolute(), notes=list(plan.notes))
+    record = _save_time_record(plan, summary)
+    as_read = Recorder({k: s.shape for k, s in plan.specs.items()}) if record is not None else None
     with atomic_folder(opts.out, kind="hf", force=opts.force) as tmp:
         with Progress(plan.total, opts.progress, "to-hf") as bar:
-            recorder = write_shards(plan, tmp, list(range(len(plan.shards))), opts.buffer_bytes, bar.update)
+            shards = list(range(len(plan.shards)))
+            recorder = write_shards(plan, tmp, shards, opts.buffer_bytes, bar.update, as_read=as_read)
+        if record is not None and as_read is not None:
+            _check_against_record(plan, record, recorder, as_read, summary)  # raises: nothing is published
         summary.notes += finish_folder(plan, tmp)
     summary.warnings += nonfinite_note(plan, recorder.values)
     summary.tensors = len(plan.specs)
@@ -204,6 +218,37 @@ def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_mb = peak_rss_mb()
     return summary
+
+
+def _save_time_record(plan: ToHFPlan, summary: Summary) -> dict | None:
+    """The step folder's save-time record when the checkpoint is a guarded run's ``step-N``, else None."""
+    from flame_ext.checks.saved_state import step_record
+
+    record, _ = step_record(plan.checkpoint)
+    if record is not None:
+        summary.notes.append(f"every exported tensor checked against the save-time record of step {record['step']}")
+    return record
+
+
+def _check_against_record(plan: ToHFPlan, record: dict, written: Recorder, as_read: Recorder, summary: Summary) -> None:
+    """Each exported tensor's values as stored against the record; a difference ends the export, unpublished."""
+    from flame_ext.checks.saved_state import export_problems
+
+    observed = {}
+    for key, spec in plan.specs.items():
+        cast = plan.found[plan.prefix + key].dtype != spec.dtype  # type: ignore[union-attr]
+        observed[plan.prefix + key] = (as_read if cast else written).values[key]  # as stored, before any cast
+    errors = [p for p in export_problems(record, observed, plan.found) if p.severity == "error"]
+    if errors:
+        first = errors[0]
+        raise CheckpointFormatError(
+            f"{plan.checkpoint}: {len(errors)} exported tensor(s) differ from the save-time record of step "
+            f"{record['step']} (first: {first.key}: {first.detail}); nothing written: export another step, or "
+            "restore this one from a copy"
+        )
+    tensors = record["fingerprints"]["tensors"]
+    checked = sum(1 for k in observed if k in tensors)
+    summary.notes.append(f"values: {checked} of {len(observed)} exported tensors match the save-time record")
 
 
 def _copy_side_files(config_dir: Path, tokenizer_dir: Path, out: Path) -> list[str]:

@@ -178,7 +178,7 @@ class InitialLoadGuard:
 
         problems: list[Problem] = []
         for part in self.parts:
-            found, repaired = check_buffers(part, repair=repair)  # logs each repair
+            found, repaired = check_buffers(part, repair=repair, after=self.checkpoint)  # logs each repair
             problems += found
             self.report.notes += [f"repaired non-persistent buffer {key} (wrong after loading)" for key in repaired]
         return problems

@@ -8,7 +8,7 @@ from typing import Any
 
 from flame_ext.report import LossComparison
 
-__all__ = ["record_metrics"]
+__all__ = ["record_metrics", "record_figures"]
 
 logger = logging.getLogger("flame_ext.guard")  # the name users filter the guard's log lines by
 
@@ -30,3 +30,16 @@ def record_metrics(metric_logger: Any, lo: LossComparison, extra: Mapping[str, f
         target.log(figures, 0)
     except Exception as exc:  # a metrics backend failing must not stop training over a log line
         logger.warning("flame-ext: could not record the step-0 figures with %s: %s", type(target).__name__, exc)
+
+
+def record_figures(metric_logger: Any, figures: Mapping[str, float], step: int) -> None:
+    """Figures of a later load (a resume's ``resume/...``) to the host's metric logger at ``step``, if any."""
+    target = getattr(metric_logger, "logger", metric_logger)
+    if target is None or not callable(getattr(target, "log", None)) or not figures:
+        return
+    try:
+        target.log(dict(figures), step)
+    except Exception as exc:  # a metrics backend failing must not stop training over a log line
+        logger.warning(
+            "flame-ext: could not record the figures of step %d with %s: %s", step, type(target).__name__, exc
+        )

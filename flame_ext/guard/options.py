@@ -31,7 +31,9 @@ class GuardConfig:
     validate_initial_load: bool = False
     """Check the first load of training (the step-0 folder, initial_load_path or the HF assets) before step 1:
     key/shape/dtype parity with the checkpoint, non-persistent buffers, and the step-0 loss against the HF
-    reference; abort every rank on a gap. Resumes are never checked."""
+    reference; abort every rank on a gap. With it on, every save records fingerprints of what it saved in the
+    step folder's flame_ext.json, and every resume is checked against them (verify_resumes) and has its
+    buffers checked (check_buffers_on_every_load)."""
     initial_load_max_loss_delta: float = 0.1
     """Largest |step-0 loss - HF reference loss|, in nats, that still counts as a correct load."""
     initial_load_reference: str | None = None
@@ -45,9 +47,21 @@ class GuardConfig:
     every loaded tensor; false: skip (the loss gate still runs)."""
     initial_load_plot: str | None = None
     """PNG file for the per-position step-0 loss against the HF reference (rank 0 writes it; needs flame-ext[plot])."""
+    check_buffers_on_every_load: bool = True
+    """Check the non-persistent buffers (RoPE inv_freq) after every load, resumes included, not only the first;
+    repaired when initial_load_repair_buffers is on, each repair logged."""
+    verify_resumes: bool = True
+    """After a resume, verify every loaded tensor (model, optimizer, other state) and every non-tensor state
+    against the fingerprints and digests recorded when that step was saved; stop every rank before the next step
+    on a difference. A step folder without the record resumes with a warning."""
 
     def __post_init__(self) -> None:
-        for name in ("validate_initial_load", "initial_load_repair_buffers"):
+        for name in (
+            "validate_initial_load",
+            "initial_load_repair_buffers",
+            "check_buffers_on_every_load",
+            "verify_resumes",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise GuardConfigError(f"checkpoint.{name} = {getattr(self, name)!r}: must be true or false")
         verify = self.initial_load_verify_values

@@ -22,6 +22,7 @@ from flame_ext.io.hf_config import read_json_object
 
 __all__ = [
     "MANIFEST_NAME",
+    "TRAINING_STEP",
     "FORMAT_VERSION",
     "FINGERPRINTS_VERSION",
     "write_manifest",
@@ -37,6 +38,9 @@ __all__ = [
 MANIFEST_NAME = "flame_ext.json"
 FORMAT_VERSION = 1
 _REQUIRED = ("format_version", "tool_version", "source", "tensors", "total_parameters", "fresh_keys", "reference")
+# A training step's record (``kind: training_step``): what the validating checkpoint manager saved at that step.
+TRAINING_STEP = "training_step"
+_STEP_REQUIRED = ("format_version", "kind", "step", "fingerprints")
 _REFERENCE_REQUIRED = ("token_ids", "loss_mean", "loss_per_token", "dtype", "attn_implementation")
 FINGERPRINTS_VERSION = 1
 
@@ -70,8 +74,13 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
             "(re-create it with `flame-ext convert` or `flame-ext reference` of this version)"
         )
     # A reference-only manifest (from `flame-ext reference`) has no tensor table.
+    kind = data.get("kind", "checkpoint")
     required = (
-        _REQUIRED if data.get("kind", "checkpoint") == "checkpoint" else ("format_version", "source", "reference")
+        _REQUIRED
+        if kind == "checkpoint"
+        else _STEP_REQUIRED
+        if kind == TRAINING_STEP
+        else ("format_version", "source", "reference")
     )
     missing = [k for k in required if k not in data]
     if missing:

@@ -53,6 +53,7 @@ class _Settings:
     full_load: bool
     lr: float
     steps: int
+    host: dict[str, Any]
 
 
 def build_checkpoint_manager(
@@ -68,13 +69,15 @@ def build_checkpoint_manager(
     sd_adapter: Any = None,
     in_hf: bool = False,
     manager_class: type | None = None,
+    host: Mapping[str, Any] | None = None,
 ) -> TitanTraining:
     """The installed generation's manager over ``parts``: ``manager_class`` (default flame-ext's
     ``ValidatingCheckpointManager``; torchtitan's stock ``CheckpointManager`` for a control run).
 
     ``guard``: guard settings by ``GuardConfig`` field name. ``initial_load_path`` with ``full_load`` false
     loads model weights only (both generations' default). ``pipeline_degree`` is 0.1's (its manager reads it);
-    ``sd_adapter`` and ``in_hf`` are 0.3's (a load straight from HF safetensors).
+    ``sd_adapter`` and ``in_hf`` are 0.3's (a load straight from HF safetensors). ``host``: the host's own
+    checkpoint settings by its field name (``async_mode``, ``keep_latest_k``, ...), over the defaults set here.
     """
     from flame_ext.titan import ValidatingCheckpointManager, generation
 
@@ -83,7 +86,7 @@ def build_checkpoint_manager(
     if unknown:
         raise GuardConfigError(f"guard settings {unknown} are not GuardConfig fields ({sorted(declared)})")
     cls = manager_class or ValidatingCheckpointManager
-    settings = _Settings(Path(base), dict(guard or {}), initial_load_path, full_load, lr, steps)
+    settings = _Settings(Path(base), dict(guard or {}), initial_load_path, full_load, lr, steps, dict(host or {}))
     if generation() == "0.1":
         return _build01(cls, parts, settings, pipeline_degree)
     return _build03(cls, parts, settings, sd_adapter, in_hf)
@@ -106,7 +109,7 @@ def _build01(cls: type, parts: list[nn.Module], s: _Settings, pipeline_degree: i
     job.checkpoint.initial_load_path = s.initial_load_path
     job.checkpoint.initial_load_model_weights_only = not s.full_load
     job.parallelism.pipeline_parallel_degree = pipeline_degree
-    for name, value in s.guard.items():  # what flame's extended JobConfig carries in [checkpoint]
+    for name, value in {**s.host, **s.guard}.items():  # what flame's extended JobConfig carries in [checkpoint]
         setattr(job.checkpoint, name, value)
     ft_manager = init_ft_manager(job)
     optimizers = build_optimizers(parts, job, ft_manager)
@@ -120,15 +123,16 @@ def _build03(cls: Any, parts: list[nn.Module], s: _Settings, sd_adapter: Any, in
 
     optimizers = default_adamw(lr=s.lr).build(model_parts=parts)
     schedulers = LRSchedulersContainer.Config(warmup_steps=1).build(optimizers=optimizers, training_steps=s.steps)
-    config = cls.Config(
-        enable=True,
-        keep_latest_k=0,
-        last_save_model_only=False,
-        initial_load_path=s.initial_load_path,
-        initial_load_model_only=not s.full_load,
-        initial_load_in_hf=in_hf,
-        **s.guard,
-    )
+    settings = {
+        "enable": True,
+        "keep_latest_k": 0,
+        "last_save_model_only": False,
+        "initial_load_path": s.initial_load_path,
+        "initial_load_model_only": not s.full_load,
+        "initial_load_in_hf": in_hf,
+        **s.host,
+    }
+    config = cls.Config(**settings, **s.guard)
     manager = config.build(
         **_trainer_states(parts, optimizers, schedulers), sd_adapter=sd_adapter, base_folder=str(s.base)
     )

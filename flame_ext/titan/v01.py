@@ -4,7 +4,15 @@
 directly. So ``load()`` decides whether this load is the initial one (the same branches as the host:
 ``initial_load_path`` into a missing checkpoint folder, or the ``step-0`` folder) and
 ``_states_to_load`` checks the exact state dict it is about to hand to ``dcp.load``: flat model keys for
-a model-weights-only load, ``{"model": ..., "optimizer": ..., ...}`` for a full one.
+a model-weights-only load, ``{"model": ..., "optimizer": ..., ...}`` for a full one. A load of a
+``step-N`` folder (N > 0) is a resume: ``_states_to_load`` lets the guard see what the load reads, and the
+resume is verified against the record the save left (``guard.resume``).
+
+Saving: the public ``save(curr_step, force)``. The state is turned into state dicts once; the guard records
+those (``guard.save_record``) and the host saves the same objects. A forced last save of model weights
+only is recorded after it, from the exported weights the host saved. The record is written when the save
+has completed: at once for a synchronous save, by the ``async`` future's callback or at ``_async_wait``,
+and for ``async_with_pinned_mem`` (a background process) at ``_async_wait`` or ``close``.
 
 The constructor signature is the host's, and the guard settings are read from ``job_config.checkpoint``
 with defaults, so flame's ``train.py`` can swap the class in and a stock JobConfig leaves the guard off.
@@ -12,25 +20,33 @@ with defaults, so flame's ``train.py`` can swap the class in and a stock JobConf
 
 # No ``from __future__ import annotations`` here: torchtitan 0.1 merges ``JobConfig`` extensions by their
 # field types, which must be real classes, not strings.
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torchtitan.components.checkpoint import MODEL, CheckpointManager
+from torchtitan.components.checkpoint import MODEL, OPTIMIZER, AsyncMode, CheckpointManager
 
 from flame_ext.errors import GuardConfigError
 from flame_ext.guard import (
     GuardConfig,
     InitialLoadGuard,
+    LoadCapture,
+    StepRecord,
     hf_loss_probe,
     model_state,
+    record_figures,
     record_metrics,
+    record_save,
     split_request,
+    step_of,
     tied_keys,
+    verify_resume,
 )
 from flame_ext.io.dcp import read_dcp_metadata
+from flame_ext.io.training_state import as_state_dicts, flatten_state, group_of
 from flame_ext.report import Report
 
 __all__ = ["ValidatingCheckpointManager", "GuardCheckpoint", "JobConfig"]
@@ -64,6 +80,11 @@ class ValidatingCheckpointManager(CheckpointManager):
         self.initial_load_report: Report | None = None
         self._guard: InitialLoadGuard | None = None
         self._figures: dict[str, float] = {}
+        self.resume_report: Report | None = None
+        self._resume_figures: dict[str, float] = {}
+        self._resume_step = 0
+        self._capture: LoadCapture | None = None
+        self._pending_record: StepRecord | None = None
         super().__init__(dataloader, model_parts, optimizers, lr_schedulers, states, job_config, ft_manager)
 
     @torch.no_grad()
@@ -72,7 +93,8 @@ class ValidatingCheckpointManager(CheckpointManager):
             return super().load(step)
         target = self._initial_load_target(step)
         if target is None:
-            return super().load(step)
+            resume = self._resume_target(step)
+            return super().load(step) if resume is None else self._resume(step, resume)
         parts = self.states[MODEL].model
         if self.pipeline_parallel_degree > 1 or len(parts) > 1:
             raise GuardConfigError(
@@ -100,17 +122,51 @@ class ValidatingCheckpointManager(CheckpointManager):
         if not os.path.exists(self.folder):
             return self.initial_load_path or None
         load_step = self._find_load_step() if step == -1 else step
-        if load_step == 0:
-            return self._create_checkpoint_id(0)
-        if load_step > 0:
-            logger.info(
-                "flame-ext: resuming from %s: initial-load validation skipped (it checks only the first load of a run)",
-                self._create_checkpoint_id(load_step),
-            )
-        return None
+        return self._create_checkpoint_id(0) if load_step == 0 else None
+
+    def _resume_target(self, step: int) -> str | None:
+        """The ``step-N`` folder (N > 0) a resume reads, else None."""
+        if not os.path.exists(self.folder):
+            return None
+        load_step = self._find_load_step() if step == -1 else step
+        return self._create_checkpoint_id(load_step) if load_step > 0 else None
+
+    def _resume(self, step: int, checkpoint: str) -> bool:
+        self._capture = LoadCapture()
+        try:
+            loaded = super().load(step)  # _states_to_load lets the capture see what the load reads
+            capture = self._capture
+        finally:
+            self._capture = None
+        if not loaded:
+            return loaded
+        entries = [k for k in self.states if k not in self.exclude_from_loading]
+        live = [k for k in (MODEL, OPTIMIZER) if k in entries]
+        parts = self.states[MODEL].model
+
+        def loaded_state() -> dict[str, Any]:
+            state = flatten_state({k: self.states[k] for k in live})  # what the manager would save now
+            return {**state, **capture.read([k for k in entries if k not in live])}
+
+        config = self.guard_config
+        if self.pipeline_parallel_degree > 1 or len(parts) > 1:  # each rank holds other keys: no common sum
+            config = dataclasses.replace(config, verify_resumes=False)
+            logger.warning("flame-ext: resume from %s: values not verified under pipeline parallel", checkpoint)
+        self.resume_report, self._resume_figures = verify_resume(
+            config,
+            checkpoint,
+            parts,
+            loaded_state,
+            groups=lambda key: group_of(key, entries),
+            metric_logger=self.metric_logger,
+        )
+        self._resume_step = step_of(checkpoint) or 0
+        return loaded
 
     def _states_to_load(self, model_only: bool) -> dict[str, Any]:
         states = super()._states_to_load(model_only)
+        if self._capture is not None and not model_only:
+            states = self._capture.wrap(states, live=(MODEL, OPTIMIZER))
         guard = self._guard
         if guard is not None:
             requested = split_request(states)
@@ -122,9 +178,51 @@ class ValidatingCheckpointManager(CheckpointManager):
         return states
 
     def record_initial_load_metrics(self, metric_logger: Any) -> None:
-        """Log the step-0 figures of the last validated load with a metric logger built after loading."""
+        """Log the figures of the last validated load (step 0, or the resumed step's ``resume/...``) with a
+        metric logger built after loading."""
         if self.initial_load_report is not None and self.initial_load_report.loss is not None:
             record_metrics(metric_logger, self.initial_load_report.loss, self._figures)
+        if self._resume_figures:
+            record_figures(metric_logger, self._resume_figures, self._resume_step)
+
+    @torch.no_grad()
+    def save(self, curr_step: int, force: bool = False) -> None:
+        guarded = getattr(self, "enable_checkpoint", False) and self.guard_config.validate_initial_load
+        if not guarded or self.ft_manager is not None or not self._should_save(curr_step, force):
+            return super().save(curr_step, force)
+        checkpoint = self._create_checkpoint_id(curr_step)
+        if force and self.last_save_model_weights_only:
+            super().save(curr_step, force)  # self.states is now the exported weights it saved, synchronously
+            record_save(self.states, step=curr_step, checkpoint=checkpoint).write_when_saved(None)
+            return
+        if self.async_mode == AsyncMode.ASYNC:
+            self._async_wait()  # the previous save first, as the host would (waiting twice is harmless here)
+        saved = as_state_dicts(self.states)
+        record = record_save(saved, step=curr_step, checkpoint=checkpoint)
+        kept, self.states = self.states, saved  # the host saves exactly the objects recorded
+        try:
+            super().save(curr_step, force)
+        finally:
+            self.states = kept
+        if force or self.async_mode == AsyncMode.DISABLED:
+            record.write_when_saved(None)
+            return
+        if self.async_mode == AsyncMode.ASYNC:
+            record.write_when_saved(self.async_future)
+        self._pending_record = record  # pinned memory: a background process saves; written at the next wait
+
+    def _async_wait(self) -> None:
+        super()._async_wait()
+        self._flush_record()
+
+    def close(self) -> None:
+        super().close()
+        self._flush_record()
+
+    def _flush_record(self) -> None:
+        pending, self._pending_record = getattr(self, "_pending_record", None), None
+        if pending is not None:
+            pending.flush()
 
 
 @dataclass

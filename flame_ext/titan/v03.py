@@ -2,9 +2,15 @@
 
 0.3 loads through two hooks: ``_load`` picks what to load, ``dcp_load(state_dict, checkpoint_id, from_hf,
 from_quantized)`` loads it. ``dcp_load`` sees the exact state dict and checkpoint, so the pre-load check
-runs there: a ``checkpoint_id`` that is ``<folder>/step-N`` with N > 0 is a resume (skipped, logged),
-anything else (``step-0``, ``initial_load_path``, the HF assets folder) is the initial load. ``_load``
-runs the post-load checks once the host has loaded.
+runs there: a ``checkpoint_id`` that is ``<folder>/step-N`` with N > 0 is a resume (what it reads is
+captured, and ``_load`` verifies it against the record the save left, ``guard.resume``); anything else
+(``step-0``, ``initial_load_path``, the HF assets folder) is the initial load. ``_load`` runs the post-load
+checks once the host has loaded.
+
+Saving goes through ``dcp_save(state_dict, checkpoint_id, async_mode, ...)``: the state is turned into state
+dicts once, recorded (``guard.save_record``), and the same objects saved; the record is written when the
+save has completed (at once, or by the future's callback, or at ``_wait_for_saving``). HF exports
+(``last_save_in_hf``) are not recorded: no resume reads them.
 
 For ``initial_load_in_hf`` the request is translated the way the host translates it (``sd_adapter.to_hf``,
 on meta copies: no compute, no collectives) and compared with the safetensors headers the adapter's
@@ -21,14 +27,14 @@ factory). Importing this module needs no triton.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import re
 from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torchtitan.components.checkpointer import MODEL, CheckpointManager
+from torchtitan.components.checkpointer import MODEL, OPTIMIZER, CheckpointManager
 from torchtitan.config import TrainingConfig
 from torchtitan.protocols.model import BaseModel
 
@@ -37,17 +43,23 @@ from flame_ext.guard import (
     IGNORE_INDEX,
     GuardConfig,
     InitialLoadGuard,
+    LoadCapture,
     LossProbe,
     RequestedLoad,
+    StepRecord,
     hf_loss_probe,
     host_config,
     meta_copy,
     model_state,
+    record_save,
     split_request,
+    step_of,
     tied_keys,
+    verify_resume,
 )
 from flame_ext.io.dcp import read_dcp_metadata
 from flame_ext.io.specs import TensorSpec, dtype_name
+from flame_ext.io.training_state import as_state_dicts, flatten_state, group_of
 from flame_ext.report import Problem, Report
 
 __all__ = ["ValidatingCheckpointManager"]
@@ -75,17 +87,22 @@ class ValidatingCheckpointManager(CheckpointManager):
         self._guard: InitialLoadGuard | None = None
         self._loading = False
         self._from_hf = False
+        self._resume: tuple[str, LoadCapture] | None = None
+        self.resume_report: Report | None = None
+        self._pending_record: StepRecord | None = None
         super().__init__(config, **kwargs)
 
     def _load(self, step: int = -1) -> bool:
         if not self.guard_config.validate_initial_load:
             return super()._load(step)
-        self._loading, self._guard, self._from_hf = True, None, False
+        self._loading, self._guard, self._from_hf, self._resume = True, None, False, None
         try:
-            loaded = super()._load(step)  # dcp_load below runs the pre-load check
-            guard = self._guard
+            loaded = super()._load(step)  # dcp_load below runs the pre-load check, or captures a resume
+            guard, resume = self._guard, self._resume
         finally:
-            self._loading, self._guard = False, None
+            self._loading, self._guard, self._resume = False, None, None
+        if loaded and resume is not None:
+            self._verify_resume(*resume)
         if loaded and guard is not None:
             probe, multiple, max_positions = self._loss_probe(guard.parts)
             trainer = self.states.get("train_state")
@@ -101,14 +118,61 @@ class ValidatingCheckpointManager(CheckpointManager):
 
     def dcp_load(self, state_dict: dict[str, Any], checkpoint_id: str, from_hf: bool, from_quantized: bool) -> None:
         if self._loading and self._is_resume(checkpoint_id):
-            logger.info(
-                "flame-ext: resuming from %s: initial-load validation skipped (it checks only the first load of a run)",
-                checkpoint_id,
-            )
+            capture = LoadCapture()
+            state_dict = capture.wrap(state_dict, live=(OPTIMIZER,))  # model tensors are re-read live
+            self._resume = (checkpoint_id, capture)
         elif self._loading:
             self._guard = self._check_before(state_dict, checkpoint_id, from_hf, from_quantized)
             self._from_hf = from_hf
         super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
+
+    def _verify_resume(self, checkpoint: str, capture: LoadCapture) -> None:
+        entries = [k for k in self.states if k not in self.exclude_from_loading and k != MODEL]
+        parts = self.states[MODEL].model
+        trainer = self.states.get("train_state")
+
+        def loaded_state() -> dict[str, Any]:
+            state = dict(self.states[MODEL].state_dict())  # what the manager would save now
+            if OPTIMIZER in entries:
+                state.update(flatten_state({OPTIMIZER: self.states[OPTIMIZER]}))
+            return {**state, **capture.read([k for k in entries if k != OPTIMIZER])}
+
+        config = self.guard_config
+        if len(parts) > 1 or getattr(getattr(trainer, "parallel_dims", None), "pp_enabled", False):
+            config = dataclasses.replace(config, verify_resumes=False)  # each rank holds other keys: no common sum
+            logger.warning("flame-ext: resume from %s: values not verified under pipeline parallel", checkpoint)
+        self.resume_report, _ = verify_resume(
+            config,
+            checkpoint,
+            parts,
+            loaded_state,
+            groups=lambda key: group_of(key, entries),
+            metric_logger=getattr(trainer, "metrics_processor", None),
+        )
+
+    def dcp_save(
+        self,
+        state_dict: dict[str, Any],
+        checkpoint_id: str,
+        async_mode: Any,
+        enable_garbage_collection: bool = False,
+        to_hf: bool = False,
+    ) -> Any:
+        step = step_of(checkpoint_id)
+        if not self.guard_config.validate_initial_load or to_hf or step is None or "://" in str(checkpoint_id):
+            return super().dcp_save(state_dict, checkpoint_id, async_mode, enable_garbage_collection, to_hf)
+        saved = as_state_dicts(state_dict)  # the host saves exactly the objects recorded
+        record = record_save(saved, step=step, checkpoint=str(checkpoint_id))
+        result = super().dcp_save(saved, checkpoint_id, async_mode, enable_garbage_collection, to_hf)
+        record.write_when_saved(result)
+        self._pending_record = record if record.waits else None
+        return result
+
+    def _wait_for_saving(self) -> None:
+        super()._wait_for_saving()
+        pending, self._pending_record = self._pending_record, None
+        if pending is not None:
+            pending.flush()  # the future's callback may not have run yet when its waiters wake
 
     def _loaded_state(self) -> dict[str, Any]:
         """The loaded parameters in the checkpoint's key space: the model's own keys, or for an HF load the HF
@@ -119,10 +183,8 @@ class ValidatingCheckpointManager(CheckpointManager):
         return self.sd_adapter.to_hf(state)
 
     def _is_resume(self, checkpoint_id: str) -> bool:
-        match = re.fullmatch(r"step-(\d+)", str(checkpoint_id).rstrip("/").rsplit("/", 1)[-1])
-        return (
-            bool(match) and int(match.group(1)) > 0 and checkpoint_id == self._create_checkpoint_id(int(match.group(1)))
-        )
+        step = step_of(checkpoint_id)
+        return bool(step) and checkpoint_id == self._create_checkpoint_id(step)
 
     def _check_before(
         self, state_dict: dict[str, Any], checkpoint_id: str, from_hf: bool, from_quantized: bool

@@ -131,3 +131,35 @@ def test_guard_off_is_torchtitans_manager(gloo, tiny_model, dump):
     check)."""
     model, manager, _ = _flame_start(tiny_model, dump)
     assert manager.initial_load_report is None
+
+
+def test_a_resume_is_verified_and_its_rope_repaired(gloo, tiny_model, dump, caplog):
+    """Train one step, save step-1 as flame does, restart (a fresh meta build) and resume: the save is verified,
+    inv_freq is repaired again (4.x leaves it uninitialised on every build), and the model computes what an HF
+    model with the same weights computes."""
+    import logging
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model, manager, optimizers = _flame_start(tiny_model, dump, validate_initial_load=True)
+    ref = _reference(dump)
+    ids = torch.tensor(ref["token_ids"])
+    model(input_ids=ids, labels=ids.clone()).loss.backward()
+    optimizers.step()
+    manager.states["train_state"].step = 1
+    manager.save(curr_step=1, force=False)  # flame saves step 1 always
+    manager.close()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        resumed, again, _ = _flame_start(tiny_model, dump, validate_initial_load=True)
+    assert again.resume_report is not None and again.resume_report.ok
+    assert again.states["train_state"].step == 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("values: 101 of 101 tensors verified" in line for line in lines), lines
+    if transformers_major() < 5:
+        assert any("repaired non-persistent buffer model.rotary_emb.inv_freq after loading" in line for line in lines)
+    assert _inv_freq_is_right(resumed)
+    weights = {k: v.full_tensor() for k, v in resumed.state_dict().items()}
+    hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model))  # RoPE computed as HF does
+    hf.load_state_dict(weights)
+    assert _loss_on_reference(resumed, ref) == pytest.approx(_loss_on_reference(hf, ref), abs=1e-5)

@@ -150,7 +150,7 @@ def test_swapped_layers_are_named_by_the_values_and_the_loss_gate(swapped, tiny_
     assert "positional encoding" not in gap.hint  # whole layers: the first position is off too
 
 
-def test_resume_skips_the_guard(healthy, tiny_model, tmp_path, caplog):
+def test_a_resume_runs_the_resume_check_not_the_initial_one(healthy, tiny_model, tmp_path, caplog):
     first = build_manager(
         hf_like_trainer(tiny_model), tmp_path, initial_load_path=str(healthy), validate_initial_load=True
     )
@@ -158,7 +158,7 @@ def test_resume_skips_the_guard(healthy, tiny_model, tmp_path, caplog):
     first.states["train_state"].step = 1
     save_step(first, 1)
     first.close()
-    # A resume with everything the guard would refuse: no reference file, RoPE garbage, repair off.
+    # A resume with what only the initial load needs missing (the reference file) and RoPE garbage.
     model = hf_like_trainer(tiny_model)
     leave_rope_uninitialised(model)
     caplog.clear()
@@ -167,12 +167,12 @@ def test_resume_skips_the_guard(healthy, tiny_model, tmp_path, caplog):
         tmp_path,
         initial_load_path=str(healthy),
         validate_initial_load=True,
-        initial_load_repair_buffers=False,
         initial_load_reference=str(tmp_path / "absent.json"),
     )
     assert manager.load() is True
-    assert manager.states["train_state"].step == 1
-    assert any("initial-load validation skipped" in r.getMessage() for r in caplog.records)
+    assert manager.states["train_state"].step == 1 and rope_is_right(model)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("resume from" in line and "validated (buffers, values)" in line for line in lines)
     assert not any(STEP0_LINE.search(r.getMessage()) for r in caplog.records)
 
 

@@ -206,8 +206,8 @@ def overrides(*names: str) -> list[str]:
     return ["--override.imports", *names] if names else []
 
 
-def train(llama: dict, out: Path, *args: str) -> subprocess.CompletedProcess:
-    """``torchtitan.train`` for 2 steps on CPU, one process, fp32, from the llama DCP at initial_load_path."""
+def train(llama: dict, out: Path, *args: str, steps: int = 2) -> subprocess.CompletedProcess:
+    """``torchtitan.train`` for ``steps`` steps on CPU, one process, fp32, from the llama DCP at initial_load_path."""
     env = {
         **os.environ,
         "RANK": "0",
@@ -227,7 +227,7 @@ def train(llama: dict, out: Path, *args: str) -> subprocess.CompletedProcess:
         str(llama["hf"]),
         *_batch_args(llama, out.parent),
         "--training.steps",
-        "2",
+        str(steps),
         "--training.disable_cuda_graphs",
         "--training.mixed_precision_param",
         "float32",
@@ -311,3 +311,25 @@ def test_a_native_checkpoint_with_an_hf_keyed_reference_states_its_values_covera
     assert "validated (keys, manifest, values: 1 of 57, buffers" in final and "values," not in final
     with pytest.raises(InitialLoadValidationError, match="no fingerprint recorded for 56 loaded tensors"):
         load("required", initial_load_verify_values=True)
+
+
+@pytest.mark.slow
+def test_a_training_run_resumes_verified(llama, tmp_path):
+    """``torchtitan.train`` saves full checkpoints with the guard on (the Trainer's own state and the dataloader's
+    included), then a second run resumes from the last one: verified, and it trains on."""
+    if FOLDS_BATCH:
+        pytest.skip("main's language models attend with Flex only, and CPU torch has no Flex backward")
+    guarded = ["--module", "llama3", "--config", "llama3_debugmodel"]
+    guarded += [*overrides("flame_ext.titan.config03.initial_load_guard"), "--checkpoint.no_last_save_model_only"]
+    first = train(llama, tmp_path / "run", *guarded)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    record = json.loads((tmp_path / "run" / "checkpoint" / "step-2" / "flame_ext.json").read_text())
+    assert record["step"] == 2 and "train_state.step" in record["digests"] | record["fingerprints"]["tensors"]
+    assert any(k.startswith("dataloader.") for k in record["digests"])
+    again = train(llama, tmp_path / "run", *guarded, steps=3)
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-4000:]
+    tensors = len(record["fingerprints"]["tensors"])
+    assert f"values: {tensors} of {tensors} tensors verified against the save-time record of step 2" in log
+    assert "validated (values)" in log or "validated (buffers, values)" in log
+    assert re.search(r"step:\s+3\s", log)

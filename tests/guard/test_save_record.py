@@ -1,0 +1,99 @@
+"""The save-time record: what a step folder's flame_ext.json holds, and that it is written only after the save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from flame_ext.errors import CheckpointFormatError
+from flame_ext.guard.save_record import record_save, step_of
+from flame_ext.io.fingerprint import fingerprint, matches
+from flame_ext.io.manifest import read_manifest
+
+
+def states() -> dict:
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(4, 3, generator=gen)
+    return {
+        "model": {"layer.weight": weight, "layer.bias": torch.zeros(4, dtype=torch.bfloat16)},
+        "optimizer": {"state": {"layer.weight": {"exp_avg": weight * 0.1, "step": torch.tensor(2.0)}}},
+        "lr_scheduler": {"last_epoch": 2, "base_lrs": [0.001]},
+        "dataloader": {"dp_rank_0": b"pickled", "world_size": 1},
+    }
+
+
+def test_the_record_holds_every_key_its_kind_and_exact_fingerprints(tmp_path):
+    saved = states()
+    record = record_save(saved, step=2, checkpoint=str(tmp_path / "step-2"))
+    (tmp_path / "step-2").mkdir()
+    record.write_when_saved(None)  # a synchronous save: written at once
+    data = read_manifest(tmp_path / "step-2")  # the manifest reader takes the training-step kind
+    assert (data["format_version"], data["kind"], data["step"], data["world_size"]) == (1, "training_step", 2, 1)
+    tensors = data["fingerprints"]["tensors"]
+    assert {k: v["group"] for k, v in tensors.items()} == {
+        "model.layer.weight": "model",
+        "model.layer.bias": "model",
+        "optimizer.state.layer.weight.exp_avg": "optimizer",
+        "optimizer.state.layer.weight.step": "optimizer",
+    }
+    assert tensors["model.layer.bias"]["dtype"] == "bfloat16"  # as stored, no cast
+    assert matches(tensors["model.layer.weight"]["fingerprint"], fingerprint(saved["model"]["layer.weight"]))
+    digests = data["digests"]
+    assert set(digests) == {
+        "lr_scheduler.last_epoch",
+        "lr_scheduler.base_lrs",
+        "dataloader.dp_rank_0",
+        "dataloader.world_size",
+    }
+    assert all(d["group"] == "state" and len(d["sha256"]) == 64 for d in digests.values())
+
+
+def test_an_async_save_is_recorded_when_its_future_completes_not_before(tmp_path):
+    folder = tmp_path / "step-3"
+    folder.mkdir()
+    record = record_save(states(), step=3, checkpoint=str(folder))
+    future: Future = Future()
+    record.write_when_saved(future)
+    assert record.waits and not (folder / "flame_ext.json").exists()
+    record.flush()  # a wait point before completion writes nothing
+    assert not (folder / "flame_ext.json").exists()
+    done = threading.Thread(target=future.set_result, args=(None,))
+    done.start()
+    done.join()
+    assert json.loads((folder / "flame_ext.json").read_text())["step"] == 3
+    assert not list(folder.glob("*.tmp"))  # written through a temporary file, renamed
+
+
+def test_a_failed_async_save_leaves_no_record(tmp_path, caplog):
+    folder = tmp_path / "step-4"
+    folder.mkdir()
+    record = record_save(states(), step=4, checkpoint=str(folder))
+    future: Future = Future()
+    record.write_when_saved(future)
+    with caplog.at_level(logging.WARNING):
+        future.set_exception(OSError("disk full"))
+    record.flush()
+    assert not (folder / "flame_ext.json").exists()
+    assert any("did not complete; no save-time record" in r.getMessage() for r in caplog.records)
+
+
+def test_a_training_step_record_without_its_step_is_refused(tmp_path):
+    (tmp_path / "flame_ext.json").write_text(
+        json.dumps({"format_version": 1, "kind": "training_step", "fingerprints": {}})
+    )
+    with pytest.raises(CheckpointFormatError, match="missing step"):
+        read_manifest(tmp_path)
+
+
+def test_step_of_reads_only_step_folders():
+    assert [step_of(p) for p in ("/r/checkpoint/step-12", "/r/step-0/", "/r/checkpoint", "/r/step-x")] == [
+        12,
+        0,
+        None,
+        None,
+    ]

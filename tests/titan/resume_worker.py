@@ -1,0 +1,92 @@
+"""One rank of a guarded run that saves and resumes on several ranks: gloo, FSDP2 (``fully_shard``) on the HF
+model, the installed torchtitan's real checkpoint manager. Run under ``torchrun --nproc_per_node=N``.
+
+``--first-load CHECKPOINT --dump DIR``: the first load (guarded), one training step, a full checkpoint at step 1.
+``--resume DIR [DIR ...]``: for each run folder, a fresh model (RoPE as to_empty leaves it) resumes from its
+latest step and, when that passes, trains one step. Each rank writes ``<out>/rank-<r>.json``: one entry per
+resume (verdict, error kinds and keys, the report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _hosts import build_manager, save_step  # noqa: E402
+from _models import hf_like_trainer, leave_rope_uninitialised, rope_is_right  # noqa: E402
+from _steps import train_step  # noqa: E402
+
+from flame_ext.guard import ResumeValidationError
+
+
+def sharded_model(hf: Path, *, rope_as_left: bool = False):
+    """The model built as flame builds it, FSDP-sharded over every rank; RoPE as to_empty leaves it if asked."""
+    model = hf_like_trainer(hf)
+    if rope_as_left:
+        leave_rope_uninitialised(model)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def start(hf: Path, checkpoint: str, run: Path) -> None:
+    model = sharded_model(hf)
+    manager = build_manager(model, run, initial_load_path=checkpoint, validate_initial_load=True)
+    assert manager.load()
+    train_step(model, manager)
+    save_step(manager, 1)
+    manager.close()
+
+
+def resume(hf: Path, run: Path) -> dict:
+    model = sharded_model(hf, rope_as_left=True)
+    manager = build_manager(model, run, validate_initial_load=True)
+    try:
+        manager.load()
+    except ResumeValidationError as exc:  # raised on this rank before any step: recorded, then the next run
+        manager.close()
+        errors = exc.report.errors
+        kinds = sorted({p.kind for p in errors})
+        return {"ok": False, "kinds": kinds, "keys": [p.key for p in errors], "text": str(exc)}
+    train_step(model, manager, seed=1)
+    manager.close()
+    return {"ok": True, "rope_right": rope_is_right(model), "notes": manager.resume_report.notes}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--hf", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--first-load")
+    p.add_argument("--dump")
+    p.add_argument("--resume", nargs="*", default=[])
+    args = p.parse_args()
+
+    logging.basicConfig(
+        level=logging.INFO, format=f"[rank{os.environ.get('RANK', '?')}] %(name)s %(levelname)s %(message)s"
+    )
+    dist.init_process_group("gloo")
+    if args.first_load:
+        start(Path(args.hf), args.first_load, Path(args.dump))
+    results = [resume(Path(args.hf), Path(run)) for run in args.resume]
+    Path(args.out, f"rank-{dist.get_rank()}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as dist_worker.py: everything is written; skip the teardown that can abort under load
+
+
+if __name__ == "__main__":
+    main()
