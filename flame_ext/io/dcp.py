@@ -39,6 +39,7 @@ __all__ = [
     "LAYOUTS",
     "DEFAULT_BUFFER_BYTES",
     "root_cause",
+    "data_file_names",
     "read_dcp_metadata",
     "load_tensor",
     "load_state",
@@ -189,6 +190,12 @@ def read_dcp_metadata(folder: str | Path) -> dict[str, TensorSpec | None]:
         else:
             out[key] = None
     return out
+
+
+def data_file_names(folder: str | Path) -> set[str]:
+    """The names of the data files a DCP checkpoint's ``.metadata`` records (each a regular file inside the
+    folder: vetted like every read): exactly the files its writer wrote besides ``.metadata``."""
+    return {info.relative_path for info in _unpickle_metadata(Path(folder)).storage_data.values()}
 
 
 class _VettedReader(dcp.FileSystemReader):
