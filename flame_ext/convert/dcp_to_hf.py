@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from flame_ext.convert.summary import DTYPES, Progress, Summary, nonfinite_warning, peak_rss_mb
-from flame_ext.errors import CheckpointFormatError, InputError
+from flame_ext.errors import CheckpointFormatError, InputError, naming_file
 from flame_ext.io.dcp import (
     DEFAULT_BUFFER_BYTES,
     NON_MODEL_PREFIXES,
@@ -163,9 +163,10 @@ def write_shards(
             yield block
 
     for i in which:
-        write_safetensors(
-            folder / plan.names[i], {k: plan.specs[k] for k in plan.shards[i]}, read, on_written=on_written
-        )
+        with naming_file(folder / plan.names[i]):  # a failed write names its shard (on every rank, under torchrun)
+            write_safetensors(
+                folder / plan.names[i], {k: plan.specs[k] for k in plan.shards[i]}, read, on_written=on_written
+            )
     return recorder
 
 
