@@ -294,8 +294,10 @@ def save_streaming(
         try:
             dcp.save(meta_sd, storage_writer=writer, planner=planner, no_dist=not distributed)
         except CheckpointException as exc:
-            elsewhere = failure_elsewhere(rank_failures(exc), "writing its share of the checkpoint")
-            if distributed and elsewhere is not None:
+            # Under torchrun every rank gets every rank's failure: each reports its own, or names the one that failed.
+            failures = rank_failures(exc) if distributed else {}
+            elsewhere = failure_elsewhere(failures, "writing its share of the checkpoint")
+            if elsewhere is not None:
                 raise elsewhere from exc
             cause = root_cause(exc, rank() if distributed else None)
             if cause is exc:
