@@ -8,12 +8,12 @@ small Python objects go through them (paths, messages, digests, fingerprints), n
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from flame_ext.errors import DistributedRunError, first_line
+from flame_ext.errors import DistributedRunError, exit_code_of, failure_reason
 
-__all__ = ["launched_by_torchrun", "world", "rank", "gather", "agreed", "RankFailure"]
+__all__ = ["launched_by_torchrun", "world", "rank", "gather", "agreed", "failure_elsewhere", "RankFailure"]
 
 
 class RankFailure(DistributedRunError):
@@ -58,16 +58,29 @@ def agreed(step: Callable[[], Any], what: str, group: Any = None) -> Any:
     """Run ``step`` on every rank and share whether it failed, so a failure on one rank ends all of them.
 
     The failing rank re-raises its own exception (with its traceback); the others raise ``RankFailure``
-    naming it and quoting its first line, instead of waiting for it in the next collective.
+    naming it and quoting its one-line reason (``errors.failure_reason``: for a failed write, the file and
+    the system's reason), with the exit code the failing rank has, instead of waiting for it in the next
+    collective.
     """
     try:
         result, failure = step(), None
     except Exception as exc:  # noqa: BLE001 -- shared with the other ranks before re-raising
         result, failure = None, exc
-    messages = gather(None if failure is None else f"{type(failure).__name__}: {first_line(failure)}", group)
+    shared = gather(None if failure is None else (failure_reason(failure), exit_code_of(failure)), group)
     if failure is not None:
         raise failure
-    bad = [(r, m) for r, m in enumerate(messages) if m is not None]
+    bad = [(r, m) for r, m in enumerate(shared) if m is not None]
     if bad:
-        raise RankFailure(f"{what} failed on rank {bad[0][0]}: {bad[0][1]}")
+        r, (reason, code) = bad[0]
+        raise RankFailure(f"{what} failed on rank {r}: {reason}", exit_code=code)
     return result
+
+
+def failure_elsewhere(failures: Mapping[int, BaseException], what: str) -> RankFailure | None:
+    """For a collective that raised on every rank what failed on some (DCP's save): None when this rank is one
+    of them (it raises its own failure), else ``RankFailure`` naming the first failing rank and its reason."""
+    if not failures or rank() in failures:
+        return None
+    first = min(failures)
+    reason, code = failure_reason(failures[first]), exit_code_of(failures[first])
+    return RankFailure(f"{what} failed on rank {first}: {reason}", exit_code=code)

@@ -34,6 +34,10 @@ __all__ = [
     "termination_raises",
     "ForwardUnavailableError",
     "first_line",
+    "os_error_in",
+    "naming_file",
+    "failure_reason",
+    "exit_code_of",
     "report_without_traceback",
     "refused_global",
     "run_guarded",
@@ -41,7 +45,9 @@ __all__ = [
 
 
 class FlameExtError(Exception):
-    """A problem with what the user asked for; the message is shown as is."""
+    """A problem with what the user asked for; the message is shown as is, and the command exits ``exit_code``."""
+
+    exit_code = 2
 
 
 class InputError(FlameExtError):
@@ -65,7 +71,15 @@ class DestinationError(FlameExtError):
 
 
 class DistributedRunError(FlameExtError):
-    """A run under torchrun stopped because another rank failed, stopped, or was started differently."""
+    """A run under torchrun stopped because a rank failed, stopped, or was started differently.
+
+    ``exit_code`` is the one the cause gives in one process, so every rank of a launch exits alike: 1 when a
+    write failed (disk full, a file size limit: the environment) or a rank hit a bug, 2 for bad input.
+    """
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class GuardConfigError(FlameExtError, ValueError):
@@ -82,6 +96,7 @@ class InitialLoadValidationError(FlameExtError):
     """The initial checkpoint load failed validation; ``report`` holds every finding (JSON contract)."""
 
     __module__ = "flame_ext.guard"  # shown in tracebacks under its public import path
+    exit_code = 1  # the run started and the checkpoint was found wrong, as ``diagnose`` finding problems
 
     def __init__(self, message: str, report: Report) -> None:
         super().__init__(message)
@@ -191,6 +206,54 @@ def first_line(exc: BaseException) -> str:
     return cause.strip()[:200]
 
 
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The ``OSError`` that ``exc`` is or stands for: itself, one it was raised from or during (torch's zip writer
+    turns a failed write into ``RuntimeError: ... unexpected pos``), or one of DCP's per-rank failures."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        todo += [e.__cause__, e.__context__]
+        todo += [f[0] if isinstance(f, tuple) else f for f in (getattr(e, "failures", None) or {}).values()]
+    return None
+
+
+@contextlib.contextmanager
+def naming_file(path: str | os.PathLike) -> Iterator[None]:
+    """An ``OSError`` raised while writing ``path`` (also one behind a library's error) comes out of the block as an
+    ``OSError`` that names ``path``: Python's ``write`` does not name its file, and a rank's one-line reason
+    must (``File too large`` alone does not say which)."""
+    try:
+        yield
+    except Exception as exc:
+        found = os_error_in(exc)
+        if found is None or (found is exc and exc.filename):
+            raise
+        raise OSError(found.errno, found.strerror or str(found), found.filename or os.fspath(path)) from exc
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The one line a failure is reported by, on its own rank and quoted by the others: a write failure as
+    ``<file>: <reason>``, one of ours as its message, anything else as ``<type>: <first line>``."""
+    if isinstance(exc, FlameExtError):
+        return first_line(exc)
+    found = os_error_in(exc)
+    if found is not None:
+        where = f"{found.filename}: " if found.filename else ""
+        return f"{where}{found.strerror or first_line(found)}"
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The exit code a failure gives in one process: ours say theirs (2 for bad input); a write failure and a bug 1."""
+    return exc.exit_code if isinstance(exc, FlameExtError) else 1
+
+
 def refused_global(exc: BaseException) -> str | None:
     """torch's weights-only sentence naming a refused global ("Unsupported global: GLOBAL os.system"), if any."""
     match = re.search(r"Unsupported global: GLOBAL [\w.]+", str(exc))
@@ -224,7 +287,7 @@ def run_guarded(
         if debug:
             raise
         _say_error(getattr(exc, "prog", None) or prog, str(exc), json_errors)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt as exc:
         if debug:
             raise

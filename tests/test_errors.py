@@ -46,3 +46,36 @@ def test_an_uncaught_guard_error_prints_the_report_without_a_traceback(tmp_path)
     other.write_text("from flame_ext.errors import report_without_traceback\nreport_without_traceback()\n1 / 0\n")
     p = subprocess.run([sys.executable, str(other)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "Traceback" in p.stderr and "ZeroDivisionError" in p.stderr  # others untouched
+
+
+def test_a_write_failure_behind_torchs_zip_writer_is_named_with_its_file(tmp_path):
+    """Under a file size limit torch's zip writer reports ``RuntimeError: ... unexpected pos`` (the ``EFBIG`` only in
+    its context, and no file name anywhere); ``naming_file`` gives the one line a rank reports: file and reason."""
+    import errno
+    import os
+    import resource
+
+    import torch
+
+    from flame_ext.errors import exit_code_of, failure_reason, naming_file
+
+    path = tmp_path / "__1_0.distcp"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, hard))  # Python ignores SIGXFSZ: writes fail with EFBIG
+    try:
+        with open(path, "wb") as f:
+            try:
+                torch.save(torch.zeros(8192), f)
+            except RuntimeError as exc:
+                bare = exc  # the control: what torch raises says nothing of the cause
+            f.seek(0)
+            try:
+                with naming_file(path):
+                    torch.save(torch.zeros(8192), f)
+            except OSError as exc:
+                named = exc
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert "File too large" not in str(bare) and str(path) not in str(bare)
+    assert named.errno == errno.EFBIG and named.filename == str(path)
+    assert failure_reason(named) == f"{path}: {os.strerror(errno.EFBIG)}" and exit_code_of(named) == 1

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from flame_ext.convert.summary import DTYPES, Progress, Summary, nonfinite_warning, peak_rss_mb
-from flame_ext.errors import CheckpointFormatError, InputError
+from flame_ext.errors import CheckpointFormatError, InputError, naming_file
 from flame_ext.io.dcp import (
     DEFAULT_BUFFER_BYTES,
     NON_MODEL_PREFIXES,
@@ -25,7 +25,7 @@ from flame_ext.io.dcp import (
     read_dcp_metadata,
     replace_dtype,
 )
-from flame_ext.io.destination import atomic_folder, check_destination
+from flame_ext.io.destination import FILES_RECORD, atomic_folder, check_destination, write_files_record
 from flame_ext.io.fingerprint import Recorder, nonfinite_keys
 from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, resolve_folder, tied_aliases
 from flame_ext.io.hf_config import read_model_config
@@ -37,7 +37,7 @@ __all__ = ["ToHFOptions", "ToHFPlan", "convert_dcp_to_hf", "prepare_to_hf", "wri
 
 # Never copied from the source folder: weights in any format, their indexes, what to-hf writes itself.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".distcp")
-_WRITTEN_HERE = ("config.json", MANIFEST_NAME)
+_WRITTEN_HERE = ("config.json", MANIFEST_NAME, FILES_RECORD)
 
 
 @dataclass
@@ -172,14 +172,16 @@ def write_shards(
             yield block
 
     for i in which:
-        write_safetensors(
-            folder / plan.names[i], {k: plan.specs[k] for k in plan.shards[i]}, read, on_written=on_written
-        )
+        with naming_file(folder / plan.names[i]):  # a failed write names its shard (on every rank, under torchrun)
+            write_safetensors(
+                folder / plan.names[i], {k: plan.specs[k] for k in plan.shards[i]}, read, on_written=on_written
+            )
     return recorder
 
 
 def finish_folder(plan: ToHFPlan, folder: Path) -> list[str]:
-    """After every shard is written: the index (when sharded), config and side files; returns notes."""
+    """After every shard is written: the index (when sharded), config and side files, then the record of every
+    file written (what a later ``to-hf --force`` may replace); returns notes."""
     if len(plan.shards) > 1:
         index = {
             "metadata": {"total_size": plan.total},
@@ -187,7 +189,9 @@ def finish_folder(plan: ToHFPlan, folder: Path) -> list[str]:
         }
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     _write_config(plan.config_dir, folder, _dominant_dtype(plan.specs))
-    return _copy_side_files(plan.config_dir, plan.tokenizer_dir, folder)
+    notes = _copy_side_files(plan.config_dir, plan.tokenizer_dir, folder)
+    write_files_record(folder)
+    return notes
 
 
 def nonfinite_note(plan: ToHFPlan, fingerprints: dict[str, torch.Tensor]) -> list[str]:

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from flame_ext.collectives import agreed, gather
+from flame_ext.collectives import RankFailure, agreed, gather
 from flame_ext.convert.dcp_to_hf import (
     ToHFOptions,
     ToHFPlan,
@@ -45,7 +45,7 @@ from flame_ext.convert.dcp_to_hf import (
 )
 from flame_ext.convert.hf_to_dcp import ConversionPlan, ConvertOptions, complete_manifest, prepare_conversion
 from flame_ext.convert.summary import Progress, Summary, peak_rss_mb
-from flame_ext.errors import DistributedRunError, FlameExtError, InputError, first_line
+from flame_ext.errors import DistributedRunError, FlameExtError, InputError, exit_code_of, failure_reason, first_line
 from flame_ext.io.dcp_save import WriteEntry, save_streaming
 from flame_ext.io.destination import Kind, atomic_folder, check_destination, flush_files
 from flame_ext.io.fingerprint import Recorder, nonfinite_keys
@@ -157,15 +157,25 @@ def _own_files(folder: Path, rank: int) -> list[Path]:
 
 
 def _as_rank(run: Callable[[int, int, Any], Summary], dest: str, timeout_s: float) -> tuple[Summary, int, int]:
-    """Run ``run(rank, world, slow_group)`` as one rank of a torchrun launch inside the process group; a broken
-    collective (a rank died or timed out) becomes one line saying nothing was published at ``dest``."""
+    """Run ``run(rank, world, slow_group)`` as one rank of a torchrun launch inside the process group. A failure
+    becomes one line saying nothing was published at ``dest``: this rank's failed write names the rank and the
+    file; another rank's failure quotes that rank's reason; a broken collective (a rank died or timed out)
+    says so. The exit code is the cause's (``errors.exit_code_of``), the same on every rank."""
     if timeout_s <= 0:
         raise InputError(f"--timeout-s {timeout_s}: must be positive")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
     try:
         with _process_group(timeout_s) as slow_group:
             return run(rank, world, slow_group), rank, world
-    except (FlameExtError, OSError, KeyboardInterrupt):
+    except RankFailure as exc:  # another rank failed: its reason, quoted, and its exit code
+        raise DistributedRunError(
+            f"rank {rank} of {world} stopped: {exc}; nothing was published at {dest}", exc.exit_code
+        ) from exc
+    except OSError as exc:  # this rank's write failed (disk full, file size limit): named as the others name it
+        raise DistributedRunError(
+            f"rank {rank} of {world}: {failure_reason(exc)}; nothing was published at {dest}", exit_code_of(exc)
+        ) from exc
+    except (FlameExtError, KeyboardInterrupt):
         raise
     except BaseException as exc:  # a collective broke (a rank died or timed out) or DCP wrapped a failure
         raise DistributedRunError(

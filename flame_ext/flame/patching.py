@@ -5,8 +5,12 @@ The patches in ``patches/`` are git diffs against one flame commit (``FLAME_BASE
 known exactly, without git and without fuzz: its blob id is the base one (the patch applies), the patched
 one (already applied), the patched one of an earlier flame-ext (``patches/superseded/``: ``apply`` updates it,
 ``revert`` undoes it), or none of these (local edits or another flame version: refused, nothing is changed).
-All files are checked before any is written, and each is replaced atomically, so a refused or interrupted
-run leaves the checkout as it was. ``git apply PATCH`` gives the same result as ``apply``.
+All or nothing: every file is checked, then every new file is staged beside the one it replaces, and only
+then are they renamed into place; a refused run, a folder that cannot be written (read-only ``flame/utils``)
+or a run interrupted before the renames leaves the checkout as it was (one interrupted between two renames
+puts the renamed files back). A target that is a symlink is patched through its
+link: the link stays, the file it points to changes (as an editor saving through the link would).
+``git apply PATCH`` gives the same result as ``apply``.
 """
 
 from __future__ import annotations
@@ -21,10 +25,20 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flame_ext.errors import InputError
+from flame_ext.errors import DestinationError, InputError
 from flame_ext.flame import FLAME_BASE_COMMIT
 
-__all__ = ["PATCH_DIR", "FilePatch", "load_patches", "parse_patch", "git_blob_id", "file_state", "apply_patch", "run"]
+__all__ = [
+    "PATCH_DIR",
+    "FilePatch",
+    "load_patches",
+    "parse_patch",
+    "git_blob_id",
+    "file_state",
+    "patched_content",
+    "apply_patches",
+    "run",
+]
 
 PATCH_DIR = Path(__file__).resolve().parents[2] / "patches"
 _FLAME_MARKERS = ("flame/train.py", "flame/config_manager.py")
@@ -146,25 +160,96 @@ def _patched(data: bytes, fp: FilePatch, *, reverse: bool) -> bytes:
     return result
 
 
-def apply_patch(flame_dir: Path, fp: FilePatch, *, reverse: bool = False) -> None:
-    """Rewrite one file (atomically, mode kept) with the patch applied or undone; a file patched by an earlier
-    version is first taken back to the base, in memory, so the file is written once."""
-    target = flame_dir / fp.path
-    data = target.read_bytes()
+def patched_content(flame_dir: Path, fp: FilePatch, *, reverse: bool = False) -> bytes:
+    """The file's content with the patch applied or undone; a file patched by an earlier version is first taken
+    back to the base, in memory, so the file is written once."""
+    data = (flame_dir / fp.path).read_bytes()
     earlier = {e.new_blob: e for e in fp.earlier}.get(git_blob_id(data))
     if earlier is not None:
         data = _patched(data, earlier, reverse=True)
     if not (reverse and earlier is not None):
         data = _patched(data, fp, reverse=reverse)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    return data
+
+
+@dataclass
+class _Staged:
+    """One file's new content, written beside the file it replaces, waiting for the rename."""
+
+    fp: FilePatch
+    real: Path  # the file itself: a symlinked target is patched through its link
+    tmp: Path
+    original: bytes
+
+
+def _stage(real: Path, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``real`` (same folder: the rename is atomic), mode kept."""
+    fd, tmp = tempfile.mkstemp(dir=real.parent, prefix=f".{real.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        shutil.copymode(target, tmp)
-        os.replace(tmp, target)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.copymode(real, tmp)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def apply_patches(flame_dir: Path, patches: list[FilePatch], *, reverse: bool = False) -> list[Path]:
+    """Apply (or undo) every patch, all or nothing; returns the files written (a symlink's target, not the link).
+
+    Every new file is staged beside its target first; only when all are staged are they renamed into place.
+    A folder that cannot be written (read-only, a full disk) therefore stops the run before any file changes.
+    A rename failing after others succeeded (the folder changed meanwhile) puts the renamed ones back.
+    """
+    action = "revert" if reverse else "apply"
+    staged: list[_Staged] = []
+    try:
+        for fp in patches:
+            real = Path(os.path.realpath(flame_dir / fp.path))
+            original, data = real.read_bytes(), patched_content(flame_dir, fp, reverse=reverse)
+            try:
+                staged.append(_Staged(fp, real, _stage(real, data), original))
+            except OSError as exc:
+                raise DestinationError(
+                    f"{flame_dir}: cannot {action} the patches: {real.parent} is not writable ({exc.strerror}); "
+                    "nothing was changed: make the checkout writable and run the command again"
+                ) from exc
+    except BaseException:
+        _discard_staged(staged)
+        raise
+    done: list[_Staged] = []
+    for item in staged:
+        try:
+            os.replace(item.tmp, item.real)
+        except BaseException as exc:  # an OSError, or Ctrl-C between two renames: put the renamed ones back
+            _discard_staged([s for s in staged if s not in done])
+            state = _undo(done)
+            if not isinstance(exc, OSError):
+                raise
+            raise DestinationError(
+                f"{flame_dir}: cannot {action} the patches: renaming into {item.real} failed ({exc.strerror}); {state}"
+            ) from exc
+        done.append(item)
+    return [s.real for s in staged]
+
+
+def _discard_staged(staged: list[_Staged]) -> None:
+    for item in staged:
+        item.tmp.unlink(missing_ok=True)
+
+
+def _undo(done: list[_Staged]) -> str:
+    """Put back the files already renamed; says what the checkout holds now."""
+    left = []
+    for item in reversed(done):
+        try:
+            os.replace(_stage(item.real, item.original), item.real)
+        except OSError:
+            left.append(item.fp.path)
+    return "nothing was changed" if not left else f"{', '.join(left)} could not be put back and stay changed"
 
 
 def _why_modified(flame_dir: Path, path: str) -> str:
@@ -247,10 +332,11 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise _refusal(flame_dir, bad, args.action)
     todo = [(fp, s) for fp, s in states if s in ((APPLIED, OUTDATED) if reverse else (CLEAN, OUTDATED))]
-    for fp, state in todo:
-        apply_patch(flame_dir, fp, reverse=reverse)
+    written = apply_patches(flame_dir, [fp for fp, _ in todo], reverse=reverse)
+    for (fp, state), real in zip(todo, written):
         word = "reverted" if reverse else ("updated to" if state == OUTDATED else "applied")
-        print(f"{fp.path}: {word} {fp.patch_name}")
+        link = (flame_dir / fp.path).is_symlink()
+        print(f"{fp.path}: {word} {fp.patch_name}" + (f" (in {real}, through the symlink)" if link else ""))
     done_word = "reverted" if reverse else "applied"
     if not todo:
         print(f"{flame_dir}: nothing to do, the patches are already {'absent' if reverse else 'applied'}")

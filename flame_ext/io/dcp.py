@@ -39,6 +39,8 @@ __all__ = [
     "LAYOUTS",
     "DEFAULT_BUFFER_BYTES",
     "root_cause",
+    "rank_failures",
+    "data_file_names",
     "read_dcp_metadata",
     "load_tensor",
     "load_state",
@@ -65,17 +67,23 @@ def row_blocks(spec: TensorSpec, buffer_bytes: int) -> list[tuple[int, int]]:
     return [(s, min(s + step, spec.shape[0])) for s in range(0, spec.shape[0], step)]
 
 
-def root_cause(exc: CheckpointException) -> BaseException:
+def rank_failures(exc: CheckpointException) -> dict[int, BaseException]:
+    """DCP's failures of a collective step, rank -> exception (it stores ``(exception, traceback summary)`` pairs)."""
+    return {r: f[0] if isinstance(f, tuple) and f else f for r, f in (getattr(exc, "failures", None) or {}).items()}
+
+
+def root_cause(exc: CheckpointException, rank: int | None = None) -> BaseException:
     """DCP wraps a failure of any rank in ``CheckpointException`` (a ``BaseException``); surface the cause.
 
     An ``OSError`` (disk full, file size limit), one of our own errors, or a Ctrl-C (``KeyboardInterrupt``,
     which DCP catches as a ``BaseException`` and wraps like any failure) is re-raised as itself, so callers
-    handle it like any other; anything else stays a ``CheckpointException``. DCP stores each failure as an
-    ``(exception, traceback summary)`` pair, not as the exception itself.
+    handle it like any other; anything else stays a ``CheckpointException``. With ``rank``, only that rank's
+    failure is looked at (a rank reports its own failure, not another's).
     """
     surfaced = (OSError, FlameExtError, KeyboardInterrupt)
-    for failure in getattr(exc, "failures", {}).values():
-        failure = failure[0] if isinstance(failure, tuple) and failure else failure
+    for r, failure in rank_failures(exc).items():
+        if rank is not None and r != rank:
+            continue
         if isinstance(failure, surfaced):
             return failure
         cause = getattr(failure, "__cause__", None) or getattr(failure, "__context__", None)
@@ -189,6 +197,12 @@ def read_dcp_metadata(folder: str | Path) -> dict[str, TensorSpec | None]:
         else:
             out[key] = None
     return out
+
+
+def data_file_names(folder: str | Path) -> set[str]:
+    """The names of the data files a DCP checkpoint's ``.metadata`` records (each a regular file inside the
+    folder: vetted like every read): exactly the files its writer wrote besides ``.metadata``."""
+    return {info.relative_path for info in _unpickle_metadata(Path(folder)).storage_data.values()}
 
 
 class _VettedReader(dcp.FileSystemReader):

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -31,8 +32,9 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.futures import Future
 
-from flame_ext.errors import TERMINATING_SIGNALS, CheckpointFormatError
-from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, root_cause, row_blocks
+from flame_ext.collectives import failure_elsewhere, rank
+from flame_ext.errors import TERMINATING_SIGNALS, CheckpointFormatError, naming_file
+from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, rank_failures, root_cause, row_blocks
 from flame_ext.io.specs import TensorSpec, dtype_name
 
 __all__ = ["WriteEntry", "save_streaming", "ctrl_c_held", "wait_all", "DEFAULT_THREADS"]
@@ -115,6 +117,18 @@ class _StreamingPlanner(DefaultSavePlanner):
         return data.contiguous()
 
 
+def _naming_its_file(create_stream: Callable[..., Any]) -> Callable[..., Any]:
+    """torch's ``create_stream`` whose write failures name the file (``errors.naming_file``): a rank's one-line
+    reason then says which file hit the disk's or the file size limit."""
+
+    @contextlib.contextmanager
+    def create(path: str | os.PathLike, mode: str) -> Iterator[Any]:
+        with naming_file(path), create_stream(path, mode) as stream:
+            yield stream
+
+    return create
+
+
 class _Cancelled(Exception):
     """A writer thread stopped because another one failed (or Ctrl-C): never the error to report."""
 
@@ -139,7 +153,7 @@ class _Writer(dcp.FileSystemWriter):
         def work(done: threading.Event) -> None:
             try:
                 _write_files_from_queue(
-                    create_stream=self.fs.create_stream,
+                    create_stream=_naming_its_file(self.fs.create_stream),
                     file_queue=file_queue,
                     result_queue=results,
                     planner=planner,
@@ -280,7 +294,12 @@ def save_streaming(
         try:
             dcp.save(meta_sd, storage_writer=writer, planner=planner, no_dist=not distributed)
         except CheckpointException as exc:
-            cause = root_cause(exc)
+            # Under torchrun every rank gets every rank's failure: each reports its own, or names the one that failed.
+            failures = rank_failures(exc) if distributed else {}
+            elsewhere = failure_elsewhere(failures, "writing its share of the checkpoint")
+            if elsewhere is not None:
+                raise elsewhere from exc
+            cause = root_cause(exc, rank() if distributed else None)
             if cause is exc:
                 raise
             raise cause from exc

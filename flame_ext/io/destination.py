@@ -2,7 +2,9 @@
 
 What ``--force`` may replace is decided here, once, for every writer: only what flame-ext itself writes
 there (``written_by_flame_ext``: a DCP folder for ``convert``, an HF folder for ``to-hf``, a reference
-file for ``reference``). An empty folder is used without ``--force``. Anything else (a folder holding
+file for ``reference``), recognised by exact names only: the files a DCP checkpoint's own ``.metadata``
+names, the files ``to-hf`` listed in its record ``flame_ext_files.json``, never a pattern that a user's file
+could match by its name. An empty folder is used without ``--force``. Anything else (a folder holding
 other files, a regular file, a symlink, a dangling symlink) is refused before any work, and again under
 the lock just before the rename, so nothing a user keeps there is ever removed.
 
@@ -20,16 +22,16 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
 import os
-import re
 import shutil
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
-from flame_ext.errors import DestinationError
+from flame_ext.errors import DestinationError, FlameExtError
 
 __all__ = [
     "Kind",
@@ -44,6 +46,8 @@ __all__ = [
     "is_reference_file",
     "is_png_file",
     "written_by_flame_ext",
+    "FILES_RECORD",
+    "write_files_record",
 ]
 
 Kind = Literal["dcp", "hf", "reference", "plot"]
@@ -57,14 +61,18 @@ _WRITER = {
 }
 _FILE_KINDS = ("reference", "plot")
 
-# Files ``to-hf`` writes besides weights: config, generation config, and the tokenizer's files (it copies
-# every tokenizer and chat-template file of its source, whatever its exact name).
-_HF_SIDE_FILES = re.compile(
-    r"(config|generation_config|model\.safetensors\.index|special_tokens_map|added_tokens|preprocessor_config)\.json"
-    r"|model(-\d+-of-\d+)?\.safetensors|tokenizer.*|.*vocab.*|merges\.txt|.*chat_template.*|spiece\.model"
-    r"|.*\.tiktoken|sentencepiece.*\.model"
-)
-_DCP_FILES = re.compile(r"\.metadata|.*\.distcp|flame_ext\.json")
+# The record ``to-hf`` writes in its output folder: the name of every file that run wrote (weights, index,
+# config and every side file it copied: tokenizer, chat template, README, custom code, whatever their names).
+FILES_RECORD = "flame_ext_files.json"
+_FILES_RECORD_KIND = "to-hf files"
+_MAX_RECORD_BYTES = 1 << 20
+# What a DCP folder holds besides the data files its ``.metadata`` names.
+_DCP_RECORDS = (".metadata", "flame_ext.json")
+# A temporary sibling's name is ``.<stem>.flame-ext-tmp-<pid>`` and its spare ``...-old``: room for both.
+_TMP_MARK = ".flame-ext-tmp-"
+_LOCK_MARK = ".flame-ext-lock"
+_PID_AND_SPARE = len("4194304-old")  # pid_max is at most 2**22 on Linux
+_DEFAULT_NAME_MAX = 255
 
 
 # ---------------------------------------------------------------- what flame-ext writes
@@ -80,18 +88,65 @@ def _plain_files(folder: Path) -> list[str] | None:
     return names
 
 
+def _dcp_names(folder: Path) -> set[str]:
+    """The exact names a DCP folder's own record accounts for: ``.metadata``, ``flame_ext.json`` and the data
+    files ``.metadata`` names (read with the vetted reader); empty when ``.metadata`` is absent or unreadable."""
+    from flame_ext.io.dcp import data_file_names
+
+    try:
+        return set(_DCP_RECORDS) | data_file_names(folder)
+    except FlameExtError:
+        return set()
+
+
+def _hf_names(folder: Path) -> set[str]:
+    """The exact names the folder's ``flame_ext_files.json`` lists, and the record itself; empty without a valid
+    record (a regular file of at most 1 MiB holding the JSON ``to-hf`` writes)."""
+    path = folder / FILES_RECORD
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_RECORD_BYTES:
+            return set()
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return set()
+    files = data.get("files") if isinstance(data, dict) and data.get("kind") == _FILES_RECORD_KIND else None
+    if not isinstance(files, list) or not all(isinstance(n, str) and _plain_name(n) for n in files):
+        return set()
+    return {FILES_RECORD, *files}
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def _own_names(folder: Path, kind: Kind) -> set[str]:
+    return _dcp_names(folder) if kind == "dcp" else _hf_names(folder) if kind == "hf" else set()
+
+
+def write_files_record(folder: Path) -> None:
+    """Record, in ``folder``, the name of every file in it: what ``to-hf --force`` may replace there later.
+
+    Written last, from the folder's own listing, so it names exactly what this run wrote (the folder is the
+    run's fresh temporary folder). Sorted and without times, so one process and N ranks write the same bytes.
+    """
+    names = sorted(e.name for e in os.scandir(folder) if e.is_file(follow_symlinks=False) and e.name != FILES_RECORD)
+    record = {"format_version": 1, "kind": _FILES_RECORD_KIND, "files": names}
+    (folder / FILES_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+
+
 def is_dcp_folder(path: Path) -> bool:
-    """A DCP checkpoint as ``convert`` writes it: ``.metadata`` plus data files, with or without ``flame_ext.json``."""
+    """A DCP checkpoint: ``.metadata``, the data files it names, and at most ``flame_ext.json`` besides; each an
+    exact name from the checkpoint's own record, never a pattern (a ``notes.distcp`` of the user's is foreign)."""
     names = _plain_files(path) if path.is_dir() and not path.is_symlink() else None
-    return names is not None and ".metadata" in names and all(_DCP_FILES.fullmatch(n) for n in names)
+    return names is not None and ".metadata" in names and set(names) <= _dcp_names(path)
 
 
 def is_hf_folder(path: Path) -> bool:
-    """An HF folder as ``to-hf`` writes it: ``config.json``, safetensors weights, generation config, tokenizer."""
+    """An HF folder as ``to-hf`` writes it: its record ``flame_ext_files.json`` and only files that record names
+    (a file a user added later, whatever its name, makes the folder not ``to-hf``'s)."""
     names = _plain_files(path) if path.is_dir() and not path.is_symlink() else None
-    if names is None or "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
-        return False
-    return all(_HF_SIDE_FILES.fullmatch(n) for n in names)
+    return names is not None and FILES_RECORD in names and set(names) <= _hf_names(path)
 
 
 def is_reference_file(path: Path) -> bool:
@@ -129,17 +184,19 @@ def _describe_folder(path: Path, kind: Kind) -> str:
     entries = sorted(os.scandir(path), key=lambda e: e.name)
     if not entries:
         return "an empty folder"
-    pattern = _DCP_FILES if kind == "dcp" else _HF_SIDE_FILES
-    foreign = [e.name for e in entries if not (e.is_file(follow_symlinks=False) and pattern.fullmatch(e.name))]
+    own = _own_names(path, kind)
+    foreign = [e.name for e in entries if not (e.is_file(follow_symlinks=False) and e.name in own)]
     names = foreign + [e.name for e in entries if e.name not in foreign]
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    return f"a folder holding {shown}"
+    unrecorded = {"dcp": " (no readable .metadata)", "hf": f" (no {FILES_RECORD}, the record to-hf writes)"}
+    return f"a folder holding {shown}" + (unrecorded.get(kind, "") if not own else "")
 
 
 def check_destination(dest: str | os.PathLike, *, kind: Kind, force: bool) -> None:
     """Refuse a destination flame-ext may not write, before any work is done; one line naming what is there."""
     dest = Path(dest)
     what, writer = _WHAT[kind], _WRITER[kind]
+    _check_name_lengths(dest)
     if dest.is_symlink():
         target = os.readlink(dest)
         state = "" if dest.exists() else ", which does not exist"
@@ -167,7 +224,39 @@ def check_destination(dest: str | os.PathLike, *, kind: Kind, force: bool) -> No
     )
 
 
+def _name_max(path: Path) -> int:
+    """The longest name, in bytes, the filesystem holding ``path`` (or its nearest existing parent) allows."""
+    for p in (path, *path.parents):
+        with contextlib.suppress(OSError, ValueError):
+            return os.pathconf(p, "PC_NAME_MAX")
+    return _DEFAULT_NAME_MAX
+
+
+def _check_name_lengths(dest: Path) -> None:
+    """Refuse a destination whose name (or a parent's) is longer than its filesystem allows, before any work:
+    the system would refuse it later with ``File name too long``, after the conversion ran."""
+    limit = _name_max(dest.absolute().parent)
+    for part in dest.absolute().parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            shown = part if len(part) <= 40 else part[:20] + "..." + part[-10:]
+            raise DestinationError(
+                f"{dest}: the name {shown!r} is {size} bytes; this filesystem allows at most {limit} bytes in a "
+                "file or folder name: choose a shorter name"
+            )
+
+
 # ---------------------------------------------------------------- temporaries and the lock
+
+
+def _stem(dest: Path) -> str:
+    """The part of ``dest``'s sibling names that stands for ``dest``: its name with ``-`` as ``_`` when the
+    longest sibling name (``.<stem>.flame-ext-tmp-<pid>-old``) fits the filesystem's name limit, else a
+    short hash of that (a legal 250-byte destination name must not be refused for its temporary's name)."""
+    stem = dest.name.replace("-", "_")
+    if len(os.fsencode(f".{stem}{_TMP_MARK}")) + _PID_AND_SPARE <= _name_max(dest.parent):
+        return stem
+    return "h" + hashlib.sha256(os.fsencode(stem)).hexdigest()[:24]
 
 
 def temp_prefix(dest: Path) -> str:
@@ -177,13 +266,13 @@ def temp_prefix(dest: Path) -> str:
     ``step-(\\d+)`` and holds a ``.metadata`` for a saved step, and a run killed after writing its data but
     before the rename (e.g. during the reference loss) leaves exactly such a folder.
     """
-    return f".{dest.name.replace('-', '_')}.flame-ext-tmp-"
+    return f".{_stem(dest)}{_TMP_MARK}"
 
 
 def lock_path(dest: Path) -> Path:
     """The lock file beside ``dest``; named like the temporaries' prefix, so two destination names that share
     a prefix (``step-0``, ``step_0``) share a lock, and the lock holder may clear every temporary it sees."""
-    return dest.parent / f".{dest.name.replace('-', '_')}.flame-ext-lock"
+    return dest.parent / f".{_stem(dest)}{_LOCK_MARK}"
 
 
 def _remove_stale_temps(dest: Path) -> list[Path]:
@@ -374,4 +463,5 @@ def atomic_file(dest: str | os.PathLike, *, kind: Kind = "reference", force: boo
         file = tmp / final.name
         yield file
         _fsync_path(file)
-        _put_in_place(file, final, tmp / (final.name + "-old"), kind=kind, force=force)
+        spare = tmp / ("old" if final.name != "old" else "old-2")  # ``final.name + "-old"`` may be too long
+        _put_in_place(file, final, spare, kind=kind, force=force)

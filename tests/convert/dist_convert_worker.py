@@ -1,10 +1,13 @@
 """One rank of a conversion drop-in under torchrun, with one fault injected on one rank.
 
-    torchrun ... dist_convert_worker.py [--to-hf] [--kill-rank R | --fail-rank R] [--arg-on-rank R NAME VALUE] -- ARGS
+    torchrun ... dist_convert_worker.py [--to-hf] [--kill-rank R | --fail-rank R | --fsize-on-rank R BYTES]
+        [--arg-on-rank R NAME VALUE] -- ARGS
 
 Runs ``flame_ext.convert_hf_to_dcp`` (``--to-hf``: ``flame_ext.convert_dcp_to_hf``).
 ``--kill-rank R``: rank R is killed (SIGKILL, no clean-up possible) just after it read its first block, so
 the others are mid-write. ``--fail-rank R``: rank R's write fails there instead (disk full).
+``--fsize-on-rank R BYTES``: rank R runs under a file size limit (``RLIMIT_FSIZE``, as ``ulimit -f`` sets; Python
+ignores SIGXFSZ, so a write past it fails with ``EFBIG``), a real failure of the system's, not an injected one.
 ``--arg-on-rank R NAME VALUE``: rank R is given ``--NAME VALUE`` instead, as a mistyped launch script would.
 ARGS are the drop-in's own; everything else is the real drop-in.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import resource
 import signal
 import sys
 
@@ -70,6 +74,7 @@ if __name__ == "__main__":
     p.add_argument("--kill-rank", type=int)
     p.add_argument("--fail-rank", type=int)
     p.add_argument("--arg-on-rank", nargs=3)
+    p.add_argument("--fsize-on-rank", nargs=2, type=int)
     args = p.parse_args(own)
     rank = int(os.environ["RANK"])
     if args.to_hf:
@@ -80,6 +85,8 @@ if __name__ == "__main__":
         after_first_block_read(die) if args.to_hf else kill_after_first_block()
     if args.fail_rank == rank:
         after_first_block_read(disk_full) if args.to_hf else fail_after_first_block()
+    if args.fsize_on_rank and args.fsize_on_rank[0] == rank:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (args.fsize_on_rank[1], args.fsize_on_rank[1]))
     if args.arg_on_rank and int(args.arg_on_rank[0]) == rank:
         argv[argv.index("--" + args.arg_on_rank[1]) + 1] = args.arg_on_rank[2]
     sys.exit(main(argv))

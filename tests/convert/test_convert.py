@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from flame_ext.convert.dcp_to_hf import ToHFOptions, convert_dcp_to_hf
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
+from flame_ext.io.destination import FILES_RECORD
 
 SMALL_BUFFER = 4096  # bytes: far below the tiny models' larger tensors, so they are written as row blocks
 
@@ -446,8 +447,12 @@ def test_to_hf_copies_every_side_file_whatever_its_name(sharded_model, sharded_c
     (source / "consolidated.pth").write_bytes(b"weights")
     out = tmp_path / "out"
     summary = convert_dcp_to_hf(ToHFOptions(str(sharded_chunked_dcp), str(source), str(out), progress=False))
-    copied = {p.name for p in out.iterdir()} - {p.name for p in out.glob("model*.safetensors*")} - {"config.json"}
+    written_here = {"config.json", FILES_RECORD}  # what to-hf writes itself besides the weights
+    copied = {p.name for p in out.iterdir()} - {p.name for p in out.glob("model*.safetensors*")} - written_here
     assert copied == set(side) | {"vocab_link.txt", "generation_config.json"} & {p.name for p in source.iterdir()}
     assert all((out / name).read_text() == text for name, text in side.items())
     assert not (out / "vocab_link.txt").is_symlink()
+    assert set(json.loads((out / FILES_RECORD).read_text())["files"]) == {p.name for p in out.iterdir()} - {
+        FILES_RECORD
+    }
     assert any("added_tokens.json" in n and "outside the source folder" in n for n in summary.notes), summary.notes

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchrun_support import TIMEOUT_S, WORKER, assert_killed_rank_stopped_everything, torchrun, two_nodes
+from torchrun_support import (
+    TIMEOUT_S,
+    WORKER,
+    assert_every_rank_names_the_cause,
+    assert_killed_rank_stopped_everything,
+    torchrun,
+    two_nodes,
+)
 
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 from flame_ext.io.dcp import load_tensor, read_dcp_metadata
@@ -67,6 +74,16 @@ def test_a_rank_killed_mid_write_leaves_nothing_and_stops_the_other(sharded_mode
     args = ["--model", str(sharded_model), "--checkpoint", str(out), "--no_reference", "--buffer_mb", "1"]
     nodes, elapsed = two_nodes(str(WORKER), "--kill-rank", "1", "--", *args, "--timeout_s", str(TIMEOUT_S))
     assert_killed_rank_stopped_everything(nodes, elapsed, "convert_hf_to_dcp", out)
+
+
+def test_a_file_size_limit_on_one_rank_is_named_on_every_rank(sharded_model, tmp_path):
+    """``ulimit -f`` on rank 1 only (two agents, as on two nodes): its DCP write fails with EFBIG. Both ranks used
+    to say only "another rank failed or stopped (CheckpointException ...)"; each now names rank 1, its file and
+    "File too large", both exit 1 (a write failure, as in one process), and nothing is left."""
+    out = tmp_path / "step-0"
+    args = ["--model", str(sharded_model), "--checkpoint", str(out), "--no_reference", "--timeout_s", str(TIMEOUT_S)]
+    nodes, _ = two_nodes(str(WORKER), "--fsize-on-rank", "1", str(16 * 1024), "--", *args)
+    assert_every_rank_names_the_cause(nodes, "convert_hf_to_dcp", out)
 
 
 def test_a_rank_given_another_model_is_refused_before_anything_is_written(tiny_model, sharded_model, tmp_path):

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 from test_convert import _poison, assert_bit_exact, hf_tensors
-from torchrun_support import TIMEOUT_S, WORKER, assert_killed_rank_stopped_everything, torchrun, two_nodes
+from torchrun_support import (
+    TIMEOUT_S,
+    WORKER,
+    assert_every_rank_names_the_cause,
+    assert_killed_rank_stopped_everything,
+    torchrun,
+    two_nodes,
+)
 
 from flame_ext.convert.dcp_to_hf import ToHFOptions, convert_dcp_to_hf, prepare_to_hf
 from flame_ext.convert.distributed import split_by_bytes
@@ -128,9 +135,20 @@ def test_a_rank_whose_write_fails_stops_every_rank(sharded_model, nested_dcp_wit
     args += ["--out", str(out), "--max_shard_mb", str(SHARD_MB)]
     proc, _ = torchrun(2, str(WORKER), "--to-hf", "--fail-rank", "1", "--", *args)
     assert proc.returncode != 0
-    assert "writing its safetensors shards failed on rank 1: OSError: [Errno 28]" in proc.stderr, proc.stderr[-3000:]
+    said = "writing its safetensors shards failed on rank 1: /injected/disk: No space left on device"
+    assert said in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.count("No space left on device") == 2  # rank 1's own line, and rank 0 quoting it
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_size_limit_on_one_rank_is_named_on_every_rank(sharded_model, nested_dcp_with_head, tmp_path):
+    """``ulimit -f`` on rank 1 only: its shard's write fails with EFBIG; each rank's line names rank 1's shard and
+    "File too large", both exit 1, nothing is left."""
+    out = tmp_path / "hf"
+    args = ["--path", str(nested_dcp_with_head.parent.parent), "--step", "0", "--config", str(sharded_model)]
+    args += ["--out", str(out), "--max_shard_mb", str(SHARD_MB), "--timeout_s", str(TIMEOUT_S)]
+    nodes, _ = two_nodes(str(WORKER), "--to-hf", "--fsize-on-rank", "1", str(16 * 1024), "--", *args)
+    assert_every_rank_names_the_cause(nodes, "convert_dcp_to_hf", out)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -49,4 +50,29 @@ def assert_killed_rank_stopped_everything(
     survivor = next(n for n in nodes if "stopped: another rank failed or stopped" in n.stderr)
     (line,) = [x for x in survivor.stderr.splitlines() if x.startswith(f"{tool}: error: rank 0 of 2")]
     assert f"nothing was published at {out}" in line
+    assert list(out.parent.iterdir()) == []  # no destination, no temporary folder, no lock
+
+
+def rank_exit_codes(nodes: list[subprocess.CompletedProcess]) -> list[int]:
+    """Each rank's own exit code, from its agent's failure summary (``exitcode : N``); 0 for an agent whose rank
+    succeeded (torchrun itself exits 1 for any failure, so its own code does not tell)."""
+    codes = []
+    for node in nodes:
+        found = re.search(r"exitcode\s*:\s*(-?\d+)", node.stderr)
+        codes.append(int(found.group(1)) if found else node.returncode)
+    return codes
+
+
+def assert_every_rank_names_the_cause(nodes: list[subprocess.CompletedProcess], tool: str, out: Path) -> None:
+    """A file size limit on rank 1: both ranks exit 1 (a write failure, as in one process), each with one line
+    naming rank 1's file and "File too large", and nothing is left beside ``out``."""
+    assert rank_exit_codes(nodes) == [1, 1], [n.stderr[-2000:] for n in nodes]
+    for r, node in enumerate(nodes):
+        (line,) = [x for x in node.stderr.splitlines() if x.startswith(f"{tool}: error: rank ")]
+        own = f"rank {r} of 2: " if r == 1 else "rank 0 of 2 stopped: "
+        assert line.startswith(f"{tool}: error: {own}"), line
+        assert "failed on rank 1: " in line or r == 1, line
+        assert re.search(r"/__1_\d+\.distcp: File too large|/model-\d+-of-\d+\.safetensors: File too large", line), line
+        assert line.endswith(f"nothing was published at {out}"), line
+        assert "flame_ext/" not in node.stderr, node.stderr[-3000:]  # one line: no traceback through our code
     assert list(out.parent.iterdir()) == []  # no destination, no temporary folder, no lock

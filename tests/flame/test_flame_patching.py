@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,6 +137,68 @@ def test_a_checkout_patched_by_an_earlier_version_is_updated_or_reverted(tree, c
     (root / "flame/train.py").write_text(old_new_train)
     assert _run("revert", root, patches) == 0
     assert (root / "flame/train.py").read_text() == OLD_TRAIN and (root / "flame/utils/u.py").read_text() == OLD_UTIL
+
+
+def _read_only_run(folder: Path, argv: list[str], patches: Path) -> subprocess.CompletedProcess:
+    """``flame-ext ARGV`` (with the patches in ``patches``) in a fresh interpreter, with ``folder`` read-only: by
+    permissions for a normal user; for root (whom permissions do not stop) inside a private mount namespace
+    where ``folder`` is a read-only bind mount of itself."""
+    code = (
+        "import sys; from pathlib import Path; import flame_ext.flame.patching as p; from flame_ext.cli import main; "
+        f"p.PATCH_DIR = Path({str(patches)!r}); sys.exit(main({argv!r}))"
+    )
+    cli = [sys.executable, "-c", code]
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            return subprocess.run(cli, capture_output=True, text=True, timeout=120)
+        finally:
+            folder.chmod(0o755)
+    if shutil.which("unshare") is None:
+        pytest.skip("running as root without unshare: cannot make a folder read-only")
+    script = f"mount --bind -o ro {shlex.quote(str(folder))} {shlex.quote(str(folder))} && exec {shlex.join(cli)}"
+    r = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    if r.returncode != 2 and "mount" in r.stderr:
+        pytest.skip(f"cannot make a read-only mount here: {r.stderr.strip()[:200]}")
+    return r
+
+
+@pytest.mark.parametrize("action", ["apply", "revert"])
+def test_a_read_only_utils_folder_changes_nothing(tree, action):
+    """The issue: with ``flame/utils`` read-only, ``apply`` patched train.py, then failed saying "nothing was
+    written". Every file is staged before any is renamed, so nothing changes, and the line says so truthfully."""
+    root, patches = tree
+    if action == "revert":
+        assert _run("apply", root, patches) == 0
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    r = _read_only_run(root / "flame" / "utils", ["patch", action, str(root)], patches)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"cannot {action} the patches: {root / 'flame' / 'utils'} is not writable" in lines[0], lines[0]
+    assert "nothing was changed" in lines[0]
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before  # train.py untouched, no temporary
+
+
+@pytest.mark.parametrize("action", ["apply", "revert"])
+def test_a_symlinked_train_py_is_patched_through_its_link(tree, tmp_path, capsys, action):
+    """flame/train.py a symlink to a file elsewhere: the link stays a link, the file it points to changes."""
+    root, patches = tree
+    real = tmp_path / "elsewhere" / "train.py"
+    real.parent.mkdir()
+    real.write_text(OLD_TRAIN if action == "apply" else NEW_TRAIN)
+    (root / "flame/train.py").unlink()
+    (root / "flame/train.py").symlink_to(real)
+    if action == "revert":
+        (root / "flame/utils/u.py").write_text(NEW_UTIL)
+    assert _run(action, root, patches) == 0
+    assert (root / "flame/train.py").is_symlink() and os.readlink(root / "flame/train.py") == str(real)
+    assert real.read_text() == (NEW_TRAIN if action == "apply" else OLD_TRAIN)
+    word = "applied" if action == "apply" else "reverted"
+    assert f"flame/train.py: {word} 0001.patch (in {real}, through the symlink)" in capsys.readouterr().out
+    assert sorted(os.listdir(real.parent)) == ["train.py"]  # no temporary left beside the real file
 
 
 def test_cli_refuses_unknown_and_foreign_targets(tmp_path, capsys):

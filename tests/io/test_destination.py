@@ -7,10 +7,12 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,15 @@ from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 from flame_ext.errors import CheckpointFormatError, DestinationError
 from flame_ext.io.dcp import read_dcp_metadata
 from flame_ext.io.dcp_save import WriteEntry, save_streaming
-from flame_ext.io.destination import atomic_folder, check_destination, lock_path, temp_prefix, written_by_flame_ext
+from flame_ext.io.destination import (
+    FILES_RECORD,
+    atomic_folder,
+    check_destination,
+    lock_path,
+    temp_prefix,
+    write_files_record,
+    written_by_flame_ext,
+)
 from flame_ext.io.hf import open_hf
 from flame_ext.io.specs import TensorSpec
 from tests.reliability._rel import diff_snapshots, snapshot
@@ -87,11 +97,26 @@ def _one_line(r) -> str:
 
 
 def _fake_dcp(folder: Path) -> Path:
-    """A folder shaped like a DCP checkpoint (names only: what the --force rule looks at)."""
-    folder.mkdir(parents=True)
-    for name in (".metadata", "__0_0.distcp", "flame_ext.json"):
-        (folder / name).write_bytes(b"x")
+    """A small real DCP checkpoint (``.metadata`` naming its data file) with a ``flame_ext.json`` beside it."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... save in a single process": yes
+        dcp.save({"w": torch.ones(4, 4)}, checkpoint_id=str(folder), no_dist=True)
+    (folder / "flame_ext.json").write_text("{}")
     return folder
+
+
+def _fake_hf(folder: Path, *names: str) -> Path:
+    """A folder of HF-looking files (names only, no record of a to-hf run)."""
+    folder.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", *names):
+        (folder / name).write_text("{}")
+    return folder
+
+
+def _to_hf_cli(dcp: Path, config: Path, out: Path, *extra: str):
+    return run_cli("to-hf", "--checkpoint", str(dcp), "--config", str(config), "--out", str(out), *extra)
 
 
 @pytest.mark.parametrize("force", [False, True], ids=["no-force", "force"])
@@ -158,10 +183,8 @@ def test_previous_conversion_is_refused_without_force_and_replaced_with_it(shard
 
 def test_each_writer_replaces_only_its_own_kind(tmp_path):
     dcp = _fake_dcp(tmp_path / "dcp")
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
-        (hf / name).write_text("{}")
+    hf = _fake_hf(tmp_path / "hf", "tokenizer.json", "chat_template.jinja")
+    write_files_record(hf)
     ref = tmp_path / "ref.json"
     ref.write_text(json.dumps({"format_version": 1, "kind": "reference", "reference": None}))
     other_json = tmp_path / "other.json"
@@ -182,6 +205,110 @@ def test_each_writer_replaces_only_its_own_kind(tmp_path):
     (hf / "subfolder").mkdir()
     with pytest.raises(DestinationError, match="subfolder"):
         check_destination(hf, kind="hf", force=True)
+
+
+# ---------------------------------------------------------------- --force knows its own output by exact names
+
+USER_FILES = {"my_tokenizer_notes.txt": "mine\n", "vocab_backup.json": "{}\n", "chat_template_draft.jinja": "{{ x }}\n"}
+
+
+@pytest.mark.parametrize("where", ["beside-hf-files", "added-to-a-to-hf-output"])
+def test_to_hf_force_never_removes_user_files_whose_names_contain_tokenizer_vocab_or_chat_template(
+    tiny_model, tiny_dcp, tmp_path, where
+):
+    """The issue's attack: names that merely contain ``tokenizer``, ``vocab`` or ``chat_template`` made the folder
+    pass as to-hf's output, and --force deleted them. Whether beside HF-looking files with no record, or added
+    to a real to-hf output, the folder is refused: exit 2, one line, every file as it was."""
+    out = tmp_path / "hf"
+    if where == "beside-hf-files":
+        _fake_hf(out)
+    else:
+        assert _to_hf_cli(tiny_dcp, tiny_model, out).returncode == 0
+        assert written_by_flame_ext(out, "hf")  # the control: before the user's files, it is to-hf's own
+    for name, text in USER_FILES.items():
+        (out / name).write_text(text)
+    before = snapshot(tmp_path)
+    line = _one_line(_to_hf_cli(tiny_dcp, tiny_model, out, "--force"))
+    assert str(out) in line and "not an HF model folder written by flame-ext to-hf" in line, line
+    assert any(name in line for name in USER_FILES), line  # a file that makes it foreign is named first
+    assert diff_snapshots(before, snapshot(tmp_path)) == []
+    assert all((out / name).read_text() == text for name, text in USER_FILES.items())
+
+
+def test_to_hf_force_replaces_its_own_output_with_copied_readme_code_and_tokenizer(tiny_model, tiny_dcp, tmp_path):
+    """Whatever side files to-hf copied (README, custom code, tokenizer files of any name) are in its record, so
+    its own earlier output is replaced; the second run's output is what is there afterwards."""
+    source = tmp_path / "source"
+    shutil.copytree(tiny_model, source)
+    (source / "README.md").write_text("# my model\n")
+    (source / "modeling_custom.py").write_text("# custom code\n")
+    (source / "my_tokenizer_extra.model").write_bytes(b"\x00\x01")
+    out = tmp_path / "out" / "hf"
+    assert _to_hf_cli(tiny_dcp, source, out).returncode == 0
+    record = json.loads((out / FILES_RECORD).read_text())
+    assert {"README.md", "modeling_custom.py", "my_tokenizer_extra.model", "tokenizer.json"} <= set(record["files"])
+    assert set(record["files"]) | {FILES_RECORD} == set(os.listdir(out))  # every file the run wrote, no other
+    line = _one_line(_to_hf_cli(tiny_dcp, source, out))  # without --force: refused, says --force would do
+    assert "already exists (an HF model folder)" in line, line
+    r = _to_hf_cli(tiny_dcp, source, out, "--force", "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"  # the new output is in place
+    assert (out / "README.md").read_text() == "# my model\n" and _siblings(out) == []
+
+
+def test_dcp_force_recognises_the_files_its_metadata_names_not_a_pattern(tmp_path):
+    """A user's ``notes.distcp`` or ``__0_9.distcp`` in a checkpoint folder: the old pattern ``*.distcp`` took
+    them for checkpoint data; ``.metadata`` does not name them, so the folder is not convert's to replace."""
+    dcp = _fake_dcp(tmp_path / "step-0")
+    check_destination(dcp, kind="dcp", force=True)  # the control: the checkpoint alone is replaceable
+    for name in ("notes.distcp", "__0_9.distcp"):
+        (dcp / name).write_text("mine")
+        with pytest.raises(DestinationError, match=name.replace(".", r"\.")):
+            check_destination(dcp, kind="dcp", force=True)
+        (dcp / name).unlink()
+    (dcp / ".metadata").write_bytes(b"not a pickle")  # no readable record: nothing in it is known to be ours
+    with pytest.raises(DestinationError, match="no readable .metadata"):
+        check_destination(dcp, kind="dcp", force=True)
+
+
+# ---------------------------------------------------------------- names against NAME_MAX
+
+
+def _name(n: int) -> str:
+    return "d" * n
+
+
+@pytest.mark.parametrize("command", ["convert", "to-hf"])
+def test_a_legal_250_byte_destination_name_is_accepted(command, tiny_model, tiny_dcp, tmp_path):
+    """Its temporary sibling ``.<name>.flame-ext-tmp-<pid>`` would be over 255 bytes: it takes a short hashed
+    name in the same folder instead, and the result appears under the name asked for."""
+    dest = tmp_path / _name(250)
+    assert len(temp_prefix(dest)) + len("4194304-old") <= 255 and len(lock_path(dest).name) <= 255
+    if command == "convert":
+        r = _convert_cli(tiny_model, dest)
+    else:
+        r = _to_hf_cli(tiny_dcp, tiny_model, dest)
+    assert r.returncode == 0, r.stderr
+    assert written_by_flame_ext(dest, "dcp" if command == "convert" else "hf")
+    assert _siblings(dest) == []
+    r = (
+        _convert_cli(tiny_model, dest, "--force")
+        if command == "convert"
+        else _to_hf_cli(tiny_dcp, tiny_model, dest, "--force")
+    )
+    assert r.returncode == 0, r.stderr  # and replaced with --force, through the same short temporary name
+    assert _siblings(dest) == []
+
+
+@pytest.mark.parametrize("command", ["convert", "to-hf"])
+@pytest.mark.parametrize("where", ["name", "parent"])
+def test_a_name_over_255_bytes_is_refused_with_the_true_reason(command, where, tiny_model, tiny_dcp, tmp_path):
+    dest = tmp_path / _name(256) if where == "name" else tmp_path / _name(300) / "out"
+    before = snapshot(tmp_path)
+    line = _one_line(_convert_cli(tiny_model, dest) if command == "convert" else _to_hf_cli(tiny_dcp, tiny_model, dest))
+    size = 256 if where == "name" else 300
+    assert f"is {size} bytes; this filesystem allows at most 255 bytes" in line, line
+    assert diff_snapshots(before, snapshot(tmp_path)) == []
 
 
 def test_a_run_that_holds_the_lock_keeps_others_out(tmp_path):
