@@ -49,7 +49,7 @@ from flame_ext.convert.same_source import (
     BlockDigests,
     differing_keys,
     file_identities,
-    mixed_sources_error,
+    mixed_sources_message,
     same_files,
 )
 from flame_ext.convert.summary import Progress, Summary, peak_rss_mb
@@ -244,9 +244,15 @@ def _convert(opts: ConvertOptions, rank: int, world: int, slow_group: Any) -> Su
         files = digest_files(tmp, [p.name for p in own]) if opts.record_sha256 else {}
         # After this gather, every rank's files are written and flushed.
         results = gather(_RankResult(recorder.values, files, blocks.blocks if blocks else [], _sources(share)))
+        summary = Summary(Path(opts.checkpoint).absolute(), notes=list(plan.notes), parameters=plan.parameters)
         if any(digesting):
             _refuse_other_bytes(plan.entries, results, rank, opts.checkpoint, slow_group)
-        summary = Summary(Path(opts.checkpoint).absolute(), notes=list(plan.notes), parameters=plan.parameters)
+            others = [r for r, d in enumerate(digesting) if d]
+            summary.notes.append(
+                f"rank(s) {', '.join(map(str, others))} read other copies of the source files than rank 0: their "
+                f"{sum(len(results[r].blocks) for r in others)} blocks, converted again on rank 0 from its own files, "
+                "matched byte for byte (sha256)"
+            )
 
         def publish() -> None:
             if rank != 0:
@@ -344,16 +350,17 @@ def _refuse_other_bytes(
     """Rank 0 converts every digested block again from its own files (it may read most of the model: the long
     wait); every rank then refuses, with the same line, when any block differs."""
 
-    def check() -> dict[int, list[str]] | None:
+    def check() -> str | None:
         if rank != 0:
             return None
         found = {r: differing_keys(entries, res.blocks) for r, res in enumerate(results) if res.blocks}
-        return {r: keys for r, keys in found.items() if keys}
-
-    verdict = gather(agreed(check, "checking that every rank read rank 0's bytes", slow_group), slow_group)[0]
-    if verdict:
         files = {r: res.sources for r, res in enumerate(results)} | {0: _sources(entries)}
-        raise mixed_sources_error(verdict, files, dest)
+        differ = {r: keys for r, keys in found.items() if keys}
+        return mixed_sources_message(differ, files, dest) if differ else None
+
+    refusal = gather(agreed(check, "checking that every rank read rank 0's bytes", slow_group), slow_group)[0]
+    if refusal:
+        raise InputError(refusal)
 
 
 def _merged(per_rank: list[dict[str, Any]]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ differ in every value. So the ranks also compare content, by the one method that
    second read), and sends the digests to rank 0.
 3. Rank 0 converts the same blocks from its own files (the same reader, the same cast) and compares. Any
    difference, in any byte of any block, is found: sampling could miss one, this cannot.
-4. Rank 0 shares the verdict; on a difference every rank refuses with one line naming the files on both
+4. Rank 0 shares its verdict; on a difference every rank refuses with one line naming the files on both
    sides, exit 2, and the temporary folder is removed before anything is published.
 
 Cost, only where ranks read different copies (other nodes, or other folders): each such rank hashes its
@@ -29,11 +29,10 @@ from pathlib import Path
 
 import torch
 
-from flame_ext.errors import InputError
 from flame_ext.io.dcp_save import DEFAULT_THREADS, WriteEntry
 from flame_ext.io.digests import block_sha256
 
-__all__ = ["Block", "file_identities", "same_files", "BlockDigests", "differing_keys", "mixed_sources_error"]
+__all__ = ["Block", "file_identities", "same_files", "BlockDigests", "differing_keys", "mixed_sources_message"]
 
 # A block: (key, first row, end row or None for a 0-d tensor, SHA-256 hex).
 Block = tuple[str, int, "int | None", str]
@@ -98,16 +97,26 @@ def differing_keys(entries: Sequence[WriteEntry], blocks: Sequence[Block]) -> li
     return sorted(found)
 
 
-def mixed_sources_error(differences: dict[int, list[str]], files: dict[int, dict[str, str]], dest: str) -> InputError:
-    """One line: for each rank whose bytes differ, its files and rank 0's (``files``: rank -> key -> file)."""
-    parts = []
-    for rank, keys in sorted(differences.items()):
-        pairs = sorted({(files[rank].get(k, "(made here)"), files[0].get(k, "(made here)")) for k in keys})
-        named = "; ".join(f"rank {rank}'s {theirs} differs from rank 0's {ours}" for theirs, ours in pairs[:_MAX_NAMED])
-        more = f" (and {len(pairs) - _MAX_NAMED} more files)" if len(pairs) > _MAX_NAMED else ""
-        parts.append(f"{named}{more} ({len(keys)} tensors)")
-    return InputError(
+def mixed_sources_message(differences: dict[int, list[str]], files: dict[int, dict[str, str]], dest: str) -> str:
+    """The refusal, one line: for each rank whose bytes differ, its files and rank 0's (``files``: rank -> key ->
+    file path); made on rank 0 and said by every rank."""
+    parts = [_rank_part(rank, keys, files) for rank, keys in sorted(differences.items())]
+    return (
         "the ranks read different weights under the same names and shapes: "
         + "; ".join(parts)
         + f". Every rank must read the same model files (the same revision); nothing was published at {dest}"
     )
+
+
+def _rank_part(rank: int, keys: list[str], files: dict[int, dict[str, str]]) -> str:
+    """``rank 1's a.safetensors, b.safetensors (in /n1/m) differ from rank 0's (in /n0/m), 12 tensors``, or the
+    pairs of paths when the file names are not the same on both sides."""
+    pairs = sorted({(files[rank].get(k, "(made here)"), files[0].get(k, "(made here)")) for k in keys})
+    theirs, ours = [Path(p[0]) for p in pairs], [Path(p[1]) for p in pairs]
+    tensors = f"{len(keys)} tensor{'s' * (len(keys) != 1)}"
+    more = f" and {len(pairs) - _MAX_NAMED} more" if len(pairs) > _MAX_NAMED else ""
+    if [p.name for p in theirs] == [p.name for p in ours] and len({p.parent for p in theirs + ours}) == 2:
+        names = ", ".join(p.name for p in theirs[:_MAX_NAMED]) + more
+        return f"rank {rank}'s {names} (in {theirs[0].parent}) differ from rank 0's (in {ours[0].parent}), {tensors}"
+    named = "; ".join(f"rank {rank}'s {a} differs from rank 0's {b}" for a, b in pairs[:_MAX_NAMED])
+    return f"{named}{more}, {tensors}"
