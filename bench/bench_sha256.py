@@ -4,8 +4,8 @@ Three figures, each per GB of checkpoint data:
 
   record   ``flame-ext convert --no-reference`` with and without ``--record-sha256`` (fresh processes, taken in
            turn, median of ``--repeat``): the read-back and hashing of every written file before publishing;
-  files    ``flame-ext diagnose --checkpoint C --files`` (the metadata pass included) against ``--values`` on the
-           same checkpoint;
+  files    ``flame-ext diagnose --checkpoint C --files`` against ``--values`` (the manifest's fingerprints) and
+           against the metadata pass alone, which both include;
   ranks    the torchrun agreement check, in-process on the converter's own plan: the SHA-256 a rank takes of
            every block it writes (``BlockDigests.add``, the writer threads' extra work) and rank 0's second
            conversion and hashing of those blocks from its own files (``differing_keys``; it reads the other
@@ -96,26 +96,26 @@ def main() -> int:
         src, work = Path(work) / "src", Path(work)
         total = generate_sized(src, args.size_gb)
         gb = total / 1e9
-        runs: dict[str, list[tuple[float, float]]] = {"plain": [], "record": []}
+        print(f"{gb:.2f} GB bf16, warm page cache, median of {args.repeat}; wall s / CPU s", flush=True)
+
+        def report(name: str, rs: list[tuple[float, float]]) -> None:
+            wall, cpu = statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)
+            print(f"  {name:14} {wall:6.2f} / {cpu:6.2f}   per GB {wall / gb:5.2f} / {cpu / gb:5.2f}", flush=True)
+
+        runs: dict[str, list[tuple[float, float]]] = {"convert": [], "--record-sha256": []}
         for i in range(args.repeat):
-            for name, extra in (("plain", []), ("record", ["--record-sha256"])):
-                out = work / f"{name}-{i}"
+            for name, extra in (("convert", []), ("--record-sha256", ["--record-sha256"])):
+                out = work / f"{'record' if extra else 'plain'}-{i}"
                 runs[name].append(
                     timed(cli("convert", "--model", str(src), "--checkpoint", str(out), "--no-reference", *extra))
                 )
+        for name, rs in runs.items():
+            report(name, rs)
         ckpt = work / f"record-{args.repeat - 1}"
-        checks = {
-            name: [
-                timed(cli("diagnose", "--checkpoint", str(ckpt), "--model", str(src), *fl)) for _ in range(args.repeat)
-            ]
-            for name, fl in (("metadata only", []), ("--files", ["--files"]), ("--values", ["--values"]))
-        }
-        print(f"{gb:.2f} GB bf16, warm page cache, median of {args.repeat}; wall s / CPU s")
-        for name, rs in {**runs, **checks}.items():
-            wall, cpu = statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)
-            print(f"  {name:14} {wall:6.2f} / {cpu:6.2f}   per GB {wall / gb:5.2f} / {cpu / gb:5.2f}")
+        for name, flags in (("diagnose", []), ("--files", ["--files"]), ("--values", ["--values"])):
+            report(name, [timed(cli("diagnose", "--checkpoint", str(ckpt), *flags)) for _ in range(args.repeat)])
         for name, cpu in in_process(src, ckpt).items():
-            print(f"  {name:14} CPU {cpu:6.2f} s   per GB {cpu / gb:5.2f}")
+            print(f"  {name:14} CPU {cpu:6.2f} s   per GB {cpu / gb:5.2f}", flush=True)
     return 0
 
 

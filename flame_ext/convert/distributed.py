@@ -1,7 +1,8 @@
 """Conversion under torchrun: N ranks write one output, the one a single process writes.
 
 Every rank plans the whole conversion from metadata (cheap, and the same everywhere), checks that every
-other rank was started the same way, then writes only its share, balanced by bytes, into one temporary
+other rank was started the same way (and, after writing, that it converted rank 0's bytes: ``same_source``),
+then writes only its share, balanced by bytes, into one temporary
 folder that rank 0 owns: rank 0 takes the destination's lock, makes the temporary sibling and tells the
 others its path; after every rank has written and flushed its own files, rank 0 writes what is written once
 and renames. Only files go through the filesystem (shared by all ranks); only small Python objects (paths,
