@@ -242,7 +242,9 @@ def _convert(opts: ConvertOptions, rank: int, world: int, slow_group: Any) -> Su
             )
         own = _own_files(tmp, rank)
         flush_files(own)  # each rank flushes what it wrote: on a shared filesystem only it can
-        files = digest_files(tmp, [p.name for p in own]) if opts.record_sha256 else {}
+        files: dict[str, str] = {}
+        if opts.record_sha256:  # the same on every rank (an option): so is this collective
+            files = agreed(lambda: digest_files(tmp, [p.name for p in own]), "hashing its files (--record-sha256)")
         # After this gather, every rank's files are written and flushed.
         results = gather(_RankResult(recorder.values, files, blocks.blocks if blocks else [], _sources(share)))
         summary = Summary(Path(opts.checkpoint).absolute(), notes=list(plan.notes), parameters=plan.parameters)
