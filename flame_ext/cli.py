@@ -94,6 +94,11 @@ def add_convert_arguments(p: argparse.ArgumentParser, *, flame: bool = False) ->
         *_flag("--buffer-mb", flame), type=int, default=256, help="memory for tensor data in flight, MiB (default 256)"
     )
     p.add_argument(
+        *_flag("--record-sha256", flame),
+        action="store_true",
+        help="record a SHA-256 of every file written in flame_ext.json, for `diagnose --files` (costs a read-back)",
+    )
+    p.add_argument(
         "--force", action="store_true", help="replace an existing DCP checkpoint (never anything else: refused, exit 2)"
     )
     _add_timeout(p, flame)
@@ -129,6 +134,7 @@ def convert_options(args: argparse.Namespace) -> ConvertOptions:
         force=args.force,
         buffer_bytes=args.buffer_mb * 1024 * 1024,
         progress=sys.stderr.isatty(),
+        record_sha256=args.record_sha256,
     )
 
 
@@ -303,6 +309,11 @@ def add_diagnose_arguments(p: argparse.ArgumentParser, *, flame: bool = False) -
     )
     p.add_argument("--values", action="store_true", help="also compare every tensor's values (streaming)")
     p.add_argument(
+        "--files",
+        action="store_true",
+        help="also check every file byte for byte against the SHA-256 recorded by `convert --record-sha256`",
+    )
+    p.add_argument(
         "--atol", type=float, default=0.0, help="--values against the HF source with |ckpt - hf| <= atol + rtol |hf|"
     )
     p.add_argument("--rtol", type=float, default=0.0, help="relative tolerance for --values (with --atol)")
@@ -339,6 +350,7 @@ def diagnose_options(args: argparse.Namespace) -> DiagnoseOptions:
         checkpoint=args.checkpoint,
         model=args.model,
         values=args.values,
+        files=args.files,
         loss=args.loss,
         threshold=args.threshold,
         train_config=args.train_config,

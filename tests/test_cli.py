@@ -171,6 +171,7 @@ def test_convert_drop_in_gives_the_clis_options():
             "8",
             "--reference-device",
             "cpu",
+            "--record-sha256",
             "--force",
         )
     )
@@ -190,6 +191,7 @@ def test_convert_drop_in_gives_the_clis_options():
             "8",
             "--reference_device",
             "cpu",
+            "--record_sha256",
             "--force",
         ]
     )

@@ -6,6 +6,7 @@ the diagnosis runs in passes of rising cost, each adding what the cheaper ones c
 
 1. metadata (always; no tensor data): keys, shapes, dtypes, key layout, training-checkpoint entries,
    the manifest, the data files' sizes; plus the training config and the tokenizer when given;
+   ``--files``: every file byte for byte against the SHA-256 recorded by ``convert --record-sha256``;
 2. ``--values``: every tensor against its HF source, streamed;
 3. ``--loss``: the checkpoint loaded as trainers load it, its loss on the reference batch against the HF
    model's, and the buffers the trainer's own load path leaves wrong.
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from flame_ext.checks.files import file_problems, recorded_digests
 from flame_ext.checks.keys import compare_specs, locate_keys, model_part
 from flame_ext.errors import InputError
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, model_prefix, read_dcp_metadata
@@ -47,6 +49,7 @@ class DiagnoseOptions:
     model: str | None = None
     values: bool = False
     loss: bool = False
+    files: bool = False
     threshold: float = 0.1
     train_config: str | None = None
     tokenizer: str | None = None
@@ -304,6 +307,7 @@ def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: 
     folder = Path(opts.checkpoint)
     found = read_dcp_metadata(folder)  # validated: every byte range it promises exists (io.dcp_metadata)
     manifest = _read_manifest_if_any(folder)
+    digests = recorded_digests(folder, manifest) if opts.files else None  # refused before any other work
     if manifest is not None and manifest.get("kind") == TRAINING_STEP:
         return _training_step(opts, found, manifest, on_stage)
     recorded = opts.model is None
@@ -327,6 +331,12 @@ def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: 
     tok_problems, tok_note = tokenizer_check(ctx, opts.tokenizer, opts.trust_remote_code)
     report.extend(tok_problems)
     report.notes.extend([tok_note] if tok_note else [])
+    if digests is not None:
+        on_stage("checking every file against its recorded sha256")
+        problems, note = file_problems(folder, digests)
+        report.extend(problems)
+        report.notes.append(note)
+        report.checked.append("files")
     if opts.values:
         report.extend(_values_pass(ctx, opts, report, on_stage))
         report.checked.append("values")
@@ -436,7 +446,8 @@ def _loss_pass(ctx: _Context, opts: DiagnoseOptions, report: Report, on_stage: C
 
 
 def _header(opts: DiagnoseOptions, hf_source: str) -> str:
-    passes = ["metadata"] + ["values"] * opts.values + ["loss"] * opts.loss + ["config"] * bool(opts.train_config)
+    asked = {"files": opts.files, "values": opts.values, "loss": opts.loss, "config": bool(opts.train_config)}
+    passes = ["metadata"] + [name for name, on in asked.items() if on]
     return f"flame-ext diagnose: {opts.checkpoint} against {hf_source} ({', '.join(passes)})"
 
 

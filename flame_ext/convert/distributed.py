@@ -1,7 +1,8 @@
 """Conversion under torchrun: N ranks write one output, the one a single process writes.
 
 Every rank plans the whole conversion from metadata (cheap, and the same everywhere), checks that every
-other rank was started the same way, then writes only its share, balanced by bytes, into one temporary
+other rank was started the same way (and, after writing, that it converted rank 0's bytes: ``same_source``),
+then writes only its share, balanced by bytes, into one temporary
 folder that rank 0 owns: rank 0 takes the destination's lock, makes the temporary sibling and tells the
 others its path; after every rank has written and flushed its own files, rank 0 writes what is written once
 and renames. Only files go through the filesystem (shared by all ranks); only small Python objects (paths,
@@ -27,7 +28,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,12 +45,21 @@ from flame_ext.convert.dcp_to_hf import (
     write_shards,
 )
 from flame_ext.convert.hf_to_dcp import ConversionPlan, ConvertOptions, complete_manifest, prepare_conversion
+from flame_ext.convert.same_source import (
+    Block,
+    BlockDigests,
+    differing_keys,
+    file_identities,
+    mixed_sources_message,
+    same_files,
+)
 from flame_ext.convert.summary import Progress, Summary, peak_rss_mb
 from flame_ext.errors import DistributedRunError, FlameExtError, InputError, exit_code_of, failure_reason, first_line
 from flame_ext.io.dcp_save import WriteEntry, save_streaming
 from flame_ext.io.destination import Kind, atomic_folder, check_destination, flush_files
+from flame_ext.io.digests import FILES_SECTION, digest_files, files_section, written_files
 from flame_ext.io.fingerprint import Recorder, nonfinite_keys
-from flame_ext.io.manifest import config_hash, write_manifest
+from flame_ext.io.manifest import MANIFEST_NAME, config_hash, write_manifest
 
 __all__ = ["split_by_bytes", "convert_distributed", "to_hf_distributed", "DEFAULT_TIMEOUT_S"]
 
@@ -226,6 +236,10 @@ def _convert(opts: ConvertOptions, rank: int, world: int, slow_group: Any) -> Su
     )  # fmt: skip
     with stack:  # on rank 0: any exception removes the temporary folder, success renames it
         share = split_by_bytes(plan.entries, world, _entry_bytes)[rank]
+        # A rank that reads other copies of the source files than rank 0 digests every block it writes.
+        identities = gather(file_identities(plan.entries))
+        digesting = [r != 0 and not same_files(identities[r], identities[0]) for r in range(world)]
+        blocks = BlockDigests() if digesting[rank] else None
         recorder = Recorder({e.key: e.spec.shape for e in share}, rounded=True)
         with Progress(sum(e.spec.nbytes for e in share), opts.progress and rank == 0, "convert") as bar:
             save_streaming(
@@ -233,18 +247,37 @@ def _convert(opts: ConvertOptions, rank: int, world: int, slow_group: Any) -> Su
                 share,
                 buffer_bytes=opts.buffer_bytes,
                 on_written=bar.update,
-                on_block=recorder.add_rows,
+                on_block=recorder.add_rows if blocks is None else _both(recorder.add_rows, blocks.add),
                 distributed=True,
             )
-        flush_files(_own_files(tmp, rank))  # each rank flushes what it wrote: on a shared filesystem only it can
-        results = gather((recorder.values, recorder.rounded))  # after this, every rank's files are written, flushed
+        own = _own_files(tmp, rank)
+        flush_files(own)  # each rank flushes what it wrote: on a shared filesystem only it can
+        files: dict[str, str] = {}
+        if opts.record_sha256:  # the same on every rank (an option): so is this collective
+            files = agreed(lambda: digest_files(tmp, [p.name for p in own]), "hashing its files (--record-sha256)")
+        # After this gather, every rank's files are written and flushed.
+        results = gather(
+            _RankResult(recorder.values, recorder.rounded, files, blocks.blocks if blocks else [], _sources(share))
+        )
         summary = Summary(Path(opts.checkpoint).absolute(), notes=list(plan.notes), parameters=plan.parameters)
+        if any(digesting):
+            _refuse_other_bytes(plan.entries, results, rank, opts.checkpoint, slow_group)
+            others = [r for r, d in enumerate(digesting) if d]
+            summary.notes.append(
+                f"rank(s) {', '.join(map(str, others))} read other copies of the source files than rank 0: their "
+                f"{sum(len(results[r].blocks) for r in others)} blocks, converted again on rank 0 from its own files, "
+                "matched byte for byte (sha256)"
+            )
 
         def publish() -> None:
             if rank != 0:
                 return
-            fingerprints, rounded = _merged([r[0] for r in results]), _merged([r[1] for r in results])
+            fingerprints, rounded = _merged([r.fingerprints for r in results]), _merged([r.rounded for r in results])
             complete_manifest(summary, plan, opts, nonfinite_keys(fingerprints), fingerprints, rounded=rounded)
+            if opts.record_sha256:
+                files = {name: digest for r in results for name, digest in r.files.items()}
+                rest = [n for n in written_files(tmp, MANIFEST_NAME) if n not in files]  # .metadata (rank 0 wrote it)
+                summary.manifest[FILES_SECTION] = files_section({**files, **digest_files(tmp, rest)})
             write_manifest(tmp, summary.manifest)
             stack.close()  # made durable and renamed: the destination appears whole
 
@@ -301,6 +334,49 @@ def _to_hf(opts: ToHFOptions, rank: int, world: int) -> Summary:
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_mb = peak_rss_mb()
     return summary
+
+
+@dataclass
+class _RankResult:
+    """What a rank sends rank 0 once its files are written: fingerprints, file digests (``--record-sha256``),
+    block digests (when it read other copies of the source files) and each of its tensors' source file."""
+
+    fingerprints: dict[str, Any]
+    rounded: dict[str, Any]
+    files: dict[str, str]
+    blocks: list[Block]
+    sources: dict[str, str]
+
+
+def _sources(entries: list[WriteEntry]) -> dict[str, str]:
+    return {e.key: str(e.source) for e in entries if e.source is not None}
+
+
+def _both(a: Callable[[str, int, torch.Tensor], None], b: Callable[[str, int, torch.Tensor], None]) -> Any:
+    def call(key: str, start: int, block: torch.Tensor) -> None:
+        a(key, start, block)
+        b(key, start, block)
+
+    return call
+
+
+def _refuse_other_bytes(
+    entries: list[WriteEntry], results: list[_RankResult], rank: int, dest: str, slow_group: Any
+) -> None:
+    """Rank 0 converts every digested block again from its own files (it may read most of the model: the long
+    wait); every rank then refuses, with the same line, when any block differs."""
+
+    def check() -> str | None:
+        if rank != 0:
+            return None
+        found = {r: differing_keys(entries, res.blocks) for r, res in enumerate(results) if res.blocks}
+        files = {r: res.sources for r, res in enumerate(results)} | {0: _sources(entries)}
+        differ = {r: keys for r, keys in found.items() if keys}
+        return mixed_sources_message(differ, files, dest) if differ else None
+
+    refusal = gather(agreed(check, "checking that every rank read rank 0's bytes", slow_group), slow_group)[0]
+    if refusal:
+        raise InputError(refusal)
 
 
 def _merged(per_rank: list[dict[str, Any]]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from flame_ext.errors import CheckpointFormatError, FlameExtError, InputError
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, LAYOUTS, replace_dtype
 from flame_ext.io.dcp_save import WriteEntry, save_streaming
 from flame_ext.io.destination import atomic_folder, check_destination
+from flame_ext.io.digests import FILES_SECTION, digest_files, files_section, written_files
 from flame_ext.io.fingerprint import Recorder, nonfinite_keys
 from flame_ext.io.hf import (
     HFCheckpoint,
@@ -32,7 +33,7 @@ from flame_ext.io.hf import (
     open_hf,
     tied_aliases,
 )
-from flame_ext.io.manifest import FORMAT_VERSION, config_hash, fingerprints_section, write_manifest
+from flame_ext.io.manifest import FORMAT_VERSION, MANIFEST_NAME, config_hash, fingerprints_section, write_manifest
 from flame_ext.io.specs import TensorSpec, dtype_name
 from flame_ext.model.future_predictor import ATTRIBUTE as FP_ATTRIBUTE
 from flame_ext.model.future_predictor import attach_future_predictor
@@ -68,6 +69,8 @@ class ConvertOptions:
     force: bool = False
     buffer_bytes: int = DEFAULT_BUFFER_BYTES
     progress: bool = True
+    # SHA-256 of every file written, in the manifest's ``files`` section (``diagnose --files`` checks it).
+    record_sha256: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -135,7 +138,7 @@ def plan_hf_to_dcp(
             continue
         used.add(src.key)
         out_spec = replace_dtype(src.spec, None if dtype == "auto" else dtype)
-        entries.append(WriteEntry(out_key, out_spec, source_reader(src, out_spec.dtype)))
+        entries.append(WriteEntry(out_key, out_spec, source_reader(src, out_spec.dtype), src.file))
     if missing or shape_errors:
         parts = []
         if missing:
@@ -283,6 +286,8 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
         complete_manifest(
             summary, plan, opts, nonfinite_keys(recorder.values), recorder.values, beside or fwd, recorder.rounded
         )
+        if opts.record_sha256:
+            summary.manifest[FILES_SECTION] = files_section(digest_files(tmp, written_files(tmp, MANIFEST_NAME)))
         write_manifest(tmp, summary.manifest)
     summary.tensors = len(entries)
     summary.bytes = total

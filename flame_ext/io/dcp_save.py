@@ -44,11 +44,13 @@ DEFAULT_THREADS = 2
 
 @dataclass(frozen=True)
 class WriteEntry:
-    """One tensor to write: its key, spec as written, and a reader for rows [start, end) of it."""
+    """One tensor to write: its key, spec as written, a reader for rows [start, end) of it, and the file it is
+    read from (None for a tensor made here), named when ranks disagree about its bytes."""
 
     key: str
     spec: TensorSpec
     read_rows: Callable[[int, int], torch.Tensor]
+    source: Path | None = None
 
 
 class _StreamingPlanner(DefaultSavePlanner):

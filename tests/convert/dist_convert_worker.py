@@ -1,7 +1,7 @@
 """One rank of a conversion drop-in under torchrun, with one fault injected on one rank.
 
     torchrun ... dist_convert_worker.py [--to-hf] [--kill-rank R | --fail-rank R | --fsize-on-rank R BYTES]
-        [--arg-on-rank R NAME VALUE] -- ARGS
+        [--arg-on-rank R NAME VALUE] [--cwd-on-rank R DIR] -- ARGS
 
 Runs ``flame_ext.convert_hf_to_dcp`` (``--to-hf``: ``flame_ext.convert_dcp_to_hf``).
 ``--kill-rank R``: rank R is killed (SIGKILL, no clean-up possible) just after it read its first block, so
@@ -9,6 +9,8 @@ the others are mid-write. ``--fail-rank R``: rank R's write fails there instead 
 ``--fsize-on-rank R BYTES``: rank R runs under a file size limit (``RLIMIT_FSIZE``, as ``ulimit -f`` sets; Python
 ignores SIGXFSZ, so a write past it fails with ``EFBIG``), a real failure of the system's, not an injected one.
 ``--arg-on-rank R NAME VALUE``: rank R is given ``--NAME VALUE`` instead, as a mistyped launch script would.
+``--cwd-on-rank R DIR``: rank R starts in DIR, so a relative ``--model`` names another folder there, as the same
+command on two nodes names each node's own copy.
 ARGS are the drop-in's own; everything else is the real drop-in.
 """
 
@@ -75,6 +77,7 @@ if __name__ == "__main__":
     p.add_argument("--fail-rank", type=int)
     p.add_argument("--arg-on-rank", nargs=3)
     p.add_argument("--fsize-on-rank", nargs=2, type=int)
+    p.add_argument("--cwd-on-rank", nargs=2, action="append", default=[])
     args = p.parse_args(own)
     rank = int(os.environ["RANK"])
     if args.to_hf:
@@ -87,6 +90,9 @@ if __name__ == "__main__":
         after_first_block_read(disk_full) if args.to_hf else fail_after_first_block()
     if args.fsize_on_rank and args.fsize_on_rank[0] == rank:
         resource.setrlimit(resource.RLIMIT_FSIZE, (args.fsize_on_rank[1], args.fsize_on_rank[1]))
+    for on, folder in args.cwd_on_rank:
+        if int(on) == rank:
+            os.chdir(folder)
     if args.arg_on_rank and int(args.arg_on_rank[0]) == rank:
         argv[argv.index("--" + args.arg_on_rank[1]) + 1] = args.arg_on_rank[2]
     sys.exit(main(argv))

@@ -3,6 +3,10 @@ and a failing or mismatched rank leaves nothing behind."""
 
 from __future__ import annotations
 
+import hashlib
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,12 +33,17 @@ def comparable(folder: Path) -> dict:
     return {k: v for k, v in manifest.items() if k not in TOOL_FIELDS}
 
 
-def assert_same_checkpoint(ours: Path, single: Path) -> None:
+def assert_same_checkpoint_values(ours: Path, single: Path) -> None:
     specs = read_dcp_metadata(ours)
     assert specs == read_dcp_metadata(single)  # same keys, shapes and dtypes
     for key, spec in specs.items():
         a, b = load_tensor(ours, key, spec), load_tensor(single, key, spec)
         assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), key  # bit for bit
+    assert comparable(ours)["fingerprints"] == comparable(single)["fingerprints"]
+
+
+def assert_same_checkpoint(ours: Path, single: Path) -> None:
+    assert_same_checkpoint_values(ours, single)
     assert comparable(ours) == comparable(single)
 
 
@@ -112,3 +121,64 @@ def test_shares_are_disjoint_cover_everything_and_balance_by_bytes():
     assert max(loads) - min(loads) <= max(e.spec.nbytes for e in entries)
     assert loads == [13 * 1024, 13 * 1024, 13 * 1024]  # 39 rows of 1 KiB: greedy largest-first splits them evenly
     assert split_by_bytes(entries, 3, lambda e: e.spec.nbytes) == shares  # every rank computes the same split
+
+
+def _node_folders(model: Path, root: Path, reweight: bool) -> tuple[Path, Path]:
+    """Two "nodes" (folders a rank starts in), each with its own ``models/olmo2``: a copy of ``model``, and on
+    the second node the same files or (``reweight``) every tensor's values changed with the config, index,
+    names, shapes and dtypes kept: another revision of the same model, as two nodes' downloads can differ."""
+    from safetensors.torch import load_file, save_file
+
+    nodes = root / "node0", root / "node1"
+    for node in nodes:
+        shutil.copytree(model, node / "models" / "olmo2")
+    if reweight:
+        for shard in sorted((nodes[1] / "models" / "olmo2").glob("*.safetensors")):
+            tensors = load_file(shard)
+            save_file({k: v + 0.01 for k, v in tensors.items()}, shard, metadata={"format": "pt"})
+    return nodes
+
+
+def _same_command_on_two_nodes(nodes: tuple[Path, Path], out: Path) -> subprocess.CompletedProcess:
+    """Both ranks run the same command with ``--model models/olmo2``, each in its own node's folder."""
+    args = ["--model", "models/olmo2", "--checkpoint", str(out), "--no_reference", "--record_sha256"]
+    cwd = ["--cwd-on-rank", "0", str(nodes[0]), "--cwd-on-rank", "1", str(nodes[1])]
+    proc, _ = torchrun(2, str(WORKER), *cwd, "--", *args)
+    return proc
+
+
+def test_ranks_given_different_weights_are_refused_naming_the_files_and_nothing_is_written(sharded_model, tmp_path):
+    nodes = _node_folders(sharded_model, tmp_path, reweight=True)
+    out = tmp_path / "out" / "step-0"
+    out.parent.mkdir()
+    proc = _same_command_on_two_nodes(nodes, out)
+    lines = [x for x in proc.stderr.splitlines() if "the ranks read different weights" in x]
+    assert len(lines) == 2, proc.stderr[-3000:]  # one line on each rank, the same line
+    assert lines[0] == lines[1] and lines[0].startswith("convert_hf_to_dcp: error: "), lines
+    ours, theirs = (n.resolve() / "models" / "olmo2" for n in nodes)
+    assert re.search(rf"rank 1's model-000\d\d-of-00010.safetensors, .*\(in {theirs}\) differ", lines[0]), lines[0]
+    assert f"differ from rank 0's (in {ours})" in lines[0]
+    assert "exitcode  : 2" in proc.stderr and proc.returncode != 0  # torchrun's summary: a rank exited with 2
+    assert "exitcode  : 1" not in proc.stderr
+    assert list(out.parent.iterdir()) == []  # no destination, no temporary folder, no lock
+    assert "flame_ext/" not in proc.stderr  # no traceback through our code
+
+
+def test_ranks_reading_identical_copies_prove_it_by_content_and_write_the_one_process_checkpoint(
+    sharded_model, tmp_path
+):
+    """Rank 1 reads its own copy of the files (another inode, as on another node): its blocks are digested and
+    converted again by rank 0, found equal, and the checkpoint is the one-process one; every file's SHA-256 is
+    recorded, rank 1's files included."""
+    nodes = _node_folders(sharded_model, tmp_path, reweight=False)
+    single = one_process(sharded_model, tmp_path / "single", reference=False)
+    out = tmp_path / "dist"
+    proc = _same_command_on_two_nodes(nodes, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"rank\(s\) 1 read other copies .*: their \d+ blocks, .* matched byte for byte", proc.stdout)
+    assert_same_checkpoint_values(out, single)
+    recorded = read_manifest(out)["files"]
+    assert recorded["algorithm"] == "sha256"
+    on_disk = sorted(p.name for p in out.iterdir() if p.name != "flame_ext.json")
+    assert sorted(recorded["files"]) == on_disk and any(n.startswith("__1_") for n in on_disk)
+    assert all(hashlib.sha256((out / n).read_bytes()).hexdigest() == d for n, d in recorded["files"].items())
