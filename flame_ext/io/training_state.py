@@ -6,7 +6,9 @@ with dots (``optimizer.state.<param>.exp_avg``, ``lr_scheduler.last_epoch``, ``d
 same two torch functions are called here, so the keys are the saved ones by construction.
 
 A non-tensor leaf is digested as sha256 of one serialization, chosen to be the same for equal values whatever
-process made them: the bytes themselves for ``bytes`` (torchtitan's dataloader state is pickled bytes);
+process made them: the bytes themselves for ``bytes`` (torchtitan's dataloader state is pickled bytes) and
+for an ``io.BytesIO`` its whole content, whatever its read position (DCP writes the content; flame's
+``TrainState`` hands its loss history over as BytesIO objects and seeks them when it loads);
 compact JSON with sorted keys for values JSON can hold (numbers, strings, booleans, None, lists, tuples as
 lists, dicts with string keys; floats in their shortest round-trip form, NaN and inf as ``NaN``/``Infinity``);
 ``pickle`` protocol 4 for anything else.
@@ -15,6 +17,7 @@ lists, dicts with string keys; floats in their shortest round-trip form, NaN and
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import pickle
 from collections.abc import Iterable, Mapping
@@ -62,6 +65,8 @@ def state_digest(value: Any) -> str:
     """sha256 (hex) of a non-tensor leaf's serialization (see the module docstring)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
+    elif isinstance(value, io.BytesIO):
+        data = value.getvalue()
     else:
         try:
             data = b"json:" + json.dumps(value, sort_keys=True, separators=(",", ":")).encode()

@@ -69,6 +69,31 @@ def _patch_torchtitan() -> None:
         module.device_module = device
 
 
+def _probe_first_forward(path: str) -> None:
+    """``FLAME_EXT_PROBE=FILE``: the first forward pass of the run (its inputs, labels, positions and loss, and
+    the model's RoPE ``inv_freq``) is saved to FILE, so a test can recompute that loss with HF on the same
+    batch and weights. Hooked where flame builds the model (``AutoModelForCausalLM.from_config``)."""
+    from transformers import AutoModelForCausalLM
+
+    build = AutoModelForCausalLM.from_config
+
+    def from_config(*args, **kwargs):
+        model = build(*args, **kwargs)
+
+        def save_first(module, args, kwargs, output) -> None:
+            if os.path.exists(path):
+                return
+            rope = [b for n, b in module.named_buffers() if n.endswith("inv_freq")]
+            keep = {k: kwargs.get(k) for k in ("input_ids", "labels", "position_ids")}
+            keep = {k: v.detach().cpu() for k, v in keep.items() if v is not None}
+            torch.save({**keep, "loss": output.loss.detach().cpu(), "inv_freq": rope[0].detach().cpu()}, path)
+
+        model.register_forward_hook(save_first, with_kwargs=True)
+        return model
+
+    AutoModelForCausalLM.from_config = from_config
+
+
 def main() -> None:
     if len(sys.argv) < 3 or sys.argv[1] != "-m":
         raise SystemExit("usage: cpu_launch.py -m MODULE [ARGS...]")
@@ -76,6 +101,8 @@ def main() -> None:
     sys.argv = [sys.argv[0], *sys.argv[3:]]
     sys.path.insert(0, os.getcwd())  # as `python -m`: the flame checkout (custom_models, flame) is importable
     _patch_torchtitan()
+    if os.environ.get("FLAME_EXT_PROBE"):
+        _probe_first_forward(os.environ["FLAME_EXT_PROBE"])
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 

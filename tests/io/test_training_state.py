@@ -63,3 +63,21 @@ def test_a_digest_is_the_same_for_the_same_value_and_survives_dcps_pickling():
     assert state_digest(1) != state_digest(1.0) != state_digest(True)
     assert state_digest(b"abc") != state_digest("abc")
     assert len(state_digest(datetime.timedelta(seconds=5))) == 64
+
+
+def test_a_bytesio_state_is_digested_by_its_content_whatever_its_position(tmp_path):
+    """flame's TrainState saves its loss history as BytesIO objects (written to, so positioned at the end) and
+    seeks them to 0 when it loads: the same content must give the same digest, through a real DCP round trip."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = io.BytesIO()
+    torch.save([1.8775, 1.8771], saved)  # position: the end, as flame hands it to the save
+    dcp.save({"losses": saved}, checkpoint_id=str(tmp_path / "step"), no_dist=True)
+    loaded = {"losses": io.BytesIO()}
+    dcp.load(loaded, checkpoint_id=str(tmp_path / "step"), no_dist=True)
+    loaded["losses"].seek(0)
+    torch.load(loaded["losses"], weights_only=False)  # flame's load_state_dict reads it: the position moves
+    assert state_digest(loaded["losses"]) == state_digest(saved)
+    other = io.BytesIO()
+    torch.save([1.8775, 1.8772], other)
+    assert state_digest(other) != state_digest(saved)
