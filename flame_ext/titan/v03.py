@@ -38,11 +38,13 @@ from flame_ext.guard import (
     GuardConfig,
     InitialLoadGuard,
     LossProbe,
+    Range,
     RequestedLoad,
     hf_loss_probe,
     host_config,
     meta_copy,
     model_state,
+    rows_of,
     split_request,
     tied_keys,
 )
@@ -215,7 +217,7 @@ def _trainer_probe(trainer: Any, model: torch.nn.Module) -> LossProbe:
     losses need no per-token output.
     """
 
-    def probe(token_ids: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    def probe(token_ids: torch.Tensor, ranges: list[Range]) -> torch.Tensor:
         device = getattr(trainer, "device", torch.device("cpu"))
         inputs, labels = token_ids[:, :-1].to(device), token_ids[:, 1:].to(device)
         positions = torch.arange(inputs.shape[1], device=device).expand_as(inputs).contiguous()
@@ -227,9 +229,10 @@ def _trainer_probe(trainer: Any, model: torch.nn.Module) -> LossProbe:
             x, _, extra = trainer.post_dataloading_process(batch, layout(labels))
             with trainer.train_context():
                 pred = model(x, **extra)
-                for start, end in ranges:
+                for rng in ranges:
+                    rows, cols = rows_of(rng), slice(rng[0], rng[1])
                     masked = torch.full_like(labels, IGNORE_INDEX)
-                    masked[:, start:end] = labels[:, start:end]
+                    masked[rows, cols] = labels[rows, cols]
                     _, y, extra_r = trainer.post_dataloading_process(batch, layout(masked))
                     loss_kwargs = {"positions": extra_r["positions"]} if "positions" in extra_r else {}
                     loss_sum, _ = trainer.loss_fn(pred, y, **loss_kwargs)
