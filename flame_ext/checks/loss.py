@@ -1,6 +1,7 @@
 """The loss on the reference batch: ``diagnose --loss`` loads the checkpoint the way a trainer does and
-compares its loss with the HF model's. The rules the guard applies to its own step-0 loss live here too:
-the ``loss_gap`` problem with its positional hints, and the reference batch's vocabulary check.
+compares its loss with the HF model's, as a mean and token by token (``token_delta``). The rules the guard
+applies to its own step-0 loss live here too: the per-token figure, the ``loss_gap`` problem with its
+positional hints, and the reference batch's vocabulary check.
 
 The model is built on ``meta``, materialised with ``to_empty()`` and filled by
 ``torch.distributed.checkpoint`` (strict for the model keys the checkpoint holds), exactly the path of
@@ -9,7 +10,7 @@ repair does, so the loss judges the checkpoint's weights; the hazard that the tr
 those buffers wrong is reported separately (``buffers.load_path_hazards``).
 
 The model runs in the dtype the HF reference was measured in, so a healthy checkpoint reproduces the
-reference to rounding noise, and a gap above the threshold means the weights compute something else.
+reference to rounding noise, and a gap above a threshold means the weights compute something else.
 """
 
 from __future__ import annotations
