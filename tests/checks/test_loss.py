@@ -41,6 +41,20 @@ def test_a_bad_token_threshold_is_refused(bad):
         compare_loss(REFERENCE, _record(REFERENCE), threshold=0.1, token_threshold=bad)
 
 
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("-1", "--token-threshold -1.0: must be a finite number of nats >= 0"),
+        ("x", "--token-threshold: 'x' is not a number"),
+    ],
+)
+def test_a_bad_token_threshold_on_the_command_line_is_one_line(value, message, tmp_path, capsys):
+    from flame_ext.cli import main
+
+    code = main(["diagnose", "--checkpoint", str(tmp_path), "--loss", "--token-threshold", value, "--json"])
+    assert code == 2 and report_json(capsys.readouterr().out)["error"] == message
+
+
 def test_the_problem_says_which_statistic_failed_and_by_how_much():
     shift = torch.cat([torch.full((2, 4), 0.3), torch.full((2, 4), -0.3)], dim=1)
     tokens = compare_loss(REFERENCE + shift, _record(REFERENCE), threshold=0.1, token_threshold=0.1)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from flame_ext.checks.loss import token_delta
-from flame_ext.errors import InitialLoadValidationError
+from flame_ext.errors import GuardConfigError, InitialLoadValidationError
 from flame_ext.guard.options import GuardConfig
 from flame_ext.guard.probe import rows_of
 from flame_ext.guard.step0_loss import RankGaps, loss_gate_problems, measure_loss
@@ -86,6 +86,13 @@ def test_a_nonfinite_token_stops_the_load():
     observed[0, 5] = math.inf
     cmp, worst = _measure(observed, reference)
     assert [p.kind for p in loss_gate_problems(cmp, worst, values_differ=False)] == ["nonfinite"]
+
+
+@pytest.mark.parametrize("bad", [-0.1, math.nan, math.inf, True, "0.1"])
+def test_a_bad_per_token_threshold_is_refused_with_the_setting_named(bad):
+    with pytest.raises(GuardConfigError, match=r"initial_load_max_token_delta = .*finite number of nats >= 0"):
+        GuardConfig(initial_load_max_token_delta=bad)
+    assert GuardConfig(initial_load_max_token_delta=0).initial_load_max_token_delta == 0.0
 
 
 needs_titan = pytest.mark.skipif(
