@@ -320,6 +320,12 @@ def add_diagnose_arguments(p: argparse.ArgumentParser, *, flame: bool = False) -
     p.add_argument("--loss", action="store_true", help="also build the model as trainers do and compare the loss")
     p.add_argument("--threshold", type=float, default=0.1, help="loss gap that counts as an error, nats (default 0.1)")
     p.add_argument(
+        *_flag("--token-threshold", flame),
+        type=float,
+        help="mean per-token loss gap (|observed - reference| over every token of the reference batch) that counts "
+        "as an error, nats (default: the training guard's, checkpoint.initial_load_max_token_delta)",
+    )
+    p.add_argument(
         *_flag("--train-config", flame),
         help="model config the trainer builds from (file or folder; flame's --model.config) to compare with the HF one",
     )
@@ -353,6 +359,7 @@ def diagnose_options(args: argparse.Namespace) -> DiagnoseOptions:
         files=args.files,
         loss=args.loss,
         threshold=args.threshold,
+        token_threshold=args.token_threshold,
         train_config=args.train_config,
         tokenizer=args.tokenizer,
         reference=args.reference,

@@ -103,15 +103,29 @@ class LossComparison:
     # Mean loss at every predicted position (over the rows), observed and reference: what ``--plot`` draws.
     # Not part of the JSON (thousands of numbers); ``by_position`` summarises it.
     curve: dict[str, list[float]] | None = field(default=None, repr=False, compare=False)
+    # Mean |observed - reference| over every predicted token, and the largest that passes: errors of opposite
+    # sign cancel in the mean, never here (``flame_ext.checks.loss.token_delta``). None: not measured.
+    token_delta: float | None = None
+    token_threshold: float | None = None
 
     @property
     def delta(self) -> float:
         return self.observed - self.reference
 
     @property
-    def ok(self) -> bool:
+    def mean_ok(self) -> bool:
         # NaN compares false, so a non-finite loss never passes.
         return abs(self.delta) <= self.threshold
+
+    @property
+    def tokens_ok(self) -> bool:
+        if self.token_delta is None or self.token_threshold is None:
+            return True
+        return self.token_delta <= self.token_threshold
+
+    @property
+    def ok(self) -> bool:
+        return self.mean_ok and self.tokens_ok
 
     def to_dict(self, notes: list[str] | None = None) -> dict[str, Any]:
         """JSON-ready; a non-finite number becomes None, with a line in ``notes`` when given."""
@@ -133,6 +147,8 @@ class LossComparison:
                 for b in self.by_position
             ],
             "first_position_delta": _finite_or_none(self.first_position_delta, "loss.first_position_delta", notes),
+            "token_delta": _finite_or_none(self.token_delta, "loss.token_delta", notes),
+            "token_threshold": self.token_threshold,
         }
 
 
@@ -235,6 +251,11 @@ class Report:
                 f"loss on reference batch: observed {lo.observed:.4f} vs HF reference {lo.reference:.4f} "
                 f"(delta {lo.delta:+.4f}, threshold {lo.threshold})"
             )
+            if lo.token_delta is not None:
+                lines.append(
+                    f"per-token agreement: mean |observed - reference| {lo.token_delta:.4f} nats "
+                    f"(threshold {lo.token_threshold})"
+                )
             if lo.by_position:
                 lines.append("  positions          observed   reference   delta")
                 for b in lo.by_position:

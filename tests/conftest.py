@@ -65,3 +65,52 @@ def tiny_dcp(tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dcp") / "step-0"
     convert_hf_to_dcp(ConvertOptions(model=str(tiny_model), checkpoint=str(out), progress=False))
     return out
+
+
+# The issue's transposed-q_proj case: a tiny trained Mistral whose layer-1 q_proj (square) is transposed, in a
+# checkpoint with no manifest, checked against a reference file written by `flame-ext reference`.
+Q_TRANSPOSED = "model.layers.1.self_attn.q_proj.weight"
+
+
+@pytest.fixture(scope="session")
+def mistral_model(tiny_model, request) -> Path:
+    """A tiny Mistral (hidden 64, 4 layers, 4 heads, 2 kv heads) trained on the corpus as the diagnose
+    catalogue's models are (cached in pytest's cache folder)."""
+    from diagnose.conftest import trained
+
+    return trained("mistral", tiny_model, Path(request.config.cache.mkdir("flame-ext-diagnose-models")))
+
+
+@pytest.fixture(scope="session")
+def mistral_reference(mistral_model, tmp_path_factory) -> Path:
+    """`flame-ext reference --model MISTRAL --out FILE`: the HF reference for checkpoints without a manifest."""
+    out = tmp_path_factory.mktemp("mistral") / "reference.json"
+    proc = run_cli("reference", "--model", str(mistral_model), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def mistral_dcp(mistral_model, tmp_path_factory) -> dict[str, Path]:
+    """``healthy`` and ``q_transposed``: `flame-ext convert --no-reference`, then flame_ext.json removed (a
+    checkpoint converted elsewhere); the second has ``Q_TRANSPOSED`` transposed, written by DCP."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from flame_ext.io.dcp import load_tensor, read_dcp_metadata
+
+    root = tmp_path_factory.mktemp("mistral")
+    healthy = root / "healthy"
+    proc = run_cli("convert", "--model", str(mistral_model), "--checkpoint", str(healthy), "--no-reference")
+    assert proc.returncode == 0, proc.stderr
+    (healthy / "flame_ext.json").unlink()
+    sd = {k: load_tensor(healthy, k, spec) for k, spec in read_dcp_metadata(healthy).items() if spec is not None}
+    assert sd[Q_TRANSPOSED].shape[0] == sd[Q_TRANSPOSED].shape[1]  # square: the transposed copy loads
+    sd[Q_TRANSPOSED] = sd[Q_TRANSPOSED].t().contiguous()
+    transposed = root / "q_transposed"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(sd, checkpoint_id=str(transposed), no_dist=True)
+    assert not list(healthy.glob("*.json")) and not list(transposed.glob("*.json"))  # no manifest in either
+    return {"healthy": healthy, "q_transposed": transposed}

@@ -1,6 +1,7 @@
 """The loss on the reference batch: ``diagnose --loss`` loads the checkpoint the way a trainer does and
-compares its loss with the HF model's. The rules the guard applies to its own step-0 loss live here too:
-the ``loss_gap`` problem with its positional hints, and the reference batch's vocabulary check.
+compares its loss with the HF model's, as a mean and token by token (``token_delta``). The rules the guard
+applies to its own step-0 loss live here too: the per-token figure, the ``loss_gap`` problem with its
+positional hints, and the reference batch's vocabulary check.
 
 The model is built on ``meta``, materialised with ``to_empty()`` and filled by
 ``torch.distributed.checkpoint`` (strict for the model keys the checkpoint holds), exactly the path of
@@ -9,7 +10,7 @@ repair does, so the loss judges the checkpoint's weights; the hazard that the tr
 those buffers wrong is reported separately (``buffers.load_path_hazards``).
 
 The model runs in the dtype the HF reference was measured in, so a healthy checkpoint reproduces the
-reference to rounding noise, and a gap above the threshold means the weights compute something else.
+reference to rounding noise, and a gap above a threshold means the weights compute something else.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from flame_ext.io.dcp import load_state
 from flame_ext.io.hf import HFCheckpoint, build_meta_model
 from flame_ext.io.specs import TensorSpec
 from flame_ext.model.reference import per_token_loss, run_forward
-from flame_ext.report import LossComparison, Problem
+from flame_ext.report import LossComparison, Problem, bucket_label
 
 if TYPE_CHECKING:
     from torch import nn
@@ -42,6 +43,7 @@ __all__ = [
     "reference_for",
     "check_loss",
     "loss_by_position",
+    "token_delta",
     "compare_loss",
     "positional_hint",
     "loss_gap_problem",
@@ -75,10 +77,25 @@ def loss_by_position(observed: torch.Tensor, reference: torch.Tensor, buckets: i
     return out
 
 
-def compare_loss(observed: torch.Tensor, reference: dict[str, Any], threshold: float) -> LossComparison:
-    """Observed per-token loss [B, L-1] against the manifest's reference record."""
-    if not (threshold >= 0 and math.isfinite(threshold)):
-        raise InputError(f"loss threshold {threshold}: must be a finite number >= 0")
+def token_delta(observed: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean |observed - reference| over every predicted token of the [B, n] tables, in nats.
+
+    The mean loss lets errors of opposite sign cancel: one layer's square q_proj transposed in a 4-layer
+    Mistral moved the mean by +0.04 nats and each token by 0.24 on average. An absolute difference cannot
+    cancel, and averaged over the batch it stays as calm as the mean on a healthy load (rounding noise, a
+    few hundredths in bf16: docs/guard.md). Non-finite when any token's loss is: such a load never passes.
+    """
+    return (observed.double() - reference.double()).abs().mean().item()
+
+
+def compare_loss(
+    observed: torch.Tensor, reference: dict[str, Any], threshold: float, token_threshold: float
+) -> LossComparison:
+    """Observed per-token loss [B, L-1] against the manifest's reference record: the mean gap is judged
+    against ``threshold``, the per-token one (``token_delta``) against ``token_threshold``."""
+    for name, value in (("loss threshold", threshold), ("per-token loss threshold", token_threshold)):
+        if not (value >= 0 and math.isfinite(value)):
+            raise InputError(f"{name} {value}: must be a finite number >= 0")
     ref = torch.tensor(reference["loss_per_token"], dtype=torch.float32)
     if ref.shape != observed.shape:
         raise InputError(f"reference per-token loss has shape {tuple(ref.shape)}, observed {tuple(observed.shape)}")
@@ -89,6 +106,8 @@ def compare_loss(observed: torch.Tensor, reference: dict[str, Any], threshold: f
         by_position=loss_by_position(observed.float(), ref),
         first_position_delta=(observed[:, 0].float().mean() - ref[:, 0].mean()).item(),
         curve={"observed": observed.float().mean(0).tolist(), "reference": ref.mean(0).tolist()},
+        token_delta=token_delta(observed, ref),
+        token_threshold=token_threshold,
     )
 
 
@@ -109,14 +128,17 @@ def first_position_right(cmp: LossComparison) -> bool:
     because the damage is complete a few positions in.
     """
     first = cmp.first_position_delta
-    gap = abs(cmp.delta)
+    gap, threshold = _failed_gap(cmp)
     return (
-        first is not None
-        and math.isfinite(first)
-        and math.isfinite(gap)
-        and gap > cmp.threshold
-        and abs(first) < 0.1 * gap
+        first is not None and math.isfinite(first) and math.isfinite(gap) and gap > threshold and abs(first) < 0.1 * gap
     )
+
+
+def _failed_gap(cmp: LossComparison) -> tuple[float, float]:
+    """(the gap that failed, its threshold): the mean's when it fails, else the per-token one."""
+    if cmp.mean_ok and not cmp.tokens_ok:
+        return cmp.token_delta, cmp.token_threshold  # type: ignore[return-value]
+    return abs(cmp.delta), cmp.threshold
 
 
 def positional_hint(cmp: LossComparison) -> str | None:
@@ -228,10 +250,18 @@ def loss_gap_problem(cmp: LossComparison, *, what: str, next_step: str, values_d
     Evidence first: when tensors are known to differ (``values_differ``), they explain the gap, and the
     shape of the gap by position, only a clue, is not offered as a cause.
     """
-    detail = (
-        f"{what} {cmp.observed:.4f} vs HF reference {cmp.reference:.4f}: delta {cmp.delta:+.4f} nats exceeds the "
-        f"threshold {cmp.threshold}"
-    )
+    if not cmp.mean_ok:
+        detail = (
+            f"{what} {cmp.observed:.4f} vs HF reference {cmp.reference:.4f}: delta {cmp.delta:+.4f} nats exceeds "
+            f"the threshold {cmp.threshold}"
+        )
+    else:
+        detail = (
+            f"{what} {cmp.observed:.4f} vs HF reference {cmp.reference:.4f} (delta {cmp.delta:+.4f}, within the "
+            f"threshold {cmp.threshold}), but the tokens disagree: mean |per-token loss difference| "
+            f"{cmp.token_delta:.4f} nats exceeds the per-token threshold {cmp.token_threshold}; by position: "
+            + ", ".join(f"{bucket_label(b)} {b['observed'] - b['reference']:+.4f}" for b in cmp.by_position)
+        )
     if values_differ:
         cause = "the loaded weights differ from the expected ones (see the value problems)"
     else:
@@ -274,6 +304,7 @@ def check_loss(
     manifest: dict[str, Any] | None,
     *,
     threshold: float,
+    token_threshold: float,
     dtype: str,
     tokenizer: str | None = None,
     trust_remote_code: bool = False,
@@ -281,7 +312,8 @@ def check_loss(
     reference_name: str = "the reference",
     on_stage: Callable[[str], None] = lambda s: None,
 ) -> LossResult:
-    """Build, load, repair buffers, run the reference batch, compare; a gap above ``threshold`` is an error.
+    """Build, load, repair buffers, run the reference batch, compare; a mean gap above ``threshold``, or a
+    per-token one above ``token_threshold``, is an error.
 
     ``reference_name`` names where ``manifest``'s reference came from, for a problem with it.
     """
@@ -325,7 +357,7 @@ def check_loss(
     except ForwardUnavailableError as exc:
         result.notes.append(f"loss not measured: {exc}; run `flame-ext diagnose --loss` on a machine that can")
         return result
-    cmp = compare_loss(observed, ref, threshold)
+    cmp = compare_loss(observed, ref, threshold, token_threshold)
     result.comparison = cmp
     result.notes.append(f"loss compared with {origin}, model run in {run_dtype} on {tuple(token_ids.shape)} tokens")
     if not cmp.ok:

@@ -51,6 +51,8 @@ class DiagnoseOptions:
     loss: bool = False
     files: bool = False
     threshold: float = 0.1
+    # Unset: the training guard's own default (``GuardConfig.initial_load_max_token_delta``), declared there once.
+    token_threshold: float | None = None
     train_config: str | None = None
     tokenizer: str | None = None
     reference: str | None = None
@@ -66,6 +68,13 @@ class DiagnoseOptions:
                 raise InputError(f"--{name} {value}: must be a finite number >= 0")
         if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
             raise InputError(f"--threshold {self.threshold}: must be a finite number of nats >= 0")
+        if self.token_threshold is None:
+            from flame_ext.guard.options import GuardConfig
+
+            self.token_threshold = GuardConfig.initial_load_max_token_delta
+        value = self.token_threshold
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise InputError(f"--token-threshold {value}: must be a finite number of nats >= 0")
 
 
 @dataclass
@@ -429,6 +438,7 @@ def _loss_pass(ctx: _Context, opts: DiagnoseOptions, report: Report, on_stage: C
         ctx.reference or (ctx.manifest if ctx.manifest_usable else None),
         reference_name=f"--reference {opts.reference}" if ctx.reference else str(ctx.folder / MANIFEST_NAME),
         threshold=opts.threshold,
+        token_threshold=opts.token_threshold,  # type: ignore[arg-type]  # set in __post_init__
         dtype=_dominant_dtype(ctx.found),
         tokenizer=opts.tokenizer,
         trust_remote_code=opts.trust_remote_code,

@@ -13,7 +13,7 @@ from flame_ext.errors import GuardConfigError, InitialLoadValidationError, Resum
 from flame_ext.guard.initial_load import InitialLoadGuard
 from flame_ext.guard.metrics import record_figures, record_metrics
 from flame_ext.guard.options import GuardConfig, GuardOption, guard_options, host_config
-from flame_ext.guard.probe import IGNORE_INDEX, LossProbe, hf_loss_probe
+from flame_ext.guard.probe import IGNORE_INDEX, LossProbe, Range, hf_loss_probe, rows_of
 from flame_ext.guard.resume import LoadCapture, verify_resume
 from flame_ext.guard.save_record import StepRecord, record_save, step_of
 from flame_ext.guard.state import RequestedLoad, meta_copy, model_state, split_request, tied_keys
@@ -33,6 +33,8 @@ __all__ = [
     "model_state",
     "hf_loss_probe",
     "LossProbe",
+    "Range",
+    "rows_of",
     "IGNORE_INDEX",
     "tied_keys",
     "record_metrics",

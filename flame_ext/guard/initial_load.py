@@ -34,6 +34,7 @@ from flame_ext.guard.ranks import RankFailure, agreed, pool, pool_counts, rank, 
 from flame_ext.guard.reference import read_guard_reference, source_config_problems
 from flame_ext.guard.state import RequestedLoad
 from flame_ext.guard.step0_loss import (
+    RankGaps,
     draw_loss_plot,
     log_loss,
     loss_gate_problems,
@@ -60,7 +61,7 @@ class InitialLoadGuard:
         self.checkpoint = str(checkpoint)
         self.parts = model_parts
         self.report = Report()
-        self.worst_rank_gap = 0.0  # largest |loss - reference| of a single rank, set by the loss pass
+        self.worst_rank = RankGaps()  # the largest gaps of a single rank, set by the loss pass
         self.reference: dict[str, Any] = {}
         self.reference_unavailable: str | None = None  # why the conversion recorded no reference loss
         self.skipped_loss: str | None = None  # why the loss gate was skipped on this machine
@@ -195,12 +196,13 @@ class InitialLoadGuard:
         if not self.reference:
             self.report.problems += missing_reference_problems(run, multiple, self.reference_unavailable)
             return None
-        comparison, self.worst_rank_gap = measure_loss(
+        comparison, self.worst_rank = measure_loss(
             self.reference,
             run,
             multiple=multiple,
             max_positions=max_positions,
             threshold=self.config.initial_load_max_loss_delta,
+            token_threshold=self.config.initial_load_max_token_delta,
             per_position=bool(self.config.initial_load_plot),
         )
         return comparison
@@ -213,7 +215,7 @@ class InitialLoadGuard:
         note = draw_loss_plot(comparison, self.config.initial_load_plot, self.checkpoint)
         self.report.notes += [note] if note else []
         values_differ = any(p.kind == "value_mismatch" and p.severity == "error" for p in self.report.problems)
-        self.report.problems += loss_gate_problems(comparison, self.worst_rank_gap, values_differ=values_differ)
+        self.report.problems += loss_gate_problems(comparison, self.worst_rank, values_differ=values_differ)
 
     def _log_versions(self) -> None:
         """The transformers that measured the reference and the one running: a different one can read the

@@ -24,6 +24,8 @@ def record_metrics(metric_logger: Any, lo: LossComparison, extra: Mapping[str, f
         "initial_load/reference_loss": lo.reference,
         "initial_load/loss_delta": lo.delta,
     }
+    if lo.token_delta is not None:  # mean |per-token difference|: what the mean's cancelling errors hide
+        figures["initial_load/token_delta"] = lo.token_delta
     figures.update({f"initial_load/loss_pos_{b['start']}_{b['end']}": b["observed"] for b in lo.by_position})
     figures.update(extra or {})
     try:

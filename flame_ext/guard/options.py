@@ -54,6 +54,9 @@ class GuardConfig:
     """After a resume, verify every loaded tensor (model, optimizer, other state) and every non-tensor state
     against the fingerprints and digests recorded when that step was saved; stop every rank before the next step
     on a difference. A step folder without the record resumes with a warning."""
+    initial_load_max_token_delta: float = 0.1
+    """Largest mean, over the reference batch's tokens, of |a token's step-0 loss - its HF reference loss|, in
+    nats, that still counts as a correct load: errors of opposite sign cancel in the mean loss, never here."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -77,6 +80,13 @@ class GuardConfig:
                 "(default 0.1)"
             )
         self.initial_load_max_loss_delta = float(delta)
+        tokens = self.initial_load_max_token_delta
+        if isinstance(tokens, bool) or not isinstance(tokens, (int, float)) or not math.isfinite(tokens) or tokens < 0:
+            raise GuardConfigError(
+                f"checkpoint.initial_load_max_token_delta = {tokens!r}: must be a finite number of nats >= 0 "
+                f"(default {type(self).initial_load_max_token_delta})"
+            )
+        self.initial_load_max_token_delta = float(tokens)
         ref = self.initial_load_reference
         if ref is not None and (not isinstance(ref, str) or not ref.strip()):
             raise GuardConfigError(f"checkpoint.initial_load_reference = {ref!r}: must be a file path or unset")

@@ -2,7 +2,8 @@
 
 A probe maps ``token_ids [B, n+1]`` and position ranges ``[start, end)`` of the n predicted positions to
 float64 ``[len(ranges), 2]``: (sum of per-token loss, token count) per range. Sums and counts, not means,
-so the ranks add them up.
+so the ranks add them up. A range ``(start, end)`` covers every row; ``(start, end, row)`` that row only
+(the loss gate asks for every token on its own: ``step0_loss.measure_loss``).
 """
 
 from __future__ import annotations
@@ -17,13 +18,20 @@ from torch import nn
 from flame_ext.errors import GuardConfigError
 from flame_ext.guard.ranks import RankFailure, max_over_ranks
 
-__all__ = ["LossProbe", "IGNORE_INDEX", "hf_loss_probe", "run_probe"]
+__all__ = ["LossProbe", "Range", "rows_of", "IGNORE_INDEX", "hf_loss_probe", "run_probe"]
 
 logger = logging.getLogger("flame_ext.guard")  # the name users filter the guard's log lines by
 
 IGNORE_INDEX = -100  # the label value torch's cross entropy (and torchtitan's loss) skips
 
-LossProbe = Callable[[torch.Tensor, list[tuple[int, int]]], torch.Tensor]
+# (start, end) of the predicted positions, in every row; (start, end, row) in that row only.
+Range = tuple[int, ...]
+LossProbe = Callable[[torch.Tensor, list[Range]], torch.Tensor]
+
+
+def rows_of(rng: Range) -> slice:
+    """The rows a range covers: all, or the one it names."""
+    return slice(rng[2], rng[2] + 1) if len(rng) > 2 else slice(None)
 
 
 def _logits_of(output: Any) -> torch.Tensor:
@@ -41,12 +49,11 @@ def hf_loss_probe(model: nn.Module) -> LossProbe:
     """Loss the way HF causal LMs compute it with ``labels=``: logits, shift by one, cross entropy."""
     from flame_ext.model.reference import per_token_loss
 
-    def probe(token_ids: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    def probe(token_ids: torch.Tensor, ranges: list[Range]) -> torch.Tensor:
         device = next(model.parameters()).device
         per_token = per_token_loss(_logits_of(model(token_ids.to(device))), token_ids).double().cpu()
-        return torch.tensor(
-            [[per_token[:, s:e].sum().item(), per_token[:, s:e].numel()] for s, e in ranges], dtype=torch.float64
-        )
+        cells = [per_token[rows_of(r), r[0] : r[1]] for r in ranges]
+        return torch.tensor([[c.sum().item(), c.numel()] for c in cells], dtype=torch.float64)
 
     return probe
 
@@ -71,7 +78,7 @@ class _EvalMode:
 
 
 def run_probe(
-    probe: LossProbe, parts: list[nn.Module], ids: torch.Tensor, ranges: list[tuple[int, int]]
+    probe: LossProbe, parts: list[nn.Module], ids: torch.Tensor, ranges: list[Range]
 ) -> tuple[torch.Tensor | None, str | None]:
     """(the probe's sums, None), or (None, why) on every rank when any rank's device cannot run the model's
     forward pass. Only that one failure (``model.reference.forward_unavailable``) skips; any other is raised.

@@ -1,5 +1,6 @@
 """The step-0 loss gate: one forward pass on the manifest's reference batch, against the HF model's loss on
-the same tokens, measured by position bucket, pooled over ranks, and judged against the threshold.
+the same tokens, measured by position bucket and token by token, pooled over ranks, and judged against the
+thresholds of the mean gap and of the per-token gap (``flame_ext.checks.loss.token_delta``).
 """
 
 from __future__ import annotations
@@ -7,22 +8,44 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from flame_ext.errors import FlameExtError, GuardConfigError
+from flame_ext.guard.probe import Range
 from flame_ext.guard.ranks import max_over_ranks, rank, sum_over_ranks
 from flame_ext.report import LossComparison, Problem, bucket_label
 
-__all__ = ["measure_loss", "loss_gate_problems", "missing_reference_problems", "log_loss", "draw_loss_plot"]
+__all__ = [
+    "RankGaps",
+    "measure_loss",
+    "loss_gate_problems",
+    "missing_reference_problems",
+    "log_loss",
+    "draw_loss_plot",
+]
 
 logger = logging.getLogger("flame_ext.guard")  # the name users filter the guard's log lines by
 
 NEXT_STEP = "run `flame-ext diagnose --checkpoint C --model HF --values --loss` to find the tensors that differ"
 
 # The guard's probe on every rank: the sums of ``probe.LossProbe``, or None on every rank when it was skipped.
-RunProbe = Callable[[torch.Tensor, list[tuple[int, int]]], "torch.Tensor | None"]
+RunProbe = Callable[[torch.Tensor, list[Range]], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class RankGaps:
+    """The worst single rank's gaps: its mean loss's |delta| and its per-token delta (over the tokens it
+    scored). One rank with wrong weights among 256 would move the pooled figures by only 1/256 of its gap."""
+
+    mean: float = 0.0
+    tokens: float = 0.0
+
+
+def _finite_or_inf(value: float) -> float:
+    return value if math.isfinite(value) else math.inf
 
 
 def measure_loss(
@@ -32,15 +55,17 @@ def measure_loss(
     multiple: int,
     max_positions: int | None,
     threshold: float,
+    token_threshold: float,
     per_position: bool,
-) -> tuple[LossComparison | None, float]:
-    """(the step-0 comparison over all ranks, the largest gap of a single rank); (None, 0.0) when skipped.
+) -> tuple[LossComparison | None, RankGaps]:
+    """(the step-0 comparison over all ranks, the worst single rank's gaps); (None, RankGaps()) when skipped.
 
     The reference rows are cut to ``max_positions`` predicted positions and to a multiple of ``multiple``:
-    the model is causal, so a prefix's per-token reference is exact. ``per_position`` adds every position's
-    loss, for the plot.
+    the model is causal, so a prefix's per-token reference is exact. The one forward pass scores the whole
+    batch, the first position, the position buckets and every token on its own (a range per token: the
+    per-token sums are what the ranks can add up). ``per_position`` keeps every position's loss, for the plot.
     """
-    from flame_ext.checks.loss import loss_by_position
+    from flame_ext.checks.loss import loss_by_position, token_delta
 
     ids = torch.tensor(reference["token_ids"], dtype=torch.long)
     ref = torch.tensor(reference["loss_per_token"], dtype=torch.float64)
@@ -51,26 +76,40 @@ def measure_loss(
             f"reference rows of {ids.shape[1]} tokens are too short for a loss in chunks of {multiple}"
         )
     ref = ref[:, :n]
+    rows = ref.shape[0]
     buckets = loss_by_position(ref, ref)
-    ranges = [(0, n), (0, 1)] + [(b["start"], b["end"]) for b in buckets]  # all, the first position, buckets
-    if per_position:
-        ranges += [(i, i + 1) for i in range(n)]
-    sums = run(ids[:, : n + 1], ranges)
+    ranges: list[Range] = [(0, n), (0, 1)] + [(b["start"], b["end"]) for b in buckets]  # all, first, buckets
+    tokens: list[Range] = [(i, i + 1, r) for r in range(rows) for i in range(n)]
+    sums = run(ids[:, : n + 1], ranges + tokens)
     if sums is None:
-        return None, 0.0
+        return None, RankGaps()
+    head = len(ranges)
     reference_mean = float(reference["loss_mean"]) if n == ids.shape[1] - 1 else ref.mean().item()
-    # The mean over ranks is what is logged; the gate also looks at the worst single rank, because one
-    # rank with wrong weights among 256 would move the mean by only 1/256 of its gap.
-    own_gap = abs((sums[0, 0] / sums[0, 1]).item() - reference_mean)
-    worst_rank_gap = max_over_ranks(own_gap if math.isfinite(own_gap) else math.inf)
+    # The pooled figures are what is logged; the gate also looks at the worst single rank (``RankGaps``).
+    own_tokens = (sums[head:, 0] / sums[head:, 1]).view(rows, n)
+    scored = sums[head:, 1].view(rows, n) > 0  # a rank may hold part of the sequence (context parallel)
+    worst = RankGaps(
+        max_over_ranks(_finite_or_inf(abs((sums[0, 0] / sums[0, 1]).item() - reference_mean))),
+        max_over_ranks(_finite_or_inf(token_delta(own_tokens[scored], ref[scored]) if scored.any() else math.nan)),
+    )
     sums = sum_over_ranks(sums)
     means = (sums[:, 0] / sums[:, 1]).tolist()
-    by_position = [{**b, "observed": m} for b, m in zip(buckets, means[2:])]
+    by_position = [{**b, "observed": m} for b, m in zip(buckets, means[2:head])]
     first = means[1] - ref[:, 0].mean().item()
-    cmp = LossComparison(reference_mean, means[0], threshold, by_position, first)
+    pooled = (sums[head:, 0] / sums[head:, 1]).view(rows, n)
+    cmp = LossComparison(
+        reference_mean,
+        means[0],
+        threshold,
+        by_position,
+        first,
+        token_delta=token_delta(pooled, ref),
+        token_threshold=token_threshold,
+    )
     if per_position:
-        cmp.curve = {"observed": means[2 + len(buckets) :], "reference": ref.mean(0).tolist()}
-    return cmp, worst_rank_gap
+        per_column = sums[head:].view(rows, n, 2).sum(0)
+        cmp.curve = {"observed": (per_column[:, 0] / per_column[:, 1]).tolist(), "reference": ref.mean(0).tolist()}
+    return cmp, worst
 
 
 def missing_reference_problems(run: RunProbe, multiple: int, unavailable: str | None) -> list[Problem]:
@@ -92,8 +131,9 @@ def missing_reference_problems(run: RunProbe, multiple: int, unavailable: str | 
     ]
 
 
-def loss_gate_problems(comparison: LossComparison, worst_rank_gap: float, *, values_differ: bool) -> list[Problem]:
-    """The gate: a non-finite loss, a mean gap or one rank's gap above the threshold is an error."""
+def loss_gate_problems(comparison: LossComparison, worst_rank: RankGaps, *, values_differ: bool) -> list[Problem]:
+    """The gate: a non-finite loss, a mean or per-token gap above its threshold, over all ranks or on one
+    rank alone, is an error."""
     if not math.isfinite(comparison.observed):
         return [
             Problem(
@@ -108,14 +148,16 @@ def loss_gate_problems(comparison: LossComparison, worst_rank_gap: float, *, val
         from flame_ext.checks.loss import loss_gap_problem
 
         return [loss_gap_problem(comparison, what="step-0 loss", next_step=NEXT_STEP, values_differ=values_differ)]
-    if worst_rank_gap > comparison.threshold:
+    token_threshold = comparison.token_threshold if comparison.token_threshold is not None else math.inf
+    if worst_rank.mean > comparison.threshold or worst_rank.tokens > token_threshold:
         return [
             Problem(
                 "loss_gap",
                 "error",
                 None,
-                "the mean step-0 loss passes, but one rank's differs from the HF reference by "
-                f"{worst_rank_gap:.4f} (threshold {comparison.threshold})",
+                "the step-0 loss over all ranks passes, but one rank's differs from the HF reference: mean gap "
+                f"{worst_rank.mean:.4f} (threshold {comparison.threshold}), mean |per-token loss difference| "
+                f"{worst_rank.tokens:.4f} (threshold {comparison.token_threshold})",
                 "ranks loaded different weights: check that every rank reads the same checkpoint; run `flame-ext "
                 "diagnose --checkpoint C --model HF --values --loss` on it",
             )
@@ -125,11 +167,14 @@ def loss_gate_problems(comparison: LossComparison, worst_rank_gap: float, *, val
 
 def log_loss(lo: LossComparison) -> None:
     logger.info(
-        "step-0 loss %.4f vs HF reference %.4f (delta %+.4f, threshold %g)",
+        "step-0 loss %.4f vs HF reference %.4f (delta %+.4f, threshold %g); per token: mean |difference| %.4f "
+        "(threshold %g)",
         lo.observed,
         lo.reference,
         lo.delta,
         lo.threshold,
+        lo.token_delta if lo.token_delta is not None else math.nan,
+        lo.token_threshold if lo.token_threshold is not None else math.nan,
     )
     logger.info(
         "step-0 loss by position: %s",

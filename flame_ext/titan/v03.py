@@ -45,6 +45,7 @@ from flame_ext.guard import (
     InitialLoadGuard,
     LoadCapture,
     LossProbe,
+    Range,
     RequestedLoad,
     StepRecord,
     hf_loss_probe,
@@ -52,6 +53,7 @@ from flame_ext.guard import (
     meta_copy,
     model_state,
     record_save,
+    rows_of,
     split_request,
     step_of,
     tied_keys,
@@ -274,10 +276,12 @@ def _trainer_probe(trainer: Any, model: torch.nn.Module) -> LossProbe:
     Positions are given as the dataloader gives them for one document per row. ``post_dataloading_process``
     counts tokens into ``trainer.ntokens_seen``; that count is put back. Each position range is scored by
     the host's loss on labels outside the range set to the ignore index, so chunked and loss-parallel
-    losses need no per-token output.
+    losses need no per-token output. A range of one row (the gate's per-token ranges, one per token) is
+    scored from the cross entropy of each token's logits instead, which is how the HF reference scores
+    it: the host's loss once per token would cost a whole loss (a chunked loss: the lm_head too) per token.
     """
 
-    def probe(token_ids: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    def probe(token_ids: torch.Tensor, ranges: list[Range]) -> torch.Tensor:
         device = getattr(trainer, "device", torch.device("cpu"))
         inputs, labels = token_ids[:, :-1].to(device), token_ids[:, 1:].to(device)
         positions = torch.arange(inputs.shape[1], device=device).expand_as(inputs).contiguous()
@@ -286,14 +290,19 @@ def _trainer_probe(trainer: Any, model: torch.nn.Module) -> LossProbe:
         seen = trainer.ntokens_seen
         rows = []
         try:
-            x, _, extra = trainer.post_dataloading_process(batch, layout(labels))
+            x, y_all, extra = trainer.post_dataloading_process(batch, layout(labels))
+            # Where each label went (context parallel shards and reorders them): the same processing on indexes.
+            _, where, _ = trainer.post_dataloading_process(batch, layout(_indexes(labels)))
             with trainer.train_context():
                 pred = model(x, **extra)
-                for start, end in ranges:
-                    masked = torch.full_like(labels, IGNORE_INDEX)
-                    masked[:, start:end] = labels[:, start:end]
-                    _, y, extra_r = trainer.post_dataloading_process(batch, layout(masked))
-                    loss_kwargs = {"positions": extra_r["positions"]} if "positions" in extra_r else {}
+                per_token = _token_losses(trainer, pred, y_all, where, labels.shape)
+                for rng in ranges:
+                    if per_token is not None and len(rng) > 2:
+                        cells = per_token[rows_of(rng), rng[0] : rng[1]]
+                        scored = ~torch.isnan(cells)  # tokens this rank does not hold count 0
+                        rows.append([cells[scored].sum().item(), float(scored.sum().item())])
+                        continue
+                    y, loss_kwargs = _masked_labels(trainer, batch, labels, layout, rng)
                     loss_sum, _ = trainer.loss_fn(pred, y, **loss_kwargs)
                     count = (_local(y) != IGNORE_INDEX).sum()
                     rows.append([_local(loss_sum).double().item(), float(count.item())])
@@ -302,6 +311,42 @@ def _trainer_probe(trainer: Any, model: torch.nn.Module) -> LossProbe:
         return torch.tensor(rows, dtype=torch.float64)
 
     return probe
+
+
+def _indexes(labels: torch.Tensor) -> torch.Tensor:
+    return torch.arange(labels.numel(), device=labels.device).view_as(labels)
+
+
+def _token_losses(trainer: Any, pred: Any, y_all: Any, where: Any, shape: torch.Size) -> torch.Tensor | None:
+    """Each token's cross entropy in the ``[B, n]`` layout of the labels, float64 on the CPU (NaN where this
+    rank holds no such token); None when the logits or the label layout cannot be had as plain tensors (the
+    host's loss then scores every range)."""
+    lm_head = getattr(trainer.loss_fn, "lm_head", None)  # a chunked loss takes hidden states and applies it
+    logits = lm_head(pred) if isinstance(lm_head, torch.nn.Module) else pred
+    full = getattr(logits, "full_tensor", None)  # loss parallel: the vocabulary shards gathered
+    logits = full() if callable(full) else logits
+    if not all(isinstance(t, torch.Tensor) and not callable(getattr(t, "to_local", None)) for t in (y_all, where)):
+        return None
+    if not isinstance(logits, torch.Tensor) or logits.shape[:-1].numel() != y_all.numel():
+        return None
+    losses = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), y_all.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX
+    )
+    out = torch.full((shape.numel(),), float("nan"), dtype=torch.float64)
+    out[where.reshape(-1).cpu()] = losses.double().cpu()
+    return out.view(shape)
+
+
+def _masked_labels(
+    trainer: Any, batch: dict[str, torch.Tensor], labels: torch.Tensor, layout: Any, rng: Range
+) -> tuple[Any, dict[str, Any]]:
+    """The range's labels as ``post_dataloading_process`` hands them to the loss, every other label set to
+    the ignore index; with the loss's keyword arguments."""
+    cell = (rows_of(rng), slice(rng[0], rng[1]))
+    only = torch.full_like(labels, IGNORE_INDEX)
+    only[cell] = labels[cell]
+    _, y, extra = trainer.post_dataloading_process(batch, layout(only))
+    return y, ({"positions": extra["positions"]} if "positions" in extra else {})
 
 
 def _fold(rows: torch.Tensor) -> torch.Tensor:

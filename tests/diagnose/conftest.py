@@ -43,6 +43,9 @@ RECIPE = {
     "lr": 1e-2,
     "warmup": 10,
 }
+# Per-architecture changes to RECIPE. Mistral has 4 layers: one middle layer's q_proj transposed then moves
+# the mean loss by a few hundredths and each token by tenths (tests/checks/test_loss.py).
+SHAPES = {"mistral": {"layers": 4}}
 EOT, VOCAB = 256, 257
 CORPUS = Path(__file__).resolve().parents[2] / "flame_ext" / "assets" / "corpus"
 
@@ -66,23 +69,28 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _config(arch: str):
-    from transformers import LlamaConfig, Qwen2Config
+def _recipe(arch: str) -> dict:
+    return {**RECIPE, **SHAPES.get(arch, {})}
 
+
+def _config(arch: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    shape = _recipe(arch)
     kw = dict(
         vocab_size=VOCAB,
-        hidden_size=RECIPE["hidden"],
-        intermediate_size=2 * RECIPE["hidden"],
-        num_hidden_layers=RECIPE["layers"],
-        num_attention_heads=RECIPE["heads"],
-        num_key_value_heads=RECIPE["kv_heads"],
+        hidden_size=shape["hidden"],
+        intermediate_size=2 * shape["hidden"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
         max_position_embeddings=1024,
         bos_token_id=EOT,
         eos_token_id=EOT,
         pad_token_id=EOT,
         tie_word_embeddings=False,
     )
-    return {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**kw)
+    return {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch](**kw)
 
 
 def _corpus_ids() -> torch.Tensor:
@@ -130,7 +138,8 @@ def _cache_key(arch: str, tokenizer_from: Path) -> str:
     import transformers
 
     blob = json.dumps(
-        {"arch": arch, "recipe": RECIPE, "torch": torch.__version__, "tf": transformers.__version__}, sort_keys=True
+        {"arch": arch, "recipe": _recipe(arch), "torch": torch.__version__, "tf": transformers.__version__},
+        sort_keys=True,
     )
     inputs = [p.read_bytes() for p in sorted(CORPUS.glob("*.txt"))] + [
         (tokenizer_from / n).read_bytes() for n in TOKENIZER_FILES
@@ -140,17 +149,19 @@ def _cache_key(arch: str, tokenizer_from: Path) -> str:
     )
 
 
+def trained(arch: str, tokenizer_from: Path, cache: Path) -> Path:
+    """The tiny ``arch`` model trained on the corpus, from pytest's cache folder (trained there on first use)."""
+    folder = cache / _cache_key(arch, tokenizer_from)
+    if not (folder / "model.safetensors").is_file():
+        train_tiny(arch, folder, tokenizer_from)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def hf_models(tiny_model, request) -> dict[str, Path]:
     """arch -> trained HF folder: the embedded OLMo2, and Llama / Qwen2 trained here (cached)."""
     cache = Path(request.config.cache.mkdir("flame-ext-diagnose-models"))
-    models = {"olmo2": tiny_model}
-    for arch in ("llama", "qwen2"):
-        folder = cache / _cache_key(arch, tiny_model)
-        if not (folder / "model.safetensors").is_file():
-            train_tiny(arch, folder, tiny_model)
-        models[arch] = folder
-    return models
+    return {"olmo2": tiny_model, **{arch: trained(arch, tiny_model, cache) for arch in ("llama", "qwen2")}}
 
 
 @pytest.fixture(scope="session")

@@ -54,8 +54,19 @@ def test_json_contract(catalogue, hf_models, diagnose_json):
     assert list(r["problem_kinds"]) == list(KINDS) and r["problem_kinds"]["nonfinite"] >= 1
     assert r["loss"]["observed"] is None and any("loss.observed is nan" in n for n in r["notes"]), r["notes"]
     assert set(r["counts"]) == {"hf_params", "dcp_params", "missing", "unexpected", "shape", "dtype"}
-    # The contract's loss fields, and first_position_delta (an addition: what the positional hint reads).
-    assert set(r["loss"]) == {"reference", "observed", "delta", "threshold", "by_position", "first_position_delta"}
+    # The contract's loss fields, first_position_delta (an addition: what the positional hint reads), and the
+    # per-token gap with its threshold (an addition: what the mean's cancelling errors hide).
+    assert set(r["loss"]) == {
+        "reference",
+        "observed",
+        "delta",
+        "threshold",
+        "by_position",
+        "first_position_delta",
+        "token_delta",
+        "token_threshold",
+    }
+    assert r["loss"]["token_delta"] is None and any("loss.token_delta is nan" in n for n in r["notes"])
     for p in r["problems"]:
         assert set(p) == {"kind", "severity", "key", "detail", "hint"} and p["kind"] in KINDS
         assert p["severity"] in ("error", "warning") and p["hint"]

@@ -54,6 +54,8 @@ def test_two_ranks_pass_together_on_a_healthy_checkpoint(healthy, tiny_model, tm
     losses = [valid_report(r["report"])["loss"] for r in results]
     assert losses[0] == losses[1]  # the same figures on both ranks
     assert abs(losses[0]["delta"]) < 0.01
+    # each token's loss, added up over both ranks, matches its reference (pooled, not doubled)
+    assert losses[0]["token_delta"] < 1e-4 and losses[0]["token_threshold"] == 0.1
     # every tensor's fingerprint, summed from both ranks' FSDP shards, is the one recorded at conversion
     verified = [line for line in proc.stderr.splitlines() if "verified the values of" in line]
     assert len(verified) == 2 and all("on 2 rank(s): 0 differ" in line for line in verified), verified

@@ -245,6 +245,8 @@ def test_step0_figures_go_to_the_host_metric_logger(healthy, tiny_model, tmp_pat
     assert [e.step for e in loss] == [0]
     assert loss[0].value == pytest.approx(manager.initial_load_report.loss.observed, rel=1e-6)
     assert "initial_load/reference_loss" in events.Tags()["scalars"]
+    (tokens,) = events.Scalars("initial_load/token_delta")  # beside the mean: what its cancelling errors hide
+    assert tokens.value == pytest.approx(manager.initial_load_report.loss.token_delta, rel=1e-5, abs=1e-9)
 
 
 def test_fresh_keys_listed_in_the_manifest_are_expected(tiny_model, tmp_path):
