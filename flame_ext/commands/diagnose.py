@@ -29,7 +29,7 @@ from flame_ext.checks.keys import compare_specs, locate_keys, model_part
 from flame_ext.errors import InputError
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, model_prefix, read_dcp_metadata
 from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, open_hf, tied_aliases
-from flame_ext.io.manifest import MANIFEST_NAME, config_hash, read_manifest
+from flame_ext.io.manifest import MANIFEST_NAME, config_hash, manifest_present, read_manifest
 from flame_ext.io.specs import TensorSpec
 from flame_ext.report import Problem, Report
 
@@ -88,7 +88,9 @@ class _Context:
 
 
 def _read_manifest_if_any(folder: Path) -> dict[str, Any] | None:
-    return read_manifest(folder / MANIFEST_NAME) if (folder / MANIFEST_NAME).is_file() else None
+    """The checkpoint's manifest; None when there is none (anything else there, a FIFO included, is read and
+    refused by ``read_manifest``, never taken for "no manifest")."""
+    return read_manifest(folder / MANIFEST_NAME) if manifest_present(folder / MANIFEST_NAME) else None
 
 
 def _build_expected(hf: HFCheckpoint, manifest: dict[str, Any] | None, trust_remote_code: bool) -> torch.nn.Module:
