@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from flame_ext.errors import CheckpointFormatError, InputError
+from flame_ext.errors import CheckpointFormatError, InputError, short_value
 from flame_ext.io.fingerprint import ALGORITHM, TERMS, TOLERANCE, as_record
 from flame_ext.io.hf_config import read_json_object
-from flame_ext.io.manifest_schema import NonFinite, check_manifest, short_value
+from flame_ext.io.manifest_schema import NonFinite, check_manifest
 
 __all__ = [
     "MANIFEST_NAME",

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from flame_ext.errors import CheckpointFormatError
+from flame_ext.errors import CheckpointFormatError, short_value
 
 __all__ = [
     "SCHEMA_PATH",
@@ -30,7 +30,6 @@ __all__ = [
     "NonFinite",
     "check_manifest",
     "schema",
-    "short_value",
 ]
 
 SCHEMA_PATH = Path(__file__).parents[1] / "schemas" / "manifest.schema.json"
@@ -63,6 +62,8 @@ class NonFinite:
 
     def __str__(self) -> str:
         return self.text
+
+    __repr__ = __str__
 
 
 @functools.cache
@@ -143,18 +144,6 @@ def _field(path: Iterable[Any]) -> str:
         else:
             out += f"[{short_value(part)}]"
     return out or "the top level"
-
-
-def short_value(value: Any, limit: int = 60) -> str:
-    """A value as it may appear in a one-line message: a 400-digit number or a long string is cut."""
-    if isinstance(value, NonFinite):
-        return str(value)
-    if isinstance(value, (dict, list)):
-        return f"{_TYPE_NAMES['object' if isinstance(value, dict) else 'array']} of {len(value)}"
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**18:
-        return f"an integer of {len(str(abs(value)))} digits"
-    text = json.dumps(value) if not isinstance(value, float) else repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _kind_of(value: Any) -> str:
