@@ -200,9 +200,8 @@ def manifest_problems(ctx: _Context, *, reference_given: bool = False) -> list[P
     return problems
 
 
-def _use_reference_file(ctx: _Context, path: str) -> list[Problem]:
-    """``--reference FILE``: used for --loss when it was recorded for this model; an error when it was not."""
-    data = read_manifest(path)
+def _use_reference_file(ctx: _Context, path: str, data: dict[str, Any]) -> list[Problem]:
+    """``--reference FILE`` (read): used for --loss when it was recorded for this model; an error when it was not."""
     foreign = _foreign(data, ctx.hf, f"--reference {path}")
     if foreign is None and data.get("reference") is not None:
         ctx.reference = data
@@ -306,6 +305,7 @@ def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: 
     folder = Path(opts.checkpoint)
     found = read_dcp_metadata(folder)  # validated: every byte range it promises exists (io.dcp_metadata)
     manifest = _read_manifest_if_any(folder)
+    reference = read_manifest(opts.reference) if opts.reference is not None else None  # refused before any work
     recorded = opts.model is None
     if recorded:
         opts.model = recorded_source(folder, manifest)
@@ -321,7 +321,7 @@ def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: 
     report.extend(manifest_problems(ctx, reference_given=opts.reference is not None))
     report.extend(config_reading_problems(ctx))
     if opts.reference is not None:
-        report.extend(_use_reference_file(ctx, opts.reference))
+        report.extend(_use_reference_file(ctx, opts.reference, reference))
     if opts.train_config:
         report.extend(config_problems(ctx, opts.train_config))
     tok_problems, tok_note = tokenizer_check(ctx, opts.tokenizer, opts.trust_remote_code)
