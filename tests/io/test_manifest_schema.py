@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import io
 import json
@@ -170,34 +171,35 @@ HARMLESS = {
 }
 
 
-def _nodes(value: Any, path: tuple = ()) -> Iterator[tuple]:
-    """Every position worth mutating: all fields, and three entries of each list or table."""
+def _nodes(value: Any, path: tuple = (), siblings: int = 2) -> Iterator[tuple]:
+    """Every position worth mutating: all fields, and the first and last entry of each list or table (their
+    siblings have the same schema; ``siblings=1``: the first only)."""
     yield path
     if isinstance(value, dict):
         keys = list(value)
-        if path in TABLES and len(keys) > 3:
-            keys = [keys[0], keys[len(keys) // 2], keys[-1]]
+        if path in TABLES:
+            keys = keys[:1] + keys[-1:][: siblings - 1]
         for k in keys:
-            yield from _nodes(value[k], path + (k,))
+            yield from _nodes(value[k], path + (k,), siblings)
     elif isinstance(value, list):
-        for i in sorted({0, len(value) // 2, len(value) - 1} if value else set()):
-            yield from _nodes(value[i], path + (i,))
+        for i in sorted(set([0, len(value) - 1][:siblings])) if value else []:
+            yield from _nodes(value[i], path + (i,), siblings)
 
 
-def _mutations(manifest: dict) -> Iterator[tuple[str, tuple, dict]]:
-    """(what, where, the mutated manifest) for every node."""
-    for path in _nodes(manifest):
+def _mutations(manifest: dict, siblings: int = 2) -> Iterator[tuple[str, tuple, Any]]:
+    """(what, where, a function returning the mutated manifest) for every node."""
+    for path in _nodes(manifest, siblings=siblings):
         parent, last = _parent(manifest, path)
         current = parent[last] if path else manifest
         for name, value in REPLACEMENTS.items():
             if path and not _same(current, value):
-                yield name, path, _set(manifest, path, value)
+                yield name, path, functools.partial(_set, manifest, path, value)
         if isinstance(current, dict):
             for k in current:
-                yield "missing", path + (k,), _set(manifest, path + (k,), _DELETE)
-            yield "an extra field", path + ("zz_extra",), _set(manifest, path + ("zz_extra",), "garbage")
+                yield "missing", path + (k,), functools.partial(_set, manifest, path + (k,), _DELETE)
+            yield "an extra field", path + ("zz_extra",), functools.partial(_set, manifest, path + ("zz_extra",), "x")
         if isinstance(current, list) and path:
-            yield "an extra item", path, _set(manifest, path, [*current, "x"])
+            yield "an extra item", path, functools.partial(_set, manifest, path, [*current, "x"])
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -288,10 +290,14 @@ def workdir(tiny_dcp, tmp_path) -> Path:
     return ckpt
 
 
-def _run_property(base: dict, file: Path, diagnose_argv: list[str], guard, figures_name: str, record) -> None:
+def _run_property(
+    base: dict, file: Path, diagnose_argv: list[str], guard, figures_name: str, record, siblings: int = 2
+) -> None:
     refused = accepted = 0
     harmless_seen: dict[str, tuple] = {}
-    for what, path, mutated in _mutations(base):
+    run: set[str] = set()
+    for what, path, mutate in _mutations(base, siblings):
+        mutated = mutate()
         _write(file, mutated)
         label = f"{_pattern(path)} := {what}"
         try:
@@ -301,6 +307,9 @@ def _run_property(base: dict, file: Path, diagnose_argv: list[str], guard, figur
             message = str(exc)
             assert "\n" not in message and message.startswith(f"{file}: "), f"{label}: {message}"
             assert len(message) < 600, f"{label}: {message}"  # values are quoted short
+            if label in run:  # the same change at a sibling (another row, key or item) takes the same path
+                continue
+            run.add(label)
             code, err = _cli(*diagnose_argv)
             assert code == 2, f"{label}: diagnose exited {code}: {err}"
             assert err.count("\n") == 1 and str(file) in err, f"{label}: {err}"
@@ -316,10 +325,10 @@ def _run_property(base: dict, file: Path, diagnose_argv: list[str], guard, figur
     # fields the values and loss checks read, through those checks too (a load and a forward pass).
     for group, (what, path, mutated) in harmless_seen.items():
         _write(file, mutated)
-        deep = group.startswith(("reference", "fingerprints"))
-        code, err = _cli(*diagnose_argv, *(("--values", "--loss") if deep else ()))
+        deep = {"fingerprints": ("--values",), "reference": ("--loss",)}.get(re.split(r"\W", group)[0], ())
+        code, err = _cli(*diagnose_argv, *deep)
         assert code in (0, 1), f"{_pattern(path)} := {what}: diagnose exited {code}: {err}"
-        problems = guard(load=deep)
+        problems = guard(load=bool(deep))
         assert all(p.kind in KINDS for p in problems), problems
     record(figures_name, refused, accepted, len(harmless_seen))
     assert refused > 10 * accepted / 2
@@ -344,7 +353,9 @@ def test_every_field_of_a_reference_file_mutated(workdir, tiny_model, reference_
     base = json.loads(reference_file.read_text())
     file = tmp_path / "ref.json"
     argv = ["diagnose", "--checkpoint", str(workdir), "--model", str(tiny_model), "--reference", str(file)]
-    _run_property(base, file, argv, lambda **kw: _guard_problems(guard_model, workdir, file, **kw), "reference file", tally)
+    guard = lambda **kw: _guard_problems(guard_model, workdir, file, **kw)  # noqa: E731
+    # The record and the fingerprints have the manifest's schema (tested above at two siblings): one here.
+    _run_property(base, file, argv, guard, "reference file", tally, siblings=1)
 
 
 def test_every_field_of_the_new_sections_mutated(tiny_dcp, tmp_path):
@@ -354,16 +365,16 @@ def test_every_field_of_the_new_sections_mutated(tiny_dcp, tmp_path):
     file = tmp_path / MANIFEST_NAME
     count = 0
     for base, roots in ((extended, ("files",)), (extended, ("fingerprints",)), (step, ())):
-        for what, path, mutated in _mutations(base):
+        for what, path, mutate in _mutations(base):
             if path[: len(roots)] != roots or (roots == ("fingerprints",) and "rounded" not in path):
                 continue
             count += 1
-            _write(file, mutated)
+            _write(file, mutate())
             try:
                 read_manifest(file)
             except CheckpointFormatError as exc:
                 assert "\n" not in str(exc) and str(exc).startswith(f"{file}: ")
-    assert count > 300
+    assert count > 200
 
 
 # ---------------------------------------------------------------- the issue's cases, by name
