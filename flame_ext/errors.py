@@ -189,9 +189,9 @@ def short_value(value: Any, limit: int = 60) -> str:
     """A value as a one-line message may quote it (as JSON where it is JSON): a number of 400 digits, a long
     string, a list of a million items are described or cut, never printed whole."""
     if isinstance(value, dict):
-        return f"an object of {len(value)} fields"
+        return f"an object of {len(value):,} field{'s' * (len(value) != 1)}"
     if isinstance(value, (list, tuple)):
-        return f"a list of {len(value):,} items"
+        return f"a list of {len(value):,} item{'s' * (len(value) != 1)}"
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 60:
         try:
             return f"an integer of {len(str(abs(value)))} digits"

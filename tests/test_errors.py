@@ -46,3 +46,13 @@ def test_an_uncaught_guard_error_prints_the_report_without_a_traceback(tmp_path)
     other.write_text("from flame_ext.errors import report_without_traceback\nreport_without_traceback()\n1 / 0\n")
     p = subprocess.run([sys.executable, str(other)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "Traceback" in p.stderr and "ZeroDivisionError" in p.stderr  # others untouched
+
+
+def test_short_value_quotes_what_fits_on_a_line():
+    from flame_ext.errors import short_value
+
+    assert short_value(10**400) == "an integer of 401 digits"  # float() of it overflows; str() of it is 401 chars
+    assert short_value(1 << 20000).startswith("an integer of about 6020 digits")  # past Python's int-to-text limit
+    assert short_value("x" * 500) == '"' + "x" * 56 + "..."
+    assert (short_value([1] * 131_073), short_value({"a": 1})) == ("a list of 131,073 items", "an object of 1 field")
+    assert [short_value(v) for v in ("foo", 0.5, None, True)] == ['"foo"', "0.5", "null", "true"]

@@ -185,7 +185,8 @@ def _problem(error: Any) -> str:
         shown = shown if len(shown) <= 240 else "the declared value"
         return f"is {short_value(value)}; it must be {'one of ' if v == 'enum' else ''}{shown}"
     if v in ("minItems", "maxItems"):
-        return f"has {len(value):,} items; it must have at {'least' if v == 'minItems' else 'most'} {rule:,}"
+        items = short_value(value).removeprefix("a list of ")
+        return f"has {items}; it must have at {'least' if v == 'minItems' else 'most'} {rule:,}"
     if v in ("minLength", "maxLength"):
         least = "least" if v == "minLength" else "most"
         return f"is a string of {len(value):,} characters; it must have at {least} {rule:,}"

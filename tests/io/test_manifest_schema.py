@@ -403,7 +403,7 @@ NAMED = {
     "reference.dtype foo": (lambda m: m["reference"].__setitem__("dtype", "foo"), 'reference.dtype is "foo"'),
     "a garbage future_predictor": (
         lambda m: m.__setitem__("future_predictor", {"head": "rm -rf"}),
-        "future_predictor is an object of 1 fields",
+        "future_predictor is an object of 1 field;",
     ),
     "a nonfinite count of 0.5": (
         lambda m: m["fingerprints"]["tensors"][_first_key(m)]["fingerprint"].__setitem__(0, 0.5),
