@@ -514,3 +514,17 @@ def test_refusals_by_the_command_line_exit_2_without_a_traceback(workdir, tiny_m
         )
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.count("\n") == 1 and words in proc.stderr
+
+
+def test_the_schema_names_the_versions_the_code_writes():
+    """A new fingerprint version, algorithm or term list, or a new manifest format, changes the schema too."""
+    from flame_ext.io.fingerprint import ALGORITHM, TERMS, TOLERANCE
+    from flame_ext.io.manifest import FINGERPRINTS_VERSION, FORMAT_VERSION
+
+    section = schema()["$defs"]["fingerprints"]
+    strict_when = {"version": {"const": FINGERPRINTS_VERSION}, "algorithm": {"const": ALGORITHM}}
+    assert section["if"]["properties"] == strict_when
+    assert section["then"]["properties"]["terms"] == {"const": list(TERMS)}
+    assert schema()["$defs"]["fingerprint"]["maxItems"] == len(TERMS) == schema()["$defs"]["fingerprint"]["minItems"]
+    assert 0 < TOLERANCE <= section["then"]["properties"]["tolerance"]["maximum"]
+    assert schema()["properties"]["format_version"]["const"] == FORMAT_VERSION
