@@ -8,6 +8,7 @@ Bugs stay ordinary exceptions and keep their tracebacks.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -38,6 +39,7 @@ __all__ = [
     "naming_file",
     "failure_reason",
     "exit_code_of",
+    "short_value",
     "report_without_traceback",
     "refused_global",
     "run_guarded",
@@ -252,6 +254,25 @@ def failure_reason(exc: BaseException) -> str:
 def exit_code_of(exc: BaseException) -> int:
     """The exit code a failure gives in one process: ours say theirs (2 for bad input); a write failure and a bug 1."""
     return exc.exit_code if isinstance(exc, FlameExtError) else 1
+
+
+def short_value(value: Any, limit: int = 60) -> str:
+    """A value as a one-line message may quote it (as JSON where it is JSON): a number of 400 digits, a long
+    string, a list of a million items are described or cut, never printed whole."""
+    if isinstance(value, dict):
+        return f"an object of {len(value):,} field{'s' * (len(value) != 1)}"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value):,} item{'s' * (len(value) != 1)}"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 60:
+        try:
+            return f"an integer of {len(str(abs(value)))} digits"
+        except ValueError:  # beyond Python's limit for converting an int to text (4300 digits)
+            return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    try:
+        text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def refused_global(exc: BaseException) -> str | None:

@@ -79,3 +79,13 @@ def test_a_write_failure_behind_torchs_zip_writer_is_named_with_its_file(tmp_pat
     assert "File too large" not in str(bare) and str(path) not in str(bare)
     assert named.errno == errno.EFBIG and named.filename == str(path)
     assert failure_reason(named) == f"{path}: {os.strerror(errno.EFBIG)}" and exit_code_of(named) == 1
+
+
+def test_short_value_quotes_what_fits_on_a_line():
+    from flame_ext.errors import short_value
+
+    assert short_value(10**400) == "an integer of 401 digits"  # float() of it overflows; str() of it is 401 chars
+    assert short_value(1 << 20000).startswith("an integer of about 6020 digits")  # past Python's int-to-text limit
+    assert short_value("x" * 500) == '"' + "x" * 56 + "..."
+    assert (short_value([1] * 131_073), short_value({"a": 1})) == ("a list of 131,073 items", "an object of 1 field")
+    assert [short_value(v) for v in ("foo", 0.5, None, True)] == ['"foo"', "0.5", "null", "true"]

@@ -48,7 +48,8 @@ __all__ = [
     "positional_hint",
     "loss_gap_problem",
     "embedding_rows",
-    "reference_vocabulary_problem",
+    "model_positions",
+    "reference_fit_problem",
 ]
 
 _FOREIGN_HINT = (
@@ -275,15 +276,42 @@ def embedding_rows(parts: Iterable[nn.Module]) -> int | None:
     return max(rows, default=None)
 
 
-def reference_vocabulary_problem(token_ids: list[list[int]], vocab: int | None, name: str, hint: str) -> Problem | None:
-    """A reference batch holding a token id the model has no embedding row for was made for another model."""
+def model_positions(parts: Iterable[nn.Module]) -> int | None:
+    """The longest sequence the model's config says it takes (``max_position_embeddings``, GPT-2's
+    ``n_positions``); None when the model has no such config (a torchtitan-native model)."""
+    for part in parts:
+        config = getattr(part, "config", None)
+        for name in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def reference_fit_problem(
+    token_ids: list[list[int]], parts: Iterable[nn.Module], name: str, hint: str
+) -> Problem | None:
+    """A reference batch the model cannot take, found before any forward pass: a token id it has no embedding
+    row for (the batch was made for another tokenizer), or rows longer than its positions (a forward pass
+    quadratic in the length, past what the model was built for). The schema already caps any row at
+    ``io.manifest_schema.MAX_REFERENCE_TOKENS``; this is the bound of the model at hand."""
+    parts = list(parts)
+    vocab, positions = embedding_rows(parts), model_positions(parts)
     top = max((max(row) for row in token_ids if row), default=-1)
-    if vocab is None or top < vocab:
+    length = max((len(row) for row in token_ids), default=0)
+    if vocab is not None and top >= vocab:
+        detail = (
+            f"{name}: reference token id {top} is outside the model's vocabulary of {vocab}: the reference was made "
+            "for another tokenizer or model"
+        )
+    elif positions is not None and length > positions:
+        detail = (
+            f"{name}: reference rows of {length:,} tokens are longer than the model's max_position_embeddings "
+            f"({positions:,}): the reference was made for another model, or with a --reference-seq-len this model "
+            "cannot take"
+        )
+    else:
         return None
-    detail = (
-        f"{name}: reference token id {top} is outside the model's vocabulary of {vocab}: the reference was made "
-        "for another tokenizer or model"
-    )
     return Problem("manifest", "error", None, detail, hint)
 
 
@@ -326,7 +354,7 @@ def check_loss(
     on_stage("building the model on meta and loading the checkpoint with torch.distributed.checkpoint")
     model = build_like_trainer(hf, run_dtype, trust_remote_code=trust_remote_code)
     name = reference_name if (manifest or {}).get("reference") is not None else origin
-    foreign = ref and reference_vocabulary_problem(ref["token_ids"], embedding_rows([model]), name, _FOREIGN_HINT)
+    foreign = ref and reference_fit_problem(ref["token_ids"], [model], name, _FOREIGN_HINT)
     if foreign:
         result.problems.append(foreign)
         result.notes.append("loss not measured: the reference batch is not for this model")

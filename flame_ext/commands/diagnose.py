@@ -31,7 +31,7 @@ from flame_ext.checks.keys import compare_specs, locate_keys, model_part
 from flame_ext.errors import InputError
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, model_prefix, read_dcp_metadata
 from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, open_hf, tied_aliases
-from flame_ext.io.manifest import MANIFEST_NAME, TRAINING_STEP, config_hash, read_manifest
+from flame_ext.io.manifest import MANIFEST_NAME, TRAINING_STEP, config_hash, manifest_present, read_manifest
 from flame_ext.io.specs import TensorSpec
 from flame_ext.report import Problem, Report
 
@@ -100,7 +100,9 @@ class _Context:
 
 
 def _read_manifest_if_any(folder: Path) -> dict[str, Any] | None:
-    return read_manifest(folder / MANIFEST_NAME) if (folder / MANIFEST_NAME).is_file() else None
+    """The checkpoint's manifest; None when there is none (anything else there, a FIFO included, is read and
+    refused by ``read_manifest``, never taken for "no manifest")."""
+    return read_manifest(folder / MANIFEST_NAME) if manifest_present(folder / MANIFEST_NAME) else None
 
 
 def _build_expected(hf: HFCheckpoint, manifest: dict[str, Any] | None, trust_remote_code: bool) -> torch.nn.Module:
@@ -210,9 +212,8 @@ def manifest_problems(ctx: _Context, *, reference_given: bool = False) -> list[P
     return problems
 
 
-def _use_reference_file(ctx: _Context, path: str) -> list[Problem]:
-    """``--reference FILE``: used for --loss when it was recorded for this model; an error when it was not."""
-    data = read_manifest(path)
+def _use_reference_file(ctx: _Context, path: str, data: dict[str, Any]) -> list[Problem]:
+    """``--reference FILE`` (read): used for --loss when it was recorded for this model; an error when it was not."""
     foreign = _foreign(data, ctx.hf, f"--reference {path}")
     if foreign is None and data.get("reference") is not None:
         ctx.reference = data
@@ -316,6 +317,7 @@ def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: 
     folder = Path(opts.checkpoint)
     found = read_dcp_metadata(folder)  # validated: every byte range it promises exists (io.dcp_metadata)
     manifest = _read_manifest_if_any(folder)
+    reference = read_manifest(opts.reference) if opts.reference is not None else None  # refused before any work
     digests = recorded_digests(folder, manifest) if opts.files else None  # refused before any other work
     if manifest is not None and manifest.get("kind") == TRAINING_STEP:
         return _training_step(opts, found, manifest, on_stage)
@@ -334,7 +336,7 @@ def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: 
     report.extend(manifest_problems(ctx, reference_given=opts.reference is not None))
     report.extend(config_reading_problems(ctx))
     if opts.reference is not None:
-        report.extend(_use_reference_file(ctx, opts.reference))
+        report.extend(_use_reference_file(ctx, opts.reference, reference))
     if opts.train_config:
         report.extend(config_problems(ctx, opts.train_config))
     tok_problems, tok_note = tokenizer_check(ctx, opts.tokenizer, opts.trust_remote_code)

@@ -19,7 +19,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclas
 from pathlib import Path
 from typing import Any
 
-from flame_ext.errors import GuardConfigError
+from flame_ext.errors import GuardConfigError, short_value
 
 __all__ = ["GuardConfig", "GuardOption", "guard_options", "field_docs", "host_config"]
 
@@ -66,17 +66,17 @@ class GuardConfig:
             "verify_resumes",
         ):
             if not isinstance(getattr(self, name), bool):
-                raise GuardConfigError(f"checkpoint.{name} = {getattr(self, name)!r}: must be true or false")
+                raise GuardConfigError(f"checkpoint.{name} = {short_value(getattr(self, name))}: must be true or false")
         verify = self.initial_load_verify_values
         if verify is not None and not isinstance(verify, bool):
             raise GuardConfigError(
-                f"checkpoint.initial_load_verify_values = {verify!r}: must be true, false, or unset "
+                f"checkpoint.initial_load_verify_values = {short_value(verify)}: must be true, false, or unset "
                 "(unset: verify when the reference has fingerprints)"
             )
         delta = self.initial_load_max_loss_delta
-        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta) or delta < 0:
+        if not _finite_number(delta) or delta < 0:
             raise GuardConfigError(
-                f"checkpoint.initial_load_max_loss_delta = {delta!r}: must be a finite number of nats >= 0 "
+                f"checkpoint.initial_load_max_loss_delta = {short_value(delta)}: must be a finite number of nats >= 0 "
                 "(default 0.1)"
             )
         self.initial_load_max_loss_delta = float(delta)
@@ -89,9 +89,11 @@ class GuardConfig:
         self.initial_load_max_token_delta = float(tokens)
         ref = self.initial_load_reference
         if ref is not None and (not isinstance(ref, str) or not ref.strip()):
-            raise GuardConfigError(f"checkpoint.initial_load_reference = {ref!r}: must be a file path or unset")
+            raise GuardConfigError(
+                f"checkpoint.initial_load_reference = {short_value(ref)}: must be a file path or unset"
+            )
         if ref is not None:
-            self.initial_load_reference = str(Path(ref.strip()).expanduser())
+            self.initial_load_reference = _user_path("initial_load_reference", ref)
         self._check_plot()
 
     def _check_plot(self) -> None:
@@ -100,7 +102,7 @@ class GuardConfig:
             return
         if not isinstance(plot, str) or not plot.strip().lower().endswith(".png"):
             raise GuardConfigError(
-                f"checkpoint.initial_load_plot = {plot!r}: must be a file path ending in .png, or unset"
+                f"checkpoint.initial_load_plot = {short_value(plot)}: must be a file path ending in .png, or unset"
             )
         from flame_ext.io.plot import matplotlib_missing
 
@@ -108,13 +110,36 @@ class GuardConfig:
             raise GuardConfigError(
                 f"checkpoint.initial_load_plot = {plot!r}: drawing needs matplotlib: pip install flame-ext[plot]"
             )
-        self.initial_load_plot = str(Path(plot.strip()).expanduser())
+        self.initial_load_plot = _user_path("initial_load_plot", plot)
 
     @classmethod
     def from_section(cls, section: Any) -> GuardConfig:
         """Read the fields from a host's checkpoint config; a stock config without them means "off"."""
         defaults = cls()
         return cls(**{name: getattr(section, name, getattr(defaults, name)) for name in asdict(defaults)})
+
+
+def _finite_number(value: Any) -> bool:
+    """A number that is finite as a float: a TOML integer of 400 digits is not (``float()`` of it overflows)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _user_path(name: str, value: str) -> str:
+    """A path setting with ``~`` and ``~user`` expanded; a user this machine does not know is a config error."""
+    if "\x00" in value:
+        raise GuardConfigError(f"checkpoint.{name} = {short_value(value)}: a path cannot hold a NUL character")
+    try:
+        return str(Path(value.strip()).expanduser())
+    except RuntimeError as exc:  # "Could not determine home directory."
+        raise GuardConfigError(
+            f"checkpoint.{name} = {short_value(value)}: {value.strip().split('/')[0]} is not a user on this machine "
+            "(cannot expand ~); give the path without it"
+        ) from exc
 
 
 @dataclass(frozen=True)

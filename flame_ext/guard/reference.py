@@ -51,16 +51,16 @@ def read_guard_reference(
 ) -> GuardReference:
     """The reference to check ``checkpoint``'s load against; what the report should say about it goes to
     ``notes``."""
-    from flame_ext.io.manifest import MANIFEST_NAME, read_fingerprints, read_manifest, read_reference
+    from flame_ext.io.manifest import MANIFEST_NAME, manifest_present, read_fingerprints, read_manifest, read_reference
 
     own = Path(checkpoint) / MANIFEST_NAME
     path = _reference_path(config, checkpoint)
-    if not path.is_file():
+    if not manifest_present(path):  # a FIFO or a device is there, and refused by read_manifest
         return GuardReference(
             problems=[manifest_problem(f"no reference for the step-0 loss check: {path} does not exist")]
         )
     try:
-        fresh = list(read_manifest(own).get("fresh_keys", []) if own.is_file() else [])
+        fresh = list(read_manifest(own).get("fresh_keys", []) if manifest_present(own) else [])
         manifest = read_manifest(path)
         fingerprints = _wanted_fingerprints(config, read_fingerprints(manifest), path, notes)
         if manifest.get("reference") is None and manifest.get("reference_unavailable"):
@@ -72,10 +72,10 @@ def read_guard_reference(
         reference = read_reference(path)
     except FlameExtError as exc:
         return GuardReference(problems=[manifest_problem(str(exc))])
-    ids = reference["token_ids"]  # a rectangle of ids >= 0 (io.manifest.check_reference); bounded here
-    from flame_ext.checks.loss import embedding_rows, reference_vocabulary_problem
+    from flame_ext.checks.loss import reference_fit_problem
 
-    foreign = reference_vocabulary_problem(ids, embedding_rows(parts), str(path), REFERENCE_HINT)
+    # The schema bounds the batch (a rectangle of ids in [0, 2**31), at most 64 x 8192); the model bounds it here.
+    foreign = reference_fit_problem(reference["token_ids"], parts, str(path), REFERENCE_HINT)
     if foreign is not None:
         return GuardReference(problems=[foreign])
     return GuardReference(reference, fresh, fingerprints)
@@ -100,9 +100,10 @@ def source_config_problems(
 ) -> list[Problem]:
     """The source config as the trainer's model (or the installed transformers) reads it: checks.config."""
     from flame_ext.checks.config import recorded_source_problems
+    from flame_ext.io.manifest import manifest_present
 
     path = _reference_path(config, checkpoint)
-    if not path.is_file():
+    if not manifest_present(path):
         return []  # reported by the reference check
     problems, note = recorded_source_problems(path, getattr(parts[0], "config", None))
     notes.extend([note] if note else [])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,16 +54,26 @@ _LAYERS = ("num_hidden_layers", "n_layer", "num_layers")
 _PARAMS_PER_BYTE = 8
 
 
-def read_json_object(path: Path, *, what: str, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
-    """A JSON object from a regular file of at most ``max_bytes``; one ``CheckpointFormatError`` otherwise."""
+def read_json_object(
+    path: Path, *, what: str, max_bytes: int = MAX_JSON_BYTES, parse_constant: Callable[[str], Any] | None = None
+) -> dict[str, Any]:
+    """A JSON object from a regular file of at most ``max_bytes``; one ``CheckpointFormatError`` otherwise.
+
+    The file is opened without blocking and its kind checked on the open descriptor: a FIFO or a device
+    (a symlink to /dev/zero) put in its place after a check by name is refused, never read. ``parse_constant``
+    receives ``NaN``, ``Infinity`` and ``-Infinity`` (Python's json accepts them; strict JSON has none).
+    """
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointFormatError(f"{path}: not a regular file; expected a {what} (JSON)")
-        if st.st_size > max_bytes:
-            raise CheckpointFormatError(f"{path}: {st.st_size:,} bytes, too large for a {what} (at most {max_bytes:,})")
-        with open(path, "rb") as f:
-            data = json.loads(f.read(max_bytes + 1))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointFormatError(f"{path}: not a regular file; expected a {what} (JSON)")
+            if st.st_size > max_bytes:
+                raise CheckpointFormatError(
+                    f"{path}: {st.st_size:,} bytes, too large for a {what} (at most {max_bytes:,})"
+                )
+            data = json.loads(f.read(max_bytes + 1), parse_constant=parse_constant)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from exc
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

@@ -127,7 +127,7 @@ def test_reference_file_for_a_checkpoint_converted_elsewhere(catalogue, hf_model
 
 
 def test_a_reference_batch_for_another_vocabulary_is_a_manifest_error(catalogue, hf_models, diagnose_json, tmp_path):
-    """The same rule as the guard's (checks.loss.reference_vocabulary_problem): named, and the loss not measured."""
+    """The same rule as the guard's (checks.loss.reference_fit_problem): named, and the loss not measured."""
     import json
     import shutil
 

@@ -120,12 +120,23 @@ def test_flames_own_negation_now_beats_the_toml(JobConfig, tmp_path):
         ("initial_load_max_loss_delta = nan", "initial_load_max_loss_delta"),
         ('validate_initial_load = "yes"', "validate_initial_load"),
         ("initial_load_repair_buffers = 1", "initial_load_repair_buffers"),
+        # TOML reads a 400-digit integer exactly; float() of it overflows.
+        (f"initial_load_max_loss_delta = {'9' * 400}", "initial_load_max_loss_delta = an integer of 400 digits"),
+        # Path.expanduser raises RuntimeError for a user the machine does not know.
+        ('initial_load_reference = "~nosuchuser/ref.json"', "initial_load_reference.*~nosuchuser is not a user"),
+        ('initial_load_plot = "~nosuchuser/step0.png"', "initial_load_plot.*~nosuchuser is not a user"),
     ],
 )
 def test_bad_toml_values_fail_when_read(JobConfig, tmp_path, line, words):
     path = toml(tmp_path, f"[checkpoint]\n{line}\n")
-    with pytest.raises(FlameExtError, match=words):
+    with pytest.raises(FlameExtError, match=words) as info:
         parse(JobConfig, "--job.config_file", path)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+
+
+def test_an_overflowing_threshold_on_the_command_line_is_refused(JobConfig):
+    with pytest.raises(FlameExtError, match="initial_load_max_loss_delta = inf: must be a finite number"):
+        parse(JobConfig, "--checkpoint.initial_load_max_loss_delta", "9" * 400)
 
 
 def test_missing_reference_fails_only_when_the_guard_is_on(JobConfig, tmp_path):
@@ -216,6 +227,37 @@ def test_titan03_config_function():
         0.2,
     )
     assert off.checkpoint.validate_initial_load is False
+
+
+@pytest.mark.parametrize(
+    "flag, value, words",
+    [
+        ("--checkpoint.initial_load_max_loss_delta", "9" * 400, "initial_load_max_loss_delta = inf"),
+        ("--checkpoint.initial_load_reference", "~nosuchuser/ref.json", "~nosuchuser is not a user"),
+    ],
+)
+def test_titan03_config_refuses_values_it_cannot_use(flag, value, words, capsys):
+    """torchtitan 0.3's ConfigManager (tyro) reports the guard's one-line error as its own and exits 2."""
+    from importlib.metadata import version
+
+    if not version("torchtitan").startswith("0.3"):
+        pytest.skip(f"torchtitan 0.3 config function; installed torchtitan {version('torchtitan')}")
+    from torchtitan.config.manager import ConfigManager
+
+    from flame_ext.errors import GuardConfigError
+    from flame_ext.titan import ValidatingCheckpointManager
+
+    with pytest.raises(GuardConfigError, match="initial_load_max_loss_delta = an integer of 401 digits"):
+        ValidatingCheckpointManager.Config(initial_load_max_loss_delta=10**400)
+    sys.path.insert(0, str(REPO / "configs"))
+    try:
+        with pytest.raises(SystemExit) as info:
+            ConfigManager().parse_args(["--module", "titan03_llama3_8b_cpt", "--config", "llama3_8b_cpt", flag, value])
+    finally:
+        sys.path.remove(str(REPO / "configs"))
+    assert info.value.code == 2
+    shown = " ".join(capsys.readouterr().err.replace("│", " ").split())
+    assert words in shown and "Traceback" not in shown
 
 
 # ------------------------------------------------------------------- configs/

@@ -300,6 +300,31 @@ def test_unpatched_flame_through_flame_ext_train(flame_env, tiny_model, data, tm
     assert (flame_dir / "flame" / "train.py").read_bytes() == (flame_env / "flame" / "train.py").read_bytes()
 
 
+@pytest.mark.parametrize(
+    "toml_line, argv, words",
+    [
+        (f"initial_load_max_loss_delta = {'9' * 400}", [], "initial_load_max_loss_delta = an integer of 400 digits"),
+        ("", ["--checkpoint.initial_load_max_loss_delta", "9" * 400], "initial_load_max_loss_delta = inf"),
+        ('initial_load_reference = "~nosuchuser/ref.json"', [], "initial_load_reference"),
+    ],
+)
+def test_launcher_refuses_config_values_it_cannot_use(flame_env, tmp_path, toml_line, argv, words):
+    """Through flame's own config parsing: one line naming the option, exit 2, no traceback."""
+    config = tmp_path / "job.toml"
+    config.write_text(f"[checkpoint]\nvalidate_initial_load = true\n{toml_line}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "flame_ext.flame.train", "--job.config_file", str(config), *argv],
+        cwd=flame_env,
+        env={**_env(), "PYTHONPATH": str(REPO)},  # this checkout's flame_ext, whatever the environment installed
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(errors) == 1 and words in errors[0], proc.stderr[-2000:]
+
+
 def test_launcher_help_lists_the_guard_options(flame_env):
     proc = subprocess.run(
         [sys.executable, "-m", "flame_ext.flame.train", "--help"],

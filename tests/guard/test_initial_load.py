@@ -18,7 +18,7 @@ from flame_ext.io.dcp import read_dcp_metadata
 from flame_ext.io.specs import TensorSpec
 
 
-@pytest.mark.parametrize("delta", [-0.1, math.nan, math.inf, True, "0.1"])
+@pytest.mark.parametrize("delta", [-0.1, math.nan, math.inf, True, "0.1", 10**400])
 def test_a_bad_threshold_is_refused_with_the_setting_named(delta):
     with pytest.raises(GuardConfigError, match="initial_load_max_loss_delta"):
         GuardConfig(initial_load_max_loss_delta=delta)

@@ -163,3 +163,17 @@ def test_a_setting_without_help_is_refused():
 
     with pytest.raises(TypeError, match="initial_load_secret: give the field a docstring"):
         guard_options(Undocumented)
+
+
+@pytest.mark.parametrize("name", ["initial_load_reference", "initial_load_plot"])
+@pytest.mark.parametrize("value, words", [("~nosuchuser/x.png", "~nosuchuser is not a user"), ("a\x00b.png", "NUL")])
+def test_a_path_setting_that_cannot_be_resolved_is_a_config_error(name, value, words):
+    """Path.expanduser raises RuntimeError for an unknown user, os.stat ValueError for a NUL: one line each."""
+    from flame_ext.io.plot import matplotlib_missing
+
+    if name == "initial_load_plot" and matplotlib_missing():
+        pytest.skip("initial_load_plot needs matplotlib before its path is read")
+    with pytest.raises(GuardConfigError, match=f"checkpoint.{name} = .*{words}") as info:
+        GuardConfig(**{name: value})
+    assert "\n" not in str(info.value)
+    assert GuardConfig(**{name: "~/x.png"}).__dict__[name] == str(Path("~/x.png").expanduser())

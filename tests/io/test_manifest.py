@@ -93,7 +93,7 @@ def test_read_manifest_checks_version_and_fields(manifest, tmp_path):
     with pytest.raises(CheckpointFormatError, match="format version"):
         read_manifest(tmp_path)
     write_manifest(tmp_path, {k: v for k, v in manifest.items() if k != "tensors"})
-    with pytest.raises(CheckpointFormatError, match="missing tensors"):
+    with pytest.raises(CheckpointFormatError, match='lacks the field "tensors"'):
         read_manifest(tmp_path)
     write_manifest(tmp_path, {**manifest, "reference": None})
     with pytest.raises(InputError, match="--no-reference"):

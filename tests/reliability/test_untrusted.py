@@ -218,7 +218,8 @@ def _hostile_manifest(ckpt: Path, outside: Path, marker: Path) -> list[str]:
     manifest = json.loads((ckpt / "flame_ext.json").read_text())
     manifest["source"].update(model=code, path=str(outside / "secret.txt"), revision="$(touch " + str(marker) + ")")
     manifest["tool_version"] = code
-    manifest["hook"] = {"on_load": code, "include": "../outside/secret.txt"}
+    # (A field the schema does not declare, say {"hook": {"on_load": code}}, is refused before anything reads the
+    # rest: tests/io/test_manifest_schema.py. The hostile values here sit in declared fields, so they are read.)
     ids = [[(7 * i) % 250 for i in range(33)]]
     manifest["reference"] = {
         "token_ids": ids,
