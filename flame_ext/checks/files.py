@@ -27,7 +27,7 @@ _HINT = (
 def recorded_digests(folder: Path, manifest: dict[str, Any] | None) -> dict[str, str]:
     """The file digests to check against; an error naming the fix when the checkpoint has none."""
     where = folder / MANIFEST_NAME
-    digests = recorded_files(manifest, str(where)) if manifest is not None else None
+    digests = recorded_files(manifest)
     if digests is None:
         why = f"{folder} has no {MANIFEST_NAME}" if manifest is None else f"{where} records no file digests"
         raise InputError(

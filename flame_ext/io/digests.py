@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import stat
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +25,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-
-from flame_ext.errors import CheckpointFormatError
 
 __all__ = [
     "ALGORITHM",
@@ -45,7 +42,6 @@ __all__ = [
 ALGORITHM = "sha256"
 FILES_SECTION = "files"  # the manifest's top-level section: {"algorithm": "sha256", "files": {name: hex}}
 _CHUNK = 8 << 20  # bytes read at a time: large enough that hashlib (which releases the GIL) dominates
-_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def file_sha256(path: Path) -> str:
@@ -82,30 +78,11 @@ def files_section(digests: dict[str, str]) -> dict[str, Any]:
     return {"algorithm": ALGORITHM, "files": dict(sorted(digests.items()))}
 
 
-def recorded_files(manifest: dict[str, Any] | None, where: str) -> dict[str, str] | None:
-    """The manifest's file digests, checked (``where`` names the manifest in errors); None when it has none."""
+def recorded_files(manifest: dict[str, Any] | None) -> dict[str, str] | None:
+    """The manifest's file digests (name -> sha256 hex), None when it has none. The manifest was read with
+    ``read_manifest``, whose schema already checked the section: plain names, 64 lowercase hex digits."""
     section = (manifest or {}).get(FILES_SECTION)
-    if section is None:
-        return None
-
-    def bad(why: str) -> CheckpointFormatError:
-        return CheckpointFormatError(f"{where}: not a valid manifest (files: {why}); re-convert with --record-sha256")
-
-    if not isinstance(section, dict) or section.get("algorithm") != ALGORITHM:
-        raise bad(f'not {{"algorithm": "{ALGORITHM}", "files": {{...}}}}')
-    files = section.get("files")
-    if not isinstance(files, dict) or not files:
-        raise bad("no file digests")
-    for name, digest in files.items():
-        if not _plain_name(name):
-            raise bad(f"{name!r} is not a file name inside the checkpoint folder")
-        if not (isinstance(digest, str) and _HEX.fullmatch(digest)):
-            raise bad(f"the digest of {name} is not 64 lowercase hex digits")
-    return dict(files)
-
-
-def _plain_name(name: object) -> bool:
-    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+    return None if section is None else dict(section["files"])
 
 
 class FileDifference(NamedTuple):
