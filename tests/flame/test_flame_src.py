@@ -75,7 +75,7 @@ def _env() -> dict[str, str]:
 
 
 def _train(
-    flame_dir: Path, module: str, dump: Path, model: Path, data: Path, *extra: str
+    flame_dir: Path, module: str, dump: Path, model: Path, data: Path, *extra: str, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
@@ -96,7 +96,8 @@ def _train(
         "2",
         *extra,
     ]
-    proc = subprocess.run(cmd, cwd=flame_dir, env=_env(), capture_output=True, text=True, timeout=600)
+    env = {**_env(), **(env or {})}
+    proc = subprocess.run(cmd, cwd=flame_dir, env=env, capture_output=True, text=True, timeout=600)
     (dump.parent / f"{dump.name}.log").write_text(proc.stdout + proc.stderr)  # kept in tmp_path for a look
     return proc
 
@@ -343,3 +344,104 @@ def test_launcher_help_lists_the_guard_options(flame_env):
         "--checkpoint.no_initial_load_repair_buffers",
     ):
         assert option in proc.stdout
+
+
+def _torchrun_train(flame_dir: Path, dump: Path, model: Path, data: Path, steps: int) -> subprocess.CompletedProcess:
+    """``_train`` on 2 ranks (torchrun, gloo, FSDP over both)."""
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    env.pop("MASTER_ADDR"), env.pop("MASTER_PORT")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend", "c10d"]
+    cmd += ["--rdzv_endpoint", f"localhost:{_free_port()}", str(HERE / "cpu_launch.py"), "-m", "flame.train"]
+    cmd += ["--job.config_file", str(REPO / "configs" / "tiny-cpu.toml"), "--job.dump_folder", str(dump)]
+    cmd += ["--model.config", str(model), "--model.tokenizer_path", str(model), "--training.data_files", str(data)]
+    cmd += ["--training.steps", str(steps)]
+    proc = subprocess.run(cmd, cwd=flame_dir, env=env, capture_output=True, text=True, timeout=600)
+    (dump.parent / f"{dump.name}-{steps}.log").write_text(proc.stdout + proc.stderr)
+    return proc
+
+
+def _hf_loss(step: Path, config: Path, probe: dict, out: Path) -> float:
+    """The HF model's own loss on the probed batch, with the weights of ``step`` (exported by ``to-hf``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from flame_ext.cli import main as cli_main
+
+    assert cli_main(["to-hf", "--checkpoint", str(step), "--config", str(config), "--out", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    batch = {k: probe[k] for k in ("input_ids", "labels", "position_ids") if k in probe}
+    with torch.no_grad():
+        return float(model(**batch).loss)
+
+
+def test_patched_flame_resumes_verified_with_rope_repaired(patched, tiny_dcp, data, tiny_model, tmp_path):
+    """Train 2 steps, restart, resume. The resume is verified against the save-time record of step 2, the RoPE
+    buffer is repaired (transformers 4.x leaves it as uninitialised memory on every resume), and the step-3 loss
+    equals the HF model's loss on the same batch with step 2's weights. The control, with the buffer check off,
+    trains step 3 on a broken RoPE (4.x) and its loss is far from HF's."""
+    import torch
+    from cli_support import transformers_major
+
+    dump = tmp_path / "exp"
+    shutil.copytree(tiny_dcp, dump / "checkpoint" / "step-0")
+    first = _train(patched, "flame.train", dump, tiny_model, data)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    step2 = dump / "checkpoint" / "step-2"
+    record = json.loads((step2 / "flame_ext.json").read_text())
+    assert record["kind"] == "training_step" and record["step"] == 2
+    tensors = len(record["fingerprints"]["tensors"])
+
+    def resume(name: str, *extra: str) -> tuple[str, dict]:
+        shutil.rmtree(dump / "checkpoint" / "step-3", ignore_errors=True)
+        probe = tmp_path / f"{name}.pt"
+        steps = ("--training.steps", "3")  # the last of two wins: a restart asked to go one step further
+        probed = {"FLAME_EXT_PROBE": str(probe)}
+        proc = _train(patched, "flame.train", dump, tiny_model, data, *steps, *extra, env=probed)
+        out = proc.stdout + proc.stderr
+        (tmp_path / f"{name}.log").write_text(out)
+        assert proc.returncode == 0 and "Training completed" in out, out[-3000:]
+        return out, torch.load(probe)
+
+    out, probe = resume("resume")
+    assert f"values: {tensors} of {tensors} tensors verified against the save-time record of step 2" in out
+    assert f"resume from {step2} validated" in out or "step-2 validated" in out
+    repaired = "repaired non-persistent buffer model.rotary_emb.inv_freq after loading" in out
+    assert repaired == (transformers_major() == 4), out[-3000:]
+    hf = _hf_loss(step2, tiny_model, probe, tmp_path / "hf-step-2")
+    print(f"step-3 loss: flame {float(probe['loss']):.7f}, HF on the same batch and weights {hf:.7f}")
+    assert float(probe["loss"]) == pytest.approx(hf, abs=1e-5)
+
+    out, control = resume("control", "--checkpoint.no_check_buffers_on_every_load")
+    gap = abs(float(control["loss"]) - hf)
+    print(f"control (buffer check off): step-3 loss {float(control['loss']):.4f}, {gap:.4f} nats from HF")
+    assert (gap > 0.1) == (transformers_major() == 4)
+
+
+def test_patched_flame_stops_a_resume_whose_optimizer_state_changed_on_both_ranks(
+    patched, tiny_dcp, data, tiny_model, tmp_path, monkeypatch
+):
+    """2 ranks train 2 steps and save; one exp_avg of step 2 is halved on disk (its record kept); the resume on 2
+    ranks stops on both, before step 3, naming the key as optimizer state."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(HERE.parent / "titan"))
+    from _steps import key_ending, read_step, rewrite_step
+
+    dump = tmp_path / "exp"
+    shutil.copytree(tiny_dcp, dump / "checkpoint" / "step-0")
+    first = _torchrun_train(patched, dump, tiny_model, data, steps=2)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    step2 = dump / "checkpoint" / "step-2"
+    key = key_ending(read_step(step2), "layers.0.mlp.down_proj.weight.exp_avg")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(dump / "checkpoint" / "step-0", damaged / "checkpoint" / "step-0")
+    rewrite_step(step2, damaged / "checkpoint" / "step-2", lambda sd: sd.__setitem__(key, sd[key] * torch.tensor(0.5)))
+    proc = _torchrun_train(patched, damaged, tiny_model, data, steps=3)
+    out = proc.stdout + proc.stderr
+    print(out[-3000:])
+    assert proc.returncode != 0 and not re.search(r"step:\s+3\s", out)
+    assert not (damaged / "checkpoint" / "step-3").exists()
+    for rank in (0, 1):
+        assert f"failed validation on rank {rank} of 2" in out
+        assert re.search(rf"\[rank{rank}\]:\s+ERROR\s+value_mismatch {re.escape(key)}: .*\(optimizer state\)", out)
+    assert "scaled by 0.5" in out

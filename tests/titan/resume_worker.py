@@ -3,7 +3,10 @@ model, the installed torchtitan's real checkpoint manager. Run under ``torchrun 
 
 ``--first-load CHECKPOINT --dump DIR``: the first load (guarded), one training step, a full checkpoint at step 1.
 ``--resume DIR [DIR ...]``: for each run folder, a fresh model (RoPE as to_empty leaves it) resumes from its
-latest step and, when that passes, trains one step. Each rank writes ``<out>/rank-<r>.json``: one entry per
+latest step and, when that passes, trains one step. ``--fault-rank R``: on rank R the optimizers' own
+``load_state_dict`` halves this rank's shard of one ``exp_avg`` after loading it (layer 1's ``up_proj``): a
+loader that puts other values into one rank's shard, as torchtitan #1136 and OLMo #641 describe; the files on
+disk are untouched. Each rank writes ``<out>/rank-<r>.json``: one entry per
 resume (verdict, error kinds and keys, the report).
 """
 
@@ -50,9 +53,26 @@ def start(hf: Path, checkpoint: str, run: Path) -> None:
     manager.close()
 
 
-def resume(hf: Path, run: Path) -> dict:
+def halve_one_shard_after_loading(manager, model) -> None:
+    """The real optimizers' ``load_state_dict``, then this rank's local shard of one ``exp_avg`` halved."""
+    optimizers = manager.states["optimizer"]
+    load = optimizers.load_state_dict
+    param = model.model.layers[1].mlp.up_proj.weight
+
+    def load_then_damage(state_dict) -> None:
+        load(state_dict)
+        for optimizer in optimizers.optimizers:
+            if param in optimizer.state:
+                optimizer.state[param]["exp_avg"].to_local().mul_(0.5)
+
+    optimizers.load_state_dict = load_then_damage
+
+
+def resume(hf: Path, run: Path, fault: bool = False) -> dict:
     model = sharded_model(hf, rope_as_left=True)
     manager = build_manager(model, run, validate_initial_load=True)
+    if fault:
+        halve_one_shard_after_loading(manager, model)
     try:
         manager.load()
     except ResumeValidationError as exc:  # raised on this rank before any step: recorded, then the next run
@@ -72,6 +92,7 @@ def main() -> None:
     p.add_argument("--first-load")
     p.add_argument("--dump")
     p.add_argument("--resume", nargs="*", default=[])
+    p.add_argument("--fault-rank", type=int, default=-1)
     args = p.parse_args()
 
     logging.basicConfig(
@@ -80,7 +101,8 @@ def main() -> None:
     dist.init_process_group("gloo")
     if args.first_load:
         start(Path(args.hf), args.first_load, Path(args.dump))
-    results = [resume(Path(args.hf), Path(run)) for run in args.resume]
+    fault = dist.get_rank() == args.fault_rank
+    results = [resume(Path(args.hf), Path(run), fault) for run in args.resume]
     Path(args.out, f"rank-{dist.get_rank()}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
     sys.stdout.flush()
