@@ -43,6 +43,7 @@ __all__ = [
     "report_without_traceback",
     "refused_global",
     "run_guarded",
+    "after_report",
 ]
 
 
@@ -291,11 +292,34 @@ def _say_error(prog: str, message: str, json_errors: bool) -> None:
         print(json.dumps(error_record(message)))
 
 
+_AFTER_REPORT: list[Callable[[], None]] = []
+
+
+def after_report(step: Callable[[], None]) -> None:
+    """Run ``step`` once the command's outcome has been printed (``run_guarded``). Under torchrun, ranks that
+    failed together leave together this way: the launcher ends every rank as soon as one exits with an error,
+    so a rank that left first would cut the others off before they said their line."""
+    _AFTER_REPORT.append(step)
+
+
+def _run_after_report() -> None:
+    while _AFTER_REPORT:
+        with contextlib.suppress(Exception):
+            _AFTER_REPORT.pop()()
+
+
 def run_guarded(
     fn: Callable[[Any], int], args: Any, *, debug: bool, prog: str = "flame-ext", json_errors: bool = False
 ) -> int:
     """Run a command; user errors become one line and exit 2; Ctrl-C, SIGTERM and SIGHUP exit 128 + the
     signal number (130, 143, 129) with one line, after the same cleanup, nothing half-written."""
+    try:
+        return _run_reported(fn, args, debug=debug, prog=prog, json_errors=json_errors)
+    finally:
+        _run_after_report()
+
+
+def _run_reported(fn: Callable[[Any], int], args: Any, *, debug: bool, prog: str, json_errors: bool) -> int:
     try:
         with termination_raises():
             return fn(args)

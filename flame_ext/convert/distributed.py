@@ -54,7 +54,15 @@ from flame_ext.convert.same_source import (
     same_files,
 )
 from flame_ext.convert.summary import Progress, Summary, peak_rss_mb
-from flame_ext.errors import DistributedRunError, FlameExtError, InputError, exit_code_of, failure_reason, first_line
+from flame_ext.errors import (
+    DistributedRunError,
+    FlameExtError,
+    InputError,
+    after_report,
+    exit_code_of,
+    failure_reason,
+    first_line,
+)
 from flame_ext.io.dcp_save import WriteEntry, save_streaming
 from flame_ext.io.destination import Kind, atomic_folder, check_destination, flush_files
 from flame_ext.io.digests import FILES_SECTION, digest_files, files_section, written_files
@@ -114,9 +122,33 @@ def _process_group(timeout_s: float) -> Iterator[Any]:
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     try:
         yield dist.new_group(backend="gloo", timeout=timedelta(seconds=max(timeout_s, REFERENCE_WAIT_S)))
-    finally:
-        with contextlib.suppress(Exception):  # after a peer died it may fail too; the first error is the one
-            dist.destroy_process_group()
+    except Exception:
+        after_report(_leave_together)  # each rank says its line first, then they leave (errors.after_report)
+        raise
+    except BaseException:  # Ctrl-C, SIGTERM: leave at once
+        _leave()
+        raise
+    else:
+        _leave()
+
+
+def _leave_together() -> None:
+    """Wait (briefly: a peer may be dead) for every rank to have reported, then tear the groups down."""
+    import torch.distributed as dist
+
+    with contextlib.suppress(Exception):
+        dist.monitored_barrier(timeout=timedelta(seconds=LEAVE_WAIT_S))
+    _leave()
+
+
+def _leave() -> None:
+    import torch.distributed as dist
+
+    with contextlib.suppress(Exception):  # after a peer died it may fail too; the first error is the one
+        dist.destroy_process_group()
+
+
+LEAVE_WAIT_S = 10.0  # how long a failed rank waits for the others to say their line before it exits
 
 
 def _digest(obj: Any) -> str:

@@ -164,6 +164,10 @@ HARMLESS = {
     r"tensors": "a stale table: a `manifest` problem",
     r"fingerprints\.tensors\.\*\.fingerprint\.\*|fingerprints\.tensors\.\*": "a value_mismatch, or not verified",
     r"fingerprints\.tensors": "no fingerprints: values are not verified, and the report says so",
+    r"fingerprints\.tensors\.\*\.rounded(\.\w+(\.\*)?)?": (
+        "a record without them (an earlier manifest): a load at that dtype is 'not verified', said; other sums: "
+        "a value_mismatch at that dtype"
+    ),
     r"fingerprints(\.(version|algorithm))?": "another version or none: values are not verified, the report says so",
     r"fingerprints\.(terms|tolerance)": "another version or algorithm: not read, the report says so",
     r"reference(\.(token_ids(\.\*)*|loss_mean|loss_per_token(\.\*)*))?": "a loss_gap or another reference",

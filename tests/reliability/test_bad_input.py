@@ -591,13 +591,15 @@ def _guard_cases():
 
 @pytest.mark.parametrize("label,value", _guard_cases(), ids=[c[0] for c in _guard_cases()])
 def test_guard_threshold_is_refused_at_construction(label, value, figures):
+    from flame_ext.errors import short_value
     from flame_ext.guard.options import GuardConfig
 
     with pytest.raises(FlameExtError) as info:
         GuardConfig(validate_initial_load=True, initial_load_max_loss_delta=value)
     message = str(info.value)
     figures.setdefault("bad_input_cases", []).append(f"guard_threshold_{label}")
-    assert "\n" not in message and "initial_load_max_loss_delta" in message and repr(value) in message, message
+    quoted = short_value(value)  # the value as the message quotes it: "0.1" for the text, nan, inf, -0.5
+    assert "\n" not in message and "initial_load_max_loss_delta" in message and quoted in message, message
 
 
 def test_guard_threshold_in_the_host_config_is_refused(figures):

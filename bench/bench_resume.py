@@ -1,0 +1,179 @@
+"""What the save-time record and the resume check cost: a save and a resume with the guard off and on, side by
+side, for a Llama-shaped model with AdamW state, on 1 and 2 ranks, synchronous and async saves.
+
+    .venv/bin/python bench/bench_resume.py                       # ~0.5B parameters (fits 24 GB with async)
+    .venv/bin/python bench/bench_resume.py --params 1e9 --no-async
+    .venv/bin/python bench/bench_resume.py --params 2e6 --ranks 1   # a smoke run (the tests run this)
+
+Each row runs in fresh processes (torchrun, gloo; FSDP2 over 2 ranks): build the model, one real
+AdamW step so the optimizer state exists, then a timed save through the installed torchtitan's manager, then a
+fresh model and manager that resume from it (timed). For an async save, "blocking" is what ``save()`` took
+(what the training loop waits for) and "total" includes waiting for the save to complete. The figures are the
+slowest rank's, best of ``--repeat``; the table gives each guarded figure beside the unguarded one, as a ratio.
+A 1B model in fp32 with AdamW state is 12 GB, and an async save stages a copy of it: 24 GB, past this machine's
+memory, hence the default size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def llama_config(params: float):
+    """A Llama config of about ``params`` parameters: width 2048 (vocabulary 32000) above 1e8 parameters, width 64
+    (vocabulary 512) below, and as many layers as the count asks (12 h^2 per layer, 2 V h for embedding and head)."""
+    from transformers import LlamaConfig
+
+    hidden, vocab = (2048, 32000) if params > 1e8 else (64, 512)
+    layers = max(2, round((params - 2 * vocab * hidden) / (12 * hidden * hidden)))
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank: build, step, save (timed), resume (timed); rank 0 writes the figures."""
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from flame_ext.titan.managers import build_checkpoint_manager
+
+    world = int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo")  # an async save needs one, even on one rank
+    torch.manual_seed(0)
+    config = llama_config(args.params)
+    guard = {"validate_initial_load": True} if args.guard else {}
+    host = {"async_mode": "async"} if args.async_save else {}
+
+    def build():
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        if world > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (world,))
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+        training = build_checkpoint_manager([model], Path(args.base), guard=guard, host=host, full_load=True)
+        return model, training
+
+    model, training = build()
+    ids = torch.randint(0, config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    training.optimizers.step()
+    training.optimizers.zero_grad(set_to_none=True)
+    training.lr_schedulers.step()
+    manager = training.manager
+    parameters = sum(p.numel() for p in model.parameters())
+    start = time.perf_counter()
+    if hasattr(manager, "job_config"):  # torchtitan 0.1
+        manager.save(curr_step=1, force=True)
+    else:
+        manager.save(curr_step=1, last_step=True)
+    blocking = time.perf_counter() - start
+    manager.maybe_wait_for_staging() if hasattr(manager, "maybe_wait_for_staging") else None
+    _wait(manager)
+    total = time.perf_counter() - start
+    manager.close()
+    del model, training, manager
+    model, training = build()
+    start = time.perf_counter()
+    assert training.manager.load() is True
+    load = time.perf_counter() - start
+    training.manager.close()
+    figures = torch.tensor([blocking, total, load], dtype=torch.float64)
+    dist.all_reduce(figures, op=dist.ReduceOp.MAX)  # the slowest rank's
+    if dist.get_rank() == 0:
+        out = dict(zip(("blocking", "total", "load"), figures.tolist()), parameters=parameters)
+        Path(args.out).write_text(json.dumps(out))
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def _wait(manager) -> None:
+    """Until the save is on disk: 0.3's hook, or 0.1's future."""
+    if hasattr(manager, "maybe_wait_for_saving"):
+        manager.maybe_wait_for_saving()
+    elif hasattr(manager, "_async_wait"):
+        manager._async_wait()
+
+
+def run_row(params: float, ranks: int, async_save: bool, guard: bool) -> dict:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        out = Path(tmp) / "figures.json"
+        own = [__file__, "--worker", "--params", str(params), "--base", str(Path(tmp) / "run"), "--out", str(out)]
+        own += ["--async-save"] * async_save + ["--guard"] * guard
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // ranks))}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *own]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0 or not out.is_file():
+            raise SystemExit(f"row failed ({ranks} ranks, async={async_save}, guard={guard}):\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def best(rows: list[dict]) -> dict:
+    return {k: min(r[k] for r in rows) for k in ("blocking", "total", "load")} | {"parameters": rows[0]["parameters"]}
+
+
+def _cell(off: float, on: float) -> str:
+    return f"{off:7.2f} s -> {on:7.2f} s (x{on / off:.2f})"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--params", type=float, default=5e8, help="about how many parameters (default 5e8)")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--no-async", action="store_true", help="synchronous saves only")
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--base", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--async-save", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--guard", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    import torchtitan
+
+    print(
+        f"torchtitan {getattr(torchtitan, '__version__', '?')}, {os.cpu_count()} CPU cores, ~{args.params:.2g} params"
+    )
+    header = "ranks  save   | blocking off -> on (x)       | total off -> on (x)          | resume off -> on (x)"
+    print(header)
+    for ranks in args.ranks:
+        for async_save in [False] + ([] if args.no_async else [True]):
+            off = best([run_row(args.params, ranks, async_save, False) for _ in range(args.repeat)])
+            on = best([run_row(args.params, ranks, async_save, True) for _ in range(args.repeat)])
+            cells = [
+                f"{off[k]:7.2f} s -> {on[k]:7.2f} s (x{on[k] / off[k]:.2f})" for k in ("blocking", "total", "load")
+            ]
+            kind = "async" if async_save else "sync "
+            print(f"{ranks:>5}  {kind}  | " + " | ".join(cells) + f"   [{off['parameters']:,} parameters]")
+
+
+if __name__ == "__main__":
+    main()
