@@ -86,7 +86,7 @@ def test_a_training_step_record_without_its_step_is_refused(tmp_path):
     (tmp_path / "flame_ext.json").write_text(
         json.dumps({"format_version": 1, "kind": "training_step", "fingerprints": {}})
     )
-    with pytest.raises(CheckpointFormatError, match="lacks the field \"step\""):
+    with pytest.raises(CheckpointFormatError, match='lacks the field "step"'):
         read_manifest(tmp_path)
 
 
