@@ -53,6 +53,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
+    from flame_ext.titan import generation
     from flame_ext.titan.managers import build_checkpoint_manager
 
     world = int(os.environ["WORLD_SIZE"])
@@ -89,7 +90,7 @@ def worker(args: argparse.Namespace) -> None:
     manager = training.manager
     parameters = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
-    if hasattr(manager, "job_config"):  # torchtitan 0.1
+    if generation() == "0.1":
         manager.save(curr_step=1, force=True)
     else:
         manager.save(curr_step=1, last_step=True)
