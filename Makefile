@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 VENV01 := .venv-titan01
 
-.PHONY: demo lint test test-main test-titan01 bench clean
+.PHONY: demo lint test test-fast test-main test-titan01 bench clean
 
 $(VENV)/.installed: pyproject.toml requirements/titan03.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 
 test: lint test-main test-titan01
+
+# A quick lane while working: one environment (torchtitan 0.3), no multi-process or training runs (marked slow),
+# stop at the first failure. `make test` is what CI runs.
+test-fast: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -x -m "not slow"
 
 test-main: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q

@@ -61,7 +61,9 @@ def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     config = llama_config(args.params)
     guard = {"validate_initial_load": True} if args.guard else {}
-    host = {"async_mode": "async"} if args.async_save else {}
+    # Every step saved by interval, not as the last step: a host saves its last step synchronously, whatever
+    # its async mode.
+    host = {"interval": 1, **({"async_mode": "async"} if args.async_save else {})}
 
     def build():
         with torch.device("meta"):
@@ -91,9 +93,9 @@ def worker(args: argparse.Namespace) -> None:
     parameters = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
     if generation() == "0.1":
-        manager.save(curr_step=1, force=True)
+        manager.save(curr_step=1)
     else:
-        manager.save(curr_step=1, last_step=True)
+        manager.save(curr_step=1, last_step=False)
     blocking = time.perf_counter() - start
     manager.maybe_wait_for_staging() if hasattr(manager, "maybe_wait_for_staging") else None
     _wait(manager)
