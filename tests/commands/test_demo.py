@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
 from cli_support import run_cli, transformers_major
 
 NUMBER = r"([-+]?(?:\d+\.\d+|nan|inf))"  # uninitialised memory can make the broken start's loss nan or inf
@@ -18,6 +19,7 @@ def _floats(pattern: str, text: str) -> list[float]:
     return [float(x) for x in re.findall(pattern.replace("NUM", NUMBER), text)]
 
 
+@pytest.mark.slow
 def test_demo_stops_the_broken_start_and_trains_the_repaired_one(tiny_model, tmp_path):
     (tmp_path / "keep.txt").write_text("user file")  # a reused work folder: the demo replaces only its exp/
     (tmp_path / "exp" / "checkpoint" / "step-0").mkdir(parents=True)

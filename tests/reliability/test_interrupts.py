@@ -164,6 +164,7 @@ def _kill_trials(
     }
 
 
+@pytest.mark.slow
 def test_convert_survives_kills(forkserver, big_model, source_tensors, tmp_path, figures):
     dest = tmp_path / "exp" / "checkpoint" / "step-0"
     stats = _kill_trials(
@@ -177,6 +178,7 @@ def test_convert_survives_kills(forkserver, big_model, source_tensors, tmp_path,
     figures["kills_convert"] = stats
 
 
+@pytest.mark.slow
 def test_to_hf_survives_kills(forkserver, big_model, big_dcp, source_tensors, tmp_path, figures):
     dest = tmp_path / "hf-out"
     stats = _kill_trials(
@@ -208,6 +210,7 @@ def test_write_failure_is_one_clear_line_and_no_output(command, forkserver, big_
     assert sorted(p.name for p in dest.parent.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["convert", "to-hf"])
 def test_two_runs_into_one_destination(command, forkserver, big_model, big_dcp, source_tensors, tmp_path, figures):
     """Started together (or one just after the other): one wins, the other fails clearly, the result is whole."""

@@ -240,6 +240,7 @@ def train(llama: dict, out: Path, *args: str, steps: int = 2) -> subprocess.Comp
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=out.parent, timeout=120)
 
 
+@pytest.mark.slow
 def test_training_run_with_the_guard_on_a_stock_config(llama, tmp_path):
     proc = train(
         llama,
@@ -261,6 +262,7 @@ def test_training_run_with_the_guard_on_a_stock_config(llama, tmp_path):
     assert re.search(r"step:\s+2\s", log) and (tmp_path / "run" / "checkpoint" / "step-2").is_dir()
 
 
+@pytest.mark.slow
 def test_training_run_stops_before_step_1_on_a_loss_gap(llama, tmp_path):
     proc = train(
         llama,
