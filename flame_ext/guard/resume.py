@@ -14,6 +14,7 @@ starts its iterator (and workers) and need not give back the same bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -104,13 +105,19 @@ def verify_resume(
     *,
     groups: Callable[[str], str],
     metric_logger: Any = None,
+    pipelined: bool = False,
 ) -> tuple[Report, dict[str, float]]:
     """Buffers, then every loaded tensor and state against the save-time record; raises
     ``ResumeValidationError`` on every rank alike when anything differs. Returns the report and the figures.
 
     ``loaded`` gives this rank's loaded state as DCP keys (called only when values are verified); ``groups``
-    tells a key's kind (model, optimizer, state). ALL ranks must call it: it holds collectives.
+    tells a key's kind (model, optimizer, state). ``pipelined``: under pipeline parallel each rank holds other
+    keys, so there is no common sum: the buffers only, with a warning. ALL ranks must call it: it holds
+    collectives.
     """
+    if pipelined and config.verify_resumes:
+        config = dataclasses.replace(config, verify_resumes=False)
+        logger.warning("flame-ext: resume from %s: values not verified under pipeline parallel", checkpoint)
     check = _ResumeCheck(config, checkpoint, parts)
     start = time.perf_counter()
     if config.check_buffers_on_every_load:
@@ -124,8 +131,7 @@ def verify_resume(
     if config.verify_resumes:
         check.values(loaded, groups)
     check.figures["resume/seconds"] = time.perf_counter() - start
-    step = step_of(checkpoint)
-    record_figures(metric_logger, check.figures, step or 0)
+    record_figures(metric_logger, check.figures, check.step or 0)
     check.verdict()
     return check.report, check.figures
 

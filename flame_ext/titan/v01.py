@@ -20,7 +20,6 @@ with defaults, so flame's ``train.py`` can swap the class in and a stock JobConf
 
 # No ``from __future__ import annotations`` here: torchtitan 0.1 merges ``JobConfig`` extensions by their
 # field types, which must be real classes, not strings.
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -148,17 +147,14 @@ class ValidatingCheckpointManager(CheckpointManager):
             state = flatten_state({k: self.states[k] for k in live})  # what the manager would save now
             return {**state, **capture.read([k for k in entries if k not in live])}
 
-        config = self.guard_config
-        if self.pipeline_parallel_degree > 1 or len(parts) > 1:  # each rank holds other keys: no common sum
-            config = dataclasses.replace(config, verify_resumes=False)
-            logger.warning("flame-ext: resume from %s: values not verified under pipeline parallel", checkpoint)
         self.resume_report, self._resume_figures = verify_resume(
-            config,
+            self.guard_config,
             checkpoint,
             parts,
             loaded_state,
             groups=lambda key: group_of(key, entries),
             metric_logger=self.metric_logger,
+            pipelined=self.pipeline_parallel_degree > 1 or len(parts) > 1,
         )
         self._resume_step = step_of(checkpoint) or 0
         return loaded

@@ -27,7 +27,6 @@ factory). Importing this module needs no triton.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -139,17 +138,14 @@ class ValidatingCheckpointManager(CheckpointManager):
                 state.update(flatten_state({OPTIMIZER: self.states[OPTIMIZER]}))
             return {**state, **capture.read([k for k in entries if k != OPTIMIZER])}
 
-        config = self.guard_config
-        if len(parts) > 1 or getattr(getattr(trainer, "parallel_dims", None), "pp_enabled", False):
-            config = dataclasses.replace(config, verify_resumes=False)  # each rank holds other keys: no common sum
-            logger.warning("flame-ext: resume from %s: values not verified under pipeline parallel", checkpoint)
         self.resume_report, _ = verify_resume(
-            config,
+            self.guard_config,
             checkpoint,
             parts,
             loaded_state,
             groups=lambda key: group_of(key, entries),
             metric_logger=getattr(trainer, "metrics_processor", None),
+            pipelined=len(parts) > 1 or getattr(getattr(trainer, "parallel_dims", None), "pp_enabled", False),
         )
 
     def dcp_save(
