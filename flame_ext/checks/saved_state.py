@@ -151,21 +151,14 @@ def verify_step_folder(
 ) -> tuple[list[Problem], str]:
     """Every recorded tensor of a step folder, streamed from its files, against the record; with the coverage
     line. Non-tensor states are not read: that would unpickle checkpoint data."""
-    from flame_ext.io.dcp import DCPRowReader, row_blocks
-    from flame_ext.io.fingerprint import TERMS, block_fingerprint
+    from flame_ext.checks.values import stored_fingerprint
+    from flame_ext.io.dcp import DCPRowReader
 
     tensors = record["fingerprints"]["tensors"]
     present = {k: s for k, s in found.items() if s is not None}
     keys = sorted(k for k in present if k in tensors)
     reader = DCPRowReader(folder)
-    observed: dict[str, torch.Tensor] = {}
-    for key in keys:
-        spec = present[key]
-        fp = torch.zeros(len(TERMS), dtype=torch.float64)
-        for start, end in row_blocks(spec, buffer_bytes):
-            offsets = [start] + [0] * (len(spec.shape) - 1) if spec.shape else []
-            fp += block_fingerprint(reader.rows(key, spec, start, end), offsets, spec.shape)  # as stored
-        observed[key] = fp
+    observed = {key: stored_fingerprint(reader, key, present[key], buffer_bytes) for key in keys}
     groups = recorded_groups(record)
     problems = saved_state_problems(
         record,

@@ -24,7 +24,7 @@ from flame_ext.io.manifest import Fingerprints
 from flame_ext.io.specs import TensorSpec
 from flame_ext.report import Problem
 
-__all__ = ["ValueStats", "Tolerance", "compare_values", "narrower", "verify_fingerprints"]
+__all__ = ["ValueStats", "Tolerance", "compare_values", "narrower", "verify_fingerprints", "stored_fingerprint"]
 
 
 @dataclass
@@ -197,6 +197,15 @@ def compare_values(
     return problems, stats
 
 
+def stored_fingerprint(reader: DCPRowReader, key: str, spec: TensorSpec, buffer_bytes: int) -> torch.Tensor:
+    """The fingerprint of one checkpoint tensor, values as stored, streamed from the files in row blocks."""
+    fp = torch.zeros(len(TERMS), dtype=torch.float64)
+    for start, end in row_blocks(spec, buffer_bytes):
+        offsets = [start] + [0] * (len(spec.shape) - 1) if spec.shape else []
+        fp += block_fingerprint(reader.rows(key, spec, start, end), offsets, spec.shape)
+    return fp
+
+
 def verify_fingerprints(
     folder: str | Path,
     found: dict[str, TensorSpec | None],
@@ -215,14 +224,8 @@ def verify_fingerprints(
     stats = ValueStats(total=plan.total)
     observed: dict[str, torch.Tensor] = {}
     for key in plan.keys:
-        spec = tensors[key]
-        fp = torch.zeros(len(TERMS), dtype=torch.float64)
-        for start, end in row_blocks(spec, buffer_bytes):
-            block = reader.rows(key, spec, start, end)
-            stats.bytes_read += block.numel() * block.element_size()
-            offsets = [start] + [0] * (len(spec.shape) - 1) if spec.shape else []
-            fp += block_fingerprint(block, offsets, spec.shape)  # the values as stored
-        observed[key] = fp
+        observed[key] = stored_fingerprint(reader, key, tensors[key], buffer_bytes)
+        stats.bytes_read += tensors[key].nbytes
         stats.compared += 1
     stats.skipped.update({k: "no recorded fingerprint" for k in plan.unrecorded})
     stats.skipped.update({k: f"not verified at {d}" for k, (d, _) in plan.not_verifiable.items()})
