@@ -168,28 +168,24 @@ def _quiet_hosts(guard_level: int = logging.INFO) -> Iterator[None]:
     """Show the guard's own log lines, indented; keep torchtitan's, transformers' and DCP's chatter out."""
     import warnings
 
-    import transformers
+    from flame_ext.io.hf_logging import transformers_quiet
 
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("      | %(message)s"))
     handler.addFilter(_NoJSONRecord())
     ours, root = logging.getLogger("flame_ext"), logging.getLogger()
-    saved = (ours.level, ours.propagate, root.level, transformers.logging.get_verbosity())
+    saved = (ours.level, ours.propagate, root.level)
     ours.addHandler(handler)
     ours.setLevel(guard_level)
     ours.propagate = False
     root.setLevel(logging.ERROR)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
     try:
-        with warnings.catch_warnings():
+        with transformers_quiet(), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "torch.distributed ... assuming a single process"
             yield
     finally:
         ours.removeHandler(handler)
-        ours.level, ours.propagate, root.level = saved[:3]
-        transformers.logging.set_verbosity(saved[3])
-        transformers.logging.enable_progress_bar()
+        ours.level, ours.propagate, root.level = saved
 
 
 def _convert(hf_path: Path, step0: Path) -> float:

@@ -215,7 +215,10 @@ class InitialLoadGuard:
         note = draw_loss_plot(comparison, self.config.initial_load_plot, self.checkpoint)
         self.report.notes += [note] if note else []
         values_differ = any(p.kind == "value_mismatch" and p.severity == "error" for p in self.report.problems)
-        self.report.problems += loss_gate_problems(comparison, self.worst_rank, values_differ=values_differ)
+        wrong_buffers = [p.key or "" for p in self.report.errors if p.kind == "buffer_mismatch"]
+        self.report.problems += loss_gate_problems(
+            comparison, self.worst_rank, values_differ=values_differ, wrong_buffers=wrong_buffers
+        )
 
     def _log_versions(self) -> None:
         """The transformers that measured the reference and the one running: a different one can read the
