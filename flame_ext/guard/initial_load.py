@@ -103,7 +103,9 @@ class InitialLoadGuard:
         counts = self.report.counts
 
         def parity() -> list[Problem]:
-            return list(extra) + parity_problems(requested, found, fresh=self.fresh, tied=tied or {}, counts=counts)
+            return list(extra) + parity_problems(
+                requested, found, fresh=self.fresh, tied=tied or {}, counts=counts, choices=ref.choices, notes=notes
+            )
 
         problems = self._agreed(parity, "the key/shape check")
         # What is wrong with the checkpoint itself first (a stock converter's nested keys), then the reference.
