@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flame_ext.model.reference import TOKENIZER_FILES, has_tokenizer
+from flame_ext.model.reference_loss import TOKENIZER_FILES, has_tokenizer
 from flame_ext.report import Problem
 
 __all__ = ["TOKENIZER_FILES", "has_tokenizer", "tokenizer_size", "tokenizer_problems"]

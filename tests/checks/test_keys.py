@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from flame_ext.checks.keys import compare_specs, locate_keys, model_part
+from flame_ext.checks.keys import compare_specs, model_part
 from flame_ext.checks.recorded import RecordedChoices
+from flame_ext.io.key_names import locate_keys
 from flame_ext.io.specs import TensorSpec
 
 
