@@ -146,10 +146,13 @@ def loss_gate_problems(
         hint = buffer_cause or "a weight holds inf/NaN after loading: run `flame-ext diagnose --checkpoint C --values`"
         return [Problem("nonfinite", "error", None, f"step-0 loss is {comparison.observed}", hint)]
     if not comparison.ok:
-        from flame_ext.checks.loss import loss_gap_problem
+        from flame_ext.checks.loss import loss_gap_problem, positional_hint
 
         gap = loss_gap_problem(comparison, what="step-0 loss", next_step=NEXT_STEP, values_differ=values_differ)
-        return [replace(gap, hint=buffer_cause) if buffer_cause else gap]
+        if not buffer_cause:
+            return [gap]
+        clue = positional_hint(comparison)  # what the gap's shape says, kept: it agrees with a RoPE buffer
+        return [replace(gap, hint=buffer_cause + (f" (the gap's shape agrees: {clue})" if clue else ""))]
     token_threshold = comparison.token_threshold if comparison.token_threshold is not None else math.inf
     if worst_rank.mean > comparison.threshold or worst_rank.tokens > token_threshold:
         return [
