@@ -151,14 +151,17 @@ def _one_process_or_ranks(
     Rank 0 returns the output's summary; another rank prints one line for ``share`` (what it wrote) and returns None.
     """
     from flame_ext.collectives import launched_by_torchrun
+    from flame_ext.convert.summary import command_seconds
 
     if launched_by_torchrun():
         summary, rank, world = ranks(opts, args.timeout_s)
+        summary.seconds = command_seconds()  # the command's wall time, start-up and imports included
         if rank != 0:
             print(f"rank {rank} of {world}, {share}: {summary.line()}")
             return None
     else:
         summary = one_process(opts)
+        summary.seconds = command_seconds()
     for note in summary.notes:
         print(f"note: {note}")
     for warning in summary.warnings:

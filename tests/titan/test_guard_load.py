@@ -97,6 +97,11 @@ def test_uninitialised_rope_aborts_when_repair_is_off(healthy, tiny_model, tmp_p
     assert abs(info.value.report.loss.first_position_delta) < 1e-3
     gap = next(p for p in info.value.report.errors if p.kind == "loss_gap")
     assert "positional encoding" in gap.hint
+    # The wrong buffers are the cause, named first; no value check is offered (it reads no buffer).
+    assert (
+        gap.hint.startswith("caused by the buffer_mismatch above (model.rotary_emb.inv_freq")
+        and "--values" not in gap.hint
+    )
 
 
 def test_uninitialised_rope_passes_after_repair(healthy, tiny_model, tmp_path, caplog):
