@@ -3,7 +3,7 @@
 With the guard on, the validating checkpoint manager hands the exact state it gives DCP to ``record_save``
 (every rank, main thread, while the saved values are the live ones). It digests the non-tensor leaves
 (``io.training_state.state_digest``) and shares the key lists and digests (one gather) at once; each rank's
-share of the fingerprints (``io.fingerprint.local_fingerprint`` of its own shards, values as stored, no cast)
+share of the fingerprints (``fingerprints.algorithm.local_fingerprint`` of its own shards, values as stored, no cast)
 is summed in a background thread while DCP saves (torch releases the GIL) and, for an async save, while
 training goes on. ``StepRecord.finish`` joins it and adds the shares over the ranks (one all-reduce, on the
 main thread) before anything may change the saved tensors: the host's wait before the optimizer step, any
@@ -31,7 +31,6 @@ import torch
 
 from flame_ext.collectives import agreed, gather
 from flame_ext.guard.ranks import rank, sum_over_ranks, world
-from flame_ext.io.fingerprint import TERMS
 
 __all__ = ["StepRecord", "record_save", "step_of"]
 
@@ -200,6 +199,8 @@ class _Pending:
         except Exception as exc:  # noqa: BLE001 -- a record must never stop training (RankFailure included)
             logger.warning("flame-ext: no save-time record for %s: %s", self.folder, exc)
             return None
+        from flame_ext.fingerprints.algorithm import TERMS
+
         none = torch.zeros(len(TERMS), dtype=torch.float64)
         stacked = torch.stack([shares.get(k, none) for k in self.keys]) if self.keys else None
         total = sum_over_ranks(stacked) if stacked is not None else None
@@ -222,12 +223,12 @@ class _LocalSums:
     Each key is summed whole by one thread with one torch thread (``workers=1``), so a share does not depend on
     which thread took it: the record of an async save is the record of a synchronous one, bit for bit. One
     torch thread also keeps the background sums from splitting every small operation over an OpenMP team that
-    the host's own work keeps busy (see ``io.fingerprint.Recorder``). A DTensor whose shards interleave
+    the host's own work keeps busy (see ``fingerprints.algorithm.Recorder``). A DTensor whose shards interleave
     (``_StridedShard``) is gathered by a collective: summed at once, on the caller's thread.
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        from flame_ext.io.fingerprint import local_fingerprint
+        from flame_ext.fingerprints.algorithm import local_fingerprint
 
         self._sum = lambda t: local_fingerprint(t, workers=1)
         self.shares: dict[str, torch.Tensor] = {}
@@ -309,18 +310,16 @@ def _agreed_digests(everyone: list[dict[str, Any]]) -> dict[str, str]:
 def _manifest(
     step: int, values: dict[str, torch.Tensor], dtypes: dict[str, str], digests: dict[str, str], group: Any
 ) -> dict[str, Any]:
-    from flame_ext import __version__
-    from flame_ext.io.manifest import FORMAT_VERSION, TRAINING_STEP, fingerprints_section
+    from flame_ext.fingerprints.record import fingerprints_section
+    from flame_ext.io.manifest import TRAINING_STEP, build_manifest
 
     section = fingerprints_section(values, {k: dtypes[k] for k in values})
     for key, item in section["tensors"].items():
         item["group"] = group(key)
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": TRAINING_STEP,
-        "tool_version": __version__,
-        "step": step,
-        "world_size": world(),
-        "fingerprints": section,
-        "digests": {k: {"group": group(k), "sha256": d} for k, d in sorted(digests.items())},
-    }
+    return build_manifest(
+        TRAINING_STEP,
+        step=step,
+        world_size=world(),
+        fingerprints=section,
+        digests={k: {"group": group(k), "sha256": d} for k, d in sorted(digests.items())},
+    )
