@@ -16,7 +16,6 @@ for the installed torchtitan generation (0.1.x: flame's; 0.3.x). Exit 0 when bot
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import sys
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from flame_ext.command_options import DemoOptions
 
 __all__ = ["run", "TrainResult", "train_flame_shaped"]
 
@@ -312,11 +313,11 @@ def _installed(name: str) -> str:
         return "not installed"
 
 
-def run(args: argparse.Namespace) -> int:
+def run(opts: DemoOptions) -> int:
     """``flame-ext demo [--workdir DIR]``: 0 when the demo behaved as expected, 1 otherwise."""
     started = time.perf_counter()
-    if args.workdir:
-        work = Path(args.workdir)
+    if opts.workdir:
+        work = Path(opts.workdir)
         shutil.rmtree(work / "exp", ignore_errors=True)  # the demo's own folder from an earlier run
         work.mkdir(parents=True, exist_ok=True)
         ok = _story(work)

@@ -17,7 +17,6 @@ otherwise, 2 for unreadable input.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +27,9 @@ import torch
 
 from flame_ext.checks.files import file_problems, recorded_digests
 from flame_ext.checks.keys import compare_specs, locate_keys, model_part
+from flame_ext.command_options import DiagnoseOptions
 from flame_ext.errors import InputError
-from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, model_prefix, read_dcp_metadata
+from flame_ext.io.dcp import model_prefix, read_dcp_metadata
 from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, open_hf, tied_aliases
 from flame_ext.io.manifest import MANIFEST_NAME, TRAINING_STEP, config_hash, manifest_present, read_manifest
 from flame_ext.io.specs import TensorSpec
@@ -39,42 +39,6 @@ __all__ = ["DiagnoseOptions", "diagnose", "run", "TRAINING_STATE_NAMES", "metada
 
 # Top-level state names of a full training checkpoint besides the model (torchtitan's CheckpointManager).
 TRAINING_STATE_NAMES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
-
-
-@dataclass
-class DiagnoseOptions:
-    """``flame-ext diagnose``: a DCP checkpoint against the HF model it was made from."""
-
-    checkpoint: str
-    model: str | None = None
-    values: bool = False
-    loss: bool = False
-    files: bool = False
-    threshold: float = 0.1
-    # Unset: the training guard's own default (``GuardConfig.initial_load_max_token_delta``), declared there once.
-    token_threshold: float | None = None
-    train_config: str | None = None
-    tokenizer: str | None = None
-    reference: str | None = None
-    trust_remote_code: bool = False
-    buffer_bytes: int = DEFAULT_BUFFER_BYTES // 4
-    atol: float = 0.0
-    rtol: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("atol", "rtol"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise InputError(f"--{name} {value}: must be a finite number >= 0")
-        if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
-            raise InputError(f"--threshold {self.threshold}: must be a finite number of nats >= 0")
-        if self.token_threshold is None:
-            from flame_ext.guard.options import GuardConfig
-
-            self.token_threshold = GuardConfig.initial_load_max_token_delta
-        value = self.token_threshold
-        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise InputError(f"--token-threshold {value}: must be a finite number of nats >= 0")
 
 
 @dataclass
@@ -463,14 +427,13 @@ def _header(opts: DiagnoseOptions, hf_source: str) -> str:
     return f"flame-ext diagnose: {opts.checkpoint} against {hf_source} ({', '.join(passes)})"
 
 
-def run(opts: DiagnoseOptions, *, as_json: bool = False, plot: str | None = None) -> int:
-    """The ``diagnose`` subcommand: print the report (text or JSON), draw the loss when ``plot`` names a PNG;
+def run(opts: DiagnoseOptions) -> int:
+    """The ``diagnose`` subcommand: print the report (text or JSON), draw the loss when ``--plot`` names a PNG;
     0 when no error, 1 otherwise."""
+    as_json, plot = opts.json, opts.plot
     if plot:
         from flame_ext.io.plot import check_plot_destination
 
-        if not opts.loss:
-            raise InputError(f"--plot {plot}: draws the per-position loss, so it needs --loss")
         check_plot_destination(plot, option="--plot")  # before the model runs
     stage = (
         (lambda s: print(f"... {s}", file=sys.stderr, flush=True))

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from flame_ext.convert.summary import DTYPES, Progress, Summary, nonfinite_warning, peak_rss_mb
+from flame_ext.command_options import ToHFOptions
+from flame_ext.convert.summary import Progress, Summary, nonfinite_warning, peak_rss_mb
 from flame_ext.errors import CheckpointFormatError, InputError, naming_file
 from flame_ext.io.dcp import (
-    DEFAULT_BUFFER_BYTES,
     NON_MODEL_PREFIXES,
     DCPRowReader,
     model_prefix,
@@ -38,30 +38,6 @@ __all__ = ["ToHFOptions", "ToHFPlan", "convert_dcp_to_hf", "prepare_to_hf", "wri
 # Never copied from the source folder: weights in any format, their indexes, what to-hf writes itself.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".distcp")
 _WRITTEN_HERE = ("config.json", MANIFEST_NAME, FILES_RECORD)
-
-
-@dataclass
-class ToHFOptions:
-    """``flame-ext to-hf``: DCP folder + HF config folder -> HF folder (safetensors shards, config, tokenizer)."""
-
-    checkpoint: str
-    config: str | None
-    out: str
-    dtype: str = "auto"
-    force: bool = False
-    trust_remote_code: bool = False
-    max_shard_bytes: int = 5 * 1024**3
-    progress: bool = True
-    tokenizer: str | None = None  # folder to copy tokenizer files from (default: ``config``)
-    buffer_bytes: int = DEFAULT_BUFFER_BYTES  # rows of a tensor read at once
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise InputError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
-        if self.buffer_bytes < 1024:
-            raise InputError(f"buffer of {self.buffer_bytes} bytes: must be at least 1 KiB")
-        if self.max_shard_bytes < 1:
-            raise InputError(f"--max-shard-mb: {self.max_shard_bytes / 2**20:g} is not a positive size")
 
 
 def _config_folder(config: str | None) -> Path:

@@ -54,6 +54,7 @@ from flame_ext.convert.same_source import (
     same_files,
 )
 from flame_ext.convert.summary import Progress, Summary, peak_rss_mb
+from flame_ext.declaration import command_options
 from flame_ext.errors import (
     DistributedRunError,
     FlameExtError,
@@ -77,15 +78,11 @@ DEFAULT_TIMEOUT_S = 300.0
 # Rank 0 computes the reference loss while the others wait; on CPU at 70B that takes far longer than a
 # collective should ever wait otherwise, so that one wait has a group of its own with this floor.
 REFERENCE_WAIT_S = 4 * 3600.0
-# Options that do not change what is written (the progress bar follows each rank's own terminal).
-_LOCAL_OPTIONS = ("progress",)
-# Option fields whose command-line flag is not simply --<field>.
-_FLAGS = {
-    "reference": "--no-reference",
-    "buffer_bytes": "--buffer-mb",
-    "future_predictor": "--future-predictor-*",
-    "max_shard_bytes": "--max-shard-mb",
-}
+# Options that do not change what is written (the progress bar follows each rank's own terminal; how long a rank
+# waits for the others).
+_LOCAL_OPTIONS = ("progress", "timeout_s")
+# Each option field's command-line flag (``buffer_bytes``: --buffer-mb), as declared.
+_FLAGS = {o.name: o.flag for options in (ConvertOptions, ToHFOptions) for o in command_options(options)}
 
 
 def split_by_bytes(items: Sequence[T], ranks: int, nbytes: Callable[[T], int]) -> list[list[T]]:

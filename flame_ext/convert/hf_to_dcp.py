@@ -15,10 +15,11 @@ from typing import Any
 import torch
 
 from flame_ext import __version__
+from flame_ext.command_options import ConvertOptions
 from flame_ext.convert.alongside import ForwardBeside, forward_beside
-from flame_ext.convert.summary import DTYPES, Progress, Summary, nonfinite_warning, peak_rss_mb
-from flame_ext.errors import CheckpointFormatError, FlameExtError, InputError
-from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, LAYOUTS, replace_dtype
+from flame_ext.convert.summary import Progress, Summary, nonfinite_warning, peak_rss_mb
+from flame_ext.errors import CheckpointFormatError, FlameExtError
+from flame_ext.io.dcp import LAYOUTS, replace_dtype
 from flame_ext.io.dcp_save import WriteEntry, save_streaming
 from flame_ext.io.destination import atomic_folder, check_destination
 from flame_ext.io.digests import FILES_SECTION, digest_files, files_section, written_files
@@ -37,7 +38,7 @@ from flame_ext.io.manifest import FORMAT_VERSION, MANIFEST_NAME, config_hash, fi
 from flame_ext.io.specs import TensorSpec, dtype_name
 from flame_ext.model.future_predictor import ATTRIBUTE as FP_ATTRIBUTE
 from flame_ext.model.future_predictor import attach_future_predictor
-from flame_ext.model.reference import ReferenceForward, reference_device
+from flame_ext.model.reference import ReferenceForward
 
 __all__ = [
     "ConvertOptions",
@@ -49,42 +50,6 @@ __all__ = [
     "prepare_conversion",
     "source_reader",
 ]
-
-
-@dataclass
-class ConvertOptions:
-    """``flame-ext convert``: HF folder or hub id -> DCP folder (+ ``flame_ext.json``)."""
-
-    model: str | None
-    checkpoint: str
-    dtype: str = "auto"
-    layout: str = "flat"
-    reference_text: str | None = None
-    reference_seq_len: int = 512
-    reference_rows: int = 2
-    reference: bool = True
-    reference_device: str = "cpu"
-    trust_remote_code: bool = False
-    future_predictor: str | None = None  # None, "linear" or "mlp"
-    force: bool = False
-    buffer_bytes: int = DEFAULT_BUFFER_BYTES
-    progress: bool = True
-    # SHA-256 of every file written, in the manifest's ``files`` section (``diagnose --files`` checks it).
-    record_sha256: bool = False
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise InputError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
-        if self.layout not in LAYOUTS:
-            raise InputError(f"--layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
-        if self.reference_seq_len < 2:
-            raise InputError(f"--reference-seq-len {self.reference_seq_len}: must be at least 2")
-        if self.reference_rows < 1:
-            raise InputError(f"--reference-rows {self.reference_rows}: must be at least 1")
-        if self.buffer_bytes < 1024:
-            raise InputError(f"buffer of {self.buffer_bytes} bytes: must be at least 1 KiB")
-        if self.reference:
-            reference_device(self.reference_device)  # refused before anything is written
 
 
 def source_reader(t: HFTensor, dtype: str) -> Any:

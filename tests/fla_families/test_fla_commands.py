@@ -60,7 +60,8 @@ def test_nested_layout_bfloat16_and_future_predictor(name, fla_hf, tmp_path):
             checkpoint=str(out),
             layout="nested",
             dtype="bfloat16",
-            future_predictor="mlp",
+            include_future_predictor=True,
+            future_predictor_head_type="mlp",
             reference=False,
             progress=False,
         )
