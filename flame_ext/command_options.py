@@ -185,6 +185,7 @@ class ConvertOptions(ReferenceBatchOptions):
         if self.buffer_bytes < 1024:
             raise InputError(f"buffer of {self.buffer_bytes} bytes: must be at least 1 KiB")
         self._check_reference_batch()
+        check_destination(self.checkpoint, kind="dcp", force=self.force)  # the destination's message comes first
         check_model_name("--model", self.model)
         if self.reference:
             check_device(self.reference_device)  # refused before anything is written
@@ -233,6 +234,7 @@ class ToHFOptions:
         _check_number("--timeout-s", self.timeout_s, least=0)
         if self.timeout_s <= 0:
             raise InputError(f"--timeout-s {self.timeout_s}: must be positive")
+        check_destination(self.out, kind="hf", force=self.force)  # the destination's message comes first
         _check_folder(self.checkpoint)
         check_model_name("--config", self.config)
 

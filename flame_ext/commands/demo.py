@@ -76,7 +76,7 @@ def _flame_model(hf_path: Path, *, simulate_tf4: bool) -> tuple[torch.nn.Module,
     # parallelize: on one rank flame's parallelize_fla applies nothing (no FSDP with dp_shard = 1).
     model.to_empty(device="cpu")
     left = {
-        f"{name}.{b}": module._buffers[b].clone()
+        f"{name}.{b}": module.get_buffer(b).clone()
         for name, module, names in nonpersistent_buffer_modules(model)
         for b in names
     }
@@ -87,7 +87,7 @@ def _flame_model(hf_path: Path, *, simulate_tf4: bool) -> tuple[torch.nn.Module,
         with torch.no_grad():
             for name, module, names in nonpersistent_buffer_modules(model):
                 for b in names:
-                    module._buffers[b].copy_(left[f"{name}.{b}"])
+                    module.get_buffer(b).copy_(left[f"{name}.{b}"])
         simulated = True
     model.train()
     return model, simulated, left
@@ -198,7 +198,7 @@ def _convert(hf_path: Path, step0: Path) -> float:
 
     summary = convert_hf_to_dcp(ConvertOptions(model=str(hf_path), checkpoint=str(step0), progress=False, force=True))
     _say(f"    {summary.line()}")
-    ref = summary.manifest["reference"]
+    ref = (summary.manifest or {})["reference"]  # a conversion always records its manifest
     _say(
         f"    HF reference loss {ref['loss_mean']:.4f} nats on {len(ref['token_ids'])}x{ref['seq_len']} tokens, "
         "recorded in flame_ext.json"

@@ -30,7 +30,7 @@ from flame_ext.checks.keys import compare_specs, locate_keys, model_part
 from flame_ext.command_options import DiagnoseOptions
 from flame_ext.errors import InputError
 from flame_ext.io.dcp import model_prefix, read_dcp_metadata
-from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, open_hf, tied_aliases
+from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, hf_model, open_hf, tied_aliases
 from flame_ext.io.manifest import MANIFEST_NAME, TRAINING_STEP, config_hash, manifest_present, read_manifest
 from flame_ext.io.specs import TensorSpec
 from flame_ext.report import Problem, Report
@@ -242,7 +242,7 @@ def tokenizer_check(ctx: _Context, tokenizer: str | None, trust_remote_code: boo
 
     path = tokenizer or str(ctx.hf.path)
     tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    rows = ctx.model.get_input_embeddings().weight.shape[0]
+    rows = hf_model(ctx.model).get_input_embeddings().get_parameter("weight").shape[0]
     problems = tokenizer_problems(
         tok, name=path, embedding_rows=rows, config=ctx.hf.config, source_own=tokenizer is None
     )
@@ -267,9 +267,10 @@ def recorded_source(folder: Path, manifest: dict[str, Any] | None) -> str:
         raise InputError(
             f"--model: not given, and {folder} has {where}; pass --model HF_FOLDER_OR_ID (the model it was made from)"
         )
-    if isinstance(path, str) and Path(path).is_dir():
+    if isinstance(path, str) and (Path(path).is_dir() or not isinstance(model, str)):
         return path
-    return model if isinstance(model, str) else path
+    assert isinstance(model, str)  # one of the two is, checked above
+    return model
 
 
 def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: None) -> Report:
@@ -299,7 +300,7 @@ def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: 
     ctx = _Context(folder, found, hf, model, expected, tied, key_map, manifest, model_given=not recorded)
     report.extend(manifest_problems(ctx, reference_given=opts.reference is not None))
     report.extend(config_reading_problems(ctx))
-    if opts.reference is not None:
+    if opts.reference is not None and reference is not None:  # read together, above
         report.extend(_use_reference_file(ctx, opts.reference, reference))
     if opts.train_config:
         report.extend(config_problems(ctx, opts.train_config))

@@ -94,10 +94,11 @@ def prepare_to_hf(opts: ToHFOptions) -> ToHFPlan:
     wanted = {k: s for k, s in expected_tensors(model).items() if k not in aliases}  # HF files omit tied twins
     prefix = model_prefix(found, wanted)
     missing = [k for k in wanted if prefix + k not in found]
+    stored = {k: found.get(prefix + k) for k in wanted}
     shapes = [
-        f"{k}: checkpoint {found[prefix + k].shape}, config asks {s.shape}"
-        for k, s in wanted.items()
-        if prefix + k in found and found[prefix + k] is not None and found[prefix + k].shape != s.shape
+        f"{k}: checkpoint {have.shape}, config asks {wanted[k].shape}"
+        for k, have in stored.items()
+        if have is not None and have.shape != wanted[k].shape
     ]
     if missing or shapes:
         detail = (

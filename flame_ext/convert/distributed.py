@@ -302,12 +302,14 @@ def _convert(opts: ConvertOptions, rank: int, world: int, slow_group: Any) -> Su
             if rank != 0:
                 return
             fingerprints, rounded = _merged([r.fingerprints for r in results]), _merged([r.rounded for r in results])
-            complete_manifest(summary, plan, opts, nonfinite_keys(fingerprints), fingerprints, rounded=rounded)
+            manifest = complete_manifest(
+                summary, plan, opts, nonfinite_keys(fingerprints), fingerprints, rounded=rounded
+            )
             if opts.record_sha256:
                 files = {name: digest for r in results for name, digest in r.files.items()}
                 rest = [n for n in written_files(tmp, MANIFEST_NAME) if n not in files]  # .metadata (rank 0 wrote it)
-                summary.manifest[FILES_SECTION] = files_section({**files, **digest_files(tmp, rest)})
-            write_manifest(tmp, summary.manifest)
+                manifest[FILES_SECTION] = files_section({**files, **digest_files(tmp, rest)})
+            write_manifest(tmp, manifest)
             stack.close()  # made durable and renamed: the destination appears whole
 
         agreed(publish, "recording the reference loss, writing the manifest or publishing the checkpoint", slow_group)

@@ -167,7 +167,7 @@ def guard_options(declaration: type = GuardConfig) -> tuple[GuardOption, ...]:
     return tuple(options)
 
 
-def host_config(base: type, *, qualname: str, module: str, declaration: type = GuardConfig) -> type:
+def host_config(base: type, *, qualname: str, module: str, declaration: type[GuardConfig] = GuardConfig) -> type:
     """``base`` (a host's keyword-only, slotted config dataclass) with the guard's fields added.
 
     The fields' help goes into the class docstring's ``Attributes:`` section, where torchtitan's CLI (tyro)

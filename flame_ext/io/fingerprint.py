@@ -347,7 +347,10 @@ def local_fingerprint(
     placements = getattr(value, "placements", None)
     if placements is None:
         return block_fingerprint(value, [0] * value.dim(), tuple(value.shape), dtype, workers=workers) / _world()
+    from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    assert isinstance(value, DTensor)  # what has placements
 
     mesh = value.device_mesh
     if any(type(p).__name__ == "_StridedShard" for p in placements):
@@ -412,7 +415,7 @@ def what_happened(
     *,
     shape: Sequence[int],
     dtype: str,
-    others: Mapping[str, Sequence[float]] | None = None,
+    others: Mapping[str, torch.Tensor | Sequence[float]] | None = None,
     tol: float = TOLERANCE,
 ) -> Finding:
     """The most likely story behind a mismatch, told from the two fingerprints (and the other keys' ones).
