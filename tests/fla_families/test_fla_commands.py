@@ -21,6 +21,9 @@ from flame_ext.convert.dcp_to_hf import ToHFOptions, convert_dcp_to_hf
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 from flame_ext.io.manifest import read_manifest
 
+# slow: every fla family through convert, diagnose and to-hf (make test-fast leaves it out).
+pytestmark = pytest.mark.slow
+
 family = pytest.mark.parametrize("name", sorted(FAMILIES))
 
 
