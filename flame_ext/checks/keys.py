@@ -3,7 +3,8 @@
 Works on ``TensorSpec`` tables only (from ``.metadata``, safetensors headers, or meta tensors), so it
 reads no tensor data. Every difference is reported, not the first; when the differences follow one
 pattern (every key nested under ``model.``, a wrapper's infix, a padded vocabulary, a tied head left
-out) one ``layout`` problem names the pattern and the fix.
+out, HF names given to a torchtitan model or the reverse: ``checks.native_keys``) one ``layout`` problem
+names the pattern and the fix.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from flame_ext.checks.native_keys import naming_problem
 from flame_ext.io.dcp import NON_MODEL_PREFIXES
 from flame_ext.io.specs import TensorSpec
 from flame_ext.report import Problem
@@ -114,12 +116,16 @@ def compare_specs(
     fresh: Iterable[str] = (),
     tied: dict[str, str] | None = None,
     ignore_prefixes: tuple[str, ...] = NON_MODEL_PREFIXES,
+    native_module: str | None = None,
 ) -> ParityResult:
     """Compare what a load asks for (``expected``) with what a checkpoint holds (``found``).
 
     ``fresh`` keys are allowed to be absent or present (freshly initialised heads); ``tied`` maps tied
     aliases to their source keys (for a precise hint). Missing, unexpected and shape differences are
     errors; a dtype difference is a warning (a load casts, and a deliberate bf16 checkpoint is fine).
+    When the model asks for torchtitan's own names and the checkpoint has HF names (or the reverse), that one
+    ``layout`` problem stands for the keys missing and unexpected (counted, not listed); ``native_module``
+    names the torchtitan model in its fix (``--layout torchtitan:<module>``).
     """
     fresh = set(fresh)
     have = {k: v for k, v in found.items() if v is not None and not k.startswith(ignore_prefixes)}
@@ -127,7 +133,10 @@ def compare_specs(
     result = ParityResult(problems=list(layout))
     missing = [k for k in expected if k not in have and k not in fresh]
     unexpected = [k for k in have if k not in expected and k not in fresh]
-    for k in sorted(missing):
+    naming = naming_problem(expected, have, module=native_module) if len(missing) * 2 > len(expected) else None
+    if naming is not None:
+        result.problems.append(naming[0])
+    for k in sorted(missing) if naming is None else ():
         stands_in = [f for f, e in rename.items() if e == k]
         hint = (
             f"the checkpoint has it as {stands_in[0]}: see the layout problem"
@@ -138,7 +147,7 @@ def compare_specs(
         result.problems.append(
             Problem("missing_key", "error", k, "asked for by the model, absent from the checkpoint", hint)
         )
-    for k in sorted(unexpected):
+    for k in sorted(unexpected) if naming is None else ():
         hint = (
             f"it stands for {rename[k]}: see the layout problem"
             if k in rename

@@ -22,11 +22,13 @@ def parity_problems(
     fresh: list[str],
     tied: dict[str, str],
     counts: dict[str, int],
+    native_module: str | None = None,
 ) -> list[Problem]:
-    """Every problem of the request against ``found`` at once; ``counts`` gets the key counts by kind."""
+    """Every problem of the request against ``found`` at once; ``counts`` gets the key counts by kind.
+    ``native_module`` is the torchtitan model's module (for the fix of HF names given to it)."""
     from flame_ext.checks.keys import compare_specs
 
-    result = compare_specs(requested.model, found, fresh=fresh, tied=tied)
+    result = compare_specs(requested.model, found, fresh=fresh, tied=tied, native_module=native_module)
     counts.update(result.counts)
     problems = list(result.problems)
     if requested.model_prefix:
