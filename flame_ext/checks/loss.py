@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flame_ext.checks.buffers import check_buffers
+from flame_ext.checks.nonpersistent_buffers import check_buffers
 from flame_ext.errors import ForwardUnavailableError, InputError
 from flame_ext.io.dcp import load_state
 from flame_ext.io.hf import HFCheckpoint, build_meta_model
 from flame_ext.io.specs import TensorSpec
-from flame_ext.model.reference import per_token_loss, run_forward
+from flame_ext.model.reference_loss import per_token_loss, run_forward
 from flame_ext.report import LossComparison, Problem, bucket_label
 
 if TYPE_CHECKING:
@@ -242,7 +242,7 @@ def reference_for(
             f"{ref.get('transformers_version', '?')})",
         )
     from flame_ext.checks.tokenizer import has_tokenizer
-    from flame_ext.model.reference import compute_reference
+    from flame_ext.model.reference_loss import compute_reference
 
     if tokenizer is None and not has_tokenizer(hf.path):
         raise InputError(
@@ -377,7 +377,8 @@ def check_loss(
             "a trainer's load fails on them (see the key and shape problems)"
         )
         return result
-    with _quiet(logging.getLogger("flame_ext.checks.buffers")):  # the repairs are stated in the report's notes
+    # The repairs are stated in the report's notes.
+    with _quiet(logging.getLogger("flame_ext.checks.nonpersistent_buffers")):
         problems, repaired = check_buffers(model, repair=True)
     result.problems.extend(problems)
     if repaired:

@@ -64,7 +64,7 @@ def check_native_loss(
     value_problems: bool = False,
 ) -> LossResult:
     """torchtitan's model on the checkpoint against ``reference`` (the HF reference record, from ``origin``)."""
-    from flame_ext.model.reference import per_token_loss
+    from flame_ext.model.reference_loss import per_token_loss
 
     result = LossResult(None)
     model = build_native_like_trainer(model_config)
