@@ -18,7 +18,14 @@ from pathlib import Path
 import torch
 
 from flame_ext.fingerprints.algorithm import TERMS, block_fingerprint
-from flame_ext.fingerprints.compare import coverage_problems, fingerprint_problems, hint_for, plan_verification
+from flame_ext.fingerprints.compare import (
+    coverage_problems,
+    fingerprint_problems,
+    hint_for,
+    never_loaded,
+    never_loaded_problem,
+    plan_verification,
+)
 from flame_ext.fingerprints.forensics import Finding, what_happened
 from flame_ext.fingerprints.record import Fingerprints
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, DCPRowReader, row_blocks
@@ -241,9 +248,15 @@ def compare_with_sources(
         diffs[key] = (ckpt_key, diff, spec, src)
     hf_prints = {k: (src.spec, d.src_fp) for k, (_, d, _, src) in diffs.items() if src.spec.dtype == diffs[k][2].dtype}
     problems: list[Problem] = []
+    findings: list[Finding | None] = []
     for key, (ckpt_key, diff, spec, src) in diffs.items():
         finding = _explain(key, diff, spec, hf_prints) if diff.mismatched and spec.dtype == src.spec.dtype else None
+        if diff.mismatched or diff.nonfinite_ckpt:
+            findings.append(finding)
         problems.extend(_problems_for(key, ckpt_key, diff, spec, src, finding))
+    known = [f for f in findings if f is not None]
+    if len(known) == len(findings) and never_loaded(known, len(diffs)):  # one cause: one problem
+        return [never_loaded_problem(known, "the HF source's")], stats
     return problems, stats
 
 

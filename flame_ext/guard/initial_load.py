@@ -111,7 +111,14 @@ class InitialLoadGuard:
 
         def parity() -> list[Problem]:
             return list(extra) + parity_problems(
-                requested, found, fresh=self.fresh, tied=tied or {}, counts=counts, native_module=module
+                requested,
+                found,
+                fresh=self.fresh,
+                tied=tied or {},
+                counts=counts,
+                choices=ref.choices,
+                notes=notes,
+                native_module=module,
             )
 
         problems = self._agreed(parity, "the key/shape check")
@@ -224,7 +231,10 @@ class InitialLoadGuard:
         note = draw_loss_plot(comparison, self.config.initial_load_plot, self.checkpoint)
         self.report.notes += [note] if note else []
         values_differ = any(p.kind == "value_mismatch" and p.severity == "error" for p in self.report.problems)
-        self.report.problems += loss_gate_problems(comparison, self.worst_rank, values_differ=values_differ)
+        wrong_buffers = [p.key or "" for p in self.report.errors if p.kind == "buffer_mismatch"]
+        self.report.problems += loss_gate_problems(
+            comparison, self.worst_rank, values_differ=values_differ, wrong_buffers=wrong_buffers
+        )
 
     def _log_versions(self) -> None:
         """The transformers that measured the reference and the one running: a different one can read the

@@ -34,7 +34,9 @@ class ValueCheck:
 
     def __init__(self, problems: list[Problem], verified: int, total: int) -> None:
         self.problems = problems
-        mismatched = sum(1 for p in problems if p.kind == "value_mismatch")
+        from flame_ext.fingerprints.compare import tensors_differing
+
+        mismatched = tensors_differing(problems, verified)
         self.figures = {
             "initial_load/tensors_verified": verified,
             "initial_load/tensors_total": total,

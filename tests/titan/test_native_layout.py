@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from _hosts import build_manager, titan_generation
-from cli_support import report_json, run_cli
+from support.cli import report_json, run_cli
+from support.titan_hosts import build_manager, titan_generation
 
 pytestmark = pytest.mark.skipif(titan_generation() != "0.3", reason="torchtitan 0.3.x's own llama3 model")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _hosts import titan_generation
 from _models import rewrite_dcp
+from support.titan_hosts import titan_generation
 
 pytestmark = pytest.mark.skipif(titan_generation() != "0.3", reason="torchtitan 0.3.x's own llama3 model")
 
