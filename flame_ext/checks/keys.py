@@ -178,17 +178,17 @@ def compare_specs(
     naming = naming_problem(expected, have, module=native_module) if len(missing) * 2 > len(expected) else None
     if naming is not None:
         result.problems.append(naming[0])
+    listed = naming is None  # the naming problem stands for every missing and unexpected key
     hint = (
         "the load would fail on this key (or leave it at random init if partial loads are allowed); re-convert "
         "from the HF model, or check the model config matches the checkpoint"
     )
-    listed_missing = sorted(k for k in missing if k not in rename.values() and k not in tied_out)
-    for k in listed_missing if naming is None else ():
+    for k in sorted(k for k in missing if listed and k not in rename.values() and k not in tied_out):
         result.problems.append(
             Problem("missing_key", "error", k, "asked for by the model, absent from the checkpoint", hint)
         )
     hint = "a load silently ignores it, so whatever it holds is lost; check the key names of the conversion"
-    for k in sorted(k for k in unexpected if k not in rename) if naming is None else ():
+    for k in sorted(k for k in unexpected if listed and k not in rename):
         result.problems.append(
             Problem("unexpected_key", "error", k, "in the checkpoint, not asked for by the model", hint)
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from flame_ext.checks.config.normalize import normalized_config, same_value
+from flame_ext.checks.config.normalize import config_class, normalized_config, same_value
 from flame_ext.errors import InputError
 from flame_ext.report import Problem
 
@@ -27,6 +27,7 @@ __all__ = [
     "native_config_problems",
     "check_allowed_fields",
     "refuse_config_mismatch",
+    "hf_config_for",
 ]
 
 # The fields compared, in HF's names. A torchtitan value is compared with the first of a field's HF
@@ -265,3 +266,41 @@ def refuse_config_mismatch(problems: Iterable[Problem]) -> None:
         raise InputError(
             "\n".join(f"config mismatch: {p.key}: {p.detail}; {p.hint.split('; ', 1)[-1]}" for p in errors)
         )
+
+
+def hf_config_for(model_config: Any, model_type: str) -> dict[str, Any]:
+    """The HF ``config.json`` (as a dict) of the model a torchtitan config describes: every compared field under
+    the spelling the HF config class of ``model_type`` uses, rope settings as ``rope_scaling``. What passes
+    ``native_config_problems`` against the same torchtitan config (tests, and HF folders made from a native
+    checkpoint)."""
+    cls = config_class(model_type)
+    if cls is None:
+        raise InputError(f"model_type {model_type!r} is not known to the installed transformers")
+    # A field is written under the spelling the class writes, else the first it reads (an alias included).
+    default = cls()
+    written = set(default.to_dict())
+    fields = native_fields(model_config)
+    out: dict[str, Any] = {"model_type": model_type}
+    rope: dict[str, Any] = {}
+    for name, spellings in NATIVE_FIELDS.items():
+        if name not in fields:
+            continue
+        value = fields[name]
+        if name in _SAME_AS_NONE and value == _SAME_AS_NONE[name]:
+            value = None
+        if name == "rope_theta":  # top level: read there by every transformers version
+            out[name] = value
+            continue
+        if name.startswith("rope_scaling.") or name == "rope_type":
+            rope[name.removeprefix("rope_scaling.")] = value
+            continue
+        target = _first(spellings, lambda s: s in written) or _first(spellings, lambda s: hasattr(default, s))
+        if target is not None:
+            out[target] = value
+    if rope.get("rope_type", "default") != "default":
+        out["rope_scaling"] = rope
+    layers = getattr(model_config, "layers", None)
+    max_len = getattr(getattr(layers[0].attention, "rope", None), "max_seq_len", None) if layers else None
+    if max_len:
+        out["max_position_embeddings"] = max_len
+    return out

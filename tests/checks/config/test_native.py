@@ -9,6 +9,7 @@ import pytest
 
 from flame_ext.checks.config.native import (
     check_allowed_fields,
+    hf_config_for,
     native_config_problems,
     native_fields,
     refuse_config_mismatch,
@@ -133,6 +134,26 @@ def problems(module: str, hf: dict, flavor: str = "debugmodel", config=None, **k
 )
 def test_a_matching_pair_passes(module, hf):
     assert problems(module, hf) == []
+
+
+@titan03
+@pytest.mark.parametrize(
+    ("module", "flavor", "model_type"),
+    [
+        ("llama3", "debugmodel", "llama"),
+        ("qwen3", "debugmodel", "qwen3"),
+        ("qwen3", "debugmodel_moe", "qwen3_moe"),
+        ("deepseek_v3", "debugmodel", "deepseek_v3"),
+        ("gpt_oss", "debugmodel", "gpt_oss"),
+    ],
+)
+def test_the_hf_config_written_for_a_torchtitan_config_matches_it(module, flavor, model_type):
+    """What HF folders made from a native model carry: read back by transformers' config class, it agrees with
+    the torchtitan config on every compared field (experts and top-k included)."""
+    config = torchtitan_config(module, flavor)
+    hf = hf_config_for(config, model_type)
+    assert hf["model_type"] == model_type and hf["rope_theta"] == native_fields(config)["rope_theta"]
+    assert problems(module, hf, config=config) == []
 
 
 @titan03
