@@ -96,7 +96,7 @@ def bench_parity_7b() -> None:
 def bench_loss_tiny() -> None:
     from transformers import AutoModelForCausalLM
 
-    from flame_ext.checks.buffers import check_buffers
+    from flame_ext.checks.nonpersistent_buffers import check_buffers
     from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
     from flame_ext.guard import hf_loss_probe
     from flame_ext.io.hf import DEFAULT_MODEL

@@ -32,7 +32,7 @@ from diagnose.conftest import _cache_key, convert, load_all, one_thread, save_dc
 from titan.test_value_catalogue import ARCHS, CASES, _qwen3  # noqa: E402
 
 from flame_ext.errors import InitialLoadValidationError  # noqa: E402
-from flame_ext.model.reference import DEFAULT_REFERENCE_TEXT  # noqa: E402
+from flame_ext.model.reference_loss import DEFAULT_REFERENCE_TEXT  # noqa: E402
 
 THRESHOLD = 0.1
 

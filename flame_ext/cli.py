@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from flame_ext import __version__
-from flame_ext.errors import InputError, UsageError, run_guarded
+from flame_ext.errors import InputError, UsageError
+from flame_ext.process import run_guarded
 
 if TYPE_CHECKING:  # the commands import torch: only when one runs
     from flame_ext.commands.diagnose import DiagnoseOptions

@@ -12,13 +12,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from flame_ext.io.dcp import NON_MODEL_PREFIXES
+from flame_ext.io.key_names import WRAPPER_INFIXES, strip_wrappers
 from flame_ext.io.specs import TensorSpec
 from flame_ext.report import Problem
 
-__all__ = ["ParityResult", "compare_specs", "model_part", "locate_keys", "WRAPPER_INFIXES"]
+__all__ = ["ParityResult", "compare_specs", "model_part"]
 
-# Module wrappers whose names leak into state-dict keys: torch.compile, activation checkpointing, DDP/DP.
-WRAPPER_INFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "module.")
 _PAD_MULTIPLES = (512, 256, 128, 64, 32, 16, 8)
 
 
@@ -31,12 +30,6 @@ class ParityResult:
 def model_part(found: dict[str, TensorSpec | None]) -> dict[str, TensorSpec]:
     """The model tensors of a checkpoint: drops optimizer / scheduler / dataloader / train-state entries."""
     return {k: v for k, v in found.items() if v is not None and not k.startswith(NON_MODEL_PREFIXES)}
-
-
-def _strip_wrappers(key: str) -> str:
-    for infix in WRAPPER_INFIXES:
-        key = key.replace(infix, "") if infix != "module." else (key[len(infix) :] if key.startswith(infix) else key)
-    return key
 
 
 def _layout_problems(
@@ -61,7 +54,7 @@ def _layout_problems(
             )
         )
         rename.update({"model." + k: k for k in nested})
-    wrapped = {k: _strip_wrappers(k) for k in found if _strip_wrappers(k) != k and _strip_wrappers(k) in expected}
+    wrapped = {k: strip_wrappers(k) for k in found if strip_wrappers(k) != k and strip_wrappers(k) in expected}
     if wrapped:
         infixes = sorted({i for k in wrapped for i in WRAPPER_INFIXES if i in k})
         example = next(iter(wrapped))
@@ -189,28 +182,3 @@ def compare_specs(
         "dtype": n_dtype,
     }
     return result
-
-
-def locate_keys(expected: Iterable[str], found: Iterable[str]) -> dict[str, str]:
-    """For each expected key, the checkpoint key that holds it: the same name, the name under an extra
-    ``model.`` prefix, or the name with module-wrapper infixes. Keys found nowhere are left out.
-
-    The value checks read tensors through this map, so a checkpoint whose only fault is its key layout is
-    still judged on its values (the layout is reported once, as its own problem).
-    """
-    found = set(found)
-    unwrapped: dict[str, str] = {}
-    for k in sorted(found):
-        bare = _strip_wrappers(k)
-        if bare != k:
-            unwrapped.setdefault(bare, k)
-    out: dict[str, str] = {}
-    for k in expected:
-        for candidate in (k, "model." + k):
-            if candidate in found:
-                out[k] = candidate
-                break
-        else:
-            if k in unwrapped:
-                out[k] = unwrapped[k]
-    return out

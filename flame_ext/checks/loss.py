@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flame_ext.checks.buffers import check_buffers
+from flame_ext.checks.nonpersistent_buffers import check_buffers
 from flame_ext.errors import ForwardUnavailableError, InputError
 from flame_ext.io.dcp import load_state
 from flame_ext.io.hf import HFCheckpoint, build_meta_model
 from flame_ext.io.specs import TensorSpec
-from flame_ext.model.reference import per_token_loss, run_forward
+from flame_ext.model.reference_loss import per_token_loss, run_forward
 from flame_ext.report import LossComparison, Problem, bucket_label
 
 if TYPE_CHECKING:
@@ -232,7 +232,7 @@ def reference_for(
             f"{ref.get('transformers_version', '?')})",
         )
     from flame_ext.checks.tokenizer import has_tokenizer
-    from flame_ext.model.reference import compute_reference
+    from flame_ext.model.reference_loss import compute_reference
 
     if tokenizer is None and not has_tokenizer(hf.path):
         raise InputError(
@@ -339,11 +339,12 @@ def _set_buffers_as_the_guard(model: "nn.Module") -> tuple[list[Problem], list[s
     """The guard's buffer repair on the model built on ``meta``: the modules holding non-persistent buffers get
     the memory ``to_empty()`` gives them (their own tensors only: rotary embeddings, no weights), then
     ``check_buffers`` sets each from the config, or says it cannot. Needs no weight and no forward pass."""
-    from flame_ext.model.buffers import nonpersistent_buffer_modules
+    from flame_ext.model.buffer_rebuild import nonpersistent_buffer_modules
 
     for _, module, _ in list(nonpersistent_buffer_modules(model)):
         module.to_empty(device="cpu", recurse=False)
-    with _quiet(logging.getLogger("flame_ext.checks.buffers")):  # the repairs are stated in the report's notes
+    # The repairs are stated in the report's notes.
+    with _quiet(logging.getLogger("flame_ext.checks.nonpersistent_buffers")):
         return check_buffers(model, repair=True)
 
 
@@ -386,7 +387,7 @@ def _whole_model_losses(
         )
     model = build_like_trainer(hf, run_dtype, trust_remote_code=trust_remote_code)
     load_into(model, folder, found, key_map)
-    with _quiet(logging.getLogger("flame_ext.checks.buffers")):
+    with _quiet(logging.getLogger("flame_ext.checks.nonpersistent_buffers")):
         check_buffers(model, repair=True)  # its problems were reported by _set_buffers_as_the_guard
     device = _device_for(model)
     observed = per_token_loss(run_forward(model.to(device), token_ids, device), token_ids)

@@ -65,7 +65,7 @@ def _flame_model(hf_path: Path, *, simulate_tf4: bool) -> tuple[torch.nn.Module,
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from flame_ext.checks.buffers import nonpersistent_buffer_modules
+    from flame_ext.checks.nonpersistent_buffers import nonpersistent_buffer_modules
     from flame_ext.io.registry import transformers_major
 
     config = AutoConfig.from_pretrained(str(hf_path))
@@ -102,7 +102,7 @@ def _guard_settings(repair: bool) -> dict[str, Any]:
 
 def _batches(hf_path: Path) -> Iterator[torch.Tensor]:
     """Training batches [BATCH, SEQ_LEN] from the bundled corpus, as flame's dataloader gives them."""
-    from flame_ext.model.reference import load_tokenizer
+    from flame_ext.model.reference_loss import load_tokenizer
 
     corpus = sorted((Path(__file__).parents[1] / "assets" / "corpus").glob("*.txt"))
     text = "\n\n".join(p.read_text(encoding="utf-8") for p in corpus)

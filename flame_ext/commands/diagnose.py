@@ -27,10 +27,11 @@ from typing import Any
 import torch
 
 from flame_ext.checks.files import file_problems, recorded_digests
-from flame_ext.checks.keys import compare_specs, locate_keys, model_part
+from flame_ext.checks.keys import compare_specs, model_part
 from flame_ext.errors import InputError
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, model_prefix, read_dcp_metadata
 from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, open_hf, tied_aliases
+from flame_ext.io.key_names import locate_keys
 from flame_ext.io.manifest import MANIFEST_NAME, TRAINING_STEP, config_hash, manifest_present, read_manifest
 from flame_ext.io.specs import TensorSpec
 from flame_ext.report import Problem, Report
@@ -274,7 +275,7 @@ def tokenizer_check(ctx: _Context, tokenizer: str | None, trust_remote_code: boo
 
     if tokenizer is None and not has_tokenizer(ctx.hf.path):
         return [], f"no tokenizer in {ctx.hf.source}: tokenizer not checked (pass --tokenizer to check the trainer's)"
-    from flame_ext.model.reference import load_tokenizer
+    from flame_ext.model.reference_loss import load_tokenizer
 
     path = tokenizer or str(ctx.hf.path)
     tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
@@ -393,8 +394,8 @@ def _values_pass(
     """Against the HF source when one is named (``--model``), else against the manifest's fingerprints
     (exact; the HF files are not read). ``--atol/--rtol`` set a deliberate elementwise tolerance (HF source).
     """
-    from flame_ext.checks.values import Tolerance, compare_values, verify_fingerprints
-    from flame_ext.io.manifest import read_fingerprints
+    from flame_ext.checks.checkpoint_values import Tolerance, compare_values, verify_fingerprints
+    from flame_ext.fingerprints.record import read_fingerprints
 
     tolerance = Tolerance(opts.atol, opts.rtol)
     recorded, note = read_fingerprints(ctx.manifest) if ctx.manifest and ctx.manifest_usable else (None, None)
@@ -429,8 +430,8 @@ def _values_pass(
 
 
 def _loss_pass(ctx: _Context, opts: DiagnoseOptions, report: Report, on_stage: Callable[[str], None]) -> None:
-    from flame_ext.checks.buffers import load_path_hazards
     from flame_ext.checks.loss import check_loss
+    from flame_ext.checks.nonpersistent_buffers import load_path_hazards
 
     result = check_loss(
         ctx.hf,

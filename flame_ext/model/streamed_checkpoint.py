@@ -23,7 +23,7 @@ from torch import nn
 from flame_ext.io.dcp import DCPRowReader
 from flame_ext.io.hf import HFCheckpoint, build_meta_model
 from flame_ext.io.specs import TensorSpec
-from flame_ext.model.buffers import fresh_buffers
+from flame_ext.model.buffer_rebuild import fresh_buffers
 from flame_ext.model.streamed import NotStreamable, StreamedModel
 
 __all__ = ["CheckpointStreamedModel", "unloadable_keys"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from support.models import save_tiny_model, tiny_config
 
 VOCAB = 300
 ARCHS = ["llama_gqa", "qwen2_tied", "mistral", "qwen3", "olmo2", "gemma2", "gpt2"]
@@ -15,36 +16,28 @@ ARCHS = ["llama_gqa", "qwen2_tied", "mistral", "qwen3", "olmo2", "gemma2", "gpt2
 MAY_FALL_BACK = {"gemma2"}
 
 
-def arch_config(arch: str, layers: int = 3) -> object:
-    import transformers as tf
+# arch -> (model_type, what differs from the one tiny shape of support.models).
+_ARCH_FIELDS: dict[str, tuple[str, dict]] = {
+    "llama_gqa": ("llama", {"num_key_value_heads": 2}),
+    "qwen2_tied": ("qwen2", {"num_key_value_heads": 2, "tie_word_embeddings": True}),
+    "mistral": ("mistral", {"num_key_value_heads": 2, "sliding_window": 32}),
+    "qwen3": ("qwen3", {"num_key_value_heads": 2, "head_dim": 16}),
+    "olmo2": ("olmo2", {}),
+    "gemma2": ("gemma2", {"num_key_value_heads": 2, "head_dim": 16, "final_logit_softcapping": 30.0}),
+    "gpt2": ("gpt2", {}),
+}
 
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-    )
-    configs = {
-        "llama_gqa": lambda: tf.LlamaConfig(**common, num_key_value_heads=2),
-        "qwen2_tied": lambda: tf.Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True),
-        "mistral": lambda: tf.MistralConfig(**common, num_key_value_heads=2, sliding_window=32),
-        "qwen3": lambda: tf.Qwen3Config(**common, num_key_value_heads=2, head_dim=16),
-        "olmo2": lambda: tf.Olmo2Config(**common),
-        "gemma2": lambda: tf.Gemma2Config(**common, num_key_value_heads=2, head_dim=16, final_logit_softcapping=30.0),
-        "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=layers, n_head=4, n_positions=256),
-    }
-    return configs[arch]()
+
+def arch_config(arch: str, layers: int = 3) -> object:
+    """The tiny config of ``arch`` (``support.models.tiny_config``) with ``layers`` decoder layers."""
+    model_type, fields = _ARCH_FIELDS[arch]
+    return tiny_config(model_type, vocab_size=VOCAB, num_hidden_layers=layers, **fields)
 
 
 def save_arch_model(arch: str, out: Path, layers: int = 3) -> Path:
     """A random ``arch`` model (seed 0) saved as an HF folder at ``out``."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(arch_config(arch, layers)).save_pretrained(out)
-    return out
+    model_type, fields = _ARCH_FIELDS[arch]
+    return save_tiny_model(out, model_type, vocab_size=VOCAB, num_hidden_layers=layers, **fields)
 
 
 def token_ids(rows: int = 2, length: int = 64) -> torch.Tensor:

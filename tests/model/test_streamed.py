@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from flame_ext.errors import CheckpointFormatError
 from flame_ext.io.hf import open_hf
-from flame_ext.model.reference import _losses_whole, reference_losses
+from flame_ext.model.reference_loss import _losses_whole, reference_losses
 from flame_ext.model.streamed import streamed_model
 
 

@@ -11,13 +11,13 @@ import torch
 from arch_support import ARCHS, MAY_FALL_BACK, save_arch_model, token_ids
 from cli_support import report_json
 
-from flame_ext.checks.buffers import check_buffers
-from flame_ext.checks.keys import locate_keys
 from flame_ext.checks.loss import _device_for, _streamed_losses, build_like_trainer, check_loss, load_into
+from flame_ext.checks.nonpersistent_buffers import check_buffers
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 from flame_ext.io.dcp import read_dcp_metadata
 from flame_ext.io.hf import build_meta_model, expected_tensors, open_hf
-from flame_ext.model.reference import per_token_loss, run_forward
+from flame_ext.io.key_names import locate_keys
+from flame_ext.model.reference_loss import per_token_loss, run_forward
 from flame_ext.model.streamed import NotStreamable
 from flame_ext.model.streamed_checkpoint import CheckpointStreamedModel
 
@@ -125,7 +125,7 @@ def test_a_model_that_cannot_be_streamed_is_loaded_whole_and_says_so(arch_models
     sm = CheckpointStreamedModel.build(hf, "float32", checkpoints[("gemma2", "float32")], found, key_map)
     if not any(n == "embed_scale" for m in sm.module.modules() for n in m._non_persistent_buffers_set):
         pytest.skip("this transformers' Gemma2 keeps no embedding scale buffer: it streams")
-    from flame_ext.model.reference import reference_losses
+    from flame_ext.model.reference_loss import reference_losses
 
     losses, _, _ = reference_losses(hf, token_ids(), "float32")
     ref = {"token_ids": token_ids().tolist(), "loss_per_token": losses.tolist(), "loss_mean": losses.mean().item()}

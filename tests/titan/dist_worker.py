@@ -44,7 +44,7 @@ def main() -> None:
     if rank == args.poison_rank and rope_is_right(model):
         leave_rope_uninitialised(model)
     elif rank != args.poison_rank and not rope_is_right(model):
-        from flame_ext.checks.buffers import check_buffers
+        from flame_ext.checks.nonpersistent_buffers import check_buffers
 
         check_buffers(model, repair=True)  # only the chosen rank keeps a wrong buffer
     mesh = init_device_mesh("cpu", (world,))

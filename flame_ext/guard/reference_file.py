@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from flame_ext.errors import FlameExtError
 from flame_ext.guard.options import GuardConfig
 from flame_ext.report import Problem
+
+if TYPE_CHECKING:
+    from flame_ext.fingerprints.record import Fingerprints
 
 __all__ = ["REFERENCE_HINT", "GuardReference", "manifest_problem", "read_guard_reference", "source_config_problems"]
 
@@ -30,7 +33,7 @@ class GuardReference:
 
     reference: dict[str, Any] = field(default_factory=dict)  # token ids and per-token HF loss
     fresh: list[str] = field(default_factory=list)  # keys the conversion initialised itself
-    fingerprints: Any = None  # io.manifest.Fingerprints when values are verified
+    fingerprints: Fingerprints | None = None  # when values are verified
     unavailable: str | None = None  # why the conversion recorded no reference loss
     problems: list[Problem] = field(default_factory=list)
 
@@ -51,7 +54,8 @@ def read_guard_reference(
 ) -> GuardReference:
     """The reference to check ``checkpoint``'s load against; what the report should say about it goes to
     ``notes``."""
-    from flame_ext.io.manifest import MANIFEST_NAME, manifest_present, read_fingerprints, read_manifest, read_reference
+    from flame_ext.fingerprints.record import read_fingerprints
+    from flame_ext.io.manifest import MANIFEST_NAME, manifest_present, read_manifest, read_reference
 
     own = Path(checkpoint) / MANIFEST_NAME
     path = _reference_path(config, checkpoint)

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flame_ext.checks.keys import locate_keys
-from flame_ext.io.fingerprint import Finding, exact_widening, matches, what_happened
-from flame_ext.io.manifest import Fingerprints
+from flame_ext.fingerprints.algorithm import exact_widening, matches
+from flame_ext.fingerprints.forensics import Finding, what_happened
+from flame_ext.fingerprints.record import Fingerprints
+from flame_ext.io.key_names import locate_keys
 from flame_ext.report import Problem
 
 __all__ = [

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from flame_ext.checks.fingerprints import coverage_problems, fingerprint_problems, hint_for, plan_verification
+from flame_ext.fingerprints.algorithm import TERMS, block_fingerprint
+from flame_ext.fingerprints.compare import coverage_problems, fingerprint_problems, hint_for, plan_verification
+from flame_ext.fingerprints.forensics import Finding, what_happened
+from flame_ext.fingerprints.record import Fingerprints
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, DCPRowReader, row_blocks
-from flame_ext.io.fingerprint import TERMS, Finding, block_fingerprint, what_happened
 from flame_ext.io.hf import HFCheckpoint, HFTensor, hf_source, read_tensor
-from flame_ext.io.manifest import Fingerprints
 from flame_ext.io.specs import TensorSpec
 from flame_ext.report import Problem
 
@@ -50,7 +51,7 @@ class _TensorDiff:
     mismatched: int = 0
     nonfinite_ckpt: int = 0
     nonfinite_hf: int = 0
-    # Fingerprints of both sides (io.fingerprint): they tell what the wrong tensor holds instead (another
+    # Fingerprints of both sides (fingerprints.algorithm): they tell what the wrong tensor holds instead (another
     # key's values, its own transposed or permuted, scaled, rounded).
     ckpt_fp: torch.Tensor = field(default_factory=lambda: torch.zeros(len(TERMS), dtype=torch.float64))
     src_fp: torch.Tensor = field(default_factory=lambda: torch.zeros(len(TERMS), dtype=torch.float64))
@@ -106,7 +107,7 @@ class Tolerance:
 def _explain(
     key: str, diff: _TensorDiff, spec: TensorSpec, others: dict[str, tuple[TensorSpec, torch.Tensor]]
 ) -> Finding:
-    """What the wrong tensor holds instead, told from the fingerprints (io.fingerprint.what_happened)."""
+    """What the wrong tensor holds instead, told from the fingerprints (fingerprints.algorithm.what_happened)."""
     twins = {k: fp for k, (s, fp) in others.items() if s == spec}
     return what_happened(key, diff.ckpt_fp, diff.src_fp, shape=spec.shape, dtype=spec.dtype, others=twins)
 
@@ -216,7 +217,7 @@ def verify_fingerprints(
     """Every checkpoint tensor against the fingerprint recorded when it was written; the HF source is not read.
 
     The values are summed as stored; the stored dtype chooses the recorded fingerprint they must match
-    (``checks.fingerprints``). A tensor with no fingerprint to check is an error: ``--values`` asks for all.
+    (``fingerprints.compare``). A tensor with no fingerprint to check is an error: ``--values`` asks for all.
     """
     tensors = {k: s for k, s in found.items() if s is not None}
     plan = plan_verification(recorded, tensors, {k: s.dtype for k, s in tensors.items()})
