@@ -311,7 +311,11 @@ def add_diagnose_arguments(p: argparse.ArgumentParser, *, flame: bool = False) -
         required=flame,
         help=model_help + ("" if flame else " (default: the source recorded in the checkpoint's flame_ext.json)"),
     )
-    p.add_argument("--values", action="store_true", help="also compare every tensor's values (streaming)")
+    p.add_argument(
+        "--values",
+        action="store_true",
+        help="also check every tensor's values: against the manifest's fingerprints, or the HF source with --model",
+    )
     p.add_argument(
         "--files",
         action="store_true",
@@ -386,7 +390,9 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
         help="compare a DCP checkpoint with its HF source: every problem, with its cause",
         description=(
             "Always: keys, shapes, dtypes, key layout, manifest and data-file sizes from metadata (no tensor data "
-            "read), and the tokenizer against the embedding. --values streams every tensor against the HF source; "
+            "read), and the tokenizer against the embedding. --values checks every tensor's values: without --model "
+            "against the fingerprints the manifest recorded (only the checkpoint is read), with --model against "
+            "the HF source, streamed; "
             "--loss loads the checkpoint as trainers do (meta -> to_empty -> torch.distributed.checkpoint) and "
             "compares its loss on the reference batch with the HF model's. Exit 0: no errors (warnings allowed); "
             "1: errors found; 2: unreadable input."

@@ -8,7 +8,7 @@ import math
 
 import jsonschema
 import pytest
-from cli_support import report_json, valid_report
+from support.cli import report_json, valid_report
 
 from flame_ext.report import KINDS, SCHEMA_PATH, LossComparison, Problem, Report, bucket_label, error_record, plural
 

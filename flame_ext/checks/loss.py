@@ -186,10 +186,18 @@ def build_like_trainer(hf: HFCheckpoint, dtype: str, *, trust_remote_code: bool 
 
 
 def load_into(
-    model: "nn.Module", folder: str | Path, found: dict[str, TensorSpec | None], key_map: dict[str, str]
+    model: "nn.Module",
+    folder: str | Path,
+    found: dict[str, TensorSpec | None],
+    key_map: dict[str, str],
+    *,
+    through_hooks: bool = False,
 ) -> list[str]:
     """``dcp.load`` every model tensor the checkpoint holds (strict: a planned key that cannot be read fails).
 
+    ``through_hooks``: the state dict's tensors are handed back with ``load_state_dict``, for a model whose
+    ``state_dict()`` hooks return copies (torchtitan's fused q/k/v splits ``wqkv`` into ``wq``/``wk``/``wv``
+    and merges them again on load), as torchtitan's own checkpoint load does.
     Returns the model keys that could not be loaded (absent, or another shape): the caller decides.
     """
     state = model.state_dict()
@@ -203,6 +211,8 @@ def load_into(
             continue
         wanted[ckpt_key] = tensor  # type: ignore[index]
     load_state(folder, wanted)
+    if through_hooks and not not_loaded:
+        model.load_state_dict(state)
     return not_loaded
 
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from flame_ext import __version__
 from flame_ext.convert.alongside import ForwardBeside, forward_beside
 from flame_ext.convert.summary import DTYPES, Progress, Summary, nonfinite_warning, peak_rss_mb
 from flame_ext.errors import CheckpointFormatError, FlameExtError, InputError
@@ -34,7 +33,7 @@ from flame_ext.io.hf import (
     open_hf,
     tied_aliases,
 )
-from flame_ext.io.manifest import FORMAT_VERSION, MANIFEST_NAME, config_hash, write_manifest
+from flame_ext.io.manifest import MANIFEST_NAME, build_manifest, write_manifest
 from flame_ext.io.specs import TensorSpec, dtype_name
 from flame_ext.model.future_predictor import ATTRIBUTE as FP_ATTRIBUTE
 from flame_ext.model.future_predictor import attach_future_predictor
@@ -357,25 +356,14 @@ def _manifest(
     parameters: int,
 ) -> dict:
     prefix = LAYOUTS[opts.layout]
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": "checkpoint",
-        "tool_version": __version__,
-        "source": {
-            "model": hf.source,
-            "path": str(hf.path),
-            "revision": hf.revision,
-            "model_type": hf.model_type,
-            "architectures": hf.config.get("architectures"),
-            "config_sha256": config_hash(hf.config),
-        },
-        "layout": opts.layout,
-        "dtype": opts.dtype,
-        "tensors": {
-            e.key: {"shape": list(e.spec.shape), "dtype": e.spec.dtype, "numel": e.spec.numel} for e in entries
-        },
-        "total_parameters": parameters,
-        "fresh_keys": sorted(prefix + k for k in fresh),
-        "future_predictor": opts.future_predictor,
-        "reference": reference,
-    }
+    return build_manifest(
+        "checkpoint",
+        hf,
+        layout=opts.layout,
+        dtype=opts.dtype,
+        tensors={e.key: {"shape": list(e.spec.shape), "dtype": e.spec.dtype, "numel": e.spec.numel} for e in entries},
+        total_parameters=parameters,
+        fresh_keys=sorted(prefix + k for k in fresh),
+        future_predictor=opts.future_predictor,
+        reference=reference,
+    )

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from flame_ext.checks.native_keys import torchtitan_module
 from flame_ext.errors import InitialLoadValidationError
 from flame_ext.guard.metrics import record_metrics
 from flame_ext.guard.options import GuardConfig
@@ -106,9 +107,18 @@ class InitialLoadGuard:
         self.model_prefix = requested.model_prefix
         counts = self.report.counts
 
+        module = next((m for m in map(torchtitan_module, self.parts) if m), None)
+
         def parity() -> list[Problem]:
             return list(extra) + parity_problems(
-                requested, found, fresh=self.fresh, tied=tied or {}, counts=counts, choices=ref.choices, notes=notes
+                requested,
+                found,
+                fresh=self.fresh,
+                tied=tied or {},
+                counts=counts,
+                choices=ref.choices,
+                notes=notes,
+                native_module=module,
             )
 
         problems = self._agreed(parity, "the key/shape check")

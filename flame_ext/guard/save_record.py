@@ -172,19 +172,16 @@ def _agreed_digests(everyone: list[dict[str, Any]]) -> dict[str, str]:
 def _manifest(
     step: int, values: dict[str, torch.Tensor], dtypes: dict[str, str], digests: dict[str, str], group: Any
 ) -> dict[str, Any]:
-    from flame_ext import __version__
     from flame_ext.fingerprints.record import fingerprints_section
-    from flame_ext.io.manifest import FORMAT_VERSION, TRAINING_STEP
+    from flame_ext.io.manifest import TRAINING_STEP, build_manifest
 
     section = fingerprints_section(values, {k: dtypes[k] for k in values})
     for key, item in section["tensors"].items():
         item["group"] = group(key)
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": TRAINING_STEP,
-        "tool_version": __version__,
-        "step": step,
-        "world_size": world(),
-        "fingerprints": section,
-        "digests": {k: {"group": group(k), "sha256": d} for k, d in sorted(digests.items())},
-    }
+    return build_manifest(
+        TRAINING_STEP,
+        step=step,
+        world_size=world(),
+        fingerprints=section,
+        digests={k: {"group": group(k), "sha256": d} for k, d in sorted(digests.items())},
+    )

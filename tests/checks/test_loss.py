@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cli_support import report_json, run_cli
+from support.cli import report_json, run_cli
 
 from flame_ext.checks.loss import (
     compare_loss,

@@ -10,7 +10,7 @@ import re
 import time
 
 import pytest
-from cli_support import run_cli, transformers_major
+from support.cli import run_cli, transformers_major
 
 NUMBER = r"([-+]?(?:\d+\.\d+|nan|inf))"  # uninitialised memory can make the broken start's loss nan or inf
 

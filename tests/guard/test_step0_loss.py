@@ -19,8 +19,8 @@ from flame_ext.guard.probe import rows_of
 from flame_ext.guard.step0_loss import RankGaps, loss_gate_problems, measure_loss
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "titan"))
-from _hosts import build_manager, titan_generation  # noqa: E402
 from _models import hf_like_trainer  # noqa: E402
+from support.titan_hosts import build_manager, titan_generation  # noqa: E402
 
 ROWS, N = 2, 12
 

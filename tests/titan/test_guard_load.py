@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from _hosts import build_manager, save_step, titan_generation
 from _models import ADDED, DROPPED, RESHAPED, hf_like_trainer, leave_rope_uninitialised, rope_is_right
-from cli_support import report_json
+from support.cli import report_json
+from support.titan_hosts import build_manager, save_step, titan_generation
 
 from flame_ext.errors import GuardConfigError, InitialLoadValidationError
 from flame_ext.io.hf import open_hf, read_tensor
@@ -289,7 +289,7 @@ def test_a_config_the_installed_transformers_misreads_is_stopped_before_the_load
     reads it as written and the load passes. The source folder moved away: a note, nothing checked."""
     import sys
 
-    from cli_support import transformers_major
+    from support.cli import transformers_major
 
     from flame_ext.cli import main
 
