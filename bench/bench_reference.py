@@ -53,14 +53,14 @@ DCP.save({"model": model.state_dict()}, storage_writer=DCP.filesystem.FileSystem
 STREAMED = """
 import sys
 from flame_ext.io.hf import open_hf
-from flame_ext.model.reference import compute_reference
+from flame_ext.model.reference_loss import compute_reference
 print(compute_reference(open_hf(sys.argv[1]), dtype="bfloat16")["loss_mean"])
 """
 
 WHOLE = """
 import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from flame_ext.model.reference import per_token_loss, read_reference_text, reference_batch
+from flame_ext.model.reference_loss import per_token_loss, read_reference_text, reference_batch
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 ids = reference_batch(tok, read_reference_text(None), 512)
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).eval()

@@ -4,7 +4,7 @@ Host-independent: the torchtitan adapters decide when a load is a resume and han
 keys (``io.training_state``): the live model and optimizer state (what the manager would save now) and the
 other states as the load read them (``LoadCapture``). Each rank fingerprints its shards, one all-reduce gives
 the whole, and the comparison with the save-time record (``guard.save_record``) is the one ``diagnose`` uses
-(``checks.saved_state``, built on the first load's ``checks.fingerprints``); non-tensor states are compared by
+(``checks.saved_state``, built on the first load's ``fingerprints.compare``); non-tensor states are compared by
 digest, rank by rank. The
 world size may differ from the save's: fingerprints do not depend on the sharding.
 
@@ -24,11 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from flame_ext.errors import CheckpointFormatError, InputError, ResumeValidationError, report_without_traceback
+from flame_ext.errors import CheckpointFormatError, InputError, ResumeValidationError
 from flame_ext.guard.metrics import record_figures
 from flame_ext.guard.options import GuardConfig
 from flame_ext.guard.ranks import RankFailure, agreed, gather, pool, rank, sum_over_ranks, world
 from flame_ext.guard.save_record import step_of
+from flame_ext.process import report_without_traceback
 from flame_ext.report import Problem, Report
 
 __all__ = ["LoadCapture", "verify_resume", "check_loaded_buffers"]
@@ -86,8 +87,9 @@ class _Capturing:
 
 
 def check_loaded_buffers(parts: list[nn.Module], *, repair: bool, checkpoint: str, notes: list[str]) -> list[Problem]:
-    """``checks.buffers.check_buffers`` on every part after a load (each repair logged, naming the checkpoint)."""
-    from flame_ext.checks.buffers import check_buffers
+    """``checks.nonpersistent_buffers.check_buffers`` on every part after a load (each repair logged, naming the
+    checkpoint)."""
+    from flame_ext.checks.nonpersistent_buffers import check_buffers
 
     problems: list[Problem] = []
     for part in parts:
@@ -204,7 +206,7 @@ class _ResumeCheck:
     def _observed(self, keys: list[str], tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each tensor's whole fingerprint: every rank's share of its shards (as loaded, no cast), one all-reduce.
         ``keys`` are the same on every rank; a rank without one of them adds nothing to it."""
-        from flame_ext.io.fingerprint import TERMS, local_fingerprint
+        from flame_ext.fingerprints.algorithm import TERMS, local_fingerprint
 
         def shares() -> torch.Tensor:
             none = torch.zeros(len(TERMS), dtype=torch.float64)

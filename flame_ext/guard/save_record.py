@@ -2,7 +2,7 @@
 
 With the guard on, the validating checkpoint manager hands the exact state it gives DCP to ``record_save``
 (every rank, main thread, while the saved values are the live ones). Each rank fingerprints its own shards
-where they live (``io.fingerprint.local_fingerprint``, values as stored, no cast) and digests its non-tensor
+where they live (``fingerprints.algorithm.local_fingerprint``, values as stored, no cast) and digests its non-tensor
 leaves (``io.training_state.state_digest``); one gather shares the key lists and digests, one all-reduce sums
 the fingerprints. Rank 0 writes ``<step folder>/flame_ext.json`` (kind ``training_step``, atomically) only once
 the DCP save has completed: at once for a synchronous save, else when the save's future completes (a
@@ -136,7 +136,7 @@ def record_save(states: Mapping[str, Any], *, step: int, checkpoint: str) -> Ste
 
 def _local_record(flat: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
     """This rank's share of each tensor's fingerprint (values as stored), their dtypes, and its digests."""
-    from flame_ext.io.fingerprint import local_fingerprint
+    from flame_ext.fingerprints.algorithm import local_fingerprint
     from flame_ext.io.specs import dtype_name
     from flame_ext.io.training_state import state_digest
 
@@ -172,18 +172,16 @@ def _agreed_digests(everyone: list[dict[str, Any]]) -> dict[str, str]:
 def _manifest(
     step: int, values: dict[str, torch.Tensor], dtypes: dict[str, str], digests: dict[str, str], group: Any
 ) -> dict[str, Any]:
-    from flame_ext import __version__
-    from flame_ext.io.manifest import FORMAT_VERSION, TRAINING_STEP, fingerprints_section
+    from flame_ext.fingerprints.record import fingerprints_section
+    from flame_ext.io.manifest import TRAINING_STEP, build_manifest
 
     section = fingerprints_section(values, {k: dtypes[k] for k in values})
     for key, item in section["tensors"].items():
         item["group"] = group(key)
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": TRAINING_STEP,
-        "tool_version": __version__,
-        "step": step,
-        "world_size": world(),
-        "fingerprints": section,
-        "digests": {k: {"group": group(k), "sha256": d} for k, d in sorted(digests.items())},
-    }
+    return build_manifest(
+        TRAINING_STEP,
+        step=step,
+        world_size=world(),
+        fingerprints=section,
+        digests={k: {"group": group(k), "sha256": d} for k, d in sorted(digests.items())},
+    )

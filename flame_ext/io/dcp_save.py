@@ -33,9 +33,10 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 from torch.futures import Future
 
 from flame_ext.collectives import failure_elsewhere, rank
-from flame_ext.errors import TERMINATING_SIGNALS, CheckpointFormatError, naming_file
+from flame_ext.errors import CheckpointFormatError, naming_file
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, rank_failures, root_cause, row_blocks
 from flame_ext.io.specs import TensorSpec, dtype_name
+from flame_ext.process import TERMINATING_SIGNALS
 
 __all__ = ["WriteEntry", "save_streaming", "ctrl_c_held", "wait_all", "DEFAULT_THREADS"]
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from flame_ext.errors import CheckpointFormatError
+from flame_ext.fingerprints.algorithm import fingerprint, matches
 from flame_ext.guard.save_record import record_save, step_of
-from flame_ext.io.fingerprint import fingerprint, matches
 from flame_ext.io.manifest import read_manifest
 
 

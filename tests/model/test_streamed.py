@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import run_cli
 from safetensors.torch import load_file, save_file
+from support.cli import run_cli
 
 from flame_ext.errors import CheckpointFormatError
 from flame_ext.io.hf import open_hf
-from flame_ext.model.reference import _losses_whole, reference_losses
+from flame_ext.model.reference_loss import _losses_whole, reference_losses
 from flame_ext.model.streamed import streamed_model
 
 VOCAB = 300
@@ -26,22 +26,17 @@ VOCAB = 300
 
 def _configs() -> dict[str, object]:
     import transformers as tf
+    from support.models import tiny_config
 
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-    )
+    common = dict(vocab_size=VOCAB, num_hidden_layers=3)
     return {
-        "llama_gqa": tf.LlamaConfig(**common, num_key_value_heads=2),
-        "qwen2_tied": tf.Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True),
-        "mistral": tf.MistralConfig(**common, num_key_value_heads=2, sliding_window=32),
-        "qwen3": tf.Qwen3Config(**common, num_key_value_heads=2, head_dim=16),
-        "olmo2": tf.Olmo2Config(**common),
-        "gemma2": tf.Gemma2Config(**common, num_key_value_heads=2, head_dim=16, final_logit_softcapping=30.0),
+        "llama_gqa": tiny_config("llama", **common, num_key_value_heads=2),
+        "qwen2_tied": tiny_config("qwen2", **common, num_key_value_heads=2, tie_word_embeddings=True),
+        "mistral": tiny_config("mistral", **common, num_key_value_heads=2, sliding_window=32),
+        "qwen3": tiny_config("qwen3", **common, num_key_value_heads=2, head_dim=16),
+        "olmo2": tiny_config("olmo2", **common),
+        "gemma2": tiny_config("gemma2", **common, num_key_value_heads=2, head_dim=16, final_logit_softcapping=30.0),
+        # GPT-2 names its fields its own way (no ``hidden_size`` argument): built as it is spelled.
         "gpt2": tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=256),
     }
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from _hosts import build_manager, save_step, titan_generation
 from _models import hf_like_trainer, leave_rope_uninitialised, rope_is_right
 from _steps import key_ending, read_step, rewrite_step, train_step
+from support.titan_hosts import build_manager, save_step, titan_generation
 
 from flame_ext.errors import InitialLoadValidationError
 from flame_ext.guard import ResumeValidationError
@@ -307,7 +307,7 @@ def test_diagnose_verifies_a_saved_step_offline(saved, tmp_path, capsys):
 def test_to_hf_of_a_saved_step_checks_every_exported_tensor(saved, tiny_model, tmp_path):
     """``flame-ext to-hf`` of a step folder: each exported tensor against the record (at a cast too); a weight
     changed after the save ends the export with nothing published."""
-    from cli_support import run_cli
+    from support.cli import run_cli
 
     for dtype in ("auto", "bfloat16"):
         out = tmp_path / f"hf-{dtype}"

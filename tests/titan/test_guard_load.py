@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from _hosts import build_manager, save_step, titan_generation
 from _models import ADDED, DROPPED, RESHAPED, hf_like_trainer, leave_rope_uninitialised, rope_is_right
-from cli_support import report_json
+from support.cli import report_json
+from support.titan_hosts import build_manager, save_step, titan_generation
 
 from flame_ext.errors import GuardConfigError, InitialLoadValidationError
 from flame_ext.io.hf import open_hf, read_tensor
@@ -97,6 +97,11 @@ def test_uninitialised_rope_aborts_when_repair_is_off(healthy, tiny_model, tmp_p
     assert abs(info.value.report.loss.first_position_delta) < 1e-3
     gap = next(p for p in info.value.report.errors if p.kind == "loss_gap")
     assert "positional encoding" in gap.hint
+    # The wrong buffers are the cause, named first; no value check is offered (it reads no buffer).
+    assert (
+        gap.hint.startswith("caused by the buffer_mismatch above (model.rotary_emb.inv_freq")
+        and "--values" not in gap.hint
+    )
 
 
 def test_uninitialised_rope_passes_after_repair(healthy, tiny_model, tmp_path, caplog):
@@ -288,7 +293,7 @@ def test_a_config_the_installed_transformers_misreads_is_stopped_before_the_load
     reads it as written and the load passes. The source folder moved away: a note, nothing checked."""
     import sys
 
-    from cli_support import transformers_major
+    from support.cli import transformers_major
 
     from flame_ext.cli import main
 

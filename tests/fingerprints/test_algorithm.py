@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from flame_ext.io.fingerprint import (
+from flame_ext.fingerprints.algorithm import (
     TERMS,
     TOLERANCE,
     Recorder,
@@ -15,8 +15,8 @@ from flame_ext.io.fingerprint import (
     fingerprint,
     matches,
     transposed,
-    what_happened,
 )
+from flame_ext.fingerprints.forensics import what_happened
 
 
 def trained_like(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
@@ -216,7 +216,7 @@ def test_workers_share_the_rows_and_give_the_same_fingerprint():
 def test_rounded_fingerprints_are_those_of_the_values_cast_from_the_same_pass(stored, targets):
     """Recorded per block beside the plain one: each equals the fingerprint of the whole tensor cast to that
     dtype; exact widenings (bf16 -> fp32) are not recorded, they are the plain numbers."""
-    from flame_ext.io.fingerprint import rounding_dtypes
+    from flame_ext.fingerprints.algorithm import rounding_dtypes
 
     dtype = getattr(torch, stored)
     t = trained_like((300, 70)).mul(1000).to(dtype) if not dtype.is_floating_point else trained_like((300, 70), dtype)
@@ -243,13 +243,13 @@ def test_a_rounding_that_overflows_counts_the_infinities():
 
 
 def block_fingerprints_of(t: torch.Tensor, dtypes) -> torch.Tensor:
-    from flame_ext.io.fingerprint import block_fingerprints
+    from flame_ext.fingerprints.algorithm import block_fingerprints
 
     return block_fingerprints(t, [0] * t.dim(), tuple(t.shape), dtypes)
 
 
 def test_exact_widening_is_decided_from_the_formats():
-    from flame_ext.io.fingerprint import exact_widening
+    from flame_ext.fingerprints.algorithm import exact_widening
 
     assert exact_widening("bfloat16", "float32") and exact_widening("float16", "float32")
     assert exact_widening("float32", "float32") and exact_widening("int32", "int64")

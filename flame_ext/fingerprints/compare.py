@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flame_ext.checks.keys import locate_keys
-from flame_ext.io.fingerprint import Finding, exact_widening, matches, what_happened
-from flame_ext.io.manifest import Fingerprints
+from flame_ext.fingerprints.algorithm import exact_widening, matches
+from flame_ext.fingerprints.forensics import Finding, what_happened
+from flame_ext.fingerprints.record import Fingerprints
+from flame_ext.io.key_names import locate_keys
 from flame_ext.report import Problem
 
 __all__ = [
@@ -28,6 +29,9 @@ __all__ = [
     "expected_fingerprint",
     "values_dtype",
     "hint_for",
+    "tensors_differing",
+    "never_loaded",
+    "never_loaded_problem",
 ]
 
 _RECONVERT = "re-convert from the HF source with `flame-ext convert` (or check what wrote or edited this checkpoint)"
@@ -46,7 +50,15 @@ _HINTS = {
         "the values are not those of any exact cast of the recorded ones (changed below the recorded dtype's "
         "resolution, or rounded another way than round-to-nearest): " + _RECONVERT
     ),
+    "never_loaded": (
+        "the weights were never loaded into the model this was saved from (or the load filled nothing): load the "
+        "converted checkpoint before saving (torchtitan: checkpoint.initial_load_path, or the step-0 folder), or "
+        "re-convert with `flame-ext convert`"
+    ),
 }
+# Findings that tie a tensor to the recorded values (moved, scaled, rounded, another key's): any of them, and
+# the tensors are not "never loaded".
+_UNRELATED = frozenset({"different", "nonfinite", "zeros"})
 _UNRECORDED_HINT = (
     "record fingerprints in this checkpoint's key space: `flame-ext convert` records every tensor it writes; a "
     "reference from `flame-ext reference` has the HF files' keys, which a checkpoint with other names (a "
@@ -149,16 +161,53 @@ def fingerprint_problems(
         found = expected_fingerprint(recorded, rec_key, dtypes.get(key, recorded[rec_key][0]))
         if found is not None:
             expected[key] = found
-    problems = []
+    problems, findings = [], []
     for key, (fp, at) in expected.items():
         if key not in observed or matches(observed[key], fp, recorded.tolerance):
             continue
         shape = tuple(shapes[key])
         others = {ck: e for ck, (e, d) in expected.items() if ck != key and d == at and tuple(shapes[ck]) == shape}
         finding = what_happened(key, observed[key], fp, shape=shape, dtype=at, others=others, tol=recorded.tolerance)
+        findings.append(finding)
         held = dtypes.get(key, at)
         problems.append(_problem(key, finding, held, recorded[plan.keys[key]][0], f"{written}{where}", hint))
+    compared = sum(1 for key in expected if key in observed)
+    if never_loaded(findings, compared):
+        return [never_loaded_problem(findings, f"the ones written {written}{where}", hint)]
     return problems
+
+
+def never_loaded(findings: list[Finding], compared: int) -> bool:
+    """Every one of the ``compared`` tensors (two or more) differs, and none is tied to its expected values
+    (moved, scaled, rounded, another key's): the weights were never there."""
+    return compared >= 2 and len(findings) == compared and all(f.code in _UNRELATED for f in findings)
+
+
+def never_loaded_problem(
+    findings: list[Finding], expected: str, hint: Callable[[str | None], str] = hint_for
+) -> Problem:
+    """One cause, so one problem with the count, keyed to no tensor (``tensors_differing`` counts it as all of
+    them)."""
+    nonfinite = sum(1 for f in findings if f.code == "nonfinite")
+    zeros = sum(1 for f in findings if f.code == "zeros")
+    parts = [f"{nonfinite} hold NaN or inf"] * bool(nonfinite) + [f"{zeros} only zeros"] * bool(zeros)
+    return Problem(
+        "value_mismatch",
+        "error",
+        None,
+        f"never loaded: all {len(findings)} tensors hold values unrelated to {expected}"
+        + (f" ({', '.join(parts)})" if parts else "")
+        + "; none is a rearrangement, scaling or rounding of them: uninitialised memory, as a model built on meta "
+        "and materialised with to_empty() holds until its weights are loaded",
+        hint("never_loaded"),
+    )
+
+
+def tensors_differing(problems: Iterable[Problem], compared: int) -> int:
+    """How many of the ``compared`` tensors differ: one per ``value_mismatch``, all of them for "never loaded"
+    (the one value_mismatch that names no tensor)."""
+    mismatches = [p for p in problems if p.kind == "value_mismatch"]
+    return compared if any(p.key is None for p in mismatches) else len(mismatches)
 
 
 def _problem(

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flame_ext.model.buffers import fresh_buffers, nonpersistent_buffer_modules
+from flame_ext.model.buffer_rebuild import fresh_buffers, nonpersistent_buffer_modules
 from flame_ext.report import Problem
 
 __all__ = ["nonpersistent_buffer_modules", "fresh_buffers", "check_buffers", "load_path_hazards"]
