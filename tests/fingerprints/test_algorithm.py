@@ -242,10 +242,10 @@ def test_a_rounding_that_overflows_counts_the_infinities():
     assert plain[0] == 0 and half[0] == 1 and torch.isfinite(half).all()
 
 
-def block_fingerprints_of(t: torch.Tensor, dtypes) -> torch.Tensor:
+def block_fingerprints_of(t: torch.Tensor, dtypes, workers: int = 1) -> torch.Tensor:
     from flame_ext.fingerprints.algorithm import block_fingerprints
 
-    return block_fingerprints(t, [0] * t.dim(), tuple(t.shape), dtypes)
+    return block_fingerprints(t, [0] * t.dim(), tuple(t.shape), dtypes, workers=workers)
 
 
 def test_exact_widening_is_decided_from_the_formats():
@@ -270,15 +270,9 @@ def test_bf16_rounded_to_fp16_is_the_fingerprint_of_the_cast_values(shape):
     cast = t.to(torch.float16)
     assert not torch.equal(cast.to(torch.bfloat16), t)  # some values do round
     for workers in (1, 2):
-        plain, half = block_fingerprints_of_workers(t, (None, torch.float16), workers)
+        plain, half = block_fingerprints_of(t, (None, torch.float16), workers)
         assert matches(plain, fingerprint(t), TOLERANCE / 100)
         assert matches(half, fingerprint(cast), TOLERANCE / 100) and not matches(half, plain, TOLERANCE / 100)
     flat[1] = 70000.0  # beyond fp16's range: counted as inf, as the cast does
-    (half,) = block_fingerprints_of_workers(t, (torch.float16,), 1)
+    (half,) = block_fingerprints_of(t, (torch.float16,))
     assert half[0] == 1 and matches(half, fingerprint(t.to(torch.float16)))
-
-
-def block_fingerprints_of_workers(t: torch.Tensor, dtypes, workers: int) -> torch.Tensor:
-    from flame_ext.io.fingerprint import block_fingerprints
-
-    return block_fingerprints(t, [0] * t.dim(), tuple(t.shape), dtypes, workers=workers)
