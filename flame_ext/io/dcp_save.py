@@ -198,6 +198,9 @@ class _Writer(dcp.FileSystemWriter):
         out: list = []
         while not results.empty():
             out += results.get_nowait()
+        # In plan order, not the order the writers finished in: the metadata (which pickles them) is then the
+        # same bytes whatever the number of threads and however they were scheduled.
+        out.sort(key=lambda r: (r.index.fqn, tuple(r.index.offset or ())))
         fut: Future = Future()
         fut.set_result(out)
         return fut
