@@ -159,10 +159,10 @@ def test_a_rounding_that_overflows_counts_the_infinities():
     assert plain[0] == 0 and half[0] == 1 and torch.isfinite(half).all()
 
 
-def block_fingerprints_of(t: torch.Tensor, dtypes) -> torch.Tensor:
+def block_fingerprints_of(t: torch.Tensor, dtypes, workers: int = 1) -> torch.Tensor:
     from flame_ext.fingerprints.algorithm import block_fingerprints
 
-    return block_fingerprints(t, [0] * t.dim(), tuple(t.shape), dtypes)
+    return block_fingerprints(t, [0] * t.dim(), tuple(t.shape), dtypes, workers=workers)
 
 
 def test_exact_widening_is_decided_from_the_formats():
@@ -173,3 +173,23 @@ def test_exact_widening_is_decided_from_the_formats():
     assert not exact_widening("float32", "bfloat16") and not exact_widening("bfloat16", "float16")
     assert not exact_widening("float16", "bfloat16") and not exact_widening("int64", "float64")
     assert not exact_widening("float32", "nosuchdtype")
+
+
+@pytest.mark.parametrize("shape", [(700, 1100), (300_001,), (3, 5)])
+def test_bf16_rounded_to_fp16_is_the_fingerprint_of_the_cast_values(shape):
+    """bf16 -> fp16 is summed from the plain pass plus the few values below fp16's exact range (those that
+    round): it must equal the fingerprint of the cast values whatever the magnitudes, tiny ones included."""
+    t = trained_like(shape).to(torch.bfloat16)
+    flat = t.view(-1)
+    tiny = torch.tensor([3e-6, -5e-7, 2.0**-24, 1.5 * 2.0**-24, 1e-9, -(2.0**-18), 7e-5], dtype=torch.bfloat16)
+    flat[: len(tiny)] = tiny[: len(flat)]
+    flat[-1] = 0.0
+    cast = t.to(torch.float16)
+    assert not torch.equal(cast.to(torch.bfloat16), t)  # some values do round
+    for workers in (1, 2):
+        plain, half = block_fingerprints_of(t, (None, torch.float16), workers)
+        assert matches(plain, fingerprint(t), TOLERANCE / 100)
+        assert matches(half, fingerprint(cast), TOLERANCE / 100) and not matches(half, plain, TOLERANCE / 100)
+    flat[1] = 70000.0  # beyond fp16's range: counted as inf, as the cast does
+    (half,) = block_fingerprints_of(t, (torch.float16,))
+    assert half[0] == 1 and matches(half, fingerprint(t.to(torch.float16)))
