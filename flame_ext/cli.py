@@ -27,7 +27,8 @@ from flame_ext.command_options import (
     ToHFOptions,
 )
 from flame_ext.declaration import add_arguments, from_namespace
-from flame_ext.errors import UsageError, run_guarded
+from flame_ext.errors import UsageError
+from flame_ext.process import run_guarded
 
 if TYPE_CHECKING:  # the commands import torch: only when one runs
     from flame_ext.convert.summary import Summary
@@ -78,14 +79,17 @@ def _one_process_or_ranks(
     Rank 0 returns the output's summary; another rank prints one line for ``share`` (what it wrote) and returns None.
     """
     from flame_ext.collectives import launched_by_torchrun
+    from flame_ext.convert.summary import command_seconds
 
     if launched_by_torchrun():
         summary, rank, world = ranks(opts, opts.timeout_s)
+        summary.seconds = command_seconds()  # the command's wall time, start-up and imports included
         if rank != 0:
             print(f"rank {rank} of {world}, {share}: {summary.line()}")
             return None
     else:
         summary = one_process(opts)
+        summary.seconds = command_seconds()
     for note in summary.notes:
         print(f"note: {note}")
     for warning in summary.warnings:
@@ -195,10 +199,11 @@ COMMANDS = (
         run_diagnose,
         "compare a DCP checkpoint with its HF source: every problem, with its cause",
         "Always: keys, shapes, dtypes, key layout, manifest and data-file sizes from metadata (no tensor data "
-        "read), and the tokenizer against the embedding. --values streams every tensor against the HF source "
-        "(with --model) or against the fingerprints recorded in flame_ext.json; --loss loads the checkpoint as "
-        "trainers do (meta -> to_empty -> torch.distributed.checkpoint) and compares its loss on the reference "
-        "batch with the HF model's. Exit 0: no errors (warnings allowed); 1: errors found; 2: unreadable input.",
+        "read), and the tokenizer against the embedding. --values checks every tensor's values: without --model "
+        "against the fingerprints the manifest recorded (only the checkpoint is read), with --model against the HF "
+        "source, streamed; --loss loads the checkpoint as trainers do (meta -> to_empty -> "
+        "torch.distributed.checkpoint) and compares its loss on the reference batch with the HF model's. Exit 0: no "
+        "errors (warnings allowed); 1: errors found; 2: unreadable input.",
     ),
     Command(
         "demo",

@@ -37,7 +37,7 @@ from flame_ext.io.hf import (
     read_tensor,
     tied_aliases,
 )
-from flame_ext.model.buffers import fresh_buffers
+from flame_ext.model.buffer_rebuild import fresh_buffers
 
 __all__ = ["NotStreamable", "StreamedModel", "build_streamed", "streamed_model", "whole_model_bytes"]
 
