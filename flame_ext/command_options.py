@@ -295,8 +295,7 @@ class DiagnoseOptions:
     """HF model folder or hub id the checkpoint was made from (flame-ext diagnose: default the source recorded in
     the checkpoint's flame_ext.json)"""
     values: bool = False
-    """also compare every tensor's values, streamed: against the HF source with --model, else against the
-    fingerprints recorded in flame_ext.json"""
+    """also check every tensor's values: against the manifest's fingerprints, or the HF source with --model"""
     files: bool = False
     """also check every file byte for byte against the SHA-256 recorded by `convert --record-sha256`"""
     atol: float = 0.0

@@ -9,7 +9,7 @@ from cli_support import run_cli
 
 from flame_ext.command_options import ConvertOptions, ReferenceOptions
 from flame_ext.errors import InputError
-from flame_ext.model.reference import reference_device
+from flame_ext.model.reference_loss import reference_device
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: cuda is a valid request")
 
