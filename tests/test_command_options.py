@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cli_support import run_cli
+from support.cli import run_cli
 
 from flame_ext.command_options import ConvertOptions, ReferenceOptions
 from flame_ext.errors import InputError
