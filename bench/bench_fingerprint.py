@@ -57,6 +57,13 @@ H, INTER, VOCAB, LAYERS = 4096, 11008, 100352, 32
 LAYER_SHAPES = [(H, H)] * 4 + [(INTER, H)] * 2 + [(H, INTER)] + [(H,)] * 4
 
 
+def use_tiny_shapes() -> None:
+    """The guard figures on a tiny layer and vocabulary (``--tiny``): every step runs, in seconds."""
+    global H, INTER, VOCAB, LAYERS, LAYER_SHAPES
+    H, INTER, VOCAB, LAYERS = 128, 256, 1024, 2
+    LAYER_SHAPES = [(H, H)] * 4 + [(INTER, H)] * 2 + [(H, INTER)] + [(H,)] * 4
+
+
 def load_before(rev: str, work: Path) -> tuple[ModuleType, Path]:
     """REV's fingerprint module (torch only), loaded from a copy under ``work``."""
     path = work / "fingerprint_before.py"
@@ -275,7 +282,11 @@ def main() -> int:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32"], help="the conversion's --dtype")
     p.add_argument("--convert-only", action="store_true", help="the conversion figures only")
     p.add_argument("--sums-only", action="store_true", help="the sums' CPU-s per GB and the summation order only")
+    p.add_argument("--tiny", action="store_true", help="smoke run (tests/bench): tiny checkpoint and layer shapes")
     args = p.parse_args()
+    if args.tiny:
+        use_tiny_shapes()
+        args.size_gb = min(args.size_gb, 0.01)
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         work = Path(tmp)
         before, before_path = load_before(args.before, work) if args.before else (None, None)

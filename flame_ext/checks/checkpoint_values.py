@@ -21,6 +21,7 @@ from flame_ext.fingerprints.algorithm import TERMS, block_fingerprint
 from flame_ext.fingerprints.compare import (
     coverage_problems,
     fingerprint_problems,
+    fold_swaps,
     hint_for,
     never_loaded,
     never_loaded_problem,
@@ -248,16 +249,16 @@ def compare_with_sources(
         diffs[key] = (ckpt_key, diff, spec, src)
     hf_prints = {k: (src.spec, d.src_fp) for k, (_, d, _, src) in diffs.items() if src.spec.dtype == diffs[k][2].dtype}
     problems: list[Problem] = []
-    findings: list[Finding | None] = []
+    findings: dict[str, Finding | None] = {}
     for key, (ckpt_key, diff, spec, src) in diffs.items():
         finding = _explain(key, diff, spec, hf_prints) if diff.mismatched and spec.dtype == src.spec.dtype else None
         if diff.mismatched or diff.nonfinite_ckpt:
-            findings.append(finding)
+            findings[key] = finding
         problems.extend(_problems_for(key, ckpt_key, diff, spec, src, finding))
-    known = [f for f in findings if f is not None]
-    if len(known) == len(findings) and never_loaded(known, len(diffs)):  # one cause: one problem
-        return [never_loaded_problem(known, "the HF source's")], stats
-    return problems, stats
+    known = {k: f for k, f in findings.items() if f is not None}
+    if len(known) == len(findings) and never_loaded(list(known.values()), len(diffs)):  # one cause: one problem
+        return [never_loaded_problem(list(known.values()), "the HF source's")], stats
+    return fold_swaps(problems, known, "the HF source's", hint_for), stats
 
 
 def stored_fingerprint(reader: DCPRowReader, key: str, spec: TensorSpec, buffer_bytes: int) -> torch.Tensor:

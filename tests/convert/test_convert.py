@@ -326,6 +326,7 @@ def test_to_hf_extracts_model_from_full_training_checkpoint(generation, sharded_
 # ---------------------------------------------------------------- drop-in modules
 
 
+@pytest.mark.slow  # the three drop-ins in fresh processes; make test-fast leaves it out
 def test_drop_in_modules_with_flames_argument_names(sharded_model, tmp_path):
     dump = tmp_path / "exp"
     step0 = dump / "checkpoint" / "step-0"
