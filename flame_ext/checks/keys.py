@@ -3,7 +3,8 @@
 Works on ``TensorSpec`` tables only (from ``.metadata``, safetensors headers, or meta tensors), so it
 reads no tensor data. Every difference is reported, not the first; when the differences follow one
 pattern (every key nested under ``model.``, a wrapper's infix, a padded vocabulary, a tied head left
-out) one ``layout`` problem names the pattern and the fix.
+out, HF names given to a torchtitan model or the reverse: ``checks.native_keys``) one ``layout`` problem
+names the pattern and the fix.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
+from flame_ext.checks.native_keys import naming_problem
 from flame_ext.checks.recorded import RecordedChoices
 from flame_ext.io.dcp import NON_MODEL_PREFIXES
 from flame_ext.io.key_names import WRAPPER_INFIXES, strip_wrappers
@@ -152,6 +154,7 @@ def compare_specs(
     tied: dict[str, str] | None = None,
     ignore_prefixes: tuple[str, ...] = NON_MODEL_PREFIXES,
     choices: RecordedChoices = RecordedChoices(),
+    native_module: str | None = None,
 ) -> ParityResult:
     """Compare what a load asks for (``expected``) with what a checkpoint holds (``found``).
 
@@ -160,6 +163,9 @@ def compare_specs(
     errors; a dtype difference is a warning (a load casts, and a deliberate bf16 checkpoint is fine), and
     none at all when ``choices`` (the manifest) records that dtype as chosen: a note then. A key that a
     layout problem explains is counted in that problem, not listed again as missing and unexpected.
+    When the model asks for torchtitan's own names and the checkpoint has HF names (or the reverse), that one
+    ``layout`` problem stands for the keys missing and unexpected (counted, not listed); ``native_module``
+    names the torchtitan model in its fix (``--layout torchtitan:<module>``).
     """
     fresh = set(fresh)
     have = {k: v for k, v in found.items() if v is not None and not k.startswith(ignore_prefixes)}
@@ -169,16 +175,20 @@ def compare_specs(
     missing = [k for k in expected if k not in have and k not in fresh]
     unexpected = [k for k in have if k not in expected and k not in fresh]
     result = ParityResult(problems=[_with_consequences(p, r, missing, unexpected) for p, r in layouts])
+    naming = naming_problem(expected, have, module=native_module) if len(missing) * 2 > len(expected) else None
+    if naming is not None:
+        result.problems.append(naming[0])
+    listed = naming is None  # the naming problem stands for every missing and unexpected key
     hint = (
         "the load would fail on this key (or leave it at random init if partial loads are allowed); re-convert "
         "from the HF model, or check the model config matches the checkpoint"
     )
-    for k in sorted(k for k in missing if k not in rename.values() and k not in tied_out):
+    for k in sorted(k for k in missing if listed and k not in rename.values() and k not in tied_out):
         result.problems.append(
             Problem("missing_key", "error", k, "asked for by the model, absent from the checkpoint", hint)
         )
     hint = "a load silently ignores it, so whatever it holds is lost; check the key names of the conversion"
-    for k in sorted(k for k in unexpected if k not in rename):
+    for k in sorted(k for k in unexpected if listed and k not in rename):
         result.problems.append(
             Problem("unexpected_key", "error", k, "in the checkpoint, not asked for by the model", hint)
         )

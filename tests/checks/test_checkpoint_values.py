@@ -98,3 +98,24 @@ def test_every_tensor_unrelated_to_its_source_is_one_never_loaded_error(tiny_mod
     folder = _save({**{k: torch.randn_like(v) for k, v in source.items()}, KEY: source[KEY]}, tmp_path / "some")
     problems, _ = _against_hf(tiny_model, folder)
     assert len(problems) == len(source) - 1 and all(p.key for p in problems)
+
+
+def test_two_layers_swapped_are_one_error_and_one_pair_stays_per_tensor(tiny_model, tiny_dcp, source, tmp_path):
+    a, b = "model.layers.0.", "model.layers.1."
+    swapped = {
+        (b + k[len(a) :] if k.startswith(a) else a + k[len(b) :] if k.startswith(b) else k): v
+        for k, v in source.items()
+    }
+    folder = _save(swapped, tmp_path / "layers")
+    n = sum(1 for k in source if k.startswith((a, b)))
+    for problems in (_against_hf(tiny_model, folder)[0], _against_record(folder, tiny_dcp)):
+        (problem,) = problems
+        assert problem.key is None and problem.detail.startswith(
+            f"model.layers.0 and model.layers.1 are swapped: {n} tensors hold each other's values instead of "
+        )
+        assert problem.hint.startswith("two keys hold each other's tensors")
+    q, o = a + "self_attn.q_proj.weight", a + "self_attn.o_proj.weight"
+    folder = _save({**source, q: source[o], o: source[q]}, tmp_path / "one-pair")  # one pair: named tensor by tensor
+    problems, _ = _against_hf(tiny_model, folder)
+    assert sorted(p.key for p in problems) == sorted([q, o])
+    assert all("it holds the values expected for" in p.detail for p in problems)

@@ -7,7 +7,7 @@ import re
 import shutil
 import time
 
-from cli_support import run_cli
+from support.cli import run_cli
 
 
 def test_the_drop_in_states_the_commands_wall_time(tiny_model, tmp_path):

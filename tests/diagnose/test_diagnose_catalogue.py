@@ -26,6 +26,9 @@ from tests.diagnose.conftest import (
     rotary_interleaved_keys,
 )
 
+# slow: trains two tiny models on a cold cache, then diagnoses ~40 broken checkpoints (make test-fast leaves it out).
+pytestmark = pytest.mark.slow
+
 RIGHT_SHAPE_WRONG = ("swapped_layers", "transposed", "zeroed_mlp", "nan")
 
 
@@ -95,11 +98,10 @@ def test_right_shaped_wrong_tensors_are_caught_by_values_and_loss(arch, case, ca
         layer0 = [k for k in open_hf(model).tensors if k.startswith(a)]
         expected = {k for k in layer0 if _hf_differs(model, k, b + k[len(a) :])}
         expected |= {b + k[len(a) :] for k in expected}
-        assert flagged == expected and expected
-        partner = {k: b + k[len(a) :] for k in expected if k.startswith(a)}
-        partner.update({v: k for k, v in partner.items()})
-        for p in problems_of(r, "value_mismatch"):  # the cause is named: which HF tensor it holds instead
-            assert f"it holds the values expected for {partner[p['key']]}" in p["detail"]
+        # One cause, one error: the two layers named, with the count of tensors holding each other's values.
+        (swap,) = problems_of(r, "value_mismatch")
+        assert swap["key"] is None and expected, swap
+        assert swap["detail"].startswith(f"{a[:-1]} and {b[:-1]} are swapped: {len(expected)} tensors hold each other")
     elif case == "transposed":
         assert flagged == {TRANSPOSED}
         assert "it holds the expected values transposed" in problems_of(r, "value_mismatch")[0]["detail"]
@@ -109,8 +111,8 @@ def test_right_shaped_wrong_tensors_are_caught_by_values_and_loss(arch, case, ca
     else:
         nonfinite = problems_of(r, "nonfinite")
         assert [p["key"] for p in nonfinite] == [NAN_KEY] and "1 of" in nonfinite[0]["detail"]
-    for p in problems_of(r, "value_mismatch"):
-        assert "max abs diff" in p["detail"] and p["severity"] == "error"
+    for p in problems_of(r, "value_mismatch"):  # per tensor, its largest difference; a folded swap, its count
+        assert ("max abs diff" in p["detail"] or " are swapped: " in p["detail"]) and p["severity"] == "error"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import report_json, run_cli
+from support.cli import report_json, run_cli
 
 TENSORS = 25  # the embedded OLMo2's tensors
 
