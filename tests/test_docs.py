@@ -47,18 +47,19 @@ def spelled(value: object) -> str:
 
 def module_map() -> set[str]:
     """The paths the module map of docs/layout.md names (the fenced block under "The package, by concern"):
-    one entry a line, a folder's entries indented under it."""
+    one entry a line, a folder's entries indented under it, each named once (merges leave twins)."""
     text = (REPO / "docs" / "layout.md").read_text(encoding="utf-8")
     block = text.split("## The package, by concern", 1)[1].split("```", 2)[1]
-    named, stack = set(), []
+    named: list[str] = []
+    stack: list[str] = []
     for line in block.splitlines():
         if not line.strip():
             continue
         depth = (len(line) - len(line.lstrip())) // 2
-        name = line.split()[0]
-        stack[depth:] = [name]
-        named.add("".join(stack).rstrip("/"))
-    return named
+        stack[depth:] = [line.split()[0]]
+        named.append("".join(stack).rstrip("/"))
+    assert len(named) == len(set(named)), sorted({n for n in named if named.count(n) > 1})  # each on one line
+    return set(named)
 
 
 def test_the_module_map_names_every_module_and_only_modules():

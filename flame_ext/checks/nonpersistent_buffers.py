@@ -55,7 +55,7 @@ def check_buffers(model: nn.Module, *, repair: bool, after: str | None = None) -
         expected = fresh_buffers(module)
         for b in names:
             key = f"{mod_name}.{b}" if mod_name else b
-            actual = module._buffers[b]
+            actual = module.get_buffer(b)
             if expected is None or b not in expected:
                 problems.append(
                     Problem(
@@ -100,11 +100,14 @@ def load_path_hazards(build_meta: Any) -> list[Problem]:
     checkpoint: it is reported so the user knows a trainer that builds models this way needs a repair.
     """
     model = build_meta()
-    model.to_empty(device="cpu")
-    # Poison the memory to_empty() left, so that "happens to be right" cannot pass for "was recomputed".
-    for _, module, names in nonpersistent_buffer_modules(model):
+    # Only the modules holding non-persistent buffers get memory (their own tensors: rotary embeddings hold
+    # no weights); every weight stays on meta, where post_init()'s initialisers run without memory. The whole
+    # model materialised took the 7B's size in RSS here, for a check of a few KB of buffers.
+    for _, module, names in list(nonpersistent_buffer_modules(model)):
+        module.to_empty(device="cpu", recurse=False)
+        # Poison the memory to_empty() left, so that "happens to be right" cannot pass for "was recomputed".
         for b in names:
-            module._buffers[b].fill_(float("nan"))
+            module.get_buffer(b).fill_(float("nan"))
     if hasattr(model, "post_init"):
         # As flame does before its post_init(): transformers 4.x marks modules initialised when the model is
         # built and would skip them all; flame clears the mark so every module's _init_weights runs again.

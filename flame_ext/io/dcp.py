@@ -216,12 +216,14 @@ class _VettedReader(dcp.FileSystemReader):
         self._metadata: Metadata | None = None
         self.folder = folder
 
-    def read_metadata(self, *args, **kwargs) -> Metadata:  # type: ignore[override]
+    def read_metadata(self, *args, **kwargs) -> Metadata:
         if self._metadata is None:
-            self._metadata = _unpickle_metadata(self.folder)
-            if getattr(self._metadata, "storage_meta", None) is None:  # as torch's reader does
-                self._metadata.storage_meta = StorageMeta()
-            self._metadata.storage_meta.load_id = self.load_id
+            metadata = _unpickle_metadata(self.folder)
+            if getattr(metadata, "storage_meta", None) is None:  # as torch's reader does
+                metadata.storage_meta = StorageMeta()
+            assert metadata.storage_meta is not None
+            metadata.storage_meta.load_id = self.load_id
+            self._metadata = metadata
         return self._metadata
 
 
@@ -238,7 +240,9 @@ class _RowsPlanner(DefaultLoadPlanner):
 
     def create_local_plan(self) -> LoadPlan:
         buffer = self.state_dict[self._key]
-        md = self.metadata.state_dict_metadata[self._key]  # type: ignore[union-attr]
+        assert self.metadata is not None  # set by torch before it asks for the plan
+        md = self.metadata.state_dict_metadata[self._key]
+        assert isinstance(md, TensorStorageMetadata)  # the rows of a tensor: never bytes
         offsets = torch.Size([self._start] + [0] * (buffer.dim() - 1)) if buffer.dim() else torch.Size([])
         chunk = ChunkStorageMetadata(offsets=offsets, sizes=buffer.size())
         self.plan = LoadPlan(create_read_items_for_chunk_list(self._key, md, [chunk]))
@@ -268,6 +272,11 @@ class DCPRowReader:
         """The whole tensor as consecutive blocks of rows, each at most ``buffer_bytes``."""
         for start, end in row_blocks(spec, buffer_bytes):
             yield self.rows(key, spec, start, end)
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Fill every tensor of ``state`` (checkpoint keys) whole, strictly, as ``load_state`` does, with this
+        reader's ``.metadata`` (read once for the many loads of a block-by-block pass)."""
+        _load(self._reader, state, DefaultLoadPlanner(allow_partial_load=False), f"{len(state)} tensors")
 
 
 def _load(reader: _VettedReader, state: dict[str, torch.Tensor], planner: DefaultLoadPlanner, what: str) -> None:

@@ -106,6 +106,7 @@ def _diagnose(capsys, checkpoint, model, *extra: str) -> tuple[int, dict]:
     return code, report_json(capsys.readouterr().out)
 
 
+@pytest.mark.slow  # trains the tiny Mistral on a cold cache; make test-fast leaves it out
 def test_diagnose_stops_the_transposed_q_proj_the_mean_lets_through(
     mistral_model, mistral_dcp, mistral_reference, capsys
 ):
@@ -129,12 +130,14 @@ def test_diagnose_stops_the_transposed_q_proj_the_mean_lets_through(
     assert code == 0 and mean_only["verdict"] == "OK" and mean_only["loss"]["token_threshold"] == 1000
 
 
+@pytest.mark.slow  # the tiny Mistral, converted and diagnosed
 def test_a_healthy_mistral_passes_token_by_token(mistral_model, mistral_dcp, mistral_reference, capsys):
     code, report = _diagnose(capsys, mistral_dcp["healthy"], mistral_model, "--reference", str(mistral_reference))
     assert code == 0, report["problems"]
     assert report["loss"]["token_delta"] < 1e-4  # the same computation: rounding noise only
 
 
+@pytest.mark.slow  # the tiny Mistral, converted and diagnosed
 def test_a_healthy_bf16_mistral_passes_token_by_token(mistral_model, capsys, tmp_path):
     """Converted to bf16 with its reference measured in bf16 (what `convert --dtype bfloat16` records)."""
     checkpoint = tmp_path / "bf16"

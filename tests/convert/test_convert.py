@@ -326,6 +326,7 @@ def test_to_hf_extracts_model_from_full_training_checkpoint(generation, sharded_
 # ---------------------------------------------------------------- drop-in modules
 
 
+@pytest.mark.slow  # the three drop-ins in fresh processes; make test-fast leaves it out
 def test_drop_in_modules_with_flames_argument_names(sharded_model, tmp_path):
     dump = tmp_path / "exp"
     step0 = dump / "checkpoint" / "step-0"
@@ -381,6 +382,7 @@ def _poison(model: Path, key: str, value: float) -> None:
     save_file(tensors, str(shard), metadata={"format": "pt"})
 
 
+@pytest.mark.slow  # converts, diagnoses and converts back in fresh processes; make test-fast leaves it out
 def test_non_finite_source_values_are_copied_faithfully_and_named(sharded_model, tmp_path):
     import shutil
 

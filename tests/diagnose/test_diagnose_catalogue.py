@@ -26,6 +26,9 @@ from tests.diagnose.conftest import (
     rotary_interleaved_keys,
 )
 
+# slow: trains two tiny models on a cold cache, then diagnoses ~40 broken checkpoints (make test-fast leaves it out).
+pytestmark = pytest.mark.slow
+
 RIGHT_SHAPE_WRONG = ("swapped_layers", "transposed", "zeroed_mlp", "nan")
 
 

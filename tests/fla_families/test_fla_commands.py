@@ -22,6 +22,9 @@ from flame_ext.convert.dcp_to_hf import ToHFOptions, convert_dcp_to_hf
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 from flame_ext.io.manifest import read_manifest
 
+# slow: every fla family through convert, diagnose and to-hf (make test-fast leaves it out).
+pytestmark = pytest.mark.slow
+
 family = pytest.mark.parametrize("name", sorted(FAMILIES))
 
 
@@ -61,7 +64,8 @@ def test_nested_layout_bfloat16_and_future_predictor(name, fla_hf, tmp_path):
             checkpoint=str(out),
             layout="nested",
             dtype="bfloat16",
-            future_predictor="mlp",
+            include_future_predictor=True,
+            future_predictor_head_type="mlp",
             reference=False,
             progress=False,
         )

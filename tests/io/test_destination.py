@@ -168,6 +168,7 @@ def test_empty_folder_is_used_without_force(sharded_model, tmp_path):
     assert _siblings(dest) == []
 
 
+@pytest.mark.slow  # several commands in fresh processes; make test-fast leaves it out
 def test_previous_conversion_is_refused_without_force_and_replaced_with_it(sharded_model, tmp_path):
     dest = tmp_path / "step-0"
     assert _convert_cli(sharded_model, dest).returncode == 0
@@ -212,6 +213,7 @@ def test_each_writer_replaces_only_its_own_kind(tmp_path):
 USER_FILES = {"my_tokenizer_notes.txt": "mine\n", "vocab_backup.json": "{}\n", "chat_template_draft.jinja": "{{ x }}\n"}
 
 
+@pytest.mark.slow  # several commands in fresh processes; make test-fast leaves it out
 @pytest.mark.parametrize("where", ["beside-hf-files", "added-to-a-to-hf-output"])
 def test_to_hf_force_never_removes_user_files_whose_names_contain_tokenizer_vocab_or_chat_template(
     tiny_model, tiny_dcp, tmp_path, where
@@ -430,6 +432,7 @@ def _wait_for_data_in_temp(proc: subprocess.Popen, dest: Path, timeout: float = 
     return False
 
 
+@pytest.mark.slow  # a 33 MB conversion stopped mid-write by each signal; make test-fast leaves it out
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_signal_mid_write_leaves_nothing(multishard_model, tmp_path, sig):
     """Ctrl-C, SIGTERM (a job scheduler's stop) and SIGHUP (a closed terminal) clean up alike: one line, exit
