@@ -335,10 +335,6 @@ class DiagnoseOptions:
         _check_folder(self.checkpoint)
         check_model_name("--model", self.model)
         _check_file("--reference", self.reference)
-        if self.token_threshold is None:  # after the checks: flame_ext.guard imports torch
-            from flame_ext.guard.options import GuardConfig  # the training guard's default, declared there once
-
-            self.token_threshold = GuardConfig.initial_load_max_token_delta
 
 
 @dataclass

@@ -30,6 +30,7 @@ from flame_ext.checks.keys import compare_specs, model_part
 from flame_ext.checks.recorded import NESTED_PREFIX, RecordedChoices, recorded_choices
 from flame_ext.command_options import DiagnoseOptions
 from flame_ext.errors import InputError
+from flame_ext.guard.options import GuardConfig
 from flame_ext.io.dcp import model_prefix, read_dcp_metadata
 from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, hf_model, open_hf, tied_aliases
 from flame_ext.io.key_names import locate_keys
@@ -405,7 +406,7 @@ def _loss_pass(ctx: _Context, opts: DiagnoseOptions, report: Report, on_stage: C
         ctx.reference or (ctx.manifest if ctx.manifest_usable else None),
         reference_name=f"--reference {opts.reference}" if ctx.reference else str(ctx.folder / MANIFEST_NAME),
         threshold=opts.threshold,
-        token_threshold=opts.token_threshold,  # type: ignore[arg-type]  # set in __post_init__
+        token_threshold=token_threshold(opts),
         dtype=_dominant_dtype(ctx.found),
         tokenizer=opts.tokenizer,
         trust_remote_code=opts.trust_remote_code,
@@ -460,3 +461,11 @@ def _draw(report: Report, plot: str, opts: DiagnoseOptions) -> None:
         return
     plot_loss(report.loss, plot, title=f"{opts.checkpoint} against {opts.model}")
     report.notes.append(f"per-position loss drawn in {plot}")
+
+
+def token_threshold(opts: DiagnoseOptions) -> float:
+    """``--token-threshold``, or the training guard's default: diagnose judges per-token agreement as the guard
+    does, and the default is declared once, in ``GuardConfig``."""
+    if opts.token_threshold is not None:
+        return opts.token_threshold
+    return GuardConfig.initial_load_max_token_delta

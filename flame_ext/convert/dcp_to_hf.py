@@ -205,12 +205,12 @@ def _read_ahead(
         while True:
             got, item = handoff.get()
             if got is None:
-                raise item  # type: ignore[misc]
+                raise item
             if got != key:
                 raise RuntimeError(f"read ahead out of order: {got} while writing {key}")
             if item is _DONE:
                 return
-            yield item  # type: ignore[misc]
+            yield item
 
     thread = threading.Thread(target=produce, name="flame-ext-read-ahead", daemon=True)
     thread.start()
