@@ -28,10 +28,11 @@ lint: $(VENV)/.installed
 
 test: lint test-main test-titan01
 
-# A quick lane while working: one environment (torchtitan 0.3), no multi-process or training runs (marked slow),
-# stop at the first failure. `make test` is what CI runs.
+# A quick lane while working: one environment (torchtitan 0.3), no multi-process, training or catalogue runs
+# (marked slow), stop at the first failure; the ten slowest tests are listed at the end. `make test` is what CI
+# runs: every test, both environments.
 test-fast: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q -x -m "not slow"
+	$(VENV)/bin/python -m pytest -q -x -m "not slow" --durations=10
 
 test-main: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fresh_process import run_fresh
-from olmo2_checkpoint import DROP_CACHES, STOCK, can_drop_caches, drop_page_cache, generate, layers_for, olmo2_config
+from olmo2_checkpoint import DROP_CACHES, STOCK, can_drop_caches, drop_page_cache, generate, sized_config
 
 HIDDEN, INTERMEDIATE, HEADS = 2048, 8192, 16
 
@@ -68,11 +68,10 @@ class Result:
 
 
 def generate_sized(folder: Path, size_gb: float) -> int:
-    """A bf16 checkpoint of about ``size_gb`` GB (hidden 2048, vocab 100352); returns the total tensor bytes."""
-    layers = layers_for(size_gb, HIDDEN, INTERMEDIATE, 2)
-    shape = dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_attention_heads=HEADS)
-    config = olmo2_config({**shape, "num_key_value_heads": HEADS, "num_hidden_layers": layers}, "bfloat16")
-    return generate(folder, config, dtype="bfloat16", std=1.0, tokenizer=False)
+    """A bf16 checkpoint of about ``size_gb`` GB (hidden 2048, vocab 100352; below ``TINY_GB`` the smoke runs'
+    tiny shape); returns the total tensor bytes."""
+    width = dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_attention_heads=HEADS)
+    return generate(folder, sized_config(size_gb, width, "bfloat16"), dtype="bfloat16", std=1.0, tokenizer=False)
 
 
 def measure(name: str, cmd: list[str], cold: bool = False) -> Result:

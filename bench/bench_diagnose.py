@@ -13,17 +13,29 @@ Then times what the metadata pass does (median of --repeat runs): read ``.metada
 files' sizes, index the HF headers, read the manifest, compare the spec tables, check the manifest.
 Building the model on ``meta`` (transformers) is timed separately: the 1 s target excludes it and the
 transformers import. Nothing here reads a tensor.
+
+With ``--loss-size-gb X`` (or ``--loss-model HF_FOLDER``, an OLMo2 made by ``olmo2_checkpoint.generate``), also
+``diagnose --loss`` on a real checkpoint: a bf16 OLMo2 of about X GB (hidden 4096 as the 7B; ``7b``: the
+OLMo-2-1124-7B shape; below 0.1 GB the smoke runs' tiny shape) is generated and converted with its reference,
+then ``flame-ext diagnose --checkpoint C --loss`` runs in a fresh process: wall, CPU seconds and its own peak
+RSS (``fresh_process``), against the 2 GB the streamed load must stay within. Generated files are deleted.
+
+    .venv/bin/python bench/bench_diagnose.py --loss-size-gb 1 7b --workdir /big/disk
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import struct
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -127,11 +139,70 @@ def write_sparse_dcp(folder: Path, state: dict[str, torch.Tensor], config: dict)
     )
 
 
+@dataclass
+class LossRun:
+    size_gb: float
+    layers: int
+    wall: float
+    cpu: float
+    rss_mb: float
+    output: str
+
+
+def measure_loss(work: Path, *, size: str | None = None, model: Path | None = None) -> LossRun:
+    """Generate (unless ``model``) and convert a bf16 OLMo2, then time ``diagnose --loss`` in a fresh process.
+    Everything generated is deleted afterwards; ``model`` is left as it was."""
+    from fresh_process import run_fresh
+    from olmo2_checkpoint import SHAPE_7B, generate, olmo2_config, sized_config
+
+    work.mkdir(parents=True, exist_ok=True)
+    src, ckpt = model or work / f"hf-{size}", work / f"dcp-{size or 'model'}"
+    try:
+        if model is None:
+            width = {k: SHAPE_7B[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads")}
+            config = olmo2_config(dict(SHAPE_7B), "bfloat16") if size == "7b" else None
+            config = config or sized_config(float(size), width, "bfloat16")  # type: ignore[arg-type]
+            generate(src, config, dtype="bfloat16", std=0.02, tokenizer=True)
+        cli = [sys.executable, "-m", "flame_ext.cli"]
+        convert = cli + ["convert", "--model", str(src), "--checkpoint", str(ckpt)]
+        subprocess.run(convert, check=True, capture_output=True)
+        run = run_fresh(cli + ["diagnose", "--checkpoint", str(ckpt), "--loss"])
+        if run.rc != 0:
+            raise SystemExit(f"diagnose --loss failed (exit {run.rc}):\n{run.output[-3000:]}")
+        config = json.loads((src / "config.json").read_text())
+        total = sum(f.stat().st_size for f in ckpt.glob("*.distcp"))
+        return LossRun(total / 1e9, config["num_hidden_layers"], run.wall, run.cpu, run.rss_mb, run.output)
+    finally:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        if model is None:
+            shutil.rmtree(src, ignore_errors=True)
+
+
+def loss_line(run: LossRun) -> str:
+    return (
+        f"diagnose --loss, {run.size_gb:.2f} GB bf16 checkpoint, {run.layers} layers: {run.wall:.1f} s wall, "
+        f"{run.cpu:.1f} CPU s, peak RSS {run.rss_mb:,.0f} MB ({run.rss_mb * 2**20 / 2e9:.2f}x the 2 GB limit)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, help="where to build the sparse folders (default: a temporary folder)")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--loss-size-gb", nargs="*", default=[], help="also diagnose --loss at these sizes (GB or 7b)")
+    parser.add_argument("--loss-model", type=Path, help="also diagnose --loss on a converted copy of this HF folder")
+    parser.add_argument("--loss-only", action="store_true", help="the --loss figures only")
     args = parser.parse_args()
+    if args.loss_size_gb or args.loss_model:
+        work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-diagnose-loss-"))
+        for size in args.loss_size_gb:
+            print(loss_line(measure_loss(work, size=size)), flush=True)
+        if args.loss_model:
+            print(loss_line(measure_loss(work, model=args.loss_model)), flush=True)
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        if args.loss_only:
+            return
 
     import transformers  # noqa: F401  (imported before any timing: the target excludes it)
 
@@ -154,7 +225,8 @@ def main() -> None:
         stub = HFCheckpoint("bench", work, None, OLMO2_7B, {}, "safetensors")
         work.mkdir(parents=True, exist_ok=True)
         (work / "config.json").write_text(json.dumps(OLMO2_7B))
-        state = build_meta_model(stub).state_dict()
+        # No weights exist yet (the sparse files are made from this state dict): the config's own size is the bound.
+        state = build_meta_model(stub, weight_bytes=40 * 10**9).state_dict()
         write_sparse_hf(hf_dir, state)
         write_sparse_dcp(dcp_dir, state, json.loads((hf_dir / "config.json").read_text()))
 

@@ -6,7 +6,7 @@
    recorder's ``add_rows`` replaced by a no-op; "plain only" records the fingerprints of the values as written
    but not their roundings to the other training dtypes. ``--dtype float32`` converts to fp32 (the output is
    then twice the source). With ``--before REV``, also the fingerprint code of git revision REV (its
-   ``flame_ext/io/fingerprint.py`` swapped in).
+   ``flame_ext/fingerprints/algorithm.py`` swapped in).
 2. The guard's verification on OLMo-2-1124-7B shapes on CPU: one decoder layer's tensors (q/k/v/o
    4096x4096, gate/up 11008x4096, down 4096x11008, four norms) as random float32 parameters, fingerprinted
    at bfloat16 (the stored dtype) with ``local_fingerprint`` as the guard does, timed and scaled to 32
@@ -41,13 +41,14 @@ from bench_convert import generate_sized, measure  # noqa: E402
 CLI = "from flame_ext.cli import main; sys.exit(main(sys.argv[1:]))"
 VARIANTS = {
     "with fingerprints": "import sys; " + CLI,
-    "plain only": "import sys, flame_ext.io.fingerprint as f; f.rounding_dtypes = lambda stored: (); " + CLI,
+    "plain only": "import sys, flame_ext.fingerprints.algorithm as f; f.rounding_dtypes = lambda stored: (); " + CLI,
     "without": (
-        "import sys, flame_ext.io.fingerprint as f; f.Recorder.add_rows = lambda self, key, start, block: None; " + CLI
+        "import sys, flame_ext.fingerprints.algorithm as f; "
+        "f.Recorder.add_rows = lambda self, key, start, block: None; " + CLI
     ),
 }
 BEFORE = (
-    "import sys, importlib.util as u, flame_ext.io.fingerprint as f; "
+    "import sys, importlib.util as u, flame_ext.fingerprints.algorithm as f; "
     "s = u.spec_from_file_location('before', {path!r}); m = sys.modules['before'] = u.module_from_spec(s); "
     "s.loader.exec_module(m); f.block_fingerprint = m.block_fingerprint; " + CLI
 )
@@ -55,14 +56,23 @@ H, INTER, VOCAB, LAYERS = 4096, 11008, 100352, 32
 LAYER_SHAPES = [(H, H)] * 4 + [(INTER, H)] * 2 + [(H, INTER)] + [(H,)] * 4
 
 
+def use_tiny_shapes() -> None:
+    """The guard figures on a tiny layer and vocabulary (``--tiny``): every step runs, in seconds."""
+    global H, INTER, VOCAB, LAYERS, LAYER_SHAPES
+    H, INTER, VOCAB, LAYERS = 128, 256, 1024, 2
+    LAYER_SHAPES = [(H, H)] * 4 + [(INTER, H)] * 2 + [(H, INTER)] + [(H,)] * 4
+
+
 def load_before(rev: str, work: Path) -> tuple[ModuleType, Path]:
     """REV's fingerprint module (torch only), loaded from a copy under ``work``."""
     path = work / "fingerprint_before.py"
-    path.write_text(
-        subprocess.run(
-            ["git", "show", f"{rev}:flame_ext/io/fingerprint.py"], check=True, capture_output=True, text=True
-        ).stdout
-    )
+    # The module was flame_ext/io/fingerprint.py before the fingerprints package: an older REV has it there.
+    for name in ("flame_ext/fingerprints/algorithm.py", "flame_ext/io/fingerprint.py"):
+        shown = subprocess.run(["git", "show", f"{rev}:{name}"], capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    shown.check_returncode()
+    path.write_text(shown.stdout)
     spec = importlib.util.spec_from_file_location("fingerprint_before", path)
     module = sys.modules["fingerprint_before"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -118,7 +128,7 @@ def timed(fn, threads: int) -> tuple[float, float]:
 def guard_7b(before: ModuleType | None, repeat: int) -> None:
     import torch
 
-    from flame_ext.io import fingerprint
+    from flame_ext.fingerprints import algorithm as fingerprint
 
     impls = {"after": fingerprint.local_fingerprint}
     if before is not None:
@@ -155,8 +165,8 @@ def guard_path(repeat: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from flame_ext.fingerprints.algorithm import local_fingerprint
     from flame_ext.guard.ranks import sum_over_ranks
-    from flame_ext.io.fingerprint import local_fingerprint
 
     with tempfile.NamedTemporaryFile() as rendezvous:
         dist.init_process_group("gloo", init_method=f"file://{rendezvous.name}", rank=0, world_size=1)
@@ -188,7 +198,7 @@ def summation_order(before: ModuleType | None) -> None:
     """Largest relative difference between ways of summing the same tensor's fingerprint."""
     import torch
 
-    from flame_ext.io.fingerprint import TERMS, block_fingerprint
+    from flame_ext.fingerprints.algorithm import TERMS, block_fingerprint
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         scale = torch.full_like(a, float(max(a[3], b[3])))
@@ -236,7 +246,11 @@ def main() -> int:
     p.add_argument("--skip-convert", action="store_true")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32"], help="the conversion's --dtype")
     p.add_argument("--convert-only", action="store_true", help="the conversion figures only")
+    p.add_argument("--tiny", action="store_true", help="smoke run (tests/bench): tiny checkpoint and layer shapes")
     args = p.parse_args()
+    if args.tiny:
+        use_tiny_shapes()
+        args.size_gb = min(args.size_gb, 0.01)
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         work = Path(tmp)
         before, before_path = load_before(args.before, work) if args.before else (None, None)

@@ -96,7 +96,7 @@ def bench_parity_7b() -> None:
 def bench_loss_tiny() -> None:
     from transformers import AutoModelForCausalLM
 
-    from flame_ext.checks.buffers import check_buffers
+    from flame_ext.checks.nonpersistent_buffers import check_buffers
     from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
     from flame_ext.guard import hf_loss_probe
     from flame_ext.io.hf import DEFAULT_MODEL
@@ -129,8 +129,8 @@ def bench_loss_tiny() -> None:
 
 
 def bench_manager_load(ckpt: Path, tmp: Path) -> None:
-    from _hosts import build_manager, titan_generation
     from _models import hf_like_trainer
+    from support.titan_hosts import build_manager, titan_generation
 
     from flame_ext.io.hf import DEFAULT_MODEL
 

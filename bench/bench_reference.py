@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from fresh_process import run_fresh
-from olmo2_checkpoint import SHAPE_7B, can_drop_caches, drop_page_cache, generate, layers_for, olmo2_config
+from olmo2_checkpoint import SHAPE_7B, can_drop_caches, drop_page_cache, generate, olmo2_config, sized_config
 
 SHAPE_SMALL = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16)
 FLAME_ROWS = ("no-ref", "default", "ref-stream")
@@ -53,14 +53,14 @@ DCP.save({"model": model.state_dict()}, storage_writer=DCP.filesystem.FileSystem
 STREAMED = """
 import sys
 from flame_ext.io.hf import open_hf
-from flame_ext.model.reference import compute_reference
+from flame_ext.model.reference_loss import compute_reference
 print(compute_reference(open_hf(sys.argv[1]), dtype="bfloat16")["loss_mean"])
 """
 
 WHOLE = """
 import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from flame_ext.model.reference import per_token_loss, read_reference_text, reference_batch
+from flame_ext.model.reference_loss import per_token_loss, read_reference_text, reference_batch
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 ids = reference_batch(tok, read_reference_text(None), 512)
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).eval()
@@ -69,15 +69,14 @@ with torch.no_grad():
 """
 
 
-def shape_for(case: str) -> dict:
-    """``7b``: OLMo-2-1124-7B; ``7b-<n>L``: its width with n layers; ``<x>GB``: hidden 1024, layers for x GB."""
+def config_for(case: str) -> dict:
+    """config.json of ``7b``: OLMo-2-1124-7B; ``7b-<n>L``: its width with n layers; ``<x>GB``: hidden 1024,
+    layers for x GB (below ``TINY_GB``: the smoke runs' tiny shape)."""
     if case == "7b":
-        return dict(SHAPE_7B)
+        return olmo2_config(dict(SHAPE_7B), "float32")
     if case.startswith("7b-"):
-        return {**SHAPE_7B, "num_hidden_layers": int(case[3:-1])}
-    size = float(case[:-2])
-    h, i = SHAPE_SMALL["hidden_size"], SHAPE_SMALL["intermediate_size"]
-    return {**SHAPE_SMALL, "num_hidden_layers": layers_for(size, h, i, 4)}
+        return olmo2_config({**SHAPE_7B, "num_hidden_layers": int(case[3:-1])}, "float32")
+    return sized_config(float(case[:-2]), SHAPE_SMALL, "float32")
 
 
 def run(cmd: list[str], cold: bool) -> tuple[float, float, float, int]:
@@ -195,7 +194,7 @@ def main() -> None:
     ap.add_argument("--generate", nargs=2, metavar=("FOLDER", "CASE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.generate:
-        config = olmo2_config(shape_for(args.generate[1]), "float32")
+        config = config_for(args.generate[1])
         print(generate(Path(args.generate[0]), config, dtype="float32", std=0.02, tokenizer=True))
         return
     if args.cold and not can_drop_caches():

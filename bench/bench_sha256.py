@@ -30,16 +30,14 @@ import time
 from pathlib import Path
 
 from fresh_process import run_fresh
-from olmo2_checkpoint import generate, layers_for, olmo2_config
+from olmo2_checkpoint import generate, sized_config
 
 HIDDEN, INTERMEDIATE, HEADS = 2048, 8192, 16
 
 
 def generate_sized(folder: Path, size_gb: float) -> int:
-    layers = layers_for(size_gb, HIDDEN, INTERMEDIATE, 2)
-    shape = dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_attention_heads=HEADS)
-    config = olmo2_config({**shape, "num_key_value_heads": HEADS, "num_hidden_layers": layers}, "bfloat16")
-    return generate(folder, config, dtype="bfloat16", std=1.0, tokenizer=False)
+    width = dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_attention_heads=HEADS)
+    return generate(folder, sized_config(size_gb, width, "bfloat16"), dtype="bfloat16", std=1.0, tokenizer=False)
 
 
 def cli(*args: str) -> list[str]:

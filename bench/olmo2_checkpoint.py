@@ -18,6 +18,11 @@ from pathlib import Path
 SHARD_BYTES = 1_000_000_000
 VOCAB = 100352
 SHAPE_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32)
+# The smoke runs' shape (``tests/bench``): a few MB, so that every bench runs end to end in seconds. A size
+# below TINY_GB is made with it, whatever width the bench uses for real sizes.
+TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4)
+TINY_VOCAB = 1024
+TINY_GB = 0.1
 
 # flame's converter: from_pretrained -> state_dict() -> dcp.save with 8 writer threads.
 STOCK = """
@@ -36,22 +41,33 @@ WARM_TOOLS = (
 )
 
 
-def layers_for(size_gb: float, hidden: int, intermediate: int, itemsize: int) -> int:
+def layers_for(size_gb: float, hidden: int, intermediate: int, itemsize: int, vocab: int = VOCAB) -> int:
     """Decoder layers that bring an untied model of this width to about ``size_gb`` GB."""
     per_layer = (4 * hidden * hidden + 3 * hidden * intermediate + 4 * hidden) * itemsize  # attention, MLP, norms
-    fixed = (2 * VOCAB * hidden + hidden) * itemsize  # embeddings, lm_head, final norm
+    fixed = (2 * vocab * hidden + hidden) * itemsize  # embeddings, lm_head, final norm
     return max(1, round((size_gb * 1e9 - fixed) / per_layer))
 
 
-def olmo2_config(shape: dict, dtype: str) -> dict:
+def sized_config(size_gb: float, width: dict, dtype: str) -> dict:
+    """config.json of an OLMo2 of about ``size_gb`` GB at ``dtype``: ``width`` (hidden_size, intermediate_size,
+    num_attention_heads) with as many layers as it takes; below ``TINY_GB`` the tiny shape and vocabulary."""
+    vocab = TINY_VOCAB if size_gb < TINY_GB else VOCAB
+    width = TINY if size_gb < TINY_GB else width
+    itemsize = 4 if dtype == "float32" else 2
+    layers = layers_for(size_gb, width["hidden_size"], width["intermediate_size"], itemsize, vocab)
+    shape = {**width, "num_key_value_heads": width["num_attention_heads"], "num_hidden_layers": layers}
+    return olmo2_config(shape, dtype, vocab)
+
+
+def olmo2_config(shape: dict, dtype: str, vocab: int = VOCAB) -> dict:
     """config.json of an Olmo2ForCausalLM with ``shape`` (hidden_size, intermediate_size, heads, layers)."""
     from transformers import Olmo2Config
 
     cfg = Olmo2Config(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         max_position_embeddings=4096,
         pad_token_id=1,
-        eos_token_id=VOCAB - 1,
+        eos_token_id=vocab - 1,
         bos_token_id=None,
         tie_word_embeddings=False,
         **shape,

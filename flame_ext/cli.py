@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from flame_ext import __version__
-from flame_ext.errors import InputError, UsageError, run_guarded
+from flame_ext.errors import InputError, UsageError
+from flame_ext.process import run_guarded
 
 if TYPE_CHECKING:  # the commands import torch: only when one runs
     from flame_ext.commands.diagnose import DiagnoseOptions
@@ -159,14 +160,17 @@ def _one_process_or_ranks(
     Rank 0 returns the output's summary; another rank prints one line for ``share`` (what it wrote) and returns None.
     """
     from flame_ext.collectives import launched_by_torchrun
+    from flame_ext.convert.summary import command_seconds
 
     if launched_by_torchrun():
         summary, rank, world = ranks(opts, args.timeout_s)
+        summary.seconds = command_seconds()  # the command's wall time, start-up and imports included
         if rank != 0:
             print(f"rank {rank} of {world}, {share}: {summary.line()}")
             return None
     else:
         summary = one_process(opts)
+        summary.seconds = command_seconds()
     for note in summary.notes:
         print(f"note: {note}")
     for warning in summary.warnings:
@@ -324,7 +328,11 @@ def add_diagnose_arguments(p: argparse.ArgumentParser, *, flame: bool = False) -
         required=flame,
         help=model_help + ("" if flame else " (default: the source recorded in the checkpoint's flame_ext.json)"),
     )
-    p.add_argument("--values", action="store_true", help="also compare every tensor's values (streaming)")
+    p.add_argument(
+        "--values",
+        action="store_true",
+        help="also check every tensor's values: against the manifest's fingerprints, or the HF source with --model",
+    )
     p.add_argument(
         "--files",
         action="store_true",
@@ -399,7 +407,9 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
         help="compare a DCP checkpoint with its HF source: every problem, with its cause",
         description=(
             "Always: keys, shapes, dtypes, key layout, manifest and data-file sizes from metadata (no tensor data "
-            "read), and the tokenizer against the embedding. --values streams every tensor against the HF source; "
+            "read), and the tokenizer against the embedding. --values checks every tensor's values: without --model "
+            "against the fingerprints the manifest recorded (only the checkpoint is read), with --model against "
+            "the HF source, streamed; "
             "--loss loads the checkpoint as trainers do (meta -> to_empty -> torch.distributed.checkpoint) and "
             "compares its loss on the reference batch with the HF model's. Exit 0: no errors (warnings allowed); "
             "1: errors found; 2: unreadable input."

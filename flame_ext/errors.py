@@ -2,7 +2,8 @@
 
 Every error a user can cause is a ``FlameExtError``: the command line prints its message as one line and
 exits with code 2, so each message names the input, what is wrong with it, and what to do next.
-Bugs stay ordinary exceptions and keep their tracebacks.
+Bugs stay ordinary exceptions and keep their tracebacks. How a command's process turns these into exit codes
+(and handles Ctrl-C, SIGTERM, SIGHUP) is ``flame_ext.process``.
 """
 
 from __future__ import annotations
@@ -11,10 +12,7 @@ import contextlib
 import json
 import os
 import re
-import signal
-import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -30,9 +28,6 @@ __all__ = [
     "GuardConfigError",
     "InitialLoadValidationError",
     "ResumeValidationError",
-    "Terminated",
-    "TERMINATING_SIGNALS",
-    "termination_raises",
     "ForwardUnavailableError",
     "first_line",
     "os_error_in",
@@ -40,10 +35,7 @@ __all__ = [
     "failure_reason",
     "exit_code_of",
     "short_value",
-    "report_without_traceback",
     "refused_global",
-    "run_guarded",
-    "after_report",
 ]
 
 
@@ -111,80 +103,6 @@ class ResumeValidationError(InitialLoadValidationError):
     holds every finding. A subclass of ``InitialLoadValidationError``, so code catching that catches this too."""
 
     __module__ = "flame_ext.guard"
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where Ctrl-C would be, so every cleanup that runs for Ctrl-C runs for it too."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-# Signals that end a run the way Ctrl-C does (SIGINT already raises KeyboardInterrupt).
-TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated(signum)
-
-
-@contextlib.contextmanager
-def termination_raises() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise ``Terminated`` for the block (in the main thread), then the old handlers return.
-
-    Only default handlers are replaced: a host (a trainer, a job runner) that installed its own keeps it.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.getsignal(s) for s in TERMINATING_SIGNALS}
-    mine = [s for s, h in previous.items() if h == signal.SIG_DFL]
-    for s in mine:
-        signal.signal(s, _raise_terminated)
-    try:
-        yield
-    finally:
-        for s in mine:
-            signal.signal(s, previous[s])
-
-
-def report_without_traceback() -> None:
-    """Make an uncaught ``InitialLoadValidationError`` print its report without a traceback (exit code 1, as
-    any uncaught exception; ``python -m flame_ext.flame.train`` exits 1 too).
-
-    For trainers that run the guard and do not catch its error (flame's patched ``train.py``): the report
-    is what the user needs; a traceback through torchtitan's load says nothing more. Also when the error is
-    wrapped (torchtitan 0.3 raises ``CheckpointException`` from it). Other exceptions, and any exception with
-    ``FLAME_EXT_DEBUG`` set, go to the hook that was installed before.
-    """
-    previous = sys.excepthook
-    if getattr(previous, "_flame_ext", False):
-        return
-
-    def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
-        found = _guard_error_in(exc)
-        if found is None or os.environ.get("FLAME_EXT_DEBUG"):
-            previous(exc_type, exc, tb)
-            return
-        # Handed to the previous hook without its traceback and chain, so a hook that decorates the output
-        # (torch.distributed prefixes each line with "[rankN]: ") still does.
-        found.__cause__ = found.__context__ = None
-        found.__suppress_context__ = True
-        previous(type(found), found.with_traceback(None), None)
-
-    hook._flame_ext = True  # type: ignore[attr-defined]
-    sys.excepthook = hook
-
-
-def _guard_error_in(exc: BaseException | None) -> InitialLoadValidationError | None:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, InitialLoadValidationError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 class ForwardUnavailableError(FlameExtError):
@@ -280,72 +198,3 @@ def refused_global(exc: BaseException) -> str | None:
     """torch's weights-only sentence naming a refused global ("Unsupported global: GLOBAL os.system"), if any."""
     match = re.search(r"Unsupported global: GLOBAL [\w.]+", str(exc))
     return match.group(0) if match else None
-
-
-def _say_error(prog: str, message: str, json_errors: bool) -> None:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    if json_errors:  # --json: a program reading stdout gets the failure as JSON too
-        import json
-
-        from flame_ext.report import error_record
-
-        print(json.dumps(error_record(message)))
-
-
-_AFTER_REPORT: list[Callable[[], None]] = []
-
-
-def after_report(step: Callable[[], None]) -> None:
-    """Run ``step`` once the command's outcome has been printed (``run_guarded``). Under torchrun, ranks that
-    failed together leave together this way: the launcher ends every rank as soon as one exits with an error,
-    so a rank that left first would cut the others off before they said their line."""
-    _AFTER_REPORT.append(step)
-
-
-def _run_after_report() -> None:
-    while _AFTER_REPORT:
-        with contextlib.suppress(Exception):
-            _AFTER_REPORT.pop()()
-
-
-def run_guarded(
-    fn: Callable[[Any], int], args: Any, *, debug: bool, prog: str = "flame-ext", json_errors: bool = False
-) -> int:
-    """Run a command; user errors become one line and exit 2; Ctrl-C, SIGTERM and SIGHUP exit 128 + the
-    signal number (130, 143, 129) with one line, after the same cleanup, nothing half-written."""
-    try:
-        return _run_reported(fn, args, debug=debug, prog=prog, json_errors=json_errors)
-    finally:
-        _run_after_report()
-
-
-def _run_reported(fn: Callable[[Any], int], args: Any, *, debug: bool, prog: str, json_errors: bool) -> int:
-    try:
-        with termination_raises():
-            return fn(args)
-    except InitialLoadValidationError as exc:  # the run started and the guard found problems: exit 1, as diagnose
-        if debug:
-            raise
-        print(f"{prog}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    except FlameExtError as exc:
-        if debug:
-            raise
-        _say_error(getattr(exc, "prog", None) or prog, str(exc), json_errors)
-        return exc.exit_code
-    except KeyboardInterrupt as exc:
-        if debug:
-            raise
-        signum = exc.signum if isinstance(exc, Terminated) else int(signal.SIGINT)
-        print(
-            f"{prog}: interrupted by {signal.Signals(signum).name}; no output was left half-written "
-            "(a destination is absent or complete)",
-            file=sys.stderr,
-        )
-        return 128 + signum
-    except OSError as exc:  # disk full, file size limit, permissions: the environment, not the input
-        if debug:
-            raise
-        where = f"{exc.filename}: " if exc.filename else ""
-        _say_error(prog, f"{where}{exc.strerror or exc}; nothing was written", json_errors)
-        return 1

@@ -13,8 +13,8 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from cli_support import report_json, run_cli
 from PIL import Image
+from support.cli import report_json, run_cli
 
 from flame_ext import convert_dcp_to_hf, convert_hf_to_dcp, diagnose_checkpoint
 from flame_ext.cli import _one_write_per_line, build_parser, convert_options, diagnose_options, main, to_hf_options

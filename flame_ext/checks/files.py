@@ -1,6 +1,6 @@
 """``diagnose --files``: the checkpoint folder byte for byte against the SHA-256 recorded at conversion.
 
-The fingerprints (``checks.fingerprints``) find any accidental change to a tensor, but they are sums: whoever
+The fingerprints (``fingerprints.compare``) find any accidental change to a tensor, but they are sums: whoever
 can write the checkpoint can solve for values that keep them (docs/fingerprints.md, "What the fingerprints
 prove"). A SHA-256 of every file, recorded by ``convert --record-sha256``, cannot be matched that way; the
 price is reading every byte and recording at conversion.

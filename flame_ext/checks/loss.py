@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flame_ext.checks.buffers import check_buffers
+from flame_ext.checks.nonpersistent_buffers import check_buffers
 from flame_ext.errors import ForwardUnavailableError, InputError
 from flame_ext.io.dcp import load_state
 from flame_ext.io.hf import HFCheckpoint, build_meta_model
+from flame_ext.io.hf_logging import transformers_quiet
 from flame_ext.io.specs import TensorSpec
-from flame_ext.model.reference import per_token_loss, run_forward
+from flame_ext.model.reference_loss import per_token_loss, run_forward
 from flame_ext.report import LossComparison, Problem, bucket_label
 
 if TYPE_CHECKING:
@@ -177,21 +178,6 @@ def _quiet(log: logging.Logger) -> Iterator[None]:
         log.propagate = propagate
 
 
-@contextlib.contextmanager
-def _transformers_quiet() -> Iterator[None]:
-    """No progress bars or "sequence longer than the model maximum" notes in the middle of a report."""
-    from transformers.utils import logging as tf_logging
-
-    verbosity = tf_logging.get_verbosity()
-    tf_logging.set_verbosity_error()
-    tf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        tf_logging.set_verbosity(verbosity)
-        tf_logging.enable_progress_bar()
-
-
 def build_like_trainer(hf: HFCheckpoint, dtype: str, *, trust_remote_code: bool = False) -> "nn.Module":
     """The HF model class on ``meta`` at ``dtype`` (buffers keep the dtype the class gives them), then
     ``to_empty()``: every parameter and buffer is uninitialised memory until something fills it."""
@@ -200,10 +186,18 @@ def build_like_trainer(hf: HFCheckpoint, dtype: str, *, trust_remote_code: bool 
 
 
 def load_into(
-    model: "nn.Module", folder: str | Path, found: dict[str, TensorSpec | None], key_map: dict[str, str]
+    model: "nn.Module",
+    folder: str | Path,
+    found: dict[str, TensorSpec | None],
+    key_map: dict[str, str],
+    *,
+    through_hooks: bool = False,
 ) -> list[str]:
     """``dcp.load`` every model tensor the checkpoint holds (strict: a planned key that cannot be read fails).
 
+    ``through_hooks``: the state dict's tensors are handed back with ``load_state_dict``, for a model whose
+    ``state_dict()`` hooks return copies (torchtitan's fused q/k/v splits ``wqkv`` into ``wq``/``wk``/``wv``
+    and merges them again on load), as torchtitan's own checkpoint load does.
     Returns the model keys that could not be loaded (absent, or another shape): the caller decides.
     """
     state = model.state_dict()
@@ -217,6 +211,8 @@ def load_into(
             continue
         wanted[ckpt_key] = tensor  # type: ignore[index]
     load_state(folder, wanted)
+    if through_hooks and not not_loaded:
+        model.load_state_dict(state)
     return not_loaded
 
 
@@ -232,7 +228,7 @@ def reference_for(
             f"{ref.get('transformers_version', '?')})",
         )
     from flame_ext.checks.tokenizer import has_tokenizer
-    from flame_ext.model.reference import compute_reference
+    from flame_ext.model.reference_loss import compute_reference
 
     if tokenizer is None and not has_tokenizer(hf.path):
         raise InputError(
@@ -240,7 +236,7 @@ def reference_for(
             "pass --tokenizer, or --reference FILE written by `flame-ext reference`"
         )
 
-    with _transformers_quiet():
+    with transformers_quiet():
         ref = compute_reference(hf, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer_path=tokenizer)
     return ref, f"the HF model measured now ({ref['dtype']}, default reference text)"
 
@@ -323,6 +319,77 @@ def _device_for(model: "nn.Module") -> torch.device:
     return torch.device("cpu")
 
 
+def _available_bytes() -> int | None:
+    """Memory the kernel can still give this process (``MemAvailable``); None where /proc/meminfo is not."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _set_buffers_as_the_guard(model: "nn.Module") -> tuple[list[Problem], list[str]]:
+    """The guard's buffer repair on the model built on ``meta``: the modules holding non-persistent buffers get
+    the memory ``to_empty()`` gives them (their own tensors only: rotary embeddings, no weights), then
+    ``check_buffers`` sets each from the config, or says it cannot. Needs no weight and no forward pass."""
+    from flame_ext.model.buffer_rebuild import nonpersistent_buffer_modules
+
+    for _, module, _ in list(nonpersistent_buffer_modules(model)):
+        module.to_empty(device="cpu", recurse=False)
+    # The repairs are stated in the report's notes.
+    with _quiet(logging.getLogger("flame_ext.checks.nonpersistent_buffers")):
+        return check_buffers(model, repair=True)
+
+
+def _streamed_losses(sm: Any, token_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Per-token loss [B, L-1] of the checkpoint streamed block by block; ``NotStreamable`` when a weight is
+    used outside its block (the forward reached a ``meta`` tensor)."""
+    from flame_ext.model.streamed import NotStreamable
+
+    sm.device = device
+    try:
+        with sm.hooked():
+            return per_token_loss(run_forward(sm.module, token_ids, device), token_ids).cpu()
+    except (RuntimeError, NotImplementedError) as exc:
+        if "meta" in str(exc).lower():
+            raise NotStreamable(str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__) from exc
+        raise
+
+
+def _whole_model_losses(
+    hf: HFCheckpoint,
+    folder: str | Path,
+    found: dict[str, TensorSpec | None],
+    key_map: dict[str, str],
+    token_ids: torch.Tensor,
+    run_dtype: str,
+    why: str,
+    trust_remote_code: bool,
+) -> tuple[torch.Tensor | None, str]:
+    """The whole model built, loaded and run as before streaming, for a model that cannot be streamed; with
+    the note saying so. None (and why) when it would not fit in the memory this machine has left: a load the
+    kernel kills says nothing, so it is not started."""
+    from flame_ext.model.streamed import whole_model_bytes
+
+    need = whole_model_bytes(hf, run_dtype)
+    available = _available_bytes()
+    if available is not None and need > 0.9 * available:
+        return None, (
+            f"loss not measured: the checkpoint cannot be loaded block by block ({why}), and the whole model needs "
+            f"{need / 1e9:.1f} GB at {run_dtype}, more than the {available / 1e9:.1f} GB this machine has available"
+        )
+    model = build_like_trainer(hf, run_dtype, trust_remote_code=trust_remote_code)
+    load_into(model, folder, found, key_map)
+    with _quiet(logging.getLogger("flame_ext.checks.nonpersistent_buffers")):
+        check_buffers(model, repair=True)  # its problems were reported by _set_buffers_as_the_guard
+    device = _device_for(model)
+    observed = per_token_loss(run_forward(model.to(device), token_ids, device), token_ids)
+    return observed, f"loss computed with the whole model in memory ({need / 1e9:.1f} GB at {run_dtype}): {why}"[:240]
+
+
 @torch.no_grad()
 def check_loss(
     hf: HFCheckpoint,
@@ -340,26 +407,31 @@ def check_loss(
     reference_name: str = "the reference",
     on_stage: Callable[[str], None] = lambda s: None,
 ) -> LossResult:
-    """Build, load, repair buffers, run the reference batch, compare; a mean gap above ``threshold``, or a
-    per-token one above ``token_threshold``, is an error.
+    """Build as the trainer does, load, repair buffers, run the reference batch, compare; a mean gap above
+    ``threshold``, or a per-token one above ``token_threshold``, is an error.
 
+    The checkpoint is loaded and run one block at a time (``CheckpointStreamedModel``: memory is the largest
+    block, not the model); a model that cannot be walked that way is loaded whole, and a note says so.
     ``reference_name`` names where ``manifest``'s reference came from, for a problem with it.
     """
+    from flame_ext.model.streamed import NotStreamable
+    from flame_ext.model.streamed_checkpoint import CheckpointStreamedModel, unloadable_keys
+
     result = LossResult(None)
     try:
         ref, origin = reference_for(hf, manifest, dtype=dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
     except ForwardUnavailableError as exc:
         ref, origin = None, str(exc)
     run_dtype = str(ref.get("dtype") or dtype) if ref else dtype
-    on_stage("building the model on meta and loading the checkpoint with torch.distributed.checkpoint")
-    model = build_like_trainer(hf, run_dtype, trust_remote_code=trust_remote_code)
+    on_stage("building the model on meta as the trainer does")
+    sm = CheckpointStreamedModel.build(hf, run_dtype, folder, found, key_map, trust_remote_code=trust_remote_code)
     name = reference_name if (manifest or {}).get("reference") is not None else origin
-    foreign = ref and reference_fit_problem(ref["token_ids"], [model], name, _FOREIGN_HINT)
+    foreign = ref and reference_fit_problem(ref["token_ids"], [sm.module], name, _FOREIGN_HINT)
     if foreign:
         result.problems.append(foreign)
         result.notes.append("loss not measured: the reference batch is not for this model")
         return result
-    not_loaded = load_into(model, folder, found, key_map)
+    not_loaded = unloadable_keys(sm.module, found, key_map, sm.tied)
     if not_loaded:
         shown = ", ".join(not_loaded[:3]) + (" ..." if len(not_loaded) > 3 else "")
         result.notes.append(
@@ -367,8 +439,7 @@ def check_loss(
             "a trainer's load fails on them (see the key and shape problems)"
         )
         return result
-    with _quiet(logging.getLogger("flame_ext.checks.buffers")):  # the repairs are stated in the report's notes
-        problems, repaired = check_buffers(model, repair=True)
+    problems, repaired = _set_buffers_as_the_guard(sm.module)
     result.problems.extend(problems)
     if repaired:
         result.notes.append(
@@ -379,15 +450,27 @@ def check_loss(
         result.notes.append(f"loss not measured: {origin}; run `flame-ext diagnose --loss` on a machine that can")
         return result
     token_ids = torch.tensor(ref["token_ids"], dtype=torch.long)
-    on_stage("running the reference batch")
+    on_stage("loading the checkpoint with torch.distributed.checkpoint and running the reference batch, block by block")
     try:
-        observed = per_token_loss(run_forward(model.to(_device_for(model)), token_ids, _device_for(model)), token_ids)
+        try:
+            observed = _streamed_losses(sm, token_ids, _device_for(sm.module))
+            how = f"loaded and run one block at a time (largest block {sm.largest_block / 1e6:,.1f} MB)"
+        except NotStreamable as exc:
+            on_stage("loading the whole model (it cannot be streamed) and running the reference batch")
+            observed, how = _whole_model_losses(
+                hf, folder, found, key_map, token_ids, run_dtype, str(exc), trust_remote_code
+            )
+            if observed is None:
+                result.notes.append(how)
+                return result
     except ForwardUnavailableError as exc:
         result.notes.append(f"loss not measured: {exc}; run `flame-ext diagnose --loss` on a machine that can")
         return result
     cmp = compare_loss(observed, ref, threshold, token_threshold)
     result.comparison = cmp
-    result.notes.append(f"loss compared with {origin}, model run in {run_dtype} on {tuple(token_ids.shape)} tokens")
+    result.notes.append(
+        f"loss compared with {origin}, model run in {run_dtype} on {tuple(token_ids.shape)} tokens, {how}"
+    )
     if not cmp.ok:
         next_step = (
             "re-convert from the HF source with `flame-ext convert`"

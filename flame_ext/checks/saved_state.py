@@ -3,7 +3,7 @@
 The record (``guard.save_record``) holds, per DCP key, the fingerprint of each saved tensor with its kind
 (model, optimizer, other state) and the digest of each non-tensor state. The caller computes the observed
 side its own way (the guard from the live, loaded state summed over ranks; diagnose by streaming the step
-folder's files); this module compares, per kind, with ``checks.fingerprints.fingerprint_problems``.
+folder's files); this module compares, per kind, with ``fingerprints.compare.fingerprint_problems``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from flame_ext.checks.fingerprints import Verification, fingerprint_problems
-from flame_ext.io.manifest import read_fingerprints
+from flame_ext.fingerprints.compare import Verification, fingerprint_problems
+from flame_ext.fingerprints.record import read_fingerprints
 from flame_ext.io.specs import TensorSpec
 from flame_ext.report import Problem
 
@@ -151,7 +151,7 @@ def verify_step_folder(
 ) -> tuple[list[Problem], str]:
     """Every recorded tensor of a step folder, streamed from its files, against the record; with the coverage
     line. Non-tensor states are not read: that would unpickle checkpoint data."""
-    from flame_ext.checks.values import stored_fingerprint
+    from flame_ext.checks.checkpoint_values import stored_fingerprint
     from flame_ext.io.dcp import DCPRowReader
 
     tensors = record["fingerprints"]["tensors"]

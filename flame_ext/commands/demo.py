@@ -21,7 +21,6 @@ import logging
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -65,7 +64,7 @@ def _flame_model(hf_path: Path, *, simulate_tf4: bool) -> tuple[torch.nn.Module,
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from flame_ext.checks.buffers import nonpersistent_buffer_modules
+    from flame_ext.checks.nonpersistent_buffers import nonpersistent_buffer_modules
     from flame_ext.io.registry import transformers_major
 
     config = AutoConfig.from_pretrained(str(hf_path))
@@ -102,7 +101,7 @@ def _guard_settings(repair: bool) -> dict[str, Any]:
 
 def _batches(hf_path: Path) -> Iterator[torch.Tensor]:
     """Training batches [BATCH, SEQ_LEN] from the bundled corpus, as flame's dataloader gives them."""
-    from flame_ext.model.reference import load_tokenizer
+    from flame_ext.model.reference_loss import load_tokenizer
 
     corpus = sorted((Path(__file__).parents[1] / "assets" / "corpus").glob("*.txt"))
     text = "\n\n".join(p.read_text(encoding="utf-8") for p in corpus)
@@ -168,28 +167,24 @@ def _quiet_hosts(guard_level: int = logging.INFO) -> Iterator[None]:
     """Show the guard's own log lines, indented; keep torchtitan's, transformers' and DCP's chatter out."""
     import warnings
 
-    import transformers
+    from flame_ext.io.hf_logging import transformers_quiet
 
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("      | %(message)s"))
     handler.addFilter(_NoJSONRecord())
     ours, root = logging.getLogger("flame_ext"), logging.getLogger()
-    saved = (ours.level, ours.propagate, root.level, transformers.logging.get_verbosity())
+    saved = (ours.level, ours.propagate, root.level)
     ours.addHandler(handler)
     ours.setLevel(guard_level)
     ours.propagate = False
     root.setLevel(logging.ERROR)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
     try:
-        with warnings.catch_warnings():
+        with transformers_quiet(), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "torch.distributed ... assuming a single process"
             yield
     finally:
         ours.removeHandler(handler)
-        ours.level, ours.propagate, root.level = saved[:3]
-        transformers.logging.set_verbosity(saved[3])
-        transformers.logging.enable_progress_bar()
+        ours.level, ours.propagate, root.level = saved
 
 
 def _convert(hf_path: Path, step0: Path) -> float:
@@ -314,7 +309,8 @@ def _installed(name: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """``flame-ext demo [--workdir DIR]``: 0 when the demo behaved as expected, 1 otherwise."""
-    started = time.perf_counter()
+    from flame_ext.convert.summary import command_seconds
+
     if args.workdir:
         work = Path(args.workdir)
         shutil.rmtree(work / "exp", ignore_errors=True)  # the demo's own folder from an earlier run
@@ -323,5 +319,5 @@ def run(args: argparse.Namespace) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="flame-ext-demo-") as tmp:
             ok = _story(Path(tmp))
-    _say(f"({time.perf_counter() - started:.1f} s)")
+    _say(f"({command_seconds():.1f} s)")  # the command's wall time, start-up and imports included
     return 0 if ok else 1

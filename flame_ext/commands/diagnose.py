@@ -27,10 +27,12 @@ from typing import Any
 import torch
 
 from flame_ext.checks.files import file_problems, recorded_digests
-from flame_ext.checks.keys import compare_specs, locate_keys, model_part
+from flame_ext.checks.keys import compare_specs, model_part
+from flame_ext.checks.recorded import NESTED_PREFIX, RecordedChoices, recorded_choices
 from flame_ext.errors import InputError
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, model_prefix, read_dcp_metadata
 from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, open_hf, tied_aliases
+from flame_ext.io.key_names import locate_keys
 from flame_ext.io.manifest import MANIFEST_NAME, TRAINING_STEP, config_hash, manifest_present, read_manifest
 from flame_ext.io.specs import TensorSpec
 from flame_ext.report import Problem, Report
@@ -124,9 +126,13 @@ def _training_entries(found: dict[str, TensorSpec | None]) -> list[str]:
 
 
 def metadata_pass(
-    found: dict[str, TensorSpec | None], expected: dict[str, TensorSpec], tied: dict[str, str]
+    found: dict[str, TensorSpec | None],
+    expected: dict[str, TensorSpec],
+    tied: dict[str, str],
+    choices: RecordedChoices = RecordedChoices(),
 ) -> tuple[Report, dict[str, str]]:
-    """Keys, shapes and dtypes; a full training checkpoint is recognised and its model part compared."""
+    """Keys, shapes and dtypes; a full training checkpoint is recognised and its model part compared. What the
+    manifest records as chosen (``choices``: a nested layout, a dtype) is a note, not a problem."""
     report = Report()
     model_keys: dict[str, TensorSpec | None] = dict(model_part(found))
     training = _training_entries(found)
@@ -137,31 +143,25 @@ def metadata_pass(
             f"full training checkpoint ({', '.join(names)}: {len(training)} entries besides the model); its model "
             "part is compared"
         )
-        if model_prefix(model_keys, expected) == "model.":
-            # torchtitan 0.1 saves {"model": ..., "optimizer": ...} unflattened: nested model keys are its layout.
-            strip = "model."
-            model_keys = {k.removeprefix(strip): v for k, v in model_keys.items() if k.startswith(strip)}
-            report.notes.append(
-                "model keys sit under 'model.' as torchtitan 0.1 writes full training checkpoints: the layout a resume "
-                "expects, not a fault; an initial model-only load needs flat keys (`flame-ext convert` writes them)"
-            )
-    parity = compare_specs(expected, model_keys, tied=tied)
-    report.extend(_collapse_uniform_dtype(parity.problems))
+    nested = model_prefix(model_keys, expected) == NESTED_PREFIX
+    if nested and choices.nested:
+        report.notes.append(choices.layout_note(len(model_keys)))
+    elif nested and training:
+        # torchtitan 0.1 saves {"model": ..., "optimizer": ...} unflattened: nested model keys are its layout.
+        report.notes.append(
+            "model keys sit under 'model.' as torchtitan 0.1 writes full training checkpoints: the layout a resume "
+            "expects, not a fault; an initial model-only load needs flat keys (`flame-ext convert` writes them)"
+        )
+    if nested and (choices.nested or training):
+        strip = NESTED_PREFIX
+        model_keys = {k.removeprefix(strip): v for k, v in model_keys.items() if k.startswith(strip)}
+    parity = compare_specs(expected, model_keys, tied=tied, choices=choices)
+    report.extend(parity.problems)
+    report.notes.extend(parity.notes)
     report.counts = dict(parity.counts)
     # Keys of ``found`` (the checkpoint as written) for each expected key, for the passes that read tensors.
     key_map = {k: strip + v for k, v in locate_keys(expected, model_keys).items()}
     return report, key_map
-
-
-def _collapse_uniform_dtype(problems: list[Problem]) -> list[Problem]:
-    """A deliberate cast (every tensor fp32 -> bf16) is one warning, not one per tensor."""
-    dtype = [p for p in problems if p.kind == "dtype_mismatch"]
-    if len(dtype) < 2 or len({p.detail for p in dtype}) != 1:
-        return problems
-    first = dtype[0]
-    merged = Problem("dtype_mismatch", "warning", None, f"all {len(dtype)} tensors: {first.detail}", first.hint)
-    rest = [p for p in problems if p.kind != "dtype_mismatch"]
-    return rest + [merged]
 
 
 def _foreign(m: dict[str, Any], hf: HFCheckpoint, name: str) -> Problem | None:
@@ -274,7 +274,7 @@ def tokenizer_check(ctx: _Context, tokenizer: str | None, trust_remote_code: boo
 
     if tokenizer is None and not has_tokenizer(ctx.hf.path):
         return [], f"no tokenizer in {ctx.hf.source}: tokenizer not checked (pass --tokenizer to check the trainer's)"
-    from flame_ext.model.reference import load_tokenizer
+    from flame_ext.model.reference_loss import load_tokenizer
 
     path = tokenizer or str(ctx.hf.path)
     tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
@@ -328,7 +328,7 @@ def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: 
     on_stage("building the model on meta")
     model = _build_expected(hf, manifest, opts.trust_remote_code)
     expected, tied = expected_tensors(model), tied_aliases(model)
-    report, key_map = metadata_pass(found, expected, tied)
+    report, key_map = metadata_pass(found, expected, tied, recorded_choices(manifest))
     report.checked = ["metadata", "manifest", "tokenizer"] + ["config"] * bool(opts.train_config)
     if recorded:
         report.notes.insert(0, f"model: {opts.model}, the source recorded in {MANIFEST_NAME} (--model not given)")
@@ -393,8 +393,8 @@ def _values_pass(
     """Against the HF source when one is named (``--model``), else against the manifest's fingerprints
     (exact; the HF files are not read). ``--atol/--rtol`` set a deliberate elementwise tolerance (HF source).
     """
-    from flame_ext.checks.values import Tolerance, compare_values, verify_fingerprints
-    from flame_ext.io.manifest import read_fingerprints
+    from flame_ext.checks.checkpoint_values import Tolerance, compare_values, verify_fingerprints
+    from flame_ext.fingerprints.record import read_fingerprints
 
     tolerance = Tolerance(opts.atol, opts.rtol)
     recorded, note = read_fingerprints(ctx.manifest) if ctx.manifest and ctx.manifest_usable else (None, None)
@@ -429,8 +429,8 @@ def _values_pass(
 
 
 def _loss_pass(ctx: _Context, opts: DiagnoseOptions, report: Report, on_stage: Callable[[str], None]) -> None:
-    from flame_ext.checks.buffers import load_path_hazards
     from flame_ext.checks.loss import check_loss
+    from flame_ext.checks.nonpersistent_buffers import load_path_hazards
 
     result = check_loss(
         ctx.hf,

@@ -7,20 +7,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flame_ext import __version__
 from flame_ext.convert.hf_to_dcp import source_reader
 from flame_ext.errors import ForwardUnavailableError, InputError
+from flame_ext.fingerprints.algorithm import Recorder
+from flame_ext.fingerprints.record import FingerprintsSection, fingerprints_section
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, replace_dtype, row_blocks
 from flame_ext.io.destination import atomic_file, check_destination
-from flame_ext.io.fingerprint import Recorder
 from flame_ext.io.hf import HFCheckpoint, open_hf
-from flame_ext.io.manifest import FORMAT_VERSION, config_hash, fingerprints_section
-from flame_ext.model.reference import compute_reference, reference_device
+from flame_ext.io.manifest import build_manifest
+from flame_ext.model.reference_loss import compute_reference, reference_device
 
 __all__ = ["write_reference", "source_fingerprints"]
 
 
-def source_fingerprints(hf: HFCheckpoint, dtype: str | None, buffer_bytes: int = DEFAULT_BUFFER_BYTES // 4) -> dict:
+def source_fingerprints(
+    hf: HFCheckpoint, dtype: str | None, buffer_bytes: int = DEFAULT_BUFFER_BYTES // 4
+) -> FingerprintsSection:
     """The fingerprints section for every tensor of the HF files, as ``dtype`` would store them (None: as is),
     with those of the values rounded to the other training dtypes, so that a checkpoint stored or loaded at any
     of them verifies exactly.
@@ -60,20 +62,7 @@ def write_reference(args: argparse.Namespace) -> dict[str, Any]:
         )
     except ForwardUnavailableError as exc:
         raise ForwardUnavailableError(f"{exc}; run `flame-ext reference` on a machine with a GPU") from exc
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "kind": "reference",
-        "tool_version": __version__,
-        "source": {
-            "model": hf.source,
-            "path": str(hf.path),
-            "revision": hf.revision,
-            "model_type": hf.model_type,
-            "config_sha256": config_hash(hf.config),
-        },
-        "reference": ref,
-        "fingerprints": source_fingerprints(hf, dtype),
-    }
+    manifest = build_manifest("reference", hf, reference=ref, fingerprints=source_fingerprints(hf, dtype))
     with atomic_file(out, kind="reference", force=args.force) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, allow_nan=False))
     return ref

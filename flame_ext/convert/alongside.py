@@ -19,7 +19,7 @@ from typing import Any
 from flame_ext.convert.summary import Progress
 from flame_ext.errors import ForwardUnavailableError
 from flame_ext.io.dcp_save import ctrl_c_held, wait_all
-from flame_ext.model.reference import ReferenceForward, ReferenceStopped
+from flame_ext.model.reference_loss import ReferenceForward, ReferenceStopped
 
 __all__ = ["ForwardBeside", "forward_beside"]
 

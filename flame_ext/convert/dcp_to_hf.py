@@ -18,6 +18,7 @@ import torch
 
 from flame_ext.convert.summary import DTYPES, Progress, Summary, nonfinite_warning, peak_rss_mb
 from flame_ext.errors import CheckpointFormatError, InputError, naming_file
+from flame_ext.fingerprints.algorithm import Recorder, nonfinite_keys
 from flame_ext.io.dcp import (
     DEFAULT_BUFFER_BYTES,
     NON_MODEL_PREFIXES,
@@ -27,7 +28,6 @@ from flame_ext.io.dcp import (
     replace_dtype,
 )
 from flame_ext.io.destination import FILES_RECORD, atomic_folder, check_destination, write_files_record
-from flame_ext.io.fingerprint import Recorder, nonfinite_keys
 from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, resolve_folder, tied_aliases
 from flame_ext.io.hf_config import read_model_config
 from flame_ext.io.manifest import MANIFEST_NAME

@@ -58,16 +58,16 @@ from flame_ext.errors import (
     DistributedRunError,
     FlameExtError,
     InputError,
-    after_report,
     exit_code_of,
     failure_reason,
     first_line,
 )
+from flame_ext.fingerprints.algorithm import Recorder, nonfinite_keys
 from flame_ext.io.dcp_save import WriteEntry, save_streaming
 from flame_ext.io.destination import Kind, atomic_folder, check_destination, flush_files
 from flame_ext.io.digests import FILES_SECTION, digest_files, files_section, written_files
-from flame_ext.io.fingerprint import Recorder, nonfinite_keys
 from flame_ext.io.manifest import MANIFEST_NAME, config_hash, write_manifest
+from flame_ext.process import after_report
 
 __all__ = ["split_by_bytes", "convert_distributed", "to_hf_distributed", "DEFAULT_TIMEOUT_S"]
 
@@ -123,7 +123,7 @@ def _process_group(timeout_s: float) -> Iterator[Any]:
     try:
         yield dist.new_group(backend="gloo", timeout=timedelta(seconds=max(timeout_s, REFERENCE_WAIT_S)))
     except Exception:
-        after_report(_leave_together)  # each rank says its line first, then they leave (errors.after_report)
+        after_report(_leave_together)  # each rank says its line first, then they leave (process.after_report)
         raise
     except BaseException:  # Ctrl-C, SIGTERM: leave at once
         _leave()

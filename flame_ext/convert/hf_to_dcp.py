@@ -14,15 +14,15 @@ from typing import Any
 
 import torch
 
-from flame_ext import __version__
 from flame_ext.convert.alongside import ForwardBeside, forward_beside
 from flame_ext.convert.summary import DTYPES, Progress, Summary, nonfinite_warning, peak_rss_mb
 from flame_ext.errors import CheckpointFormatError, FlameExtError, InputError
+from flame_ext.fingerprints.algorithm import Recorder, nonfinite_keys
+from flame_ext.fingerprints.record import fingerprints_section
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, LAYOUTS, replace_dtype
 from flame_ext.io.dcp_save import WriteEntry, save_streaming
 from flame_ext.io.destination import atomic_folder, check_destination
 from flame_ext.io.digests import FILES_SECTION, digest_files, files_section, written_files
-from flame_ext.io.fingerprint import Recorder, nonfinite_keys
 from flame_ext.io.hf import (
     HFCheckpoint,
     HFTensor,
@@ -33,11 +33,11 @@ from flame_ext.io.hf import (
     open_hf,
     tied_aliases,
 )
-from flame_ext.io.manifest import FORMAT_VERSION, MANIFEST_NAME, config_hash, fingerprints_section, write_manifest
+from flame_ext.io.manifest import MANIFEST_NAME, build_manifest, write_manifest
 from flame_ext.io.specs import TensorSpec, dtype_name
 from flame_ext.model.future_predictor import ATTRIBUTE as FP_ATTRIBUTE
 from flame_ext.model.future_predictor import attach_future_predictor
-from flame_ext.model.reference import ReferenceForward, reference_device
+from flame_ext.model.reference_loss import ReferenceForward, reference_device
 from flame_ext.titan.native import NativeModel, is_native, native_module
 
 __all__ = [
@@ -235,7 +235,7 @@ def complete_manifest(
 ) -> None:
     """After every tensor is written: the reference loss, the warnings and ``summary.manifest``.
 
-    ``fingerprints`` and ``rounded`` are the recorder's (``io.fingerprint.Recorder``): the values as written,
+    ``fingerprints`` and ``rounded`` are the recorder's (``fingerprints.algorithm.Recorder``): the values as written,
     and rounded to the other training dtypes.
 
     ``forward``: the reference forward prepared (and perhaps already run beside the writer), or the error
@@ -269,7 +269,7 @@ def prepare_reference_forward(plan: ConversionPlan, opts: ConvertOptions) -> "Re
     with ``--no-reference``. Its bad input is refused here, before anything is written."""
     if not opts.reference:
         return None
-    from flame_ext.model.reference import prepare_reference
+    from flame_ext.model.reference_loss import prepare_reference
 
     return prepare_reference(
         plan.hf,
@@ -350,7 +350,7 @@ def _reference(
             None,
         )
     from flame_ext.errors import ForwardUnavailableError
-    from flame_ext.model.reference import NonFiniteReference, reference_record
+    from flame_ext.model.reference_loss import NonFiniteReference, reference_record
 
     if isinstance(forward, FlameExtError):
         raise forward
@@ -390,25 +390,14 @@ def _manifest(
     parameters: int,
 ) -> dict:
     prefix = LAYOUTS.get(opts.layout, "")  # torchtitan's native keys are flat
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": "checkpoint",
-        "tool_version": __version__,
-        "source": {
-            "model": hf.source,
-            "path": str(hf.path),
-            "revision": hf.revision,
-            "model_type": hf.model_type,
-            "architectures": hf.config.get("architectures"),
-            "config_sha256": config_hash(hf.config),
-        },
-        "layout": opts.layout,
-        "dtype": opts.dtype,
-        "tensors": {
-            e.key: {"shape": list(e.spec.shape), "dtype": e.spec.dtype, "numel": e.spec.numel} for e in entries
-        },
-        "total_parameters": parameters,
-        "fresh_keys": sorted(prefix + k for k in fresh),
-        "future_predictor": opts.future_predictor,
-        "reference": reference,
-    }
+    return build_manifest(
+        "checkpoint",
+        hf,
+        layout=opts.layout,
+        dtype=opts.dtype,
+        tensors={e.key: {"shape": list(e.spec.shape), "dtype": e.spec.dtype, "numel": e.spec.numel} for e in entries},
+        total_parameters=parameters,
+        fresh_keys=sorted(prefix + k for k in fresh),
+        future_predictor=opts.future_predictor,
+        reference=reference,
+    )

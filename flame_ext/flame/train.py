@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # directory on sys.path, as flame's own `-m flame.train` does, so run this from the flame checkout.
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    from flame_ext.errors import run_guarded
+    from flame_ext.process import run_guarded
 
     return run_guarded(
         lambda _: _run(), None, debug=bool(os.environ.get("FLAME_EXT_DEBUG")), prog="flame_ext.flame.train"

@@ -6,7 +6,7 @@ and hand over what the load asks for; this module decides whether it is right. F
 1. before any tensor is read, the keys / global shapes / dtypes the load will request against the
    checkpoint's metadata (``parity``), every problem at once;
 2. after loading, every loaded tensor against the fingerprint recorded when it was written (``values``);
-3. the non-persistent buffers no checkpoint holds (``checks.buffers.check_buffers``), repaired when asked;
+3. the non-persistent buffers no checkpoint holds (``checks.nonpersistent_buffers.check_buffers``), repaired when asked;
 4. one forward pass on the manifest's reference batch, against the HF model's loss on the same tokens
    (``step0_loss``).
 
@@ -20,18 +20,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from flame_ext.errors import InitialLoadValidationError, report_without_traceback
+from flame_ext.checks.native_keys import torchtitan_module
+from flame_ext.errors import InitialLoadValidationError
 from flame_ext.guard.metrics import record_metrics
 from flame_ext.guard.options import GuardConfig
 from flame_ext.guard.parity import parity_problems
 from flame_ext.guard.probe import LossProbe, run_probe
 from flame_ext.guard.ranks import RankFailure, agreed, pool, pool_counts, rank, world
-from flame_ext.guard.reference import read_guard_reference, source_config_problems
+from flame_ext.guard.reference_file import read_guard_reference, source_config_problems
 from flame_ext.guard.state import RequestedLoad
 from flame_ext.guard.step0_loss import (
     RankGaps,
@@ -41,9 +42,13 @@ from flame_ext.guard.step0_loss import (
     measure_loss,
     missing_reference_problems,
 )
-from flame_ext.guard.values import verify_loaded_values
+from flame_ext.guard.value_check import verify_loaded_values
 from flame_ext.io.specs import TensorSpec
+from flame_ext.process import report_without_traceback
 from flame_ext.report import LossComparison, Problem, Report
+
+if TYPE_CHECKING:
+    from flame_ext.fingerprints.record import Fingerprints
 
 __all__ = ["InitialLoadGuard"]
 
@@ -66,7 +71,7 @@ class InitialLoadGuard:
         self.reference_unavailable: str | None = None  # why the conversion recorded no reference loss
         self.skipped_loss: str | None = None  # why the loss gate was skipped on this machine
         self.fresh: list[str] = []
-        self.fingerprints: Any = None  # io.manifest.Fingerprints when values are verified
+        self.fingerprints: Fingerprints | None = None  # when values are verified
         self.found: dict[str, TensorSpec | None] = {}
         self.figures: dict[str, float] = {}  # step-0 figures for the metric logger beside the loss
         self.model_prefix = ""
@@ -102,8 +107,19 @@ class InitialLoadGuard:
         self.model_prefix = requested.model_prefix
         counts = self.report.counts
 
+        module = next((m for m in map(torchtitan_module, self.parts) if m), None)
+
         def parity() -> list[Problem]:
-            return list(extra) + parity_problems(requested, found, fresh=self.fresh, tied=tied or {}, counts=counts)
+            return list(extra) + parity_problems(
+                requested,
+                found,
+                fresh=self.fresh,
+                tied=tied or {},
+                counts=counts,
+                choices=ref.choices,
+                notes=notes,
+                native_module=module,
+            )
 
         problems = self._agreed(parity, "the key/shape check")
         # What is wrong with the checkpoint itself first (a stock converter's nested keys), then the reference.
@@ -175,7 +191,7 @@ class InitialLoadGuard:
         return self.report
 
     def _buffers(self, repair: bool) -> list[Problem]:
-        from flame_ext.checks.buffers import check_buffers
+        from flame_ext.checks.nonpersistent_buffers import check_buffers
 
         problems: list[Problem] = []
         for part in self.parts:
@@ -215,7 +231,10 @@ class InitialLoadGuard:
         note = draw_loss_plot(comparison, self.config.initial_load_plot, self.checkpoint)
         self.report.notes += [note] if note else []
         values_differ = any(p.kind == "value_mismatch" and p.severity == "error" for p in self.report.problems)
-        self.report.problems += loss_gate_problems(comparison, self.worst_rank, values_differ=values_differ)
+        wrong_buffers = [p.key or "" for p in self.report.errors if p.kind == "buffer_mismatch"]
+        self.report.problems += loss_gate_problems(
+            comparison, self.worst_rank, values_differ=values_differ, wrong_buffers=wrong_buffers
+        )
 
     def _log_versions(self) -> None:
         """The transformers that measured the reference and the one running: a different one can read the

@@ -47,7 +47,7 @@ def _logits_of(output: Any) -> torch.Tensor:
 
 def hf_loss_probe(model: nn.Module) -> LossProbe:
     """Loss the way HF causal LMs compute it with ``labels=``: logits, shift by one, cross entropy."""
-    from flame_ext.model.reference import per_token_loss
+    from flame_ext.model.reference_loss import per_token_loss
 
     def probe(token_ids: torch.Tensor, ranges: list[Range]) -> torch.Tensor:
         device = next(model.parameters()).device
@@ -81,9 +81,9 @@ def run_probe(
     probe: LossProbe, parts: list[nn.Module], ids: torch.Tensor, ranges: list[Range]
 ) -> tuple[torch.Tensor | None, str | None]:
     """(the probe's sums, None), or (None, why) on every rank when any rank's device cannot run the model's
-    forward pass. Only that one failure (``model.reference.forward_unavailable``) skips; any other is raised.
+    forward pass. Only that one failure (``model.reference_loss.forward_unavailable``) skips; any other is raised.
     """
-    from flame_ext.model.reference import forward_unavailable
+    from flame_ext.model.reference_loss import forward_unavailable
 
     reason, failure = None, None
     try:

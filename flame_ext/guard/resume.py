@@ -4,7 +4,7 @@ Host-independent: the torchtitan adapters decide when a load is a resume and han
 keys (``io.training_state``): the live model and optimizer state (what the manager would save now) and the
 other states as the load read them (``LoadCapture``). Each rank fingerprints its shards, one all-reduce gives
 the whole, and the comparison with the save-time record (``guard.save_record``) is the one ``diagnose`` uses
-(``checks.saved_state``, built on the first load's ``checks.fingerprints``); non-tensor states are compared by
+(``checks.saved_state``, built on the first load's ``fingerprints.compare``); non-tensor states are compared by
 digest, rank by rank. The
 world size may differ from the save's: fingerprints do not depend on the sharding.
 
@@ -16,22 +16,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from flame_ext.errors import CheckpointFormatError, InputError, ResumeValidationError, report_without_traceback
+from flame_ext.errors import CheckpointFormatError, InputError, ResumeValidationError
 from flame_ext.guard.metrics import record_figures
 from flame_ext.guard.options import GuardConfig
 from flame_ext.guard.ranks import RankFailure, agreed, gather, pool, rank, sum_over_ranks, world
 from flame_ext.guard.save_record import step_of
+from flame_ext.process import report_without_traceback
 from flame_ext.report import Problem, Report
 
-__all__ = ["LoadCapture", "verify_resume", "check_loaded_buffers"]
+__all__ = ["LoadCapture", "read_record_ahead", "verify_resume", "check_loaded_buffers"]
 
 logger = logging.getLogger("flame_ext.guard")  # the name users filter the guard's log lines by
 
@@ -86,8 +89,9 @@ class _Capturing:
 
 
 def check_loaded_buffers(parts: list[nn.Module], *, repair: bool, checkpoint: str, notes: list[str]) -> list[Problem]:
-    """``checks.buffers.check_buffers`` on every part after a load (each repair logged, naming the checkpoint)."""
-    from flame_ext.checks.buffers import check_buffers
+    """``checks.nonpersistent_buffers.check_buffers`` on every part after a load (each repair logged, naming the
+    checkpoint)."""
+    from flame_ext.checks.nonpersistent_buffers import check_buffers
 
     problems: list[Problem] = []
     for part in parts:
@@ -95,6 +99,23 @@ def check_loaded_buffers(parts: list[nn.Module], *, repair: bool, checkpoint: st
         problems += found
         notes += [f"repaired non-persistent buffer {key} (wrong after loading)" for key in repaired]
     return problems
+
+
+def read_record_ahead(config: GuardConfig, checkpoint: str) -> Future | None:
+    """The save-time record of ``checkpoint``, read and schema-checked in a thread while the host loads (for
+    ``verify_resume(record=...)``); None when resumes are not verified. Reading is local to each rank."""
+    if not config.verify_resumes:
+        return None
+    future: Future = Future()
+
+    def read() -> None:
+        try:
+            future.set_result(read_step_record(checkpoint))
+        except BaseException as exc:  # noqa: BLE001 -- handed to verify_resume, on the caller's thread
+            future.set_exception(exc)
+
+    threading.Thread(target=read, name="flame-ext-read-record", daemon=True).start()
+    return future
 
 
 def verify_resume(
@@ -106,14 +127,15 @@ def verify_resume(
     groups: Callable[[str], str],
     metric_logger: Any = None,
     pipelined: bool = False,
+    record: Future | None = None,
 ) -> tuple[Report, dict[str, float]]:
     """Buffers, then every loaded tensor and state against the save-time record; raises
     ``ResumeValidationError`` on every rank alike when anything differs. Returns the report and the figures.
 
     ``loaded`` gives this rank's loaded state as DCP keys (called only when values are verified); ``groups``
     tells a key's kind (model, optimizer, state). ``pipelined``: under pipeline parallel each rank holds other
-    keys, so there is no common sum: the buffers only, with a warning. ALL ranks must call it: it holds
-    collectives.
+    keys, so there is no common sum: the buffers only, with a warning. ``record``: the save-time record read
+    ahead (``read_record_ahead``), else it is read here. ALL ranks must call it: it holds collectives.
     """
     if pipelined and config.verify_resumes:
         config = dataclasses.replace(config, verify_resumes=False)
@@ -129,7 +151,7 @@ def verify_resume(
         check.report.extend(pool(problems))
         check.report.checked.append("buffers")
     if config.verify_resumes:
-        check.values(loaded, groups)
+        check.values(loaded, groups, record)
     check.figures["resume/seconds"] = time.perf_counter() - start
     record_figures(metric_logger, check.figures, check.step or 0)
     check.verdict()
@@ -149,8 +171,11 @@ class _ResumeCheck:
         except RankFailure as exc:
             raise ResumeValidationError(f"resume validation of {self.checkpoint} stopped: {exc}", self.report) from exc
 
-    def values(self, loaded: Callable[[], Mapping[str, Any]], groups: Callable[[str], str]) -> None:
-        record, why = self.agreed(lambda: read_step_record(self.checkpoint), "reading the save-time record")
+    def values(
+        self, loaded: Callable[[], Mapping[str, Any]], groups: Callable[[str], str], ahead: Future | None
+    ) -> None:
+        read = ahead.result if ahead is not None else lambda: read_step_record(self.checkpoint)
+        record, why = self.agreed(read, "reading the save-time record")
         if record is None:
             if why is not None:
                 line = f"{self.checkpoint} could not be verified (no save-time record: {why})"
@@ -204,7 +229,7 @@ class _ResumeCheck:
     def _observed(self, keys: list[str], tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each tensor's whole fingerprint: every rank's share of its shards (as loaded, no cast), one all-reduce.
         ``keys`` are the same on every rank; a rank without one of them adds nothing to it."""
-        from flame_ext.io.fingerprint import TERMS, local_fingerprint
+        from flame_ext.fingerprints.algorithm import TERMS, local_fingerprint
 
         def shares() -> torch.Tensor:
             none = torch.zeros(len(TERMS), dtype=torch.float64)

@@ -269,6 +269,11 @@ class DCPRowReader:
         for start, end in row_blocks(spec, buffer_bytes):
             yield self.rows(key, spec, start, end)
 
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Fill every tensor of ``state`` (checkpoint keys) whole, strictly, as ``load_state`` does, with this
+        reader's ``.metadata`` (read once for the many loads of a block-by-block pass)."""
+        _load(self._reader, state, DefaultLoadPlanner(allow_partial_load=False), f"{len(state)} tensors")
+
 
 def _load(reader: _VettedReader, state: dict[str, torch.Tensor], planner: DefaultLoadPlanner, what: str) -> None:
     """One ``dcp.load`` without a process group; a failure becomes one error naming ``what`` was read."""

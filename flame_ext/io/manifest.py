@@ -11,40 +11,58 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from flame_ext.errors import CheckpointFormatError, InputError, short_value
-from flame_ext.io.fingerprint import ALGORITHM, TERMS, TOLERANCE, as_record
 from flame_ext.io.hf_config import read_json_object
 from flame_ext.io.manifest_schema import NonFinite, check_manifest
+
+if TYPE_CHECKING:
+    from flame_ext.io.hf import HFCheckpoint
 
 __all__ = [
     "MANIFEST_NAME",
     "TRAINING_STEP",
     "FORMAT_VERSION",
-    "FINGERPRINTS_VERSION",
     "write_manifest",
     "read_manifest",
     "read_reference",
     "manifest_present",
     "config_hash",
-    "fingerprints_section",
-    "Fingerprints",
-    "read_fingerprints",
+    "build_manifest",
 ]
 
 MANIFEST_NAME = "flame_ext.json"
 FORMAT_VERSION = 1
 # A training step's record (``kind: training_step``): what the validating checkpoint manager saved at that step.
 TRAINING_STEP = "training_step"
-FINGERPRINTS_VERSION = 1
 
 
 def config_hash(config: dict) -> str:
     """A stable hash of a model config (sorted JSON), so a manifest can tell which model it belongs to."""
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def build_manifest(kind: str, source: HFCheckpoint | None = None, **fields: Any) -> dict[str, Any]:
+    """A manifest of ``kind`` (``checkpoint``, ``reference``, ``training_step``): its version, kind and the tool that
+    wrote it, the ``source`` block when it was made from an HF model, then ``fields`` in the order given.
+
+    The one place a manifest's head is built, so every kind records its source the same way (a reference file
+    names the architectures as a converted checkpoint does).
+    """
+    from flame_ext import __version__
+
+    manifest: dict[str, Any] = {"format_version": FORMAT_VERSION, "kind": kind, "tool_version": __version__}
+    if source is not None:
+        manifest["source"] = {
+            "model": source.source,
+            "path": str(source.path),
+            "revision": source.revision,
+            "model_type": source.model_type,
+            "architectures": source.config.get("architectures"),
+            "config_sha256": config_hash(source.config),
+        }
+    return {**manifest, **fields}
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
@@ -96,58 +114,3 @@ def read_reference(path: str | os.PathLike) -> dict[str, Any]:
             "write one with `flame-ext reference --model HF --out FILE`"
         )
     return data["reference"]
-
-
-def fingerprints_section(
-    values: dict[str, torch.Tensor],
-    dtypes: dict[str, str],
-    rounded: dict[str, dict[str, torch.Tensor]] | None = None,
-) -> dict[str, Any]:
-    """The manifest's ``fingerprints`` section: per key, the fingerprint of the values as stored (``dtype``,
-    ``fingerprint``) and, when ``rounded`` has the key, those of the values rounded to each training dtype they
-    reach only by rounding (``rounded: {dtype: fingerprint}``; ``io.fingerprint.rounding_dtypes``)."""
-
-    def entry(key: str, fp: torch.Tensor) -> dict[str, Any]:
-        item: dict[str, Any] = {"dtype": dtypes[key], "fingerprint": as_record(fp)}
-        if (rounded or {}).get(key):
-            item["rounded"] = {d: as_record(v) for d, v in sorted(rounded[key].items())}  # type: ignore[index]
-        return item
-
-    return {
-        "version": FINGERPRINTS_VERSION,
-        "algorithm": ALGORITHM,
-        "terms": list(TERMS),
-        "tolerance": TOLERANCE,
-        "tensors": {k: entry(k, v) for k, v in sorted(values.items())},
-    }
-
-
-class Fingerprints(dict):
-    """key -> (stored dtype, fingerprint) from a manifest, with the tolerance it was written for, and
-    ``rounded``: key -> {dtype: fingerprint of the stored values rounded to it} (empty for manifests written
-    before flame-ext recorded them)."""
-
-    tolerance: float = TOLERANCE
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.rounded: dict[str, dict[str, list[float]]] = {}
-
-
-def read_fingerprints(manifest: dict[str, Any]) -> tuple[Fingerprints | None, str | None]:
-    """The fingerprints of a (checked) manifest, or None with a note saying why values cannot be verified."""
-    section = manifest.get("fingerprints")
-    if section is None:
-        return None, (
-            "the manifest has no fingerprints (written before flame-ext recorded them): values are not verified "
-            "exactly; re-convert, or write them with `flame-ext reference --model HF --out FILE`"
-        )
-    if section.get("version") != FINGERPRINTS_VERSION or section.get("algorithm") != ALGORITHM:
-        return None, (
-            f"the manifest's fingerprints are version {section.get('version')!r} ({section.get('algorithm')!r}); this "
-            f"flame-ext reads version {FINGERPRINTS_VERSION} ({ALGORITHM}): values are not verified exactly"
-        )
-    out = Fingerprints({k: (v["dtype"], v["fingerprint"]) for k, v in section["tensors"].items()})
-    out.tolerance = float(section["tolerance"])
-    out.rounded = {k: dict(v["rounded"]) for k, v in section["tensors"].items() if isinstance(v.get("rounded"), dict)}
-    return out, None

@@ -90,7 +90,7 @@ def _import_fla() -> str | None:
     try:
         with warnings.catch_warnings():
             # "Triton is not supported on current platform, roll back to CPU": true on a CPU machine, and
-            # said where it matters (a forward pass that cannot run; see model.reference).
+            # said where it matters (a forward pass that cannot run; see model.reference_loss).
             warnings.simplefilter("ignore")
             importlib.import_module("fla.models")
     except ModuleNotFoundError as exc:

@@ -29,7 +29,7 @@ from torch import nn
 
 from flame_ext.io.dcp import row_blocks
 from flame_ext.io.hf import HFCheckpoint, HFTensor, build_meta_model, hf_source, read_tensor, tied_aliases
-from flame_ext.model.buffers import fresh_buffers
+from flame_ext.model.buffer_rebuild import fresh_buffers
 
 __all__ = ["NotStreamable", "StreamedModel", "build_streamed", "streamed_model", "whole_model_bytes"]
 

@@ -16,7 +16,7 @@ import pytest
 from flame_ext.convert import alongside
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 from flame_ext.io.hf import open_hf
-from flame_ext.model.reference import compute_reference
+from flame_ext.model.reference_loss import compute_reference
 from flame_ext.model.streamed import StreamedModel
 
 SMALL_BUFFER = 1024  # bytes: hundreds of blocks, so the writer is still writing while the forward runs

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchrun_support import (
+from support.torchrun import (
     TIMEOUT_S,
     WORKER,
     assert_every_rank_names_the_cause,

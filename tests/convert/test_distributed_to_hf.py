@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_convert import _poison, assert_bit_exact, hf_tensors
-from torchrun_support import (
+from support.torchrun import (
     TIMEOUT_S,
     WORKER,
     assert_every_rank_names_the_cause,
@@ -16,6 +15,7 @@ from torchrun_support import (
     torchrun,
     two_nodes,
 )
+from test_convert import _poison, assert_bit_exact, hf_tensors
 
 from flame_ext.convert.dcp_to_hf import ToHFOptions, convert_dcp_to_hf, prepare_to_hf
 from flame_ext.convert.distributed import split_by_bytes

@@ -9,10 +9,11 @@ import pytest
 
 from flame_ext.commands.reference import source_fingerprints
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
+from flame_ext.fingerprints.algorithm import TERMS, fingerprint, matches
+from flame_ext.fingerprints.record import read_fingerprints
 from flame_ext.io.dcp import load_tensor, read_dcp_metadata
-from flame_ext.io.fingerprint import TERMS, fingerprint, matches
 from flame_ext.io.hf import open_hf
-from flame_ext.io.manifest import read_fingerprints, read_manifest
+from flame_ext.io.manifest import read_manifest
 
 
 def written_fingerprints(folder: Path) -> dict:

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import report_json, run_cli
+from support.cli import report_json, run_cli
 from torch.distributed.checkpoint import FileSystemReader
 
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
+from flame_ext.fingerprints.algorithm import fingerprint, matches
 from flame_ext.io.dcp import load_tensor, read_dcp_metadata
-from flame_ext.io.fingerprint import fingerprint, matches
 from flame_ext.io.manifest import MANIFEST_NAME, read_manifest
 
 FORGED = "model.layers.0.mlp.down_proj.weight"

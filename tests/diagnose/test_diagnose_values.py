@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flame_ext.checks.values import narrower
+from flame_ext.checks.checkpoint_values import narrower
 from flame_ext.commands.diagnose import DiagnoseOptions, diagnose
 from flame_ext.io.dcp import DCPRowReader, read_dcp_metadata
 from flame_ext.io.dcp_save import WriteEntry, save_streaming
@@ -93,7 +93,7 @@ def test_metadata_pass_reads_no_tensor_data(catalogue, hf_models, tmp_path, caps
 
 def test_values_without_a_model_verify_against_the_manifest_fingerprints(catalogue, diagnose_json, monkeypatch):
     """No --model: the checkpoint is checked against what was written, the HF files are never opened."""
-    import flame_ext.checks.values as values
+    import flame_ext.checks.checkpoint_values as values
 
     monkeypatch.setattr(values, "read_tensor", lambda *a, **k: pytest.fail("the HF source was read"))
     code, r = diagnose_json("--checkpoint", catalogue("olmo2", "transposed"), "--values")

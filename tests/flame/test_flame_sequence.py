@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import transformers_major
+from support.cli import transformers_major
 
 pytestmark = pytest.mark.skipif(
     not version("torchtitan").startswith("0.1"),
@@ -73,7 +73,7 @@ def _reference(dump: Path) -> dict:
 
 
 def _loss_on_reference(model, ref: dict) -> float:
-    from flame_ext.model.reference import per_token_loss
+    from flame_ext.model.reference_loss import per_token_loss
 
     ids = torch.tensor(ref["token_ids"])
     with torch.no_grad():
@@ -81,7 +81,7 @@ def _loss_on_reference(model, ref: dict) -> float:
 
 
 def _inv_freq_is_right(model) -> bool:
-    from flame_ext.checks.buffers import check_buffers
+    from flame_ext.checks.nonpersistent_buffers import check_buffers
 
     problems, _ = check_buffers(model, repair=False)
     return not problems

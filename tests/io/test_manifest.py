@@ -17,7 +17,7 @@ import flame_ext
 from flame_ext.errors import CheckpointFormatError, InputError
 from flame_ext.io.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest, read_reference, write_manifest
 from flame_ext.io.registry import transformers_major
-from flame_ext.model.reference import DEFAULT_REFERENCE_TEXT
+from flame_ext.model.reference_loss import DEFAULT_REFERENCE_TEXT
 
 
 @pytest.fixture(scope="module")

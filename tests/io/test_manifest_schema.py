@@ -110,7 +110,7 @@ def test_the_schemas_dtypes_are_the_formats_and_each_can_be_fingerprinted():
     (an unknown dtype used to reach torch as an INTERNAL ASSERT)."""
     import torch
 
-    from flame_ext.io.fingerprint import block_fingerprint
+    from flame_ext.fingerprints.algorithm import block_fingerprint
 
     admitted = schema()["$defs"]["dtype"]["enum"]
     assert sorted(admitted) == sorted(dtype_name(d) for d in SAFETENSORS_DTYPES.values())
@@ -524,8 +524,9 @@ def test_refusals_by_the_command_line_exit_2_without_a_traceback(workdir, tiny_m
 
 def test_the_schema_names_the_versions_the_code_writes():
     """A new fingerprint version, algorithm or term list, or a new manifest format, changes the schema too."""
-    from flame_ext.io.fingerprint import ALGORITHM, TERMS, TOLERANCE
-    from flame_ext.io.manifest import FINGERPRINTS_VERSION, FORMAT_VERSION
+    from flame_ext.fingerprints.algorithm import ALGORITHM, TERMS, TOLERANCE
+    from flame_ext.fingerprints.record import FINGERPRINTS_VERSION
+    from flame_ext.io.manifest import FORMAT_VERSION
 
     section = schema()["$defs"]["fingerprints"]
     strict_when = {"version": {"const": FINGERPRINTS_VERSION}, "algorithm": {"const": ALGORITHM}}

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from flame_ext.errors import ForwardUnavailableError
-from flame_ext.model.reference import forward_unavailable, run_forward
+from flame_ext.model.reference_loss import forward_unavailable, run_forward
 
 TRITON_NO_GPU = "0 active drivers ([]). There should only be one."  # triton.runtime.driver, verbatim
 

@@ -9,65 +9,21 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
-from cli_support import run_cli
+from arch_support import ARCHS, MAY_FALL_BACK, arch_config, token_ids
 from safetensors.torch import load_file, save_file
+from support.cli import run_cli
 
 from flame_ext.errors import CheckpointFormatError
 from flame_ext.io.hf import open_hf
-from flame_ext.model.reference import _losses_whole, reference_losses
+from flame_ext.model.reference_loss import _losses_whole, reference_losses
 from flame_ext.model.streamed import streamed_model
-
-VOCAB = 300
-
-
-def _configs() -> dict[str, object]:
-    import transformers as tf
-
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-    )
-    return {
-        "llama_gqa": tf.LlamaConfig(**common, num_key_value_heads=2),
-        "qwen2_tied": tf.Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True),
-        "mistral": tf.MistralConfig(**common, num_key_value_heads=2, sliding_window=32),
-        "qwen3": tf.Qwen3Config(**common, num_key_value_heads=2, head_dim=16),
-        "olmo2": tf.Olmo2Config(**common),
-        "gemma2": tf.Gemma2Config(**common, num_key_value_heads=2, head_dim=16, final_logit_softcapping=30.0),
-        "gpt2": tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=256),
-    }
-
-
-ARCHS = list(_configs())
-# Gemma2's scaled embedding keeps its scale as a non-persistent buffer built from constructor arguments
-# the module does not keep, so it cannot be rebuilt alone: it takes the whole-model path, with a note.
-MAY_FALL_BACK = {"gemma2"}
-
-
-@pytest.fixture(scope="session")
-def arch_models(tmp_path_factory) -> dict[str, Path]:
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("streamed-archs")
-    out = {}
-    for name, cfg in _configs().items():
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg)
-        model.save_pretrained(root / name)
-        out[name] = root / name
-    return out
 
 
 def _ids(rows: int = 2, length: int = 64) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(1))
+    return token_ids(rows, length)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -116,7 +72,7 @@ def test_an_embedding_larger_than_two_layers_is_never_held_beside_one(tmp_path):
     it, and the head after the last layer, so the peak stays the largest block."""
     from transformers import AutoModelForCausalLM
 
-    cfg = _configs()["llama_gqa"]
+    cfg = arch_config("llama_gqa")
     cfg.vocab_size = 4000  # 4000 x 64 floats = 1 MB, against ~150 KB a layer
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)

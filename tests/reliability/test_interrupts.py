@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from flame_ext.errors import TERMINATING_SIGNALS
 from flame_ext.io.destination import lock_path, temp_prefix
+from flame_ext.process import TERMINATING_SIGNALS
 from tests.reliability._rel import TEMP_MARK, Result, assert_dcp_is, assert_hf_is, hf_tensors, siblings
 
 SEED = 6  # the issue number: any fixed seed makes the kill points reproducible

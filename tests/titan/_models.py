@@ -10,7 +10,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from flame_ext.checks.buffers import fresh_buffers, nonpersistent_buffer_modules
+from flame_ext.checks.nonpersistent_buffers import fresh_buffers, nonpersistent_buffer_modules
 from flame_ext.io.dcp import read_dcp_metadata
 
 # Keys the "broken keys" checkpoint loses, gains and reshapes (the embedded OLMo2 has 2 layers).

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _hosts import build_manager03_hf, titan_generation
+from support.titan_hosts import build_manager03_hf, titan_generation
 
 if titan_generation() == "0.3":
     from flame_ext.titan.v03 import FOLDS_BATCH
@@ -286,8 +286,8 @@ def test_a_native_checkpoint_with_an_hf_keyed_reference_states_its_values_covera
     """torchtitan's own llama3 keys, a reference with the HF files' keys: one tensor (``norm.weight``) has a
     fingerprint to check. The load passes with a warning and never says 'values' validated; with
     ``initial_load_verify_values = true`` it is stopped naming the count."""
-    from _hosts import build_manager
     from _llama import build_like_trainer, debug_model_config
+    from support.titan_hosts import build_manager
 
     from flame_ext.errors import InitialLoadValidationError
 

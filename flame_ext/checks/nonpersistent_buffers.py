@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flame_ext.model.buffers import fresh_buffers, nonpersistent_buffer_modules
+from flame_ext.model.buffer_rebuild import fresh_buffers, nonpersistent_buffer_modules
 from flame_ext.report import Problem
 
 __all__ = ["nonpersistent_buffer_modules", "fresh_buffers", "check_buffers", "load_path_hazards"]
@@ -100,9 +100,12 @@ def load_path_hazards(build_meta: Any) -> list[Problem]:
     checkpoint: it is reported so the user knows a trainer that builds models this way needs a repair.
     """
     model = build_meta()
-    model.to_empty(device="cpu")
-    # Poison the memory to_empty() left, so that "happens to be right" cannot pass for "was recomputed".
-    for _, module, names in nonpersistent_buffer_modules(model):
+    # Only the modules holding non-persistent buffers get memory (their own tensors: rotary embeddings hold
+    # no weights); every weight stays on meta, where post_init()'s initialisers run without memory. The whole
+    # model materialised took the 7B's size in RSS here, for a check of a few KB of buffers.
+    for _, module, names in list(nonpersistent_buffer_modules(model)):
+        module.to_empty(device="cpu", recurse=False)
+        # Poison the memory to_empty() left, so that "happens to be right" cannot pass for "was recomputed".
         for b in names:
             module._buffers[b].fill_(float("nan"))
     if hasattr(model, "post_init"):

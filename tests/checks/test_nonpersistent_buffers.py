@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flame_ext.checks.buffers import check_buffers, fresh_buffers
+from flame_ext.checks.nonpersistent_buffers import check_buffers, fresh_buffers
 
 
 class Rotary(nn.Module):

@@ -1,5 +1,5 @@
 """After loading: every loaded tensor against the fingerprint recorded when it was written
-(``checks.fingerprints``). Each rank sums its shards of the values as they are, one all-reduce gives the
+(``fingerprints.compare``). Each rank sums its shards of the values as they are, one all-reduce gives the
 whole; exact, no threshold. The coverage (how many loaded tensors had a fingerprint to check) is always
 stated, and anything short of all of them is a warning, or an error when verification was asked for.
 """
@@ -9,13 +9,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from flame_ext.guard.ranks import sum_over_ranks, world
 from flame_ext.io.specs import TensorSpec
 from flame_ext.report import Problem
+
+if TYPE_CHECKING:
+    from flame_ext.fingerprints.record import Fingerprints
 
 __all__ = ["ValueCheck", "verify_loaded_values"]
 
@@ -29,9 +32,8 @@ class ValueCheck:
     """What the value check found: its problems, its figures for the metric logger, its line for the report
     and the label the final log line gives it (``values``, or ``values: N of M`` when some were not verified)."""
 
-    def __init__(self, problems: list[Problem], verified: int, total: int) -> None:
+    def __init__(self, problems: list[Problem], verified: int, total: int, mismatched: int) -> None:
         self.problems = problems
-        mismatched = sum(1 for p in problems if p.kind == "value_mismatch")
         self.figures = {
             "initial_load/tensors_verified": verified,
             "initial_load/tensors_total": total,
@@ -46,7 +48,7 @@ class ValueCheck:
 
 
 def verify_loaded_values(
-    fingerprints: Any,
+    fingerprints: Fingerprints,
     loaded: Mapping[str, Any],
     found: Mapping[str, TensorSpec | None],
     agreed: Agreed,
@@ -56,13 +58,19 @@ def verify_loaded_values(
     """Every rank's share of each fingerprint, one all-reduce, then the same comparison on every rank.
 
     The values are summed as the trainer holds them; the recorded fingerprint they must match is chosen by
-    the dtype of those values (``checks.fingerprints.expected_fingerprint``). ``required``
+    the dtype of those values (``fingerprints.compare.expected_fingerprint``). ``required``
     (``initial_load_verify_values = true``): a loaded tensor with no fingerprint to check is an error.
 
     ALL ranks must call it: it holds collectives.
     """
-    from flame_ext.checks.fingerprints import coverage_problems, fingerprint_problems, plan_verification, values_dtype
-    from flame_ext.io.fingerprint import TERMS, local_fingerprint
+    from flame_ext.fingerprints.algorithm import TERMS, local_fingerprint
+    from flame_ext.fingerprints.compare import (
+        coverage_problems,
+        differing_keys,
+        fingerprint_problems,
+        plan_verification,
+        values_dtype,
+    )
 
     start = time.perf_counter()
     tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
@@ -81,7 +89,7 @@ def verify_loaded_values(
         lambda: fingerprint_problems(observed, fingerprints, plan, shapes) + coverage_problems(plan, required=required),
         "the value check",
     )
-    check = ValueCheck(problems, len(keys), plan.total)
+    check = ValueCheck(problems, len(keys), plan.total, len(differing_keys(observed, fingerprints, plan)))
     logger.info(
         "flame-ext: verified the values of %d loaded tensors (of %d) against their recorded fingerprints on %d "
         "rank(s): %d differ (%.0f ms)",

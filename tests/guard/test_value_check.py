@@ -1,4 +1,4 @@
-"""The guard's value check (``guard.values``) on the embedded model and its real conversion: exact at the
+"""The guard's value check (``guard.value_check``) on the embedded model and its real conversion: exact at the
 trainer's dtype, the coverage stated in the note, the figures and the final line, and required coverage."""
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from flame_ext.errors import InitialLoadValidationError
+from flame_ext.fingerprints.record import read_fingerprints
 from flame_ext.guard import InitialLoadGuard, hf_loss_probe, split_request
 from flame_ext.guard.options import GuardConfig
-from flame_ext.guard.values import verify_loaded_values
+from flame_ext.guard.value_check import verify_loaded_values
 from flame_ext.io.dcp import read_dcp_metadata
-from flame_ext.io.manifest import MANIFEST_NAME, read_fingerprints, read_manifest
+from flame_ext.io.manifest import MANIFEST_NAME, read_manifest
 
 
 def _model(hf_dir, dtype=torch.float32):

@@ -1,4 +1,4 @@
-"""The one comparison rule (``checks.fingerprints``): which recorded fingerprint values of a given dtype must
+"""The one comparison rule (``fingerprints.compare``): which recorded fingerprint values of a given dtype must
 match, exactness across every cast a trainer makes, and the coverage stated when something has none."""
 
 from __future__ import annotations
@@ -8,15 +8,15 @@ import itertools
 import pytest
 import torch
 
-from flame_ext.checks.fingerprints import (
+from flame_ext.fingerprints.algorithm import TRAINING_DTYPES, Recorder, fingerprint, matches
+from flame_ext.fingerprints.compare import (
     coverage_problems,
     expected_fingerprint,
     fingerprint_problems,
     plan_verification,
     values_dtype,
 )
-from flame_ext.io.fingerprint import TRAINING_DTYPES, Recorder, fingerprint, matches
-from flame_ext.io.manifest import fingerprints_section, read_fingerprints
+from flame_ext.fingerprints.record import fingerprints_section, read_fingerprints
 
 DTYPES = {name: getattr(torch, name) for name in TRAINING_DTYPES}
 

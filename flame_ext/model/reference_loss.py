@@ -43,6 +43,8 @@ __all__ = [
     "ReferenceForward",
     "ReferenceStopped",
     "read_reference_text",
+    "TOKENIZER_FILES",
+    "has_tokenizer",
     "NonFiniteReference",
     "MAX_TEXT_BYTES",
 ]
@@ -59,10 +61,27 @@ class NonFiniteReference(CheckpointFormatError):
     """The HF model's loss on the reference batch is NaN or Inf: there is no reference to record."""
 
 
+# The files one of transformers' tokenizer classes loads from; a model folder may have none of them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether a folder holds tokenizer files at all (an HF model folder need not)."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
-    """The model's tokenizer; one clear error if it does not load."""
+    """The model's tokenizer; one clear error if it does not load, saying what to do when the folder has no
+    tokenizer files (transformers says only "Couldn't instantiate the backend tokenizer from one of: ")."""
     from transformers import AutoTokenizer
 
+    if Path(path).is_dir() and not has_tokenizer(path):
+        raise InputError(
+            f"{path}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}), and the reference batch is text "
+            "cut into tokens by the model's own tokenizer: copy the tokenizer files from where the model came from "
+            "into this folder, or name a folder that has them (diagnose --tokenizer DIR); `flame-ext convert "
+            "--no-reference` converts without the reference loss"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types for a bad tokenizer folder

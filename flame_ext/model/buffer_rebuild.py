@@ -3,7 +3,7 @@
 A non-persistent buffer is computed when its module is constructed. A model built on ``meta`` and
 materialised with ``to_empty()`` has none of them right; this module knows how to compute them again for
 one module, on the CPU, without touching its parameters. The check that compares them lives in
-``checks/buffers.py``; the streamed reference forward uses the same construction.
+``checks/nonpersistent_buffers.py``; the streamed reference forward uses the same construction.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 
 __all__ = ["nonpersistent_buffer_modules", "fresh_buffers"]
 
-logger = logging.getLogger("flame_ext.checks.buffers")
+logger = logging.getLogger("flame_ext.checks.nonpersistent_buffers")
 
 
 def nonpersistent_buffer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, list[str]]]:
