@@ -5,7 +5,7 @@ What a user checks: the native DCP holds exactly what torchtitan's adapter gives
 state dict at once (same keys, same bytes), for a dense model (llama3: q/k permuted), a tied one (qwen3) and two
 MoE models (qwen3 MoE, deepseek_v3: experts stacked per layer); the manifest names the native model and records
 every tensor's fingerprint under its native key. The models are torchtitan 0.3's debug configs cut to 2-3
-layers (``tests/titan_native.py``); the HF folders are written through torchtitan's ``to_hf``.
+layers (``tests/support/titan_native.py``); the HF folders are written through torchtitan's ``to_hf``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import run_cli
+from support.cli import run_cli
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
@@ -32,13 +32,13 @@ def _generation() -> str | None:
 
 
 titan03 = pytest.mark.skipif(_generation() != "0.3", reason="torchtitan 0.3 API (state-dict adapters)")
-LAYOUT = "torchtitan:titan_native"  # the test registry (tests/titan_native.py), named as torchtitan's --module
+LAYOUT = "torchtitan:support.titan_native"  # the test registry (tests/support/titan_native.py), as --module
 MODELS = ["llama3_tiny", "qwen3_tiny", "qwen3_moe_tiny", "deepseek_v3_tiny"]
 
 
 @pytest.fixture(scope="module")
 def hf_folders(tmp_path_factory) -> dict[str, Path]:
-    import titan_native
+    from support import titan_native
 
     root = tmp_path_factory.mktemp("native-hf")
     return {fn: titan_native.write_hf_folder(fn, root / fn) for fn in MODELS}
@@ -60,7 +60,7 @@ def dcp_state(folder: Path) -> dict[str, torch.Tensor]:
 @titan03
 @pytest.mark.parametrize("function", MODELS)
 def test_native_dcp_equals_torchtitans_adapter_on_the_whole_state_dict(hf_folders, tmp_path, function):
-    import titan_native
+    from support import titan_native
 
     out = convert_native(hf_folders[function], tmp_path / "dcp", function, buffer_bytes=4096)  # row blocks
     mine = dcp_state(out)
@@ -73,14 +73,14 @@ def test_native_dcp_equals_torchtitans_adapter_on_the_whole_state_dict(hf_folder
     for key, value in theirs.items():
         assert mine[key].dtype == value.dtype and torch.equal(mine[key], value), key
     assert manifest["layout"] == LAYOUT
-    assert manifest["native"]["module"] == "titan_native" and manifest["native"]["config"] == function
+    assert manifest["native"]["module"] == "support.titan_native" and manifest["native"]["config"] == function
     assert set(manifest["fingerprints"]["tensors"]) == set(mine)
 
 
 @titan03
 def test_every_key_the_model_asks_for_is_written(hf_folders, tmp_path):
     """The DCP holds exactly the keys (and shapes) the native model's state_dict asks for."""
-    import titan_native
+    from support import titan_native
 
     out = convert_native(hf_folders["qwen3_moe_tiny"], tmp_path / "dcp", "qwen3_moe_tiny")
     with torch.device("meta"):
@@ -91,7 +91,7 @@ def test_every_key_the_model_asks_for_is_written(hf_folders, tmp_path):
 
 @titan03
 def test_dtype_cast_after_the_adapter(hf_folders, tmp_path):
-    import titan_native
+    from support import titan_native
 
     out = convert_native(hf_folders["llama3_tiny"], tmp_path / "dcp", "llama3_tiny", dtype="bfloat16")
     theirs = titan_native.whole_adapter_state("llama3_tiny", hf_folders["llama3_tiny"])

@@ -1,5 +1,5 @@
 """Tiny torchtitan-native models for the tests, as a config registry torchtitan's CLI can name
-(``--module titan_native --config llama3_tiny``; flame-ext: ``--layout torchtitan:titan_native
+(``--module support.titan_native --config llama3_tiny``; flame-ext: ``--layout torchtitan:support.titan_native
 --titan-config llama3_tiny``), and HF-named safetensors folders made for them.
 
 The config functions are torchtitan 0.3's own debug configs with fewer layers (and, for the MoE bench, other
