@@ -11,6 +11,7 @@ layers (``tests/support/titan_native.py``); the HF folders are written through t
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,30 @@ def test_hf_to_native_to_hf_is_bit_exact(hf_folders, tmp_path, function):
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     fresh = json.loads((out / "flame_ext.json").read_text())["fresh_keys"]
     assert all(any(note.startswith(k) for note in summary.notes) for k in fresh)  # said, not written
+
+
+@titan03
+@pytest.mark.slow
+@pytest.mark.parametrize("function", ["llama3_tiny", "qwen3_moe_tiny"])
+def test_two_ranks_convert_and_export_as_one_process_does(hf_folders, tmp_path, monkeypatch, function):
+    """Under torchrun (gloo) each rank converts whole layers; the checkpoint and the HF folder equal one process's."""
+    from safetensors.torch import load_file
+    from support import torchrun as runner
+
+    tests = str(Path(__file__).parents[1])
+    monkeypatch.setitem(runner.ENV, "PYTHONPATH", os.pathsep.join([tests, runner.ENV.get("PYTHONPATH", "")]))
+    hf = hf_folders[function]
+    single = convert_native(hf, tmp_path / "single", function)
+    out = tmp_path / "dist"
+    proc, _ = runner.torchrun(2, "-m", "flame_ext.cli", "convert", "--model", str(hf), "--checkpoint", str(out),
+                              "--layout", LAYOUT, "--titan-config", function, "--no-reference")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(out.glob("__0_*.distcp")) and list(out.glob("__1_*.distcp"))  # both ranks wrote
+    a, b = dcp_state(out), dcp_state(single)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    proc, _ = runner.torchrun(2, "-m", "flame_ext.cli", "to-hf", "--checkpoint", str(out), "--config", str(hf),
+                              "--out", str(tmp_path / "back"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    x = load_file(str(hf / "model.safetensors"))
+    y = {k: v for f in sorted((tmp_path / "back").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    assert sorted(x) == sorted(y) and all(torch.equal(x[k], y[k]) for k in x)
