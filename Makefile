@@ -21,10 +21,12 @@ $(VENV01)/.installed: pyproject.toml requirements/titan01.txt
 demo: $(VENV)/.installed
 	$(VENV)/bin/flame-ext demo
 
-# ruff: pyflakes, import order, line length 120 and the formatting (configured in pyproject.toml).
+# ruff: pyflakes, import order, line length 120 and the formatting; mypy: the package's types (both configured in
+# pyproject.toml).
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: lint test-main test-titan01
 

@@ -13,13 +13,15 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 __all__ = [
     "Problem",
     "Report",
     "LossComparison",
     "KINDS",
+    "ProblemKind",
+    "Severity",
     "SCHEMA_VERSION",
     "SCHEMA_PATH",
     "bucket_label",
@@ -31,7 +33,7 @@ __all__ = [
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "report.schema.json"
 
-KINDS = (
+ProblemKind = Literal[
     "missing_key",
     "unexpected_key",
     "shape_mismatch",
@@ -44,7 +46,8 @@ KINDS = (
     "manifest",
     "config_mismatch",
     "tokenizer_mismatch",
-)
+]
+KINDS: tuple[ProblemKind, ...] = get_args(ProblemKind)
 
 Severity = Literal["error", "warning"]
 
@@ -53,7 +56,7 @@ Severity = Literal["error", "warning"]
 class Problem:
     """One thing wrong (error) or risky (warning), with the key it concerns and a hint for the fix."""
 
-    kind: str
+    kind: ProblemKind
     severity: Severity
     key: str | None
     detail: str

@@ -452,6 +452,7 @@ def check_loss(
     token_ids = torch.tensor(ref["token_ids"], dtype=torch.long)
     on_stage("loading the checkpoint with torch.distributed.checkpoint and running the reference batch, block by block")
     try:
+        observed: torch.Tensor | None
         try:
             observed = _streamed_losses(sm, token_ids, _device_for(sm.module))
             how = f"loaded and run one block at a time (largest block {sm.largest_block / 1e6:,.1f} MB)"

@@ -16,7 +16,6 @@ for the installed torchtitan generation (0.1.x: flame's; 0.3.x). Exit 0 when bot
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from flame_ext.command_options import DemoOptions
 
 __all__ = ["run", "TrainResult", "train_flame_shaped"]
 
@@ -74,7 +75,7 @@ def _flame_model(hf_path: Path, *, simulate_tf4: bool) -> tuple[torch.nn.Module,
     # parallelize: on one rank flame's parallelize_fla applies nothing (no FSDP with dp_shard = 1).
     model.to_empty(device="cpu")
     left = {
-        f"{name}.{b}": module._buffers[b].clone()
+        f"{name}.{b}": module.get_buffer(b).clone()
         for name, module, names in nonpersistent_buffer_modules(model)
         for b in names
     }
@@ -85,7 +86,7 @@ def _flame_model(hf_path: Path, *, simulate_tf4: bool) -> tuple[torch.nn.Module,
         with torch.no_grad():
             for name, module, names in nonpersistent_buffer_modules(model):
                 for b in names:
-                    module._buffers[b].copy_(left[f"{name}.{b}"])
+                    module.get_buffer(b).copy_(left[f"{name}.{b}"])
         simulated = True
     model.train()
     return model, simulated, left
@@ -192,7 +193,7 @@ def _convert(hf_path: Path, step0: Path) -> float:
 
     summary = convert_hf_to_dcp(ConvertOptions(model=str(hf_path), checkpoint=str(step0), progress=False, force=True))
     _say(f"    {summary.line()}")
-    ref = summary.manifest["reference"]
+    ref = (summary.manifest or {})["reference"]  # a conversion always records its manifest
     _say(
         f"    HF reference loss {ref['loss_mean']:.4f} nats on {len(ref['token_ids'])}x{ref['seq_len']} tokens, "
         "recorded in flame_ext.json"
@@ -307,12 +308,12 @@ def _installed(name: str) -> str:
         return "not installed"
 
 
-def run(args: argparse.Namespace) -> int:
+def run(opts: DemoOptions) -> int:
     """``flame-ext demo [--workdir DIR]``: 0 when the demo behaved as expected, 1 otherwise."""
     from flame_ext.convert.summary import command_seconds
 
-    if args.workdir:
-        work = Path(args.workdir)
+    if opts.workdir:
+        work = Path(opts.workdir)
         shutil.rmtree(work / "exp", ignore_errors=True)  # the demo's own folder from an earlier run
         work.mkdir(parents=True, exist_ok=True)
         ok = _story(work)

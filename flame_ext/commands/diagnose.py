@@ -17,7 +17,6 @@ otherwise, 2 for unreadable input.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,9 +28,10 @@ import torch
 from flame_ext.checks.files import file_problems, recorded_digests
 from flame_ext.checks.keys import compare_specs, model_part
 from flame_ext.checks.recorded import NESTED_PREFIX, RecordedChoices, recorded_choices
+from flame_ext.command_options import DiagnoseOptions
 from flame_ext.errors import InputError
-from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, model_prefix, read_dcp_metadata
-from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, open_hf, tied_aliases
+from flame_ext.io.dcp import model_prefix, read_dcp_metadata
+from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, hf_model, open_hf, tied_aliases
 from flame_ext.io.key_names import locate_keys
 from flame_ext.io.manifest import MANIFEST_NAME, TRAINING_STEP, config_hash, manifest_present, read_manifest
 from flame_ext.io.specs import TensorSpec
@@ -41,42 +41,6 @@ __all__ = ["DiagnoseOptions", "diagnose", "run", "TRAINING_STATE_NAMES", "metada
 
 # Top-level state names of a full training checkpoint besides the model (torchtitan's CheckpointManager).
 TRAINING_STATE_NAMES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
-
-
-@dataclass
-class DiagnoseOptions:
-    """``flame-ext diagnose``: a DCP checkpoint against the HF model it was made from."""
-
-    checkpoint: str
-    model: str | None = None
-    values: bool = False
-    loss: bool = False
-    files: bool = False
-    threshold: float = 0.1
-    # Unset: the training guard's own default (``GuardConfig.initial_load_max_token_delta``), declared there once.
-    token_threshold: float | None = None
-    train_config: str | None = None
-    tokenizer: str | None = None
-    reference: str | None = None
-    trust_remote_code: bool = False
-    buffer_bytes: int = DEFAULT_BUFFER_BYTES // 4
-    atol: float = 0.0
-    rtol: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("atol", "rtol"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise InputError(f"--{name} {value}: must be a finite number >= 0")
-        if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
-            raise InputError(f"--threshold {self.threshold}: must be a finite number of nats >= 0")
-        if self.token_threshold is None:
-            from flame_ext.guard.options import GuardConfig
-
-            self.token_threshold = GuardConfig.initial_load_max_token_delta
-        value = self.token_threshold
-        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise InputError(f"--token-threshold {value}: must be a finite number of nats >= 0")
 
 
 @dataclass
@@ -278,7 +242,7 @@ def tokenizer_check(ctx: _Context, tokenizer: str | None, trust_remote_code: boo
 
     path = tokenizer or str(ctx.hf.path)
     tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    rows = ctx.model.get_input_embeddings().weight.shape[0]
+    rows = hf_model(ctx.model).get_input_embeddings().get_parameter("weight").shape[0]
     problems = tokenizer_problems(
         tok, name=path, embedding_rows=rows, config=ctx.hf.config, source_own=tokenizer is None
     )
@@ -303,9 +267,10 @@ def recorded_source(folder: Path, manifest: dict[str, Any] | None) -> str:
         raise InputError(
             f"--model: not given, and {folder} has {where}; pass --model HF_FOLDER_OR_ID (the model it was made from)"
         )
-    if isinstance(path, str) and Path(path).is_dir():
+    if isinstance(path, str) and (Path(path).is_dir() or not isinstance(model, str)):
         return path
-    return model if isinstance(model, str) else path
+    assert isinstance(model, str)  # one of the two is, checked above
+    return model
 
 
 def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: None) -> Report:
@@ -335,7 +300,7 @@ def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: 
     ctx = _Context(folder, found, hf, model, expected, tied, key_map, manifest, model_given=not recorded)
     report.extend(manifest_problems(ctx, reference_given=opts.reference is not None))
     report.extend(config_reading_problems(ctx))
-    if opts.reference is not None:
+    if opts.reference is not None and reference is not None:  # read together, above
         report.extend(_use_reference_file(ctx, opts.reference, reference))
     if opts.train_config:
         report.extend(config_problems(ctx, opts.train_config))
@@ -463,14 +428,13 @@ def _header(opts: DiagnoseOptions, hf_source: str) -> str:
     return f"flame-ext diagnose: {opts.checkpoint} against {hf_source} ({', '.join(passes)})"
 
 
-def run(opts: DiagnoseOptions, *, as_json: bool = False, plot: str | None = None) -> int:
-    """The ``diagnose`` subcommand: print the report (text or JSON), draw the loss when ``plot`` names a PNG;
+def run(opts: DiagnoseOptions) -> int:
+    """The ``diagnose`` subcommand: print the report (text or JSON), draw the loss when ``--plot`` names a PNG;
     0 when no error, 1 otherwise."""
+    as_json, plot = opts.json, opts.plot
     if plot:
         from flame_ext.io.plot import check_plot_destination
 
-        if not opts.loss:
-            raise InputError(f"--plot {plot}: draws the per-position loss, so it needs --loss")
         check_plot_destination(plot, option="--plot")  # before the model runs
     stage = (
         (lambda s: print(f"... {s}", file=sys.stderr, flush=True))

@@ -9,9 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DTYPES", "Summary", "Progress", "command_seconds", "peak_rss_mb", "nonfinite_warning"]
-
-DTYPES = ("auto", "bfloat16", "float32")
+__all__ = ["Summary", "Progress", "command_seconds", "peak_rss_mb", "nonfinite_warning"]
 
 
 @dataclass

@@ -457,8 +457,10 @@ def local_fingerprint(
     placements = getattr(value, "placements", None)
     if placements is None:
         return block_fingerprint(value, [0] * value.dim(), tuple(value.shape), dtype, workers=workers) / _world()
+    from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+    assert isinstance(value, DTensor)  # what has placements
     mesh = value.device_mesh
     if any(type(p).__name__ == "_StridedShard" for p in placements):
         # FSDP over TP interleaves the shards: gather the whole tensor (a collective on this mesh) instead.

@@ -34,7 +34,7 @@ def what_happened(
     *,
     shape: Sequence[int],
     dtype: str,
-    others: Mapping[str, Sequence[float]] | None = None,
+    others: Mapping[str, torch.Tensor | Sequence[float]] | None = None,
     tol: float = TOLERANCE,
 ) -> Finding:
     """The most likely story behind a mismatch, told from the two fingerprints (and the other keys' ones).

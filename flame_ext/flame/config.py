@@ -140,7 +140,11 @@ def check_config_file(argv: list[str]) -> None:
         raise InputError(f"--job.config_file {path}: not valid TOML ({exc})") from None
 
 
-class GuardOptionsMixin:
+# The flame-style JobConfig the mixin is combined with: untyped here (flame is not a dependency).
+_FlameJobConfig: Any = object
+
+
+class GuardOptionsMixin(_FlameJobConfig):
     """The guard options for a flame-style argparse JobConfig (flame/config_manager.py's protocol).
 
     Relies on what that class does: ``self.parser`` built in ``__init__``; ``parse_args(args_list)``

@@ -203,7 +203,7 @@ class InitialLoadGuard:
     def _loss(self, probe: LossProbe, multiple: int, max_positions: int | None) -> LossComparison | None:
         """The step-0 comparison; None (on every rank alike) when the forward pass cannot run on this machine."""
 
-        def run(ids: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor | None:
+        def run(ids: torch.Tensor, ranges: list[tuple[int, ...]]) -> torch.Tensor | None:
             sums, self.skipped_loss = run_probe(probe, self.parts, ids, ranges)
             if self.skipped_loss is not None:
                 self.report.notes.append(f"step-0 loss not measured: {self.skipped_loss}")

@@ -103,12 +103,14 @@ class _StreamingPlanner(DefaultSavePlanner):
         if self._cancelled.is_set():
             raise _Cancelled()
         e = self._entries[write_item.index.fqn]
+        chunk = write_item.tensor_data.chunk if write_item.tensor_data is not None else None
+        assert chunk is not None and write_item.index.offset is not None  # a tensor's item: planned with both
         start = write_item.index.offset[0] if e.spec.shape else 0
         if not e.spec.shape:
             data = e.read_rows(0, 1)
         else:
-            data = e.read_rows(start, start + write_item.tensor_data.chunk.sizes[0])
-        expected = tuple(write_item.tensor_data.chunk.sizes)
+            data = e.read_rows(start, start + chunk.sizes[0])
+        expected = tuple(chunk.sizes)
         if tuple(data.shape) != expected or dtype_name(data.dtype) != e.spec.dtype:
             raise CheckpointFormatError(
                 f"{e.key}: source gave {tuple(data.shape)} {dtype_name(data.dtype)}, planned {expected} {e.spec.dtype}"
@@ -221,8 +223,8 @@ def ctrl_c_held() -> Iterator[None]:
         yield
         return
     held = [s for s in (signal.SIGINT, *TERMINATING_SIGNALS) if _holdable(s)]
-    noted: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in held}
+    noted: list[signal.Signals] = []
+    previous = {s: signal.signal(s, lambda signum, frame: noted.append(signal.Signals(signum))) for s in held}
     try:
         yield
     finally:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from flame_ext.command_options import check_device
 from flame_ext.errors import CheckpointFormatError, ForwardUnavailableError, InputError, first_line
 from flame_ext.io.hf import HFCheckpoint, refuse_remote_code
 from flame_ext.io.registry import register_model_type
@@ -157,15 +158,9 @@ def _transformers_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
-DEVICES = ("auto", "cpu", "cuda")
-
-
 def reference_device(name: str) -> torch.device:
-    """``--reference-device``: auto is the GPU when torch sees one, else the CPU."""
-    if name not in DEVICES:
-        raise InputError(f"--reference-device {name!r}: choose one of {', '.join(DEVICES)}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--reference-device cuda: torch sees no GPU here; use cpu or auto")
+    """``--reference-device`` (checked by ``check_device``): auto is the GPU when torch sees one, else the CPU."""
+    check_device(name)
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 

@@ -62,6 +62,8 @@ class ValidatingCheckpointManager(CheckpointManager):
     loading, so ``record_initial_load_metrics(metric_logger)`` logs the step-0 figures once it exists.
     """
 
+    states: dict[str, Any]  # the host's, set in its __init__
+
     def __init__(
         self,
         dataloader: Any,

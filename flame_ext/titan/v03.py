@@ -83,7 +83,7 @@ class ValidatingCheckpointManager(CheckpointManager):
         CheckpointManager.Config, qualname="ValidatingCheckpointManager.Config", module=__name__
     )  # the guard's fields (GuardConfig), checked when the config is built
 
-    def __init__(self, config: Config, **kwargs: Any) -> None:
+    def __init__(self, config: CheckpointManager.Config, **kwargs: Any) -> None:
         self.guard_config = GuardConfig.from_section(config)
         self.initial_load_report: Report | None = None
         self._guard: InitialLoadGuard | None = None

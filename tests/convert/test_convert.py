@@ -382,6 +382,7 @@ def _poison(model: Path, key: str, value: float) -> None:
     save_file(tensors, str(shard), metadata={"format": "pt"})
 
 
+@pytest.mark.slow  # converts, diagnoses and converts back in fresh processes; make test-fast leaves it out
 def test_non_finite_source_values_are_copied_faithfully_and_named(sharded_model, tmp_path):
     import shutil
 

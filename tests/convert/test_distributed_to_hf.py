@@ -56,7 +56,14 @@ def shard_lines(stdout: str) -> dict[int, int]:
 def nested_dcp_with_head(sharded_model, tmp_path_factory) -> Path:
     """The sharded model converted nested with a future-predictor head, where flame keeps checkpoints."""
     out = tmp_path_factory.mktemp("exp") / "checkpoint" / "step-0"
-    options = ConvertOptions(str(sharded_model), str(out), layout="nested", future_predictor="mlp", reference=False)
+    options = ConvertOptions(
+        str(sharded_model),
+        str(out),
+        layout="nested",
+        include_future_predictor=True,
+        future_predictor_head_type="mlp",
+        reference=False,
+    )
     options.progress = False
     convert_hf_to_dcp(options)
     return out

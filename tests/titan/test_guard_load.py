@@ -257,7 +257,13 @@ def test_fresh_keys_listed_in_the_manifest_are_expected(tiny_model, tmp_path):
 
     ckpt = tmp_path / "with-head"
     convert_hf_to_dcp(
-        ConvertOptions(model=str(tiny_model), checkpoint=str(ckpt), future_predictor="linear", progress=False)
+        ConvertOptions(
+            model=str(tiny_model),
+            checkpoint=str(ckpt),
+            include_future_predictor=True,
+            future_predictor_head_type="linear",
+            progress=False,
+        )
     )
     fresh = json.loads((ckpt / "flame_ext.json").read_text())["fresh_keys"]
     assert fresh and all(k.startswith("future_predictor.") for k in fresh)

@@ -4,7 +4,6 @@ through the host's state-dict adapter (``initial_load_in_hf``), the two ways to 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -32,21 +31,10 @@ STEP0 = re.compile(r"step-0 loss (\S+) vs HF reference (\S+) \(delta (\S+), thre
 
 def reference_file(hf_dir: Path, out: Path) -> Path:
     """The reference-only manifest, written by the code behind `flame-ext reference --model HF --out FILE`."""
+    from flame_ext.command_options import ReferenceOptions
     from flame_ext.commands.reference import write_reference
 
-    write_reference(
-        argparse.Namespace(
-            model=str(hf_dir),
-            out=str(out),
-            force=False,
-            dtype="float32",
-            reference_text=None,
-            reference_seq_len=512,
-            reference_rows=2,
-            reference_device="cpu",
-            trust_remote_code=False,
-        )
-    )
+    write_reference(ReferenceOptions(model=str(hf_dir), out=str(out), dtype="float32", reference_device="cpu"))
     return out
 
 
