@@ -78,9 +78,19 @@ def check_model_name(flag: str, name: str | None) -> None:
         raise InputError(f"{name}: no such folder")
 
 
+NATIVE_PREFIX = "torchtitan:"  # torchtitan's own key names (``flame_ext.titan.native``)
+
+
 def check_layout(layout: str) -> None:
+    if layout.startswith(NATIVE_PREFIX):
+        if not layout[len(NATIVE_PREFIX) :]:
+            raise InputError(f"--layout {layout!r}: name torchtitan's model module, e.g. torchtitan:llama3")
+        return
     if layout not in LAYOUT_NAMES:
-        raise InputError(f"--layout {layout!r}: choose one of {', '.join(LAYOUT_NAMES)}")
+        raise InputError(
+            f"--layout {layout!r}: choose one of {', '.join(LAYOUT_NAMES)}, or torchtitan:<module> (torchtitan's own "
+            "key names, e.g. torchtitan:llama3, with --titan-config)"
+        )
 
 
 def _check_choice(flag: str, value: object, choices: tuple[str, ...]) -> None:
@@ -151,8 +161,12 @@ class ConvertOptions(ReferenceBatchOptions):
     """output DCP folder (written atomically): absent, an empty folder, or with --force a DCP checkpoint"""
     dtype: Dtype = "auto"
     """dtype of the checkpoint's tensors: auto (the source's own), bfloat16 or float32"""
-    layout: str = field(default="flat", metadata=cli(metavar="{flat,nested}"))
-    """key layout: flat (what torchtitan's model-only step-0 load asks for) or nested (model.-prefixed)"""
+    layout: str = field(default="flat", metadata=cli(metavar="{flat,nested,torchtitan:MODULE}"))
+    """key layout: flat (HF names: what torchtitan's model-only step-0 load asks for), nested (model.-prefixed), or
+    torchtitan:<module> (torchtitan's own model and key names, e.g. torchtitan:llama3; with --titan-config)"""
+    titan_config: str | None = None
+    """with --layout torchtitan:<module>: the config function the run passes as torchtitan's --config (e.g.
+    llama3_8b); it chooses the model whose state-dict adapter maps the keys"""
     reference: bool = field(default=True, metadata=cli(flag="--no-reference", negate=True))
     """the HF reference loss on the reference batch, recorded for the training guard and diagnose --loss
     (--no-reference: skip it)"""
@@ -178,6 +192,10 @@ class ConvertOptions(ReferenceBatchOptions):
             raise InputError("--model is required; `flame-ext demo` shows the embedded model")
         _check_choice("--dtype", self.dtype, DTYPES)
         check_layout(self.layout)
+        if self.layout.startswith(NATIVE_PREFIX) and self.include_future_predictor:
+            raise InputError("--include-future-predictor is for HF-named checkpoints, not --layout torchtitan:*")
+        if not self.layout.startswith(NATIVE_PREFIX) and self.titan_config is not None:
+            raise InputError("--titan-config names the torchtitan config of --layout torchtitan:<module>; give both")
         _check_choice("--future-predictor-head-type", self.future_predictor_head_type, get_args(HeadType))
         _check_number("--timeout-s", self.timeout_s, least=0)
         if self.timeout_s <= 0:
@@ -220,10 +238,19 @@ class ToHFOptions:
     """rows of a tensor read at once, MiB"""
     timeout_s: float = 300.0
     """under torchrun: seconds a rank waits for the others before giving up"""
+    layout: str | None = None
+    """torchtitan:<module> for a checkpoint in torchtitan's own key names (a torchtitan run's step-N), with
+    --titan-config; read from flame_ext.json when a native conversion recorded it"""
+    titan_config: str | None = None
+    """with --layout torchtitan:<module>: the run's config function (torchtitan's --config)"""
     progress: bool = field(default_factory=sys.stderr.isatty, metadata=NOT_AN_OPTION)
     """show progress bars (default: when stderr is a terminal)"""
 
     def __post_init__(self) -> None:
+        if self.layout is not None and not self.layout.startswith(NATIVE_PREFIX):
+            raise InputError(f"--layout {self.layout!r}: to-hf takes torchtitan:<module> (torchtitan's own key names)")
+        if (self.layout is None) != (self.titan_config is None):
+            raise InputError("--layout torchtitan:<module> and --titan-config go together")
         if not self.config:
             raise InputError("--config: required (the HF model folder or hub id, or a folder with its config.json)")
         _check_choice("--dtype", self.dtype, DTYPES)

@@ -39,6 +39,7 @@ from flame_ext.io.specs import TensorSpec, dtype_name
 from flame_ext.model.future_predictor import ATTRIBUTE as FP_ATTRIBUTE
 from flame_ext.model.future_predictor import attach_future_predictor
 from flame_ext.model.reference_loss import ReferenceForward
+from flame_ext.titan.native import NativeModel, is_native
 
 __all__ = [
     "ConvertOptions",
@@ -146,15 +147,33 @@ class ConversionPlan:
     entries: list[WriteEntry]
     notes: list[str]
     parameters: int
+    # torchtitan's own model (``--layout torchtitan:<module>``), None for HF names.
+    native: NativeModel | None = None
+    # Entries written together (a native layer: one from_hf call); a distributed run gives a rank whole groups.
+    groups: list[list[WriteEntry]] | None = None
 
 
 def prepare_conversion(opts: ConvertOptions) -> ConversionPlan:
     """Open the source, build the model on ``meta`` and map every key; raises before anything is written."""
     hf = open_hf(opts.model)
+    if is_native(opts.layout):
+        return _prepare_native(hf, opts)
     model = build_meta_model(hf, trust_remote_code=opts.trust_remote_code)
     fresh = _fresh_tensors(model, opts.future_predictor, opts.dtype)
     entries, notes = plan_hf_to_dcp(hf, model, dtype=opts.dtype, layout=opts.layout, fresh=fresh)
     return ConversionPlan(hf, fresh, entries, notes, _parameter_count(model, entries, LAYOUTS[opts.layout]))
+
+
+def _prepare_native(hf: HFCheckpoint, opts: ConvertOptions) -> ConversionPlan:
+    """``--layout torchtitan:<module>``: the native keys, layer by layer through the model's adapter."""
+    from flame_ext.convert.native import plan_native
+    from flame_ext.titan.native import resolve_native
+
+    native = resolve_native(opts.layout, opts.titan_config, str(hf.path))
+    nplan = plan_native(hf, native, dtype=opts.dtype)
+    tied = set(nplan.tied)
+    parameters = sum(e.spec.numel for e in nplan.entries if e.key not in tied)
+    return ConversionPlan(hf, nplan.fresh, nplan.entries, nplan.notes, parameters, native, nplan.groups)
 
 
 def complete_manifest(
@@ -183,6 +202,8 @@ def complete_manifest(
     if reference is not None:
         summary.notes += reference.get("notes", [])
     manifest = _manifest(hf, opts, entries, plan.fresh, reference, plan.parameters)
+    if plan.native is not None:
+        manifest["native"] = plan.native.record()
     manifest.update(nonfinite_keys=nonfinite, reference_note=reference_note)
     dtypes = {e.key: e.spec.dtype for e in entries}
     manifest["fingerprints"] = fingerprints_section(fingerprints, dtypes, rounded)
@@ -322,7 +343,7 @@ def _manifest(
     reference: dict | None,
     parameters: int,
 ) -> dict:
-    prefix = LAYOUTS[opts.layout]
+    prefix = LAYOUTS.get(opts.layout, "")  # torchtitan's native keys are flat
     return build_manifest(
         "checkpoint",
         hf,

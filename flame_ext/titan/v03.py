@@ -115,7 +115,7 @@ class ValidatingCheckpointManager(CheckpointManager):
                     position_multiple=multiple,
                     max_positions=max_positions,
                     metric_logger=getattr(trainer, "metrics_processor", None),
-                    loaded=self._loaded_state(),
+                    loaded=self._loaded_state(guard.fingerprints),
                 )
         return loaded
 
@@ -190,11 +190,13 @@ class ValidatingCheckpointManager(CheckpointManager):
         if pending is not None:
             pending.finish()
 
-    def _loaded_state(self) -> dict[str, Any]:
-        """The loaded parameters in the checkpoint's key space: the model's own keys, or for an HF load the HF
-        keys the adapter maps them to (the same ``to_hf`` the host loaded through, on the live tensors)."""
+    def _loaded_state(self, fingerprints: Any = None) -> dict[str, Any]:
+        """The loaded parameters in the key space of the recorded fingerprints: the model's own keys, or for an HF
+        load the HF keys the adapter maps them to (the same ``to_hf`` the host loaded through, on the live
+        tensors). An HF load checked against a native conversion's manifest (``--layout torchtitan:<module>``,
+        fingerprints under the model's own keys) is verified in the model's keys: both hold the same values."""
         state = model_state(self.states[MODEL])
-        if not self._from_hf:
+        if not self._from_hf or _recorded_natively(fingerprints, state):
             return state
         return self.sd_adapter.to_hf(state)
 
@@ -268,6 +270,12 @@ class ValidatingCheckpointManager(CheckpointManager):
         if FOLDS_BATCH and isinstance(parts[0], BaseModel):
             return hf_loss_probe(_RowsOfFoldedModel(parts[0])), 1, None
         return hf_loss_probe(parts[0]), 1, None
+
+
+def _recorded_natively(fingerprints: Any, state: dict[str, Any]) -> bool:
+    """True when the recorded fingerprints are keyed as the model's own state dict (a native conversion)."""
+    recorded = fingerprints if isinstance(fingerprints, dict) else {}
+    return bool(recorded) and sum(k in recorded for k in state) * 2 > len(state)
 
 
 def _reader_specs(reader: Any) -> dict[str, TensorSpec | None]:
