@@ -21,17 +21,20 @@ $(VENV01)/.installed: pyproject.toml requirements/titan01.txt
 demo: $(VENV)/.installed
 	$(VENV)/bin/flame-ext demo
 
-# ruff: pyflakes, import order, line length 120 and the formatting (configured in pyproject.toml).
+# ruff: pyflakes, import order, line length 120 and the formatting; mypy: the package's types (both configured in
+# pyproject.toml).
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: lint test-main test-titan01
 
-# A quick lane while working: one environment (torchtitan 0.3), no multi-process or training runs (marked slow),
-# stop at the first failure. `make test` is what CI runs.
+# A quick lane while working: one environment (torchtitan 0.3), no multi-process, training or catalogue runs
+# (marked slow), stop at the first failure; the ten slowest tests are listed at the end. `make test` is what CI
+# runs: every test, both environments.
 test-fast: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q -x -m "not slow"
+	$(VENV)/bin/python -m pytest -q -x -m "not slow" --durations=10
 
 test-main: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q

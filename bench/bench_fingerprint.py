@@ -20,6 +20,7 @@
     python bench/bench_fingerprint.py --size-gb 4 --before 5c6ab44
     python bench/bench_fingerprint.py --skip-convert                  # the guard figures only
     python bench/bench_fingerprint.py --size-gb 0.25 --dtype float32 --convert-only
+    python bench/bench_fingerprint.py --sums-only --before d409d3e    # CPU-s per GB of the sums alone
 """
 
 from __future__ import annotations
@@ -238,6 +239,40 @@ def summation_order(before: ModuleType | None) -> None:
     )
 
 
+def sums_per_gb(before: ModuleType | None, repeat: int) -> None:
+    """The sums alone, in this process, one torch thread: CPU seconds per GB of bf16 for the plain fingerprint
+    and for plain + fp16 rounding (what a bf16 conversion records), on one OLMo-2-7B decoder layer's matrix
+    shapes (trained-like values: std 0.02), this code and REV's alternating; the fastest of ``repeat``."""
+    import resource
+
+    import torch
+
+    from flame_ext.fingerprints import algorithm
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    tensors = [(torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for s in [(H, H), (INTER, H), (H, INTER), (H,)]]
+    gb = sum(t.numel() * 2 for t in tensors) / 1e9
+    codes = {"this code": algorithm, **({"previous code": before} if before is not None else {})}
+    best: dict[tuple[str, str], float] = {}
+    for _ in range(repeat):
+        for name, module in codes.items():
+            for kind, dtypes in (("plain", (None,)), ("plain + fp16", (None, torch.float16))):
+                t0 = cpu()
+                for t in tensors:
+                    module.block_fingerprints(t, [0] * t.dim(), tuple(t.shape), dtypes)
+                took = (cpu() - t0) / gb
+                best[name, kind] = min(best.get((name, kind), took), took)
+    torch.set_num_threads(threads)
+    for (name, kind), v in best.items():
+        print(f"sums, {name}, {kind}: {v:.2f} CPU-s per GB of bf16", flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-gb", type=float, default=1.0)
@@ -246,6 +281,7 @@ def main() -> int:
     p.add_argument("--skip-convert", action="store_true")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32"], help="the conversion's --dtype")
     p.add_argument("--convert-only", action="store_true", help="the conversion figures only")
+    p.add_argument("--sums-only", action="store_true", help="the sums' CPU-s per GB and the summation order only")
     p.add_argument("--tiny", action="store_true", help="smoke run (tests/bench): tiny checkpoint and layer shapes")
     args = p.parse_args()
     if args.tiny:
@@ -254,6 +290,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         work = Path(tmp)
         before, before_path = load_before(args.before, work) if args.before else (None, None)
+        if args.sums_only:
+            sums_per_gb(before, args.repeat)
+            summation_order(before)
+            return 0
         if not args.skip_convert:
             conversion(args.size_gb, args.repeat, before_path, work, args.dtype)
         if args.convert_only:

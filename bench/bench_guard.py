@@ -129,8 +129,8 @@ def bench_loss_tiny() -> None:
 
 
 def bench_manager_load(ckpt: Path, tmp: Path) -> None:
-    from _hosts import build_manager, titan_generation
     from _models import hf_like_trainer
+    from support.titan_hosts import build_manager, titan_generation
 
     from flame_ext.io.hf import DEFAULT_MODEL
 

@@ -26,9 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "titan")]
 
-from _hosts import build_manager  # noqa: E402
 from _models import hf_like_trainer  # noqa: E402
 from diagnose.conftest import _cache_key, convert, load_all, one_thread, save_dcp, tied_model, train_tiny  # noqa: E402
+from support.titan_hosts import build_manager  # noqa: E402
 from titan.test_value_catalogue import ARCHS, CASES, _qwen3  # noqa: E402
 
 from flame_ext.errors import InitialLoadValidationError  # noqa: E402

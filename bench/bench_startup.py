@@ -16,6 +16,9 @@ same median of ``import torch``:
   convert --no-reference    the embedded tiny model (flame_ext/assets/tiny-olmo2) to a temporary folder
   convert                   the same with the default reference loss
   diagnose                  the default conversion's output against the tiny model
+  to-hf                     that output back to an HF folder
+  --model folder missing    ``convert`` with a --model folder that does not exist (exit 2): refused before
+                            torch is imported
   first byte written        process start -> the first DCP data file opened for writing, in
                             ``convert --no-reference``: every import and the whole plan (config, headers,
                             model on ``meta``, key mapping) lie before it
@@ -111,6 +114,15 @@ CASES = [
         fresh_out=False,
     ),
     Case(
+        "to-hf",
+        ["-m", "flame_ext.cli", "to-hf", "--checkpoint", "{converted}", "--config", "{model}", "--out", "{out}"],
+    ),
+    Case(
+        "convert, --model folder missing (exit 2)",
+        ["-m", "flame_ext.cli", "convert", "--model", "{missing}", "--checkpoint", "{out}"],
+        exit_code=2,
+    ),
+    Case(
         "first byte written (convert --no-reference)",
         ["-c", FIRST_WRITE, "convert", "--model", "{model}", "--checkpoint", "{out}", "--no-reference"],
         first_write=True,
@@ -133,6 +145,7 @@ def run_once(case: Case, tree: Path, work: Path) -> tuple[float, float]:
         "model": str(tree / MODEL_IN_TREE),
         "out": str(dest),
         "converted": str(work / "converted"),
+        "missing": str(work / "no-such-model"),
         "tree": str(tree),
     }
     argv = [sys.executable, *(a.format(**fill) if a.startswith("{") else a for a in case.argv)]

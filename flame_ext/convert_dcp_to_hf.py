@@ -12,27 +12,21 @@ and write the folder one process writes (docs/distributed.md).
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
-from flame_ext.cli import OneLineParser, add_to_hf_arguments, exit_without_teardown, run_command, run_to_hf
+from flame_ext.cli import drop_in_parser, exit_without_teardown, run_command, run_to_hf
+from flame_ext.command_options import FlameDumpStep, ToHFOptions
+from flame_ext.declaration import add_arguments, from_namespace
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """flame's arguments (``--path`` and ``--step`` name the checkpoint); ``checkpoint`` and ``out`` derived."""
-    p = OneLineParser(
-        prog="convert_dcp_to_hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--path", type=str, required=True, help="flame dump folder holding checkpoint/step-N")
-    p.add_argument("--step", type=int, required=True)
-    p.add_argument("--out", type=str, default=None, help="output folder (default: PATH/hf-step-STEP)")
-    add_to_hf_arguments(p, flame=True)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = p.parse_args(argv)
-    args.checkpoint = str(Path(args.path) / "checkpoint" / f"step-{args.step}")
-    args.out = args.out or str(Path(args.path) / f"hf-step-{args.step}")
-    return args
+def parse_args(argv: Sequence[str] | None = None) -> ToHFOptions:
+    """flame's arguments (``--path`` and ``--step`` name the checkpoint) as ``to-hf``'s options."""
+    p = drop_in_parser("convert_dcp_to_hf", __doc__)
+    add_arguments(p, FlameDumpStep, flame=True)
+    add_arguments(p, ToHFOptions, flame=True, exclude=("checkpoint", "out"))
+    parsed = p.parse_args(argv)
+    step = from_namespace(FlameDumpStep, parsed)
+    return from_namespace(ToHFOptions, parsed, checkpoint=step.checkpoint, out=step.hf_folder)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,18 +8,18 @@ asks for, and records a reference loss in ``flame_ext.json`` for the training gu
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
-from flame_ext.cli import OneLineParser, add_convert_arguments, exit_without_teardown, run_command, run_convert
+from flame_ext.cli import drop_in_parser, exit_without_teardown, run_command, run_convert
+from flame_ext.command_options import ConvertOptions
+from flame_ext.declaration import add_arguments, from_namespace
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = OneLineParser(
-        prog="convert_hf_to_dcp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_convert_arguments(p, flame=True)
-    return p.parse_args(argv)
+def parse_args(argv: Sequence[str] | None = None) -> ConvertOptions:
+    """flame's arguments (its underscored names; the dashed ones accepted too) as ``convert``'s options."""
+    p = drop_in_parser("convert_hf_to_dcp", __doc__)
+    add_arguments(p, ConvertOptions, flame=True)
+    return from_namespace(ConvertOptions, p.parse_args(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,19 +10,18 @@ Exit 0: no errors; 1: problems found; 2: unreadable input.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
-from flame_ext.cli import OneLineParser, add_diagnose_arguments, exit_without_teardown, run_command, run_diagnose
+from flame_ext.cli import drop_in_parser, exit_without_teardown, run_command, run_diagnose
+from flame_ext.command_options import DiagnoseOptions
+from flame_ext.declaration import add_arguments, from_namespace
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = OneLineParser(
-        prog="diagnose_checkpoint", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_diagnose_arguments(p, flame=True)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p.parse_args(argv)
+def parse_args(argv: Sequence[str] | None = None) -> DiagnoseOptions:
+    """flame-style arguments (underscored names, --model required) as ``diagnose``'s options."""
+    p = drop_in_parser("diagnose_checkpoint", __doc__)
+    add_arguments(p, DiagnoseOptions, flame=True)
+    return from_namespace(DiagnoseOptions, p.parse_args(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

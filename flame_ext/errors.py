@@ -131,7 +131,7 @@ def os_error_in(exc: BaseException) -> OSError | None:
     """The ``OSError`` that ``exc`` is or stands for: itself, one it was raised from or during (torch's zip writer
     turns a failed write into ``RuntimeError: ... unexpected pos``), or one of DCP's per-rank failures."""
     seen: set[int] = set()
-    todo = [exc]
+    todo: list[BaseException | None] = [exc]
     while todo:
         e = todo.pop(0)
         if e is None or id(e) in seen:

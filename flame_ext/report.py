@@ -13,13 +13,15 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 __all__ = [
     "Problem",
     "Report",
     "LossComparison",
     "KINDS",
+    "ProblemKind",
+    "Severity",
     "SCHEMA_VERSION",
     "SCHEMA_PATH",
     "bucket_label",
@@ -31,7 +33,7 @@ __all__ = [
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "report.schema.json"
 
-KINDS = (
+ProblemKind = Literal[
     "missing_key",
     "unexpected_key",
     "shape_mismatch",
@@ -44,7 +46,8 @@ KINDS = (
     "manifest",
     "config_mismatch",
     "tokenizer_mismatch",
-)
+]
+KINDS: tuple[ProblemKind, ...] = get_args(ProblemKind)
 
 Severity = Literal["error", "warning"]
 
@@ -53,7 +56,7 @@ Severity = Literal["error", "warning"]
 class Problem:
     """One thing wrong (error) or risky (warning), with the key it concerns and a hint for the fix."""
 
-    kind: str
+    kind: ProblemKind
     severity: Severity
     key: str | None
     detail: str
@@ -81,12 +84,39 @@ def error_record(message: str) -> dict[str, Any]:
     return {"schema_version": SCHEMA_VERSION, "ok": False, "verdict": "ERROR", "error": message}
 
 
-def _finite_or_none(value: Any, where: str, notes: list[str]) -> Any:
-    """``value`` itself, or None (with a note naming the field) when it is a non-finite float."""
+def _finite_or_none(value: Any, where: str, nulled: list[tuple[str, float]]) -> Any:
+    """``value`` itself, or None (the field and its value added to ``nulled``) when it is a non-finite float."""
     if isinstance(value, float) and not math.isfinite(value):
-        notes.append(f"{where} is {value} (not finite); written as null")
+        nulled.append((where, value))
         return None
     return value
+
+
+def _nulled_note(nulled: list[tuple[str, float]]) -> str | None:
+    """One note for every number written as null (a NaN loss makes seven of them: one cause, one line):
+    ``loss.observed, loss.delta and 2 more are nan (not finite); written as null``, fields in report order."""
+    if not nulled:
+        return None
+    parts = []
+    for value in dict.fromkeys(str(v) for _, v in nulled):
+        fields = _bucket_fields([w for w, v in nulled if str(v) == value])
+        named = ", ".join(fields[:-1]) + " and " + fields[-1] if len(fields) > 1 else fields[0]
+        parts.append(f"{named} {'are' if len(fields) > 1 else 'is'} {value}")
+    return "; ".join(parts) + " (not finite); written as null"
+
+
+def _bucket_fields(fields: list[str]) -> list[str]:
+    """``loss.by_position [0, 64) observed`` in four buckets is named once: ``loss.by_position observed (4
+    buckets)``."""
+    out: list[str] = []
+    for f in fields:
+        if f.startswith("loss.by_position "):
+            side = f.rsplit(" ", 1)[1]
+            n = sum(1 for g in fields if g.startswith("loss.by_position ") and g.endswith(" " + side))
+            f = f if n == 1 else f"loss.by_position {side} ({n} buckets)"
+        if f not in out:
+            out.append(f)
+    return out
 
 
 @dataclass
@@ -127,9 +157,9 @@ class LossComparison:
     def ok(self) -> bool:
         return self.mean_ok and self.tokens_ok
 
-    def to_dict(self, notes: list[str] | None = None) -> dict[str, Any]:
-        """JSON-ready; a non-finite number becomes None, with a line in ``notes`` when given."""
-        notes = [] if notes is None else notes
+    def to_dict(self, nulled: list[tuple[str, float]] | None = None) -> dict[str, Any]:
+        """JSON-ready; a non-finite number becomes None, its field and value added to ``nulled`` when given."""
+        notes = [] if nulled is None else nulled
         return {
             "reference": _finite_or_none(self.reference, "loss.reference", notes),
             "observed": _finite_or_none(self.observed, "loss.observed", notes),
@@ -190,8 +220,10 @@ class Report:
         """The JSON report (schema ``schemas/report.schema.json``, version ``SCHEMA_VERSION``)."""
         counts = {k: 0 for k in ("hf_params", "dcp_params", "missing", "unexpected", "shape", "dtype")}
         counts.update(self.counts)
-        notes = list(self.notes)
-        loss = self.loss.to_dict(notes) if self.loss else None
+        nulled: list[tuple[str, float]] = []
+        loss = self.loss.to_dict(nulled) if self.loss else None
+        # A note said twice (two passes finding the same fact) is shown once; the nulled numbers are one note.
+        notes = list(dict.fromkeys([*self.notes, *filter(None, [_nulled_note(nulled)])]))
         by_kind = {k: 0 for k in KINDS}
         for p in self.problems:
             by_kind[p.kind] += 1

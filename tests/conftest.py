@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import run_cli, titan_version, transformers_major  # noqa: F401  (re-exported)
+from support.cli import run_cli, titan_version, transformers_major  # noqa: F401  (re-exported)
 
 from flame_ext.io.hf import DEFAULT_MODEL
 
@@ -37,22 +37,9 @@ def tiny_model() -> Path:
 @pytest.fixture(scope="session")
 def sharded_model(tmp_path_factory) -> Path:
     """A random tiny OLMo2 saved as 5 safetensors shards with an index (the layout of real 7B repos)."""
-    from transformers import Olmo2Config, Olmo2ForCausalLM
+    from support.models import save_tiny_model
 
-    torch.manual_seed(0)
-    cfg = Olmo2Config(
-        vocab_size=260,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        eos_token_id=256,
-        pad_token_id=256,
-        bos_token_id=None,
-    )
-    out = tmp_path_factory.mktemp("sharded") / "olmo2"
-    Olmo2ForCausalLM(cfg).save_pretrained(out, max_shard_size="60KB")
+    out = save_tiny_model(tmp_path_factory.mktemp("sharded") / "olmo2", shard_kb=60)
     assert len(list(out.glob("*.safetensors"))) > 2
     return out
 

@@ -13,11 +13,11 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from cli_support import report_json, run_cli
 from PIL import Image
+from support.cli import report_json, run_cli
 
 from flame_ext import convert_dcp_to_hf, convert_hf_to_dcp, diagnose_checkpoint
-from flame_ext.cli import _one_write_per_line, build_parser, convert_options, diagnose_options, main, to_hf_options
+from flame_ext.cli import _one_write_per_line, main, parse
 from flame_ext.io.plot import PLOT_SIZE
 
 
@@ -45,8 +45,16 @@ def _run(capsys, *argv: str) -> tuple[int, str, list[str]]:
             ["convert", "--checkpoint", "c"],
             "flame-ext: error: --model is required; `flame-ext demo` shows the embedded model",
         ),
+        (
+            ["convert", "--model", "m", "--checkpoint", "c", "--dtype", "float16"],
+            "flame-ext convert: error: --dtype 'float16': choose one of auto, bfloat16, float32",
+        ),
+        (
+            ["convert", "--model", "m", "--checkpoint", "c", "--layout", "deep"],
+            "flame-ext: error: --layout 'deep': choose one of flat, nested",
+        ),
     ],
-    ids=["not-a-number", "not-a-whole-number", "unknown-option", "missing-option", "no-model"],
+    ids=["not-a-number", "not-a-whole-number", "unknown-option", "missing-option", "no-model", "dtype", "layout"],
 )
 def test_bad_usage_is_one_line(capsys, tmp_path, argv, line):
     code, out, err = _run(capsys, *argv)
@@ -145,7 +153,8 @@ def test_bf16_to_hf_says_bfloat16_in_config(tiny_dcp, tmp_path):
 
 
 def cli(*argv: str):
-    return build_parser().parse_args(list(argv))
+    """The options object ``flame-ext ARGV`` runs its command with."""
+    return parse(list(argv))[1]
 
 
 def changed(options: object, default: object) -> set[str]:
@@ -154,26 +163,24 @@ def changed(options: object, default: object) -> set[str]:
 
 def test_convert_drop_in_gives_the_clis_options():
     given = ["--model", "m", "--checkpoint", "out", "--dtype", "bfloat16", "--layout", "nested"]
-    clis = convert_options(
-        cli(
-            "convert",
-            *given,
-            "--no-reference",
-            "--trust-remote-code",
-            "--include-future-predictor",
-            "--future-predictor-head-type",
-            "mlp",
-            "--reference-seq-len",
-            "64",
-            "--reference-rows",
-            "3",
-            "--buffer-mb",
-            "8",
-            "--reference-device",
-            "cpu",
-            "--record-sha256",
-            "--force",
-        )
+    clis = cli(
+        "convert",
+        *given,
+        "--no-reference",
+        "--trust-remote-code",
+        "--include-future-predictor",
+        "--future-predictor-head-type",
+        "mlp",
+        "--reference-seq-len",
+        "64",
+        "--reference-rows",
+        "3",
+        "--buffer-mb",
+        "8",
+        "--reference-device",
+        "cpu",
+        "--record-sha256",
+        "--force",
     )
     flames = convert_hf_to_dcp.parse_args(
         [
@@ -195,52 +202,51 @@ def test_convert_drop_in_gives_the_clis_options():
             "--force",
         ]
     )
-    assert convert_options(flames) == clis
-    defaults = convert_options(cli("convert", "--model", "m", "--checkpoint", "out"))
+    assert flames == clis
+    defaults = cli("convert", "--model", "m", "--checkpoint", "out")
     assert changed(clis, defaults) == {f.name for f in fields(clis)} - {
         "model",
         "checkpoint",
         "reference_text",
+        "timeout_s",
         "progress",
     }
 
 
 def test_to_hf_drop_in_gives_the_clis_options(tmp_path):
     run = tmp_path / "exp"
-    clis = to_hf_options(
-        cli(
-            "to-hf",
-            "--checkpoint",
-            str(run / "checkpoint" / "step-7"),
-            "--out",
-            str(run / "hf-step-7"),
-            "--config",
-            "m",
-            "--tokenizer",
-            "tok",
-            "--dtype",
-            "float32",
-            "--max-shard-mb",
-            "16",
-            "--force",
-        )
+    (run / "checkpoint" / "step-7").mkdir(parents=True)
+    clis = cli(
+        "to-hf",
+        "--checkpoint",
+        str(run / "checkpoint" / "step-7"),
+        "--out",
+        str(run / "hf-step-7"),
+        "--config",
+        "m",
+        "--tokenizer",
+        "tok",
+        "--dtype",
+        "float32",
+        "--max-shard-mb",
+        "16",
+        "--force",
     )
     flames = convert_dcp_to_hf.parse_args(
         ["--path", str(run), "--step", "7", "--config", "m", "--tokenizer", "tok", "--dtype", "float32"]
         + ["--max_shard_mb", "16", "--force"]
     )
-    assert to_hf_options(flames) == clis
+    assert flames == clis
     chosen = convert_dcp_to_hf.parse_args(["--path", str(run), "--step", "7", "--config", "m", "--out", "elsewhere"])
-    assert to_hf_options(chosen).out == "elsewhere"
+    assert chosen.out == "elsewhere"
 
 
-def test_diagnose_drop_in_gives_the_clis_options():
-    given = ["--checkpoint", "c", "--model", "m", "--values", "--loss", "--threshold", "0.2", "--tokenizer", "t"]
-    given += ["--reference", "r.json", "--json"]
-    clis = diagnose_options(cli("diagnose", *given, "--train-config", "cfg.json", "--trust-remote-code"))
-    flames = diagnose_options(
-        diagnose_checkpoint.parse_args([*given, "--train_config", "cfg.json", "--trust_remote_code"])
-    )
+def test_diagnose_drop_in_gives_the_clis_options(tmp_path):
+    (tmp_path / "r.json").write_text("{}")
+    given = ["--checkpoint", str(tmp_path), "--model", "m", "--values", "--loss", "--threshold", "0.2"]
+    given += ["--tokenizer", "t", "--reference", str(tmp_path / "r.json"), "--json"]
+    clis = cli("diagnose", *given, "--train-config", "cfg.json", "--trust-remote-code")
+    flames = diagnose_checkpoint.parse_args([*given, "--train_config", "cfg.json", "--trust_remote_code"])
     assert flames == clis and clis.train_config == "cfg.json" and clis.trust_remote_code
 
 

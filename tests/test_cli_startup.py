@@ -57,6 +57,46 @@ def test_help_and_usage_errors_load_no_heavy_library(argv, exit_code):
     assert loaded == []
 
 
+def _bad_inputs(tmp_path) -> list[tuple[str, list[str], str]]:
+    """(module, argv, what the one line names): inputs that are wrong before any work starts."""
+    nope, ckpt = str(tmp_path / "nope"), str(tmp_path)
+    return [
+        ("flame_ext.cli", ["convert", "--model", nope, "--checkpoint", str(tmp_path / "out")], "nope: no such folder"),
+        ("flame_ext.cli", ["to-hf", "--checkpoint", ckpt, "--config", nope, "--out", str(tmp_path / "o")], "nope"),
+        ("flame_ext.cli", ["to-hf", "--checkpoint", nope, "--config", ckpt, "--out", str(tmp_path / "o")], "nope"),
+        ("flame_ext.cli", ["diagnose", "--checkpoint", nope], "nope: no such folder"),
+        ("flame_ext.cli", ["diagnose", "--checkpoint", ckpt, "--model", nope], "nope: no such folder"),
+        ("flame_ext.cli", ["reference", "--model", nope, "--out", str(tmp_path / "r.json")], "nope"),
+        ("flame_ext.convert_hf_to_dcp", ["--model", nope, "--checkpoint", str(tmp_path / "out")], "nope"),
+        ("flame_ext.diagnose_checkpoint", ["--checkpoint", ckpt, "--model", nope], "nope"),
+        ("flame_ext.convert_dcp_to_hf", ["--path", ckpt, "--step", "0", "--config", nope], "nope"),
+        ("flame_ext.convert_dcp_to_hf", ["--path", ckpt, "--step", "7", "--config", ckpt], "step-7: no such folder"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_a_missing_input_is_refused_before_torch_is_imported(case, tmp_path):
+    """A mistyped path is one line, exit 2, and torch/transformers were never imported to say so (they take
+    seconds to import; the command's own checks run first)."""
+    (tmp_path / "checkpoint" / "step-0").mkdir(parents=True)
+    module, argv, named = _bad_inputs(tmp_path)[case]
+    loaded, printed = _heavy_after(
+        f"""
+        import contextlib, io, sys
+        from {module} import main
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main({argv!r})
+        print('CODE', code)
+        print('ERR', err.getvalue().strip())
+        """
+    )
+    lines = printed.splitlines()
+    assert lines[0] == "CODE 2"
+    assert lines[1].startswith("ERR ") and named in lines[1] and len(lines) == 2, printed
+    assert loaded == []
+
+
 def test_a_flame_checkout_check_loads_no_heavy_library(tmp_path):
     loaded, printed = _heavy_after(
         f"""
@@ -79,7 +119,7 @@ def test_the_public_conversion_names_still_import():
         "from flame_ext.convert import ConvertOptions, ToHFOptions, convert_dcp_to_hf, convert_hf_to_dcp\n"
         "print(ConvertOptions.__module__, ToHFOptions.__module__, convert_dcp_to_hf.__name__)"
     )
-    assert printed == "flame_ext.convert.hf_to_dcp flame_ext.convert.dcp_to_hf convert_dcp_to_hf"
+    assert printed == "flame_ext.command_options flame_ext.command_options convert_dcp_to_hf"
     assert "torch" in loaded
 
 

@@ -8,7 +8,7 @@ import math
 
 import jsonschema
 import pytest
-from cli_support import report_json, valid_report
+from support.cli import report_json, valid_report
 
 from flame_ext.report import KINDS, SCHEMA_PATH, LossComparison, Problem, Report, bucket_label, error_record, plural
 
@@ -53,8 +53,28 @@ def test_non_finite_numbers_are_null_with_a_note(value):
     assert data["loss"]["observed"] is None and data["loss"]["delta"] is None
     assert data["loss"]["by_position"][0]["observed"] is None and data["loss"]["first_position_delta"] is None
     assert data["loss"]["reference"] == 2.0
-    assert any(n.startswith("loss.observed is ") and "null" in n for n in data["notes"]), data["notes"]
-    assert any("[0, 128) observed" in n for n in data["notes"])
+    (note,) = [n for n in data["notes"] if "null" in n]  # one cause, one note: not one per field
+    assert note == (
+        f"loss.observed, loss.delta, loss.by_position [0, 128) observed and loss.first_position_delta are {value} "
+        "(not finite); written as null"
+    )
+
+
+def test_a_nan_loss_is_one_note_in_the_text_a_user_reads():
+    buckets = [{"start": 64 * i, "end": 64 * (i + 1), "observed": math.nan, "reference": 2.0} for i in range(4)]
+    loss = LossComparison(2.0, math.nan, 0.1, buckets, first_position_delta=math.nan, token_delta=math.nan)
+    loss.token_threshold = 0.1
+    report = Report(loss=loss, notes=["values: 25 tensors compared", "values: 25 tensors compared"])
+    notes = [line for line in report.render_text().splitlines() if line.startswith("note: ")]
+    assert notes == [
+        "note: values: 25 tensors compared",  # a note said twice is shown once
+        "note: loss.observed, loss.delta, loss.by_position observed (4 buckets), loss.first_position_delta and "
+        "loss.token_delta are nan (not finite); written as null",
+    ]
+    mixed = Report(loss=LossComparison(2.0, math.inf, 0.1, first_position_delta=math.nan)).to_dict()["notes"]
+    assert mixed == [
+        "loss.observed and loss.delta are inf; loss.first_position_delta is nan (not finite); written as null"
+    ]
 
 
 def test_counts_verdict_and_kinds():

@@ -11,13 +11,22 @@ rounded to it and must then agree to within one unit in its last place (a conver
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from flame_ext.fingerprints.algorithm import TERMS, block_fingerprint
-from flame_ext.fingerprints.compare import coverage_problems, fingerprint_problems, hint_for, plan_verification
+from flame_ext.fingerprints.compare import (
+    coverage_problems,
+    fingerprint_problems,
+    fold_swaps,
+    hint_for,
+    never_loaded,
+    never_loaded_problem,
+    plan_verification,
+)
 from flame_ext.fingerprints.forensics import Finding, what_happened
 from flame_ext.fingerprints.record import Fingerprints
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, DCPRowReader, row_blocks
@@ -25,7 +34,16 @@ from flame_ext.io.hf import HFCheckpoint, HFTensor, hf_source, read_tensor
 from flame_ext.io.specs import TensorSpec
 from flame_ext.report import Problem
 
-__all__ = ["ValueStats", "Tolerance", "compare_values", "narrower", "verify_fingerprints", "stored_fingerprint"]
+__all__ = [
+    "ValueStats",
+    "Tolerance",
+    "Source",
+    "compare_values",
+    "compare_with_sources",
+    "narrower",
+    "verify_fingerprints",
+    "stored_fingerprint",
+]
 
 
 @dataclass
@@ -112,8 +130,29 @@ def _explain(
     return what_happened(key, diff.ckpt_fp, diff.src_fp, shape=spec.shape, dtype=spec.dtype, others=twins)
 
 
+@dataclass(frozen=True)
+class Source:
+    """What a checkpoint tensor should hold: its spec, a reader of rows [start, end) of it, and the words that
+    name it in a problem (``the HF source`` and the file; for a native checkpoint, the adapter's mapping)."""
+
+    spec: TensorSpec
+    read_rows: Callable[[int, int], torch.Tensor]
+    name: str = "the HF source"
+    origin: str = ""  # where the values come from, in the nonfinite problem (an HF file name)
+
+
+def hf_tensor_source(src: HFTensor) -> Source:
+    """An HF safetensors tensor as a ``Source`` (rows read by a positioned read of just their bytes)."""
+    whole = (0, src.spec.shape[0]) if src.spec.shape else None
+    return Source(
+        src.spec,
+        lambda start, end: read_tensor(src, None if whole is None or (start, end) == whole else (start, end)),
+        origin=f"the HF source {src.file.name}",
+    )
+
+
 def _problems_for(
-    key: str, ckpt_key: str, diff: _TensorDiff, ckpt_spec: TensorSpec, src: HFTensor, finding: Finding | None
+    key: str, ckpt_key: str, diff: _TensorDiff, ckpt_spec: TensorSpec, src: Source, finding: Finding | None
 ) -> list[Problem]:
     problems = []
     numel = ckpt_spec.numel
@@ -135,7 +174,7 @@ def _problems_for(
                 "nonfinite",
                 "error",
                 key,
-                f"{diff.nonfinite_hf} of {numel} values are NaN or inf in the HF source {src.file.name}",
+                f"{diff.nonfinite_hf} of {numel} values are NaN or inf in {src.origin or src.name}",
                 "the source model itself is damaged; re-download it",
             )
         )
@@ -147,7 +186,7 @@ def _problems_for(
                 "value_mismatch",
                 "error",
                 key,
-                f"{diff.mismatched} of {numel} values differ from the HF source{rule}; max abs diff "
+                f"{diff.mismatched} of {numel} values differ from {src.name}{rule}; max abs diff "
                 f"{diff.max_abs:.4g}{why}{where}",
                 hint_for(finding.code if finding is not None else None),
             )
@@ -167,13 +206,32 @@ def compare_values(
     tolerance: Tolerance = Tolerance(),
 ) -> tuple[list[Problem], ValueStats]:
     """Compare each located checkpoint tensor with its HF source, block by block; every difference reported."""
+    sources: dict[str, Source | None] = {}
+    for key in sorted(key_map):
+        src = hf_source(key, hf, tied, base_prefix)
+        sources[key] = hf_tensor_source(src) if src is not None else None
+    return compare_with_sources(folder, found, sources, key_map, buffer_bytes=buffer_bytes, tolerance=tolerance)
+
+
+def compare_with_sources(
+    folder: str | Path,
+    found: dict[str, TensorSpec | None],
+    sources: dict[str, Source | None],
+    key_map: dict[str, str],
+    *,
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES // 4,
+    tolerance: Tolerance = Tolerance(),
+) -> tuple[list[Problem], ValueStats]:
+    """Each checkpoint tensor (``key_map``: model key -> checkpoint key) against what ``sources`` says it
+    should hold, in the order of ``sources``, block by block; a key without a source is skipped and said so."""
     reader = DCPRowReader(folder)
     stats = ValueStats()
-    diffs: dict[str, tuple[str, _TensorDiff, TensorSpec, HFTensor]] = {}
-    for key in sorted(key_map):
-        ckpt_key = key_map[key]
-        spec = found.get(ckpt_key)
-        src = hf_source(key, hf, tied, base_prefix)
+    diffs: dict[str, tuple[str, _TensorDiff, TensorSpec, Source]] = {}
+    for key, src in sources.items():
+        ckpt_key = key_map.get(key)
+        spec = found.get(ckpt_key) if ckpt_key is not None else None
+        if ckpt_key is None:
+            continue
         if spec is None or src is None:
             stats.skipped[key] = "no HF source tensor (freshly initialised?)" if src is None else "not a tensor"
             continue
@@ -183,8 +241,7 @@ def compare_values(
         diff = _TensorDiff()
         for start, end in row_blocks(spec, buffer_bytes):
             ckpt = reader.rows(ckpt_key, spec, start, end)
-            whole = not spec.shape or (start, end) == (0, spec.shape[0])
-            source = read_tensor(src, None if whole else (start, end))
+            source = src.read_rows(start, end)
             _compare_block(ckpt, source, diff, start, spec.shape, tolerance)
             stats.bytes_read += ckpt.numel() * ckpt.element_size() + source.numel() * source.element_size()
             del ckpt, source
@@ -192,10 +249,16 @@ def compare_values(
         diffs[key] = (ckpt_key, diff, spec, src)
     hf_prints = {k: (src.spec, d.src_fp) for k, (_, d, _, src) in diffs.items() if src.spec.dtype == diffs[k][2].dtype}
     problems: list[Problem] = []
+    findings: dict[str, Finding | None] = {}
     for key, (ckpt_key, diff, spec, src) in diffs.items():
         finding = _explain(key, diff, spec, hf_prints) if diff.mismatched and spec.dtype == src.spec.dtype else None
+        if diff.mismatched or diff.nonfinite_ckpt:
+            findings[key] = finding
         problems.extend(_problems_for(key, ckpt_key, diff, spec, src, finding))
-    return problems, stats
+    known = {k: f for k, f in findings.items() if f is not None}
+    if len(known) == len(findings) and never_loaded(list(known.values()), len(diffs)):  # one cause: one problem
+        return [never_loaded_problem(list(known.values()), "the HF source's")], stats
+    return fold_swaps(problems, known, "the HF source's", hint_for), stats
 
 
 def stored_fingerprint(reader: DCPRowReader, key: str, spec: TensorSpec, buffer_bytes: int) -> torch.Tensor:

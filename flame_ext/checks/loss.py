@@ -29,6 +29,7 @@ from flame_ext.checks.nonpersistent_buffers import check_buffers
 from flame_ext.errors import ForwardUnavailableError, InputError
 from flame_ext.io.dcp import load_state
 from flame_ext.io.hf import HFCheckpoint, build_meta_model
+from flame_ext.io.hf_logging import transformers_quiet
 from flame_ext.io.specs import TensorSpec
 from flame_ext.model.reference_loss import per_token_loss, run_forward
 from flame_ext.report import LossComparison, Problem, bucket_label
@@ -177,21 +178,6 @@ def _quiet(log: logging.Logger) -> Iterator[None]:
         log.propagate = propagate
 
 
-@contextlib.contextmanager
-def _transformers_quiet() -> Iterator[None]:
-    """No progress bars or "sequence longer than the model maximum" notes in the middle of a report."""
-    from transformers.utils import logging as tf_logging
-
-    verbosity = tf_logging.get_verbosity()
-    tf_logging.set_verbosity_error()
-    tf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        tf_logging.set_verbosity(verbosity)
-        tf_logging.enable_progress_bar()
-
-
 def build_like_trainer(hf: HFCheckpoint, dtype: str, *, trust_remote_code: bool = False) -> "nn.Module":
     """The HF model class on ``meta`` at ``dtype`` (buffers keep the dtype the class gives them), then
     ``to_empty()``: every parameter and buffer is uninitialised memory until something fills it."""
@@ -200,10 +186,18 @@ def build_like_trainer(hf: HFCheckpoint, dtype: str, *, trust_remote_code: bool 
 
 
 def load_into(
-    model: "nn.Module", folder: str | Path, found: dict[str, TensorSpec | None], key_map: dict[str, str]
+    model: "nn.Module",
+    folder: str | Path,
+    found: dict[str, TensorSpec | None],
+    key_map: dict[str, str],
+    *,
+    through_hooks: bool = False,
 ) -> list[str]:
     """``dcp.load`` every model tensor the checkpoint holds (strict: a planned key that cannot be read fails).
 
+    ``through_hooks``: the state dict's tensors are handed back with ``load_state_dict``, for a model whose
+    ``state_dict()`` hooks return copies (torchtitan's fused q/k/v splits ``wqkv`` into ``wq``/``wk``/``wv``
+    and merges them again on load), as torchtitan's own checkpoint load does.
     Returns the model keys that could not be loaded (absent, or another shape): the caller decides.
     """
     state = model.state_dict()
@@ -217,6 +211,8 @@ def load_into(
             continue
         wanted[ckpt_key] = tensor  # type: ignore[index]
     load_state(folder, wanted)
+    if through_hooks and not not_loaded:
+        model.load_state_dict(state)
     return not_loaded
 
 
@@ -240,7 +236,7 @@ def reference_for(
             "pass --tokenizer, or --reference FILE written by `flame-ext reference`"
         )
 
-    with _transformers_quiet():
+    with transformers_quiet():
         ref = compute_reference(hf, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer_path=tokenizer)
     return ref, f"the HF model measured now ({ref['dtype']}, default reference text)"
 
@@ -456,6 +452,7 @@ def check_loss(
     token_ids = torch.tensor(ref["token_ids"], dtype=torch.long)
     on_stage("loading the checkpoint with torch.distributed.checkpoint and running the reference batch, block by block")
     try:
+        observed: torch.Tensor | None
         try:
             observed = _streamed_losses(sm, token_ids, _device_for(sm.module))
             how = f"loaded and run one block at a time (largest block {sm.largest_block / 1e6:,.1f} MB)"

@@ -55,7 +55,7 @@ def check_buffers(model: nn.Module, *, repair: bool, after: str | None = None) -
         expected = fresh_buffers(module)
         for b in names:
             key = f"{mod_name}.{b}" if mod_name else b
-            actual = module._buffers[b]
+            actual = module.get_buffer(b)
             if expected is None or b not in expected:
                 problems.append(
                     Problem(
@@ -107,7 +107,7 @@ def load_path_hazards(build_meta: Any) -> list[Problem]:
         module.to_empty(device="cpu", recurse=False)
         # Poison the memory to_empty() left, so that "happens to be right" cannot pass for "was recomputed".
         for b in names:
-            module._buffers[b].fill_(float("nan"))
+            module.get_buffer(b).fill_(float("nan"))
     if hasattr(model, "post_init"):
         # As flame does before its post_init(): transformers 4.x marks modules initialised when the model is
         # built and would skip them all; flame clears the mark so every module's _init_weights runs again.

@@ -8,20 +8,14 @@ another token than the model learned), not what the weights compute: warnings.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from flame_ext.model.reference_loss import TOKENIZER_FILES, has_tokenizer
 from flame_ext.report import Problem
 
 __all__ = ["TOKENIZER_FILES", "has_tokenizer", "tokenizer_size", "tokenizer_problems"]
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
 _SPECIALS = ("bos", "eos", "pad")
-
-
-def has_tokenizer(folder: str | Path) -> bool:
-    """Whether a folder holds tokenizer files at all (an HF model folder need not)."""
-    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
 
 
 def tokenizer_size(tokenizer: Any) -> int:

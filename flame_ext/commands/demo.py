@@ -16,12 +16,10 @@ for the installed torchtitan generation (0.1.x: flame's; 0.3.x). Exit 0 when bot
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from flame_ext.command_options import DemoOptions
 
 __all__ = ["run", "TrainResult", "train_flame_shaped"]
 
@@ -75,7 +75,7 @@ def _flame_model(hf_path: Path, *, simulate_tf4: bool) -> tuple[torch.nn.Module,
     # parallelize: on one rank flame's parallelize_fla applies nothing (no FSDP with dp_shard = 1).
     model.to_empty(device="cpu")
     left = {
-        f"{name}.{b}": module._buffers[b].clone()
+        f"{name}.{b}": module.get_buffer(b).clone()
         for name, module, names in nonpersistent_buffer_modules(model)
         for b in names
     }
@@ -86,7 +86,7 @@ def _flame_model(hf_path: Path, *, simulate_tf4: bool) -> tuple[torch.nn.Module,
         with torch.no_grad():
             for name, module, names in nonpersistent_buffer_modules(model):
                 for b in names:
-                    module._buffers[b].copy_(left[f"{name}.{b}"])
+                    module.get_buffer(b).copy_(left[f"{name}.{b}"])
         simulated = True
     model.train()
     return model, simulated, left
@@ -168,28 +168,24 @@ def _quiet_hosts(guard_level: int = logging.INFO) -> Iterator[None]:
     """Show the guard's own log lines, indented; keep torchtitan's, transformers' and DCP's chatter out."""
     import warnings
 
-    import transformers
+    from flame_ext.io.hf_logging import transformers_quiet
 
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("      | %(message)s"))
     handler.addFilter(_NoJSONRecord())
     ours, root = logging.getLogger("flame_ext"), logging.getLogger()
-    saved = (ours.level, ours.propagate, root.level, transformers.logging.get_verbosity())
+    saved = (ours.level, ours.propagate, root.level)
     ours.addHandler(handler)
     ours.setLevel(guard_level)
     ours.propagate = False
     root.setLevel(logging.ERROR)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
     try:
-        with warnings.catch_warnings():
+        with transformers_quiet(), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "torch.distributed ... assuming a single process"
             yield
     finally:
         ours.removeHandler(handler)
-        ours.level, ours.propagate, root.level = saved[:3]
-        transformers.logging.set_verbosity(saved[3])
-        transformers.logging.enable_progress_bar()
+        ours.level, ours.propagate, root.level = saved
 
 
 def _convert(hf_path: Path, step0: Path) -> float:
@@ -197,7 +193,7 @@ def _convert(hf_path: Path, step0: Path) -> float:
 
     summary = convert_hf_to_dcp(ConvertOptions(model=str(hf_path), checkpoint=str(step0), progress=False, force=True))
     _say(f"    {summary.line()}")
-    ref = summary.manifest["reference"]
+    ref = (summary.manifest or {})["reference"]  # a conversion always records its manifest
     _say(
         f"    HF reference loss {ref['loss_mean']:.4f} nats on {len(ref['token_ids'])}x{ref['seq_len']} tokens, "
         "recorded in flame_ext.json"
@@ -312,16 +308,17 @@ def _installed(name: str) -> str:
         return "not installed"
 
 
-def run(args: argparse.Namespace) -> int:
+def run(opts: DemoOptions) -> int:
     """``flame-ext demo [--workdir DIR]``: 0 when the demo behaved as expected, 1 otherwise."""
-    started = time.perf_counter()
-    if args.workdir:
-        work = Path(args.workdir)
+    from flame_ext.convert.summary import command_seconds
+
+    if opts.workdir:
+        work = Path(opts.workdir)
         shutil.rmtree(work / "exp", ignore_errors=True)  # the demo's own folder from an earlier run
         work.mkdir(parents=True, exist_ok=True)
         ok = _story(work)
     else:
         with tempfile.TemporaryDirectory(prefix="flame-ext-demo-") as tmp:
             ok = _story(Path(tmp))
-    _say(f"({time.perf_counter() - started:.1f} s)")
+    _say(f"({command_seconds():.1f} s)")  # the command's wall time, start-up and imports included
     return 0 if ok else 1

@@ -17,7 +17,6 @@ otherwise, 2 for unreadable input.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,9 +27,11 @@ import torch
 
 from flame_ext.checks.files import file_problems, recorded_digests
 from flame_ext.checks.keys import compare_specs, model_part
+from flame_ext.checks.recorded import NESTED_PREFIX, RecordedChoices, recorded_choices
+from flame_ext.command_options import DiagnoseOptions
 from flame_ext.errors import InputError
-from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, model_prefix, read_dcp_metadata
-from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, open_hf, tied_aliases
+from flame_ext.io.dcp import model_prefix, read_dcp_metadata
+from flame_ext.io.hf import HFCheckpoint, build_meta_model, expected_tensors, hf_model, open_hf, tied_aliases
 from flame_ext.io.key_names import locate_keys
 from flame_ext.io.manifest import MANIFEST_NAME, TRAINING_STEP, config_hash, manifest_present, read_manifest
 from flame_ext.io.specs import TensorSpec
@@ -40,42 +41,6 @@ __all__ = ["DiagnoseOptions", "diagnose", "run", "TRAINING_STATE_NAMES", "metada
 
 # Top-level state names of a full training checkpoint besides the model (torchtitan's CheckpointManager).
 TRAINING_STATE_NAMES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
-
-
-@dataclass
-class DiagnoseOptions:
-    """``flame-ext diagnose``: a DCP checkpoint against the HF model it was made from."""
-
-    checkpoint: str
-    model: str | None = None
-    values: bool = False
-    loss: bool = False
-    files: bool = False
-    threshold: float = 0.1
-    # Unset: the training guard's own default (``GuardConfig.initial_load_max_token_delta``), declared there once.
-    token_threshold: float | None = None
-    train_config: str | None = None
-    tokenizer: str | None = None
-    reference: str | None = None
-    trust_remote_code: bool = False
-    buffer_bytes: int = DEFAULT_BUFFER_BYTES // 4
-    atol: float = 0.0
-    rtol: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("atol", "rtol"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise InputError(f"--{name} {value}: must be a finite number >= 0")
-        if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
-            raise InputError(f"--threshold {self.threshold}: must be a finite number of nats >= 0")
-        if self.token_threshold is None:
-            from flame_ext.guard.options import GuardConfig
-
-            self.token_threshold = GuardConfig.initial_load_max_token_delta
-        value = self.token_threshold
-        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise InputError(f"--token-threshold {value}: must be a finite number of nats >= 0")
 
 
 @dataclass
@@ -125,9 +90,13 @@ def _training_entries(found: dict[str, TensorSpec | None]) -> list[str]:
 
 
 def metadata_pass(
-    found: dict[str, TensorSpec | None], expected: dict[str, TensorSpec], tied: dict[str, str]
+    found: dict[str, TensorSpec | None],
+    expected: dict[str, TensorSpec],
+    tied: dict[str, str],
+    choices: RecordedChoices = RecordedChoices(),
 ) -> tuple[Report, dict[str, str]]:
-    """Keys, shapes and dtypes; a full training checkpoint is recognised and its model part compared."""
+    """Keys, shapes and dtypes; a full training checkpoint is recognised and its model part compared. What the
+    manifest records as chosen (``choices``: a nested layout, a dtype) is a note, not a problem."""
     report = Report()
     model_keys: dict[str, TensorSpec | None] = dict(model_part(found))
     training = _training_entries(found)
@@ -138,31 +107,25 @@ def metadata_pass(
             f"full training checkpoint ({', '.join(names)}: {len(training)} entries besides the model); its model "
             "part is compared"
         )
-        if model_prefix(model_keys, expected) == "model.":
-            # torchtitan 0.1 saves {"model": ..., "optimizer": ...} unflattened: nested model keys are its layout.
-            strip = "model."
-            model_keys = {k.removeprefix(strip): v for k, v in model_keys.items() if k.startswith(strip)}
-            report.notes.append(
-                "model keys sit under 'model.' as torchtitan 0.1 writes full training checkpoints: the layout a resume "
-                "expects, not a fault; an initial model-only load needs flat keys (`flame-ext convert` writes them)"
-            )
-    parity = compare_specs(expected, model_keys, tied=tied)
-    report.extend(_collapse_uniform_dtype(parity.problems))
+    nested = model_prefix(model_keys, expected) == NESTED_PREFIX
+    if nested and choices.nested:
+        report.notes.append(choices.layout_note(len(model_keys)))
+    elif nested and training:
+        # torchtitan 0.1 saves {"model": ..., "optimizer": ...} unflattened: nested model keys are its layout.
+        report.notes.append(
+            "model keys sit under 'model.' as torchtitan 0.1 writes full training checkpoints: the layout a resume "
+            "expects, not a fault; an initial model-only load needs flat keys (`flame-ext convert` writes them)"
+        )
+    if nested and (choices.nested or training):
+        strip = NESTED_PREFIX
+        model_keys = {k.removeprefix(strip): v for k, v in model_keys.items() if k.startswith(strip)}
+    parity = compare_specs(expected, model_keys, tied=tied, choices=choices)
+    report.extend(parity.problems)
+    report.notes.extend(parity.notes)
     report.counts = dict(parity.counts)
     # Keys of ``found`` (the checkpoint as written) for each expected key, for the passes that read tensors.
     key_map = {k: strip + v for k, v in locate_keys(expected, model_keys).items()}
     return report, key_map
-
-
-def _collapse_uniform_dtype(problems: list[Problem]) -> list[Problem]:
-    """A deliberate cast (every tensor fp32 -> bf16) is one warning, not one per tensor."""
-    dtype = [p for p in problems if p.kind == "dtype_mismatch"]
-    if len(dtype) < 2 or len({p.detail for p in dtype}) != 1:
-        return problems
-    first = dtype[0]
-    merged = Problem("dtype_mismatch", "warning", None, f"all {len(dtype)} tensors: {first.detail}", first.hint)
-    rest = [p for p in problems if p.kind != "dtype_mismatch"]
-    return rest + [merged]
 
 
 def _foreign(m: dict[str, Any], hf: HFCheckpoint, name: str) -> Problem | None:
@@ -279,7 +242,7 @@ def tokenizer_check(ctx: _Context, tokenizer: str | None, trust_remote_code: boo
 
     path = tokenizer or str(ctx.hf.path)
     tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    rows = ctx.model.get_input_embeddings().weight.shape[0]
+    rows = hf_model(ctx.model).get_input_embeddings().get_parameter("weight").shape[0]
     problems = tokenizer_problems(
         tok, name=path, embedding_rows=rows, config=ctx.hf.config, source_own=tokenizer is None
     )
@@ -304,9 +267,10 @@ def recorded_source(folder: Path, manifest: dict[str, Any] | None) -> str:
         raise InputError(
             f"--model: not given, and {folder} has {where}; pass --model HF_FOLDER_OR_ID (the model it was made from)"
         )
-    if isinstance(path, str) and Path(path).is_dir():
+    if isinstance(path, str) and (Path(path).is_dir() or not isinstance(model, str)):
         return path
-    return model if isinstance(model, str) else path
+    assert isinstance(model, str)  # one of the two is, checked above
+    return model
 
 
 def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: None) -> Report:
@@ -329,14 +293,14 @@ def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: 
     on_stage("building the model on meta")
     model = _build_expected(hf, manifest, opts.trust_remote_code)
     expected, tied = expected_tensors(model), tied_aliases(model)
-    report, key_map = metadata_pass(found, expected, tied)
+    report, key_map = metadata_pass(found, expected, tied, recorded_choices(manifest))
     report.checked = ["metadata", "manifest", "tokenizer"] + ["config"] * bool(opts.train_config)
     if recorded:
         report.notes.insert(0, f"model: {opts.model}, the source recorded in {MANIFEST_NAME} (--model not given)")
     ctx = _Context(folder, found, hf, model, expected, tied, key_map, manifest, model_given=not recorded)
     report.extend(manifest_problems(ctx, reference_given=opts.reference is not None))
     report.extend(config_reading_problems(ctx))
-    if opts.reference is not None:
+    if opts.reference is not None and reference is not None:  # read together, above
         report.extend(_use_reference_file(ctx, opts.reference, reference))
     if opts.train_config:
         report.extend(config_problems(ctx, opts.train_config))
@@ -464,14 +428,13 @@ def _header(opts: DiagnoseOptions, hf_source: str) -> str:
     return f"flame-ext diagnose: {opts.checkpoint} against {hf_source} ({', '.join(passes)})"
 
 
-def run(opts: DiagnoseOptions, *, as_json: bool = False, plot: str | None = None) -> int:
-    """The ``diagnose`` subcommand: print the report (text or JSON), draw the loss when ``plot`` names a PNG;
+def run(opts: DiagnoseOptions) -> int:
+    """The ``diagnose`` subcommand: print the report (text or JSON), draw the loss when ``--plot`` names a PNG;
     0 when no error, 1 otherwise."""
+    as_json, plot = opts.json, opts.plot
     if plot:
         from flame_ext.io.plot import check_plot_destination
 
-        if not opts.loss:
-            raise InputError(f"--plot {plot}: draws the per-position loss, so it needs --loss")
         check_plot_destination(plot, option="--plot")  # before the model runs
     stage = (
         (lambda s: print(f"... {s}", file=sys.stderr, flush=True))

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
-from flame_ext import __version__
+from flame_ext.command_options import ReferenceOptions
 from flame_ext.convert.hf_to_dcp import source_reader
-from flame_ext.errors import ForwardUnavailableError, InputError
+from flame_ext.errors import ForwardUnavailableError
 from flame_ext.fingerprints.algorithm import Recorder
 from flame_ext.fingerprints.record import FingerprintsSection, fingerprints_section
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, replace_dtype, row_blocks
 from flame_ext.io.destination import atomic_file, check_destination
 from flame_ext.io.hf import HFCheckpoint, open_hf
-from flame_ext.io.manifest import FORMAT_VERSION, config_hash
-from flame_ext.model.reference_loss import compute_reference, reference_device
+from flame_ext.io.manifest import build_manifest
+from flame_ext.model.reference_loss import compute_reference
 
 __all__ = ["write_reference", "source_fingerprints"]
 
@@ -42,41 +41,25 @@ def source_fingerprints(
     return fingerprints_section(recorder.values, {k: s.dtype for k, s in specs.items()}, recorder.rounded)
 
 
-def write_reference(args: argparse.Namespace) -> dict[str, Any]:
-    """Compute the HF reference and write a reference-only manifest to ``args.out`` (atomically)."""
-    out = Path(args.out)
-    check_destination(out, kind="reference", force=args.force)  # before the model runs
-    if args.dtype not in ("auto", "bfloat16", "float32"):
-        raise InputError(f"--dtype {args.dtype!r}: choose one of auto, bfloat16, float32")
-    reference_device(args.reference_device)  # refused before the model runs
-    hf = open_hf(args.model)
-    dtype = None if args.dtype == "auto" else args.dtype
+def write_reference(opts: ReferenceOptions) -> dict[str, Any]:
+    """Compute the HF reference and write a reference-only manifest to ``opts.out`` (atomically)."""
+    out = Path(opts.out)
+    check_destination(out, kind="reference", force=opts.force)  # checked by the options too: it may have appeared since
+    hf = open_hf(opts.model)
+    dtype = None if opts.dtype == "auto" else opts.dtype
     try:
         ref = compute_reference(
             hf,
-            text_path=args.reference_text,
-            seq_len=args.reference_seq_len,
-            rows=args.reference_rows,
+            text_path=opts.reference_text,
+            seq_len=opts.reference_seq_len,
+            rows=opts.reference_rows,
             dtype=dtype or hf.torch_dtype,
-            trust_remote_code=args.trust_remote_code,
-            device=args.reference_device,
+            trust_remote_code=opts.trust_remote_code,
+            device=opts.reference_device,
         )
     except ForwardUnavailableError as exc:
         raise ForwardUnavailableError(f"{exc}; run `flame-ext reference` on a machine with a GPU") from exc
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "kind": "reference",
-        "tool_version": __version__,
-        "source": {
-            "model": hf.source,
-            "path": str(hf.path),
-            "revision": hf.revision,
-            "model_type": hf.model_type,
-            "config_sha256": config_hash(hf.config),
-        },
-        "reference": ref,
-        "fingerprints": source_fingerprints(hf, dtype),
-    }
-    with atomic_file(out, kind="reference", force=args.force) as tmp:
+    manifest = build_manifest("reference", hf, reference=ref, fingerprints=source_fingerprints(hf, dtype))
+    with atomic_file(out, kind="reference", force=opts.force) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, allow_nan=False))
     return ref

@@ -10,15 +10,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from flame_ext.convert.dcp_to_hf import ToHFOptions, convert_dcp_to_hf
-    from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
+    from flame_ext.command_options import ConvertOptions, ToHFOptions
+    from flame_ext.convert.dcp_to_hf import convert_dcp_to_hf
+    from flame_ext.convert.hf_to_dcp import convert_hf_to_dcp
 
 __all__ = ["ConvertOptions", "convert_hf_to_dcp", "ToHFOptions", "convert_dcp_to_hf"]
 
 _HOMES = {
-    "ConvertOptions": "flame_ext.convert.hf_to_dcp",
+    "ConvertOptions": "flame_ext.command_options",
     "convert_hf_to_dcp": "flame_ext.convert.hf_to_dcp",
-    "ToHFOptions": "flame_ext.convert.dcp_to_hf",
+    "ToHFOptions": "flame_ext.command_options",
     "convert_dcp_to_hf": "flame_ext.convert.dcp_to_hf",
 }
 

@@ -54,6 +54,7 @@ from flame_ext.convert.same_source import (
     same_files,
 )
 from flame_ext.convert.summary import Progress, Summary, peak_rss_mb
+from flame_ext.declaration import command_options
 from flame_ext.errors import (
     DistributedRunError,
     FlameExtError,
@@ -77,15 +78,11 @@ DEFAULT_TIMEOUT_S = 300.0
 # Rank 0 computes the reference loss while the others wait; on CPU at 70B that takes far longer than a
 # collective should ever wait otherwise, so that one wait has a group of its own with this floor.
 REFERENCE_WAIT_S = 4 * 3600.0
-# Options that do not change what is written (the progress bar follows each rank's own terminal).
-_LOCAL_OPTIONS = ("progress",)
-# Option fields whose command-line flag is not simply --<field>.
-_FLAGS = {
-    "reference": "--no-reference",
-    "buffer_bytes": "--buffer-mb",
-    "future_predictor": "--future-predictor-*",
-    "max_shard_bytes": "--max-shard-mb",
-}
+# Options that do not change what is written (the progress bar follows each rank's own terminal; how long a rank
+# waits for the others).
+_LOCAL_OPTIONS = ("progress", "timeout_s")
+# Each option field's command-line flag (``buffer_bytes``: --buffer-mb), as declared.
+_FLAGS = {o.name: o.flag for options in (ConvertOptions, ToHFOptions) for o in command_options(options)}
 
 
 def split_by_bytes(items: Sequence[T], ranks: int, nbytes: Callable[[T], int]) -> list[list[T]]:
@@ -305,12 +302,14 @@ def _convert(opts: ConvertOptions, rank: int, world: int, slow_group: Any) -> Su
             if rank != 0:
                 return
             fingerprints, rounded = _merged([r.fingerprints for r in results]), _merged([r.rounded for r in results])
-            complete_manifest(summary, plan, opts, nonfinite_keys(fingerprints), fingerprints, rounded=rounded)
+            manifest = complete_manifest(
+                summary, plan, opts, nonfinite_keys(fingerprints), fingerprints, rounded=rounded
+            )
             if opts.record_sha256:
                 files = {name: digest for r in results for name, digest in r.files.items()}
                 rest = [n for n in written_files(tmp, MANIFEST_NAME) if n not in files]  # .metadata (rank 0 wrote it)
-                summary.manifest[FILES_SECTION] = files_section({**files, **digest_files(tmp, rest)})
-            write_manifest(tmp, summary.manifest)
+                manifest[FILES_SECTION] = files_section({**files, **digest_files(tmp, rest)})
+            write_manifest(tmp, manifest)
             stack.close()  # made durable and renamed: the destination appears whole
 
         agreed(publish, "recording the reference loss, writing the manifest or publishing the checkpoint", slow_group)

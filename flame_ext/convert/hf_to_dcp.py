@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from flame_ext import __version__
+from flame_ext.command_options import ConvertOptions, HeadType
 from flame_ext.convert.alongside import ForwardBeside, forward_beside
-from flame_ext.convert.summary import DTYPES, Progress, Summary, nonfinite_warning, peak_rss_mb
-from flame_ext.errors import CheckpointFormatError, FlameExtError, InputError
+from flame_ext.convert.summary import Progress, Summary, nonfinite_warning, peak_rss_mb
+from flame_ext.errors import CheckpointFormatError, FlameExtError
 from flame_ext.fingerprints.algorithm import Recorder, nonfinite_keys
 from flame_ext.fingerprints.record import fingerprints_section
-from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, LAYOUTS, replace_dtype
+from flame_ext.io.dcp import LAYOUTS, replace_dtype
 from flame_ext.io.dcp_save import WriteEntry, save_streaming
 from flame_ext.io.destination import atomic_folder, check_destination
 from flame_ext.io.digests import FILES_SECTION, digest_files, files_section, written_files
@@ -34,11 +34,11 @@ from flame_ext.io.hf import (
     open_hf,
     tied_aliases,
 )
-from flame_ext.io.manifest import FORMAT_VERSION, MANIFEST_NAME, config_hash, write_manifest
+from flame_ext.io.manifest import MANIFEST_NAME, build_manifest, write_manifest
 from flame_ext.io.specs import TensorSpec, dtype_name
 from flame_ext.model.future_predictor import ATTRIBUTE as FP_ATTRIBUTE
 from flame_ext.model.future_predictor import attach_future_predictor
-from flame_ext.model.reference_loss import ReferenceForward, reference_device
+from flame_ext.model.reference_loss import ReferenceForward
 
 __all__ = [
     "ConvertOptions",
@@ -50,42 +50,6 @@ __all__ = [
     "prepare_conversion",
     "source_reader",
 ]
-
-
-@dataclass
-class ConvertOptions:
-    """``flame-ext convert``: HF folder or hub id -> DCP folder (+ ``flame_ext.json``)."""
-
-    model: str | None
-    checkpoint: str
-    dtype: str = "auto"
-    layout: str = "flat"
-    reference_text: str | None = None
-    reference_seq_len: int = 512
-    reference_rows: int = 2
-    reference: bool = True
-    reference_device: str = "cpu"
-    trust_remote_code: bool = False
-    future_predictor: str | None = None  # None, "linear" or "mlp"
-    force: bool = False
-    buffer_bytes: int = DEFAULT_BUFFER_BYTES
-    progress: bool = True
-    # SHA-256 of every file written, in the manifest's ``files`` section (``diagnose --files`` checks it).
-    record_sha256: bool = False
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise InputError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
-        if self.layout not in LAYOUTS:
-            raise InputError(f"--layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
-        if self.reference_seq_len < 2:
-            raise InputError(f"--reference-seq-len {self.reference_seq_len}: must be at least 2")
-        if self.reference_rows < 1:
-            raise InputError(f"--reference-rows {self.reference_rows}: must be at least 1")
-        if self.buffer_bytes < 1024:
-            raise InputError(f"buffer of {self.buffer_bytes} bytes: must be at least 1 KiB")
-        if self.reference:
-            reference_device(self.reference_device)  # refused before anything is written
 
 
 def source_reader(t: HFTensor, dtype: str) -> Any:
@@ -155,15 +119,15 @@ def plan_hf_to_dcp(
     return entries, notes
 
 
-def _fresh_tensors(model: torch.nn.Module, head_type: str | None, dtype: str) -> dict[str, torch.Tensor]:
+def _fresh_tensors(model: torch.nn.Module, head_type: HeadType | None, dtype: str) -> dict[str, torch.Tensor]:
     """Attach the future predictor on ``meta`` (for the keys) and initialise a real copy (for the values)."""
     if head_type is None:
         return {}
     attach_future_predictor(model, head_type)
     torch.manual_seed(0)  # fresh but reproducible: the same conversion writes the same bytes
-    from flame_ext.model.future_predictor import FuturePredictorHead
+    from flame_ext.model.future_predictor import FuturePredictorHead, hidden_size
 
-    head = FuturePredictorHead(model.config.hidden_size, head_type)  # type: ignore[arg-type]
+    head = FuturePredictorHead(hidden_size(model), head_type)
     out_dtype = getattr(torch, "float32" if dtype == "auto" else dtype)
     return {f"{FP_ATTRIBUTE}.{k}": v.detach().to(out_dtype) for k, v in head.state_dict().items()}
 
@@ -199,16 +163,16 @@ def complete_manifest(
     opts: ConvertOptions,
     nonfinite: list[str],
     fingerprints: dict,
-    forward: "ForwardBeside | ReferenceForward | FlameExtError | None" = None,
+    forward: "ForwardBeside | ReferenceForward | None" = None,
     rounded: dict | None = None,
-) -> None:
-    """After every tensor is written: the reference loss, the warnings and ``summary.manifest``.
+) -> dict[str, Any]:
+    """After every tensor is written: the reference loss, the warnings and ``summary.manifest`` (returned).
 
     ``fingerprints`` and ``rounded`` are the recorder's (``fingerprints.algorithm.Recorder``): the values as written,
     and rounded to the other training dtypes.
 
-    ``forward``: the reference forward prepared (and perhaps already run beside the writer), or the error
-    preparing it raised; None prepares and runs it here when ``opts.reference`` asks for one.
+    ``forward``: the reference forward prepared (and perhaps already run beside the writer); None prepares and
+    runs it here when ``opts.reference`` asks for one (and the source holds no NaN or Inf).
     """
     hf, entries = plan.hf, plan.entries
     if nonfinite:
@@ -218,17 +182,19 @@ def complete_manifest(
         summary.warnings.append(reference_note)
     if reference is not None:
         summary.notes += reference.get("notes", [])
-    summary.manifest = _manifest(hf, opts, entries, plan.fresh, reference, plan.parameters)
-    summary.manifest.update(nonfinite_keys=nonfinite, reference_note=reference_note)
+    manifest = _manifest(hf, opts, entries, plan.fresh, reference, plan.parameters)
+    manifest.update(nonfinite_keys=nonfinite, reference_note=reference_note)
     dtypes = {e.key: e.spec.dtype for e in entries}
-    summary.manifest["fingerprints"] = fingerprints_section(fingerprints, dtypes, rounded)
+    manifest["fingerprints"] = fingerprints_section(fingerprints, dtypes, rounded)
+    summary.manifest = manifest
     if unavailable:
-        summary.manifest["reference_unavailable"] = unavailable
+        manifest["reference_unavailable"] = unavailable
         summary.notes.append(
             f"no reference loss recorded: {unavailable}. The weights are converted and the training guard runs "
             "every other check. To add the loss gate, on a machine with a GPU run `flame-ext reference --model "
             f"{hf.source} --out REF.json` and set checkpoint.initial_load_reference = REF.json"
         )
+    return manifest
 
 
 def prepare_reference_forward(plan: ConversionPlan, opts: ConvertOptions) -> "ReferenceForward | None":
@@ -266,9 +232,9 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
     recorder = Recorder({e.key: e.spec.shape for e in entries}, rounded=True)
     on_block = recorder.add_rows
     try:
-        fwd: ReferenceForward | FlameExtError | None = prepare_reference_forward(plan, opts)
-    except FlameExtError as exc:  # e.g. no tokenizer: reported after the writing, unless the source holds
-        fwd = exc  # NaN or Inf (then there is no reference to compute and the conversion succeeds with a warning)
+        fwd = prepare_reference_forward(plan, opts)
+    except FlameExtError:  # e.g. no tokenizer: prepared again, and so raised again, after the writing unless the
+        fwd = None  # source holds NaN or Inf (then there is no reference to compute: a warning, and success)
     with atomic_folder(opts.checkpoint, kind="dcp", force=opts.force) as tmp:
         # The reference forward runs beside the writer (see ``convert.alongside``): reading its own copy of
         # each block from the source, it is bounded by one block, and the wall time is about the longer of
@@ -284,12 +250,12 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
                 )
             if beside:
                 beside.wait(opts.progress)
-        complete_manifest(
+        manifest = complete_manifest(
             summary, plan, opts, nonfinite_keys(recorder.values), recorder.values, beside or fwd, recorder.rounded
         )
         if opts.record_sha256:
-            summary.manifest[FILES_SECTION] = files_section(digest_files(tmp, written_files(tmp, MANIFEST_NAME)))
-        write_manifest(tmp, summary.manifest)
+            manifest[FILES_SECTION] = files_section(digest_files(tmp, written_files(tmp, MANIFEST_NAME)))
+        write_manifest(tmp, manifest)
     summary.tensors = len(entries)
     summary.bytes = total
     summary.seconds = time.perf_counter() - t0
@@ -300,7 +266,7 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
 def _reference(
     plan: ConversionPlan,
     opts: ConvertOptions,
-    forward: "ForwardBeside | ReferenceForward | FlameExtError | None",
+    forward: "ForwardBeside | ReferenceForward | None",
     nonfinite: list[str],
 ) -> tuple[dict | None, str | None, str | None]:
     """The HF reference record, or None with the reason it was not recorded (a warning), or None with why the
@@ -319,8 +285,6 @@ def _reference(
     from flame_ext.errors import ForwardUnavailableError
     from flame_ext.model.reference_loss import NonFiniteReference, reference_record
 
-    if isinstance(forward, FlameExtError):
-        raise forward
     try:
         if forward is None:
             forward = prepare_reference_forward(plan, opts)
@@ -328,10 +292,12 @@ def _reference(
             if forward.unavailable:
                 return None, None, forward.unavailable
             fwd = forward.fwd
+        elif forward is None:  # prepared only with opts.reference, checked above
+            return None, None, None
         else:
             fwd = forward
-            fwd.run()  # type: ignore[union-attr]
-        reference = reference_record(fwd, opts.reference_text)  # type: ignore[arg-type]
+            fwd.run()
+        reference = reference_record(fwd, opts.reference_text)
     except NonFiniteReference as exc:
         return None, f"reference loss not recorded: {exc}", None
     except ForwardUnavailableError as exc:
@@ -357,25 +323,14 @@ def _manifest(
     parameters: int,
 ) -> dict:
     prefix = LAYOUTS[opts.layout]
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": "checkpoint",
-        "tool_version": __version__,
-        "source": {
-            "model": hf.source,
-            "path": str(hf.path),
-            "revision": hf.revision,
-            "model_type": hf.model_type,
-            "architectures": hf.config.get("architectures"),
-            "config_sha256": config_hash(hf.config),
-        },
-        "layout": opts.layout,
-        "dtype": opts.dtype,
-        "tensors": {
-            e.key: {"shape": list(e.spec.shape), "dtype": e.spec.dtype, "numel": e.spec.numel} for e in entries
-        },
-        "total_parameters": parameters,
-        "fresh_keys": sorted(prefix + k for k in fresh),
-        "future_predictor": opts.future_predictor,
-        "reference": reference,
-    }
+    return build_manifest(
+        "checkpoint",
+        hf,
+        layout=opts.layout,
+        dtype=opts.dtype,
+        tensors={e.key: {"shape": list(e.spec.shape), "dtype": e.spec.dtype, "numel": e.spec.numel} for e in entries},
+        total_parameters=parameters,
+        fresh_keys=sorted(prefix + k for k in fresh),
+        future_predictor=opts.future_predictor,
+        reference=reference,
+    )

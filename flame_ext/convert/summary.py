@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import resource
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DTYPES", "Summary", "Progress", "peak_rss_mb", "nonfinite_warning"]
-
-DTYPES = ("auto", "bfloat16", "float32")
+__all__ = ["Summary", "Progress", "command_seconds", "peak_rss_mb", "nonfinite_warning"]
 
 
 @dataclass
@@ -20,7 +20,7 @@ class Summary:
     tensors: int = 0
     parameters: int = 0
     bytes: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the conversion's; a command prints its own wall time instead (``command_seconds``)
     peak_rss_mb: float = 0.0
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # printed to stderr: the output may not be what was wanted
@@ -40,6 +40,24 @@ def nonfinite_warning(keys: list[str], where: str) -> str:
         f"{len(keys)} tensors of {where} hold NaN or Inf values, copied as they are: {shown}; "
         "a model with them computes NaN losses: check the source"
     )
+
+
+_IMPORTED = time.monotonic()
+
+
+def command_seconds() -> float:
+    """Seconds since this process started, interpreter start-up and imports included: the wall time ``time``
+    shows for a command, which is what a command's summary line states (the conversion alone can be half of
+    it on a busy machine: importing torch and transformers is the rest). Read from ``/proc`` (Linux); elsewhere,
+    the time since flame-ext's conversion code was imported."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        # Field 22 (starttime, in clock ticks after boot) counted after the command name, which may hold spaces.
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
 
 
 def peak_rss_mb() -> float:

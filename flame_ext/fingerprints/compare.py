@@ -29,6 +29,10 @@ __all__ = [
     "expected_fingerprint",
     "values_dtype",
     "hint_for",
+    "differing_keys",
+    "fold_swaps",
+    "never_loaded",
+    "never_loaded_problem",
 ]
 
 _RECONVERT = "re-convert from the HF source with `flame-ext convert` (or check what wrote or edited this checkpoint)"
@@ -47,7 +51,15 @@ _HINTS = {
         "the values are not those of any exact cast of the recorded ones (changed below the recorded dtype's "
         "resolution, or rounded another way than round-to-nearest): " + _RECONVERT
     ),
+    "never_loaded": (
+        "the weights were never loaded into the model this was saved from (or the load filled nothing): load the "
+        "converted checkpoint before saving (torchtitan: checkpoint.initial_load_path, or the step-0 folder), or "
+        "re-convert with `flame-ext convert`"
+    ),
 }
+# Findings that tie a tensor to the recorded values (moved, scaled, rounded, another key's): any of them, and
+# the tensors are not "never loaded".
+_UNRELATED = frozenset({"different", "nonfinite", "zeros"})
 _UNRECORDED_HINT = (
     "record fingerprints in this checkpoint's key space: `flame-ext convert` records every tensor it writes; a "
     "reference from `flame-ext reference` has the HF files' keys, which a checkpoint with other names (a "
@@ -145,21 +157,110 @@ def fingerprint_problems(
     finding.
     """
     dtypes = {**(stored_dtypes or {}), **plan.dtypes}
+    expected = _expected(recorded, plan, dtypes)
+    problems, findings = [], {}
+    for key in differing_keys(observed, recorded, plan, stored_dtypes):
+        fp, at = expected[key]
+        shape = tuple(shapes[key])
+        others = {ck: e for ck, (e, d) in expected.items() if ck != key and d == at and tuple(shapes[ck]) == shape}
+        finding = what_happened(key, observed[key], fp, shape=shape, dtype=at, others=others, tol=recorded.tolerance)
+        findings[key] = finding
+        held = dtypes.get(key, at)
+        problems.append(_problem(key, finding, held, recorded[plan.keys[key]][0], f"{written}{where}", hint))
+    compared = sum(1 for key in expected if key in observed)
+    if never_loaded(list(findings.values()), compared):
+        return [never_loaded_problem(list(findings.values()), f"the ones written {written}{where}", hint)]
+    return fold_swaps(problems, findings, f"the ones written {written}{where}", hint)
+
+
+def _expected(
+    recorded: Fingerprints, plan: Verification, dtypes: Mapping[str, str]
+) -> dict[str, tuple[list[float], str]]:
     expected = {}
     for key, rec_key in plan.keys.items():
         found = expected_fingerprint(recorded, rec_key, dtypes.get(key, recorded[rec_key][0]))
         if found is not None:
             expected[key] = found
-    problems = []
-    for key, (fp, at) in expected.items():
-        if key not in observed or matches(observed[key], fp, recorded.tolerance):
+    return expected
+
+
+def differing_keys(
+    observed: Mapping[str, torch.Tensor],
+    recorded: Fingerprints,
+    plan: Verification,
+    stored_dtypes: Mapping[str, str] | None = None,
+) -> list[str]:
+    """The checkpoint keys whose observed fingerprint is not the expected one (the tensors that differ, however
+    their problems are folded: what the guard's ``value_mismatches`` figure counts)."""
+    expected = _expected(recorded, plan, {**(stored_dtypes or {}), **plan.dtypes})
+    return [k for k, (fp, _) in expected.items() if k in observed and not matches(observed[k], fp, recorded.tolerance)]
+
+
+def fold_swaps(
+    problems: list[Problem], findings: Mapping[str, Finding], expected: str, hint: Callable[[str | None], str]
+) -> list[Problem]:
+    """Tensors of two modules that hold each other's values (layers 0 and 1 exchanged: 22 tensors of a tiny
+    OLMo2) are one cause: one ``value_mismatch`` naming the two modules and the count, in place of one per
+    tensor. Pairs are folded when each key holds exactly the other's values and the two names differ in one
+    dotted part, two pairs or more of the same two parts."""
+    groups: dict[tuple[str, str, str], list[tuple[str, str]]] = {}
+    for a, finding in findings.items():
+        b = finding.other
+        if finding.code != "swapped" or b is None or a > b or getattr(findings.get(b), "other", None) != a:
             continue
-        shape = tuple(shapes[key])
-        others = {ck: e for ck, (e, d) in expected.items() if ck != key and d == at and tuple(shapes[ck]) == shape}
-        finding = what_happened(key, observed[key], fp, shape=shape, dtype=at, others=others, tol=recorded.tolerance)
-        held = dtypes.get(key, at)
-        problems.append(_problem(key, finding, held, recorded[plan.keys[key]][0], f"{written}{where}", hint))
-    return problems
+        pa, pb = a.split("."), b.split(".")
+        diff = [i for i, (x, y) in enumerate(zip(pa, pb)) if x != y]
+        if len(pa) == len(pb) and len(diff) == 1:
+            i = diff[0]
+            groups.setdefault((".".join(pa[:i]), pa[i], pb[i]), []).append((a, b))
+    folded: dict[str, Problem] = {}
+    for (parent, x, y), pairs in groups.items():
+        if len(pairs) < 2:
+            continue
+        prefix = f"{parent}." if parent else ""
+        problem = Problem(
+            "value_mismatch",
+            "error",
+            None,
+            f"{prefix}{x} and {prefix}{y} are swapped: {2 * len(pairs)} tensors hold each other's values instead "
+            f"of {expected} (e.g. {pairs[0][0]} holds those of {pairs[0][1]})",
+            hint("swapped"),
+        )
+        for a, b in pairs:
+            folded[a], folded[b] = problem, problem
+    out: list[Problem] = []
+    for p in problems:
+        if p.kind == "value_mismatch" and p.key in folded:
+            if folded[p.key] not in out:
+                out.append(folded[p.key])
+        else:
+            out.append(p)
+    return out
+
+
+def never_loaded(findings: list[Finding], compared: int) -> bool:
+    """Every one of the ``compared`` tensors (two or more) differs, and none is tied to its expected values
+    (moved, scaled, rounded, another key's): the weights were never there."""
+    return compared >= 2 and len(findings) == compared and all(f.code in _UNRELATED for f in findings)
+
+
+def never_loaded_problem(
+    findings: list[Finding], expected: str, hint: Callable[[str | None], str] = hint_for
+) -> Problem:
+    """One cause, so one problem with the count, keyed to no tensor."""
+    nonfinite = sum(1 for f in findings if f.code == "nonfinite")
+    zeros = sum(1 for f in findings if f.code == "zeros")
+    parts = [f"{nonfinite} hold NaN or inf"] * bool(nonfinite) + [f"{zeros} only zeros"] * bool(zeros)
+    return Problem(
+        "value_mismatch",
+        "error",
+        None,
+        f"never loaded: all {len(findings)} tensors hold values unrelated to {expected}"
+        + (f" ({', '.join(parts)})" if parts else "")
+        + "; none is a rearrangement, scaling or rounding of them: uninitialised memory, as a model built on meta "
+        "and materialised with to_empty() holds until its weights are loaded",
+        hint("never_loaded"),
+    )
 
 
 def _problem(

@@ -24,6 +24,7 @@ class Finding:
     code: str  # nonfinite, zeros, swapped, transposed, scaled, rows_permuted, columns_permuted,
     # rearranged, rounding, noise, different
     text: str
+    other: str | None = None  # swapped: the one key whose expected values this tensor holds
 
 
 def what_happened(
@@ -33,7 +34,7 @@ def what_happened(
     *,
     shape: Sequence[int],
     dtype: str,
-    others: Mapping[str, Sequence[float]] | None = None,
+    others: Mapping[str, torch.Tensor | Sequence[float]] | None = None,
     tol: float = TOLERANCE,
 ) -> Finding:
     """The most likely story behind a mismatch, told from the two fingerprints (and the other keys' ones).
@@ -49,7 +50,11 @@ def what_happened(
     twins = sorted(k for k, fp in (others or {}).items() if k != key and matches(o, fp, tol))
     if twins:
         more = f" (or one of {len(twins) - 1} other identical tensors)" if len(twins) > 1 else ""
-        return Finding("swapped", f"it holds the values expected for {twins[0]}{more}: keys swapped or mixed up")
+        return Finding(
+            "swapped",
+            f"it holds the values expected for {twins[0]}{more}: keys swapped or mixed up",
+            other=twins[0] if len(twins) == 1 else None,
+        )
     square = len(shape) == 2 and shape[0] == shape[1]
     if square and matches(o, transposed(e), tol):
         return Finding("transposed", "it holds the expected values transposed")

@@ -35,6 +35,7 @@ class TensorRecord(_TensorRecordBase, total=False):
     to each training dtype they reach only by rounding (``rounded: {dtype: fingerprint}``)."""
 
     rounded: dict[str, list[float | int]]
+    group: str  # a saved training step's record: the state the tensor belongs to (model, optimizer, ...)
 
 
 class FingerprintsSection(TypedDict):

@@ -113,7 +113,38 @@ def check_guard_values(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class GuardOptionsMixin:
+def check_config_file(argv: list[str]) -> None:
+    """``--job.config_file`` readable as TOML, or one line saying why not.
+
+    flame reads the file itself, but on a missing or malformed file it logs two tracebacks
+    (``logger.exception``) before re-raising, some twenty lines ahead of the error a user needs. Reading it
+    first turns that into the one line every other config error is.
+    """
+    import tomllib
+
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument("--job.config_file", dest="config_file", default=None)
+    path = finder.parse_known_args(argv)[0].config_file
+    if path is None:
+        return
+    try:
+        with open(path, "rb") as f:
+            tomllib.load(f)
+    except FileNotFoundError:
+        raise InputError(f"--job.config_file {path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"--job.config_file {path}: a folder, not a TOML file") from None
+    except OSError as exc:
+        raise InputError(f"--job.config_file {path}: cannot be read ({exc.strerror or exc})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"--job.config_file {path}: not valid TOML ({exc})") from None
+
+
+# The flame-style JobConfig the mixin is combined with: untyped here (flame is not a dependency).
+_FlameJobConfig: Any = object
+
+
+class GuardOptionsMixin(_FlameJobConfig):
     """The guard options for a flame-style argparse JobConfig (flame/config_manager.py's protocol).
 
     Relies on what that class does: ``self.parser`` built in ``__init__``; ``parse_args(args_list)``
@@ -131,7 +162,9 @@ class GuardOptionsMixin:
     def parse_args(self, args_list: list[str] | None = None) -> None:
         # flame binds ``sys.argv[1:]`` as the default when its module is imported; read it at call time
         # instead, so a launcher that sets sys.argv after importing flame is honoured.
-        super().parse_args(sys.argv[1:] if args_list is None else list(args_list))
+        argv = sys.argv[1:] if args_list is None else list(args_list)
+        check_config_file(argv)
+        super().parse_args(argv)
 
     def parse_args_from_command_line(self, args_list: list[str]) -> tuple[argparse.Namespace, argparse.Namespace]:
         args, cmd_args = super().parse_args_from_command_line(args_list)

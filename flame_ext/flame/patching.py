@@ -15,7 +15,6 @@ link: the link stays, the file it points to changes (as an editor saving through
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import re
@@ -25,6 +24,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flame_ext.command_options import PatchOptions
 from flame_ext.errors import DestinationError, InputError
 from flame_ext.flame import FLAME_BASE_COMMIT
 
@@ -319,18 +319,18 @@ def _check(flame_dir: Path, states: list[tuple[FilePatch, str]]) -> int:
     return 1 if bad else 0
 
 
-def run(args: argparse.Namespace) -> int:
+def run(opts: PatchOptions) -> int:
     """``flame-ext patch ACTION FLAME_DIR``: 0 done (or nothing to do); check: 1 when a patch does not apply;
     2 (one line, via run_guarded) for a target that is not flame, or one apply/revert refuses."""
-    flame_dir = Path(args.flame_dir)
+    flame_dir = Path(opts.flame_dir)
     _check_target(flame_dir)
-    states = _states(flame_dir, load_patches(Path(getattr(args, "patch_dir", None) or PATCH_DIR)))
-    if args.action == "check":
+    states = _states(flame_dir, load_patches(Path(opts.patch_dir or PATCH_DIR)))
+    if opts.action == "check":
         return _check(flame_dir, states)
-    reverse = args.action == "revert"
+    reverse = opts.action == "revert"
     bad = [(fp, s) for fp, s in states if s in (MODIFIED, MISSING)]
     if bad:
-        raise _refusal(flame_dir, bad, args.action)
+        raise _refusal(flame_dir, bad, opts.action)
     todo = [(fp, s) for fp, s in states if s in ((APPLIED, OUTDATED) if reverse else (CLEAN, OUTDATED))]
     written = apply_patches(flame_dir, [fp for fp, _ in todo], reverse=reverse)
     for (fp, state), real in zip(todo, written):

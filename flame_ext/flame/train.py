@@ -45,7 +45,7 @@ def install() -> None:
         build = titan_metrics.build_metrics_processor = _giving_step0_figures(build)
     titan_checkpoint.CheckpointManager = manager
     flame_config.JobConfig = extended
-    loaded = sys.modules.get("flame.train")
+    loaded: Any = sys.modules.get("flame.train")  # flame's module: attributes set as flame's own code reads them
     if loaded is not None:
         loaded.CheckpointManager = manager
         loaded.JobConfig = extended

@@ -14,7 +14,7 @@ from flame_ext.guard.initial_load import InitialLoadGuard
 from flame_ext.guard.metrics import record_figures, record_metrics
 from flame_ext.guard.options import GuardConfig, GuardOption, guard_options, host_config
 from flame_ext.guard.probe import IGNORE_INDEX, LossProbe, Range, hf_loss_probe, rows_of
-from flame_ext.guard.resume import LoadCapture, verify_resume
+from flame_ext.guard.resume import LoadCapture, read_record_ahead, verify_resume
 from flame_ext.guard.save_record import StepRecord, record_save, step_of
 from flame_ext.guard.state import RequestedLoad, meta_copy, model_state, split_request, tied_keys
 
@@ -41,6 +41,7 @@ __all__ = [
     "record_figures",
     "LoadCapture",
     "verify_resume",
+    "read_record_ahead",
     "StepRecord",
     "record_save",
     "step_of",

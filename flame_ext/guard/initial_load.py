@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from flame_ext.checks.native_keys import torchtitan_module
 from flame_ext.errors import InitialLoadValidationError
 from flame_ext.guard.metrics import record_metrics
 from flame_ext.guard.options import GuardConfig
@@ -106,8 +107,19 @@ class InitialLoadGuard:
         self.model_prefix = requested.model_prefix
         counts = self.report.counts
 
+        module = next((m for m in map(torchtitan_module, self.parts) if m), None)
+
         def parity() -> list[Problem]:
-            return list(extra) + parity_problems(requested, found, fresh=self.fresh, tied=tied or {}, counts=counts)
+            return list(extra) + parity_problems(
+                requested,
+                found,
+                fresh=self.fresh,
+                tied=tied or {},
+                counts=counts,
+                choices=ref.choices,
+                notes=notes,
+                native_module=module,
+            )
 
         problems = self._agreed(parity, "the key/shape check")
         # What is wrong with the checkpoint itself first (a stock converter's nested keys), then the reference.
@@ -191,7 +203,7 @@ class InitialLoadGuard:
     def _loss(self, probe: LossProbe, multiple: int, max_positions: int | None) -> LossComparison | None:
         """The step-0 comparison; None (on every rank alike) when the forward pass cannot run on this machine."""
 
-        def run(ids: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor | None:
+        def run(ids: torch.Tensor, ranges: list[tuple[int, ...]]) -> torch.Tensor | None:
             sums, self.skipped_loss = run_probe(probe, self.parts, ids, ranges)
             if self.skipped_loss is not None:
                 self.report.notes.append(f"step-0 loss not measured: {self.skipped_loss}")
@@ -219,7 +231,10 @@ class InitialLoadGuard:
         note = draw_loss_plot(comparison, self.config.initial_load_plot, self.checkpoint)
         self.report.notes += [note] if note else []
         values_differ = any(p.kind == "value_mismatch" and p.severity == "error" for p in self.report.problems)
-        self.report.problems += loss_gate_problems(comparison, self.worst_rank, values_differ=values_differ)
+        wrong_buffers = [p.key or "" for p in self.report.errors if p.kind == "buffer_mismatch"]
+        self.report.problems += loss_gate_problems(
+            comparison, self.worst_rank, values_differ=values_differ, wrong_buffers=wrong_buffers
+        )
 
     def _log_versions(self) -> None:
         """The transformers that measured the reference and the one running: a different one can read the

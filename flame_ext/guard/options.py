@@ -9,16 +9,13 @@ config by subclassing. A new setting is one new field here, with its docstring a
 
 from __future__ import annotations
 
-import ast
-import inspect
 import math
-import textwrap
-import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
+from flame_ext.declaration import field_default, field_docs, value_type
 from flame_ext.errors import GuardConfigError, short_value
 
 __all__ = ["GuardConfig", "GuardOption", "guard_options", "field_docs", "host_config"]
@@ -157,33 +154,6 @@ class GuardOption:
     annotation: Any
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of a dataclass (and of its dataclass bases), whitespace folded."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if klass is object or not hasattr(klass, "__dataclass_fields__"):
-            continue
-        try:
-            source = textwrap.dedent(inspect.getsource(klass))
-        except (OSError, TypeError):  # built at run time (make_dataclass): no source, no docstrings
-            continue
-        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
-        for stmt, after in zip(body, body[1:]):
-            doc = after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) else None
-            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(doc, str):
-                docs[stmt.target.id] = " ".join(doc.split())
-    return docs
-
-
-def _value_type(annotation: Any) -> type:
-    """``str | None`` -> ``str``: the type of a value that is given."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        given = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(given) == 1:
-            return given[0]
-    return annotation
-
-
 def guard_options(declaration: type = GuardConfig) -> tuple[GuardOption, ...]:
     """Every field of the declaration, in order: what each host form is generated from."""
     hints = typing.get_type_hints(declaration)
@@ -192,12 +162,12 @@ def guard_options(declaration: type = GuardConfig) -> tuple[GuardOption, ...]:
     for f in fields(declaration):
         if f.name not in docs:
             raise TypeError(f"{declaration.__name__}.{f.name}: give the field a docstring (it is the option's help)")
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        options.append(GuardOption(f.name, _value_type(hints[f.name]), default, docs[f.name], hints[f.name]))
+        default = field_default(f)
+        options.append(GuardOption(f.name, value_type(hints[f.name]), default, docs[f.name], hints[f.name]))
     return tuple(options)
 
 
-def host_config(base: type, *, qualname: str, module: str, declaration: type = GuardConfig) -> type:
+def host_config(base: type, *, qualname: str, module: str, declaration: type[GuardConfig] = GuardConfig) -> type:
     """``base`` (a host's keyword-only, slotted config dataclass) with the guard's fields added.
 
     The fields' help goes into the class docstring's ``Attributes:`` section, where torchtitan's CLI (tyro)

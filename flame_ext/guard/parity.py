@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from flame_ext.checks.recorded import RecordedChoices
 from flame_ext.guard.state import RequestedLoad
 from flame_ext.io.specs import TensorSpec
 from flame_ext.report import Problem
@@ -22,12 +23,20 @@ def parity_problems(
     fresh: list[str],
     tied: dict[str, str],
     counts: dict[str, int],
+    choices: RecordedChoices = RecordedChoices(),
+    notes: list[str] | None = None,
+    native_module: str | None = None,
 ) -> list[Problem]:
-    """Every problem of the request against ``found`` at once; ``counts`` gets the key counts by kind."""
+    """Every problem of the request against ``found`` at once; ``counts`` gets the key counts by kind, ``notes``
+    what the manifest records as chosen (``choices``: a dtype is then no problem; a nested layout still is
+    under a flat load, which cannot take it, and its hint says it was chosen). ``native_module`` is the
+    torchtitan model's module (for the fix of HF names given to it)."""
     from flame_ext.checks.keys import compare_specs
 
-    result = compare_specs(requested.model, found, fresh=fresh, tied=tied)
+    result = compare_specs(requested.model, found, fresh=fresh, tied=tied, choices=choices, native_module=native_module)
     counts.update(result.counts)
+    if notes is not None:
+        notes.extend(result.notes)
     problems = list(result.problems)
     if requested.model_prefix:
         problems += _flat_into_nested(requested, found)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from flame_ext.checks.recorded import RecordedChoices, recorded_choices
 from flame_ext.errors import FlameExtError
 from flame_ext.guard.options import GuardConfig
 from flame_ext.report import Problem
@@ -36,6 +37,8 @@ class GuardReference:
     fingerprints: Fingerprints | None = None  # when values are verified
     unavailable: str | None = None  # why the conversion recorded no reference loss
     problems: list[Problem] = field(default_factory=list)
+    # The layout and dtype the checkpoint's own manifest records as chosen at conversion (checks.recorded).
+    choices: RecordedChoices = field(default_factory=RecordedChoices)
 
 
 def manifest_problem(detail: str) -> Problem:
@@ -64,7 +67,9 @@ def read_guard_reference(
             problems=[manifest_problem(f"no reference for the step-0 loss check: {path} does not exist")]
         )
     try:
-        fresh = list(read_manifest(own).get("fresh_keys", []) if manifest_present(own) else [])
+        own_manifest = read_manifest(own) if manifest_present(own) else None
+        fresh = list((own_manifest or {}).get("fresh_keys", []))
+        choices = recorded_choices(own_manifest, where=str(own))
         manifest = read_manifest(path)
         fingerprints = _wanted_fingerprints(config, read_fingerprints(manifest), path, notes)
         if manifest.get("reference") is None and manifest.get("reference_unavailable"):
@@ -72,7 +77,7 @@ def read_guard_reference(
             # gate is skipped if this machine cannot run it either, and the missing reference is an error if
             # it can. Every other check (keys, buffers, values) runs.
             unavailable = str(manifest["reference_unavailable"])
-            return GuardReference(fresh=fresh, fingerprints=fingerprints, unavailable=unavailable)
+            return GuardReference(fresh=fresh, fingerprints=fingerprints, unavailable=unavailable, choices=choices)
         reference = read_reference(path)
     except FlameExtError as exc:
         return GuardReference(problems=[manifest_problem(str(exc))])
@@ -81,8 +86,8 @@ def read_guard_reference(
     # The schema bounds the batch (a rectangle of ids in [0, 2**31), at most 64 x 8192); the model bounds it here.
     foreign = reference_fit_problem(reference["token_ids"], parts, str(path), REFERENCE_HINT)
     if foreign is not None:
-        return GuardReference(problems=[foreign])
-    return GuardReference(reference, fresh, fingerprints)
+        return GuardReference(problems=[foreign], choices=choices)
+    return GuardReference(reference, fresh, fingerprints, choices=choices)
 
 
 def _wanted_fingerprints(config: GuardConfig, found: tuple[Any, str | None], path: Path, notes: list[str]) -> Any:

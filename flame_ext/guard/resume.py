@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from flame_ext.guard.save_record import step_of
 from flame_ext.process import report_without_traceback
 from flame_ext.report import Problem, Report
 
-__all__ = ["LoadCapture", "verify_resume", "check_loaded_buffers"]
+__all__ = ["LoadCapture", "read_record_ahead", "verify_resume", "check_loaded_buffers"]
 
 logger = logging.getLogger("flame_ext.guard")  # the name users filter the guard's log lines by
 
@@ -99,6 +101,23 @@ def check_loaded_buffers(parts: list[nn.Module], *, repair: bool, checkpoint: st
     return problems
 
 
+def read_record_ahead(config: GuardConfig, checkpoint: str) -> Future | None:
+    """The save-time record of ``checkpoint``, read and schema-checked in a thread while the host loads (for
+    ``verify_resume(record=...)``); None when resumes are not verified. Reading is local to each rank."""
+    if not config.verify_resumes:
+        return None
+    future: Future = Future()
+
+    def read() -> None:
+        try:
+            future.set_result(read_step_record(checkpoint))
+        except BaseException as exc:  # noqa: BLE001 -- handed to verify_resume, on the caller's thread
+            future.set_exception(exc)
+
+    threading.Thread(target=read, name="flame-ext-read-record", daemon=True).start()
+    return future
+
+
 def verify_resume(
     config: GuardConfig,
     checkpoint: str,
@@ -108,14 +127,15 @@ def verify_resume(
     groups: Callable[[str], str],
     metric_logger: Any = None,
     pipelined: bool = False,
+    record: Future | None = None,
 ) -> tuple[Report, dict[str, float]]:
     """Buffers, then every loaded tensor and state against the save-time record; raises
     ``ResumeValidationError`` on every rank alike when anything differs. Returns the report and the figures.
 
     ``loaded`` gives this rank's loaded state as DCP keys (called only when values are verified); ``groups``
     tells a key's kind (model, optimizer, state). ``pipelined``: under pipeline parallel each rank holds other
-    keys, so there is no common sum: the buffers only, with a warning. ALL ranks must call it: it holds
-    collectives.
+    keys, so there is no common sum: the buffers only, with a warning. ``record``: the save-time record read
+    ahead (``read_record_ahead``), else it is read here. ALL ranks must call it: it holds collectives.
     """
     if pipelined and config.verify_resumes:
         config = dataclasses.replace(config, verify_resumes=False)
@@ -131,7 +151,7 @@ def verify_resume(
         check.report.extend(pool(problems))
         check.report.checked.append("buffers")
     if config.verify_resumes:
-        check.values(loaded, groups)
+        check.values(loaded, groups, record)
     check.figures["resume/seconds"] = time.perf_counter() - start
     record_figures(metric_logger, check.figures, check.step or 0)
     check.verdict()
@@ -151,8 +171,11 @@ class _ResumeCheck:
         except RankFailure as exc:
             raise ResumeValidationError(f"resume validation of {self.checkpoint} stopped: {exc}", self.report) from exc
 
-    def values(self, loaded: Callable[[], Mapping[str, Any]], groups: Callable[[str], str]) -> None:
-        record, why = self.agreed(lambda: read_step_record(self.checkpoint), "reading the save-time record")
+    def values(
+        self, loaded: Callable[[], Mapping[str, Any]], groups: Callable[[str], str], ahead: Future | None
+    ) -> None:
+        read = ahead.result if ahead is not None else lambda: read_step_record(self.checkpoint)
+        record, why = self.agreed(read, "reading the save-time record")
         if record is None:
             if why is not None:
                 line = f"{self.checkpoint} could not be verified (no save-time record: {why})"

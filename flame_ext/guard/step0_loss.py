@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -131,23 +131,28 @@ def missing_reference_problems(run: RunProbe, multiple: int, unavailable: str | 
     ]
 
 
-def loss_gate_problems(comparison: LossComparison, worst_rank: RankGaps, *, values_differ: bool) -> list[Problem]:
+def loss_gate_problems(
+    comparison: LossComparison, worst_rank: RankGaps, *, values_differ: bool, wrong_buffers: Sequence[str] = ()
+) -> list[Problem]:
     """The gate: a non-finite loss, a mean or per-token gap above its threshold, over all ranks or on one
-    rank alone, is an error."""
-    if not math.isfinite(comparison.observed):
-        return [
-            Problem(
-                "nonfinite",
-                "error",
-                None,
-                f"step-0 loss is {comparison.observed}",
-                "a weight or buffer holds inf/NaN after loading: run `flame-ext diagnose --values`",
-            )
-        ]
-    if not comparison.ok:
-        from flame_ext.checks.loss import loss_gap_problem
+    rank alone, is an error.
 
-        return [loss_gap_problem(comparison, what="step-0 loss", next_step=NEXT_STEP, values_differ=values_differ)]
+    ``wrong_buffers``: the non-persistent buffers found wrong after the load (``buffer_mismatch`` errors). They
+    are the cause of a non-finite loss then, and the hint names them: ``diagnose --values`` reads the
+    checkpoint, which holds no buffer, and would find nothing.
+    """
+    buffer_cause = _buffer_cause(wrong_buffers)
+    if not math.isfinite(comparison.observed):
+        hint = buffer_cause or "a weight holds inf/NaN after loading: run `flame-ext diagnose --checkpoint C --values`"
+        return [Problem("nonfinite", "error", None, f"step-0 loss is {comparison.observed}", hint)]
+    if not comparison.ok:
+        from flame_ext.checks.loss import loss_gap_problem, positional_hint
+
+        gap = loss_gap_problem(comparison, what="step-0 loss", next_step=NEXT_STEP, values_differ=values_differ)
+        if not buffer_cause:
+            return [gap]
+        clue = positional_hint(comparison)  # what the gap's shape says, kept: it agrees with a RoPE buffer
+        return [replace(gap, hint=buffer_cause + (f" (the gap's shape agrees: {clue})" if clue else ""))]
     token_threshold = comparison.token_threshold if comparison.token_threshold is not None else math.inf
     if worst_rank.mean > comparison.threshold or worst_rank.tokens > token_threshold:
         return [
@@ -163,6 +168,18 @@ def loss_gate_problems(comparison: LossComparison, worst_rank: RankGaps, *, valu
             )
         ]
     return []
+
+
+def _buffer_cause(wrong_buffers: Sequence[str]) -> str | None:
+    """The hint of a loss problem that wrong buffers explain: their fix, not a value check that reads the
+    checkpoint (which holds no buffer) and finds nothing."""
+    if not wrong_buffers:
+        return None
+    named = wrong_buffers[0] + (f" and {len(wrong_buffers) - 1} more" if len(wrong_buffers) > 1 else "")
+    return (
+        f"caused by the buffer_mismatch above ({named}: what to_empty() left, which no checkpoint restores), not "
+        "by the checkpoint's tensors: set checkpoint.initial_load_repair_buffers = true"
+    )
 
 
 def log_loss(lo: LossComparison) -> None:

@@ -32,9 +32,8 @@ class ValueCheck:
     """What the value check found: its problems, its figures for the metric logger, its line for the report
     and the label the final log line gives it (``values``, or ``values: N of M`` when some were not verified)."""
 
-    def __init__(self, problems: list[Problem], verified: int, total: int) -> None:
+    def __init__(self, problems: list[Problem], verified: int, total: int, mismatched: int) -> None:
         self.problems = problems
-        mismatched = sum(1 for p in problems if p.kind == "value_mismatch")
         self.figures = {
             "initial_load/tensors_verified": verified,
             "initial_load/tensors_total": total,
@@ -65,7 +64,13 @@ def verify_loaded_values(
     ALL ranks must call it: it holds collectives.
     """
     from flame_ext.fingerprints.algorithm import TERMS, local_fingerprint
-    from flame_ext.fingerprints.compare import coverage_problems, fingerprint_problems, plan_verification, values_dtype
+    from flame_ext.fingerprints.compare import (
+        coverage_problems,
+        differing_keys,
+        fingerprint_problems,
+        plan_verification,
+        values_dtype,
+    )
 
     start = time.perf_counter()
     tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
@@ -84,7 +89,7 @@ def verify_loaded_values(
         lambda: fingerprint_problems(observed, fingerprints, plan, shapes) + coverage_problems(plan, required=required),
         "the value check",
     )
-    check = ValueCheck(problems, len(keys), plan.total)
+    check = ValueCheck(problems, len(keys), plan.total, len(differing_keys(observed, fingerprints, plan)))
     logger.info(
         "flame-ext: verified the values of %d loaded tensors (of %d) against their recorded fingerprints on %d "
         "rank(s): %d differ (%.0f ms)",

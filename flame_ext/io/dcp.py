@@ -216,12 +216,14 @@ class _VettedReader(dcp.FileSystemReader):
         self._metadata: Metadata | None = None
         self.folder = folder
 
-    def read_metadata(self, *args, **kwargs) -> Metadata:  # type: ignore[override]
+    def read_metadata(self, *args, **kwargs) -> Metadata:
         if self._metadata is None:
-            self._metadata = _unpickle_metadata(self.folder)
-            if getattr(self._metadata, "storage_meta", None) is None:  # as torch's reader does
-                self._metadata.storage_meta = StorageMeta()
-            self._metadata.storage_meta.load_id = self.load_id
+            metadata = _unpickle_metadata(self.folder)
+            if getattr(metadata, "storage_meta", None) is None:  # as torch's reader does
+                metadata.storage_meta = StorageMeta()
+            assert metadata.storage_meta is not None
+            metadata.storage_meta.load_id = self.load_id
+            self._metadata = metadata
         return self._metadata
 
 
@@ -238,7 +240,9 @@ class _RowsPlanner(DefaultLoadPlanner):
 
     def create_local_plan(self) -> LoadPlan:
         buffer = self.state_dict[self._key]
-        md = self.metadata.state_dict_metadata[self._key]  # type: ignore[union-attr]
+        assert self.metadata is not None  # set by torch before it asks for the plan
+        md = self.metadata.state_dict_metadata[self._key]
+        assert isinstance(md, TensorStorageMetadata)  # the rows of a tensor: never bytes
         offsets = torch.Size([self._start] + [0] * (buffer.dim() - 1)) if buffer.dim() else torch.Size([])
         chunk = ChunkStorageMetadata(offsets=offsets, sizes=buffer.size())
         self.plan = LoadPlan(create_read_items_for_chunk_list(self._key, md, [chunk]))

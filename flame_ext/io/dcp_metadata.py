@@ -92,7 +92,7 @@ def _check_records(folder: Path, where: str, records: Mapping) -> None:
         if not isinstance(rel, str) or not rel:
             raise CheckpointFormatError(f"{where}: {name} names no file (relative_path {rel!r})")
         for field_name, value in (("offset", offset), ("length", length)):
-            if not _is_int(value) or value < 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise CheckpointFormatError(f"{where}: {name} has {field_name} {value!r}; expected an integer >= 0")
         descriptors = getattr(info, "transform_descriptors", None)
         if descriptors is not None and not (
@@ -101,6 +101,7 @@ def _check_records(folder: Path, where: str, records: Mapping) -> None:
             raise CheckpointFormatError(f"{where}: {name} has transform_descriptors {descriptors!r}")
         if rel not in sizes:
             sizes[rel] = _file_size(folder, where, rel)
+        assert isinstance(offset, int) and isinstance(length, int)  # checked above
         if offset + length > sizes[rel]:
             raise CheckpointFormatError(
                 f"{folder / rel}: truncated ({sizes[rel]} bytes, .metadata promises {offset + length} for "

@@ -334,7 +334,7 @@ def _create_parents(folder: Path) -> list[Path]:
         p = p.parent
     if p.exists() and not p.is_dir():
         raise DestinationError(f"{p}: is a file; the destination's parent must be a folder")
-    made = []
+    made: list[Path] = []
     for q in reversed(created):
         try:
             q.mkdir()

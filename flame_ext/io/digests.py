@@ -70,7 +70,7 @@ def written_files(folder: Path, manifest_name: str) -> list[str]:
 def block_sha256(block: torch.Tensor) -> str:
     """The SHA-256 of a tensor block's bytes as stored (row-major; a non-contiguous block is copied first)."""
     data = block.detach().contiguous().reshape(-1).view(torch.uint8)
-    return hashlib.sha256(memoryview(data.numpy())).hexdigest() if data.numel() else hashlib.sha256().hexdigest()
+    return hashlib.sha256(data.numpy().data).hexdigest() if data.numel() else hashlib.sha256().hexdigest()
 
 
 def files_section(digests: dict[str, str]) -> dict[str, Any]:

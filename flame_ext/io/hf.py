@@ -15,7 +15,7 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -26,8 +26,10 @@ from flame_ext.io.specs import SAFETENSORS_DTYPES, TensorSpec, dtype_name
 
 if TYPE_CHECKING:
     from torch import nn
+    from transformers import PreTrainedModel
 
 __all__ = [
+    "hf_model",
     "HFTensor",
     "HFCheckpoint",
     "DEFAULT_MODEL",
@@ -338,7 +340,7 @@ def read_tensor(t: HFTensor, rows: tuple[int, int] | None = None) -> torch.Tenso
     row_bytes = t.spec.nbytes // t.spec.shape[0] if t.spec.shape and t.spec.shape[0] else t.spec.nbytes
     if out.numel() == 0:
         return out
-    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    view = out.reshape(-1).view(torch.uint8).numpy().data
     with open(t.file, "rb", buffering=0) as f:  # an OSError here is the environment's, and stays one
         f.seek(t.offset + start * row_bytes)
         got = 0
@@ -414,6 +416,12 @@ def refuse_remote_code(checkpoint: HFCheckpoint, *, trust_remote_code: bool) -> 
             f"{checkpoint.source}: its config asks for custom code (auto_map); "
             "re-run with --trust-remote-code if you trust this repository"
         )
+
+
+def hf_model(model: nn.Module) -> PreTrainedModel:
+    """``model`` as the HF causal LM it is (``build_meta_model``'s result, a loaded HF model): typed so, for the
+    methods transformers adds (``get_input_embeddings``, ``config``). No check: a cast."""
+    return cast("PreTrainedModel", model)
 
 
 def build_meta_model(

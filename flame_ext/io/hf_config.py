@@ -114,8 +114,8 @@ def implied_parameters(config: dict[str, Any]) -> int:
         config = config["text_config"]
     hidden = next((config[n] for n in _HIDDEN if isinstance(config.get(n), int)), 0)
     layers = next((config[n] for n in _LAYERS if isinstance(config.get(n), int)), 0)
-    vocab = config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else 0
-    return layers * hidden * hidden + vocab * hidden
+    vocab = config.get("vocab_size")
+    return layers * hidden * hidden + (vocab if isinstance(vocab, int) else 0) * hidden
 
 
 def read_model_config(file: Path, *, what: str | None = None, weight_bytes: int | None = None) -> dict[str, Any]:

@@ -11,11 +11,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flame_ext.errors import CheckpointFormatError, InputError, short_value
 from flame_ext.io.hf_config import read_json_object
 from flame_ext.io.manifest_schema import NonFinite, check_manifest
+
+if TYPE_CHECKING:
+    from flame_ext.io.hf import HFCheckpoint
 
 __all__ = [
     "MANIFEST_NAME",
@@ -26,6 +29,7 @@ __all__ = [
     "read_reference",
     "manifest_present",
     "config_hash",
+    "build_manifest",
 ]
 
 MANIFEST_NAME = "flame_ext.json"
@@ -37,6 +41,28 @@ TRAINING_STEP = "training_step"
 def config_hash(config: dict) -> str:
     """A stable hash of a model config (sorted JSON), so a manifest can tell which model it belongs to."""
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def build_manifest(kind: str, source: HFCheckpoint | None = None, **fields: Any) -> dict[str, Any]:
+    """A manifest of ``kind`` (``checkpoint``, ``reference``, ``training_step``): its version, kind and the tool that
+    wrote it, the ``source`` block when it was made from an HF model, then ``fields`` in the order given.
+
+    The one place a manifest's head is built, so every kind records its source the same way (a reference file
+    names the architectures as a converted checkpoint does).
+    """
+    from flame_ext import __version__
+
+    manifest: dict[str, Any] = {"format_version": FORMAT_VERSION, "kind": kind, "tool_version": __version__}
+    if source is not None:
+        manifest["source"] = {
+            "model": source.source,
+            "path": str(source.path),
+            "revision": source.revision,
+            "model_type": source.model_type,
+            "architectures": source.config.get("architectures"),
+            "config_sha256": config_hash(source.config),
+        }
+    return {**manifest, **fields}
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:

@@ -63,8 +63,8 @@ def write_safetensors(
                         f"{key}: got a block {tuple(block.shape)} {block.dtype}, planned {spec.shape} {spec.dtype}"
                     )
                 rows += block.shape[0] if spec.shape else 1
-                data = block.contiguous().view(-1).view(torch.uint8).numpy() if block.numel() else b""
-                f.write(memoryview(data))
+                data = block.contiguous().view(-1).view(torch.uint8).numpy().data if block.numel() else memoryview(b"")
+                f.write(data)
                 on_written(len(data))
             if rows != (spec.shape[0] if spec.shape else 1):
                 raise ValueError(f"{key}: got {rows} rows, planned {spec.shape}")

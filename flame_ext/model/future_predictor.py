@@ -7,21 +7,23 @@ when building the training model, makes its keys and shapes agree by constructio
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import get_args
 
 import torch
 from torch import nn
 
-__all__ = ["FuturePredictorHead", "attach_future_predictor", "ATTRIBUTE", "HEAD_TYPES"]
+from flame_ext.command_options import HeadType
+
+__all__ = ["FuturePredictorHead", "attach_future_predictor", "hidden_size", "ATTRIBUTE", "HEAD_TYPES"]
 
 ATTRIBUTE = "future_predictor"
-HEAD_TYPES = ("linear", "mlp")
+HEAD_TYPES: tuple[HeadType, ...] = get_args(HeadType)
 
 
 class FuturePredictorHead(nn.Module):
     """``linear``: hidden -> hidden; ``mlp``: hidden -> 4*hidden -> hidden with GELU."""
 
-    def __init__(self, hidden_size: int, head_type: Literal["linear", "mlp"] = "linear") -> None:
+    def __init__(self, hidden_size: int, head_type: HeadType = "linear") -> None:
         super().__init__()
         if head_type not in HEAD_TYPES:
             raise ValueError(f"future predictor head type {head_type!r}; choose one of {', '.join(HEAD_TYPES)}")
@@ -38,11 +40,15 @@ class FuturePredictorHead(nn.Module):
         return self.fc2(nn.functional.gelu(self.fc1(hidden)))
 
 
-def attach_future_predictor(model: nn.Module, head_type: str) -> FuturePredictorHead:
+def hidden_size(model: nn.Module) -> int:
+    """The width of an HF causal LM (``nn.Module`` declares no ``config``; an HF model has one)."""
+    return int(getattr(model, "config").hidden_size)
+
+
+def attach_future_predictor(model: nn.Module, head_type: HeadType) -> FuturePredictorHead:
     """Add the head to an HF causal LM as ``model.future_predictor`` (on the model's device)."""
-    hidden = model.config.hidden_size
     device = next(model.parameters()).device
     with torch.device(device):
-        head = FuturePredictorHead(hidden, head_type)  # type: ignore[arg-type]
+        head = FuturePredictorHead(hidden_size(model), head_type)
     setattr(model, ATTRIBUTE, head)
     return head

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from flame_ext.command_options import check_device
 from flame_ext.errors import CheckpointFormatError, ForwardUnavailableError, InputError, first_line
 from flame_ext.io.hf import HFCheckpoint, refuse_remote_code
 from flame_ext.io.registry import register_model_type
@@ -43,6 +44,8 @@ __all__ = [
     "ReferenceForward",
     "ReferenceStopped",
     "read_reference_text",
+    "TOKENIZER_FILES",
+    "has_tokenizer",
     "NonFiniteReference",
     "MAX_TEXT_BYTES",
 ]
@@ -59,10 +62,27 @@ class NonFiniteReference(CheckpointFormatError):
     """The HF model's loss on the reference batch is NaN or Inf: there is no reference to record."""
 
 
+# The files one of transformers' tokenizer classes loads from; a model folder may have none of them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether a folder holds tokenizer files at all (an HF model folder need not)."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
-    """The model's tokenizer; one clear error if it does not load."""
+    """The model's tokenizer; one clear error if it does not load, saying what to do when the folder has no
+    tokenizer files (transformers says only "Couldn't instantiate the backend tokenizer from one of: ")."""
     from transformers import AutoTokenizer
 
+    if Path(path).is_dir() and not has_tokenizer(path):
+        raise InputError(
+            f"{path}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}), and the reference batch is text "
+            "cut into tokens by the model's own tokenizer: copy the tokenizer files from where the model came from "
+            "into this folder, or name a folder that has them (diagnose --tokenizer DIR); `flame-ext convert "
+            "--no-reference` converts without the reference loss"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types for a bad tokenizer folder
@@ -138,15 +158,9 @@ def _transformers_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
-DEVICES = ("auto", "cpu", "cuda")
-
-
 def reference_device(name: str) -> torch.device:
-    """``--reference-device``: auto is the GPU when torch sees one, else the CPU."""
-    if name not in DEVICES:
-        raise InputError(f"--reference-device {name!r}: choose one of {', '.join(DEVICES)}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--reference-device cuda: torch sees no GPU here; use cpu or auto")
+    """``--reference-device`` (checked by ``check_device``): auto is the GPU when torch sees one, else the CPU."""
+    check_device(name)
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 

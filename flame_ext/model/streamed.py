@@ -28,7 +28,15 @@ import torch
 from torch import nn
 
 from flame_ext.io.dcp import row_blocks
-from flame_ext.io.hf import HFCheckpoint, HFTensor, build_meta_model, hf_source, read_tensor, tied_aliases
+from flame_ext.io.hf import (
+    HFCheckpoint,
+    HFTensor,
+    build_meta_model,
+    hf_model,
+    hf_source,
+    read_tensor,
+    tied_aliases,
+)
 from flame_ext.model.buffer_rebuild import fresh_buffers
 
 __all__ = ["NotStreamable", "StreamedModel", "build_streamed", "streamed_model", "whole_model_bytes"]
@@ -78,7 +86,8 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
     """Modules whose weights are loaded only while they run, in the order the forward reaches them."""
-    blocks = [model.get_input_embeddings(), *_decoder_layers(model), model.get_output_embeddings()]
+    hf = hf_model(model)
+    blocks = [hf.get_input_embeddings(), *_decoder_layers(model), hf.get_output_embeddings()]
     return [b for b in blocks if b is not None]
 
 

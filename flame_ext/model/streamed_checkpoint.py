@@ -143,7 +143,7 @@ class CheckpointStreamedModel(StreamedModel):
         held = 0
         for name in present:
             if name in module._non_persistent_buffers_set:
-                value = rebuilt[name].to(self.device, module._buffers[name].dtype)  # type: ignore[index]
+                value = rebuilt[name].to(self.device, module.get_buffer(name).dtype)  # type: ignore[index]
                 if prefix + name not in self.buffers_set:
                     self.buffers_set.append(prefix + name)
             else:

@@ -42,7 +42,7 @@ def generation() -> str:
     manager = manager or _manager_class("torchtitan.components.checkpoint")
     if manager is None:
         raise ImportError(f"no torchtitan CheckpointManager is importable: {_INSTALL_HINT}")
-    if "job_config" in inspect.signature(manager.__init__).parameters and hasattr(manager, "_states_to_load"):
+    if "job_config" in inspect.signature(manager).parameters and hasattr(manager, "_states_to_load"):
         return "0.1"
     raise ImportError(f"the installed torchtitan's CheckpointManager has neither API the guard uses: {_INSTALL_HINT}")
 
@@ -51,7 +51,9 @@ def __getattr__(name: str) -> Any:
     if name != "ValidatingCheckpointManager":
         raise AttributeError(f"module 'flame_ext.titan' has no attribute {name!r}")
     if generation() == "0.1":
-        from flame_ext.titan.v01 import ValidatingCheckpointManager
-    else:
-        from flame_ext.titan.v03 import ValidatingCheckpointManager
-    return ValidatingCheckpointManager
+        from flame_ext.titan import v01
+
+        return v01.ValidatingCheckpointManager
+    from flame_ext.titan import v03
+
+    return v03.ValidatingCheckpointManager

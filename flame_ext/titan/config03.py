@@ -35,7 +35,7 @@ def with_initial_load_guard(config: C, **fields: Any) -> C:
 
 
 @override(target=CheckpointManager.Config, exact=True, description="flame-ext: validate the initial checkpoint load")
-def initial_load_guard(cfg: CheckpointManager.Config, **fields: Any) -> ValidatingCheckpointManager.Config:
+def initial_load_guard(cfg: CheckpointManager.Config, **fields: Any) -> CheckpointManager.Config:
     """The ``--override.imports`` factory: the stock checkpoint config with the guard on (unless told off)."""
     fields.setdefault("validate_initial_load", True)
     return derive(cfg, ValidatingCheckpointManager.Config, **fields)

@@ -36,6 +36,7 @@ from flame_ext.guard import (
     StepRecord,
     hf_loss_probe,
     model_state,
+    read_record_ahead,
     record_figures,
     record_metrics,
     record_save,
@@ -60,6 +61,8 @@ class ValidatingCheckpointManager(CheckpointManager):
     After a validated load, ``initial_load_report`` holds the report; flame builds its metric logger after
     loading, so ``record_initial_load_metrics(metric_logger)`` logs the step-0 figures once it exists.
     """
+
+    states: dict[str, Any]  # the host's, set in its __init__
 
     def __init__(
         self,
@@ -90,6 +93,7 @@ class ValidatingCheckpointManager(CheckpointManager):
     def load(self, step: int = -1) -> bool:
         if not (getattr(self, "enable_checkpoint", False) and self.guard_config.validate_initial_load):
             return super().load(step)
+        self._finish_record()  # the load overwrites the tensors a record may still be summing
         target = self._initial_load_target(step)
         if target is None:
             resume = self._resume_target(step)
@@ -132,6 +136,7 @@ class ValidatingCheckpointManager(CheckpointManager):
 
     def _resume(self, step: int, checkpoint: str) -> bool:
         self._capture = LoadCapture()
+        record = read_record_ahead(self.guard_config, checkpoint)  # while the host loads
         try:
             loaded = super().load(step)  # _states_to_load lets the capture see what the load reads
             capture = self._capture
@@ -155,6 +160,7 @@ class ValidatingCheckpointManager(CheckpointManager):
             groups=lambda key: group_of(key, entries),
             metric_logger=self.metric_logger,
             pipelined=self.pipeline_parallel_degree > 1 or len(parts) > 1,
+            record=record,
         )
         self._resume_step = step_of(checkpoint) or 0
         return loaded
@@ -193,8 +199,9 @@ class ValidatingCheckpointManager(CheckpointManager):
             return
         if self.async_mode == AsyncMode.ASYNC:
             self._async_wait()  # the previous save first, as the host would (waiting twice is harmless here)
+        self._finish_record()
         saved = as_state_dicts(self.states)
-        record = record_save(saved, step=curr_step, checkpoint=checkpoint)
+        record = record_save(saved, step=curr_step, checkpoint=checkpoint)  # summed while DCP saves
         kept, self.states = self.states, saved  # the host saves exactly the objects recorded
         try:
             super().save(curr_step, force)
@@ -207,13 +214,24 @@ class ValidatingCheckpointManager(CheckpointManager):
             record.write_when_saved(self.async_future)
         self._pending_record = record  # pinned memory: a background process saves; written at the next wait
 
+    def maybe_wait_for_staging(self) -> None:
+        super().maybe_wait_for_staging()
+        self._finish_record()  # the host calls it before the optimizer step: the sums must end before it
+
     def _async_wait(self) -> None:
         super()._async_wait()
         self._flush_record()
 
     def close(self) -> None:
+        self._finish_record()  # written by the save's callback, or below, once the save has completed
         super().close()
         self._flush_record()
+
+    def _finish_record(self) -> None:
+        """Join the pending record's sums (every rank: a collective); it is written once its save completes."""
+        pending = getattr(self, "_pending_record", None)
+        if pending is not None:
+            pending.finish()
 
     def _flush_record(self) -> None:
         pending, self._pending_record = getattr(self, "_pending_record", None), None

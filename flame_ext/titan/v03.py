@@ -51,6 +51,7 @@ from flame_ext.guard import (
     host_config,
     meta_copy,
     model_state,
+    read_record_ahead,
     record_save,
     rows_of,
     split_request,
@@ -82,13 +83,13 @@ class ValidatingCheckpointManager(CheckpointManager):
         CheckpointManager.Config, qualname="ValidatingCheckpointManager.Config", module=__name__
     )  # the guard's fields (GuardConfig), checked when the config is built
 
-    def __init__(self, config: Config, **kwargs: Any) -> None:
+    def __init__(self, config: CheckpointManager.Config, **kwargs: Any) -> None:
         self.guard_config = GuardConfig.from_section(config)
         self.initial_load_report: Report | None = None
         self._guard: InitialLoadGuard | None = None
         self._loading = False
         self._from_hf = False
-        self._resume: tuple[str, LoadCapture] | None = None
+        self._resume: tuple[str, LoadCapture, Any] | None = None
         self.resume_report: Report | None = None
         self._pending_record: StepRecord | None = None
         super().__init__(config, **kwargs)
@@ -96,6 +97,7 @@ class ValidatingCheckpointManager(CheckpointManager):
     def _load(self, step: int = -1) -> bool:
         if not self.guard_config.validate_initial_load:
             return super()._load(step)
+        self._finish_record()  # the load overwrites the tensors a record may still be summing
         self._loading, self._guard, self._from_hf, self._resume = True, None, False, None
         try:
             loaded = super()._load(step)  # dcp_load below runs the pre-load check, or captures a resume
@@ -121,13 +123,13 @@ class ValidatingCheckpointManager(CheckpointManager):
         if self._loading and self._is_resume(checkpoint_id):
             capture = LoadCapture()
             state_dict = capture.wrap(state_dict, live=(OPTIMIZER,))  # model tensors are re-read live
-            self._resume = (checkpoint_id, capture)
+            self._resume = (checkpoint_id, capture, read_record_ahead(self.guard_config, checkpoint_id))
         elif self._loading:
             self._guard = self._check_before(state_dict, checkpoint_id, from_hf, from_quantized)
             self._from_hf = from_hf
         super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
 
-    def _verify_resume(self, checkpoint: str, capture: LoadCapture) -> None:
+    def _verify_resume(self, checkpoint: str, capture: LoadCapture, record: Any) -> None:
         entries = [k for k in self.states if k not in self.exclude_from_loading and k != MODEL]
         parts = self.states[MODEL].model
         trainer = self.states.get("train_state")
@@ -146,6 +148,7 @@ class ValidatingCheckpointManager(CheckpointManager):
             groups=lambda key: group_of(key, entries),
             metric_logger=getattr(trainer, "metrics_processor", None),
             pipelined=len(parts) > 1 or getattr(getattr(trainer, "parallel_dims", None), "pp_enabled", False),
+            record=record,
         )
 
     def dcp_save(
@@ -159,18 +162,33 @@ class ValidatingCheckpointManager(CheckpointManager):
         step = step_of(checkpoint_id)
         if not self.guard_config.validate_initial_load or to_hf or step is None or "://" in str(checkpoint_id):
             return super().dcp_save(state_dict, checkpoint_id, async_mode, enable_garbage_collection, to_hf)
+        self._finish_record()
         saved = as_state_dicts(state_dict)  # the host saves exactly the objects recorded
-        record = record_save(saved, step=step, checkpoint=str(checkpoint_id))
+        record = record_save(saved, step=step, checkpoint=str(checkpoint_id))  # summed while DCP saves
         result = super().dcp_save(saved, checkpoint_id, async_mode, enable_garbage_collection, to_hf)
-        record.write_when_saved(result)
+        record.write_when_saved(result)  # a synchronous save: the sums joined and the record written now
         self._pending_record = record if record.waits else None
         return result
+
+    def _maybe_wait_for_staging(self) -> None:
+        super()._maybe_wait_for_staging()
+        self._finish_record()  # the host calls it before the optimizer step: the sums must end before it
 
     def _wait_for_saving(self) -> None:
         super()._wait_for_saving()
         pending, self._pending_record = self._pending_record, None
         if pending is not None:
             pending.flush()  # the future's callback may not have run yet when its waiters wake
+
+    def _close(self) -> None:
+        self._finish_record()  # written by the save's callback if it completes later
+        super()._close()
+
+    def _finish_record(self) -> None:
+        """Join the pending record's sums (every rank: a collective); it is written once its save completes."""
+        pending = getattr(self, "_pending_record", None)
+        if pending is not None:
+            pending.finish()
 
     def _loaded_state(self) -> dict[str, Any]:
         """The loaded parameters in the checkpoint's key space: the model's own keys, or for an HF load the HF

@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cli_support import report_json, run_cli
+from support.cli import report_json, run_cli
 
-from flame_ext.checks.loss import compare_loss, loss_gap_problem, token_delta
+from flame_ext.checks.loss import (
+    compare_loss,
+    first_position_right,
+    growing_with_position,
+    loss_gap_problem,
+    positional_hint,
+    token_delta,
+)
 from flame_ext.errors import InputError
 from flame_ext.guard.options import GuardConfig
 
@@ -68,6 +75,28 @@ def test_the_problem_says_which_statistic_failed_and_by_how_much():
     assert "delta +0.5000 nats exceeds the threshold 0.1" in detail and "per-token" not in detail
 
 
+def test_the_shape_of_the_gap_names_its_cause_and_known_value_errors_come_first():
+    """A gap growing with position, or absent at the first position alone: attention (positional encoding,
+    q/k); the same gap everywhere: no positional clue; tensors known to differ: they are the cause."""
+    ramp = torch.linspace(0.0, 1.0, 8).repeat(2, 1)  # 0 at the first position, 1 at the last
+    growing = compare_loss(REFERENCE + ramp, _record(REFERENCE), threshold=0.1, token_threshold=1.0)
+    assert growing_with_position(growing.by_position) and first_position_right(growing)
+    assert positional_hint(growing).startswith("the gap grows with position")
+    long = torch.full((2, 128), 2.0)  # buckets of 32 positions: the first position alone barely moves its bucket
+    jump = torch.cat([torch.zeros(2, 1), torch.full((2, 127), 0.8)], dim=1)  # complete a position in, then flat
+    first_only = compare_loss(long + jump, _record(long), threshold=0.1, token_threshold=1.0)
+    assert not growing_with_position(first_only.by_position) and first_position_right(first_only)
+    assert positional_hint(first_only).startswith("the first position (its token attends only to itself)")
+    flat = compare_loss(REFERENCE + 0.5, _record(REFERENCE), threshold=0.1, token_threshold=1.0)
+    assert positional_hint(flat) is None and not first_position_right(flat)
+    assert loss_gap_problem(flat, what="loss", next_step="N").hint == (
+        "the weights compute something else than the HF model; N"
+    )
+    assert loss_gap_problem(growing, what="loss", next_step="N", values_differ=True).hint == (
+        "the loaded weights differ from the expected ones (see the value problems); N"
+    )
+
+
 def _diagnose(capsys, checkpoint, model, *extra: str) -> tuple[int, dict]:
     """``flame-ext diagnose --checkpoint C --model M --loss ... --json`` through the real CLI, in this process."""
     from flame_ext.cli import main
@@ -77,6 +106,7 @@ def _diagnose(capsys, checkpoint, model, *extra: str) -> tuple[int, dict]:
     return code, report_json(capsys.readouterr().out)
 
 
+@pytest.mark.slow  # trains the tiny Mistral on a cold cache; make test-fast leaves it out
 def test_diagnose_stops_the_transposed_q_proj_the_mean_lets_through(
     mistral_model, mistral_dcp, mistral_reference, capsys
 ):
@@ -100,12 +130,14 @@ def test_diagnose_stops_the_transposed_q_proj_the_mean_lets_through(
     assert code == 0 and mean_only["verdict"] == "OK" and mean_only["loss"]["token_threshold"] == 1000
 
 
+@pytest.mark.slow  # the tiny Mistral, converted and diagnosed
 def test_a_healthy_mistral_passes_token_by_token(mistral_model, mistral_dcp, mistral_reference, capsys):
     code, report = _diagnose(capsys, mistral_dcp["healthy"], mistral_model, "--reference", str(mistral_reference))
     assert code == 0, report["problems"]
     assert report["loss"]["token_delta"] < 1e-4  # the same computation: rounding noise only
 
 
+@pytest.mark.slow  # the tiny Mistral, converted and diagnosed
 def test_a_healthy_bf16_mistral_passes_token_by_token(mistral_model, capsys, tmp_path):
     """Converted to bf16 with its reference measured in bf16 (what `convert --dtype bfloat16` records)."""
     checkpoint = tmp_path / "bf16"

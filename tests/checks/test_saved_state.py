@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from cli_support import report_json, run_cli
+from support.cli import report_json, run_cli
 
 from flame_ext.cli import main
 from flame_ext.guard.save_record import record_save

@@ -10,31 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cli_support import report_json
+from support.cli import report_json
 
 from flame_ext.cli import main
 
 
 @pytest.fixture(scope="module")
 def model_256(tmp_path_factory) -> Path:
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from support.models import byte_tokenizer, save_tiny_model
 
-    from tests.reliability.make_model import byte_tokenizer
-
-    torch.manual_seed(0)
     out = tmp_path_factory.mktemp("qwen2-256") / "model"
-    cfg = Qwen2Config(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
+    save_tiny_model(
+        out, "qwen2", vocab_size=256, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False
     )
-    Qwen2ForCausalLM(cfg).save_pretrained(out)
     fast = byte_tokenizer()  # ids 0-255: the bytes; <|endoftext|> added after them
     assert fast.convert_tokens_to_ids("<|endoftext|>") == 256  # added past the 256-row embedding
     fast.save_pretrained(out)

@@ -10,7 +10,7 @@ import re
 import time
 
 import pytest
-from cli_support import run_cli, transformers_major
+from support.cli import run_cli, transformers_major
 
 NUMBER = r"([-+]?(?:\d+\.\d+|nan|inf))"  # uninitialised memory can make the broken start's loss nan or inf
 
@@ -40,6 +40,8 @@ def test_demo_stops_the_broken_start_and_trains_the_repaired_one(tiny_model, tmp
         assert "real, not simulated" in broken
     assert "the guard stopped the run before step 1" in broken and "buffer_mismatch" in broken
     assert "Training" not in broken and "step 1  loss" not in broken
+    assert "--values" not in broken  # the loss problems name the buffers as their cause, not a value check
+    assert "caused by the buffer_mismatch above" in broken
     reference = _floats(r"HF reference loss NUM nats", out)[0]
     observed_broken = _floats(r"observed NUM vs HF reference", broken)[0]
     assert not observed_broken - reference <= 0.1  # a real gap (or nan), not an artefact of the check
@@ -52,4 +54,7 @@ def test_demo_stops_the_broken_start_and_trains_the_repaired_one(tiny_model, tmp
     assert (tmp_path / "exp" / "checkpoint" / "step-0" / "flame_ext.json").is_file()
     assert not (tmp_path / "exp" / "checkpoint" / "step-0" / "stale").exists()
     assert (tmp_path / "keep.txt").read_text() == "user file"
+    # No warning caused by flame-ext itself: huggingface_hub's "Cannot enable progress bars" came three times,
+    # flame-ext turning on the bars its own HF_HUB_DISABLE_PROGRESS_BARS had turned off.
+    assert "Warning" not in proc.stderr and "Cannot enable progress bars" not in proc.stderr, proc.stderr
     assert elapsed < 120, f"demo took {elapsed:.0f} s"  # `flame-ext demo` promises under a minute on 2 idle cores

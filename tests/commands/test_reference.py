@@ -56,3 +56,13 @@ def test_rows_and_kinds_of_text(capsys, tiny_model, tmp_path):
     text = bytes(ids[0] + ids[1]).decode("utf-8", errors="ignore")
     for sample in ("the keeper climbed", "def lamp_hours(", "1891,365,1001.2", "la gardienne"):
         assert sample in text, sample
+
+
+def test_a_reference_file_records_its_source_as_a_converted_checkpoint_does(capsys, tiny_model, tiny_dcp, tmp_path):
+    """One ``build_manifest``: the reference file's source block is the converted checkpoint's, field for field
+    (reference files used to leave out ``architectures``)."""
+    out = tmp_path / "ref.json"
+    assert _reference(capsys, tiny_model, out)[0] == 0
+    source = json.loads(out.read_text())["source"]
+    assert source["architectures"] == json.loads((tiny_model / "config.json").read_text())["architectures"]
+    assert source == json.loads((tiny_dcp / "flame_ext.json").read_text())["source"]

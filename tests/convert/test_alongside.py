@@ -30,6 +30,7 @@ def _threads_left() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("flame-ext-")]
 
 
+@pytest.mark.slow  # a conversion with the reference beside it and the reference alone, per dtype
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_reference_beside_the_writer_is_the_reference_run_alone(tiny_model, tmp_path, dtype):
     """Bit for bit: the token ids, every per-token loss and the mean, the dtype, the notes."""

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from cli_support import run_cli
 from safetensors import safe_open
+from support.cli import run_cli
+from support.models import meta_model
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -63,16 +64,6 @@ def convert(model: Path, out: Path, **kw) -> Path:
 def to_hf(checkpoint: Path, config: Path, out: Path, **kw) -> Path:
     convert_dcp_to_hf(ToHFOptions(checkpoint=str(checkpoint), config=str(config), out=str(out), progress=False, **kw))
     return out
-
-
-def meta_model(folder: Path) -> torch.nn.Module:
-    """The model as trainers build it: on ``meta``, then ``to_empty`` (uninitialised memory)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return model.to_empty(device="cpu")
 
 
 def dcp_chunks(folder: Path) -> dict[str, TensorStorageMetadata]:
@@ -251,22 +242,19 @@ def test_dtype_auto_keeps_source_dtype(sharded_chunked_dcp, sharded_model):
 @pytest.fixture(scope="module")
 def tied_llama(tmp_path_factory) -> Path:
     """A tiny Llama with tie_word_embeddings=True, saved by transformers (which omits lm_head.weight)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from support.models import save_tiny_model
 
-    torch.manual_seed(1)
-    cfg = LlamaConfig(
+    return save_tiny_model(
+        tmp_path_factory.mktemp("tied") / "llama",
+        "llama",
+        seed=1,
         vocab_size=96,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
         tie_word_embeddings=True,
     )
-    out = tmp_path_factory.mktemp("tied") / "llama"
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    return out
 
 
 def test_tied_embeddings_convert_load_and_come_back(tied_llama, tmp_path):
@@ -338,6 +326,7 @@ def test_to_hf_extracts_model_from_full_training_checkpoint(generation, sharded_
 # ---------------------------------------------------------------- drop-in modules
 
 
+@pytest.mark.slow  # the three drop-ins in fresh processes; make test-fast leaves it out
 def test_drop_in_modules_with_flames_argument_names(sharded_model, tmp_path):
     dump = tmp_path / "exp"
     step0 = dump / "checkpoint" / "step-0"
@@ -393,6 +382,7 @@ def _poison(model: Path, key: str, value: float) -> None:
     save_file(tensors, str(shard), metadata={"format": "pt"})
 
 
+@pytest.mark.slow  # converts, diagnoses and converts back in fresh processes; make test-fast leaves it out
 def test_non_finite_source_values_are_copied_faithfully_and_named(sharded_model, tmp_path):
     import shutil
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchrun_support import (
+from support.torchrun import (
     TIMEOUT_S,
     WORKER,
     assert_every_rank_names_the_cause,
@@ -65,7 +65,7 @@ def test_two_ranks_write_the_checkpoint_one_process_writes(tiny_model, tiny_dcp,
 
 
 def test_three_ranks_nested_with_a_future_head(sharded_model, tmp_path):
-    options = dict(layout="nested", future_predictor="mlp", reference=False)
+    options = dict(layout="nested", include_future_predictor=True, future_predictor_head_type="mlp", reference=False)
     single = one_process(sharded_model, tmp_path / "single", **options)
     out = tmp_path / "dist"
     flags = ["--layout", "nested", "--include_future_predictor", "--future_predictor_head_type", "mlp"]

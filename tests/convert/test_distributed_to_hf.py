@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_convert import _poison, assert_bit_exact, hf_tensors
-from torchrun_support import (
+from support.torchrun import (
     TIMEOUT_S,
     WORKER,
     assert_every_rank_names_the_cause,
@@ -16,6 +15,7 @@ from torchrun_support import (
     torchrun,
     two_nodes,
 )
+from test_convert import _poison, assert_bit_exact, hf_tensors
 
 from flame_ext.convert.dcp_to_hf import ToHFOptions, convert_dcp_to_hf, prepare_to_hf
 from flame_ext.convert.distributed import split_by_bytes
@@ -56,7 +56,14 @@ def shard_lines(stdout: str) -> dict[int, int]:
 def nested_dcp_with_head(sharded_model, tmp_path_factory) -> Path:
     """The sharded model converted nested with a future-predictor head, where flame keeps checkpoints."""
     out = tmp_path_factory.mktemp("exp") / "checkpoint" / "step-0"
-    options = ConvertOptions(str(sharded_model), str(out), layout="nested", future_predictor="mlp", reference=False)
+    options = ConvertOptions(
+        str(sharded_model),
+        str(out),
+        layout="nested",
+        include_future_predictor=True,
+        future_predictor_head_type="mlp",
+        reference=False,
+    )
     options.progress = False
     convert_hf_to_dcp(options)
     return out

@@ -75,7 +75,12 @@ def test_fresh_keys_get_the_fingerprint_of_the_values_written(tiny_model, tmp_pa
     out = tmp_path / "fp"
     convert_hf_to_dcp(
         ConvertOptions(
-            model=str(tiny_model), checkpoint=str(out), future_predictor="linear", reference=False, progress=False
+            model=str(tiny_model),
+            checkpoint=str(out),
+            include_future_predictor=True,
+            future_predictor_head_type="linear",
+            reference=False,
+            progress=False,
         )
     )
     manifest = read_manifest(out)

@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from cli_support import report_json
+from support.cli import report_json
 
 ARCHS = ("olmo2", "llama", "qwen2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -74,10 +74,11 @@ def _recipe(arch: str) -> dict:
 
 
 def _config(arch: str):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from support.models import tiny_config
 
     shape = _recipe(arch)
-    kw = dict(
+    return tiny_config(
+        arch,
         vocab_size=VOCAB,
         hidden_size=shape["hidden"],
         intermediate_size=2 * shape["hidden"],
@@ -90,7 +91,6 @@ def _config(arch: str):
         pad_token_id=EOT,
         tie_word_embeddings=False,
     )
-    return {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch](**kw)
 
 
 def _corpus_ids() -> torch.Tensor:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import report_json, run_cli
+from support.cli import report_json, run_cli
 from torch.distributed.checkpoint import FileSystemReader
 
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp

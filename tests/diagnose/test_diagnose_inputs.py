@@ -138,7 +138,7 @@ def test_train_config_of_another_architecture(catalogue, hf_models, capsys):
 
 
 def test_drop_in_module_bad_input_in_a_real_process(tmp_path, hf_models):
-    from cli_support import run_cli
+    from support.cli import run_cli
 
     proc = run_cli(
         "--checkpoint",

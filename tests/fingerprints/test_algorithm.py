@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from support.tensors import trained_like
 
 from flame_ext.fingerprints.algorithm import (
     TERMS,
@@ -17,15 +18,6 @@ from flame_ext.fingerprints.algorithm import (
     transposed,
 )
 from flame_ext.fingerprints.forensics import what_happened
-
-
-def trained_like(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
-    """Weights with some structure (row scales differ), as trained projections have."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * 0.02
-    if x.dim() >= 2:
-        x = x * (1 + torch.rand(shape[0], *([1] * (x.dim() - 1)), generator=g))
-    return x.to(dtype)
 
 
 def tiles(t: torch.Tensor, row_cuts: list[int], col_cuts: list[int]) -> torch.Tensor:
@@ -81,81 +73,6 @@ def test_nonfinite_values_are_counted_and_the_fingerprint_stays_json_finite():
     assert fp[0] == 2 and torch.isfinite(fp).all()
     json.dumps(fp.tolist(), allow_nan=False)
     assert what_happened("w", fp, fingerprint(trained_like((8, 8))), shape=(8, 8), dtype="float32").code == "nonfinite"
-
-
-SHAPE = (64, 64)
-
-
-def _swap_rows(t: torch.Tensor, a: int = 3, b: int = 40) -> torch.Tensor:
-    out = t.clone()
-    out[[a, b]] = t[[b, a]]
-    return out
-
-
-def _bf16_ulp_noise(t: torch.Tensor) -> torch.Tensor:
-    """Every value moved by one bf16 step up or down: noise exactly at the stored dtype's resolution."""
-    bits = t.view(torch.int16)
-    sign = torch.randint(0, 2, t.shape, generator=torch.Generator().manual_seed(1), dtype=torch.int16) * 2 - 1
-    return (bits + sign).view(torch.bfloat16)
-
-
-DAMAGES = {
-    "zeros": (lambda t: torch.zeros_like(t), "zeros"),
-    "scaled": (lambda t: (t.float() * 0.9).to(t.dtype), "scaled"),
-    "negated": (lambda t: -t, "scaled"),
-    "transposed": (lambda t: t.t().contiguous(), "transposed"),
-    "two rows swapped": (_swap_rows, "rows_permuted"),
-    "rows permuted": (lambda t: t[torch.randperm(64, generator=torch.Generator().manual_seed(3))], "rows_permuted"),
-    "one row's values permuted": (lambda t: torch.cat([t[:5], t[5:6].roll(1, dims=1), t[6:]]), "columns_permuted"),
-    "rows and columns permuted": (lambda t: t.flip(0).flip(1), "rearranged"),
-    "columns permuted": (
-        lambda t: t[:, torch.randperm(64, generator=torch.Generator().manual_seed(4))],
-        "columns_permuted",
-    ),
-    "noise 1e-3 std": (
-        lambda t: (
-            t.float() + 1e-3 * t.float().std() * torch.randn(t.shape, generator=torch.Generator().manual_seed(5))
-        ).to(t.dtype),
-        "noise",
-    ),
-    "random values": (lambda t: trained_like(tuple(t.shape), t.dtype, seed=9), "different"),
-}
-
-
-@pytest.mark.parametrize("damage", sorted(DAMAGES))
-def test_each_damage_changes_the_fingerprint_and_is_named(damage):
-    edit, code = DAMAGES[damage]
-    # bf16, except for noise below bf16's resolution (that is the rounding case, tested on its own)
-    t = trained_like(SHAPE, torch.float32 if damage.startswith("noise") else torch.bfloat16)
-    written = fingerprint(t)
-    seen = fingerprint(edit(t))
-    assert not matches(seen, written)
-    finding = what_happened("w", seen, written, shape=SHAPE, dtype=str(t.dtype).removeprefix("torch."))
-    assert finding.code == code, finding.text
-    if code == "scaled":
-        factor = -1.0 if damage == "negated" else 0.9
-        assert f"{factor:.4g}" in finding.text
-
-
-def test_noise_at_bf16_resolution_is_seen_and_called_rounding_not_a_swap():
-    t = trained_like((256, 256), torch.bfloat16)
-    finding = what_happened("w", fingerprint(_bf16_ulp_noise(t)), fingerprint(t), shape=(256, 256), dtype="bfloat16")
-    assert finding.code == "rounding", finding.text
-    assert "swap" not in finding.text and "transpos" not in finding.text
-
-
-def test_fp32_values_rounded_to_bf16_differ_from_the_fp32_fingerprint_at_rounding_level():
-    t = trained_like((128, 96))
-    rounded = t.to(torch.bfloat16).float()
-    finding = what_happened("w", fingerprint(rounded), fingerprint(t), shape=(128, 96), dtype="bfloat16")
-    assert finding.code == "rounding", finding.text
-
-
-def test_a_tensor_holding_another_keys_values_is_named_as_swapped():
-    a, b = trained_like(SHAPE, seed=1), trained_like(SHAPE, seed=2)
-    others = {"layers.0.w": fingerprint(a).tolist(), "layers.1.w": fingerprint(b).tolist()}
-    finding = what_happened("layers.0.w", fingerprint(b), fingerprint(a), shape=SHAPE, dtype="float32", others=others)
-    assert finding.code == "swapped" and "layers.1.w" in finding.text
 
 
 def test_transpose_of_the_fingerprint_is_the_fingerprint_of_the_transpose():
@@ -242,10 +159,10 @@ def test_a_rounding_that_overflows_counts_the_infinities():
     assert plain[0] == 0 and half[0] == 1 and torch.isfinite(half).all()
 
 
-def block_fingerprints_of(t: torch.Tensor, dtypes) -> torch.Tensor:
+def block_fingerprints_of(t: torch.Tensor, dtypes, workers: int = 1) -> torch.Tensor:
     from flame_ext.fingerprints.algorithm import block_fingerprints
 
-    return block_fingerprints(t, [0] * t.dim(), tuple(t.shape), dtypes)
+    return block_fingerprints(t, [0] * t.dim(), tuple(t.shape), dtypes, workers=workers)
 
 
 def test_exact_widening_is_decided_from_the_formats():
@@ -256,3 +173,23 @@ def test_exact_widening_is_decided_from_the_formats():
     assert not exact_widening("float32", "bfloat16") and not exact_widening("bfloat16", "float16")
     assert not exact_widening("float16", "bfloat16") and not exact_widening("int64", "float64")
     assert not exact_widening("float32", "nosuchdtype")
+
+
+@pytest.mark.parametrize("shape", [(700, 1100), (300_001,), (3, 5)])
+def test_bf16_rounded_to_fp16_is_the_fingerprint_of_the_cast_values(shape):
+    """bf16 -> fp16 is summed from the plain pass plus the few values below fp16's exact range (those that
+    round): it must equal the fingerprint of the cast values whatever the magnitudes, tiny ones included."""
+    t = trained_like(shape).to(torch.bfloat16)
+    flat = t.view(-1)
+    tiny = torch.tensor([3e-6, -5e-7, 2.0**-24, 1.5 * 2.0**-24, 1e-9, -(2.0**-18), 7e-5], dtype=torch.bfloat16)
+    flat[: len(tiny)] = tiny[: len(flat)]
+    flat[-1] = 0.0
+    cast = t.to(torch.float16)
+    assert not torch.equal(cast.to(torch.bfloat16), t)  # some values do round
+    for workers in (1, 2):
+        plain, half = block_fingerprints_of(t, (None, torch.float16), workers)
+        assert matches(plain, fingerprint(t), TOLERANCE / 100)
+        assert matches(half, fingerprint(cast), TOLERANCE / 100) and not matches(half, plain, TOLERANCE / 100)
+    flat[1] = 70000.0  # beyond fp16's range: counted as inf, as the cast does
+    (half,) = block_fingerprints_of(t, (torch.float16,))
+    assert half[0] == 1 and matches(half, fingerprint(t.to(torch.float16)))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "titan")]  # fla_models; the titan helpers (_hosts, _models)
+sys.path[:0] = [str(HERE), str(HERE.parent / "titan")]  # fla_models; the titan helpers (_models)
 
 from fla_models import require_fla, save_fla_model  # noqa: E402
 

@@ -8,6 +8,7 @@ loss was not measured while every other pass runs.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,9 @@ from flame_ext.commands.diagnose import DiagnoseOptions, diagnose
 from flame_ext.convert.dcp_to_hf import ToHFOptions, convert_dcp_to_hf
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 from flame_ext.io.manifest import read_manifest
+
+# slow: every fla family through convert, diagnose and to-hf (make test-fast leaves it out).
+pytestmark = pytest.mark.slow
 
 family = pytest.mark.parametrize("name", sorted(FAMILIES))
 
@@ -60,7 +64,8 @@ def test_nested_layout_bfloat16_and_future_predictor(name, fla_hf, tmp_path):
             checkpoint=str(out),
             layout="nested",
             dtype="bfloat16",
-            future_predictor="mlp",
+            include_future_predictor=True,
+            future_predictor_head_type="mlp",
             reference=False,
             progress=False,
         )
@@ -92,10 +97,15 @@ def test_diagnose_finds_two_swapped_layers(name, fla_hf, fla_dcp, tmp_path):
     swapped = rewrite_dcp(dcp_dir, tmp_path / "swapped", swap_first_two_layers)
     report = diagnose(DiagnoseOptions(checkpoint=str(swapped), model=str(fla_hf(name)), values=True))
     assert not report.ok
-    mismatched = {p.key for p in report.errors if p.kind == "value_mismatch"}
     layer_keys = {k for k in dcp_tensors(dcp_dir) if ".layers." in k}
     differ = {k for k in layer_keys if not torch.equal(*(dcp_tensors(swapped)[k], dcp_tensors(dcp_dir)[k]))}
-    assert differ and mismatched == differ
+    # One cause, one error counting the tensors of both layers that hold each other's values; a tensor whose
+    # twin is not exactly one key (rwkv7's layer-0-only tensors) is named on its own.
+    mismatched = [p for p in report.errors if p.kind == "value_mismatch"]
+    (folded,) = [p for p in mismatched if p.key is None]
+    named = {p.key for p in mismatched if p.key is not None}
+    count = int(re.search(r" are swapped: (\d+) tensors hold each other's values", folded.detail).group(1))
+    assert differ and named <= differ and count + len(named) == len(differ)
     assert {p.kind for p in report.errors} == {"value_mismatch"}
 
 

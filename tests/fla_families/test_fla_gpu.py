@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _hosts import build_manager, titan_generation
 from fla_models import FAMILIES
+from support.titan_hosts import build_manager, titan_generation
 
 from flame_ext.io.manifest import read_manifest
 

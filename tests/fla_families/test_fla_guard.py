@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 import torch
-from _hosts import build_manager, titan_generation
 from fla_models import FAMILIES, ROTARY, fla_config, like_flame
+from support.titan_hosts import build_manager, titan_generation
 from test_fla_commands import hf_weights
 
 from flame_ext.checks.nonpersistent_buffers import nonpersistent_buffer_modules

@@ -1,7 +1,7 @@
 """The flame checkout named by FLAME_SRC: helpers and the fixture, imported by the test modules.
 
 No conftest.py here: a second module named `conftest` would shadow tests/conftest.py for
-`from conftest import ...`; shared helpers are in tests/cli_support.py.
+`from conftest import ...`; shared helpers are in tests/support/.
 """
 
 from __future__ import annotations

@@ -134,6 +134,26 @@ def test_bad_toml_values_fail_when_read(JobConfig, tmp_path, line, words):
     assert "\n" not in str(info.value) and len(str(info.value)) < 300
 
 
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda d: d / "nope.toml", "nope.toml: no such file"),
+        (lambda d: d, ": a folder, not a TOML file"),
+        (lambda d: Path(toml(d, "[checkpoint\nvalidate_initial_load = true\n")), ": not valid TOML (Expected ']'"),
+    ],
+    ids=["missing", "folder", "malformed"],
+)
+def test_an_unreadable_config_file_is_one_line_with_no_traceback_logged(JobConfig, tmp_path, caplog, make, words):
+    """flame logs two tracebacks (logger.exception) for a missing or malformed --job.config_file before its own
+    error; the guarded JobConfig reads the file first and says why in one line, nothing logged."""
+    path = str(make(tmp_path))
+    with caplog.at_level("DEBUG"), pytest.raises(FlameExtError) as info:
+        parse(JobConfig, "--job.config_file", path)
+    assert str(info.value).startswith(f"--job.config_file {path}") and words in str(info.value)
+    assert "\n" not in str(info.value) and info.value.exit_code == 2
+    assert caplog.records == []  # flame's two logged tracebacks never happen
+
+
 def test_an_overflowing_threshold_on_the_command_line_is_refused(JobConfig):
     with pytest.raises(FlameExtError, match="initial_load_max_loss_delta = inf: must be a finite number"):
         parse(JobConfig, "--checkpoint.initial_load_max_loss_delta", "9" * 400)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import os
 import re
@@ -17,6 +16,7 @@ import pytest
 from flame_src_env import flame_checkout  # noqa: F401 -- a fixture
 
 from flame_ext.cli import main as cli_main
+from flame_ext.command_options import PatchOptions
 from flame_ext.flame import FLAME_BASE_COMMIT
 from flame_ext.flame.patching import PATCH_DIR, git_blob_id, load_patches, run
 
@@ -90,7 +90,7 @@ def tree(tmp_path) -> tuple[Path, Path]:
 
 
 def _run(action: str, root: Path, patches: Path) -> int:
-    return run(argparse.Namespace(action=action, flame_dir=str(root), patch_dir=str(patches)))
+    return run(PatchOptions(action, str(root), patch_dir=str(patches)))
 
 
 def test_apply_is_idempotent_and_revert_restores(tree, capsys):

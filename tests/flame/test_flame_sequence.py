@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import transformers_major
+from support.cli import transformers_major
 
 pytestmark = pytest.mark.skipif(
     not version("torchtitan").startswith("0.1"),

@@ -380,7 +380,7 @@ def test_patched_flame_resumes_verified_with_rope_repaired(patched, tiny_dcp, da
     equals the HF model's loss on the same batch with step 2's weights. The control, with the buffer check off,
     trains step 3 on a broken RoPE (4.x) and its loss is far from HF's."""
     import torch
-    from cli_support import transformers_major
+    from support.cli import transformers_major
 
     dump = tmp_path / "exp"
     shutil.copytree(tiny_dcp, dump / "checkpoint" / "step-0")

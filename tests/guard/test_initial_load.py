@@ -261,3 +261,36 @@ def test_the_loss_gate_is_skipped_only_for_a_device_that_cannot_run_the_model(ti
 
     with pytest.raises(RuntimeError, match="cannot be multiplied"):
         _guard_after_load(model, tiny_dcp, broken)
+
+
+def test_a_dtype_the_manifest_records_as_chosen_is_a_note_for_the_guard_too(tiny_model, tmp_path):
+    """`convert --dtype bfloat16` loaded into float32 parameters: the cast was chosen (checks.recorded, the rule
+    diagnose uses), so the guard's report says so in one note instead of 25 dtype warnings."""
+    from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
+
+    folder = tmp_path / "step-0"
+    convert_hf_to_dcp(ConvertOptions(model=str(tiny_model), checkpoint=str(folder), dtype="bfloat16", progress=False))
+    model = _plain_model(tiny_model)
+    guard = InitialLoadGuard(GuardConfig(validate_initial_load=True), str(folder), [model])
+    guard.before_load(split_request(model.state_dict()), lambda: read_dcp_metadata(folder))
+    assert guard.report.warnings == [] and guard.report.counts["dtype"] == 25
+    note = (
+        f"dtype bfloat16, chosen at conversion (`convert --dtype bfloat16`, recorded in {folder / 'flame_ext.json'}): "
+        "the model is float32, and a load casts the 25 tensors"
+    )
+    assert note in guard.report.notes
+
+
+def test_a_recorded_nested_layout_under_a_model_only_load_is_still_an_error_saying_it_was_chosen(tiny_model, tmp_path):
+    from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
+
+    folder = tmp_path / "step-0"
+    convert_hf_to_dcp(ConvertOptions(model=str(tiny_model), checkpoint=str(folder), layout="nested", progress=False))
+    model = _plain_model(tiny_model)
+    guard = InitialLoadGuard(GuardConfig(validate_initial_load=True), str(folder), [model])
+    with pytest.raises(InitialLoadValidationError) as info:
+        guard.before_load(split_request(model.state_dict()), lambda: read_dcp_metadata(folder))
+    (error,) = info.value.report.errors  # one cause, one error: the keys it leaves missing are counted in it
+    assert error.kind == "layout" and "so 25 keys are missing under their own names and 25 unexpected" in error.detail
+    assert error.hint.startswith("converted with `--layout nested` (recorded in ")
+    assert "initial_load_model_weights_only = false" in error.hint

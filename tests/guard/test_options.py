@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import typing
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -72,11 +71,10 @@ def test_booleans_switch_both_ways_on_flames_command_line():
 
 
 def test_the_test_hosts_and_the_demo_use_the_declared_names():
+    from support import titan_hosts as hosts
+
     from flame_ext.commands.demo import _guard_settings
 
-    spec = importlib.util.spec_from_file_location("_hosts", Path(__file__).parents[1] / "titan" / "_hosts.py")
-    hosts = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hosts)
     assert hosts.GUARD_FIELDS == tuple(declared())
     fields = _guard_settings(repair=False)
     parsed = vars(flame_parser().parse_args(guard_flags(fields)))

@@ -69,6 +69,29 @@ def test_an_async_save_is_recorded_when_its_future_completes_not_before(tmp_path
     assert not list(folder.glob("*.tmp"))  # written through a temporary file, renamed
 
 
+def test_an_optimizer_step_waits_for_the_background_sums_of_the_state_it_changes(tmp_path):
+    """The sums run in a thread while training goes on; the next optimizer step (any loop) joins them first,
+    so the record is of the saved values, bit for bit the record of a synchronous save."""
+    layer = torch.nn.Linear(2048, 2048)  # large enough that the sums are still running at the step
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
+    for p in layer.parameters():
+        p.grad = torch.ones_like(p)
+    before = layer.weight.detach().clone()
+    folders = {m: tmp_path / m / "step-1" for m in ("sync", "async")}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+    record_save({"model": layer.state_dict()}, step=1, checkpoint=str(folders["sync"])).write_when_saved(None)
+    future: Future = Future()
+    record = record_save({"model": layer.state_dict()}, step=1, checkpoint=str(folders["async"]))
+    record.write_when_saved(future)
+    optimizer.step()
+    assert not torch.equal(layer.weight, before)
+    future.set_result(None)
+    sync, late = (read_manifest(folders[m]) for m in ("sync", "async"))
+    assert late["fingerprints"] == sync["fingerprints"]
+    assert matches(late["fingerprints"]["tensors"]["model.weight"]["fingerprint"], fingerprint(before))
+
+
 def test_a_failed_async_save_leaves_no_record(tmp_path, caplog):
     folder = tmp_path / "step-4"
     folder.mkdir()

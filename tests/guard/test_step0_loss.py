@@ -19,8 +19,8 @@ from flame_ext.guard.probe import rows_of
 from flame_ext.guard.step0_loss import RankGaps, loss_gate_problems, measure_loss
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "titan"))
-from _hosts import build_manager, titan_generation  # noqa: E402
 from _models import hf_like_trainer  # noqa: E402
+from support.titan_hosts import build_manager, titan_generation  # noqa: E402
 
 ROWS, N = 2, 12
 
@@ -86,6 +86,23 @@ def test_a_nonfinite_token_stops_the_load():
     observed[0, 5] = math.inf
     cmp, worst = _measure(observed, reference)
     assert [p.kind for p in loss_gate_problems(cmp, worst, values_differ=False)] == ["nonfinite"]
+
+
+def test_after_a_buffer_mismatch_the_loss_problems_point_at_the_buffers_not_at_diagnose_values():
+    reference = torch.full((ROWS, N), 2.0, dtype=torch.float64)
+    observed = reference.clone()
+    observed[0, 5] = math.nan
+    cmp, worst = _measure(observed, reference)
+    (plain,) = loss_gate_problems(cmp, worst, values_differ=False)
+    assert "diagnose --checkpoint C --values" in plain.hint  # no other cause known: the checkpoint's weights
+    wrong = ["model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"]
+    (nonfinite,) = loss_gate_problems(cmp, worst, values_differ=False, wrong_buffers=wrong)
+    assert nonfinite.kind == "nonfinite" and "--values" not in nonfinite.hint
+    assert nonfinite.hint.startswith("caused by the buffer_mismatch above (model.rotary_emb.inv_freq and 1 more")
+    assert "initial_load_repair_buffers = true" in nonfinite.hint
+    (gap,) = loss_gate_problems(*_measure(reference + 1.0, reference), values_differ=False, wrong_buffers=wrong[:1])
+    assert gap.kind == "loss_gap" and "--values" not in gap.hint
+    assert gap.hint.startswith("caused by the buffer_mismatch above (model.rotary_emb.inv_freq: what to_empty() left")
 
 
 @pytest.mark.parametrize("bad", [-0.1, math.nan, math.inf, True, "0.1"])

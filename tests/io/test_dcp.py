@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from cli_support import titan_version
 from safetensors import safe_open
+from support.cli import titan_version
 from torch.distributed.checkpoint.stateful import Stateful
 
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp

@@ -159,3 +159,26 @@ def test_ctrl_c_while_writers_start_still_waits_for_every_started_writer(tmp_pat
     assert finished_when_raised == held.started, "save_streaming raised while a started writer was in its block"
     assert held.started == 2, "the Ctrl-C was held until both writers had started"
     assert not _writers_left(), "writer threads left running"
+
+
+def test_the_same_bytes_whatever_the_number_of_writer_threads(tmp_path):
+    """Blocks of the same size (the buffer scaled with the threads) give the same data files, byte for byte, and
+    the same metadata, in the same order; only torch's save id and the folder's path differ between saves."""
+    import pickle
+
+    g = torch.Generator().manual_seed(0)
+    values = {f"t{i}": torch.randn(400, 60, generator=g) for i in range(7)}
+    saved = {}
+    for threads in (1, 2, 3):
+        folder = tmp_path / str(threads)
+        save_streaming(folder, _entries(values), buffer_bytes=20000 * threads, threads=threads)
+        saved[threads] = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    names = sorted(saved[1])
+    assert len(names) > 30 and all(sorted(s) == names for s in saved.values())
+    for name in names:
+        if name != ".metadata":
+            assert saved[2][name] == saved[1][name] == saved[3][name], name
+    meta = [pickle.loads(s[".metadata"]) for s in saved.values()]
+    for m in meta[1:]:
+        assert m.state_dict_metadata == meta[0].state_dict_metadata
+        assert list(m.storage_data.items()) == list(meta[0].storage_data.items())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import run_cli
+from support.cli import run_cli
 from torch.distributed.checkpoint.api import CheckpointException
 
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
@@ -56,16 +56,16 @@ def multishard_model(tmp_path_factory) -> Path:
     """A 33 MB OLMo2-shaped checkpoint in 4 shards (random data, written shard by shard): big enough that a
     1 MiB buffer makes a conversion write dozens of files, so an interrupt lands in the middle of it."""
     from safetensors.torch import save_file
-    from transformers import Olmo2Config, Olmo2ForCausalLM
+    from support.models import tiny_config
+    from transformers import AutoModelForCausalLM
 
     out = tmp_path_factory.mktemp("multishard") / "olmo2"
     out.mkdir()
-    cfg = Olmo2Config(
+    cfg = tiny_config(
         vocab_size=8192,
         hidden_size=256,
         intermediate_size=1024,
         num_hidden_layers=4,
-        num_attention_heads=4,
         max_position_embeddings=128,
         eos_token_id=0,
         pad_token_id=1,
@@ -73,7 +73,7 @@ def multishard_model(tmp_path_factory) -> Path:
     )
     cfg.save_pretrained(out)
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Olmo2ForCausalLM(cfg).state_dict().items()}
+        shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(cfg).state_dict().items()}
     keys, n, gen, weight_map = list(shapes), 4, torch.Generator().manual_seed(0), {}
     for i in range(n):
         name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
@@ -168,6 +168,7 @@ def test_empty_folder_is_used_without_force(sharded_model, tmp_path):
     assert _siblings(dest) == []
 
 
+@pytest.mark.slow  # several commands in fresh processes; make test-fast leaves it out
 def test_previous_conversion_is_refused_without_force_and_replaced_with_it(sharded_model, tmp_path):
     dest = tmp_path / "step-0"
     assert _convert_cli(sharded_model, dest).returncode == 0
@@ -212,6 +213,7 @@ def test_each_writer_replaces_only_its_own_kind(tmp_path):
 USER_FILES = {"my_tokenizer_notes.txt": "mine\n", "vocab_backup.json": "{}\n", "chat_template_draft.jinja": "{{ x }}\n"}
 
 
+@pytest.mark.slow  # several commands in fresh processes; make test-fast leaves it out
 @pytest.mark.parametrize("where", ["beside-hf-files", "added-to-a-to-hf-output"])
 def test_to_hf_force_never_removes_user_files_whose_names_contain_tokenizer_vocab_or_chat_template(
     tiny_model, tiny_dcp, tmp_path, where
@@ -430,6 +432,7 @@ def _wait_for_data_in_temp(proc: subprocess.Popen, dest: Path, timeout: float = 
     return False
 
 
+@pytest.mark.slow  # a 33 MB conversion stopped mid-write by each signal; make test-fast leaves it out
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_signal_mid_write_leaves_nothing(multishard_model, tmp_path, sig):
     """Ctrl-C, SIGTERM (a job scheduler's stop) and SIGHUP (a closed terminal) clean up alike: one line, exit

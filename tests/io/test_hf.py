@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from cli_support import run_cli
 from safetensors import safe_open
+from support.cli import run_cli
 
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 from flame_ext.errors import CheckpointFormatError, InputError

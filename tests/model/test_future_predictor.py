@@ -21,7 +21,12 @@ def test_future_predictor_keys_are_the_modules_own_and_load_strictly(head_type, 
     out = tmp_path / "step-0"
     convert_hf_to_dcp(
         ConvertOptions(
-            model=str(sharded_model), checkpoint=str(out), future_predictor=head_type, reference=False, progress=False
+            model=str(sharded_model),
+            checkpoint=str(out),
+            include_future_predictor=True,
+            future_predictor_head_type=head_type,
+            reference=False,
+            progress=False,
         )
     )
     hidden = AutoConfig.from_pretrained(sharded_model).hidden_size
@@ -57,7 +62,8 @@ def test_future_predictor_in_nested_layout_lists_prefixed_fresh_keys(sharded_mod
         ConvertOptions(
             model=str(sharded_model),
             checkpoint=str(out),
-            future_predictor="linear",
+            include_future_predictor=True,
+            future_predictor_head_type="linear",
             layout="nested",
             reference=False,
             progress=False,
@@ -74,7 +80,12 @@ def test_manifest_counts_the_head_in_total_parameters(sharded_model, tmp_path):
     out = tmp_path / "fp"
     convert_hf_to_dcp(
         ConvertOptions(
-            model=str(sharded_model), checkpoint=str(out), future_predictor="mlp", reference=False, progress=False
+            model=str(sharded_model),
+            checkpoint=str(out),
+            include_future_predictor=True,
+            future_predictor_head_type="mlp",
+            reference=False,
+            progress=False,
         )
     )
     hf_params = AutoModelForCausalLM.from_pretrained(sharded_model).num_parameters()

@@ -13,8 +13,8 @@ from dataclasses import replace
 import pytest
 import torch
 from arch_support import ARCHS, MAY_FALL_BACK, arch_config, token_ids
-from cli_support import run_cli
 from safetensors.torch import load_file, save_file
+from support.cli import run_cli
 
 from flame_ext.errors import CheckpointFormatError
 from flame_ext.io.hf import open_hf

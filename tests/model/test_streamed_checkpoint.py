@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from arch_support import ARCHS, MAY_FALL_BACK, save_arch_model, token_ids
-from cli_support import report_json
+from support.cli import report_json
 
 from flame_ext.checks.loss import _device_for, _streamed_losses, build_like_trainer, check_loss, load_into
 from flame_ext.checks.nonpersistent_buffers import check_buffers

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from cli_support import valid_report
+from support.cli import valid_report
 
 from tests.reliability._rel import HERE, Result, dcp_keys, dcp_load
 

@@ -18,12 +18,12 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # _models; support
 
-from _hosts import build_manager  # noqa: E402
 from _models import hf_like_trainer, leave_rope_uninitialised, rope_is_right  # noqa: E402
+from support.titan_hosts import build_manager  # noqa: E402
 
-from flame_ext.errors import InitialLoadValidationError
+from flame_ext.errors import InitialLoadValidationError  # noqa: E402
 
 
 def main() -> None:

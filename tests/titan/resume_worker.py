@@ -23,13 +23,13 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # _models; support
 
-from _hosts import build_manager, save_step  # noqa: E402
 from _models import hf_like_trainer, leave_rope_uninitialised, rope_is_right  # noqa: E402
 from _steps import train_step  # noqa: E402
+from support.titan_hosts import build_manager, save_step  # noqa: E402
 
-from flame_ext.guard import ResumeValidationError
+from flame_ext.guard import ResumeValidationError  # noqa: E402
 
 
 def sharded_model(hf: Path, *, rope_as_left: bool = False):

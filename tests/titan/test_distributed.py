@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from _hosts import titan_generation
-from cli_support import valid_report
+from support.cli import valid_report
+from support.titan_hosts import titan_generation
 
 pytestmark = [
     pytest.mark.slow,

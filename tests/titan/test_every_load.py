@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from _hosts import build_manager, save_step, titan_generation
 from _models import hf_like_trainer, leave_rope_uninitialised, rope_is_right
 from _steps import key_ending, read_step, rewrite_step, train_step
+from support.titan_hosts import build_manager, save_step, titan_generation
 
+from flame_ext.checks.nonpersistent_buffers import fresh_buffers, nonpersistent_buffer_modules
 from flame_ext.errors import InitialLoadValidationError
 from flame_ext.guard import ResumeValidationError
 from flame_ext.io.training_state import flatten_state
@@ -270,6 +271,37 @@ def test_an_async_save_is_recorded_once_it_has_completed(one_rank_group, tiny_mo
     again.close()
 
 
+def test_an_optimizer_step_right_after_an_async_save_leaves_the_record_of_the_saved_values(
+    one_rank_group, tiny_model, tmp_path
+):
+    """The record's sums run in a background thread after an async save; the next optimizer step waits for
+    them, so the record is the one a synchronous save of the same state writes, and the resume passes."""
+    records = {}
+    for mode in ("disabled", "async"):
+        base = tmp_path / mode
+        model = hf_like_trainer(tiny_model)
+        torch.manual_seed(0)
+        with torch.no_grad():  # the same weights and RoPE in both runs (to_empty leaves memory as it finds it)
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+            for _, module, names in nonpersistent_buffer_modules(model):
+                fresh = fresh_buffers(module)
+                for name in names:
+                    module._buffers[name].copy_(fresh[name])
+        manager = build_checkpoint(model, base, async_mode=mode, interval=1)
+        train_step(model, manager)
+        manager.save(curr_step=1)
+        train_step(model, manager, seed=1)  # at once: the optimizer changes the saved tensors in place
+        getattr(manager, "maybe_wait_for_saving", getattr(manager, "_async_wait", None))()  # 0.3, 0.1
+        manager.close()
+        records[mode] = json.loads((step1(base) / "flame_ext.json").read_text())
+    assert records["async"]["fingerprints"] == records["disabled"]["fingerprints"]  # bit for bit
+    assert records["async"]["digests"] == records["disabled"]["digests"]
+    _, again, _ = resumed(tmp_path / "async", tiny_model)
+    assert again.load(step=1) is True and again.resume_report.ok
+    again.close()
+
+
 def test_the_record_is_purged_with_its_step_folder(one_rank_group, tiny_model, tmp_path):
     base = tmp_path / "run"
     model = hf_like_trainer(tiny_model)
@@ -307,7 +339,7 @@ def test_diagnose_verifies_a_saved_step_offline(saved, tmp_path, capsys):
 def test_to_hf_of_a_saved_step_checks_every_exported_tensor(saved, tiny_model, tmp_path):
     """``flame-ext to-hf`` of a step folder: each exported tensor against the record (at a cast too); a weight
     changed after the save ends the export with nothing published."""
-    from cli_support import run_cli
+    from support.cli import run_cli
 
     for dtype in ("auto", "bfloat16"):
         out = tmp_path / f"hf-{dtype}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _hosts import titan_generation
+from support.titan_hosts import titan_generation
 
 from flame_ext.errors import GuardConfigError
 from flame_ext.titan.managers import build_checkpoint_manager

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from _hosts import build_manager, save_step, titan_generation
 from _models import hf_like_trainer, leave_rope_uninitialised, rope_is_right
 from _steps import key_ending, read_step, rewrite_step, train_step
+from support.titan_hosts import build_manager, save_step, titan_generation
 
 pytestmark = [
     pytest.mark.slow,

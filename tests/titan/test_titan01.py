@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from _hosts import build_manager, titan_generation
 from _models import hf_like_trainer
+from support.titan_hosts import build_manager, titan_generation
 
 from flame_ext.errors import InitialLoadValidationError
 

@@ -4,7 +4,6 @@ through the host's state-dict adapter (``initial_load_in_hf``), the two ways to 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -15,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _hosts import build_manager03_hf, titan_generation
+from support.titan_hosts import build_manager03_hf, titan_generation
 
 if titan_generation() == "0.3":
     from flame_ext.titan.v03 import FOLDS_BATCH
@@ -32,21 +31,10 @@ STEP0 = re.compile(r"step-0 loss (\S+) vs HF reference (\S+) \(delta (\S+), thre
 
 def reference_file(hf_dir: Path, out: Path) -> Path:
     """The reference-only manifest, written by the code behind `flame-ext reference --model HF --out FILE`."""
+    from flame_ext.command_options import ReferenceOptions
     from flame_ext.commands.reference import write_reference
 
-    write_reference(
-        argparse.Namespace(
-            model=str(hf_dir),
-            out=str(out),
-            force=False,
-            dtype="float32",
-            reference_text=None,
-            reference_seq_len=512,
-            reference_rows=2,
-            reference_device="cpu",
-            trust_remote_code=False,
-        )
-    )
+    write_reference(ReferenceOptions(model=str(hf_dir), out=str(out), dtype="float32", reference_device="cpu"))
     return out
 
 
@@ -286,8 +274,8 @@ def test_a_native_checkpoint_with_an_hf_keyed_reference_states_its_values_covera
     """torchtitan's own llama3 keys, a reference with the HF files' keys: one tensor (``norm.weight``) has a
     fingerprint to check. The load passes with a warning and never says 'values' validated; with
     ``initial_load_verify_values = true`` it is stopped naming the count."""
-    from _hosts import build_manager
     from _llama import build_like_trainer, debug_model_config
+    from support.titan_hosts import build_manager
 
     from flame_ext.errors import InitialLoadValidationError
 

@@ -18,17 +18,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from _hosts import build_manager, titan_generation
 from _models import hf_like_trainer
+from support.titan_hosts import build_manager, titan_generation
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from diagnose.conftest import convert, load_all, one_thread, save_dcp  # noqa: E402
 
 from flame_ext.errors import InitialLoadValidationError  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    titan_generation() not in ("0.1", "0.3"), reason="needs torchtitan 0.1.x or 0.3.x installed"
-)
+# slow: ~60 guarded loads through the real checkpoint managers; make test-fast leaves it out, make test runs it.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(titan_generation() not in ("0.1", "0.3"), reason="needs torchtitan 0.1.x or 0.3.x installed"),
+]
 
 ARCHS = ("olmo2", "llama", "qwen2_tied", "qwen3")
 L0, L1 = "model.layers.0.", "model.layers.1."
@@ -96,7 +98,8 @@ CASES: dict[str, tuple[Edit, dict[str, str], str]] = {
                 if k.startswith((L0, L1))
             },
         },
-        {Q0: f"values expected for {L1}self_attn.q_proj.weight", DOWN: f"values expected for {L0}mlp.down_proj.weight"},
+        # One cause, one problem: the two layers named, with the count (checks' fold_swaps).
+        {None: f"{L0[:-1]} and {L1[:-1]} are swapped: "},
         "fp32",
     ),
     "q_proj and o_proj swapped": (

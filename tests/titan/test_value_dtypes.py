@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _hosts import build_manager, titan_generation
 from _models import hf_like_trainer
+from support.titan_hosts import build_manager, titan_generation
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from diagnose.conftest import convert, load_all, one_thread, save_dcp  # noqa: E402

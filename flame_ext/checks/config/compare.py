@@ -17,12 +17,12 @@ from flame_ext.checks.config.fields import classify
 from flame_ext.checks.config.normalize import normalized_config, same_value
 from flame_ext.errors import InputError
 from flame_ext.io.hf_config import read_model_config
-from flame_ext.report import Problem
+from flame_ext.report import Problem, Severity
 
 __all__ = ["read_config_file", "compare_configs"]
 
 # What each reported tier means for the user, and what to do: (severity, note on the detail, hint).
-_VERDICTS = {
+_VERDICTS: dict[str, tuple[Severity, str, str]] = {
     "compute": (
         "error",
         "",

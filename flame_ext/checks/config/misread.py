@@ -15,7 +15,7 @@ from flame_ext.checks.config.fields import classify
 from flame_ext.checks.config.normalize import ROPE_DICTS, config_class, flattened, same_value
 from flame_ext.io.hf_config import read_model_config
 from flame_ext.io.registry import transformers_major
-from flame_ext.report import Problem
+from flame_ext.report import Problem, Severity
 
 __all__ = ["misread_fields", "installed_reading_problems", "recorded_source_problems"]
 
@@ -63,7 +63,12 @@ def misread_fields(stated: dict[str, Any], config_obj: Any) -> list[tuple[str, A
 
 
 def installed_reading_problems(
-    config: dict[str, Any], *, what: str, severity: str = "error", config_obj: Any = None, reader: str | None = None
+    config: dict[str, Any],
+    *,
+    what: str,
+    severity: Severity = "error",
+    config_obj: Any = None,
+    reader: str | None = None,
 ) -> list[Problem]:
     """``config_mismatch`` for each compute field the installed transformers reads differently from the file
     (``config_obj``: the object a trainer built its model from, named ``reader`` in the report; default: the

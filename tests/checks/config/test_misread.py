@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_support import report_json, transformers_major
+from support.cli import report_json, transformers_major
 
 from flame_ext.checks.config import installed_reading_problems
 from flame_ext.cli import main

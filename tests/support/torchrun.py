@@ -1,4 +1,4 @@
-"""Launching real torchrun runs for the distributed conversion tests (imported as ``from torchrun_support import``)."""
+"""Launching real torchrun runs for the distributed conversion tests (imported as ``from support.torchrun import``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-WORKER = Path(__file__).parent / "dist_convert_worker.py"
+WORKER = Path(__file__).parents[1] / "convert" / "dist_convert_worker.py"
 TIMEOUT_S = 20  # --timeout-s given to the ranks
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

@@ -1,4 +1,4 @@
-"""Helpers shared by test modules (imported as ``from cli_support import ...``).
+"""Running flame-ext as a user does, and reading what it prints (imported as ``from support.cli import ...``).
 
 They live outside ``conftest.py`` because several test folders have a conftest of their own, and a
 plain ``from conftest import ...`` then resolves to whichever was imported first.

@@ -1,0 +1,70 @@
+"""``diagnose --loss`` on a torchtitan-native checkpoint: torchtitan's own llama3 class on the CPU, on a DCP
+written by torchtitan's adapter from an HF Llama, against that HF Llama's reference loss. Equal on the same
+weights; a permuted q head (right shape, wrong layout) is a loss gap."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _models import rewrite_dcp
+from support.titan_hosts import titan_generation
+
+pytestmark = pytest.mark.skipif(titan_generation() != "0.3", reason="torchtitan 0.3.x's own llama3 model")
+
+Q = "layers.1.attention.qkv_linear.wq.weight"
+
+
+@pytest.fixture(scope="module")
+def native(tiny_model, tmp_path_factory) -> dict:
+    from _llama import convert_with_adapter, debug_model_config, make_hf_llama
+    from test_titan03 import reference_file
+
+    root = tmp_path_factory.mktemp("native-loss")
+    hf = make_hf_llama(root / "hf", tiny_model)
+    reference = json.loads(reference_file(hf, root / "reference.json").read_text())["reference"]
+    return {
+        "dcp": convert_with_adapter(hf, root / "dcp", debug_model_config()),
+        "reference": reference,
+        "config": debug_model_config(),
+        "root": root,
+    }
+
+
+def loss_of(native: dict, folder: Path):
+    from flame_ext.io.dcp import read_dcp_metadata
+    from flame_ext.titan.native_loss import check_native_loss
+
+    found = read_dcp_metadata(folder)
+    return check_native_loss(
+        native["config"],
+        folder,
+        found,
+        {k: k for k in found},
+        native["reference"],
+        "the HF reference",
+        module="llama3",
+        threshold=0.01,
+        token_threshold=0.01,
+    )
+
+
+def test_torchtitans_model_on_the_adapters_checkpoint_has_the_hf_loss(native):
+    result = loss_of(native, native["dcp"])
+    assert result.problems == [], result.problems[0].detail
+    assert abs(result.comparison.delta) < 1e-3 and result.comparison.token_delta < 1e-3
+    assert any("torchtitan's own llama3 model (Llama3Model, CPU)" in n for n in result.notes)
+
+
+def test_a_permuted_q_head_is_a_loss_gap(native):
+    def permute(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        w = sd[Q].clone().view(16, 16, -1)  # 16 heads of 16 rows
+        sd[Q] = w[[1, 0, *range(2, 16)]].reshape(256, -1)
+        return sd
+
+    damaged = rewrite_dcp(native["dcp"], native["root"] / "permuted", permute)
+    result = loss_of(native, damaged)
+    (problem,) = result.problems
+    assert problem.kind == "loss_gap" and problem.detail.startswith("torchtitan llama3 loss on the reference batch")
