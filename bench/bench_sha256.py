@@ -62,7 +62,9 @@ def in_process(src: Path, out: Path) -> dict[str, float]:
     from flame_ext.io.digests import file_sha256
 
     torch.set_num_threads(1)
-    plan = prepare_conversion(ConvertOptions(model=str(src), checkpoint=str(out), reference=False, progress=False))
+    # The plan only (nothing is written): its destination must not exist, so not the checkpoint ``out``.
+    unused = out.with_name(out.name + "-plan")
+    plan = prepare_conversion(ConvertOptions(model=str(src), checkpoint=str(unused), reference=False, progress=False))
     blocks = BlockDigests()
     t = time.process_time()
     for e in plan.entries:
