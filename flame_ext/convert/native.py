@@ -324,7 +324,7 @@ def plan_native_export(
         raise CheckpointFormatError(
             f"{checkpoint}: does not hold torchtitan's {native.module} ({native.config}) model: {detail}"
         )
-    stored = {k: found[prefix + k] for k in asked}  # type: ignore[misc]
+    stored = {k: found[prefix + k] for k in asked}
     members: dict[str, list[str]] = {}
     for k in asked:
         members.setdefault(group_of_native_key(k), []).append(k)
