@@ -77,7 +77,23 @@ def add_convert_arguments(p: argparse.ArgumentParser, *, flame: bool = False) ->
     )
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's own), bfloat16 or float32")
     p.add_argument(
-        "--layout", default="flat", help="flat (torchtitan model-only load, default) or nested (model.-prefixed)"
+        "--layout",
+        default="flat",
+        help="flat (HF names, torchtitan model-only load, default), nested (model.-prefixed), or torchtitan:<module> "
+        "(torchtitan's own model and key names, e.g. torchtitan:llama3; with --titan-config)",
+    )
+    p.add_argument(
+        "--titan-config",
+        help="with --layout torchtitan:<module>: the config function the run passes as torchtitan's --config "
+        "(e.g. llama3_8b); it chooses the model (flavor) whose adapter maps the keys",
+    )
+    p.add_argument(
+        "--allow-config-mismatch",
+        action="append",
+        default=[],
+        metavar="FIELD",
+        help="with --layout torchtitan:<module>: a config field (HF name, e.g. rope_theta) on which the torchtitan "
+        "config may differ from the HF config, deliberately: a warning instead of a refusal (repeatable)",
     )
     p.add_argument(*_flag("--reference-text", flame), help="text file for the reference batch (default: bundled prose)")
     p.add_argument(
@@ -125,6 +141,8 @@ def convert_options(args: argparse.Namespace) -> ConvertOptions:
         checkpoint=args.checkpoint,
         dtype=args.dtype,
         layout=args.layout,
+        titan_config=getattr(args, "titan_config", None),
+        allow_config_mismatch=tuple(getattr(args, "allow_config_mismatch", None) or ()),
         reference_text=args.reference_text,
         reference_seq_len=args.reference_seq_len,
         reference_rows=args.reference_rows,
@@ -211,6 +229,12 @@ def add_to_hf_arguments(p: argparse.ArgumentParser, *, flame: bool = False) -> N
         help="HF model folder or hub id (or a folder with config.json) the checkpoint was made for",
     )
     p.add_argument("--tokenizer", help="local folder to copy tokenizer files from (default: --config)")
+    p.add_argument(
+        "--layout",
+        help="torchtitan:<module> for a checkpoint in torchtitan's own key names (a torchtitan run's step-N), with "
+        "--titan-config; read from flame_ext.json when a native conversion recorded it",
+    )
+    p.add_argument("--titan-config", help="with --layout torchtitan:<module>: the run's config function (--config)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's own), bfloat16 or float32")
     p.add_argument(
         *_flag("--max-shard-mb", flame),
@@ -243,6 +267,8 @@ def to_hf_options(args: argparse.Namespace) -> ToHFOptions:
         max_shard_bytes=int(args.max_shard_mb * 1024 * 1024),
         buffer_bytes=args.buffer_mb * 1024 * 1024,
         progress=sys.stderr.isatty(),
+        layout=getattr(args, "layout", None),
+        titan_config=getattr(args, "titan_config", None),
     )
 
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +33,10 @@ from flame_ext.io.hf_config import read_model_config
 from flame_ext.io.manifest import MANIFEST_NAME
 from flame_ext.io.safetensors_writer import shard_plan, write_safetensors
 from flame_ext.io.specs import TensorSpec
+from flame_ext.titan.native import NativeModel, is_native
+
+if TYPE_CHECKING:
+    from flame_ext.convert.native import NativeExport
 
 __all__ = ["ToHFOptions", "ToHFPlan", "convert_dcp_to_hf", "prepare_to_hf", "write_shards", "finish_folder"]
 
@@ -54,10 +59,19 @@ class ToHFOptions:
     progress: bool = True
     tokenizer: str | None = None  # folder to copy tokenizer files from (default: ``config``)
     buffer_bytes: int = DEFAULT_BUFFER_BYTES  # rows of a tensor read at once
+    # A checkpoint in torchtitan's own key names: ``torchtitan:<module>`` and the run's config function. Read from
+    # the checkpoint's flame_ext.json when it records them (a flame-ext native conversion); needed otherwise
+    # (a torchtitan training checkpoint at step N).
+    layout: str | None = None
+    titan_config: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise InputError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.layout is not None and not is_native(self.layout):
+            raise InputError(f"--layout {self.layout!r}: to-hf takes torchtitan:<module> (torchtitan's own key names)")
+        if (self.layout is None) != (self.titan_config is None):
+            raise InputError("--layout torchtitan:<module> and --titan-config go together")
         if self.buffer_bytes < 1024:
             raise InputError(f"buffer of {self.buffer_bytes} bytes: must be at least 1 KiB")
         if self.max_shard_bytes < 1:
@@ -97,6 +111,7 @@ class ToHFPlan:
     shards: list[list[str]]
     names: list[str]
     notes: list[str]
+    export: NativeExport | None = None  # a checkpoint in torchtitan's own key names, exported through to_hf
 
     @property
     def total(self) -> int:
@@ -116,6 +131,9 @@ def prepare_to_hf(opts: ToHFOptions) -> ToHFPlan:
     model = _meta_model_from_config(config_dir, opts.trust_remote_code, weight_bytes)
     aliases = tied_aliases(model)
     wanted = {k: s for k, s in expected_tensors(model).items() if k not in aliases}  # HF files omit tied twins
+    native = _native_model(opts, ckpt, config_dir)
+    if native is not None:
+        return _prepare_native(opts, ckpt, found, config_dir, tokenizer_dir, native, wanted)
     prefix = model_prefix(found, wanted)
     missing = [k for k in wanted if prefix + k not in found]
     shapes = [
@@ -144,6 +162,57 @@ def prepare_to_hf(opts: ToHFOptions) -> ToHFPlan:
     return ToHFPlan(ckpt, found, config_dir, tokenizer_dir, prefix, specs, shards, names, notes)
 
 
+def _native_model(opts: ToHFOptions, ckpt: Path, config_dir: Path) -> NativeModel | None:
+    """The torchtitan model whose keys the checkpoint holds: from the options, else from its flame_ext.json."""
+    from flame_ext.io.manifest import manifest_present, read_manifest
+    from flame_ext.titan.native import resolve_native
+
+    layout, config = opts.layout, opts.titan_config
+    if layout is None and manifest_present(ckpt / MANIFEST_NAME):
+        recorded = read_manifest(ckpt / MANIFEST_NAME)
+        if is_native(recorded.get("layout")) and recorded.get("native"):
+            layout, config = recorded["layout"], recorded["native"]["config"]
+    return resolve_native(layout, config, str(config_dir)) if layout is not None else None
+
+
+def _prepare_native(
+    opts: ToHFOptions,
+    ckpt: Path,
+    found: dict[str, TensorSpec | None],
+    config_dir: Path,
+    tokenizer_dir: Path,
+    native: NativeModel,
+    wanted: dict[str, TensorSpec],
+) -> ToHFPlan:
+    """The plan for a native checkpoint: HF keys from the model's ``to_hf``, checked against the HF config's model."""
+    from flame_ext.convert.native import plan_native_export
+
+    export = plan_native_export(ckpt, found, native, None if opts.dtype == "auto" else opts.dtype)
+    specs = export.hf_specs
+    # The HF config's model is checked by shape only where its keys are the files' keys: transformers 5 holds an
+    # MoE layer's experts fused in memory (``experts.gate_up_proj``) and converts the per-expert files on load.
+    shapes = [f"{k}: to_hf gives {specs[k].shape}, config asks {s.shape}"
+              for k, s in wanted.items() if k in specs and specs[k].shape != s.shape]  # fmt: skip
+    if shapes:
+        raise CheckpointFormatError(
+            f"{ckpt}: torchtitan's {native.module} ({native.config}) does not map to the model of {config_dir}: "
+            + "; ".join(shapes[:10])
+            + (f" (and {len(shapes) - 10} more)" if len(shapes) > 10 else "")
+        )
+    shards = shard_plan(specs, opts.max_shard_bytes)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    model_keys = {export.prefix + k for k in export.stored}
+    notes = [f"{export.prefix + k}: {type(native.adapter).__name__}.to_hf maps it to no HF key; not written"
+             for k in export.dropped if not (native.tied() and k == "lm_head.weight")]  # fmt: skip
+    notes += [f"{k}: not part of the model; not written"
+              for k in sorted(found) if k not in model_keys and not k.startswith(NON_MODEL_PREFIXES)]  # fmt: skip
+    return ToHFPlan(ckpt, found, config_dir, tokenizer_dir, export.prefix, specs, shards, names, notes, export)
+
+
 def write_shards(
     plan: ToHFPlan,
     folder: Path,
@@ -159,8 +228,16 @@ def write_shards(
     keys = [k for i in which for k in plan.shards[i]]
     recorder = Recorder({k: plan.specs[k].shape for k in keys})
     reader = DCPRowReader(plan.checkpoint)
+    native_read = plan.export.reader(buffer_bytes, as_read) if plan.export is not None else None
 
     def read(key: str) -> Iterator[torch.Tensor]:
+        if native_read is not None:  # as_read sees the native tensors as stored
+            start = 0
+            for block in native_read(key):
+                recorder.add_rows(key, start, block)
+                start += block.shape[0] if block.dim() else 1
+                yield block
+            return
         # The block is sized at the stored dtype; a cast to a wider one at most doubles it.
         stored, start = plan.found[plan.prefix + key], 0
         for block in reader.blocks(plan.prefix + key, stored, buffer_bytes):  # type: ignore[arg-type]
@@ -207,7 +284,7 @@ def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
     plan = prepare_to_hf(opts)
     summary = Summary(Path(opts.out).absolute(), notes=list(plan.notes))
     record = _save_time_record(plan, summary)
-    as_read = Recorder({k: s.shape for k, s in plan.specs.items()}) if record is not None else None
+    as_read = Recorder(_as_read_shapes(plan)) if record is not None else None
     with atomic_folder(opts.out, kind="hf", force=opts.force) as tmp:
         with Progress(plan.total, opts.progress, "to-hf") as bar:
             shards = list(range(len(plan.shards)))
@@ -234,12 +311,22 @@ def _save_time_record(plan: ToHFPlan, summary: Summary) -> dict | None:
     return record
 
 
+def _as_read_shapes(plan: ToHFPlan) -> dict[str, tuple[int, ...]]:
+    """The tensors whose values as stored are fingerprinted while exporting: the HF keys, or a native
+    checkpoint's own keys (what its save-time record names)."""
+    if plan.export is not None:
+        return {plan.prefix + k: s.shape for k, s in plan.export.stored.items()}
+    return {k: s.shape for k, s in plan.specs.items()}
+
+
 def _check_against_record(plan: ToHFPlan, record: dict, written: Recorder, as_read: Recorder, summary: Summary) -> None:
     """Each exported tensor's values as stored against the record; a difference ends the export, unpublished."""
     from flame_ext.checks.saved_state import export_problems
 
     observed = {}
-    for key, spec in plan.specs.items():
+    if plan.export is not None:
+        observed = dict(as_read.values)  # every native tensor read, as stored
+    for key, spec in ({} if plan.export is not None else plan.specs).items():
         cast = plan.found[plan.prefix + key].dtype != spec.dtype  # type: ignore[union-attr]
         observed[plan.prefix + key] = (as_read if cast else written).values[key]  # as stored, before any cast
     errors = [p for p in export_problems(record, observed, plan.found) if p.severity == "error"]

@@ -105,8 +105,8 @@ def split_by_bytes(items: Sequence[T], ranks: int, nbytes: Callable[[T], int]) -
     return shares
 
 
-def _entry_bytes(e: WriteEntry) -> int:
-    return e.spec.nbytes
+def _group_bytes(group: list[WriteEntry]) -> int:
+    return sum(e.spec.nbytes for e in group)
 
 
 @contextlib.contextmanager
@@ -267,7 +267,9 @@ def _convert(opts: ConvertOptions, rank: int, world: int, slow_group: Any) -> Su
         opts.checkpoint, "dcp", opts.force,
     )  # fmt: skip
     with stack:  # on rank 0: any exception removes the temporary folder, success renames it
-        share = split_by_bytes(plan.entries, world, _entry_bytes)[rank]
+        # A group (a native layer, one from_hf call) is never split between ranks: each rank converts its own.
+        groups = plan.groups or [[e] for e in plan.entries]
+        share = [e for g in split_by_bytes(groups, world, _group_bytes)[rank] for e in g]
         # A rank that reads other copies of the source files than rank 0 digests every block it writes.
         identities = gather(file_identities(plan.entries))
         digesting = [r != 0 and not same_files(identities[r], identities[0]) for r in range(world)]

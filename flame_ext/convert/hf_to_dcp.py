@@ -38,6 +38,7 @@ from flame_ext.io.specs import TensorSpec, dtype_name
 from flame_ext.model.future_predictor import ATTRIBUTE as FP_ATTRIBUTE
 from flame_ext.model.future_predictor import attach_future_predictor
 from flame_ext.model.reference_loss import ReferenceForward, reference_device
+from flame_ext.titan.native import NativeModel, is_native, native_module
 
 __all__ = [
     "ConvertOptions",
@@ -71,12 +72,33 @@ class ConvertOptions:
     progress: bool = True
     # SHA-256 of every file written, in the manifest's ``files`` section (``diagnose --files`` checks it).
     record_sha256: bool = False
+    # With ``layout = "torchtitan:<module>"``: the config function the run passes as torchtitan's ``--config``.
+    titan_config: str | None = None
+    # With a native layout: config fields whose disagreement with the HF config is a warning, not a refusal.
+    allow_config_mismatch: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise InputError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
-        if self.layout not in LAYOUTS:
-            raise InputError(f"--layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
+        if self.layout not in LAYOUTS and not is_native(self.layout):
+            raise InputError(
+                f"--layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}, or torchtitan:<module> (torchtitan's "
+                "own key names, e.g. torchtitan:llama3, with --titan-config)"
+            )
+        if is_native(self.layout):
+            native_module(self.layout)
+            if self.future_predictor is not None:
+                raise InputError(
+                    "--include-future-predictor is for HF-named (flame) checkpoints, not --layout torchtitan:*"
+                )
+        elif self.titan_config is not None:
+            raise InputError("--titan-config names the torchtitan config of --layout torchtitan:<module>; give both")
+        if self.allow_config_mismatch:
+            from flame_ext.checks.config.native import check_allowed_fields
+
+            if not is_native(self.layout):
+                raise InputError("--allow-config-mismatch is for --layout torchtitan:<module> (a torchtitan config)")
+            check_allowed_fields(self.allow_config_mismatch)
         if self.reference_seq_len < 2:
             raise InputError(f"--reference-seq-len {self.reference_seq_len}: must be at least 2")
         if self.reference_rows < 1:
@@ -181,15 +203,51 @@ class ConversionPlan:
     entries: list[WriteEntry]
     notes: list[str]
     parameters: int
+    # torchtitan's own model (``--layout torchtitan:<module>``), None for HF names.
+    native: NativeModel | None = None
+    # Entries written together (a native layer: one from_hf call); a distributed run gives a rank whole groups.
+    groups: list[list[WriteEntry]] | None = None
 
 
 def prepare_conversion(opts: ConvertOptions) -> ConversionPlan:
     """Open the source, build the model on ``meta`` and map every key; raises before anything is written."""
     hf = open_hf(opts.model)
+    if is_native(opts.layout):
+        return _prepare_native(hf, opts)
     model = build_meta_model(hf, trust_remote_code=opts.trust_remote_code)
     fresh = _fresh_tensors(model, opts.future_predictor, opts.dtype)
     entries, notes = plan_hf_to_dcp(hf, model, dtype=opts.dtype, layout=opts.layout, fresh=fresh)
     return ConversionPlan(hf, fresh, entries, notes, _parameter_count(model, entries, LAYOUTS[opts.layout]))
+
+
+def _prepare_native(hf: HFCheckpoint, opts: ConvertOptions) -> ConversionPlan:
+    """``--layout torchtitan:<module>``: the native keys, layer by layer through the model's adapter."""
+    from flame_ext.convert.native import plan_native
+    from flame_ext.titan.native import resolve_native
+
+    native = resolve_native(opts.layout, opts.titan_config, str(hf.path))
+    allowed = _config_parity(hf, native.model_config, opts)  # before any tensor is planned or written
+    nplan = plan_native(hf, native, dtype=opts.dtype)
+    tied = set(nplan.tied)
+    parameters = sum(e.spec.numel for e in nplan.entries if e.key not in tied)
+    notes = allowed + nplan.notes
+    return ConversionPlan(hf, nplan.fresh, nplan.entries, notes, parameters, native, nplan.groups)
+
+
+def _config_parity(hf: HFCheckpoint, model_config: object, opts: ConvertOptions) -> list[str]:
+    """The torchtitan config against the HF config (torchtitan #3772: a rope theta silently 10000 for 1e6):
+    refused at one line per disagreement; the notes of those ``--allow-config-mismatch`` allows."""
+    from flame_ext.checks.config.native import native_config_problems, refuse_config_mismatch
+
+    problems = native_config_problems(
+        model_config,
+        hf.config,
+        native_name=f"{opts.layout} --titan-config {opts.titan_config}",
+        hf_name=f"{hf.source}/config.json",
+        allow=opts.allow_config_mismatch,
+    )
+    refuse_config_mismatch(problems)
+    return [f"config mismatch allowed by --allow-config-mismatch: {p.key}: {p.detail}" for p in problems]
 
 
 def complete_manifest(
@@ -218,6 +276,8 @@ def complete_manifest(
     if reference is not None:
         summary.notes += reference.get("notes", [])
     summary.manifest = _manifest(hf, opts, entries, plan.fresh, reference, plan.parameters)
+    if plan.native is not None:
+        summary.manifest["native"] = plan.native.record()
     summary.manifest.update(nonfinite_keys=nonfinite, reference_note=reference_note)
     dtypes = {e.key: e.spec.dtype for e in entries}
     summary.manifest["fingerprints"] = fingerprints_section(fingerprints, dtypes, rounded)
@@ -355,7 +415,7 @@ def _manifest(
     reference: dict | None,
     parameters: int,
 ) -> dict:
-    prefix = LAYOUTS[opts.layout]
+    prefix = LAYOUTS.get(opts.layout, "")  # torchtitan's native keys are flat
     return build_manifest(
         "checkpoint",
         hf,

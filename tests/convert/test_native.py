@@ -1,0 +1,142 @@
+"""``flame-ext convert --layout torchtitan:<module>``: torchtitan's own key names, through the model's own
+state-dict adapter, a layer at a time.
+
+What a user checks: the native DCP holds exactly what torchtitan's adapter gives when applied to the whole HF
+state dict at once (same keys, same bytes), for a dense model (llama3: q/k permuted), a tied one (qwen3) and two
+MoE models (qwen3 MoE, deepseek_v3: experts stacked per layer); the manifest names the native model and records
+every tensor's fingerprint under its native key. The models are torchtitan 0.3's debug configs cut to 2-3
+layers (``tests/titan_native.py``); the HF folders are written through torchtitan's ``to_hf``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from support.cli import run_cli
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
+from flame_ext.errors import InputError
+
+
+def _generation() -> str | None:
+    from flame_ext.titan import generation
+
+    try:
+        return generation()
+    except ImportError:
+        return None
+
+
+titan03 = pytest.mark.skipif(_generation() != "0.3", reason="torchtitan 0.3 API (state-dict adapters)")
+LAYOUT = "torchtitan:titan_native"  # the test registry (tests/titan_native.py), named as torchtitan's --module
+MODELS = ["llama3_tiny", "qwen3_tiny", "qwen3_moe_tiny", "deepseek_v3_tiny"]
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory) -> dict[str, Path]:
+    import titan_native
+
+    root = tmp_path_factory.mktemp("native-hf")
+    return {fn: titan_native.write_hf_folder(fn, root / fn) for fn in MODELS}
+
+
+def convert_native(hf: Path, out: Path, function: str, **kw) -> Path:
+    kw.setdefault("reference", False)
+    convert_hf_to_dcp(
+        ConvertOptions(model=str(hf), checkpoint=str(out), layout=LAYOUT, titan_config=function, progress=False, **kw)
+    )
+    return out
+
+
+def dcp_state(folder: Path) -> dict[str, torch.Tensor]:
+    dcp_to_torch_save(folder, folder.parent / (folder.name + ".pt"))
+    return torch.load(folder.parent / (folder.name + ".pt"))
+
+
+@titan03
+@pytest.mark.parametrize("function", MODELS)
+def test_native_dcp_equals_torchtitans_adapter_on_the_whole_state_dict(hf_folders, tmp_path, function):
+    import titan_native
+
+    out = convert_native(hf_folders[function], tmp_path / "dcp", function, buffer_bytes=4096)  # row blocks
+    mine = dcp_state(out)
+    theirs = titan_native.whole_adapter_state(function, hf_folders[function])
+    manifest = json.loads((out / "flame_ext.json").read_text())
+    # Keys torchtitan's adapter maps nothing to (qwen3 MoE's load-balancing bias) are the model's own initial
+    # values, listed as fresh; every other key is the adapter's, byte for byte.
+    assert sorted(set(mine) - set(theirs)) == manifest["fresh_keys"]
+    assert set(theirs) <= set(mine)
+    for key, value in theirs.items():
+        assert mine[key].dtype == value.dtype and torch.equal(mine[key], value), key
+    assert manifest["layout"] == LAYOUT
+    assert manifest["native"]["module"] == "titan_native" and manifest["native"]["config"] == function
+    assert set(manifest["fingerprints"]["tensors"]) == set(mine)
+
+
+@titan03
+def test_every_key_the_model_asks_for_is_written(hf_folders, tmp_path):
+    """The DCP holds exactly the keys (and shapes) the native model's state_dict asks for."""
+    import titan_native
+
+    out = convert_native(hf_folders["qwen3_moe_tiny"], tmp_path / "dcp", "qwen3_moe_tiny")
+    with torch.device("meta"):
+        model = titan_native.model_spec("qwen3_moe_tiny").model.build()
+    asked = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in dcp_state(out).items()} == asked
+
+
+@titan03
+def test_dtype_cast_after_the_adapter(hf_folders, tmp_path):
+    import titan_native
+
+    out = convert_native(hf_folders["llama3_tiny"], tmp_path / "dcp", "llama3_tiny", dtype="bfloat16")
+    theirs = titan_native.whole_adapter_state("llama3_tiny", hf_folders["llama3_tiny"])
+    mine = dcp_state(out)
+    assert all(torch.equal(mine[k], v.to(torch.bfloat16)) for k, v in theirs.items())
+
+
+@titan03
+def test_the_cli_refuses_a_missing_config_function_in_one_line(hf_folders, tmp_path):
+    proc = run_cli("convert", "--model", str(hf_folders["llama3_tiny"]), "--checkpoint", str(tmp_path / "o"),
+                   "--layout", "torchtitan:llama3")  # fmt: skip
+    assert proc.returncode == 2 and "needs --titan-config" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("convert", "--model", str(hf_folders["llama3_tiny"]), "--checkpoint", str(tmp_path / "o"),
+                   "--layout", "torchtitan:llama3", "--titan-config", "no_such_config")  # fmt: skip
+    assert proc.returncode == 2 and "no_such_config" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_titan_config_without_the_native_layout_is_refused():
+    with pytest.raises(InputError, match="give both"):
+        ConvertOptions(model="m", checkpoint="c", titan_config="llama3_debugmodel")
+
+
+@pytest.mark.skipif(_generation() != "0.1", reason="torchtitan 0.1 (flame's pin) only")
+def test_torchtitan_01_refuses_the_native_layout_in_one_line(tiny_model, tmp_path):
+    proc = run_cli("convert", "--model", str(tiny_model), "--checkpoint", str(tmp_path / "o"),
+                   "--layout", "torchtitan:llama3", "--titan-config", "llama3_debugmodel")  # fmt: skip
+    assert proc.returncode == 2 and "needs torchtitan >= 0.3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@titan03
+@pytest.mark.parametrize("function", MODELS)
+def test_hf_to_native_to_hf_is_bit_exact(hf_folders, tmp_path, function):
+    """to-hf reads the native model from flame_ext.json and maps back through the adapter's to_hf."""
+    from safetensors.torch import load_file
+
+    from flame_ext.convert.dcp_to_hf import ToHFOptions, convert_dcp_to_hf
+
+    hf = hf_folders[function]
+    out = convert_native(hf, tmp_path / "dcp", function)
+    summary = convert_dcp_to_hf(
+        ToHFOptions(checkpoint=str(out), config=str(hf), out=str(tmp_path / "back"), progress=False, buffer_bytes=4096)
+    )
+    a, b = load_file(str(hf / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    fresh = json.loads((out / "flame_ext.json").read_text())["fresh_keys"]
+    assert all(any(note.startswith(k) for note in summary.notes) for k in fresh)  # said, not written
