@@ -93,6 +93,13 @@ def check_layout(layout: str) -> None:
         )
 
 
+def _check_allowed_mismatch(layout: str) -> None:
+    if not layout.startswith(NATIVE_PREFIX):
+        raise InputError("--allow-config-mismatch is for --layout torchtitan:<module> (a torchtitan config)")
+    # The field names are checked by the config check itself (flame_ext.checks.config.native), which lists the
+    # fields it compares, before anything is planned or written.
+
+
 def _check_choice(flag: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise InputError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
@@ -167,6 +174,9 @@ class ConvertOptions(ReferenceBatchOptions):
     titan_config: str | None = None
     """with --layout torchtitan:<module>: the config function the run passes as torchtitan's --config (e.g.
     llama3_8b); it chooses the model whose state-dict adapter maps the keys"""
+    allow_config_mismatch: tuple[str, ...] = field(default=(), metadata=cli(metavar="FIELD"))
+    """with --layout torchtitan:<module>: a config field (HF name, e.g. rope_theta) on which the torchtitan config
+    may differ from the HF config, deliberately: a warning instead of a refusal (repeatable)"""
     reference: bool = field(default=True, metadata=cli(flag="--no-reference", negate=True))
     """the HF reference loss on the reference batch, recorded for the training guard and diagnose --loss
     (--no-reference: skip it)"""
@@ -196,6 +206,8 @@ class ConvertOptions(ReferenceBatchOptions):
             raise InputError("--include-future-predictor is for HF-named checkpoints, not --layout torchtitan:*")
         if not self.layout.startswith(NATIVE_PREFIX) and self.titan_config is not None:
             raise InputError("--titan-config names the torchtitan config of --layout torchtitan:<module>; give both")
+        if self.allow_config_mismatch:
+            _check_allowed_mismatch(self.layout)
         _check_choice("--future-predictor-head-type", self.future_predictor_head_type, get_args(HeadType))
         _check_number("--timeout-s", self.timeout_s, least=0)
         if self.timeout_s <= 0:

@@ -120,6 +120,8 @@ class CommandOption:
     help: str
     required: bool
     spelling: Cli
+    repeated: bool = False
+    """a ``tuple[X, ...]`` field: the option may be given several times, each value one item"""
 
     def flags(self, flame: bool) -> list[str]:
         """``--reference-seq-len``; in a drop-in flame's ``--reference_seq_len`` first, both accepted."""
@@ -143,6 +145,9 @@ def command_options(cls: type) -> tuple[CommandOption, ...]:
         if f.name not in docs:
             raise TypeError(f"{cls.__name__}.{f.name}: give the field a docstring (it is the option's help)")
         given = value_type(hints[f.name])
+        repeated = typing.get_origin(given) is tuple
+        if repeated:
+            given = typing.get_args(given)[0]
         choices = typing.get_args(given) if typing.get_origin(given) is Literal else None
         default = field_default(f)
         if given is bool:
@@ -166,6 +171,7 @@ def command_options(cls: type) -> tuple[CommandOption, ...]:
                 help=docs[f.name],
                 required=required,
                 spelling=spelling,
+                repeated=repeated,
             )
         )
     return tuple(out)
@@ -173,7 +179,7 @@ def command_options(cls: type) -> tuple[CommandOption, ...]:
 
 def help_text(opt: CommandOption) -> str:
     """The docstring, and the default when there is one to show."""
-    if opt.type is None or opt.default is None or opt.required:
+    if opt.type is None or opt.default is None or opt.required or opt.repeated:
         return opt.help
     shown = f"{opt.default:g}" if isinstance(opt.default, float) else str(opt.default)
     return f"{opt.help} (default {shown})"
@@ -193,6 +199,8 @@ def add_arguments(
             kwargs["metavar"] = opt.flag[2:].replace("-", "_").upper()  # --buffer-mb BUFFER_MB, not the field's name
         if opt.type is None:
             kwargs["action"] = "store_false" if opt.spelling.negate else "store_true"
+        elif opt.repeated:
+            kwargs.update(action="append", type=opt.type, default=None)
         else:
             kwargs.update(type=opt.type, default=opt.default)
             if opt.choices:
@@ -211,6 +219,8 @@ def from_namespace(cls: type, parsed: argparse.Namespace, **given: Any) -> Any:
         if opt.name in given or not hasattr(parsed, opt.name):
             continue
         value = getattr(parsed, opt.name)
+        if opt.repeated:
+            value = tuple(value or ())
         if opt.spelling.unit != 1 and value is not None:
             value = int(value * opt.spelling.unit)
         values[opt.name] = value

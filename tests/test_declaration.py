@@ -76,6 +76,9 @@ def check_form(cls: type, actions: dict[str, argparse.Action], *, flame: bool) -
             negated = flag.startswith("--no-")
             assert action.nargs == 0 and action.default is negated and action.const is not negated, (cls.__name__, name)
             continue
+        if typing.get_origin(annotation) is tuple:  # repeatable: each given value one item, none given ()
+            assert isinstance(action, argparse._AppendAction) and action.default is None, (cls.__name__, name)
+            continue
         assert action.choices == (typing.get_args(literal) if literal else None), (cls.__name__, name)
         if default is not None:
             assert action.default * unit == default, (cls.__name__, name)
@@ -150,5 +153,5 @@ def test_the_help_shows_the_choices_and_every_command_describes_itself():
     for command in COMMANDS:
         assert subparser(command.name).description, command.name
     text = subparser("convert").format_help()
-    assert "--dtype {auto,bfloat16,float32}" in text and "--layout {flat,nested}" in text
+    assert "--dtype {auto,bfloat16,float32}" in text and "--layout {flat,nested,torchtitan:MODULE}" in text
     assert "--dtype {auto,bfloat16,float32}" in subparser("to-hf").format_help()

@@ -287,6 +287,10 @@ def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: 
     digests = recorded_digests(folder, manifest) if opts.files else None  # refused before any other work
     if manifest is not None and manifest.get("kind") == TRAINING_STEP:
         return _training_step(opts, found, manifest, on_stage)
+    if manifest is not None and manifest.get("native"):  # torchtitan's own key names (convert --layout torchtitan:*)
+        from flame_ext.commands.diagnose_native import diagnose_native
+
+        return diagnose_native(opts, found, manifest, reference, digests, on_stage)
     recorded = opts.model is None
     if recorded:
         opts.model = recorded_source(folder, manifest)

@@ -170,10 +170,28 @@ def _prepare_native(hf: HFCheckpoint, opts: ConvertOptions) -> ConversionPlan:
     from flame_ext.titan.native import resolve_native
 
     native = resolve_native(opts.layout, opts.titan_config, str(hf.path))
+    allowed = _config_parity(hf, native.model_config, opts)  # before any tensor is planned or written
     nplan = plan_native(hf, native, dtype=opts.dtype)
     tied = set(nplan.tied)
     parameters = sum(e.spec.numel for e in nplan.entries if e.key not in tied)
-    return ConversionPlan(hf, nplan.fresh, nplan.entries, nplan.notes, parameters, native, nplan.groups)
+    notes = allowed + nplan.notes
+    return ConversionPlan(hf, nplan.fresh, nplan.entries, notes, parameters, native, nplan.groups)
+
+
+def _config_parity(hf: HFCheckpoint, model_config: object, opts: ConvertOptions) -> list[str]:
+    """The torchtitan config against the HF config (torchtitan #3772: a rope theta silently 10000 for 1e6):
+    refused at one line per disagreement; the notes of those ``--allow-config-mismatch`` allows."""
+    from flame_ext.checks.config.native import native_config_problems, refuse_config_mismatch
+
+    problems = native_config_problems(
+        model_config,
+        hf.config,
+        native_name=f"{opts.layout} --titan-config {opts.titan_config}",
+        hf_name=f"{hf.source}/config.json",
+        allow=opts.allow_config_mismatch,
+    )
+    refuse_config_mismatch(problems)
+    return [f"config mismatch allowed by --allow-config-mismatch: {p.key}: {p.detail}" for p in problems]
 
 
 def complete_manifest(

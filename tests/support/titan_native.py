@@ -105,66 +105,16 @@ def write_hf_folder(function: str, out: Path, *, dtype: torch.dtype = torch.floa
 
 
 def hf_config(spec: Any) -> Any:
-    """The transformers config describing the same model (what ``to-hf`` writes beside the weights)."""
-    import transformers
+    """The transformers config describing the same model, every field the conversion's config parity check
+    compares included (rope scaling, MoE routing): flame-ext's ``hf_config_for``, read by the config class."""
+    from transformers import CONFIG_MAPPING
 
-    model = spec.model
-    layer = model.layers[-1]
-    attn = layer.attention
-    qkv = getattr(attn, "qkv_linear", None)
-    common = dict(
-        vocab_size=model.vocab_size,
-        hidden_size=model.dim,
-        num_hidden_layers=len(model.layers),
-        num_attention_heads=attn.n_heads,
-        rms_norm_eps=model.norm.eps,
-        tie_word_embeddings=bool(getattr(model, "enable_weight_tying", False)),
-        rope_theta=attn.rope.theta,
-    )
-    moe = getattr(layer, "moe", None)
-    if spec.name == "llama3":
-        ff = layer.feed_forward.w1.out_features
-        return transformers.LlamaConfig(
-            **common, intermediate_size=ff, num_key_value_heads=qkv.n_kv_heads, head_dim=qkv.head_dim
-        )
-    if spec.name == "qwen3" and moe is None:
-        ff = layer.feed_forward.w1.out_features
-        return transformers.Qwen3Config(
-            **common, intermediate_size=ff, num_key_value_heads=qkv.n_kv_heads, head_dim=qkv.head_dim
-        )
-    if spec.name == "qwen3":
-        return transformers.Qwen3MoeConfig(
-            **common,
-            num_key_value_heads=qkv.n_kv_heads,
-            head_dim=qkv.head_dim,
-            num_experts=moe.num_experts,
-            num_experts_per_tok=moe.router.top_k,
-            moe_intermediate_size=moe.routed_experts.inner_experts.hidden_dim,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-        )
-    if spec.name == "deepseek_v3":
-        dense = model.layers[0].feed_forward.w1.out_features
-        shared = moe.shared_experts.w1.out_features
-        hidden = moe.routed_experts.inner_experts.hidden_dim
-        return transformers.DeepseekV3Config(
-            **common,
-            num_key_value_heads=attn.n_heads,
-            intermediate_size=dense,
-            moe_intermediate_size=hidden,
-            n_routed_experts=moe.num_experts,
-            n_shared_experts=shared // hidden,
-            num_experts_per_tok=moe.router.top_k,
-            first_k_dense_replace=sum(1 for lay in model.layers if getattr(lay, "moe", None) is None),
-            q_lora_rank=None,
-            kv_lora_rank=attn.kv_lora_rank,
-            qk_nope_head_dim=attn.qk_nope_head_dim,
-            qk_rope_head_dim=attn.qk_rope_head_dim,
-            v_head_dim=attn.v_head_dim,
-            n_group=1,
-            topk_group=1,
-        )
-    raise ValueError(f"no HF config for {spec.name}")
+    from flame_ext.checks.config.native import hf_config_for
+
+    model_type = HF_TYPES.get(spec.name, spec.name)
+    if model_type == "qwen3" and any(getattr(layer, "moe", None) is not None for layer in spec.model.layers):
+        model_type = "qwen3_moe"
+    return CONFIG_MAPPING[model_type].from_dict(hf_config_for(spec.model, model_type))
 
 
 def whole_adapter_state(function: str, hf_dir: Path) -> dict[str, torch.Tensor]:

@@ -233,6 +233,8 @@ def native_config_problems(
     allow = check_allowed_fields(allow)
     native = native_fields(model_config)
     hf = normalized_config(hf_config, what=hf_name)
+    if hf.get("head_dim") is None and hf.get("num_attention_heads"):  # what HF models derive when it is unset
+        hf["head_dim"] = hf.get("hidden_size", 0) // hf["num_attention_heads"]
     problems = []
     for name, spellings in NATIVE_FIELDS.items():
         hf_field = _first(spellings, lambda s: s in hf)
@@ -295,6 +297,8 @@ def hf_config_for(model_config: Any, model_type: str) -> dict[str, Any]:
             rope[name.removeprefix("rope_scaling.")] = value
             continue
         target = _first(spellings, lambda s: s in written) or _first(spellings, lambda s: hasattr(default, s))
+        if target is None and name == "head_dim":
+            target = name  # optional in some classes (Qwen3-MoE): absent, HF derives hidden_size / heads
         if target is not None:
             out[target] = value
     if rope.get("rope_type", "default") != "default":
