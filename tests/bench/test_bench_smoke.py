@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.cli import titan_version
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench"
@@ -92,9 +93,16 @@ SLOW = {
     ),
     "bench_loss_gate.py": ([], [rf"\| \(untouched\) \| {NUMBER}"]),
 }
+# torchtitan 0.3's own models (a layer at a time against torchtitan's whole-state-dict path).
+NATIVE = {
+    "bench_native_convert.py": (
+        ["--sizes", "2x2", "--dim", "64"],
+        [rf"2x2\s+{NUMBER}"],
+    ),
+}
 # Not a measurement: draws docs/images/demo-broken-start.png (here into a temporary file).
 PLOT = "plot_demo_broken_start.py"
-COVERED = {*SMOKE, *SLOW, PLOT, "bench_resume.py"}  # bench_resume.py: tests/bench/test_bench_resume.py
+COVERED = {*SMOKE, *SLOW, *NATIVE, PLOT, "bench_resume.py"}  # bench_resume.py: tests/bench/test_bench_resume.py
 
 
 def run_bench(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -125,6 +133,16 @@ def test_the_bench_runs_at_a_tiny_size_and_prints_every_row(script, tmp_path):
 @pytest.mark.parametrize("script", sorted(SLOW))
 def test_the_multi_process_bench_runs_at_a_tiny_size(script, tmp_path):
     args, rows = SLOW[script]
+    _assert_rows(run_bench(script, args, tmp_path), rows)
+
+
+@pytest.mark.slow
+@pytest.mark.titan03
+@pytest.mark.parametrize("script", sorted(NATIVE))
+def test_the_native_bench_runs_at_a_tiny_size(script, tmp_path):
+    if titan_version() != "0.3":
+        pytest.skip("torchtitan 0.3's own models: this environment has torchtitan " + str(titan_version()))
+    args, rows = NATIVE[script]
     _assert_rows(run_bench(script, args, tmp_path), rows)
 
 
