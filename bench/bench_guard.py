@@ -23,7 +23,7 @@ import torch
 from bench_diagnose import write_sparse_dcp
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "titan"))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "titan")]  # the test hosts (tests/support) and models
 
 # allenai/OLMo-2-1124-7B config.json
 OLMO2_7B = dict(

@@ -71,7 +71,7 @@ SMOKE: dict[str, tuple[list[str], list[str]]] = {
         ["--repeat", "1", "--no-importtime"],
         [rf"import torch\s+{NUMBER}", rf"convert --no-reference\s+{NUMBER}", rf"diagnose\s+{NUMBER}"],
     ),
-    "bench_issue23.py": (
+    "bench_limits.py": (
         ["--size", "tiny"],
         [
             rf"convert --no-reference vs cat .*{NUMBER}x",

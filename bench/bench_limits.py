@@ -1,9 +1,10 @@
-"""Every row of issue 23's table in one run, each beside its limit as a ratio (lower is better; <= 1.00x of
-the limit is met), then the device section: the CPU figures beside the GPU's when torch sees one.
+"""Every speed and memory limit the project holds itself to, in one run, each beside its limit as a ratio
+(lower is better; <= 1.00x of the limit is met), then the device section: the CPU figures beside the GPU's
+when torch sees one.
 
-    python bench/bench_issue23.py --size 4      # the real figures: a 4 GB bf16 checkpoint (cold where root)
-    python bench/bench_issue23.py --size 7b     # OLMo-2-1124-7B shapes in bf16 (15 GB of disk, twice)
-    python bench/bench_issue23.py --size tiny   # the smoke run (tests/bench): every row, a few MB, warm
+    python bench/bench_limits.py --size 4      # the real figures: a 4 GB bf16 checkpoint (cold where root)
+    python bench/bench_limits.py --size 7b     # OLMo-2-1124-7B shapes in bf16 (15 GB of disk, twice)
+    python bench/bench_limits.py --size tiny   # the smoke run (tests/bench): every row, a few MB, warm
 
 Rows (each command in a fresh process through ``fresh_process``: wall, CPU seconds, its own peak RSS):
 
@@ -271,12 +272,12 @@ def main() -> int:
             float(args.size)
         except ValueError:
             p.error(f"--size {args.size!r}: tiny, a number of GB, or 7b")
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-issue23-"))
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-limits-"))
     work.mkdir(parents=True, exist_ok=True)
     cold = args.size != "tiny" and can_drop_caches()
     shape = "OLMo-2-1124-7B shape" if args.size == "7b" else f"{args.size} GB" if args.size != "tiny" else "tiny"
     print(
-        f"issue 23, every row at {shape} (bf16), python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+        f"limits, every row at {shape} (bf16), python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
         f"load {os.getloadavg()[0]:.1f}; ratio = figure / limit, <= 1.00x met",
         flush=True,
     )
