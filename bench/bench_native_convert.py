@@ -100,7 +100,10 @@ def generate(out: Path) -> int:
         weight_map.update(dict.fromkeys(data, name))
         del data
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (out / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
+    # The HF config of the same model (conversion refuses a config that disagrees with torchtitan's).
+    from flame_ext.checks.config.native import hf_config_for
+
+    (out / "config.json").write_text(json.dumps(hf_config_for(spec.model, "qwen3_moe")))
     return total
 
 
