@@ -433,11 +433,7 @@ def check_loss(
         return result
     not_loaded = unloadable_keys(sm.module, found, key_map, sm.tied)
     if not_loaded:
-        shown = ", ".join(not_loaded[:3]) + (" ..." if len(not_loaded) > 3 else "")
-        result.notes.append(
-            f"loss not measured: {len(not_loaded)} model tensors cannot be loaded from the checkpoint ({shown}); "
-            "a trainer's load fails on them (see the key and shape problems)"
-        )
+        result.notes.append(not_loaded_note(not_loaded))
         return result
     problems, repaired = _set_buffers_as_the_guard(sm.module)
     result.problems.extend(problems)
@@ -482,3 +478,12 @@ def check_loss(
             loss_gap_problem(cmp, what="loss on the reference batch", next_step=next_step, values_differ=value_problems)
         )
     return result
+
+
+def not_loaded_note(not_loaded: list[str]) -> str:
+    """Why the loss was not measured when model tensors cannot be loaded from the checkpoint."""
+    shown = ", ".join(not_loaded[:3]) + (" ..." if len(not_loaded) > 3 else "")
+    return (
+        f"loss not measured: {len(not_loaded)} model tensors cannot be loaded from the checkpoint ({shown}); "
+        "a trainer's load fails on them (see the key and shape problems)"
+    )

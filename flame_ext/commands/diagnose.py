@@ -313,11 +313,7 @@ def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: 
     report.extend(tok_problems)
     report.notes.extend([tok_note] if tok_note else [])
     if digests is not None:
-        on_stage("checking every file against its recorded sha256")
-        problems, note = file_problems(folder, digests)
-        report.extend(problems)
-        report.notes.append(note)
-        report.checked.append("files")
+        files_pass(folder, digests, report, on_stage)
     if opts.values:
         report.extend(_values_pass(ctx, opts, report, on_stage))
         report.checked.append("values")
@@ -357,27 +353,55 @@ def _training_step(
     return report
 
 
-def _values_pass(
-    ctx: _Context, opts: DiagnoseOptions, report: Report, on_stage: Callable[[str], None]
-) -> list[Problem]:
-    """Against the HF source when one is named (``--model``), else against the manifest's fingerprints
-    (exact; the HF files are not read). ``--atol/--rtol`` set a deliberate elementwise tolerance (HF source).
-    """
-    from flame_ext.checks.checkpoint_values import Tolerance, compare_values, verify_fingerprints
+def files_pass(folder: Path, digests: Any, report: Report, on_stage: Callable[[str], None]) -> None:
+    """Every file of the checkpoint against the SHA-256 recorded at conversion (``--files``)."""
+    on_stage("checking every file against its recorded sha256")
+    problems, note = file_problems(folder, digests)
+    report.extend(problems)
+    report.notes.append(note)
+    report.checked.append("files")
+
+
+def values_against_record(
+    ctx: _Context,
+    opts: DiagnoseOptions,
+    tolerance: Any,
+    report: Report,
+    on_stage: Callable[[str], None],
+    space: str = "",
+) -> list[Problem] | None:
+    """The values against the fingerprints the conversion recorded, when that is what was asked (no ``--model``, no
+    tolerance) and the manifest has them; None when the source is to be read instead. ``space`` says in whose
+    key space (a native checkpoint's)."""
+    from flame_ext.checks.checkpoint_values import verify_fingerprints
     from flame_ext.fingerprints.record import read_fingerprints
 
-    tolerance = Tolerance(opts.atol, opts.rtol)
     recorded, note = read_fingerprints(ctx.manifest) if ctx.manifest and ctx.manifest_usable else (None, None)
     if recorded is not None and not ctx.model_given and not tolerance.given:
         on_stage("verifying values against the manifest's fingerprints")
         problems, stats = verify_fingerprints(ctx.folder, ctx.found, recorded, buffer_bytes=opts.buffer_bytes)
         report.notes.append(
             f"values: {stats.compared} of {stats.total} tensors verified against the fingerprints recorded at "
-            f"conversion ({stats.bytes_read / 1e6:,.1f} MB read, HF source not read)"
+            f"conversion{space} ({stats.bytes_read / 1e6:,.1f} MB read, HF source not read)"
         )
         return problems
     if note and ctx.manifest:
         report.notes.append(note)
+    return None
+
+
+def _values_pass(
+    ctx: _Context, opts: DiagnoseOptions, report: Report, on_stage: Callable[[str], None]
+) -> list[Problem]:
+    """Against the HF source when one is named (``--model``), else against the manifest's fingerprints
+    (exact; the HF files are not read). ``--atol/--rtol`` set a deliberate elementwise tolerance (HF source).
+    """
+    from flame_ext.checks.checkpoint_values import Tolerance, compare_values
+
+    tolerance = Tolerance(opts.atol, opts.rtol)
+    verified = values_against_record(ctx, opts, tolerance, report, on_stage)
+    if verified is not None:
+        return verified
     on_stage("comparing values with the HF source")
     base_prefix = getattr(ctx.model, "base_model_prefix", "model") + "."
     problems, stats = compare_values(

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flame_ext.checks.files import file_problems
 from flame_ext.checks.keys import compare_specs, model_part
 from flame_ext.checks.recorded import recorded_choices
 from flame_ext.commands.diagnose import (
@@ -27,9 +26,11 @@ from flame_ext.commands.diagnose import (
     _Context,
     _use_reference_file,
     config_reading_problems,
+    files_pass,
     manifest_problems,
     recorded_source,
     token_threshold,
+    values_against_record,
 )
 from flame_ext.io.hf import open_hf
 from flame_ext.io.manifest import MANIFEST_NAME
@@ -93,11 +94,7 @@ def diagnose_native(
     if unused:
         report.notes.append(f"{', '.join(unused)} not used: a torchtitan model is built from its own config")
     if digests is not None:
-        on_stage("checking every file against its recorded sha256")
-        problems, note = file_problems(folder, digests)
-        report.extend(problems)
-        report.notes.append(note)
-        report.checked.append("files")
+        files_pass(folder, digests, report, on_stage)
     if opts.values:
         report.extend(_native_values(ctx, native, opts, report, on_stage))
         report.checked.append("values")
@@ -112,22 +109,13 @@ def _native_values(
     ctx: _Context, native: Any, opts: DiagnoseOptions, report: Report, on_stage: Callable[[str], None]
 ) -> list:
     """Against the fingerprints recorded at conversion (no ``--model``), else the HF source through the adapter."""
-    from flame_ext.checks.checkpoint_values import Source, Tolerance, compare_with_sources, verify_fingerprints
+    from flame_ext.checks.checkpoint_values import Source, Tolerance, compare_with_sources
     from flame_ext.convert.native import plan_native
-    from flame_ext.fingerprints.record import read_fingerprints
 
     tolerance = Tolerance(opts.atol, opts.rtol)
-    recorded, note = read_fingerprints(ctx.manifest) if ctx.manifest and ctx.manifest_usable else (None, None)
-    if recorded is not None and not ctx.model_given and not tolerance.given:
-        on_stage("verifying values against the manifest's fingerprints")
-        problems, stats = verify_fingerprints(ctx.folder, ctx.found, recorded, buffer_bytes=opts.buffer_bytes)
-        report.notes.append(
-            f"values: {stats.compared} of {stats.total} tensors verified against the fingerprints recorded at "
-            f"conversion, in torchtitan's key space ({stats.bytes_read / 1e6:,.1f} MB read, HF source not read)"
-        )
-        return problems
-    if note:
-        report.notes.append(note)
+    verified = values_against_record(ctx, opts, tolerance, report, on_stage, space=", in torchtitan's key space")
+    if verified is not None:
+        return verified
     on_stage(f"comparing values with the HF source mapped by {type(native.adapter).__name__}")
     plan = plan_native(ctx.hf, native, dtype="auto")
     mapped = f"the HF source mapped by {type(native.adapter).__name__}"

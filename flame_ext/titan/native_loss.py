@@ -21,7 +21,14 @@ from typing import Any
 
 import torch
 
-from flame_ext.checks.loss import LossResult, compare_loss, load_into, loss_gap_problem, reference_fit_problem
+from flame_ext.checks.loss import (
+    LossResult,
+    compare_loss,
+    load_into,
+    loss_gap_problem,
+    not_loaded_note,
+    reference_fit_problem,
+)
 from flame_ext.io.specs import TensorSpec
 
 __all__ = ["build_native_like_trainer", "native_forward", "check_native_loss"]
@@ -83,11 +90,7 @@ def check_native_loss(
         return result
     not_loaded = load_into(model, folder, found, key_map, through_hooks=True)
     if not_loaded:
-        shown = ", ".join(not_loaded[:3]) + (" ..." if len(not_loaded) > 3 else "")
-        result.notes.append(
-            f"loss not measured: {len(not_loaded)} model tensors cannot be loaded from the checkpoint ({shown}); "
-            "a trainer's load fails on them (see the key and shape problems)"
-        )
+        result.notes.append(not_loaded_note(not_loaded))
         return result
     token_ids = torch.tensor(reference["token_ids"], dtype=torch.long)
     observed = per_token_loss(native_forward(model)(token_ids), token_ids)
