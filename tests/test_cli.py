@@ -51,7 +51,8 @@ def _run(capsys, *argv: str) -> tuple[int, str, list[str]]:
         ),
         (
             ["convert", "--model", "m", "--checkpoint", "c", "--layout", "deep"],
-            "flame-ext: error: --layout 'deep': choose one of flat, nested",
+            "flame-ext: error: --layout 'deep': choose one of flat, nested, or torchtitan:<module> (torchtitan's "
+            "own key names, e.g. torchtitan:llama3, with --titan-config)",
         ),
     ],
     ids=["not-a-number", "not-a-whole-number", "unknown-option", "missing-option", "no-model", "dtype", "layout"],
@@ -210,6 +211,9 @@ def test_convert_drop_in_gives_the_clis_options():
         "reference_text",
         "timeout_s",
         "progress",
+        # torchtitan-native options: they go with --layout torchtitan:<module>, not with the nested layout here
+        "titan_config",
+        "allow_config_mismatch",
     }
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from flame_ext.checks.keys import compare_specs, model_part
 from flame_ext.checks.recorded import recorded_choices
-from flame_ext.commands.diagnose import (
+from flame_ext.commands.diagnose_passes import (
     DiagnoseOptions,
     _Context,
     _use_reference_file,
