@@ -124,8 +124,13 @@ def _check_folder(value: str) -> None:
 
 
 def _check_file(flag: str, value: str | None) -> None:
-    if value is not None and not Path(value).expanduser().is_file():
+    if value is None:
+        return
+    path = Path(value).expanduser()
+    if not path.exists():
         raise InputError(f"{flag} {value}: no such file")
+    if not path.is_file():  # a device or a FIFO would be read without end
+        raise InputError(f"{flag} {value}: not a regular file; give a text file")
 
 
 def check_device(device: str) -> None:

@@ -55,6 +55,10 @@ def _make_model(out: Path, hidden: int, layers: int, vocab: int, shard_kb: int) 
         vocab_size=vocab,
         shard_kb=shard_kb,
         tokenizer=True,
+        # the byte tokenizer's ids, inside any vocabulary here (OLMo2's own eos 50279 makes transformers warn)
+        eos_token_id=256,
+        pad_token_id=256,
+        bos_token_id=None,
     )
 
 
