@@ -67,7 +67,8 @@ def test_inv_freq_load_path_hazard_depends_on_transformers(arch, catalogue, hf_m
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bf16_conversion_is_a_recorded_choice_and_passes_values_and_loss(arch, catalogue, hf_models, diagnose_json):
     code, r = diagnose_json("--checkpoint", catalogue(arch, "bf16"), "--model", hf_models[arch], "--values", "--loss")
-    assert code == 0 and r["ok"] and r["warnings"] == 0
+    # transformers 4.57 adds its load-path hazard warning (inv_freq under meta + to_empty), whatever the dtype.
+    assert code == 0 and r["ok"] and all(p["kind"] == "buffer_mismatch" for p in r["problems"]), r["problems"]
     assert not problems_of(r, "dtype_mismatch")  # `convert --dtype bfloat16` is recorded in flame_ext.json: a choice
     n = len(read_dcp_metadata(catalogue(arch, "bf16")))
     assert r["counts"]["dtype"] == n  # every tensor was cast, and counted
