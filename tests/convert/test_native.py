@@ -17,22 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 from support.cli import run_cli
+from support.titan_hosts import titan_generation
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 from flame_ext.errors import InputError
 
-
-def _generation() -> str | None:
-    from flame_ext.titan import generation
-
-    try:
-        return generation()
-    except ImportError:
-        return None
-
-
-titan03 = pytest.mark.skipif(_generation() != "0.3", reason="torchtitan 0.3 API (state-dict adapters)")
+titan03 = pytest.mark.skipif(titan_generation() != "0.3", reason="torchtitan 0.3 API (state-dict adapters)")
 LAYOUT = "torchtitan:support.titan_native"  # the test registry (tests/support/titan_native.py), as --module
 MODELS = ["llama3_tiny", "qwen3_tiny", "qwen3_moe_tiny", "deepseek_v3_tiny"]
 
@@ -116,7 +107,7 @@ def test_titan_config_without_the_native_layout_is_refused():
         ConvertOptions(model="m", checkpoint="c", titan_config="llama3_debugmodel")
 
 
-@pytest.mark.skipif(_generation() != "0.1", reason="torchtitan 0.1 (flame's pin) only")
+@pytest.mark.skipif(titan_generation() != "0.1", reason="torchtitan 0.1 (flame's pin) only")
 def test_torchtitan_01_refuses_the_native_layout_in_one_line(tiny_model, tmp_path):
     proc = run_cli("convert", "--model", str(tiny_model), "--checkpoint", str(tmp_path / "o"),
                    "--layout", "torchtitan:llama3", "--titan-config", "llama3_debugmodel")  # fmt: skip

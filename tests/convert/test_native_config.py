@@ -13,21 +13,12 @@ from pathlib import Path
 
 import pytest
 from support.cli import run_cli
+from support.titan_hosts import titan_generation
 
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 from flame_ext.errors import InputError
 
-
-def _generation() -> str | None:
-    from flame_ext.titan import generation
-
-    try:
-        return generation()
-    except ImportError:
-        return None
-
-
-pytestmark = pytest.mark.skipif(_generation() != "0.3", reason="torchtitan 0.3 API (state-dict adapters)")
+pytestmark = pytest.mark.skipif(titan_generation() != "0.3", reason="torchtitan 0.3 API (state-dict adapters)")
 LAYOUT = "torchtitan:support.titan_native"
 TESTS = Path(__file__).parents[1]
 # A fresh interpreter finds the test registry (torchtitan imports --module support.titan_native) on its path too.

@@ -6,6 +6,7 @@ makes it a warning."""
 from __future__ import annotations
 
 import pytest
+from support.titan_hosts import titan_generation
 
 from flame_ext.checks.config.native import (
     check_allowed_fields,
@@ -16,18 +17,8 @@ from flame_ext.checks.config.native import (
 )
 from flame_ext.errors import InputError
 
-
-def _generation() -> str | None:
-    from flame_ext.titan import generation
-
-    try:
-        return generation()
-    except ImportError:
-        return None
-
-
-titan03 = pytest.mark.skipif(_generation() != "0.3", reason="torchtitan 0.3.x model configs")
-titan01 = pytest.mark.skipif(_generation() != "0.1", reason="torchtitan 0.1.x ModelArgs")
+titan03 = pytest.mark.skipif(titan_generation() != "0.3", reason="torchtitan 0.3.x model configs")
+titan01 = pytest.mark.skipif(titan_generation() != "0.1", reason="torchtitan 0.1.x ModelArgs")
 
 LLAMA_ROPE = {
     "rope_type": "llama3",
