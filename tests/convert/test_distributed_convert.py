@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.records import assert_same_fingerprints
 from support.torchrun import (
     TIMEOUT_S,
     WORKER,
@@ -39,12 +40,14 @@ def assert_same_checkpoint_values(ours: Path, single: Path) -> None:
     for key, spec in specs.items():
         a, b = load_tensor(ours, key, spec), load_tensor(single, key, spec)
         assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), key  # bit for bit
-    assert comparable(ours)["fingerprints"] == comparable(single)["fingerprints"]
+    # The ranks' shares are added in whatever order they finish: the record's tolerance covers that order.
+    assert_same_fingerprints(comparable(ours)["fingerprints"], comparable(single)["fingerprints"])
 
 
 def assert_same_checkpoint(ours: Path, single: Path) -> None:
     assert_same_checkpoint_values(ours, single)
-    assert comparable(ours) == comparable(single)
+    rest = {k: v for k, v in comparable(ours).items() if k != "fingerprints"}
+    assert rest == {k: v for k, v in comparable(single).items() if k != "fingerprints"}
 
 
 def one_process(model: Path, out: Path, **options) -> Path:
