@@ -92,11 +92,6 @@ SLOW = {
         [rf"convert.*{NUMBER}", rf"to-hf.*{NUMBER}"],
     ),
     "bench_loss_gate.py": ([], [rf"\| \(untouched\) \| {NUMBER}"]),
-    # Fresh processes importing torchtitan's trainer: slow on a CPU.
-    "bench_native_convert.py": (
-        ["--sizes", "1x2", "--dim", "256"],
-        [rf"1x2\s+{NUMBER}\s+flame-ext \(streamed\)\s+{NUMBER}", rf"1x2\s+{NUMBER}\s+whole state dict\s+{NUMBER}"],
-    ),
 }
 # torchtitan 0.3's own models (a layer at a time against torchtitan's whole-state-dict path).
 NATIVE = {
