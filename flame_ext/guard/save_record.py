@@ -5,9 +5,11 @@ With the guard on, the validating checkpoint manager hands the exact state it gi
 (``io.training_state.state_digest``) and shares the key lists and digests (one gather) at once; each rank's
 share of the fingerprints (``fingerprints.algorithm.local_fingerprint`` of its own shards, values as stored, no cast)
 is summed in a background thread while DCP saves (torch releases the GIL) and, for an async save, while
-training goes on. ``StepRecord.finish`` joins it and adds the shares over the ranks (one all-reduce, on the
-main thread) before anything may change the saved tensors: the host's wait before the optimizer step, any
-optimizer's step (a pre-hook), the next save, a load, ``close``. Rank 0 writes ``<step folder>/flame_ext.json``
+training goes on. An async save starts the sums once ``save()`` has staged its copy (``record_save(start=False)``
+then ``StepRecord.start``): started earlier, they take CPU from the staging that the training loop waits for.
+``StepRecord.finish`` joins it and adds the shares over the ranks (one all-reduce, on the main thread) before
+anything may change the saved tensors: the host's wait before the optimizer step, any optimizer's step (a
+pre-hook), the next save, a load, ``close``. Rank 0 writes ``<step folder>/flame_ext.json``
 (kind ``training_step``, atomically) only once the fingerprints are summed AND the DCP save has completed: at
 once for a synchronous save, else when the save's future completes (a callback that only writes the file) or
 at the host's wait point, whichever comes first.
@@ -58,6 +60,12 @@ class StepRecord:
         self._written = False
         if pending is not None:
             _until_next_step(self)
+
+    def start(self) -> None:
+        """Start the background sums, if ``record_save`` was asked not to (idempotent)."""
+        pending = self._pending
+        if pending is not None:
+            pending.sums.start()
 
     def finish(self) -> None:
         """Join the sums and share them (a collective: every rank calls it at the same point); idempotent."""
@@ -139,15 +147,16 @@ def step_of(checkpoint_id: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def record_save(states: Mapping[str, Any], *, step: int, checkpoint: str) -> StepRecord:
+def record_save(states: Mapping[str, Any], *, step: int, checkpoint: str, start: bool = True) -> StepRecord:
     """Starts the record of ``states`` (what the host hands DCP: state dicts, not Statefuls): the digests and
-    the key lists now, the fingerprints' sums in a background thread (see ``StepRecord``).
+    the key lists now, the fingerprints' sums in a background thread (see ``StepRecord``), started now or, with
+    ``start=False``, at ``StepRecord.start()`` (else ``finish`` sums them all on the caller's thread).
 
     ALL ranks must call it, in the same order: it holds collectives.
     """
     from flame_ext.io.training_state import flatten_state, group_of
 
-    start = time.perf_counter()
+    began = time.perf_counter()
     entries = [k for k, v in states.items() if not isinstance(v, torch.Tensor)]
     try:
         flat = agreed(lambda: flatten_state(states), "recording the saved state")
@@ -165,7 +174,9 @@ def record_save(states: Mapping[str, Any], *, step: int, checkpoint: str) -> Ste
         def describe(values: dict[str, torch.Tensor]) -> dict[str, Any]:
             return _manifest(step, values, types, agreed_digests, lambda k: group_of(k, entries))
 
-    pending = _Pending(checkpoint, keys, _LocalSums(tensors), describe, start)
+    pending = _Pending(checkpoint, keys, _LocalSums(tensors), describe, began)
+    if start:
+        pending.sums.start()
     logger.info(
         "flame-ext: recording the fingerprints of %d saved tensors (summed in the background) and the digests of "
         "%d other states of step %d on %d rank(s); %s/flame_ext.json is written once the save has completed",
@@ -190,7 +201,6 @@ class _Pending:
 
     def __init__(self, folder: str, keys: list[str], sums: _LocalSums, describe: Any, start: float) -> None:
         self.folder, self.keys, self.sums, self.describe, self.start = folder, keys, sums, describe, start
-        sums.start()
 
     def finish(self) -> dict[str, Any] | None:
         waited = time.perf_counter()
@@ -239,10 +249,15 @@ class _LocalSums:
         self._todo = iter(sorted(self._tensors, key=lambda k: -self._tensors[k].numel()))  # the biggest first
         self._lock = threading.Lock()
         self._error: BaseException | None = None
+        self._started = False
         self._threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._background, name="flame-ext-save-record", daemon=True)
 
     def start(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
         self._thread.start()
 
     def result(self) -> dict[str, torch.Tensor]:
@@ -251,7 +266,10 @@ class _LocalSums:
             self._work()
         finally:
             torch.set_num_threads(self._threads)
-        self._thread.join()
+        with self._lock:
+            started, self._started = self._started, True  # a start() from now on has nothing left to do
+        if started:
+            self._thread.join()
         if self._error is not None:
             raise self._error
         return self.shares

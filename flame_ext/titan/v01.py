@@ -9,7 +9,8 @@ a model-weights-only load, ``{"model": ..., "optimizer": ..., ...}`` for a full 
 resume is verified against the record the save left (``guard.resume``).
 
 Saving: the public ``save(curr_step, force)``. The state is turned into state dicts once; the guard records
-those (``guard.save_record``) and the host saves the same objects. A forced last save of model weights
+those (``guard.save_record``: the sums start before a synchronous save, and once ``save()`` has staged an async
+one's copy) and the host saves the same objects. A forced last save of model weights
 only is recorded after it, from the exported weights the host saved. The record is written when the save
 has completed: at once for a synchronous save, by the ``async`` future's callback or at ``_async_wait``,
 and for ``async_with_pinned_mem`` (a background process) at ``_async_wait`` or ``close``.
@@ -201,12 +202,14 @@ class ValidatingCheckpointManager(CheckpointManager):
             self._async_wait()  # the previous save first, as the host would (waiting twice is harmless here)
         self._finish_record()
         saved = as_state_dicts(self.states)
-        record = record_save(saved, step=curr_step, checkpoint=checkpoint)  # summed while DCP saves
+        synchronous = force or self.async_mode == AsyncMode.DISABLED  # else summed once save() has staged its copy
+        record = record_save(saved, step=curr_step, checkpoint=checkpoint, start=synchronous)
         kept, self.states = self.states, saved  # the host saves exactly the objects recorded
         try:
             super().save(curr_step, force)
         finally:
             self.states = kept
+        record.start()
         if force or self.async_mode == AsyncMode.DISABLED:
             record.write_when_saved(None)
             return

@@ -8,9 +8,10 @@ captured, and ``_load`` verifies it against the record the save left, ``guard.re
 checks once the host has loaded.
 
 Saving goes through ``dcp_save(state_dict, checkpoint_id, async_mode, ...)``: the state is turned into state
-dicts once, recorded (``guard.save_record``), and the same objects saved; the record is written when the
-save has completed (at once, or by the future's callback, or at ``_wait_for_saving``). HF exports
-(``last_save_in_hf``) are not recorded: no resume reads them.
+dicts once, recorded (``guard.save_record``: the sums start before a synchronous save, and after the host
+has staged an async one's copy), and the same objects saved; the record is written when the save has
+completed (at once, or by the future's callback, or at ``_wait_for_saving``). HF exports (``last_save_in_hf``)
+are not recorded: no resume reads them.
 
 For ``initial_load_in_hf`` the request is translated the way the host translates it (``sd_adapter.to_hf``,
 on meta copies: no compute, no collectives) and compared with the safetensors headers the adapter's
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torchtitan.components.checkpointer import MODEL, OPTIMIZER, CheckpointManager
+from torchtitan.components.checkpointer import MODEL, OPTIMIZER, AsyncMode, CheckpointManager
 from torchtitan.config import TrainingConfig
 from torchtitan.protocols.model import BaseModel
 
@@ -164,8 +165,10 @@ class ValidatingCheckpointManager(CheckpointManager):
             return super().dcp_save(state_dict, checkpoint_id, async_mode, enable_garbage_collection, to_hf)
         self._finish_record()
         saved = as_state_dicts(state_dict)  # the host saves exactly the objects recorded
-        record = record_save(saved, step=step, checkpoint=str(checkpoint_id))  # summed while DCP saves
+        synchronous = async_mode == AsyncMode.DISABLED  # else summed once the save has staged its copy
+        record = record_save(saved, step=step, checkpoint=str(checkpoint_id), start=synchronous)
         result = super().dcp_save(saved, checkpoint_id, async_mode, enable_garbage_collection, to_hf)
+        record.start()
         record.write_when_saved(result)  # a synchronous save: the sums joined and the record written now
         self._pending_record = record if record.waits else None
         return result
