@@ -92,6 +92,28 @@ def test_an_optimizer_step_waits_for_the_background_sums_of_the_state_it_changes
     assert matches(late["fingerprints"]["tensors"]["model.weight"]["fingerprint"], fingerprint(before))
 
 
+def test_sums_started_after_the_save_or_never_give_the_record_of_a_save_whose_sums_began_at_once(tmp_path):
+    """An async save starts the sums only once the host has staged its copy (``start=False``, then ``start()``);
+    a save that failed before that never starts them, and the join sums them itself. Same record either way."""
+    saved = states()
+    records = {}
+    for mode in ("at_once", "after", "never"):
+        folder = tmp_path / mode / "step-5"
+        folder.mkdir(parents=True)
+        record = record_save(saved, step=5, checkpoint=str(folder), start=mode == "at_once")
+        if mode == "after":
+            record.start()
+            record.start()  # idempotent, as the host's hooks may call it again
+        record.finish()
+        record.start()  # after the join: nothing left to sum, no thread started
+        record.write_when_saved(None)
+        records[mode] = read_manifest(folder)["fingerprints"]
+    assert records["after"] == records["at_once"] == records["never"]
+    assert matches(
+        records["never"]["tensors"]["model.layer.weight"]["fingerprint"], fingerprint(saved["model"]["layer.weight"])
+    )
+
+
 def test_a_failed_async_save_leaves_no_record(tmp_path, caplog):
     folder = tmp_path / "step-4"
     folder.mkdir()
