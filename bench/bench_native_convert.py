@@ -11,7 +11,7 @@ safetensors file (random bf16, shapes from torchtitan's own ``to_hf`` on ``meta`
 memory. Sizes are ``LxE`` (layers x experts per layer) on qwen3's MoE debug model widened to ``--dim`` (expert
 hidden size = dim).
 
-    python bench/bench_native_convert.py                       # 2x8, 2x32, 2x128 (experts), 8x32 (layers)
+    python bench/bench_native_convert.py                       # 2x32, 8x32 (layers x4), 2x128, 2x512 (experts x4)
     python bench/bench_native_convert.py --sizes 8x16 32x16 --dim 512
 
 This module is also the torchtitan config registry the conversion names (``--layout
@@ -128,7 +128,7 @@ def whole_state_dict(hf: str, out: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", nargs="+", default=["2x8", "2x32", "2x128", "8x32"], help="LAYERSxEXPERTS")
+    ap.add_argument("--sizes", nargs="+", default=["2x32", "8x32", "2x128", "2x512"], help="LAYERSxEXPERTS")
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
