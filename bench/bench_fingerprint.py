@@ -21,6 +21,7 @@
     python bench/bench_fingerprint.py --skip-convert                  # the guard figures only
     python bench/bench_fingerprint.py --size-gb 0.25 --dtype float32 --convert-only
     python bench/bench_fingerprint.py --sums-only --before d409d3e    # CPU-s per GB of the sums alone
+    python bench/bench_fingerprint.py --passes                        # CPU-s per GB of each pass over a chunk
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_convert import generate_sized, measure  # noqa: E402
@@ -273,6 +275,98 @@ def sums_per_gb(before: ModuleType | None, repeat: int) -> None:
         print(f"sums, {name}, {kind}: {v:.2f} CPU-s per GB of bf16", flush=True)
 
 
+def passes(repeat: int, values: int = 1 << 26) -> None:
+    """Where one chunk's CPU time goes, one torch thread: each pass of ``fingerprints.algorithm._Sums`` over the
+    chunks of one 4096-column matrix (``values`` of them, trained-like: std 0.02), timed one by one as the loop
+    runs them (each chunk in cache after its first read, as in the real loop); then whole-loop alternatives
+    that compute the same sums, timed the same way. CPU seconds per GB of the source, the fastest of ``repeat``.
+    """
+    import torch
+
+    from flame_ext.fingerprints import algorithm
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cols = 4096
+    step = algorithm._CHUNK // cols
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn((values // cols, cols), generator=g) * 0.02
+    print(
+        f"passes over one {algorithm._CHUNK}-value chunk, one torch thread ({os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f}), fastest of {repeat}:",
+        flush=True,
+    )
+    for src_dtype in (torch.bfloat16, torch.float32):
+        src = base.to(src_dtype)
+        gb = src.numel() * src.element_size() / 1e9
+        rows = src.shape[0]
+        row_w = algorithm._row_weights(0, rows)
+        acc = torch.zeros((3, cols), dtype=torch.float64)
+        pair = torch.empty((2, step * cols), dtype=torch.float64)  # row 1: ones, for the mv alternative
+        pair[1] = 1
+        x, flat = pair[0].view(step, cols), pair[0]
+        f32 = torch.empty((step, cols), dtype=torch.float32)
+        narrow = {d: torch.empty((step, cols), dtype=d) for d in (torch.bfloat16, torch.float16)}
+        name = str(src_dtype).removeprefix("torch.")
+        steps: dict[str, Any] = {
+            "copy to float64": lambda c, w: x.copy_(c),
+            "addmm with the row weights": lambda c, w: acc.addmm_(w, x),
+            "dot (sum_sq)": lambda c, w: torch.dot(flat, flat),
+            "abs_ + sum (sum_abs)": lambda c, w: flat.abs_().sum(),
+            "amin over 16 rows (bf16 -> fp16 scan)": lambda c, w: torch.amin(flat.view(16, -1), 0),
+        }
+        if src_dtype == torch.bfloat16:
+            steps["rounding to fp16: bf16 -> fp32"] = lambda c, w: f32.copy_(c)
+            steps["rounding to fp16: fp32 -> fp16"] = lambda c, w: narrow[torch.float16].copy_(f32)
+            steps["rounding to fp16: fp16 -> float64"] = lambda c, w: x.copy_(narrow[torch.float16])
+        else:
+            steps["rounding to bf16: fp32 -> bf16"] = lambda c, w: narrow[torch.bfloat16].copy_(c)
+            steps["rounding to bf16: bf16 -> float64"] = lambda c, w: x.copy_(narrow[torch.bfloat16])
+            steps["rounding to fp16: fp32 -> fp16"] = lambda c, w: narrow[torch.float16].copy_(c)
+            steps["rounding to fp16: fp16 -> float64"] = lambda c, w: x.copy_(narrow[torch.float16])
+            steps["  (alternative) fp16 -> fp32"] = lambda c, w: f32.copy_(narrow[torch.float16])
+            steps["  (alternative) fp32 -> float64"] = lambda c, w: x.copy_(f32)
+        steps["a no-op torch call (x.view)"] = lambda c, w: x.view(-1)
+        best: dict[str, float] = {}
+        for _ in range(repeat):
+            spent = dict.fromkeys(steps, 0.0)
+            for start in range(0, rows - step + 1, step):
+                chunk, w = src[start : start + step], row_w[:, start : start + step]
+                for label, fn in steps.items():
+                    t0 = time.thread_time()
+                    fn(chunk, w)
+                    spent[label] += time.thread_time() - t0
+            for label, took in spent.items():
+                best[label] = min(best.get(label, took / gb), took / gb)
+        for label, v in best.items():
+            print(f"  {name} source, {label:40s} {v:.3f} CPU-s per GB", flush=True)
+
+        def loop(body: Any) -> float:
+            t0 = time.thread_time()
+            for start in range(0, rows - step + 1, step):
+                body(src[start : start + step], row_w[:, start : start + step])
+            return (time.thread_time() - t0) / gb
+
+        def now(c: Any, w: Any) -> None:
+            x.copy_(c), torch.dot(flat, flat), acc.addmm_(w, x), flat.abs_().sum()
+
+        def norm1(c: Any, w: Any) -> None:
+            x.copy_(c), torch.dot(flat, flat), acc.addmm_(w, x), torch.linalg.vector_norm(flat, 1)
+
+        def mv(c: Any, w: Any) -> None:
+            x.copy_(c), acc.addmm_(w, x), flat.abs_(), torch.mv(pair, flat)
+
+        alternatives = {
+            "copy, dot, addmm, abs_ + sum (the code)": now,
+            "sum_abs by vector_norm(x, 1) (no write)": norm1,
+            "sum_sq and sum_abs by one mv([|x|; 1], |x|)": mv,
+        }
+        whole = {k: min(loop(f) for _ in range(repeat)) for k, f in alternatives.items()}
+        for label, v in whole.items():
+            print(f"  {name} source, whole loop: {label:45s} {v:.3f} CPU-s per GB", flush=True)
+    torch.set_num_threads(threads)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-gb", type=float, default=1.0)
@@ -282,6 +376,7 @@ def main() -> int:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32"], help="the conversion's --dtype")
     p.add_argument("--convert-only", action="store_true", help="the conversion figures only")
     p.add_argument("--sums-only", action="store_true", help="the sums' CPU-s per GB and the summation order only")
+    p.add_argument("--passes", action="store_true", help="the CPU-s per GB of each pass over a chunk, and alternatives")
     p.add_argument("--tiny", action="store_true", help="smoke run (tests/bench): tiny checkpoint and layer shapes")
     args = p.parse_args()
     if args.tiny:
@@ -290,6 +385,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         work = Path(tmp)
         before, before_path = load_before(args.before, work) if args.before else (None, None)
+        if args.passes:
+            passes(args.repeat, 1 << 20 if args.tiny else 1 << 26)
+            return 0
         if args.sums_only:
             sums_per_gb(before, args.repeat)
             summation_order(before)
