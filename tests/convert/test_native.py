@@ -106,6 +106,7 @@ def test_dtype_cast_after_the_adapter(hf_folders, tmp_path):
     assert all(torch.equal(mine[k], v.to(torch.bfloat16)) for k, v in theirs.items())
 
 
+@pytest.mark.slow  # commands in fresh processes (5-15 CPU-s); make test-fast leaves it out
 @titan03
 def test_the_cli_refuses_a_missing_config_function_in_one_line(hf_folders, tmp_path):
     proc = run_cli("convert", "--model", str(hf_folders["llama3_tiny"]), "--checkpoint", str(tmp_path / "o"),
