@@ -364,6 +364,7 @@ def test_every_field_of_a_reference_file_mutated(workdir, tiny_model, reference_
     _run_property(base, file, argv, guard, "reference file", tally, siblings=1)
 
 
+@pytest.mark.slow  # every field of the new sections mutated (7 CPU-s)
 def test_every_field_of_the_new_sections_mutated(tiny_dcp, tmp_path):
     """The fingerprints at other dtypes, the files' digests, the save-time record: refused or still valid."""
     manifest = json.loads((tiny_dcp / MANIFEST_NAME).read_text())
