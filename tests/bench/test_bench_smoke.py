@@ -149,6 +149,7 @@ def test_the_native_bench_runs_at_a_tiny_size(script, tmp_path):
     _assert_rows(run_bench(script, args, tmp_path), rows)
 
 
+@pytest.mark.slow  # a fresh process that imports matplotlib and draws (6 CPU-s)
 def test_the_plot_is_drawn(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "broken-start.png"
