@@ -8,9 +8,9 @@ a gap with equal values (``--values`` clean) points at the implementation or the
 
 The model is built as the Trainer builds it: on ``meta``, ``to_empty``, ``init_weights`` (which computes the
 non-persistent buffers, the RoPE cache among them, from the config), then every model tensor is loaded from
-the checkpoint with ``torch.distributed.checkpoint``. On a batch-folding torchtitan (main) the rows are
-packed as the guard packs them (``v03._RowsOfFoldedModel``); on 0.3 a Flex or varlen model gets the document
-masks its Trainer would build.
+the checkpoint with ``torch.distributed.checkpoint``. The rows are handed over as the guard hands them to a
+native model (``v03.NativeRows``): packed on a batch-folding torchtitan (main), with the document masks its
+Trainer would build for a Flex or varlen model.
 """
 
 from __future__ import annotations
@@ -47,18 +47,13 @@ def build_native_like_trainer(model_config: Any) -> torch.nn.Module:
 
 def native_forward(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """``[B, L]`` token ids -> ``[B, L, V]`` logits, whichever batch layout the installed torchtitan uses."""
-    from flame_ext.titan.v03 import FOLDS_BATCH, _attention_masks, _RowsOfFoldedModel
+    from flame_ext.titan.v03 import NativeRows
 
-    folded = _RowsOfFoldedModel(model) if FOLDS_BATCH else None
+    rows = NativeRows(model)
 
     def forward(token_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            if folded is not None:
-                return folded(token_ids)
-            # Flex and varlen attention take the document masks the Trainer builds from the positions (one
-            # document per row); SDPA takes none.
-            positions = torch.arange(token_ids.shape[1]).expand_as(token_ids).contiguous()
-            return model(token_ids, **_attention_masks(model, positions))
+            return rows(token_ids)
 
     return forward
 

@@ -267,8 +267,8 @@ class ValidatingCheckpointManager(CheckpointManager):
             training = getattr(getattr(trainer, "config", None), "training", None)
             longest = getattr(training, "max_context_length" if FOLDS_BATCH else "seq_len", None)
             return _trainer_probe(trainer, parts[0]), int(getattr(trainer.loss_fn, "num_chunks", 1) or 1), longest
-        if FOLDS_BATCH and isinstance(parts[0], BaseModel):
-            return hf_loss_probe(_RowsOfFoldedModel(parts[0])), 1, None
+        if isinstance(parts[0], BaseModel):  # a native model outside the Trainer: the masks its Trainer builds
+            return hf_loss_probe(NativeRows(parts[0])), 1, None
         return hf_loss_probe(parts[0]), 1, None
 
 
@@ -376,11 +376,12 @@ def _fold(rows: torch.Tensor) -> torch.Tensor:
     return rows.reshape(-1)
 
 
-class _RowsOfFoldedModel(nn.Module):
-    """A batch-folding host's native model seen as one taking ``[B, L]`` token rows and returning ``[B, L, V]``.
+class NativeRows(nn.Module):
+    """A native torchtitan model seen as one taking ``[B, L]`` token rows and returning ``[B, L, V]``, each row
+    its own document, with the attention masks the host's ``post_dataloading_process`` would build for it.
 
-    Positions restart at each row, so each row is its own document, with the attention masks the host's
-    ``post_dataloading_process`` would build from those positions.
+    0.3.0's models take the rows as they are, plus the document masks a Flex or varlen model needs (SDPA takes
+    none). A batch-folding host's models take the rows packed (``[T]``, positions restarting at each row).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -389,8 +390,11 @@ class _RowsOfFoldedModel(nn.Module):
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         rows, length = token_ids.shape
-        positions = _fold(torch.arange(length, device=token_ids.device).expand(rows, length))
-        logits = self.model(_fold(token_ids), positions=positions, **_attention_masks(self.model, positions))
+        positions = torch.arange(length, device=token_ids.device).expand(rows, length)
+        if not FOLDS_BATCH:
+            return self.model(token_ids, **_attention_masks(self.model, positions.contiguous()))
+        packed = _fold(positions)
+        logits = self.model(_fold(token_ids), positions=packed, **_attention_masks(self.model, packed))
         return logits.reshape(rows, length, -1)
 
 
