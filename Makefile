@@ -28,7 +28,11 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: lint test-main test-titan01
+# The two environments run side by side, one per core (most tests use one), each with its own pytest cache
+# folder (its last failures, its trained tiny models); --output-sync prints each environment's report whole when
+# it ends. The .venv-titan01 install overlaps the .venv tests. `make test-main` or `make test-titan01` runs one.
+test: lint
+	$(MAKE) -j2 --output-sync=target test-main test-titan01
 
 # A quick lane while working: one environment (torchtitan 0.3), no multi-process, training or catalogue runs
 # (marked slow), stop at the first failure; the ten slowest tests are listed at the end. `make test` is what CI
@@ -40,10 +44,10 @@ test-main: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q
 
 test-titan01: $(VENV01)/.installed
-	$(VENV01)/bin/python -m pytest -q
+	$(VENV01)/bin/python -m pytest -q -o cache_dir=.pytest_cache-titan01
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python bench/bench_convert.py
 
 clean:
-	rm -rf $(VENV) $(VENV01) .pytest_cache
+	rm -rf $(VENV) $(VENV01) .pytest_cache .pytest_cache-titan01

@@ -6,10 +6,18 @@ by the converter. Session-scoped fixtures keep the suite fast on 2 CPU cores.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
-import torch
+# One intra-op thread for torch here and in every command a test starts (set before torch is imported): the
+# tensors are tiny, and `make test` runs the two environments side by side on 2 cores, where two-thread OpenMP
+# teams spin against each other (a file of value checks took 2.6x the wall time and 1.7x the CPU with two).
+# The fingerprint's split between workers is tested with its worker count given (tests/fingerprints).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from support.cli import run_cli, titan_version, transformers_major  # noqa: F401  (re-exported)
 
 from flame_ext.io.hf import DEFAULT_MODEL

@@ -128,6 +128,9 @@ def test_every_bench_has_a_smoke_run():
     assert scripts <= COVERED, f"benches without a smoke run: {sorted(scripts - COVERED)}"
 
 
+# Each bench is a fresh process that generates its checkpoints and times several commands: 40 CPU-s for
+# bench_convert.py alone, so the smoke runs are slow (make test runs them, make test-fast does not).
+@pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(SMOKE))
 def test_the_bench_runs_at_a_tiny_size_and_prints_every_row(script, tmp_path):
     args, rows = SMOKE[script]
@@ -151,6 +154,7 @@ def test_the_native_bench_runs_at_a_tiny_size(script, tmp_path):
     _assert_rows(run_bench(script, args, tmp_path), rows)
 
 
+@pytest.mark.slow  # a fresh process that imports matplotlib and draws (6 CPU-s)
 def test_the_plot_is_drawn(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "broken-start.png"

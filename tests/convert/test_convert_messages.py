@@ -7,7 +7,10 @@ import re
 import shutil
 import time
 
+import pytest
 from support.cli import run_cli
+
+pytestmark = pytest.mark.slow  # commands in fresh processes (5-8 CPU-s a test); make test-fast leaves them out
 
 
 def test_the_drop_in_states_the_commands_wall_time(tiny_model, tmp_path):

@@ -31,6 +31,7 @@ def test_every_written_tensor_has_the_fingerprint_of_what_was_written(tiny_dcp):
     json.loads((tiny_dcp / "flame_ext.json").read_text(), parse_constant=lambda c: pytest.fail(c))
 
 
+@pytest.mark.slow  # a conversion and a source pass at 4 KB blocks (7 CPU-s); make test-fast leaves it out
 @pytest.mark.parametrize("dtype", ["bfloat16"])
 def test_small_blocks_and_a_cast_record_the_cast_values(tiny_model, tmp_path, dtype):
     out = tmp_path / "ck"

@@ -65,6 +65,7 @@ def test_a_rope_theta_mismatch_is_refused_naming_both_values(llama, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # commands in fresh processes (5-15 CPU-s); make test-fast leaves it out
 def test_a_heads_mismatch_is_refused_one_line_per_field(llama, tmp_path):
     hf = edited(llama, tmp_path / "hf", num_attention_heads=8, num_key_value_heads=8, head_dim=32)
     proc = run_cli("convert", "--model", str(hf), "--checkpoint", str(tmp_path / "out"), "--layout", LAYOUT,
@@ -83,6 +84,7 @@ def test_an_allowed_mismatch_converts(llama, tmp_path):
     assert (tmp_path / "out" / ".metadata").is_file()
 
 
+@pytest.mark.slow  # commands in fresh processes (5-15 CPU-s); make test-fast leaves it out
 def test_an_unknown_field_to_allow_is_one_line(llama, tmp_path):
     proc = run_cli("convert", "--model", str(llama), "--checkpoint", str(tmp_path / "out"), "--layout", LAYOUT,
                    "--titan-config", "llama3_tiny", "--allow-config-mismatch", "rope_thetta",

@@ -101,6 +101,7 @@ def write_in_place(folder: Path, key: str, value: torch.Tensor) -> str:
     return info.relative_path
 
 
+@pytest.mark.slow  # commands in fresh processes (5-15 CPU-s); make test-fast leaves it out
 def test_a_forged_tensor_passes_the_fingerprints_and_is_caught_by_the_files_sha256(checkpoint):
     spec = read_dcp_metadata(checkpoint)[FORGED]
     original = load_tensor(checkpoint, FORGED, spec)

@@ -37,6 +37,7 @@ def nested(tiny_model, tmp_path_factory) -> Path:
     return _convert(tiny_model, tmp_path_factory.mktemp("nested") / "step-0", "--layout", "nested")
 
 
+@pytest.mark.slow  # commands in fresh processes (5-15 CPU-s); make test-fast leaves it out
 def test_a_nested_conversion_is_the_choice_its_manifest_records(nested):
     code, lines, data = _diagnose(nested)
     assert code == 0
@@ -51,6 +52,7 @@ def test_a_nested_conversion_is_the_choice_its_manifest_records(nested):
     assert data["ok"] and data["problems"] == [] and data["counts"]["missing"] == 0
 
 
+@pytest.mark.slow  # commands in fresh processes (5-15 CPU-s); make test-fast leaves it out
 def test_a_bf16_conversion_is_a_note_not_a_permanent_warning(tiny_model, tmp_path):
     bf16 = _convert(tiny_model, tmp_path / "step-0", "--dtype", "bfloat16")
     code, lines, data = _diagnose(bf16)
@@ -64,6 +66,7 @@ def test_a_bf16_conversion_is_a_note_not_a_permanent_warning(tiny_model, tmp_pat
     assert data["counts"]["dtype"] == TENSORS  # still counted: every tensor is stored in another dtype
 
 
+@pytest.mark.slow  # commands in fresh processes (5-15 CPU-s); make test-fast leaves it out
 def test_flames_stock_nested_checkpoint_is_one_error_with_its_count(nested, tiny_model, tmp_path):
     """No manifest (flame's own converter): nothing records the choice, so the nesting is an error for a
     model-only load; one error, root cause first, the 25 missing and 25 unexpected keys counted in it."""
@@ -96,6 +99,7 @@ def _save_never_loaded(model_dir: Path, out: Path, manifest_from: Path) -> Path:
     return out
 
 
+@pytest.mark.slow  # commands in fresh processes (5-15 CPU-s); make test-fast leaves it out
 def test_a_checkpoint_whose_weights_were_never_loaded_is_named_so(tiny_model, tiny_dcp, tmp_path):
     never = _save_never_loaded(tiny_model, tmp_path / "never", tiny_dcp)
     for options in ((), ("--model", str(tiny_model))):  # against the recorded fingerprints, then the HF source

@@ -20,6 +20,15 @@ from flame_ext.fingerprints.algorithm import (
 from flame_ext.fingerprints.forensics import what_happened
 
 
+@pytest.fixture
+def two_torch_threads():
+    """Two intra-op threads (the suite runs with one, tests/conftest.py): what a caller's count is, put back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield 2
+    torch.set_num_threads(before)
+
+
 def tiles(t: torch.Tensor, row_cuts: list[int], col_cuts: list[int]) -> torch.Tensor:
     """The sum of the fingerprints of a grid of blocks of ``t`` (2-D and more: rows and dim 1 cut)."""
     total = torch.zeros(len(TERMS), dtype=torch.float64)
@@ -47,9 +56,10 @@ def test_blocks_with_global_offsets_add_up_to_the_whole(shape, row_cuts, col_cut
     assert not matches(tiles(t, row_cuts, col_cuts), fingerprint(t.flip(-1)))  # the comparison can fail
 
 
-def test_streamed_rows_equal_the_whole_and_the_summation_error_is_far_below_the_tolerance():
+def test_streamed_rows_equal_the_whole_and_the_summation_error_is_far_below_the_tolerance(two_torch_threads):
     t = trained_like((1000, 300))
     threads = torch.get_num_threads()
+    assert threads == two_torch_threads
     acc = Recorder({"w": t.shape})
     for s in range(0, 1000, 333):
         acc.add_rows("w", s, t[s : s + 333])
@@ -115,9 +125,10 @@ def test_the_chunked_computation_is_the_defined_one(shape):
     assert matches(block_fingerprint(t, [0] * t.dim(), shape, torch.bfloat16), _by_definition(stored), TOLERANCE / 100)
 
 
-def test_workers_share_the_rows_and_give_the_same_fingerprint():
+def test_workers_share_the_rows_and_give_the_same_fingerprint(two_torch_threads):
     t = trained_like((1100, 1024))  # ~1.1 M values: split between the workers
     threads = torch.get_num_threads()
+    assert threads == two_torch_threads
     one = block_fingerprint(t, [0, 0], t.shape, torch.bfloat16)
     two = block_fingerprint(t, [0, 0], t.shape, torch.bfloat16, workers=2)
     assert matches(two, one, TOLERANCE / 100) and torch.get_num_threads() == threads

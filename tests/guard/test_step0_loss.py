@@ -117,6 +117,7 @@ needs_titan = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # trains the tiny Mistral on a cold cache; make test-fast leaves it out
 @needs_titan
 def test_the_real_manager_stops_the_transposed_q_proj_the_mean_lets_through(
     mistral_model, mistral_dcp, mistral_reference, tmp_path, caplog
@@ -143,6 +144,7 @@ def test_the_real_manager_stops_the_transposed_q_proj_the_mean_lets_through(
     assert any("per token: mean |difference|" in m for m in caplog.messages)
 
 
+@pytest.mark.slow  # trains the tiny Mistral on a cold cache; make test-fast leaves it out
 @needs_titan
 def test_the_real_manager_passes_the_healthy_mistral(mistral_model, mistral_dcp, mistral_reference, tmp_path):
     manager = build_manager(

@@ -237,6 +237,7 @@ def test_to_hf_force_never_removes_user_files_whose_names_contain_tokenizer_voca
     assert all((out / name).read_text() == text for name, text in USER_FILES.items())
 
 
+@pytest.mark.slow  # commands in fresh processes (5-15 CPU-s); make test-fast leaves it out
 def test_to_hf_force_replaces_its_own_output_with_copied_readme_code_and_tokenizer(tiny_model, tiny_dcp, tmp_path):
     """Whatever side files to-hf copied (README, custom code, tokenizer files of any name) are in its record, so
     its own earlier output is replaced; the second run's output is what is there afterwards."""
@@ -280,6 +281,7 @@ def _name(n: int) -> str:
     return "d" * n
 
 
+@pytest.mark.slow  # commands in fresh processes (5-15 CPU-s); make test-fast leaves it out
 @pytest.mark.parametrize("command", ["convert", "to-hf"])
 def test_a_legal_250_byte_destination_name_is_accepted(command, tiny_model, tiny_dcp, tmp_path):
     """Its temporary sibling ``.<name>.flame-ext-tmp-<pid>`` would be over 255 bytes: it takes a short hashed

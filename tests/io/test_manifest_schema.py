@@ -346,6 +346,7 @@ def tally():
         print(f"\n{name}: {refused + accepted} mutations, {refused} refused, {accepted} harmless ({fields} fields)")
 
 
+@pytest.mark.slow  # every field mutated, each refusal through diagnose and the guard (tens of CPU-s)
 def test_every_field_of_a_manifest_mutated(workdir, tiny_model, guard_model, tally):
     base = json.loads((workdir / MANIFEST_NAME).read_text())
     file = workdir / MANIFEST_NAME
@@ -353,6 +354,7 @@ def test_every_field_of_a_manifest_mutated(workdir, tiny_model, guard_model, tal
     _run_property(base, file, argv, lambda **kw: _guard_problems(guard_model, workdir, **kw), "flame_ext.json", tally)
 
 
+@pytest.mark.slow  # every field mutated, each refusal through diagnose and the guard (tens of CPU-s)
 def test_every_field_of_a_reference_file_mutated(workdir, tiny_model, reference_file, guard_model, tmp_path, tally):
     base = json.loads(reference_file.read_text())
     file = tmp_path / "ref.json"
@@ -362,6 +364,7 @@ def test_every_field_of_a_reference_file_mutated(workdir, tiny_model, reference_
     _run_property(base, file, argv, guard, "reference file", tally, siblings=1)
 
 
+@pytest.mark.slow  # every field of the new sections mutated (7 CPU-s)
 def test_every_field_of_the_new_sections_mutated(tiny_dcp, tmp_path):
     """The fingerprints at other dtypes, the files' digests, the save-time record: refused or still valid."""
     manifest = json.loads((tiny_dcp / MANIFEST_NAME).read_text())

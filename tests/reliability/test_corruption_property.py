@@ -132,6 +132,7 @@ def _library_reads_the_original(files: list[Path], original: dict[str, torch.Ten
     return got.keys() == original.keys() and all(same_bits(got[k], v) for k, v in original.items())
 
 
+@pytest.mark.slow  # 150 corrupted files, each a command run (a minute); make test-fast leaves it out
 def test_corrupted_safetensors_headers(forkserver, small_model, tmp_path, figures):
     rng = random.Random(20261130)
     original = hf_tensors(small_model)
@@ -257,6 +258,7 @@ def _mutate_metadata(rng: random.Random, md, folder: Path) -> str:
     return "valid"  # pickled back unchanged
 
 
+@pytest.mark.slow  # 150 corrupted files, each a command run (a minute); make test-fast leaves it out
 def test_corrupted_dcp_metadata(forkserver, small_dcp, small_model, tmp_path, figures):
     rng = random.Random(20261201)
     original = hf_tensors(small_model)

@@ -48,6 +48,7 @@ def diagnose(*args: str) -> tuple[int, dict]:
     return proc.returncode, report_json(proc.stdout)
 
 
+@pytest.mark.slow  # diagnose of a native checkpoint in fresh processes (22 CPU-s)
 def test_a_native_checkpoint_passes_every_pass_against_its_hf_source(native):
     code, report = diagnose("--checkpoint", str(native["dcp"]), "--model", str(native["hf"]), "--values", "--loss")
     assert code == 0, [p for p in report["problems"] if p["severity"] == "error"]
@@ -65,6 +66,7 @@ def test_without_the_source_values_are_checked_against_the_recorded_fingerprints
                for n in report["notes"])  # fmt: skip
 
 
+@pytest.mark.slow  # diagnose of a native checkpoint in fresh processes (20 CPU-s)
 def test_a_permuted_q_head_is_named_by_its_native_key(native):
     def permute(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         w = sd[Q].clone().view(16, 16, -1)
