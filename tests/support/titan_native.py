@@ -58,9 +58,15 @@ def qwen3_moe_tiny():
 
 
 def deepseek_v3_tiny():
+    """A dense first layer, then MoE with shared experts, routed as DeepSeek-V3 routes (and as transformers'
+    deepseek_v3 can only route): sigmoid scores, normalized over the top-k and scaled; no expert groups."""
     from torchtitan.models.deepseek_v3.config_registry import deepseek_v3_debugmodel
 
-    return _experts(_cut(deepseek_v3_debugmodel(), 3), 4)  # a dense first layer, then MoE with shared experts
+    config = _experts(_cut(deepseek_v3_debugmodel(), 3), 4)
+    for layer in config.model_spec.model.layers:
+        if getattr(layer, "moe", None) is not None:
+            layer.moe.router.score_func, layer.moe.router.route_norm, layer.moe.router.route_scale = "sigmoid", True, 2.5
+    return config
 
 
 def moe_sized(layers: int, experts: int):
