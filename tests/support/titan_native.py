@@ -69,6 +69,14 @@ def deepseek_v3_tiny():
     return config
 
 
+def deepseek_v3_softmax_tiny():
+    """deepseek_v3_tiny with torchtitan's debug router as it is (softmax scores): no HF deepseek_v3 config can
+    express it."""
+    from torchtitan.models.deepseek_v3.config_registry import deepseek_v3_debugmodel
+
+    return _experts(_cut(deepseek_v3_debugmodel(), 3), 4)
+
+
 def moe_sized(layers: int, experts: int):
     """qwen3's MoE debug model with ``layers`` layers of ``experts`` experts (the bench's sizes)."""
     from torchtitan.models.qwen3.config_registry import qwen3_moe_debug
