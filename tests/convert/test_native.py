@@ -140,6 +140,7 @@ def test_deepseek_v3_converts_with_the_hf_reference_loss(hf_folders, tiny_model,
 
 
 @titan03
+@pytest.mark.slow
 def test_a_router_hf_cannot_express_is_refused_in_one_line(hf_folders, tmp_path):
     """torchtitan's deepseek_v3 debug router scores with a softmax, transformers' deepseek_v3 only with a
     sigmoid: refused before anything is written, naming the field and both values; allowed by the override."""

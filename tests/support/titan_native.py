@@ -57,24 +57,26 @@ def qwen3_moe_tiny():
     return _experts(_cut(qwen3_moe_debug(), 2), 4)
 
 
-def deepseek_v3_tiny():
-    """A dense first layer, then MoE with shared experts, routed as DeepSeek-V3 routes (and as transformers'
-    deepseek_v3 can only route): sigmoid scores, normalized over the top-k and scaled; no expert groups."""
+def _deepseek_v3(score_func: str):
     from torchtitan.models.deepseek_v3.config_registry import deepseek_v3_debugmodel
 
     config = _experts(_cut(deepseek_v3_debugmodel(), 3), 4)
     for layer in config.model_spec.model.layers:
         if getattr(layer, "moe", None) is not None:
-            layer.moe.router.score_func, layer.moe.router.route_norm, layer.moe.router.route_scale = "sigmoid", True, 2.5
+            layer.moe.router.score_func, layer.moe.router.route_norm, layer.moe.router.route_scale = score_func, True, 2.5
     return config
 
 
-def deepseek_v3_softmax_tiny():
-    """deepseek_v3_tiny with torchtitan's debug router as it is (softmax scores): no HF deepseek_v3 config can
-    express it."""
-    from torchtitan.models.deepseek_v3.config_registry import deepseek_v3_debugmodel
+def deepseek_v3_tiny():
+    """A dense first layer, then MoE with shared experts, routed as DeepSeek-V3 routes (and as transformers'
+    deepseek_v3 can only route): sigmoid scores, normalized over the top-k and scaled; no expert groups."""
+    return _deepseek_v3("sigmoid")
 
-    return _experts(_cut(deepseek_v3_debugmodel(), 3), 4)
+
+def deepseek_v3_softmax_tiny():
+    """deepseek_v3_tiny scoring experts with a softmax (as torchtitan's debug router does): no HF deepseek_v3
+    config can express it."""
+    return _deepseek_v3("softmax")
 
 
 def moe_sized(layers: int, experts: int):
