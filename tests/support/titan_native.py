@@ -62,8 +62,9 @@ def _deepseek_v3(score_func: str):
 
     config = _experts(_cut(deepseek_v3_debugmodel(), 3), 4)
     for layer in config.model_spec.model.layers:
-        if getattr(layer, "moe", None) is not None:
-            layer.moe.router.score_func, layer.moe.router.route_norm, layer.moe.router.route_scale = score_func, True, 2.5
+        router = getattr(getattr(layer, "moe", None), "router", None)
+        if router is not None:
+            router.score_func, router.route_norm, router.route_scale = score_func, True, 2.5
     return config
 
 
