@@ -1,6 +1,8 @@
 """``diagnose --loss`` on a torchtitan-native checkpoint: torchtitan's own llama3 class on the CPU, on a DCP
 written by torchtitan's adapter from an HF Llama, against that HF Llama's reference loss. Equal on the same
-weights; a permuted q head (right shape, wrong layout) is a loss gap."""
+weights; a permuted q head (right shape, wrong layout) is a loss gap. And torchtitan's deepseek_v3 on
+flame-ext's conversion against the reference recorded there: the HF config written for the torchtitan
+config makes transformers compute the same function."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from _models import rewrite_dcp
 from support.titan_hosts import titan_generation
 
-pytestmark = pytest.mark.skipif(titan_generation() != "0.3", reason="torchtitan 0.3.x's own llama3 model")
+pytestmark = pytest.mark.skipif(titan_generation() != "0.3", reason="torchtitan 0.3.x's own models")
 
 Q = "layers.1.attention.qkv_linear.wq.weight"
 
