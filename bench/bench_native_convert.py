@@ -1,14 +1,17 @@
-"""Benchmark: HF -> torchtitan-native DCP of a qwen3-MoE-shaped checkpoint, streamed a layer at a time
-(``flame-ext convert --layout torchtitan:...``) against the whole-state-dict path of torchtitan's
-``scripts/checkpoint_conversion/convert_from_hf.py`` (not shipped in the 0.3.0 wheel; its steps are run here:
-build the model, ``to_hf`` of its state dict, ``dcp.load`` of the HF files into it, ``from_hf``, ``dcp.save``).
+"""Benchmark: HF -> torchtitan-native DCP of a qwen3-MoE-shaped checkpoint, streamed a layer at a time and an
+MoE layer's stacked experts a row block at a time (``flame-ext convert --layout torchtitan:...``), against
+torchtitan's own ``scripts/checkpoint_conversion/convert_from_hf.py``. That script is not shipped in the 0.3.0
+wheel, so its steps are run here with torchtitan's public API: build the whole model, ``to_hf`` of its state
+dict, ``dcp.load`` of the HF files into it, ``from_hf`` on the whole state dict, ``dcp.save``.
 
-Each contender runs in a fresh subprocess; the figures are its own wall seconds, CPU seconds and peak RSS. The
-HF folder is generated one layer per safetensors file (random bf16, shapes from torchtitan's own ``to_hf`` on
-``meta``), never the whole model in memory. Sizes are ``LxE`` (layers x experts per layer) on qwen3's MoE
-debug model widened to ``--dim`` (expert hidden size = dim).
+Each contender runs in a fresh subprocess; the figures are its own wall seconds, CPU seconds and peak RSS, and
+for each size one row gives flame-ext's figures as ratios of torchtitan's. The last line says how flame-ext's
+peak RSS and torchtitan's move from the smallest size to the largest. The HF folder is generated one layer per
+safetensors file (random bf16, shapes from torchtitan's own ``to_hf`` on ``meta``), never the whole model in
+memory. Sizes are ``LxE`` (layers x experts per layer) on qwen3's MoE debug model widened to ``--dim`` (expert
+hidden size = dim).
 
-    python bench/bench_native_convert.py                       # 8x16 and 32x16, then 8x64
+    python bench/bench_native_convert.py                       # 2x32, 8x32 (layers x4), 2x128, 2x512 (experts x4)
     python bench/bench_native_convert.py --sizes 8x16 32x16 --dim 512
 
 This module is also the torchtitan config registry the conversion names (``--layout
@@ -125,7 +128,7 @@ def whole_state_dict(hf: str, out: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", nargs="+", default=["8x16", "32x16", "8x64"], help="LAYERSxEXPERTS")
+    ap.add_argument("--sizes", nargs="+", default=["2x32", "8x32", "2x128", "2x512"], help="LAYERSxEXPERTS")
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
@@ -133,6 +136,7 @@ def main() -> None:
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-native-"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    measured: dict[str, dict] = {}
     print(f"{'size':>8} {'HF MB':>8} {'contender':<22} {'wall s':>8} {'CPU s':>8} {'peak RSS MB':>12}")
     try:
         for size in args.sizes:
@@ -156,8 +160,20 @@ def main() -> None:
                 print(
                     f"{size:>8} {nbytes / 2**20:>8.0f} {name:<22} {run.wall:>8.1f} {run.cpu:>8.1f} {run.rss_mb:>12.0f}"
                 )
+                measured.setdefault(size, {})[name] = run
+            ours, theirs = measured[size]["flame-ext (streamed)"], measured[size]["whole state dict"]
+            print(
+                f"{size:>8} {'':>8} {'flame-ext / whole':<22} {ours.wall / theirs.wall:>7.2f}x "
+                f"{ours.cpu / theirs.cpu:>7.2f}x {ours.rss_mb / theirs.rss_mb:>11.2f}x"
+            )
             for folder in (hf, root / f"ours-{size}", root / f"theirs-{size}"):
                 shutil.rmtree(folder, ignore_errors=True)
+        first, last = measured[args.sizes[0]], measured[args.sizes[-1]]
+        print(
+            f"peak RSS from {args.sizes[0]} to {args.sizes[-1]}: flame-ext "
+            f"{first['flame-ext (streamed)'].rss_mb:.0f} -> {last['flame-ext (streamed)'].rss_mb:.0f} MB, "
+            f"whole state dict {first['whole state dict'].rss_mb:.0f} -> {last['whole state dict'].rss_mb:.0f} MB"
+        )
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -10,7 +10,12 @@ memory. Here it is applied to one group of HF tensors at a time:
   tensors gives the native keys, shapes and dtypes that group yields, checked against the whole-model mapping
   and against what the model's ``state_dict()`` asks for, before a byte is written;
 - when writing, a group's HF tensors are read (mapped from the files), ``from_hf`` is applied to them, and
-  its outputs are handed to the streaming writer row block by row block, then dropped.
+  its outputs are handed to the streaming writer row block by row block, then dropped;
+- an output the adapter makes by stacking HF tensors along its first dimension (an MoE layer's ``[E, ...]``
+  experts) is never built whole: which HF tensors it stacks, in which order, is watched on the adapter's own
+  ``from_hf`` call (``native_stacks``), that call gets them as ``meta``, and each row block the writer asks for
+  is those rows' HF tensors copied in, one at a time. Memory is then one row block, whatever the number of
+  experts.
 
 An adapter that needs a key from elsewhere in every call (``from_hf`` of a tied model copies the embedding to
 ``lm_head`` and asserts the embedding is there) gets the other non-layer keys as ``meta`` companions: what it
@@ -29,6 +34,7 @@ from typing import Any
 
 import torch
 
+from flame_ext.convert.native_stacks import apply_watching_stacks
 from flame_ext.errors import CheckpointFormatError
 from flame_ext.io.dcp_save import WriteEntry
 from flame_ext.io.hf import HFCheckpoint, map_tensor
@@ -66,18 +72,29 @@ class NativePlan:
     tied: list[str] = field(default_factory=list)  # native keys that are another key's values (a tied head)
 
 
+@dataclass(frozen=True)
+class _Stacked:
+    """A native tensor the adapter stacks from HF tensors along its first dimension: row ``i`` is ``keys[i]``."""
+
+    keys: list[str]
+    dtype: torch.dtype  # as written (after any --dtype cast)
+
+
 class _Groups:
     """Runs ``from_hf`` on one group at a time and serves its outputs' rows to the writer threads.
 
     A group's outputs are computed on first request and dropped when every row of every output has been
-    served: the writer asks for entries in plan order, so at most a group per writer thread is held.
+    served: the writer asks for entries in plan order, so at most a group per writer thread is held. Stacked
+    outputs (``stacked``: group -> native key -> HF keys) are not computed by that call: their HF tensors are
+    given to it as ``meta``, and each row block is copied from the files when asked for.
     """
 
     def __init__(self, native: NativeModel, hf: HFCheckpoint, members: dict[str, list[str]],
-                 companions: dict[str, list[str]], outputs: dict[str, dict[str, TensorSpec]]) -> None:  # fmt: skip
+                 companions: dict[str, list[str]], outputs: dict[str, dict[str, TensorSpec]],
+                 stacked: dict[str, dict[str, list[str]]]) -> None:  # fmt: skip
         self._native, self._hf = native, hf
-        self._members, self._companions, self._outputs = members, companions, outputs
-        self._held: dict[str, dict[str, torch.Tensor]] = {}
+        self._members, self._companions, self._outputs, self._stacked = members, companions, outputs, stacked
+        self._held: dict[str, dict[str, torch.Tensor | _Stacked]] = {}
         self._left: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -89,30 +106,68 @@ class _Groups:
                     tensors = self._held[group] = self._convert(group)
                     self._left[group] = sum(max(1, s.shape[0] if s.shape else 1) for s in self._outputs[group].values())
                 value = tensors[key]
-                block = value[start:end] if value.dim() else value
-                self._left[group] -= (end - start) if value.dim() else 1
+                scalar = isinstance(value, torch.Tensor) and not value.dim()
+                block = value if scalar or isinstance(value, _Stacked) else value[start:end]
+                self._left[group] -= 1 if scalar else end - start
                 if self._left[group] <= 0:
                     del self._held[group], self._left[group]
-            return block
+            return self._stack_rows(block, start, end) if isinstance(block, _Stacked) else block
 
         return read_rows
 
-    def _convert(self, group: str) -> dict[str, torch.Tensor]:
-        hf_sd: dict[str, Any] = {k: map_tensor(self._hf.tensors[k]) for k in self._members[group]}
+    def _stack_rows(self, stacked: _Stacked, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of ``torch.stack`` of the HF tensors, one HF tensor mapped at a time."""
+        first = self._hf.tensors[stacked.keys[start]].spec
+        rows = torch.empty((end - start, *first.shape), dtype=getattr(torch, first.dtype))
+        for i, hf_key in enumerate(stacked.keys[start:end]):
+            rows[i].copy_(map_tensor(self._hf.tensors[hf_key]))
+        return rows.to(stacked.dtype)
+
+    def _convert(self, group: str) -> dict[str, torch.Tensor | _Stacked]:
+        planned = self._stacked.get(group, {})
+        lazy = {k for keys in planned.values() for k in keys}
+        hf_sd: dict[str, Any] = {
+            k: _meta(self._hf.tensors[k].spec) if k in lazy else map_tensor(self._hf.tensors[k])
+            for k in self._members[group]
+        }
         hf_sd.update({k: _meta(self._hf.tensors[k].spec) for k in self._companions.get(group, [])})
-        out = self._native.adapter.from_hf(hf_sd)
+        out, stacked = apply_watching_stacks(self._native.adapter.from_hf, hf_sd)
         wanted = self._outputs[group]
         got = {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and not v.is_meta and k in wanted}
-        if set(got) != set(wanted):
+        if set(got) | set(planned) != set(wanted) or any(stacked.get(k) != keys for k, keys in planned.items()):
             raise CheckpointFormatError(
-                f"{type(self._native.adapter).__name__}.from_hf on {group} gave {sorted(got)}, planned {sorted(wanted)}"
+                f"{type(self._native.adapter).__name__}.from_hf on {group} gave {sorted(got)} (stacked: "
+                f"{sorted(stacked)}), planned {sorted(wanted)} (stacked: {sorted(planned)})"
             )
-        return {k: v.to(getattr(torch, wanted[k].dtype)).contiguous() for k, v in got.items()}
+        held: dict[str, torch.Tensor | _Stacked] = {
+            k: v.to(getattr(torch, wanted[k].dtype)).contiguous() for k, v in got.items()
+        }
+        held.update({k: _Stacked(keys, getattr(torch, wanted[k].dtype)) for k, keys in planned.items()})
+        return held
 
 
 def _apply_on_meta(native: NativeModel, specs: dict[str, TensorSpec]) -> dict[str, TensorSpec]:
-    out = native.adapter.from_hf({k: _meta(s) for k, s in specs.items()})
-    return {k: TensorSpec(tuple(v.shape), dtype_name(v.dtype)) for k, v in out.items() if isinstance(v, torch.Tensor)}
+    return _apply_on_meta_watching(native, specs)[0]
+
+
+def _apply_on_meta_watching(
+    native: NativeModel, specs: dict[str, TensorSpec]
+) -> tuple[dict[str, TensorSpec], dict[str, list[str]]]:
+    """``from_hf`` on ``meta`` tensors: the native keys, shapes and dtypes it gives, and the outputs it stacks."""
+    out, stacked = apply_watching_stacks(native.adapter.from_hf, {k: _meta(s) for k, s in specs.items()})
+    made = {k: TensorSpec(tuple(v.shape), dtype_name(v.dtype)) for k, v in out.items() if isinstance(v, torch.Tensor)}
+    return made, {k: keys for k, keys in stacked.items() if k in made}
+
+
+def _rows_are(out: TensorSpec | None, keys: list[str], hf_specs: dict[str, TensorSpec]) -> bool:
+    """Whether ``out`` is the HF tensors ``keys`` of this group, one a row, as stored."""
+    specs = [hf_specs.get(k) for k in keys]
+    return (
+        out is not None
+        and all(s == specs[0] for s in specs)
+        and specs[0] is not None
+        and (out.shape == (len(keys), *specs[0].shape) and out.dtype == specs[0].dtype)
+    )
 
 
 def plan_native(hf: HFCheckpoint, native: NativeModel, *, dtype: str) -> NativePlan:
@@ -133,17 +188,19 @@ def plan_native(hf: HFCheckpoint, native: NativeModel, *, dtype: str) -> NativeP
     rest = [k for k in hf.tensors if not _LAYER.search(k)]
     outputs: dict[str, dict[str, TensorSpec]] = {}
     companions: dict[str, list[str]] = {}
+    stacked: dict[str, dict[str, list[str]]] = {}
     owner: dict[str, str] = {}
     for group in sorted(members, key=_group_order):
         mine = {k: hf_specs[k] for k in members[group]}
         try:
-            made = _apply_on_meta(native, mine)
+            made, stacks = _apply_on_meta_watching(native, mine)
         except Exception:
             others = [k for k in rest if k not in mine]
             companions[group] = others
-            made_with = _apply_on_meta(native, {**mine, **{k: hf_specs[k] for k in others}})
+            made_with, stacks = _apply_on_meta_watching(native, {**mine, **{k: hf_specs[k] for k in others}})
             made_alone = _apply_on_meta(native, {k: hf_specs[k] for k in others}) if others else {}
             made = {k: v for k, v in made_with.items() if k not in made_alone}
+        stacked[group] = {k: keys for k, keys in stacks.items() if _rows_are(made.get(k), keys, mine)}
         twice = [k for k in made if k in owner]
         if twice:
             raise CheckpointFormatError(
@@ -175,7 +232,7 @@ def plan_native(hf: HFCheckpoint, native: NativeModel, *, dtype: str) -> NativeP
         raise CheckpointFormatError(
             f"{hf.source}: cannot convert to torchtitan's {native.module} ({native.config}): " + " | ".join(problems)
         )
-    groups_reader = _Groups(native, hf, members, companions, outputs)
+    groups_reader = _Groups(native, hf, members, companions, outputs, stacked)
     groups: list[list[WriteEntry]] = []
     for group in sorted(members, key=_group_order):
         entries = []

@@ -96,8 +96,13 @@ SLOW = {
 # torchtitan 0.3's own models (a layer at a time against torchtitan's whole-state-dict path).
 NATIVE = {
     "bench_native_convert.py": (
-        ["--sizes", "2x2", "--dim", "64"],
-        [rf"2x2\s+{NUMBER}"],
+        ["--sizes", "2x2", "2x4", "--dim", "64"],
+        [
+            rf"2x2\s+{NUMBER}\s+flame-ext \(streamed\)\s+{NUMBER}",
+            rf"2x4\s+{NUMBER}\s+whole state dict\s+{NUMBER}",
+            rf"2x4\s+flame-ext / whole\s+{NUMBER}x\s+{NUMBER}x\s+{NUMBER}x",
+            rf"peak RSS from 2x2 to 2x4: flame-ext {NUMBER} -> {NUMBER} MB, whole state dict {NUMBER} -> {NUMBER} MB",
+        ],
     ),
 }
 # Not a measurement: draws docs/images/demo-broken-start.png (here into a temporary file).
