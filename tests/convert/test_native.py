@@ -130,6 +130,50 @@ def test_torchtitan_01_refuses_the_native_layout_in_one_line(tiny_model, tmp_pat
     assert proc.returncode == 2 and "needs torchtitan >= 0.3" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def cli_env() -> dict[str, str]:
+    """The test registry importable by the CLI's own process."""
+    tests = str(Path(__file__).parents[1])
+    return {"PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+
+
+@titan03
+@pytest.mark.slow
+def test_deepseek_v3_converts_with_the_hf_reference_loss(hf_folders, tiny_model, tmp_path):
+    """The config.json written for the torchtitan config builds in transformers (one group of every expert,
+    not its default of 8) and its reference loss is recorded."""
+    import shutil
+
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_folders["deepseek_v3_tiny"], hf)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(tiny_model / name, hf / name)  # byte-level: every id fits the 2048-token vocabulary
+    proc = run_cli("convert", "--model", str(hf), "--checkpoint", str(tmp_path / "dcp"), "--layout", LAYOUT,
+                   "--titan-config", "deepseek_v3_tiny", env=cli_env())  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "HF reference loss" in proc.stdout + proc.stderr
+    reference = json.loads((tmp_path / "dcp" / "flame_ext.json").read_text())["reference"]
+    assert 7.0 < reference["loss_mean"] < 8.5  # about ln(2048) = 7.6 for a random model
+
+
+@titan03
+@pytest.mark.slow
+def test_a_router_hf_cannot_express_is_refused_in_one_line(hf_folders, tmp_path):
+    """torchtitan's deepseek_v3 debug router scores with a softmax, transformers' deepseek_v3 only with a
+    sigmoid: refused before anything is written, naming the field and both values; allowed by the override."""
+    hf, out = hf_folders["deepseek_v3_tiny"], tmp_path / "o"
+    args = ("convert", "--model", str(hf), "--checkpoint", str(out), "--layout", LAYOUT,
+            "--titan-config", "deepseek_v3_softmax_tiny", "--no-reference")  # fmt: skip
+    proc = run_cli(*args, env=cli_env())
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if "config mismatch" in x]
+    assert "scoring_func" in line and "'softmax'" in line and "'sigmoid'" in line
+    assert "--allow-config-mismatch scoring_func" in line
+    assert not out.exists()
+    proc = run_cli(*args, "--allow-config-mismatch", "scoring_func", env=cli_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "scoring_func" in proc.stdout + proc.stderr
+
+
 @titan03
 @pytest.mark.parametrize("function", ONE_FAST)
 def test_hf_to_native_to_hf_is_bit_exact(hf_folders, tmp_path, function):

@@ -57,10 +57,27 @@ def qwen3_moe_tiny():
     return _experts(_cut(qwen3_moe_debug(), 2), 4)
 
 
-def deepseek_v3_tiny():
+def _deepseek_v3(score_func: str):
     from torchtitan.models.deepseek_v3.config_registry import deepseek_v3_debugmodel
 
-    return _experts(_cut(deepseek_v3_debugmodel(), 3), 4)  # a dense first layer, then MoE with shared experts
+    config = _experts(_cut(deepseek_v3_debugmodel(), 3), 4)
+    for layer in config.model_spec.model.layers:
+        router = getattr(getattr(layer, "moe", None), "router", None)
+        if router is not None:
+            router.score_func, router.route_norm, router.route_scale = score_func, True, 2.5
+    return config
+
+
+def deepseek_v3_tiny():
+    """A dense first layer, then MoE with shared experts, routed as DeepSeek-V3 routes (and as transformers'
+    deepseek_v3 can only route): sigmoid scores, normalized over the top-k and scaled; no expert groups."""
+    return _deepseek_v3("sigmoid")
+
+
+def deepseek_v3_softmax_tiny():
+    """deepseek_v3_tiny scoring experts with a softmax (as torchtitan's debug router does): no HF deepseek_v3
+    config can express it."""
+    return _deepseek_v3("softmax")
 
 
 def moe_sized(layers: int, experts: int):

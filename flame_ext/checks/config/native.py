@@ -6,6 +6,9 @@ not from the HF ``config.json``. The two can disagree while every key and shape 
 in HF's field names (``native_fields``) and compares each field the HF config has (``native_config_problems``):
 dims, heads, kv heads, head dim, vocabulary, layers, FFN size, rope theta and scaling, norm eps, tied
 embeddings, attention bias, low-rank attention sizes, and for MoE the experts, top-k, expert size and routing.
+Some of these an HF model does not read from its config but fixes in its code (transformers' deepseek_v3
+always scores experts with a sigmoid, qwen3_moe with a softmax and no shared experts): those are compared as
+the fixed value (``HF_FIXED``), so a torchtitan config HF cannot express is refused too.
 
 A disagreement is an error; ``--allow-config-mismatch FIELD`` (repeatable) makes that field's a warning,
 for a deliberate change (a longer-context rope, say). The torchtitan config is read by its attributes only:
@@ -14,6 +17,7 @@ this module imports no torchtitan, so it reads a 0.3 config and a 0.1 ``ModelArg
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,6 +27,7 @@ from flame_ext.report import Problem
 
 __all__ = [
     "NATIVE_FIELDS",
+    "HF_FIXED",
     "native_fields",
     "native_config_problems",
     "check_allowed_fields",
@@ -54,6 +59,8 @@ NATIVE_FIELDS: dict[str, tuple[str, ...]] = {
     "rope_scaling.beta_slow": ("rope_scaling.beta_slow",),
     "rope_scaling.mscale_all_dim": ("rope_scaling.mscale_all_dim",),
     "rope_scaling.truncate": ("rope_scaling.truncate",),
+    "rope_scaling.attention_factor": ("rope_scaling.attention_factor",),
+    "rope_interleave": ("rope_interleave",),
     "q_lora_rank": ("q_lora_rank",),
     "kv_lora_rank": ("kv_lora_rank",),
     "qk_nope_head_dim": ("qk_nope_head_dim",),
@@ -75,9 +82,24 @@ NATIVE_FIELDS: dict[str, tuple[str, ...]] = {
 # torchtitan's rope scaling names, as HF's rope_type.
 _ROPE_TYPES = {"none": "default", "llama": "llama3", "yarn": "yarn"}
 
-# Spellings of "none" that mean the same model: no low-rank query is rank 0 in torchtitan and None in HF;
-# no expert groups is None in torchtitan and one group in HF.
-_SAME_AS_NONE = {"q_lora_rank": 0, "n_group": 1, "topk_group": 1}
+# Spellings of "none" that mean the same model: no low-rank query is rank 0 in torchtitan and None in HF.
+# (No expert groups is None in torchtitan and one group of every expert in HF, which reads a null n_group as
+# its default of 8 groups: ``_moe_fields`` gives torchtitan's None as 1, written and compared as 1.)
+_SAME_AS_NONE = {"q_lora_rank": 0}
+
+# What an HF model type fixes in its code rather than reading from its config, in HF's field names: compared
+# like a config field when the config has no such field (transformers' deepseek_v3 router always scores with
+# a sigmoid; qwen3_moe's with a softmax, without routed scaling, expert groups or shared experts).
+HF_FIXED: dict[str, dict[str, Any]] = {
+    "deepseek_v3": {"scoring_func": "sigmoid"},
+    "qwen3_moe": {
+        "scoring_func": "softmax",
+        "routed_scaling_factor": 1.0,
+        "n_group": 1,
+        "topk_group": 1,
+        "n_shared_experts": 0,
+    },
+}
 
 
 def _first(items: Iterable[Any], test: Any) -> Any:
@@ -106,6 +128,9 @@ def _rope_fields(rope: Any, attention: Any) -> dict[str, Any]:
         out["rope_scaling.truncate"] = rope.truncate
         if getattr(attention, "mscale", None) is not None:  # DeepSeek folds it into the softmax scale
             out["rope_scaling.mscale_all_dim"] = attention.mscale
+            # ... and keeps the rotation itself unscaled, where HF scales cos/sin by an attention factor
+            # derived from mscale and mscale_all_dim (1 when they are equal, as in DeepSeek's own configs)
+            out["rope_scaling.attention_factor"] = 1.0
     return out
 
 
@@ -125,8 +150,9 @@ def _moe_fields(layers: list[Any]) -> dict[str, Any]:
         "mlp_only_layers": [i for i in range(len(layers)) if i not in moe_ids],
         "norm_topk_prob": router.route_norm,
         "routed_scaling_factor": router.route_scale,
-        "n_group": router.num_expert_groups,
-        "topk_group": router.num_limited_groups,
+        # torchtitan without groups routes over all experts: one group, chosen (HF has no "no groups")
+        "n_group": router.num_expert_groups or 1,
+        "topk_group": router.num_limited_groups if router.num_expert_groups else 1,
         "scoring_func": router.score_func,
     }
     shared = _out_features(getattr(getattr(moe, "shared_experts", None), "w1", None))
@@ -161,6 +187,9 @@ def _fields_03(config: Any) -> dict[str, Any]:
         out["num_key_value_heads"] = n_heads
         for name in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             out[name] = getattr(attention, name)
+        # Its rotary embedding rotates adjacent pairs and its adapter keeps HF's rope rows as they are: the HF
+        # weights must be in DeepSeek's interleaved layout.
+        out["rope_interleave"] = True
     if getattr(attention, "rope", None) is not None:
         out.update(_rope_fields(attention.rope, attention))
     dense = _first(layers, lambda layer: getattr(layer, "feed_forward", None) is not None)
@@ -207,6 +236,26 @@ def _comparable(name: str, value: Any) -> Any:
     return _SAME_AS_NONE[name] if value is None and name in _SAME_AS_NONE else value
 
 
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _hf_effective(hf: dict[str, Any]) -> dict[str, Any]:
+    """``hf`` (normalized) with what its model computes but does not spell out: the values its model type fixes
+    (``HF_FIXED``) and YaRN's attention factor, which transformers derives when the config has none (from
+    mscale over mscale_all_dim when both are set, else from the factor alone)."""
+    out = {**HF_FIXED.get(str(hf.get("model_type")), {}), **hf}
+    if out.get("rope_type") == "yarn" and out.get("rope_scaling.attention_factor") is None:
+        factor = out.get("rope_scaling.factor") or (
+            out.get("max_position_embeddings", 0) / out.get("rope_scaling.original_max_position_embeddings", 1)
+        )
+        mscale, all_dim = out.get("rope_scaling.mscale"), out.get("rope_scaling.mscale_all_dim")
+        out["rope_scaling.attention_factor"] = (
+            _yarn_mscale(factor, mscale) / _yarn_mscale(factor, all_dim) if mscale and all_dim else _yarn_mscale(factor)
+        )
+    return out
+
+
 def check_allowed_fields(allow: Iterable[str]) -> frozenset[str]:
     """The ``--allow-config-mismatch`` fields, each one the check compares; one line naming them otherwise."""
     allow = frozenset(allow)
@@ -232,7 +281,8 @@ def native_config_problems(
     its transformers class fills in the defaults, as the HF model would see them."""
     allow = check_allowed_fields(allow)
     native = native_fields(model_config)
-    hf = normalized_config(hf_config, what=hf_name)
+    read = normalized_config(hf_config, what=hf_name)
+    hf = _hf_effective(read)
     if hf.get("head_dim") is None and hf.get("num_attention_heads"):  # what HF models derive when it is unset
         hf["head_dim"] = hf.get("hidden_size", 0) // hf["num_attention_heads"]
     problems = []
@@ -244,12 +294,18 @@ def native_config_problems(
         if same_value(ours, theirs):
             continue
         allowed = name in allow
+        if hf_field in read:
+            theirs_said = f"the HF config {hf_name} has {hf[hf_field]!r}"
+        elif hf_field in HF_FIXED.get(str(read.get("model_type")), {}):
+            theirs_said = f"transformers' {read.get('model_type')} always uses {hf[hf_field]!r} (not a config field)"
+        else:
+            theirs_said = f"the HF config {hf_name} implies {hf[hf_field]!r}"
         problems.append(
             Problem(
                 "config_mismatch",
                 "warning" if allowed else "error",
                 hf_field,
-                f"{native_name} has {native[name]!r}, the HF config {hf_name} has {hf[hf_field]!r}",
+                f"{native_name} has {native[name]!r}, {theirs_said}",
                 "allowed by --allow-config-mismatch: the model trains with the torchtitan value"
                 if allowed
                 else f"the torchtitan model computes something else than the HF model these weights come from; "

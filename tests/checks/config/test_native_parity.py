@@ -68,7 +68,8 @@ def hf_qwen3(**over) -> dict:
 
 
 def hf_deepseek_v3(**over) -> dict:
-    """The HF config of torchtitan's deepseek_v3 debugmodel (MoE with a dense first layer, MLA, YaRN)."""
+    """The HF config of torchtitan's deepseek_v3 debugmodel with a sigmoid router (``sigmoid_routed``: HF's
+    deepseek_v3 has no other): MoE with a dense first layer, MLA, YaRN with the rotation unscaled."""
     config = {
         "model_type": "deepseek_v3",
         "hidden_size": 256,
@@ -98,7 +99,7 @@ def hf_deepseek_v3(**over) -> dict:
             "factor": 40.0,
             "beta_fast": 32.0,
             "beta_slow": 1.0,
-            "mscale": 1.0,
+            "mscale": 0.7,
             "mscale_all_dim": 0.7,
             "original_max_position_embeddings": 4096,
         },
@@ -111,7 +112,19 @@ def hf_deepseek_v3(**over) -> dict:
 def torchtitan_config(module: str, flavor: str = "debugmodel"):
     import importlib
 
-    return importlib.import_module(f"torchtitan.models.{module}").model_registry(flavor).model
+    config = importlib.import_module(f"torchtitan.models.{module}").model_registry(flavor).model
+    return sigmoid_routed(config) if module == "deepseek_v3" else config
+
+
+def routers(config) -> list:
+    return [layer.moe.router for layer in config.layers if getattr(layer, "moe", None) is not None]
+
+
+def sigmoid_routed(config):
+    """torchtitan's deepseek_v3 debugmodel scores experts with a softmax; DeepSeek-V3 (and HF) with a sigmoid."""
+    for router in routers(config):
+        router.score_func = "sigmoid"
+    return config
 
 
 def problems(module: str, hf: dict, flavor: str = "debugmodel", config=None, **kw):
@@ -145,6 +158,83 @@ def test_the_hf_config_written_for_a_torchtitan_config_matches_it(module, flavor
     hf = hf_config_for(config, model_type)
     assert hf["model_type"] == model_type and hf["rope_theta"] == native_fields(config)["rope_theta"]
     assert problems(module, hf, config=config) == []
+
+
+@titan03
+def test_a_score_function_hf_does_not_have_is_refused_naming_both_values():
+    """torchtitan's own deepseek_v3 debugmodel routes with a softmax: no HF deepseek_v3 config can say so."""
+    import importlib
+
+    config = importlib.import_module("torchtitan.models.deepseek_v3").model_registry("debugmodel").model
+    (problem,) = problems("deepseek_v3", hf_deepseek_v3(), config=config)
+    assert problem.key == "scoring_func" and problem.severity == "error"
+    assert problem.detail == (
+        "torchtitan:deepseek_v3 has 'softmax', transformers' deepseek_v3 always uses 'sigmoid' (not a config field)"
+    )
+    with pytest.raises(InputError) as info:
+        refuse_config_mismatch([problem])
+    (line,) = str(info.value).splitlines()
+    assert "--allow-config-mismatch scoring_func" in line
+    (allowed,) = problems("deepseek_v3", hf_deepseek_v3(), config=config, allow=["scoring_func"])
+    assert allowed.severity == "warning"
+
+
+@titan03
+def test_no_expert_groups_is_written_as_one_group_of_every_expert():
+    """torchtitan's router without groups; HF reads a missing or null n_group as its default, 8 groups."""
+    config = torchtitan_config("deepseek_v3")
+    assert {(r.num_expert_groups, r.num_limited_groups) for r in routers(config)} == {(None, None)}
+    hf = hf_config_for(config, "deepseek_v3")
+    assert (hf["n_group"], hf["topk_group"]) == (1, 1)
+    assert problems("deepseek_v3", hf_deepseek_v3(n_group=None, topk_group=None)) != []
+    found = problems("deepseek_v3", {k: v for k, v in hf_deepseek_v3().items() if k not in ("n_group", "topk_group")})
+    assert {(p.key, p.detail) for p in found} == {
+        ("n_group", "torchtitan:deepseek_v3 has 1, the HF config hf/config.json has 8"),
+        ("topk_group", "torchtitan:deepseek_v3 has 1, the HF config hf/config.json has 4"),
+    }
+
+
+@titan03
+def test_expert_groups_are_written_and_compared():
+    config = torchtitan_config("deepseek_v3")
+    for router in routers(config):
+        router.num_expert_groups, router.num_limited_groups = 4, 2
+    hf = hf_config_for(config, "deepseek_v3")
+    assert (hf["n_group"], hf["topk_group"]) == (4, 2)
+    assert problems("deepseek_v3", hf, config=config) == []
+    (problem,) = problems("deepseek_v3", {**hf, "topk_group": 1}, config=config)
+    assert problem.key == "topk_group" and "has 2" in problem.detail and "has 1" in problem.detail
+
+
+@titan03
+def test_routing_scale_norm_and_dense_layers_are_compared():
+    found = problems(
+        "deepseek_v3", hf_deepseek_v3(routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=2)
+    )
+    assert {p.key for p in found} == {"routed_scaling_factor", "norm_topk_prob", "first_k_dense_replace"}
+
+
+@titan03
+def test_a_scaled_rotation_and_a_rotate_half_layout_are_refused():
+    """torchtitan's DeepSeek attention folds YaRN's mscale into the softmax scale only; HF also scales cos/sin
+    unless mscale equals mscale_all_dim. Its rope rotates adjacent pairs: HF's rope_interleave."""
+    rope = {**hf_deepseek_v3()["rope_scaling"], "mscale": 1.0}
+    found = problems("deepseek_v3", hf_deepseek_v3(rope_scaling=rope, rope_interleave=False))
+    assert {p.key for p in found} == {"rope_scaling.attention_factor", "rope_interleave"}
+    (factor,) = [p for p in found if p.key == "rope_scaling.attention_factor"]
+    assert factor.detail.startswith("torchtitan:deepseek_v3 has 1.0, the HF config hf/config.json implies 1.08")
+
+
+@titan03
+def test_qwen3_moe_fixed_routing_is_compared():
+    """HF's qwen3_moe has no shared experts, groups or routed scaling: a torchtitan config with them is refused."""
+    config = torchtitan_config("qwen3", "debugmodel_moe")
+    hf = hf_config_for(config, "qwen3_moe")
+    assert "n_group" not in hf and "scoring_func" not in hf
+    for router in routers(config):
+        router.route_scale = 2.0
+    (problem,) = problems("qwen3", hf, config=config)
+    assert problem.key == "routed_scaling_factor" and "always uses 1.0" in problem.detail
 
 
 @titan03
