@@ -4,7 +4,8 @@ experts) loaded from a flame-ext native conversion (``convert --layout torchtita
 ``[E, ...]`` tensor, the load-balancing bias is a fresh key, and attention is Flex (the document masks its
 Trainer would build). The real 0.3 CheckpointManager verifies every loaded tensor against the fingerprints
 recorded under the native keys and compares the model's step-0 loss with the HF reference; a checkpoint whose
-one expert's slice of one stacked tensor was changed after conversion is stopped, naming that native key.
+one expert's slice of one stacked tensor was changed after conversion is stopped, naming that native key. Dense
+qwen3 goes through the same checks (its damage: the first quarter of one q projection's rows reordered).
 
 Slow: the first Flex forward pass on the CPU compiles (about 30 s on 2 cores)."""
 
@@ -21,10 +22,15 @@ pytestmark = [
     pytest.mark.slow,
 ]
 
-# The model's tensor count (the stacked experts and expert_bias_E among them).
-TENSORS = {"qwen3_moe_tiny": 29, "deepseek_v3_tiny": 43}
+# The model's tensor count (the stacked experts and expert_bias_E among them); dense qwen3 beside its MoE.
+TENSORS = {"qwen3_tiny": 25, "qwen3_moe_tiny": 29, "deepseek_v3_tiny": 43}
 W1 = "layers.1.moe.routed_experts.inner_experts.w1_EFD"  # [experts, ffn, dim]: every expert's w1, stacked
+WQ = "layers.1.attention.qkv_linear.wq.weight"  # dense qwen3: one q head's rows reordered instead
 EXPERT = 2
+
+
+def _damaged_key(function: str) -> str:
+    return WQ if function == "qwen3_tiny" else W1
 
 
 @pytest.fixture(scope="module", params=sorted(TENSORS))
@@ -67,7 +73,7 @@ def test_every_loaded_tensor_of_the_moe_model_is_verified_and_the_loss_compared(
     assert manager.load() is True
     report = manager.initial_load_report
     total = len(model.state_dict())
-    assert total == TENSORS[function] and W1 in model.state_dict()
+    assert total == TENSORS[function] and _damaged_key(function) in model.state_dict()
     assert report.ok and f"values: {total} of {total} tensors verified" in " ".join(report.notes)
     assert "loss" in report.checked and abs(report.loss.delta) < 0.01 and report.loss.token_delta < 0.01
 
@@ -77,16 +83,19 @@ def test_one_experts_slice_changed_after_conversion_is_stopped_naming_the_native
 
     from flame_ext.errors import InitialLoadValidationError
 
-    def damage_one_expert(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        w1 = sd[W1].clone()
-        w1[EXPERT] = w1[EXPERT].flip(0)  # this expert's rows in another order; every other expert untouched
-        return {**sd, W1: w1}
-
     function, dcp_dir = native
+    key = _damaged_key(function)
+
+    def damage_one_expert(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        w = sd[key].clone()
+        part = w[EXPERT] if key == W1 else w[: w.shape[0] // 4]  # one expert's slice; qwen3_tiny: q's first rows
+        part.copy_(part.flip(0))  # those rows in another order; everything else untouched
+        return {**sd, key: w}
+
     damaged = rewrite_dcp(dcp_dir, tmp_path / "damaged", damage_one_expert)
     manager = build_manager(_model(function), tmp_path / "run", initial_load_path=str(damaged),
                             validate_initial_load=True)  # fmt: skip
     with pytest.raises(InitialLoadValidationError) as info:
         manager.load()
-    assert [p.key for p in info.value.report.errors if p.kind == "value_mismatch"] == [W1]
-    assert W1 in str(info.value)
+    assert [p.key for p in info.value.report.errors if p.kind == "value_mismatch"] == [key]
+    assert key in str(info.value)
