@@ -29,7 +29,7 @@ import shutil
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 from flame_ext.errors import DestinationError, FlameExtError
 
@@ -303,26 +303,58 @@ def _exclusive_lock(dest: Path) -> Iterator[None]:
         except OSError as exc:
             raise DestinationError(f"{dest.parent}: not writable ({exc.strerror})") from exc
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            lock.close()
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise DestinationError(
-                    f"{dest}: another flame-ext run is writing there now; wait for it to finish"
-                ) from exc
-            raise
-        with contextlib.suppress(OSError):
-            if os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino:
+            if _lock_taken(lock, path, dest):
                 break
+        except BaseException:
+            # Ctrl-C or a terminating signal between opening the file and holding it: the file this run may
+            # have created goes, unless another run holds it.
+            _remove_if_ours(lock, path)
+            raise
         lock.close()
     else:
         raise DestinationError(f"{path}: the lock file keeps changing; is another program removing it?")
     try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
+        try:
+            yield
+        finally:
+            _release(lock, path)
+    except BaseException:
+        _release(lock, path)  # a signal that cut the release short: once more (one signal cannot cut both)
+        raise
+
+
+def _release(lock: IO[str], path: Path) -> None:
+    """Remove the lock file if it is still the one this run holds, then close it (a second call does nothing)."""
+    if lock.closed:
+        return
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:  # held open: its inode is not reused meanwhile
             path.unlink()
-        lock.close()
+    lock.close()
+
+
+def _lock_taken(lock: IO[str], path: Path, dest: Path) -> bool:
+    """Take ``flock`` on the open ``lock``; True when it is still the file at ``path`` (else try again)."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise DestinationError(
+                f"{dest}: another flame-ext run is writing there now; wait for it to finish"
+            ) from exc
+        raise
+    with contextlib.suppress(OSError):
+        return os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino
+    return False
+
+
+def _remove_if_ours(lock: IO[str], path: Path) -> None:
+    """Remove the lock file when this process holds it or nobody does (a held ``flock`` is another run's)."""
+    with contextlib.suppress(OSError, ValueError):
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # already ours, or free: ours now
+        if os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino:
+            path.unlink()
+    lock.close()
 
 
 def _create_parents(folder: Path) -> list[Path]:
@@ -439,9 +471,13 @@ def _staging(dest: str | os.PathLike, kind: Kind, force: bool) -> Iterator[tuple
             tmp = dest.parent / f"{temp_prefix(dest)}{os.getpid()}"
             tmp.mkdir()
             try:
-                yield dest, tmp
-            finally:
-                _discard(tmp)  # after success it no longer exists; after a failure it is the half-written output
+                try:
+                    yield dest, tmp
+                finally:
+                    _discard(tmp)  # after success it no longer exists; after a failure it is the half-written output
+            except BaseException:
+                _discard(tmp)  # a signal that cut the first removal short: once more
+                raise
     except BaseException:
         _remove_created(created)
         raise
