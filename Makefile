@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 VENV01 := .venv-titan01
 
-.PHONY: demo lint test test-fast test-main test-titan01 bench clean
+.PHONY: demo lint test test-fast test-fast-a test-fast-b test-main test-titan01 bench clean
 
 $(VENV)/.installed: pyproject.toml requirements/titan03.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,10 +35,21 @@ test: lint
 	$(MAKE) -j2 --output-sync=target test-main test-titan01
 
 # A quick lane while working: one environment (torchtitan 0.3), no multi-process, training or catalogue runs
-# (marked slow), stop at the first failure; the ten slowest tests are listed at the end. `make test` is what CI
-# runs: every test, both environments.
+# (marked slow), stop at the first failure; the five slowest tests of each half are listed at its end. The tests
+# run in two halves side by side, one per core: FAST_B's folders, and everything else (a new folder lands there).
+# Each half builds its own session fixtures; the trained tiny models in the pytest cache are shared (written
+# atomically). `make test` is what CI runs: every test, both environments.
+FAST_B := tests/guard tests/checks tests/titan tests/diagnose tests/model tests/convert tests/commands
+FAST := $(VENV)/bin/python -m pytest -q -x -m "not slow" --durations=5
+
 test-fast: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q -x -m "not slow" --durations=10
+	$(MAKE) -j2 --output-sync=target test-fast-a test-fast-b
+
+test-fast-a: $(VENV)/.installed
+	$(FAST) tests $(addprefix --ignore=,$(FAST_B))
+
+test-fast-b: $(VENV)/.installed
+	$(FAST) $(FAST_B)
 
 test-main: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q
