@@ -327,10 +327,17 @@ def _release(lock: IO[str], path: Path) -> None:
     """Remove the lock file if it is still the one this run holds, then close it (a second call does nothing)."""
     if lock.closed:
         return
-    with contextlib.suppress(OSError):
-        if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:  # held open: its inode is not reused meanwhile
+    if _still_at(lock, path):  # held open: its inode is not reused meanwhile
+        with contextlib.suppress(OSError):
             path.unlink()
     lock.close()
+
+
+def _still_at(lock: IO[str], path: Path) -> bool:
+    """Whether the open ``lock`` is the file at ``path`` now (same inode)."""
+    with contextlib.suppress(OSError):
+        return os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino
+    return False
 
 
 def _lock_taken(lock: IO[str], path: Path, dest: Path) -> bool:
@@ -343,18 +350,17 @@ def _lock_taken(lock: IO[str], path: Path, dest: Path) -> bool:
                 f"{dest}: another flame-ext run is writing there now; wait for it to finish"
             ) from exc
         raise
-    with contextlib.suppress(OSError):
-        return os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino
-    return False
+    return _still_at(lock, path)
 
 
 def _remove_if_ours(lock: IO[str], path: Path) -> None:
     """Remove the lock file when this process holds it or nobody does (a held ``flock`` is another run's)."""
-    with contextlib.suppress(OSError, ValueError):
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # already ours, or free: ours now
-        if os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino:
-            path.unlink()
-    lock.close()
+    except (OSError, ValueError):  # another run's, or the file is already closed
+        lock.close()
+        return
+    _release(lock, path)
 
 
 def _create_parents(folder: Path) -> list[Path]:

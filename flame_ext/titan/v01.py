@@ -210,7 +210,7 @@ class ValidatingCheckpointManager(CheckpointManager):
         finally:
             self.states = kept
         record.start()
-        if force or self.async_mode == AsyncMode.DISABLED:
+        if synchronous:
             record.write_when_saved(None)
             return
         if self.async_mode == AsyncMode.ASYNC:
