@@ -76,6 +76,8 @@ class StepRecord:
         manifest = pending.finish()
         with self._lock:
             self.manifest = manifest
+        if self._completed():  # the save's callback ran before the sums ended, and so wrote nothing
+            self.write()
 
     def write_when_saved(self, result: Any) -> None:
         future = getattr(result, "upload_completion", result)  # AsyncSaveResponse: the upload's future
@@ -94,15 +96,19 @@ class StepRecord:
     def flush(self) -> None:
         """At a wait point: finish, then write if the save has completed; a failed save gets no record."""
         self.finish()
-        future = self._future
-        if future is None or (future.done() and not future.cancelled() and future.exception() is None):
+        if self._future is None or self._completed():
             self.write()
+
+    def _completed(self) -> bool:
+        """Whether the async save handed to ``write_when_saved`` has completed, and without an error."""
+        future = self._future
+        return future is not None and future.done() and not future.cancelled() and future.exception() is None
 
     def _on_done(self, future: Any) -> None:
         if future.cancelled() or future.exception() is not None:
             logger.warning("flame-ext: the save of %s did not complete; no save-time record written", self.folder)
             return
-        self.write()  # nothing yet if the sums are not finished: finish() writes then (the future is done)
+        self.write()  # nothing yet if the sums are not finished: finish() writes then
 
     def write(self) -> None:
         from flame_ext.io.manifest import write_manifest

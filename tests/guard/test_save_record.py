@@ -92,6 +92,25 @@ def test_an_optimizer_step_waits_for_the_background_sums_of_the_state_it_changes
     assert matches(late["fingerprints"]["tensors"]["model.weight"]["fingerprint"], fingerprint(before))
 
 
+def test_an_async_save_that_completes_before_its_sums_end_is_recorded_at_the_next_optimizer_step(tmp_path):
+    """The save's callback finds no record to write yet; the join at the next optimizer step writes it, not the
+    next save or the end of the run (a crash in between would leave the step unverifiable)."""
+    layer = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
+    for p in layer.parameters():
+        p.grad = torch.ones_like(p)
+    folder = tmp_path / "step-6"
+    folder.mkdir()
+    record = record_save({"model": layer.state_dict()}, step=6, checkpoint=str(folder), start=False)
+    future: Future = Future()
+    record.write_when_saved(future)
+    future.set_result(None)  # completed while the sums have not even started
+    assert not (folder / "flame_ext.json").exists()
+    optimizer.step()
+    assert read_manifest(folder)["step"] == 6
+    assert not record.waits
+
+
 def test_sums_started_after_the_save_or_never_give_the_record_of_a_save_whose_sums_began_at_once(tmp_path):
     """An async save starts the sums only once the host has staged its copy (``start=False``, then ``start()``);
     a save that failed before that never starts them, and the join sums them itself. Same record either way."""
