@@ -10,9 +10,9 @@ AdamW step so the optimizer state exists, then a timed save through the installe
 fresh model and manager that resume from it (timed). For an async save, "blocking" is what ``save()`` took
 (what the training loop waits for) and "total" includes waiting for the save to complete. The figures are the
 slowest rank's, best of ``--repeat`` (runs without and with the guard alternate; before each, the previous
-run's writes are flushed and, as root, the page cache is dropped); the table gives each guarded figure beside the unguarded one, as a ratio.
-A 1B model in fp32 with AdamW state is 12 GB, and an async save stages a copy of it: 24 GB, past this machine's
-memory, hence the default size.
+run's writes are flushed and, as root, the page cache is dropped); the table gives each guarded figure beside the
+unguarded one, as a ratio. A 1B model in fp32 with AdamW state is 12 GB, and an async save stages a copy of it:
+24 GB, past this machine's memory, hence the default size.
 """
 
 from __future__ import annotations
