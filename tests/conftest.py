@@ -25,14 +25,26 @@ from flame_ext.io.hf import DEFAULT_MODEL
 REPO = Path(__file__).resolve().parents[1]
 
 
+# ``once`` is for a test whose outcome cannot depend on the environment (what it exercises is torch, safetensors,
+# jsonschema and flame-ext's own formats, pinned alike in both), or a smoke run whose purpose (the script still
+# runs) one environment serves. `make test` runs the two environments side by side, so each such test runs in the
+# one that leaves both finishing together (docs/benchmarks.md, "Test suite").
+ENVIRONMENTS = ("0.1", "0.3")  # the torchtitan generations of .venv-titan01 and .venv
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests marked ``cuda`` run only where torch sees a GPU."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (fla's Triton kernels); this machine has none")
+    """Tests marked ``cuda`` run only where torch sees a GPU; tests marked ``once(generation)`` only in the
+    environment whose torchtitan is that generation."""
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (fla's Triton kernels); this machine has none")
+    here = titan_version()
     for item in items:
-        if item.get_closest_marker("cuda") is not None:  # the marker, not a parameter id that reads "cuda"
-            item.add_marker(skip)
+        if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
+            item.add_marker(no_gpu)  # the marker, not a parameter id that reads "cuda"
+        once = item.get_closest_marker("once")
+        if once is not None and once.args[0] not in ENVIRONMENTS:  # else a typo would skip it everywhere
+            raise pytest.UsageError(f"{item.nodeid}: once({once.args[0]!r}) names no environment: {ENVIRONMENTS}")
+        if once is not None and once.args[0] != here:
+            item.add_marker(pytest.mark.skip(reason=f"run once, in the torchtitan {once.args[0]} environment"))
 
 
 @pytest.fixture(scope="session")

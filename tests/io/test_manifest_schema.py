@@ -347,6 +347,7 @@ def tally():
 
 
 @pytest.mark.slow  # every field mutated, each refusal through diagnose and the guard (tens of CPU-s)
+@pytest.mark.once("0.3")  # the schema and flame-ext's reader of it: alike in both environments
 def test_every_field_of_a_manifest_mutated(workdir, tiny_model, guard_model, tally):
     base = json.loads((workdir / MANIFEST_NAME).read_text())
     file = workdir / MANIFEST_NAME
@@ -355,6 +356,7 @@ def test_every_field_of_a_manifest_mutated(workdir, tiny_model, guard_model, tal
 
 
 @pytest.mark.slow  # every field mutated, each refusal through diagnose and the guard (tens of CPU-s)
+@pytest.mark.once("0.3")  # the schema and flame-ext's reader of it: alike in both environments
 def test_every_field_of_a_reference_file_mutated(workdir, tiny_model, reference_file, guard_model, tmp_path, tally):
     base = json.loads(reference_file.read_text())
     file = tmp_path / "ref.json"
@@ -365,6 +367,7 @@ def test_every_field_of_a_reference_file_mutated(workdir, tiny_model, reference_
 
 
 @pytest.mark.slow  # every field of the new sections mutated (7 CPU-s)
+@pytest.mark.once("0.3")  # the schema and flame-ext's reader of it: alike in both environments
 def test_every_field_of_the_new_sections_mutated(tiny_dcp, tmp_path):
     """The fingerprints at other dtypes, the files' digests, the save-time record: refused or still valid."""
     manifest = json.loads((tiny_dcp / MANIFEST_NAME).read_text())

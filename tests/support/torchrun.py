@@ -23,6 +23,13 @@ def torchrun(ranks: int, *command: str) -> tuple[subprocess.CompletedProcess, fl
     return proc, time.monotonic() - start
 
 
+def failure(proc: subprocess.CompletedProcess) -> str:
+    """A failed run's stderr for an assertion message: first every rank's fatal lines, then the tail. A rank that
+    aborts prints its cause early; the tail then holds only the other ranks' teardown."""
+    fatal = [line for line in proc.stderr.splitlines() if re.search(r"Fatal|terminate|[Aa]bort|Error|error:", line)]
+    return "\n".join(fatal[:40]) + "\n...\n" + proc.stderr[-3000:]
+
+
 def two_nodes(*command: str) -> tuple[list[subprocess.CompletedProcess], float]:
     """Two torchrun agents of one rank each, as on two nodes: a rank's death is not seen by the other's agent,
     only by its rank through the process group."""

@@ -16,6 +16,7 @@ import torch
 from _models import hf_like_trainer, leave_rope_uninitialised, rope_is_right
 from _steps import key_ending, read_step, rewrite_step, train_step
 from support.titan_hosts import build_manager, save_step, titan_generation
+from support.torchrun import failure
 
 pytestmark = [
     pytest.mark.slow,
@@ -50,7 +51,7 @@ def test_two_ranks_save_then_two_and_one_resume(healthy, tiny_model, tmp_path):
         "--resume",
         str(run),
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, failure(proc)
     for (result,) in results:  # 2 -> 2
         assert result["ok"] and result["rope_right"], result
         assert any("values: 101 of 101 tensors verified" in n for n in result["notes"])
@@ -80,7 +81,7 @@ def test_one_rank_saves_two_resume_and_a_damage_stops_both(healthy, tiny_model, 
     key = key_ending(read_step(step1), "layers.1.mlp.up_proj.weight.exp_avg")
     rewrite_step(step1, damaged / "checkpoint" / "step-1", lambda sd: sd.__setitem__(key, sd[key] * torch.tensor(0.5)))
     proc, results = torchrun(tmp_path / "out", "--hf", str(tiny_model), "--resume", str(saved), str(damaged))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, failure(proc)
     for healthy_resume, damaged_resume in results:
         assert healthy_resume["ok"] and healthy_resume["rope_right"], healthy_resume  # 1 -> 2
         assert (damaged_resume["ok"], damaged_resume["kinds"], damaged_resume["keys"]) == (
@@ -99,11 +100,11 @@ def test_one_ranks_optimizer_shard_changed_by_the_load_stops_both_ranks(healthy,
     run = tmp_path / "run"
     args = ["--hf", str(tiny_model), "--first-load", str(healthy), "--dump", str(run)]
     proc, _ = torchrun(tmp_path / "saved", *args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, failure(proc)
     proc, results = torchrun(tmp_path / "control", "--hf", str(tiny_model), "--resume", str(run))
-    assert proc.returncode == 0 and all(result["ok"] for (result,) in results), proc.stderr[-3000:]
+    assert proc.returncode == 0 and all(result["ok"] for (result,) in results), failure(proc)
     proc, results = torchrun(tmp_path / "out", "--hf", str(tiny_model), "--resume", str(run), "--fault-rank", "1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, failure(proc)
     key = key_ending(read_step(run / "checkpoint" / "step-1"), "layers.1.mlp.up_proj.weight.exp_avg")
     for rank, (damaged,) in enumerate(results):
         assert (damaged["ok"], damaged["kinds"], damaged["keys"]) == (False, ["value_mismatch"], [key]), damaged
