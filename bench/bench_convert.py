@@ -31,7 +31,7 @@ both ratios are printed.
     python bench/bench_convert.py --workdir /big/disk --keep
     python bench/bench_convert.py --cache warm          # only the warm table (no root needed)
 
-Targets (issue 2): convert wall <= 1.5x copy; peak RSS <= 25% of the checkpoint size, flat as it grows.
+Limits: convert wall <= 1.5x copy; peak RSS <= 25% of the checkpoint size, flat as it grows.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ Rows (each command in a fresh process through ``fresh_process``: wall, CPU secon
   start-up above import torch vs 1.0 s   CPU seconds of convert / diagnose / to-hf on the embedded tiny model
                                          minus those of ``import torch``; limit 1.0 s
 
-The issue measured the first row on the 7B fp32 source converted to bf16; here every row uses one bf16
+The 7B table of docs/benchmarks.md measures the first row on the fp32 source cast to bf16; here every row uses one bf16
 checkpoint of ``--size`` (``7b``: the 7B shape in bf16), so the cast is not in it. ``--size tiny`` never drops
 the page cache (a test must not slow the machine down for everyone); the cold row then says so.
 """

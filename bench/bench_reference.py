@@ -21,7 +21,7 @@ Then the flatness table: peak RSS of the flame-ext rows at every size.
 ``--cold`` drops the page cache before each row (root) and reads the Python libraries back in: the
 checkpoint comes from the disk, the tools do not.
 
-Targets (issue 13): default convert <= 2 GB peak RSS at the 7B shape, flat in the model size; wall <= 2.0x
+Limits: default convert <= 2 GB peak RSS at the 7B shape, flat in the model size; wall <= 2.0x
 ``no-ref`` and <= 1.3x (read + ref-stream).
 """
 
