@@ -144,39 +144,18 @@ def conversion_rows(work: Path, size: str, cold: bool) -> list[Row]:
     files = sorted(src.glob("*.safetensors"))
     convert = CLI + ["convert", "--model", str(src), "--checkpoint", str(ckpt), "--no-reference"]
     rows = []
-    read = cat(files)
-    conv = fresh(convert)
-    rows.append(
-        Row(
-            "convert --no-reference vs cat",
-            f"{conv.wall:.1f} s vs {read.wall:.1f} s (warm)",
-            conv.wall / read.wall,
-            1.25,
-            "x",
-        )
-    )
-    if cold:
-        shutil.rmtree(ckpt)
-        durable = fresh(["sh", "-c", 'cp -r "$0" "$1" && sync', str(src), str(hf_out)], cold=True)
-        shutil.rmtree(hf_out)
-        conv = fresh(convert, cold=True)
-        figure = f"{conv.wall:.1f} s vs {durable.wall:.1f} s (cold)"
-        rows.append(Row(f"{total / 1e9:.2f} GB cold, vs cp + sync", figure, conv.wall / durable.wall, 1.3, "x"))
-    else:
-        durable = fresh(["sh", "-c", 'cp -r "$0" "$1" && sync', str(src), str(hf_out)])
-        shutil.rmtree(hf_out)
-        reason = "--size tiny" if size == "tiny" else "/proc/sys/vm/drop_caches is not writable (needs root)"
-        figure = f"{conv.wall:.1f} s vs {durable.wall:.1f} s (warm)"
-        rows.append(
-            Row(
-                f"{total / 1e9:.2f} GB cold, vs cp + sync",
-                figure,
-                conv.wall / durable.wall,
-                1.3,
-                "x",
-                f"  (page cache not dropped: {reason})",
-            )
-        )
+    # Both rows cold where the page cache can be dropped (as the limits are stated), else both warm, saying why.
+    state = "cold" if cold else "warm"
+    read = cat(files, cold)
+    conv = fresh(convert, cold)
+    figure = f"{conv.wall:.1f} s vs {read.wall:.1f} s ({state})"
+    rows.append(Row("convert --no-reference vs cat", figure, conv.wall / read.wall, 1.25, "x"))
+    durable = fresh(["sh", "-c", 'cp -r "$0" "$1" && sync', str(src), str(hf_out)], cold)
+    shutil.rmtree(hf_out)
+    reason = "--size tiny" if size == "tiny" else "/proc/sys/vm/drop_caches is not writable (needs root)"
+    note = "" if cold else f"  (page cache not dropped: {reason})"
+    figure = f"{conv.wall:.1f} s vs {durable.wall:.1f} s ({state})"
+    rows.append(Row(f"{total / 1e9:.2f} GB cold, vs cp + sync", figure, conv.wall / durable.wall, 1.3, "x", note))
     to_hf = fresh(CLI + ["to-hf", "--checkpoint", str(ckpt), "--config", str(src), "--out", str(hf_out)])
     rows.append(
         Row("to-hf vs convert, 1 rank", f"{to_hf.wall:.1f} s vs {conv.wall:.1f} s", to_hf.wall / conv.wall, 1.0, "x")
