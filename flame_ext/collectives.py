@@ -13,7 +13,16 @@ from typing import Any
 
 from flame_ext.errors import DistributedRunError, exit_code_of, failure_reason
 
-__all__ = ["launched_by_torchrun", "world", "rank", "gather", "agreed", "failure_elsewhere", "RankFailure"]
+__all__ = [
+    "launched_by_torchrun",
+    "world",
+    "rank",
+    "gather",
+    "broadcast",
+    "agreed",
+    "failure_elsewhere",
+    "RankFailure",
+]
 
 
 class RankFailure(DistributedRunError):
@@ -52,6 +61,17 @@ def gather(obj: Any, group: Any = None) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank of the default group (one collective); ``obj`` without a process group."""
+    if not _initialized():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def agreed(step: Callable[[], Any], what: str, group: Any = None) -> Any:

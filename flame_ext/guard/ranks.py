@@ -13,13 +13,14 @@ from dataclasses import asdict
 
 import torch
 
-from flame_ext.collectives import RankFailure, agreed, gather, rank, world
+from flame_ext.collectives import RankFailure, agreed, broadcast, gather, rank, world
 from flame_ext.report import Problem
 
 __all__ = [
     "world",
     "rank",
     "gather",
+    "broadcast",
     "pool",
     "pool_counts",
     "agreed",

@@ -29,7 +29,7 @@ from torch import nn
 from flame_ext.errors import CheckpointFormatError, InputError, ResumeValidationError
 from flame_ext.guard.metrics import record_figures
 from flame_ext.guard.options import GuardConfig
-from flame_ext.guard.ranks import RankFailure, agreed, gather, pool, rank, sum_over_ranks, world
+from flame_ext.guard.ranks import RankFailure, agreed, broadcast, gather, pool, rank, sum_over_ranks, world
 from flame_ext.guard.save_record import step_of
 from flame_ext.process import report_without_traceback
 from flame_ext.report import Problem, Report
@@ -103,8 +103,9 @@ def check_loaded_buffers(parts: list[nn.Module], *, repair: bool, checkpoint: st
 
 def read_record_ahead(config: GuardConfig, checkpoint: str) -> Future | None:
     """The save-time record of ``checkpoint``, read and schema-checked in a thread while the host loads (for
-    ``verify_resume(record=...)``); None when resumes are not verified. Reading is local to each rank."""
-    if not config.verify_resumes:
+    ``verify_resume(record=...)``); None when resumes are not verified, and on every rank but 0, whose record
+    ``verify_resume`` gives the others."""
+    if not config.verify_resumes or rank() != 0:
         return None
     future: Future = Future()
 
@@ -175,7 +176,11 @@ class _ResumeCheck:
         self, loaded: Callable[[], Mapping[str, Any]], groups: Callable[[str], str], ahead: Future | None
     ) -> None:
         read = ahead.result if ahead is not None else lambda: read_step_record(self.checkpoint)
-        record, why = self.agreed(read, "reading the save-time record")
+        # Every rank verifies against rank 0's record. Ranks reading the file each may not see the same thing (a
+        # shared file system that shows the file to some nodes later; a save in this process whose record rank 0
+        # is still writing), and ranks that then decided differently would wait in different collectives.
+        here = self.agreed(read if rank() == 0 else lambda: (None, None), "reading the save-time record")
+        record, why = broadcast(here)
         if record is None:
             if why is not None:
                 line = f"{self.checkpoint} could not be verified (no save-time record: {why})"

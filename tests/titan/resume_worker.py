@@ -6,7 +6,8 @@ model, the installed torchtitan's real checkpoint manager. Run under ``torchrun 
 latest step and, when that passes, trains one step. ``--fault-rank R``: on rank R the optimizers' own
 ``load_state_dict`` halves this rank's shard of one ``exp_avg`` after loading it (layer 1's ``up_proj``): a
 loader that puts other values into one rank's shard, as torchtitan #1136 and OLMo #641 describe; the files on
-disk are untouched. Each rank writes ``<out>/rank-<r>.json``: one entry per
+disk are untouched. ``--hide-record-rank R``: on rank R the step folders' save-time record reads as absent (a
+shared file system that shows a new file to some nodes later). Each rank writes ``<out>/rank-<r>.json``: one entry per
 resume (verdict, error kinds and keys, the report).
 """
 
@@ -68,6 +69,13 @@ def halve_one_shard_after_loading(manager, model) -> None:
     optimizers.load_state_dict = load_then_damage
 
 
+def hide_the_record() -> None:
+    """This rank reads every save-time record as absent, as where the file system does not show it yet."""
+    import flame_ext.guard.resume as resume_check
+
+    resume_check.read_step_record = lambda folder: (None, f"{folder}/flame_ext.json is absent on this rank")
+
+
 def resume(hf: Path, run: Path, fault: bool = False) -> dict:
     model = sharded_model(hf, rope_as_left=True)
     manager = build_manager(model, run, validate_initial_load=True)
@@ -93,6 +101,7 @@ def main() -> None:
     p.add_argument("--dump")
     p.add_argument("--resume", nargs="*", default=[])
     p.add_argument("--fault-rank", type=int, default=-1)
+    p.add_argument("--hide-record-rank", type=int, default=-1)
     args = p.parse_args()
 
     logging.basicConfig(
@@ -102,6 +111,8 @@ def main() -> None:
     if args.first_load:
         start(Path(args.hf), args.first_load, Path(args.dump))
     fault = dist.get_rank() == args.fault_rank
+    if dist.get_rank() == args.hide_record_rank:
+        hide_the_record()
     results = [resume(Path(args.hf), Path(run), fault) for run in args.resume]
     Path(args.out, f"rank-{dist.get_rank()}.json").write_text(json.dumps(results))
     dist.destroy_process_group()

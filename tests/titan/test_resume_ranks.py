@@ -109,3 +109,25 @@ def test_one_ranks_optimizer_shard_changed_by_the_load_stops_both_ranks(healthy,
     for rank, (damaged,) in enumerate(results):
         assert (damaged["ok"], damaged["kinds"], damaged["keys"]) == (False, ["value_mismatch"], [key]), damaged
         assert "(optimizer state)" in damaged["text"] and f"on rank {rank} of 2" in damaged["text"]
+
+
+def test_every_rank_verifies_against_rank_0s_record_whichever_rank_cannot_see_it(healthy, tiny_model, tmp_path):
+    """Ranks that each decided from the file they saw would wait in different collectives (gloo aborted: "Is there
+    a distributed collective mismatch"), as when a rank resumed in the process that saved, while rank 0 was still
+    writing the record. Rank 1 not seeing it: both verify against rank 0's. Rank 0 not seeing it: both go on
+    unverified, with the warning."""
+    run = tmp_path / "run"
+    args = ["--hf", str(tiny_model), "--first-load", str(healthy), "--dump", str(run)]
+    proc, results = torchrun(tmp_path / "hidden-1", *args, "--resume", str(run), "--hide-record-rank", "1")
+    assert proc.returncode == 0, failure(proc)
+    for (result,) in results:
+        assert result["ok"] and result["rope_right"], result
+        assert any("values: 101 of 101 tensors verified" in n for n in result["notes"]), result["notes"]
+    proc, results = torchrun(
+        tmp_path / "hidden-0", "--hf", str(tiny_model), "--resume", str(run), "--hide-record-rank", "0"
+    )
+    assert proc.returncode == 0, failure(proc)
+    for (result,) in results:
+        assert result["ok"] and result["rope_right"], result
+        assert any("could not be verified (no save-time record" in n for n in result["notes"]), result["notes"]
+        assert not any("tensors verified" in n for n in result["notes"]), result["notes"]
