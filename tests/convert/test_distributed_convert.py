@@ -25,7 +25,9 @@ from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 from flame_ext.io.dcp import load_tensor, read_dcp_metadata
 from flame_ext.io.manifest import read_manifest
 
-pytestmark = pytest.mark.slow
+# once: the distributed writer's rank coordination over gloo is torch.distributed and flame-ext's own code, alike in
+# both environments; the single-process conversions these compare with run in both.
+pytestmark = [pytest.mark.slow, pytest.mark.once("0.1")]
 TOOL_FIELDS = ("tool_version",)
 
 

@@ -22,7 +22,9 @@ from flame_ext.convert.distributed import split_by_bytes
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 from flame_ext.io.dcp import read_dcp_metadata
 
-pytestmark = pytest.mark.slow
+# once: the distributed writer's rank coordination over gloo is torch.distributed and flame-ext's own code, alike in
+# both environments; the single-process conversions these compare with run in both.
+pytestmark = [pytest.mark.slow, pytest.mark.once("0.1")]
 
 SHARD_MB = 0.05  # ~50 KB shards: the sharded test model (~460 KB) makes about ten, so every rank gets some
 
