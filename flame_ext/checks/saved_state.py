@@ -151,14 +151,14 @@ def verify_step_folder(
 ) -> tuple[list[Problem], str]:
     """Every recorded tensor of a step folder, streamed from its files, against the record; with the coverage
     line. Non-tensor states are not read: that would unpickle checkpoint data."""
-    from flame_ext.checks.checkpoint_values import stored_fingerprint
+    from flame_ext.checks.checkpoint_values import stored_fingerprints
     from flame_ext.io.dcp import DCPRowReader
 
     tensors = record["fingerprints"]["tensors"]
     present = {k: s for k, s in found.items() if s is not None}
     keys = sorted(k for k in present if k in tensors)
     reader = DCPRowReader(folder)
-    observed = {key: stored_fingerprint(reader, key, present[key], buffer_bytes) for key in keys}
+    observed = stored_fingerprints(reader, {key: present[key] for key in keys}, buffer_bytes)
     groups = recorded_groups(record)
     problems = saved_state_problems(
         record,

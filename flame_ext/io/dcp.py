@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -272,6 +273,22 @@ class DCPRowReader:
         """The whole tensor as consecutive blocks of rows, each at most ``buffer_bytes``."""
         for start, end in row_blocks(spec, buffer_bytes):
             yield self.rows(key, spec, start, end)
+
+    def stream(self, specs: Mapping[str, TensorSpec], buffer_bytes: int) -> Iterator[tuple[str, int, torch.Tensor]]:
+        """Every tensor of ``specs`` in turn as consecutive blocks of rows: (key, first row, block).
+
+        The next block is read in a thread while the caller works on this one, across tensors too (a 7B's
+        projections are one or two blocks each), so reading and summing overlap; two blocks are in memory at most.
+        """
+        plan = [(key, spec, *rows) for key, spec in specs.items() for rows in row_blocks(spec, buffer_bytes)]
+        with ThreadPoolExecutor(1, thread_name_prefix="flame-ext-read") as pool:
+            ahead = pool.submit(self.rows, *plan[0]) if plan else None
+            for i, (key, _, start, _) in enumerate(plan):
+                assert ahead is not None  # submitted for every entry of the plan
+                block = ahead.result()
+                ahead = pool.submit(self.rows, *plan[i + 1]) if i + 1 < len(plan) else None
+                yield key, start, block
+                del block
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         """Fill every tensor of ``state`` (checkpoint keys) whole, strictly, as ``load_state`` does, with this

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 from flame_ext.errors import CheckpointFormatError, InputError
-from flame_ext.io.dcp import load_tensor, model_prefix, read_dcp_metadata
+from flame_ext.io.dcp import DCPRowReader, load_tensor, model_prefix, read_dcp_metadata, row_blocks
 from flame_ext.io.specs import TensorSpec
 
 NON_MODEL_STATES = ["optimizer", "lr_scheduler", "dataloader", "train_state"]
@@ -72,6 +72,28 @@ def test_load_tensor_reads_every_block(layouts, sharded_model):
     found = read_dcp_metadata(layouts["nested"])
     for key, value in hf.items():
         assert torch.equal(load_tensor(layouts["nested"], "model." + key, found["model." + key]), value), key
+
+
+def test_stream_gives_every_tensor_whole_in_row_blocks_in_the_order_asked(layouts, sharded_model):
+    hf = _hf_tensors(sharded_model)
+    found = read_dcp_metadata(layouts["flat"])
+    specs = {k: found[k] for k in sorted(hf, reverse=True)}  # not the files' order
+    buffer = 4 * 1024  # several blocks per tensor: the read-ahead crosses from one tensor into the next
+    blocks = list(DCPRowReader(layouts["flat"]).stream(specs, buffer))
+    assert [(k, start) for k, start, _ in blocks] == [(k, s) for k in specs for s, _ in row_blocks(specs[k], buffer)]
+    assert len(blocks) > len(specs)
+    for key in specs:
+        assert torch.equal(torch.cat([b for k, _, b in blocks if k == key]).reshape(hf[key].shape), hf[key]), key
+
+
+def test_stream_stops_at_an_unreadable_tensor_with_the_reading_error(layouts):
+    found = read_dcp_metadata(layouts["flat"])
+    first = sorted(k for k, s in found.items() if s is not None)[0]
+    specs = {first: found[first], "no.such.key": TensorSpec((2,), "float32")}
+    stream = DCPRowReader(layouts["flat"]).stream(specs, 1 << 20)
+    assert next(stream)[0] == first
+    with pytest.raises(CheckpointFormatError, match="cannot read no.such.key"):
+        next(stream)
 
 
 def test_metadata_reader_errors_name_the_folder(tmp_path):
