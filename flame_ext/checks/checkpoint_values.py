@@ -83,8 +83,9 @@ def _compare_block(
     if src.is_floating_point():
         diff.nonfinite_hf += int((~torch.isfinite(src)).sum())
     offsets = [start] + [0] * (len(shape) - 1) if shape else []
-    diff.ckpt_fp += block_fingerprint(ckpt, offsets, shape)
-    diff.src_fp += block_fingerprint(src, offsets, shape)
+    workers = torch.get_num_threads()  # diagnose's own process: see stored_fingerprints
+    diff.ckpt_fp += block_fingerprint(ckpt, offsets, shape, workers=workers)
+    diff.src_fp += block_fingerprint(src, offsets, shape, workers=workers)
     # A deliberate tolerance compares the values as stored (float64 holds both exactly); without one, both
     # sides are rounded to the narrower dtype first, as a conversion does.
     narrow = torch.float64 if tol.given and ckpt.is_floating_point() else narrower(ckpt.dtype, src.dtype)
