@@ -34,6 +34,7 @@ from flame_ext.errors import (
     refused_global,
 )
 from flame_ext.io.dcp_metadata import validate_metadata
+from flame_ext.io.dcp_records import mapped_blocks, stored_rows
 from flame_ext.io.specs import TensorSpec, dtype_name
 
 __all__ = [
@@ -270,7 +271,12 @@ class DCPRowReader:
         return buffer
 
     def blocks(self, key: str, spec: TensorSpec, buffer_bytes: int) -> Iterator[torch.Tensor]:
-        """The whole tensor as consecutive blocks of rows, each at most ``buffer_bytes``."""
+        """The whole tensor as consecutive blocks of rows, each at most ``buffer_bytes``: views of the data files'
+        pages where its chunks are whole rows (``dcp_records``: no read and no copy), else read through DCP."""
+        chunks = stored_rows(self.folder, self._reader.read_metadata(), key) if spec.shape else None
+        if chunks is not None:
+            yield from mapped_blocks(chunks, spec, buffer_bytes)
+            return
         for start, end in row_blocks(spec, buffer_bytes):
             yield self.rows(key, spec, start, end)
 

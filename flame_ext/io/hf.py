@@ -9,7 +9,6 @@ page it touched resident, which is how a streaming converter quietly turns back 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import stat
 import struct
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from flame_ext.errors import CheckpointFormatError, InputError, first_line, refused_global
+from flame_ext.io.file_pages import map_file_bytes
 from flame_ext.io.hf_config import check_config, read_json_object, read_model_config
 from flame_ext.io.registry import register_model_type
 from flame_ext.io.specs import SAFETENSORS_DTYPES, TensorSpec, dtype_name
@@ -353,39 +353,16 @@ def read_tensor(t: HFTensor, rows: tuple[int, int] | None = None) -> torch.Tenso
 
 
 def map_tensor(t: HFTensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """Rows [start, end) of a safetensors tensor as a view of the file's pages, copying nothing.
-
-    For streaming the bytes on to another file: the pages come straight from the page cache into the
-    write, where a read into a fresh block copies every byte once more and faults in every new page
-    (measured: a 4 GB conversion spent as long allocating blocks as writing them). The mapping is
-    private copy-on-write, so a caller that writes to the tensor changes its own copy, never the file;
-    it lives exactly as long as the tensor (it is unmapped when the tensor goes). ``.bin`` tensors are
-    read as by ``read_tensor``.
+    """Rows [start, end) of a safetensors tensor as a view of the file's pages, copying nothing
+    (``file_pages.map_file_bytes``: unmapped when the tensor goes). ``.bin`` tensors are read as by ``read_tensor``.
     """
     if t.file.suffix == ".bin" or t.offset is None:
         return read_tensor(t, rows)
     start, end = rows if rows is not None else (0, t.spec.shape[0] if t.spec.shape else 1)
     shape = (end - start, *t.spec.shape[1:]) if t.spec.shape else ()
-    dtype = getattr(torch, t.spec.dtype)
     row_bytes = t.spec.nbytes // t.spec.shape[0] if t.spec.shape and t.spec.shape[0] else t.spec.nbytes
-    nbytes = (end - start) * row_bytes if t.spec.shape else t.spec.nbytes
-    if nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    begin = t.offset + start * row_bytes
-    aligned = begin - begin % mmap.ALLOCATIONGRANULARITY  # mmap offsets must be page-aligned
-    with open(t.file, "rb") as f:
-        if begin + nbytes > os.fstat(f.fileno()).st_size:
-            raise CheckpointFormatError(f"{t.file}: ends inside tensor {t.key}; the file changed or is truncated")
-        mapping = mmap.mmap(
-            f.fileno(),
-            begin - aligned + nbytes,
-            flags=mmap.MAP_PRIVATE,
-            prot=mmap.PROT_READ | mmap.PROT_WRITE,
-            offset=aligned,
-        )
-    # frombuffer keeps ``mapping`` alive, and its storage is exactly these bytes (so torch does not clone it).
-    flat = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=begin - aligned)
-    return flat.view(dtype).view(shape)
+    begin = t.offset + (start * row_bytes if t.spec.shape else 0)
+    return map_file_bytes(t.file, begin, shape, getattr(torch, t.spec.dtype), f"tensor {t.key}")
 
 
 def _read_with_safetensors(t: HFTensor, rows: tuple[int, int] | None) -> torch.Tensor:
