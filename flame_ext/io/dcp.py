@@ -6,6 +6,7 @@ of a DCP failure, the default buffer) live here.
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import pickle
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -281,25 +282,43 @@ class DCPRowReader:
             yield self.rows(key, spec, start, end)
 
     def stream(self, specs: Mapping[str, TensorSpec], buffer_bytes: int) -> Iterator[tuple[str, int, torch.Tensor]]:
-        """Every tensor of ``specs`` in turn as consecutive blocks of rows: (key, first row, block).
+        """Every tensor of ``specs`` in turn as consecutive blocks of rows (``blocks``): (key, first row, block).
 
-        The next block is read in a thread while the caller works on this one, across tensors too (a 7B's
-        projections are one or two blocks each), so reading and summing overlap; two blocks are in memory at most.
+        The next block is made ready in a thread while the caller works on this one, across tensors too (a 7B's
+        projections are one or two blocks each): read through DCP, or, for a view of the files' pages, its pages
+        brought in from the disk. Reading and summing overlap; two blocks are in memory at most.
         """
-        plan = [(key, spec, *rows) for key, spec in specs.items() for rows in row_blocks(spec, buffer_bytes)]
+        blocks = (
+            (key, start, block)
+            for key, spec in specs.items()
+            for start, block in self._numbered(key, spec, buffer_bytes)
+        )
         with ThreadPoolExecutor(1, thread_name_prefix="flame-ext-read") as pool:
-            ahead = pool.submit(self.rows, *plan[0]) if plan else None
-            for i, (key, _, start, _) in enumerate(plan):
-                assert ahead is not None  # submitted for every entry of the plan
-                block = ahead.result()
-                ahead = pool.submit(self.rows, *plan[i + 1]) if i + 1 < len(plan) else None
-                yield key, start, block
-                del block
+            ahead = pool.submit(_next_paged_in, blocks)
+            while (item := ahead.result()) is not None:
+                ahead = pool.submit(_next_paged_in, blocks)
+                yield item
+                del item
+
+    def _numbered(self, key: str, spec: TensorSpec, buffer_bytes: int) -> Iterator[tuple[int, torch.Tensor]]:
+        start = 0
+        for block in self.blocks(key, spec, buffer_bytes):
+            yield start, block
+            start += block.shape[0] if block.dim() else 1
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         """Fill every tensor of ``state`` (checkpoint keys) whole, strictly, as ``load_state`` does, with this
         reader's ``.metadata`` (read once for the many loads of a block-by-block pass)."""
         _load(self._reader, state, DefaultLoadPlanner(allow_partial_load=False), f"{len(state)} tensors")
+
+
+def _next_paged_in(blocks: Iterator[tuple[str, int, torch.Tensor]]) -> tuple[str, int, torch.Tensor] | None:
+    """The next block, its pages touched (one byte each): a view of a file's pages faults them in here, in the
+    reading thread, rather than in the caller's sums; for a block already read it costs next to nothing."""
+    item = next(blocks, None)
+    if item is not None and item[2].numel():
+        item[2].reshape(-1).view(torch.uint8)[:: mmap.PAGESIZE].sum()
+    return item
 
 
 def _load(reader: _VettedReader, state: dict[str, torch.Tensor], planner: DefaultLoadPlanner, what: str) -> None:
