@@ -20,6 +20,7 @@ __all__ = [
     "gather",
     "broadcast",
     "agreed",
+    "rank_0s",
     "failure_elsewhere",
     "RankFailure",
 ]
@@ -93,6 +94,29 @@ def agreed(step: Callable[[], Any], what: str, group: Any = None) -> Any:
     if bad:
         r, (reason, code) = bad[0]
         raise RankFailure(f"{what} failed on rank {r}: {reason}", exit_code=code)
+    return result
+
+
+def rank_0s(step: Callable[[], Any], what: str) -> Any:
+    """Run ``step`` on rank 0 alone and give its result to every rank (one broadcast), for reads of files that
+    ranks could each see differently (a shared file system that shows a file to some nodes later, a file being
+    replaced): ranks that decide from what they read must decide from the same thing.
+
+    A failure on rank 0 re-raises there; the others raise ``RankFailure`` quoting its one-line reason, as
+    ``agreed`` does. The result must pickle (it goes through ``broadcast_object_list``).
+    """
+    result, failure, message = None, None, None
+    if rank() == 0:
+        try:
+            result = step()
+        except Exception as exc:  # noqa: BLE001 -- shared with the other ranks before re-raising
+            failure, message = exc, (failure_reason(exc), exit_code_of(exc))
+    result, message = broadcast((result, message))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        reason, code = message
+        raise RankFailure(f"{what} failed on rank 0: {reason}", exit_code=code)
     return result
 
 

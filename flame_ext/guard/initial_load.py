@@ -12,7 +12,9 @@ and hand over what the load asks for; this module decides whether it is right. F
 
 Every check runs on every rank and the ranks pool their findings (collectives on the default process
 group) before deciding, so all ranks raise ``InitialLoadValidationError`` together or none does: a
-verdict taken on one rank alone would leave the others waiting in the next collective.
+verdict taken on one rank alone would leave the others waiting in the next collective. For the same
+reason the files the checks decide from (the manifest, the source config, the checkpoint's metadata) are
+read by rank 0 alone and given to the others.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from flame_ext.guard.metrics import record_metrics
 from flame_ext.guard.options import GuardConfig
 from flame_ext.guard.parity import parity_problems
 from flame_ext.guard.probe import LossProbe, run_probe
-from flame_ext.guard.ranks import RankFailure, agreed, pool, pool_counts, rank, world
-from flame_ext.guard.reference_file import read_guard_reference, source_config_problems
+from flame_ext.guard.ranks import RankFailure, agreed, pool, pool_counts, rank, rank_0s, world
+from flame_ext.guard.reference_file import GuardReference, read_guard_reference, source_config_problems
 from flame_ext.guard.state import RequestedLoad
 from flame_ext.guard.step0_loss import (
     RankGaps,
@@ -95,15 +97,16 @@ class InitialLoadGuard:
         start = time.perf_counter()
         self.report.checked = ["keys", "manifest"]
         notes = self.report.notes
-        ref = self._agreed(
-            lambda: read_guard_reference(self.config, self.checkpoint, self.parts, notes), "reading the reference"
+        # Rank 0 reads, every rank decides from what it read. Ranks reading the files each could see different
+        # things (a shared file system that shows a file to some nodes later, a manifest being replaced), and a
+        # rank that found fingerprints would wait in the value check's collectives while another did not.
+        ref, config_problems, found, read_notes = self._rank_0s(
+            lambda: self._read(read_found), "reading the manifest and the checkpoint metadata"
         )
+        notes += read_notes
         self.reference, self.fresh, self.fingerprints = ref.reference, ref.fresh, ref.fingerprints
         self.reference_unavailable = ref.unavailable
-        config_problems = self._agreed(
-            lambda: source_config_problems(self.config, self.checkpoint, self.parts, notes), "the config check"
-        )
-        found = self.found = dict(self._agreed(read_found, "reading the checkpoint metadata"))
+        self.found = found
         self.model_prefix = requested.model_prefix
         counts = self.report.counts
 
@@ -135,6 +138,16 @@ class InitialLoadGuard:
             (time.perf_counter() - start) * 1e3,
         )
         self._raise_if_failed("before loading (nothing was read)")
+
+    def _read(
+        self, read_found: Callable[[], Mapping[str, TensorSpec | None]]
+    ) -> tuple[GuardReference, list[Problem], dict[str, TensorSpec | None], list[str]]:
+        """What ``before_load`` decides from: the reference, the source config's problems, the checkpoint's
+        metadata, and the notes these reads leave for the report."""
+        notes: list[str] = []
+        ref = read_guard_reference(self.config, self.checkpoint, self.parts, notes)
+        config_problems = source_config_problems(self.config, self.checkpoint, self.parts, notes)
+        return ref, config_problems, dict(read_found()), notes
 
     # -- after
 
@@ -254,9 +267,19 @@ class InitialLoadGuard:
         try:
             return agreed(step, what)
         except RankFailure as exc:
-            raise InitialLoadValidationError(
-                f"initial-load validation of {self.checkpoint} stopped: {exc}", self.report
-            ) from exc
+            raise self._stopped(exc) from exc
+
+    def _rank_0s(self, step: Callable[[], Any], what: str) -> Any:
+        """``ranks.rank_0s``: rank 0's result on every rank; its failure ends the others as a validation error."""
+        try:
+            return rank_0s(step, what)
+        except RankFailure as exc:
+            raise self._stopped(exc) from exc
+
+    def _stopped(self, failure: RankFailure) -> InitialLoadValidationError:
+        return InitialLoadValidationError(
+            f"initial-load validation of {self.checkpoint} stopped: {failure}", self.report
+        )
 
     def _raise_if_failed(self, when: str) -> None:
         if self.report.ok:

@@ -1,7 +1,7 @@
 """The guard's collectives: problems pooled over ranks, and loss sums and maxima reduced over them.
 
-The agreement primitives (``gather``, ``agreed``, ``RankFailure``) live in ``flame_ext.collectives``, shared
-with distributed conversion, and are re-exported here.
+The agreement primitives (``gather``, ``broadcast``, ``agreed``, ``rank_0s``, ``RankFailure``) live in
+``flame_ext.collectives``, shared with distributed conversion, and are re-exported here.
 
 All of these run on the default process group and must be called by ALL ranks in the same order;
 without a process group (one process) they are plain local operations.
@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import torch
 
-from flame_ext.collectives import RankFailure, agreed, broadcast, gather, rank, world
+from flame_ext.collectives import RankFailure, agreed, broadcast, gather, rank, rank_0s, world
 from flame_ext.report import Problem
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "pool",
     "pool_counts",
     "agreed",
+    "rank_0s",
     "sum_over_ranks",
     "max_over_ranks",
     "RankFailure",

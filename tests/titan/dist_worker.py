@@ -2,7 +2,10 @@
 the installed torchtitan's real checkpoint manager. Run under ``torchrun --nproc_per_node=N``.
 
 Each rank writes ``<out>/rank-<r>.json`` with what it saw, then behaves as a trainer does: a validation
-failure propagates and the process exits non-zero.
+failure propagates and the process exits non-zero. ``--view-rank R --view KIND``: rank R loads the checkpoint
+through a view of its folder, as a node whose shared file system shows it otherwise: ``no-manifest`` (the
+manifest not shown yet), ``stale-manifest`` (the manifest being replaced, still seen without fingerprints),
+``torn-metadata`` (``.metadata`` cut short, as while it is written).
 """
 
 from __future__ import annotations
@@ -24,6 +27,26 @@ from _models import hf_like_trainer, leave_rope_uninitialised, rope_is_right  # 
 from support.titan_hosts import build_manager  # noqa: E402
 
 from flame_ext.errors import InitialLoadValidationError  # noqa: E402
+from flame_ext.io.manifest import MANIFEST_NAME  # noqa: E402
+
+
+def rank_view(checkpoint: Path, view: Path, kind: str) -> Path:
+    """``checkpoint`` as another node sees it (``kind``: see the module's docstring). Hard links to its files:
+    the guard refuses a DCP data file that is a symlink."""
+    view.mkdir(parents=True)
+    for file in checkpoint.iterdir():
+        if file.name != MANIFEST_NAME:
+            os.link(file, view / file.name)
+    manifest = json.loads((checkpoint / MANIFEST_NAME).read_text())
+    if kind == "stale-manifest":
+        del manifest["fingerprints"]
+    if kind != "no-manifest":
+        (view / MANIFEST_NAME).write_text(json.dumps(manifest))
+    if kind == "torn-metadata":
+        data = (checkpoint / ".metadata").read_bytes()
+        (view / ".metadata").unlink()
+        (view / ".metadata").write_bytes(data[: len(data) // 2])
+    return view
 
 
 def main() -> None:
@@ -33,6 +56,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--poison-rank", type=int, default=-1, help="leave RoPE uninitialised on this rank only")
     p.add_argument("--no-repair", action="store_true")
+    p.add_argument("--view-rank", type=int, default=-1, help="this rank sees the checkpoint through a --view")
+    p.add_argument("--view", choices=["no-manifest", "stale-manifest", "torn-metadata"], default="no-manifest")
     args = p.parse_args()
 
     logging.basicConfig(
@@ -51,10 +76,13 @@ def main() -> None:
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    checkpoint = Path(args.checkpoint)
+    if rank == args.view_rank:
+        checkpoint = rank_view(checkpoint, Path(args.out) / f"view-{rank}" / checkpoint.name, args.view)
     manager = build_manager(
         model,
         Path(args.out),
-        initial_load_path=args.checkpoint,
+        initial_load_path=str(checkpoint),
         validate_initial_load=True,
         initial_load_repair_buffers=not args.no_repair,
     )

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from subprocess import PIPE
 
 import pytest
 from support.cli import valid_report
 from support.titan_hosts import titan_generation
+from support.torchrun import failure
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,7 +41,16 @@ def torchrun(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, float,
         *args,
     ]
     start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=DEADLINE + 30)
+    # Ranks that hang (waiting in different collectives) are ended through torchrun, which passes SIGTERM on to
+    # them (each rank has a session of its own: killing torchrun alone would leave them waiting), and what they
+    # printed is kept for the failure message.
+    with subprocess.Popen(cmd, stdout=PIPE, stderr=PIPE, text=True, env=env) as run:
+        try:
+            stdout, stderr = run.communicate(timeout=DEADLINE + 30)
+        except subprocess.TimeoutExpired:
+            run.send_signal(signal.SIGTERM)
+            stdout, stderr = run.communicate(timeout=60)
+    proc = subprocess.CompletedProcess(cmd, run.returncode, stdout, stderr)
     elapsed = time.monotonic() - start
     results = [
         json.loads((out / f"rank-{r}.json").read_text()) if (out / f"rank-{r}.json").is_file() else None
@@ -98,3 +110,57 @@ def test_a_wrong_buffer_on_one_rank_fails_every_rank(healthy, tiny_model, tmp_pa
         details = [p["detail"] for p in r["report"]["problems"] if p["kind"] == "buffer_mismatch"]
         assert all("on rank 1 of 2" in d for d in details)
     assert results[0]["report"] == results[1]["report"]
+
+
+@pytest.mark.parametrize("blind", [1, 0])
+def test_every_rank_checks_against_rank_0s_manifest_whichever_rank_cannot_see_it(blind, healthy, tiny_model, tmp_path):
+    """A shared file system that shows the manifest to some nodes later. Rank 1 not seeing it: both verify against
+    rank 0's (ranks that each read their own stopped both, over a manifest error "on rank 1 of 2"). Rank 0 not seeing
+    it: both stop before loading with the same report, the missing reference as both decided from it."""
+    args = ["--hf", str(tiny_model), "--checkpoint", str(healthy), "--view-rank", str(blind), "--view", "no-manifest"]
+    proc, elapsed, results = torchrun(tmp_path, *args)
+    assert elapsed < DEADLINE and all(r is not None for r in results), failure(proc)
+    if blind == 1:
+        assert proc.returncode == 0, failure(proc)
+        for r in results:
+            assert r["ok"] and any("values: 25 of 25 tensors verified" in n for n in r["report"]["notes"]), r
+    else:
+        assert proc.returncode != 0 and [r["kinds"] for r in results] == [["manifest"]] * 2, failure(proc)
+        (problem,) = results[0]["report"]["problems"]
+        assert f"view-0/{healthy.name}/flame_ext.json does not exist" in problem["detail"], problem
+        assert "on rank" not in problem["detail"]  # not one rank's finding: the one both decided from
+    assert results[0]["report"] == results[1]["report"]
+
+
+@pytest.mark.parametrize("stale", [1, 0])
+def test_a_rank_that_sees_a_manifest_without_fingerprints_checks_against_rank_0s(stale, healthy, tiny_model, tmp_path):
+    """The manifest being replaced: one rank still sees the older one, without fingerprints. Ranks that each read
+    their own waited in different collectives (only one entered the value check's) until killed."""
+    args = [
+        "--hf",
+        str(tiny_model),
+        "--checkpoint",
+        str(healthy),
+        "--view-rank",
+        str(stale),
+        "--view",
+        "stale-manifest",
+    ]
+    proc, elapsed, results = torchrun(tmp_path, *args)
+    assert proc.returncode == 0 and elapsed < DEADLINE, failure(proc)
+    verified = "values: 25 of 25 tensors verified" if stale == 1 else "the manifest has no fingerprints"
+    for r in results:
+        assert r["ok"] and any(verified in n for n in r["report"]["notes"]), r
+    assert results[0]["report"] == results[1]["report"]
+
+
+def test_checkpoint_metadata_rank_0_cannot_read_stops_both_ranks_naming_it(healthy, tiny_model, tmp_path):
+    """Rank 0 alone reads the metadata the key check decides from: its failure is every rank's, in one line."""
+    args = ["--hf", str(tiny_model), "--checkpoint", str(healthy), "--view-rank", "0", "--view", "torn-metadata"]
+    proc, elapsed, results = torchrun(tmp_path, *args)
+    assert proc.returncode != 0 and elapsed < DEADLINE, failure(proc)
+    torn = f"view-0/{healthy.name}/.metadata"
+    (own,) = [line for line in proc.stderr.splitlines() if line.startswith("[rank0]: flame_ext.errors.")]
+    assert torn in own, own
+    (quoted,) = [line for line in proc.stderr.splitlines() if line.startswith("[rank1]: flame_ext.guard.Initial")]
+    assert "reading the manifest and the checkpoint metadata failed on rank 0: " in quoted and torn in quoted, quoted
