@@ -13,8 +13,8 @@ and hand over what the load asks for; this module decides whether it is right. F
 Every check runs on every rank and the ranks pool their findings (collectives on the default process
 group) before deciding, so all ranks raise ``InitialLoadValidationError`` together or none does: a
 verdict taken on one rank alone would leave the others waiting in the next collective. For the same
-reason the files the checks decide from (the manifest, the source config, the checkpoint's metadata) are
-read by rank 0 alone and given to the others.
+reason the manifest the checks decide from (its reference, fingerprints and source config) is read by rank 0
+alone and given to the others.
 """
 
 from __future__ import annotations
@@ -97,16 +97,16 @@ class InitialLoadGuard:
         start = time.perf_counter()
         self.report.checked = ["keys", "manifest"]
         notes = self.report.notes
-        # Rank 0 reads, every rank decides from what it read. Ranks reading the files each could see different
-        # things (a shared file system that shows a file to some nodes later, a manifest being replaced), and a
-        # rank that found fingerprints would wait in the value check's collectives while another did not.
-        ref, config_problems, found, read_notes = self._rank_0s(
-            lambda: self._read(read_found), "reading the manifest and the checkpoint metadata"
-        )
+        # The manifest: rank 0 reads, every rank decides from what it read. Ranks reading it each could see
+        # different things (a shared file system that shows a file to some nodes later, a manifest being
+        # replaced), and a rank that found fingerprints would wait in the value check's collectives while another
+        # did not. The checkpoint's metadata is each rank's own: a rank given another checkpoint is found by the
+        # key check, whose problems are pooled, so the ranks still decide alike.
+        ref, config_problems, read_notes = self._rank_0s(self._read_manifest, "reading the manifest")
         notes += read_notes
         self.reference, self.fresh, self.fingerprints = ref.reference, ref.fresh, ref.fingerprints
         self.reference_unavailable = ref.unavailable
-        self.found = found
+        found = self.found = dict(self._agreed(read_found, "reading the checkpoint metadata"))
         self.model_prefix = requested.model_prefix
         counts = self.report.counts
 
@@ -139,15 +139,13 @@ class InitialLoadGuard:
         )
         self._raise_if_failed("before loading (nothing was read)")
 
-    def _read(
-        self, read_found: Callable[[], Mapping[str, TensorSpec | None]]
-    ) -> tuple[GuardReference, list[Problem], dict[str, TensorSpec | None], list[str]]:
-        """What ``before_load`` decides from: the reference, the source config's problems, the checkpoint's
-        metadata, and the notes these reads leave for the report."""
+    def _read_manifest(self) -> tuple[GuardReference, list[Problem], list[str]]:
+        """What ``before_load`` decides from: the reference, the source config's problems, and the notes these
+        reads leave for the report."""
         notes: list[str] = []
         ref = read_guard_reference(self.config, self.checkpoint, self.parts, notes)
         config_problems = source_config_problems(self.config, self.checkpoint, self.parts, notes)
-        return ref, config_problems, dict(read_found()), notes
+        return ref, config_problems, notes
 
     # -- after
 

@@ -155,7 +155,8 @@ def test_a_rank_that_sees_a_manifest_without_fingerprints_checks_against_rank_0s
 
 
 def test_checkpoint_metadata_rank_0_cannot_read_stops_both_ranks_naming_it(healthy, tiny_model, tmp_path):
-    """Rank 0 alone reads the metadata the key check decides from: its failure is every rank's, in one line."""
+    """Each rank reads the metadata of the checkpoint it loads (a rank given another checkpoint is found by the
+    pooled key check, tests/reliability/test_ranks.py); one rank that cannot read it stops every rank, named."""
     args = ["--hf", str(tiny_model), "--checkpoint", str(healthy), "--view-rank", "0", "--view", "torn-metadata"]
     proc, elapsed, results = torchrun(tmp_path, *args)
     assert proc.returncode != 0 and elapsed < DEADLINE, failure(proc)
@@ -163,4 +164,4 @@ def test_checkpoint_metadata_rank_0_cannot_read_stops_both_ranks_naming_it(healt
     (own,) = [line for line in proc.stderr.splitlines() if line.startswith("[rank0]: flame_ext.errors.")]
     assert torn in own, own
     (quoted,) = [line for line in proc.stderr.splitlines() if line.startswith("[rank1]: flame_ext.guard.Initial")]
-    assert "reading the manifest and the checkpoint metadata failed on rank 0: " in quoted and torn in quoted, quoted
+    assert "reading the checkpoint metadata failed on rank 0: " in quoted and torn in quoted, quoted
