@@ -29,7 +29,7 @@ from torch import nn
 from flame_ext.errors import CheckpointFormatError, InputError, ResumeValidationError
 from flame_ext.guard.metrics import record_figures
 from flame_ext.guard.options import GuardConfig
-from flame_ext.guard.ranks import RankFailure, agreed, broadcast, gather, pool, rank, sum_over_ranks, world
+from flame_ext.guard.ranks import RankFailure, agreed, gather, pool, rank, rank_0s, sum_over_ranks, world
 from flame_ext.guard.save_record import step_of
 from flame_ext.process import report_without_traceback
 from flame_ext.report import Problem, Report
@@ -167,8 +167,15 @@ class _ResumeCheck:
         self.step = step_of(checkpoint)
 
     def agreed(self, step: Callable[[], Any], what: str) -> Any:
+        return self._stopping(agreed, step, what)
+
+    def rank_0s(self, step: Callable[[], Any], what: str) -> Any:
+        return self._stopping(rank_0s, step, what)
+
+    def _stopping(self, collective: Callable[[Callable[[], Any], str], Any], step: Callable[[], Any], what: str) -> Any:
+        """``collective(step, what)``; another rank's failure stops this one as a validation error."""
         try:
-            return agreed(step, what)
+            return collective(step, what)
         except RankFailure as exc:
             raise ResumeValidationError(f"resume validation of {self.checkpoint} stopped: {exc}", self.report) from exc
 
@@ -179,8 +186,7 @@ class _ResumeCheck:
         # Every rank verifies against rank 0's record. Ranks reading the file each may not see the same thing (a
         # shared file system that shows the file to some nodes later; a save in this process whose record rank 0
         # is still writing), and ranks that then decided differently would wait in different collectives.
-        here = self.agreed(read if rank() == 0 else lambda: (None, None), "reading the save-time record")
-        record, why = broadcast(here)
+        record, why = self.rank_0s(read, "reading the save-time record")
         if record is None:
             if why is not None:
                 line = f"{self.checkpoint} could not be verified (no save-time record: {why})"
