@@ -56,6 +56,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
+    from flame_ext.checks.nonpersistent_buffers import check_buffers
     from flame_ext.titan import generation
     from flame_ext.titan.managers import build_checkpoint_manager
 
@@ -83,6 +84,10 @@ def worker(args: argparse.Namespace) -> None:
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0, 0.02)
+        # to_empty leaves RoPE's non-persistent inv_freq as whatever the memory held: its config-derived value, or
+        # the step trains on garbage and the state saved holds NaN (every tensor, on 2 ranks), which the
+        # fingerprint sums then pass over twice (the second pass counts the non-finite values).
+        check_buffers(model, repair=True)
         training = build_checkpoint_manager([model], Path(args.base), guard=guard, host=host, full_load=True)
         return model, training
 
@@ -90,6 +95,7 @@ def worker(args: argparse.Namespace) -> None:
     ids = torch.randint(0, config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
     model(input_ids=ids, labels=ids).loss.backward()
     training.optimizers.step()
+    assert all(torch.isfinite(p.full_tensor() if hasattr(p, "full_tensor") else p).all() for p in model.parameters())
     training.optimizers.zero_grad(set_to_none=True)
     training.lr_schedulers.step()
     manager = training.manager
