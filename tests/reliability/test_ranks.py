@@ -142,10 +142,15 @@ def test_a_rank_with_another_loss_ends_both(torchrun_faults, figures):
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports, chosen while all are held: ports asked for one at a time, each socket closed
+    before the next, can come back equal, and two jobs on one port joined each other's process group
+    (EADDRINUSE in one job, the other's rank 1 never reaching its forward pass)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def _rank_env(rank: int, port: int) -> dict[str, str]:
@@ -169,9 +174,8 @@ def lost_rank_jobs(forkserver, small_model, guarded, tmp_path_factory) -> dict[s
     guard lets it go. Run together, because the frozen job spends most of its time waiting out the timeout.
     """
     jobs = {}
-    for fault in ("kill", "freeze"):
+    for fault, port in zip(("kill", "freeze"), _free_ports(2)):
         out = tmp_path_factory.mktemp(fault)
-        port = _free_port()
         args = [
             "--out",
             out,
