@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from flame_ext.errors import FlameExtError, InitialLoadValidationError
+from flame_ext.io.cleanup import undo_unfinished
 
 __all__ = [
     "Terminated",
@@ -151,6 +152,7 @@ def _run_reported(fn: Callable[[Any], int], args: Any, *, debug: bool, prog: str
         _say_error(getattr(exc, "prog", None) or prog, str(exc), json_errors)
         return exc.exit_code
     except KeyboardInterrupt as exc:
+        undo_unfinished()  # what a signal stopped between two steps, before a ``finally`` could take it
         if debug:
             raise
         signum = exc.signum if isinstance(exc, Terminated) else int(signal.SIGINT)

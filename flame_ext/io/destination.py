@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Literal
 
 from flame_ext.errors import DestinationError, FlameExtError
+from flame_ext.io.cleanup import Undo, signals_held
 
 __all__ = [
     "Kind",
@@ -288,39 +289,26 @@ def _remove_stale_temps(dest: Path) -> list[Path]:
     return removed
 
 
-@contextlib.contextmanager
-def _exclusive_lock(dest: Path) -> Iterator[None]:
-    """Hold ``dest``'s lock file with ``flock`` for the block; refuse when another run holds it.
+def _take_lock(path: Path, dest: Path) -> IO[str]:
+    """Open and ``flock`` the lock file at ``path``.
 
-    The file is removed when the block ends. A run that opened it just before that removal would then
-    lock a file no longer in the folder, while a third run creates and locks a new one; so after taking
-    the lock, the file must still be the one at the path (same inode), or the lock is taken again.
+    The file is removed when its holder ends. A run that opened it just before that removal would then lock
+    a file no longer in the folder, while a third run creates and locks a new one; so after taking the lock,
+    the file must still be the one at the path (same inode), or the lock is taken again.
     """
-    path = lock_path(dest)
     for _ in range(100):
         try:
-            lock = open(path, "a+")  # noqa: SIM115 (closed below, after the lock is released)
+            lock = open(path, "a+")  # noqa: SIM115 (returned held; ``_release`` closes it)
         except OSError as exc:
             raise DestinationError(f"{dest.parent}: not writable ({exc.strerror})") from exc
         try:
             if _lock_taken(lock, path, dest):
-                break
+                return lock
         except BaseException:
-            # Ctrl-C or a terminating signal between opening the file and holding it: the file this run may
-            # have created goes, unless another run holds it.
-            _remove_if_ours(lock, path)
+            _remove_if_ours(lock, path)  # the file this run may have created goes, unless another run holds it
             raise
         lock.close()
-    else:
-        raise DestinationError(f"{path}: the lock file keeps changing; is another program removing it?")
-    try:
-        try:
-            yield
-        finally:
-            _release(lock, path)
-    except BaseException:
-        _release(lock, path)  # a signal that cut the release short: once more (one signal cannot cut both)
-        raise
+    raise DestinationError(f"{path}: the lock file keeps changing; is another program removing it?")
 
 
 def _release(lock: IO[str], path: Path) -> None:
@@ -439,21 +427,22 @@ def _exchange(a: Path, b: Path) -> bool:
 def _put_in_place(result: Path, dest: Path, spare: Path, *, kind: Kind, force: bool) -> None:
     """Move ``result`` to ``dest``, replacing what is there only if the rule still allows it (checked again,
     under the lock: something may have appeared meanwhile). ``spare`` is a free temporary name."""
-    check_destination(dest, kind=kind, force=force)
-    if not dest.exists():
-        os.rename(result, dest)
-    elif dest.is_dir() and not os.listdir(dest):
-        try:
-            os.rename(result, dest)  # replaces an empty folder in one step
-        except OSError as exc:
-            raise DestinationError(f"{dest}: something was written there meanwhile ({exc.strerror})") from exc
-    elif _exchange(result, dest):
-        _discard(result)  # now the replaced output
-    else:  # two renames: a kill between them leaves the destination absent (never partial)
-        os.rename(dest, spare)
-        os.rename(result, dest)
-        _discard(spare)
-    _fsync_path(dest.parent)  # the rename itself
+    with signals_held():  # a kill between two renames would leave the destination absent
+        check_destination(dest, kind=kind, force=force)
+        if not dest.exists():
+            os.rename(result, dest)
+        elif dest.is_dir() and not os.listdir(dest):
+            try:
+                os.rename(result, dest)  # replaces an empty folder in one step
+            except OSError as exc:
+                raise DestinationError(f"{dest}: something was written there meanwhile ({exc.strerror})") from exc
+        elif _exchange(result, dest):
+            _discard(result)  # now the replaced output
+        else:  # two renames: a SIGKILL between them leaves the destination absent (never partial)
+            os.rename(dest, spare)
+            os.rename(result, dest)
+            _discard(spare)
+        _fsync_path(dest.parent)  # the rename itself
 
 
 def _discard(path: Path) -> None:
@@ -466,27 +455,28 @@ def _discard(path: Path) -> None:
 
 @contextlib.contextmanager
 def _staging(dest: str | os.PathLike, kind: Kind, force: bool) -> Iterator[tuple[Path, Path]]:
-    """Checks, parents, lock, a fresh temporary folder; yields (absolute dest, temporary folder). On any
-    exception the temporary folder goes, and so do parent folders created for the output."""
+    """Checks, parents, lock, a fresh temporary folder; yields (absolute dest, temporary folder). When the block
+    ends, or a signal stops the run anywhere in between (see ``io.cleanup``), the temporary folder goes, the lock
+    is released and removed, and the parent folders created for the output go unless something is in them."""
     dest = Path(dest).absolute()
     check_destination(dest, kind=kind, force=force)
-    created = _create_parents(dest.parent)  # flame's step-0 path usually does not exist yet
+    undo = Undo()
     try:
-        with _exclusive_lock(dest):
-            _remove_stale_temps(dest)
-            tmp = dest.parent / f"{temp_prefix(dest)}{os.getpid()}"
+        with signals_held():
+            created = _create_parents(dest.parent)  # flame's step-0 path usually does not exist yet
+            undo.add(lambda: _remove_created(created))
+        with signals_held():
+            path = lock_path(dest)
+            lock = _take_lock(path, dest)
+            undo.add(lambda: _release(lock, path))
+        _remove_stale_temps(dest)
+        tmp = dest.parent / f"{temp_prefix(dest)}{os.getpid()}"
+        with signals_held():
             tmp.mkdir()
-            try:
-                try:
-                    yield dest, tmp
-                finally:
-                    _discard(tmp)  # after success it no longer exists; after a failure it is the half-written output
-            except BaseException:
-                _discard(tmp)  # a signal that cut the first removal short: once more
-                raise
-    except BaseException:
-        _remove_created(created)
-        raise
+            undo.add(lambda: _discard(tmp))  # after success it no longer exists (or holds the replaced output)
+        yield dest, tmp
+    finally:
+        undo.run()
 
 
 @contextlib.contextmanager

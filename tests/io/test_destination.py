@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from flame_ext.convert.hf_to_dcp import ConvertOptions, convert_hf_to_dcp
 from flame_ext.errors import CheckpointFormatError, DestinationError
+from flame_ext.io.cleanup import undo_unfinished
 from flame_ext.io.dcp import read_dcp_metadata
 from flame_ext.io.dcp_save import WriteEntry, save_streaming
 from flame_ext.io.destination import (
@@ -35,6 +37,7 @@ from flame_ext.io.destination import (
 )
 from flame_ext.io.hf import open_hf
 from flame_ext.io.specs import TensorSpec
+from flame_ext.process import Terminated, termination_raises
 from tests.reliability._rel import diff_snapshots, snapshot
 
 
@@ -477,3 +480,79 @@ def test_killed_run_leaves_nothing_at_destination_and_next_run_cleans_up(multish
     )
     _assert_complete(dest, multishard_model)
     assert _siblings(dest) == [], "the next run must remove the dead run's temporary folder"
+
+
+def _signal_at_event(n: int, sig: signal.Signals) -> None:
+    """Profile the main thread; at its ``n``-th call or return (Python or C), send ``sig`` to this process."""
+    seen = 0
+
+    def hook(frame, event, arg):
+        nonlocal seen
+        seen += 1
+        if seen == n:
+            sys.setprofile(None)
+            signal.raise_signal(sig)
+
+    sys.setprofile(hook)
+
+
+def _write_one_file(dest: Path, force: bool) -> None:
+    with atomic_folder(dest, kind="hf", force=force) as tmp:
+        (tmp / "config.json").write_text("{}")
+        write_files_record(tmp)
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["new", "force"])
+def test_a_signal_at_any_moment_leaves_the_destination_whole_and_nothing_beside_it(tmp_path, force):
+    """A SIGTERM (raised as Ctrl-C is, as the commands do) delivered at each of the thousands of calls and
+    returns of a small ``atomic_folder`` run: creating the parents, taking the lock, making the temporary, the
+    final rename and removing the lock. Each time the destination is absent or whole (with ``--force``: the
+    old or the new one, never neither), nothing is left beside it, and the parents the run made are gone.
+    Under load, a signal landing just after the lock file's creation and before its assignment had left the
+    lock file behind."""
+    dest = tmp_path / "exp" / "checkpoint" / "step-0"
+
+    def fresh() -> None:
+        shutil.rmtree(tmp_path / "exp", ignore_errors=True)
+        if force:
+            dest.mkdir(parents=True)
+            (dest / "config.json").write_text('{"old": 1}')
+            write_files_record(dest)  # to-hf's own output, which --force may replace
+
+    fresh()
+    seen = 0
+
+    def count(frame, event, arg):
+        nonlocal seen
+        seen += 1
+
+    sys.setprofile(count)
+    try:
+        _write_one_file(dest, force)
+    finally:
+        sys.setprofile(None)
+    assert seen > 100, seen
+    outcomes = Counter()
+    with termination_raises():
+        for n in range(1, seen + 1):
+            fresh()
+            try:
+                _signal_at_event(n, signal.SIGTERM)
+                try:
+                    _write_one_file(dest, force)
+                finally:
+                    sys.setprofile(None)
+                time.sleep(0)  # a signal sent at the last event acts here at the latest
+            except Terminated:
+                undo_unfinished()  # as the command runner does when a signal ends a run
+                outcomes["stopped"] += 1
+            left = sorted(set(os.listdir(dest.parent)) - {dest.name}) if dest.parent.exists() else []
+            assert left == [], f"event {n}: {left} left beside the destination"
+
+            if dest.exists():
+                assert json.loads((dest / "config.json").read_text()) in ({}, {"old": 1}), n
+                outcomes["whole"] += 1
+            else:
+                assert not force, f"event {n}: the checkpoint being replaced was lost"
+                assert not (tmp_path / "exp").exists(), f"event {n}: the parents the run created were left"
+    assert outcomes["stopped"] > seen // 2, outcomes
