@@ -3,11 +3,12 @@ side, for a Llama-shaped model with AdamW state, on 1 and 2 ranks, synchronous a
 
     .venv/bin/python bench/bench_resume.py                       # ~0.5B parameters (fits 24 GB with async)
     .venv/bin/python bench/bench_resume.py --params 1e9 --no-async
-    .venv/bin/python bench/bench_resume.py --params 2e6 --ranks 1   # a smoke run (the tests run this)
+    .venv/bin/python bench/bench_resume.py --params 2e6 --ranks 1 --warm-only   # a smoke run (the tests run this)
 
 Each row runs in fresh processes (torchrun, gloo; FSDP2 over 2 ranks): build the model, one real
 AdamW step so the optimizer state exists, then a timed save through the installed torchtitan's manager, then a
-fresh model and manager that resume from it (timed). For an async save, "blocking" is what ``save()`` took
+fresh model and manager that resume from it (timed), and, as root, once more with the page cache emptied first
+(a restart on another node reads the step from disk). For an async save, "blocking" is what ``save()`` took
 (what the training loop waits for) and "total" includes waiting for the save to complete. The figures are the
 slowest rank's, best of ``--repeat`` (runs without and with the guard alternate; before each, the previous
 run's writes are flushed and, as root, the page cache is dropped); the table gives each guarded figure beside the
@@ -111,19 +112,33 @@ def worker(args: argparse.Namespace) -> None:
     total = time.perf_counter() - start
     manager.close()
     del model, training, manager
-    model, training = build()
-    start = time.perf_counter()
-    assert training.manager.load() is True
-    load = time.perf_counter() - start
-    training.manager.close()
-    figures = torch.tensor([blocking, total, load], dtype=torch.float64)
+    load = timed_resume(build)
+    # A restart on another node reads the step from disk, not from the page cache the save filled: the same
+    # resume again, the cache emptied first (root only; 0 stands for "not measured").
+    cold = 0.0
+    if args.cold:
+        if dist.get_rank() == 0:
+            drop_page_cache()
+        dist.barrier()
+        cold = timed_resume(build)
+    figures = torch.tensor([blocking, total, load, cold], dtype=torch.float64)
     dist.all_reduce(figures, op=dist.ReduceOp.MAX)  # the slowest rank's
     if dist.get_rank() == 0:
-        out = dict(zip(("blocking", "total", "load"), figures.tolist()), parameters=parameters)
+        out = dict(zip(FIGURES, figures.tolist()), parameters=parameters)
         Path(args.out).write_text(json.dumps(out))
     dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)
+
+
+def timed_resume(build) -> float:
+    """Seconds of a fresh model and manager's ``load()`` of the saved step (the guard's resume check included)."""
+    model, training = build()
+    start = time.perf_counter()
+    assert training.manager.load() is True
+    seconds = time.perf_counter() - start
+    training.manager.close()
+    return seconds
 
 
 def _wait(manager) -> None:
@@ -142,12 +157,12 @@ def settle() -> None:
         drop_page_cache()
 
 
-def run_row(params: float, ranks: int, async_save: bool, guard: bool) -> dict:
+def run_row(params: float, ranks: int, async_save: bool, guard: bool, cold: bool) -> dict:
     settle()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         out = Path(tmp) / "figures.json"
         own = [__file__, "--worker", "--params", str(params), "--base", str(Path(tmp) / "run"), "--out", str(out)]
-        own += ["--async-save"] * async_save + ["--guard"] * guard
+        own += ["--async-save"] * async_save + ["--guard"] * guard + ["--cold"] * cold
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // ranks))}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *own]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -156,12 +171,17 @@ def run_row(params: float, ranks: int, async_save: bool, guard: bool) -> dict:
         return json.loads(out.read_text())
 
 
+FIGURES = ("blocking", "total", "load", "cold")
+
+
 def best(rows: list[dict]) -> dict:
-    return {k: min(r[k] for r in rows) for k in ("blocking", "total", "load")} | {"parameters": rows[0]["parameters"]}
+    return {k: min(r[k] for r in rows) for k in FIGURES} | {"parameters": rows[0]["parameters"]}
 
 
 def _cell(off: float, on: float) -> str:
-    return f"{off:7.2f} s -> {on:7.2f} s (x{on / off:.2f})"
+    if not off:
+        return f"{'not measured':<28}"
+    return f"{off:6.2f} s -> {on:6.2f} s (x{on / off:.2f})"
 
 
 def main() -> None:
@@ -170,11 +190,15 @@ def main() -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--no-async", action="store_true", help="synchronous saves only")
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument(
+        "--warm-only", action="store_true", help="skip the cold resume (it empties the page cache, which needs root)"
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--base", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--async-save", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--guard", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
@@ -183,18 +207,20 @@ def main() -> None:
     print(
         f"torchtitan {getattr(torchtitan, '__version__', '?')}, {os.cpu_count()} CPU cores, ~{args.params:.2g} params"
     )
-    header = "ranks  save   | blocking off -> on (x)       | total off -> on (x)          | resume off -> on (x)"
+    cold = not args.warm_only and can_drop_caches()
+    if not cold:
+        why = "--warm-only" if args.warm_only else "emptying the page cache needs root"
+        print(f"the cold resume is not measured: {why}")
+    columns = ("blocking", "total", "resume, warm", "resume, cold")
+    header = "ranks  save   | " + " | ".join(f"{c + ' off -> on (x)':<28}" for c in columns)
     print(header)
     for ranks in args.ranks:
         for async_save in [False] + ([] if args.no_async else [True]):
             # off and on alternate, so that a drift of the machine's state hits both alike
-            runs = [
-                [run_row(args.params, ranks, async_save, guard) for guard in (False, True)] for _ in range(args.repeat)
-            ]
+            row = [args.params, ranks, async_save]
+            runs = [[run_row(*row, guard, cold) for guard in (False, True)] for _ in range(args.repeat)]
             off, on = best([r[0] for r in runs]), best([r[1] for r in runs])
-            cells = [
-                f"{off[k]:7.2f} s -> {on[k]:7.2f} s (x{on[k] / off[k]:.2f})" for k in ("blocking", "total", "load")
-            ]
+            cells = [_cell(off[k], on[k]) for k in FIGURES]
             kind = "async" if async_save else "sync "
             print(f"{ranks:>5}  {kind}  | " + " | ".join(cells) + f"   [{off['parameters']:,} parameters]")
 
