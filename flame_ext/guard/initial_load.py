@@ -33,7 +33,7 @@ from flame_ext.guard.metrics import record_metrics
 from flame_ext.guard.options import GuardConfig
 from flame_ext.guard.parity import parity_problems
 from flame_ext.guard.probe import LossProbe, run_probe
-from flame_ext.guard.ranks import RankFailure, agreed, pool, pool_counts, rank, rank_0s, world
+from flame_ext.guard.ranks import RankFailure, agreed, pool, pool_counts, rank, rank_0s, stopping_as, world
 from flame_ext.guard.reference_file import GuardReference, read_guard_reference, source_config_problems
 from flame_ext.guard.state import RequestedLoad
 from flame_ext.guard.step0_loss import (
@@ -262,17 +262,11 @@ class InitialLoadGuard:
 
     def _agreed(self, step: Callable[[], Any], what: str) -> Any:
         """``ranks.agreed``: a step that failed on another rank ends this one too, as a validation error."""
-        try:
-            return agreed(step, what)
-        except RankFailure as exc:
-            raise self._stopped(exc) from exc
+        return stopping_as(self._stopped, agreed, step, what)
 
     def _rank_0s(self, step: Callable[[], Any], what: str) -> Any:
         """``ranks.rank_0s``: rank 0's result on every rank; its failure ends the others as a validation error."""
-        try:
-            return rank_0s(step, what)
-        except RankFailure as exc:
-            raise self._stopped(exc) from exc
+        return stopping_as(self._stopped, rank_0s, step, what)
 
     def _stopped(self, failure: RankFailure) -> InitialLoadValidationError:
         return InitialLoadValidationError(

@@ -9,7 +9,9 @@ without a process group (one process) they are plain local operations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
+from typing import Any
 
 import torch
 
@@ -28,7 +30,22 @@ __all__ = [
     "sum_over_ranks",
     "max_over_ranks",
     "RankFailure",
+    "stopping_as",
 ]
+
+
+def stopping_as(
+    stop: Callable[[RankFailure], Exception],
+    collective: Callable[[Callable[[], Any], str], Any],
+    step: Callable[[], Any],
+    what: str,
+) -> Any:
+    """``collective(step, what)`` (``agreed`` or ``rank_0s``); a failure on another rank ends this one with
+    ``stop(failure)``, the check's own validation error, so that every rank reports where the check stopped."""
+    try:
+        return collective(step, what)
+    except RankFailure as exc:
+        raise stop(exc) from exc
 
 
 def pool(problems: list[Problem]) -> list[Problem]:

@@ -29,7 +29,17 @@ from torch import nn
 from flame_ext.errors import CheckpointFormatError, InputError, ResumeValidationError
 from flame_ext.guard.metrics import record_figures
 from flame_ext.guard.options import GuardConfig
-from flame_ext.guard.ranks import RankFailure, agreed, gather, pool, rank, rank_0s, sum_over_ranks, world
+from flame_ext.guard.ranks import (
+    RankFailure,
+    agreed,
+    gather,
+    pool,
+    rank,
+    rank_0s,
+    stopping_as,
+    sum_over_ranks,
+    world,
+)
 from flame_ext.guard.save_record import step_of
 from flame_ext.process import report_without_traceback
 from flame_ext.report import Problem, Report
@@ -167,17 +177,13 @@ class _ResumeCheck:
         self.step = step_of(checkpoint)
 
     def agreed(self, step: Callable[[], Any], what: str) -> Any:
-        return self._stopping(agreed, step, what)
+        return stopping_as(self._stopped, agreed, step, what)
 
     def rank_0s(self, step: Callable[[], Any], what: str) -> Any:
-        return self._stopping(rank_0s, step, what)
+        return stopping_as(self._stopped, rank_0s, step, what)
 
-    def _stopping(self, collective: Callable[[Callable[[], Any], str], Any], step: Callable[[], Any], what: str) -> Any:
-        """``collective(step, what)``; another rank's failure stops this one as a validation error."""
-        try:
-            return collective(step, what)
-        except RankFailure as exc:
-            raise ResumeValidationError(f"resume validation of {self.checkpoint} stopped: {exc}", self.report) from exc
+    def _stopped(self, failure: RankFailure) -> ResumeValidationError:
+        return ResumeValidationError(f"resume validation of {self.checkpoint} stopped: {failure}", self.report)
 
     def values(
         self, loaded: Callable[[], Mapping[str, Any]], groups: Callable[[str], str], ahead: Future | None
