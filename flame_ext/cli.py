@@ -28,7 +28,7 @@ from flame_ext.command_options import (
 )
 from flame_ext.declaration import add_arguments, from_namespace
 from flame_ext.errors import UsageError
-from flame_ext.process import run_guarded
+from flame_ext.process import collector_paused, command_is_the_process, run_guarded
 
 if TYPE_CHECKING:  # the commands import torch: only when one runs
     from flame_ext.convert.summary import Summary
@@ -97,12 +97,25 @@ def _one_process_or_ranks(
     return summary
 
 
+# The torchrun forms are imported only under torchrun: ``convert.distributed`` imports both directions.
+def _convert_ranks(opts: ConvertOptions, timeout_s: float) -> tuple[Summary, int, int]:
+    from flame_ext.convert.distributed import convert_distributed
+
+    return convert_distributed(opts, timeout_s)
+
+
+def _to_hf_ranks(opts: ToHFOptions, timeout_s: float) -> tuple[Summary, int, int]:
+    from flame_ext.convert.distributed import to_hf_distributed
+
+    return to_hf_distributed(opts, timeout_s)
+
+
 def run_convert(opts: ConvertOptions) -> int:
     """Convert, then print the notes, the reference loss and the summary line."""
-    from flame_ext.convert.distributed import convert_distributed
-    from flame_ext.convert.hf_to_dcp import convert_hf_to_dcp
+    with collector_paused():  # resumed once the plan is made (process.collector_paused)
+        from flame_ext.convert.hf_to_dcp import convert_hf_to_dcp
 
-    summary = _one_process_or_ranks(convert_hf_to_dcp, convert_distributed, opts, "its share")
+        summary = _one_process_or_ranks(convert_hf_to_dcp, _convert_ranks, opts, "its share")
     if summary is None:
         return 0
     ref = (summary.manifest or {}).get("reference")
@@ -118,10 +131,10 @@ def run_convert(opts: ConvertOptions) -> int:
 
 def run_to_hf(opts: ToHFOptions) -> int:
     """Convert back to HF, then print the notes and the summary line."""
-    from flame_ext.convert.dcp_to_hf import convert_dcp_to_hf
-    from flame_ext.convert.distributed import to_hf_distributed
+    with collector_paused():  # resumed once the plan is made (process.collector_paused)
+        from flame_ext.convert.dcp_to_hf import convert_dcp_to_hf
 
-    summary = _one_process_or_ranks(convert_dcp_to_hf, to_hf_distributed, opts, "its shards")
+        summary = _one_process_or_ranks(convert_dcp_to_hf, _to_hf_ranks, opts, "its shards")
     if summary is not None:
         print(summary.line())
     return 0
@@ -137,9 +150,10 @@ def run_reference(opts: ReferenceOptions) -> int:
 
 def run_diagnose(opts: DiagnoseOptions) -> int:
     """Diagnose and print the report; 0 when it holds no error, 1 otherwise."""
-    from flame_ext.commands.diagnose import run
+    with collector_paused():  # resumed once the metadata pass is done (process.collector_paused)
+        from flame_ext.commands.diagnose import run
 
-    return run(opts)
+        return run(opts)
 
 
 def run_demo(opts: DemoOptions) -> int:
@@ -301,6 +315,7 @@ def exit_without_teardown(command: Callable[[], int]) -> NoReturn:
 
     if launched_by_torchrun():
         _one_write_per_line()
+    command_is_the_process()
     returned: list[int] = []
     atexit.register(_end_process, returned)
     returned.append(command())

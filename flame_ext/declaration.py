@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import inspect
+import linecache
 import textwrap
 import types
 import typing
@@ -74,12 +76,8 @@ def field_docs(cls: type) -> dict[str, str]:
     for klass in reversed(cls.__mro__):
         if klass is object or not hasattr(klass, "__dataclass_fields__"):
             continue
-        try:
-            source = textwrap.dedent(inspect.getsource(klass))
-        except (OSError, TypeError):  # built at run time (make_dataclass): no source, no docstrings
-            continue
-        node = ast.parse(source).body[0]
-        if not isinstance(node, ast.ClassDef):
+        node = _class_node(klass)
+        if node is None:
             continue
         body = node.body
         for stmt, after in zip(body, body[1:]):
@@ -87,6 +85,49 @@ def field_docs(cls: type) -> dict[str, str]:
             if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(doc, str):
                 docs[stmt.target.id] = " ".join(doc.split())
     return docs
+
+
+def _class_node(klass: type) -> ast.ClassDef | None:
+    """The class statement of ``klass``, None when it has no source (built at run time by ``make_dataclass``).
+
+    Found in its module's syntax tree, parsed once per module: ``inspect.getsource`` of a class parses the whole
+    module again for every class (Python 3.11), and every command's start-up asks for all the options classes.
+    A class defined inside a function is not a module-level name: ``inspect`` finds it.
+    """
+    if "<locals>" not in klass.__qualname__:
+        try:
+            file = inspect.getsourcefile(klass)
+        except TypeError:  # a built-in or a module without a file
+            file = None
+        if file is not None:
+            node = _module_classes(file).get(klass.__qualname__)
+            if node is not None:
+                return node
+    try:
+        source = textwrap.dedent(inspect.getsource(klass))
+    except (OSError, TypeError):  # built at run time (make_dataclass): no source, no docstrings
+        return None
+    first = ast.parse(source).body[0]
+    return first if isinstance(first, ast.ClassDef) else None
+
+
+@functools.cache
+def _module_classes(file: str) -> dict[str, ast.ClassDef]:
+    """The class statements at the top of a source file and in their bodies, by qualified name (``Outer.Inner``);
+    the first of a name, as ``inspect`` finds it. One elsewhere (under an ``if``) is left to ``inspect``."""
+    found: dict[str, ast.ClassDef] = {}
+
+    def visit(body: list[ast.stmt], prefix: str) -> None:
+        for stmt in body:
+            if isinstance(stmt, ast.ClassDef):
+                found.setdefault(prefix + stmt.name, stmt)
+                visit(stmt.body, f"{prefix}{stmt.name}.")
+
+    try:
+        visit(ast.parse("".join(linecache.getlines(file))).body, "")
+    except SyntaxError:
+        return {}
+    return found
 
 
 def value_type(annotation: Any) -> Any:

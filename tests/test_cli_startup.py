@@ -163,3 +163,42 @@ def test_a_command_that_raises_ends_the_usual_way():
     )
     assert done.returncode == 1
     assert "RuntimeError: boom" in done.stderr
+
+
+# At the first open of a file of the command's data (written by convert and to-hf, read by diagnose --values):
+# how many full collections ran before it, whether the collector is on, whether the start-up's objects are frozen.
+_FIRST_DATA = """
+import gc, sys
+full = []
+gc.callbacks.append(lambda phase, info: phase == "start" and info["generation"] == 2 and full.append(1))
+seen, suffix, under = [], sys.argv[1], sys.argv[2]
+def hook(event, args):
+    if event == "open" and not seen and str(args[0]).endswith(suffix) and under in str(args[0]):
+        seen.append(1)
+        print("FIRST_DATA", len(full), gc.isenabled(), gc.get_freeze_count() > 0, file=sys.stderr, flush=True)
+sys.addaudithook(hook)
+sys.argv[:3] = ["flame-ext"]
+from flame_ext.cli import console_main
+console_main()
+"""
+
+
+@pytest.mark.parametrize("command", ["convert", "to-hf", "diagnose --values"])
+def test_a_command_starts_without_full_collections_and_handles_data_with_the_collector_on(
+    command, tiny_model, tiny_dcp, tmp_path
+):
+    """Without the pause the start-up made 6 full collections, each walking every object its imports had made
+    (0.6-0.8 CPU-s in all); the tensor data is then handled with the collector on, the start-up frozen."""
+    argv = {
+        "convert": [".distcp", str(tmp_path), "convert", "--model", str(tiny_model), "--checkpoint",
+                    str(tmp_path / "out"), "--no-reference"],
+        "to-hf": [".safetensors", str(tmp_path), "to-hf", "--checkpoint", str(tiny_dcp), "--config", str(tiny_model),
+                  "--out", str(tmp_path / "hf")],
+        "diagnose --values": [".distcp", str(tiny_dcp), "diagnose", "--checkpoint", str(tiny_dcp), "--values"],
+    }[command]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", _FIRST_DATA, *argv], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    first = [line.split()[1:] for line in done.stderr.splitlines() if line.startswith("FIRST_DATA")]
+    assert first == [["0", "True", "True"]], done.stderr

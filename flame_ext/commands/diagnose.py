@@ -46,6 +46,7 @@ from flame_ext.io.dcp import read_dcp_metadata
 from flame_ext.io.hf import build_meta_model, expected_tensors, open_hf, tied_aliases
 from flame_ext.io.manifest import MANIFEST_NAME, TRAINING_STEP, read_manifest
 from flame_ext.io.specs import TensorSpec
+from flame_ext.process import resume_collector
 from flame_ext.report import Problem, Report
 
 __all__ = ["DiagnoseOptions", "diagnose", "run", "TRAINING_STATE_NAMES", "metadata_pass"]
@@ -63,10 +64,12 @@ def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: 
     reference = read_manifest(opts.reference) if opts.reference is not None else None  # refused before any work
     digests = recorded_digests(folder, manifest) if opts.files else None  # refused before any other work
     if manifest is not None and manifest.get("kind") == TRAINING_STEP:
+        resume_collector()  # its passes read tensor data
         return _training_step(opts, found, manifest, on_stage)
     if manifest is not None and manifest.get("native"):  # torchtitan's own key names (convert --layout torchtitan:*)
         from flame_ext.commands.diagnose_native import diagnose_native
 
+        resume_collector()  # its passes read tensor data
         return diagnose_native(opts, found, manifest, reference, digests, on_stage)
     recorded = opts.model is None
     if recorded:
@@ -89,6 +92,7 @@ def diagnose(opts: DiagnoseOptions, on_stage: Callable[[str], None] = lambda s: 
     tok_problems, tok_note = tokenizer_check(ctx, opts.tokenizer, opts.trust_remote_code)
     report.extend(tok_problems)
     report.notes.extend([tok_note] if tok_note else [])
+    resume_collector()  # start-up and metadata are done: the passes below read tensor data
     if digests is not None:
         files_pass(folder, digests, report, on_stage)
     if opts.values:

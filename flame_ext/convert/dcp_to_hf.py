@@ -37,6 +37,7 @@ from flame_ext.io.hf_config import read_model_config
 from flame_ext.io.manifest import MANIFEST_NAME
 from flame_ext.io.safetensors_writer import shard_plan, write_safetensors
 from flame_ext.io.specs import TensorSpec
+from flame_ext.process import resume_collector
 from flame_ext.titan.native import NativeModel, is_native
 
 if TYPE_CHECKING:
@@ -318,6 +319,7 @@ def convert_dcp_to_hf(opts: ToHFOptions) -> Summary:
     summary = Summary(Path(opts.out).absolute(), notes=list(plan.notes))
     record = _save_time_record(plan, summary)
     as_read = Recorder(_as_read_shapes(plan)) if record is not None else None
+    resume_collector()  # start-up is over: the tensor data follows
     with atomic_folder(opts.out, kind="hf", force=opts.force) as tmp:
         with Progress(plan.total, opts.progress, "to-hf") as bar:
             shards = list(range(len(plan.shards)))

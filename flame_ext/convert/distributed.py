@@ -68,7 +68,7 @@ from flame_ext.io.dcp_save import WriteEntry, save_streaming
 from flame_ext.io.destination import Kind, atomic_folder, check_destination, flush_files
 from flame_ext.io.digests import FILES_SECTION, digest_files, files_section, written_files
 from flame_ext.io.manifest import MANIFEST_NAME, config_hash, write_manifest
-from flame_ext.process import after_report
+from flame_ext.process import after_report, resume_collector
 
 __all__ = ["split_by_bytes", "convert_distributed", "to_hf_distributed", "DEFAULT_TIMEOUT_S"]
 
@@ -236,6 +236,7 @@ def _plan_and_stage(
     differently, and stage: rank 0 checks the destination and enters its atomic folder on the returned stack
     (closing it publishes; an exception in it removes the folder); every rank gets the folder's path."""
     plan = agreed(prepare, what)
+    resume_collector()  # start-up is over: the tensor data follows
     _refuse_different_ranks(identity(plan))
     stack = contextlib.ExitStack()
 

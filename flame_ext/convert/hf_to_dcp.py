@@ -39,6 +39,7 @@ from flame_ext.io.specs import TensorSpec, dtype_name
 from flame_ext.model.future_predictor import ATTRIBUTE as FP_ATTRIBUTE
 from flame_ext.model.future_predictor import attach_future_predictor
 from flame_ext.model.reference_loss import ReferenceForward
+from flame_ext.process import resume_collector
 from flame_ext.titan.native import NativeModel, is_native
 
 __all__ = [
@@ -274,6 +275,7 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
         fwd = prepare_reference_forward(plan, opts)
     except FlameExtError:  # e.g. no tokenizer: prepared again, and so raised again, after the writing unless the
         fwd = None  # source holds NaN or Inf (then there is no reference to compute: a warning, and success)
+    resume_collector()  # start-up is over: the tensor data follows
     with atomic_folder(opts.checkpoint, kind="dcp", force=opts.force) as tmp:
         # The reference forward runs beside the writer (see ``convert.alongside``): reading its own copy of
         # each block from the source, it is bounded by one block, and the wall time is about the longer of
