@@ -312,9 +312,7 @@ def _take_lock(path: Path, dest: Path) -> IO[str]:
 
 
 def _release(lock: IO[str], path: Path) -> None:
-    """Remove the lock file if it is still the one this run holds, then close it (a second call does nothing)."""
-    if lock.closed:
-        return
+    """Remove the lock file if it is still the one this run holds, then close it."""
     if _still_at(lock, path):  # held open: its inode is not reused meanwhile
         with contextlib.suppress(OSError):
             path.unlink()
