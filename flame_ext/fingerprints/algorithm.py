@@ -67,20 +67,28 @@ _P, _Q = (math.sqrt(5) - 1) / 2, math.sqrt(2) - 1
 # Values per float64 chunk (1 MB): the chunk, its source and the accumulators stay in one core's 2 MB L2 cache
 # (2^18 values spilled out of it: each pass then ran ~1.7x slower, measured on this project's CPU).
 _CHUNK = 1 << 17
+# On an accelerator the sums run where the tensor lives (no copy to the host); each chunk costs a few kernel
+# launches there, so chunks are larger: 32 MB of float64, small beside any model that needs a GPU.
+_DEVICE_CHUNK = 1 << 22
+
+
+def _chunk_values(device: torch.device) -> int:
+    return _CHUNK if device.type == "cpu" else _DEVICE_CHUNK
 _LINEAR = [i for i, t in enumerate(TERMS) if t not in ("nonfinite", "sum_sq", "sum_abs")]
 _MIRROR = {"row_p": "col_p", "row_q": "col_q", "row_p_col_q": "row_q_col_p"}
 
 
 def _weights(index: torch.Tensor) -> torch.Tensor:
-    """[len(index), 2]: p and q at the given global indices (float64, identical whichever block asks)."""
+    """[len(index), 2]: p and q at the given global indices (float64, identical whichever block asks), on
+    ``index``'s device."""
     k = index.to(torch.float64) + 1
     return torch.stack([torch.frac(k * _P), torch.frac(k * _Q)], dim=1) * 2 - 1
 
 
-def _row_weights(row0: int, rows: int) -> torch.Tensor:
+def _row_weights(row0: int, rows: int, device: torch.device) -> torch.Tensor:
     """[3, rows]: 1, p(i), q(i) for the global rows ``row0 ...``; built once per block, sliced per chunk."""
-    w = torch.ones((3, rows), dtype=torch.float64)
-    w[1:] = _weights(torch.arange(row0, row0 + rows)).t()
+    w = torch.ones((3, rows), dtype=torch.float64, device=device)
+    w[1:] = _weights(torch.arange(row0, row0 + rows, device=device)).t()
     return w
 
 
@@ -139,6 +147,8 @@ def block_fingerprint(
     """The fingerprint contribution of ``block``, which sits at ``offsets`` in a tensor of ``global_shape``,
     of its values cast to ``dtype`` (None: as they are; cast chunk by chunk, never a whole copy).
 
+    The sums run on ``block``'s device (a GPU shard is not copied to the host); the result is on the CPU.
+
     ``workers`` > 1 splits the rows among that many threads, each running torch single-threaded (see
     ``_parallel_sums``); it changes torch's process-wide thread count while it runs, so only a caller that owns
     the process at that moment (the guard, before step 1) may ask for it.
@@ -175,17 +185,18 @@ def _block_fingerprints(
 ) -> torch.Tensor:
     shape = tuple(block.shape)
     rows = shape[0] if shape else 1
-    out = torch.zeros((len(dtypes), len(TERMS)), dtype=torch.float64)
+    device = block.device
+    out = torch.zeros((len(dtypes), len(TERMS)), dtype=torch.float64, device=device)
     if block.numel() == 0:
-        return out
+        return out.cpu()
     x2d = block.reshape(rows, -1)
     dtypes = tuple(None if d == x2d.dtype else d for d in dtypes)
     row0 = offsets[0] if len(offsets) else 0
-    col_w = _weights(_columns(global_shape, shape, offsets))  # [cols, 2]: p(j), q(j)
+    col_w = _weights(_columns(global_shape, shape, offsets).to(device))  # [cols, 2]: p(j), q(j)
     # bf16 -> fp16 from the plain pass (see _fp16_change): the fp16 sums are summed only if it cannot say.
     scan = x2d.dtype == torch.bfloat16 and torch.float16 in dtypes and x2d.is_contiguous()
     summed = tuple(dict.fromkeys(d for d in (None, *dtypes) if not (scan and d == torch.float16)))
-    row_w = _row_weights(row0, rows)
+    row_w = _row_weights(row0, rows, device)
     sums = _parallel_sums(x2d, row_w, summed, False, workers, scan)
     if not all(math.isfinite(s) for s in sums.sum_sq):  # rare (a NaN or inf: x*x is not finite): count, sum as 0
         sums = _parallel_sums(x2d, row_w, summed, True, workers, False)
@@ -207,7 +218,7 @@ def _block_fingerprints(
         out[i, 9] = acc[2] @ col_w[:, 0]
         if change is not None and dtype == torch.float16:
             out[i] += change
-    return out
+    return out.cpu()
 
 
 # bfloat16 -> float16 without a second pass. A bf16 value (8 significant bits) converts exactly when its
@@ -239,7 +250,7 @@ def _fp16_change(x2d: torch.Tensor, sums: _Sums, row0: int, col_w: torch.Tensor)
     cols = x2d.shape[1]
     wr = _weights(index // cols + row0)  # [k, 2]: p(i), q(i)
     wc = col_w[index % cols]  # [k, 2]: p(j), q(j)
-    out = torch.zeros(len(TERMS), dtype=torch.float64)
+    out = torch.zeros(len(TERMS), dtype=torch.float64, device=x.device)
     out[1] = d.sum()
     out[2] = (2 * x + d).mul(d).sum()  # (x + d)^2 - x^2
     out[3] = ((x + d).abs() - x.abs()).sum()
@@ -267,7 +278,7 @@ def _parallel_sums(
     the wall time of these 2 workers; independent workers do not wait for each other).
     """
     rows = x2d.shape[0]
-    workers = max(1, min(workers, x2d.numel() // (2 * _CHUNK), rows))
+    workers = max(1, min(workers, x2d.numel() // (2 * _CHUNK), rows)) if x2d.device.type == "cpu" else 1
     if workers == 1:
         return _Sums(x2d, row_w, dtypes, mask, scan)
     cuts = [rows * w // workers for w in range(workers + 1)]
@@ -303,25 +314,26 @@ class _Sums:
         base: int = 0,
     ) -> None:
         rows, cols = x2d.shape
-        step = max(1, _CHUNK // cols)
+        device = self.device = x2d.device
+        step = max(1, _chunk_values(device) // cols)
         # With ``scan`` (dtypes[0] is None), for ``_fp16_change``: grids of the chunks' column minima of |x|
         # (the first chunk's flat offset, the chunks' length, one row per chunk), and the positions of the
         # values outside any column.
         self.minima: list[tuple[int, int, torch.Tensor]] = []
         self.rest: list[torch.Tensor] = []
         if scan and rows >= step:
-            grid = torch.empty((rows // step, step * cols // _GROUP), dtype=torch.float64)
+            grid = torch.empty((rows // step, step * cols // _GROUP), dtype=torch.float64, device=device)
             self.minima.append((base, step * cols, grid))
-        buffer = torch.empty((min(step, rows), cols), dtype=torch.float64)
-        staging = {d: torch.empty((min(step, rows), cols), dtype=d) for d in dtypes if d is not None}
+        buffer = torch.empty((min(step, rows), cols), dtype=torch.float64, device=device)
+        staging = {d: torch.empty((min(step, rows), cols), dtype=d, device=device) for d in dtypes if d is not None}
         # A 16-bit source is rounded to the other 16-bit dtype through float32 (exact, then one rounding: the
         # same values): torch's direct bf16 <-> fp16 cast runs ~3x slower than the two casts together.
         wide = (
-            torch.empty((min(step, rows), cols), dtype=torch.float32)
+            torch.empty((min(step, rows), cols), dtype=torch.float32, device=device)
             if staging and x2d.dtype in (torch.bfloat16, torch.float16)
             else None
         )
-        self.acc = [torch.zeros((3, cols), dtype=torch.float64) for _ in dtypes]
+        self.acc = [torch.zeros((3, cols), dtype=torch.float64, device=device) for _ in dtypes]
         self.nonfinite = [0] * len(dtypes)
         squares: list[list[torch.Tensor]] = [[] for _ in dtypes]
         absolutes: list[list[torch.Tensor]] = [[] for _ in dtypes]
@@ -351,22 +363,23 @@ class _Sums:
         first, stride, grid = self.minima[-1] if self.minima else (0, 0, torch.empty(0))
         c = (offset - first) // stride if stride else -1
         if not (stride and len(magnitudes) == stride and 0 <= c < len(grid)):  # a block's last, shorter chunk
-            self.minima.append((offset, len(magnitudes), torch.empty((1, span), dtype=magnitudes.dtype)))
+            grid = torch.empty((1, span), dtype=magnitudes.dtype, device=magnitudes.device)
+            self.minima.append((offset, len(magnitudes), grid))
             first, stride, grid = self.minima[-1]
             c = 0
         if span:
             torch.amin(magnitudes[: span * _GROUP].view(_GROUP, span), 0, out=grid[c])
         if span * _GROUP < len(magnitudes):  # the last few values: taken as they are
-            self.rest.append(offset + torch.arange(span * _GROUP, len(magnitudes)))
+            self.rest.append(offset + torch.arange(span * _GROUP, len(magnitudes), device=magnitudes.device))
 
     def small_positions(self) -> torch.Tensor:
         """The flat positions of the values that may lie below 2^-17: each column whose minimum is."""
         parts = list(self.rest)
-        rows = torch.arange(_GROUP)
+        rows = torch.arange(_GROUP, device=self.device)
         for first, stride, grid in self.minima:
             chunk, column = (grid < _FP16_EXACT[0]).nonzero().unbind(1)
             parts.append((first + chunk * stride + column)[:, None].add(rows * grid.shape[1]).flatten())
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=self.device)
 
     def add(self, other: _Sums) -> None:
         for i in range(len(self.acc)):

@@ -204,3 +204,22 @@ def test_bf16_rounded_to_fp16_is_the_fingerprint_of_the_cast_values(shape):
     flat[1] = 70000.0  # beyond fp16's range: counted as inf, as the cast does
     (half,) = block_fingerprints_of(t, (torch.float16,))
     assert half[0] == 1 and matches(half, fingerprint(t.to(torch.float16)))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_gpu_tensor_is_summed_on_its_device_to_the_cpu_fingerprint(dtype):
+    """A shard on the GPU is summed where it lives (the guard and the save record hand it over as it is): the
+    fingerprint, plain and rounded, NaN and the values fp16 cannot hold included, is the CPU one, on the CPU."""
+    from flame_ext.fingerprints.algorithm import block_fingerprints
+
+    t = trained_like((3000, 1100), dtype)
+    t.view(-1)[:3] = torch.tensor([float("nan"), 3e-7, 2.0**-20], dtype=dtype)
+    targets = (None, torch.float16, torch.bfloat16, torch.float32)
+    on_cpu = block_fingerprints(t, [0, 0], tuple(t.shape), targets)
+    torch.cuda.reset_peak_memory_stats()
+    on_gpu = block_fingerprints(t.cuda(), [0, 0], tuple(t.shape), targets)
+    assert on_gpu.device.type == "cpu"
+    assert torch.cuda.max_memory_allocated() > t.numel() * t.element_size()  # the sums' chunks were on the GPU
+    for a, b in zip(on_gpu, on_cpu):
+        assert matches(a, b)
