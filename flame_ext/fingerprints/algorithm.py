@@ -74,6 +74,8 @@ _DEVICE_CHUNK = 1 << 22
 
 def _chunk_values(device: torch.device) -> int:
     return _CHUNK if device.type == "cpu" else _DEVICE_CHUNK
+
+
 _LINEAR = [i for i, t in enumerate(TERMS) if t not in ("nonfinite", "sum_sq", "sum_abs")]
 _MIRROR = {"row_p": "col_p", "row_q": "col_q", "row_p_col_q": "row_q_col_p"}
 
