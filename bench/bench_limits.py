@@ -22,6 +22,13 @@ Rows (each command in a fresh process through ``fresh_process``: wall, CPU secon
   start-up above import torch vs 1.0 s   CPU seconds of convert / diagnose / to-hf on the embedded tiny model
                                          minus those of ``import torch``; limit 1.0 s
 
+Each timed command starts from the same state of the machine's memory: ``--settle`` seconds (default 5; 0 with
+``--size tiny``) after the previous one and after any page-cache drop. On a virtual machine whose hypervisor
+takes back the memory the guest frees (free page reporting), a page the guest has not touched for a few seconds
+costs a fault in the host the first time it is written: writing 1 GB of new file data took 2.2-2.6 s of system
+time here 3 s or more after a delete, and 0.2-0.4 s within 1 s of it. Without the pause a command's figure
+depends on what the one before it freed. The last line measures that cost on the machine the bench runs on.
+
 The 7B table of docs/benchmarks.md measures the first row on the fp32 source cast to bf16; here every row uses one bf16
 checkpoint of ``--size`` (``7b``: the 7B shape in bf16), so the cast is not in it. ``--size tiny`` never drops
 the page cache (a test must not slow the machine down for everyone); the cold row then says so.
@@ -35,6 +42,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,10 +112,32 @@ class Row:
         return f"  {self.name:44} {figure:>14} limit {limit:<14} {verdict}; {self.detail}{self.note}"
 
 
+SETTLE_S = 5.0  # set from --settle in main
+
+PAGE_COST = """
+import os, sys, time
+path, mb = sys.argv[1], int(sys.argv[2])
+block = bytes(8 << 20)
+def write():
+    t = os.times()
+    with open(path, "wb") as f:
+        for _ in range(mb // 8):
+            f.write(block)
+    u = os.times()
+    os.remove(path)
+    return (u.system - t.system) + (u.user - t.user)
+time.sleep(float(sys.argv[3]))
+settled = write()
+again = write()  # into the pages the delete just freed
+print(settled, again)
+"""
+
+
 def fresh(cmd: list[str], cold: bool = False) -> Run:
     os.sync()
     if cold:
         drop_page_cache()
+    time.sleep(SETTLE_S)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = run_fresh(cmd, env)
     if run.rc != 0:
@@ -205,6 +235,24 @@ def startup_rows(work: Path) -> list[Row]:
     return rows
 
 
+def page_cost_line(work: Path, size: str) -> str:
+    """What writing new file data costs here: after the pause every timed command gets, and again at once into
+    the pages the delete just freed (the cost a command pays when it follows another without a pause)."""
+    mb = 64 if size == "tiny" else 1024
+    out = subprocess.run(
+        [sys.executable, "-c", PAGE_COST, str(work / "page-cost"), str(mb), str(SETTLE_S)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    settled, again = (float(v) for v in out.stdout.split())
+    return (
+        f"machine: writing {mb} MB of new file data took {settled:.2f} CPU s {SETTLE_S:g} s after the last command, "
+        f"{again:.2f} CPU s at once after a delete (x{settled / max(again, 1e-9):.1f}): the first is what every "
+        "timed command above started from"
+    )
+
+
 def device_section(work: Path, size: str) -> list[str]:
     """The device, the guard's fingerprint of a 7B MLP matrix on each device, and the reference forward with
     ``--reference-device`` cpu and (when present) cuda."""
@@ -245,7 +293,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="4", help="tiny, a size in GB (default 4), or 7b")
     p.add_argument("--workdir", help="where the generated files go (default: a temporary folder; deleted)")
+    p.add_argument(
+        "--settle", type=float, help="seconds of pause before each timed command (default 5; 0 with --size tiny)"
+    )
     args = p.parse_args()
+    global SETTLE_S
+    SETTLE_S = args.settle if args.settle is not None else 0.0 if args.size == "tiny" else 5.0
     if args.size not in SIZES:
         try:
             float(args.size)
@@ -269,6 +322,7 @@ def main() -> int:
             print(row.line(), flush=True)
         for line in device_section(work, args.size):
             print(line, flush=True)
+        print(page_cost_line(work, args.size), flush=True)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

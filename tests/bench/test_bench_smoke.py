@@ -82,6 +82,7 @@ SMOKE: dict[str, tuple[list[str], list[str]]] = {
             rf"fingerprint CPU-s/GB vs 0\.4 .*{NUMBER}x",
             rf"start-up above import torch vs 1\.0 s: convert .*{NUMBER}x",
             r"device: cpu.*cuda (absent|present)",
+            rf"machine: writing 64 MB of new file data took {NUMBER} CPU s",
         ],
     ),
 }
