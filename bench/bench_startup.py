@@ -61,10 +61,12 @@ with torch.device("meta"):
 # the conversion starts writing data. It prints the wall-clock time and the process's CPU time at that moment
 # after the command exits.
 FIRST_WRITE = """
-import sys, time
+import os, sys, time
 first = []
+def writing(mode, flags):  # open(): a mode string; os.open(): flags (the data files are opened with O_DIRECT)
+    return "w" in str(mode or "") or bool(isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR))
 def hook(event, args):
-    if event == "open" and not first and str(args[0]).endswith(".distcp") and "w" in str(args[1] or ""):
+    if event == "open" and not first and str(args[0]).endswith(".distcp") and writing(args[1], args[2]):
         first.extend((time.time(), time.process_time()))
 sys.addaudithook(hook)
 from flame_ext.cli import main

@@ -281,6 +281,7 @@ def _convert(opts: ConvertOptions, rank: int, world: int, slow_group: Any) -> Su
                 on_written=bar.update,
                 on_block=recorder.add_rows if blocks is None else _both(recorder.add_rows, blocks.add),
                 distributed=True,
+                direct=not opts.record_sha256,  # hashed just below: kept in the page cache for that
             )
         own = _own_files(tmp, rank)
         flush_files(own)  # each rank flushes what it wrote: on a shared filesystem only it can

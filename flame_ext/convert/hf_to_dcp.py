@@ -288,6 +288,7 @@ def convert_hf_to_dcp(opts: ConvertOptions) -> Summary:
                     buffer_bytes=opts.buffer_bytes,
                     on_written=bar.update,
                     on_block=beside.guard(on_block) if beside else on_block,
+                    direct=not opts.record_sha256,  # hashed just below: kept in the page cache for that
                 )
             if beside:
                 beside.wait(opts.progress)

@@ -35,6 +35,7 @@ from torch.futures import Future
 from flame_ext.collectives import failure_elsewhere, rank
 from flame_ext.errors import CheckpointFormatError, naming_file
 from flame_ext.io.dcp import DEFAULT_BUFFER_BYTES, rank_failures, root_cause, row_blocks
+from flame_ext.io.direct_file import DirectFile
 from flame_ext.io.specs import TensorSpec, dtype_name
 from flame_ext.process import TERMINATING_SIGNALS
 
@@ -146,8 +147,22 @@ class _Writer(dcp.FileSystemWriter):
     in the caller leaves them writing into a folder being deleted. Here every file is written by a worker;
     the calling thread only waits (so Ctrl-C reaches it at once); the first failure stops the others
     between blocks, all have stopped before anything is raised. Files are written by torch's own per-file
-    routine, so their format is torch's.
+    routine, so their format is torch's. With ``direct``, the data files are written around the page cache
+    (``io.direct_file``); ``.metadata`` is written by torch as always.
     """
+
+    def __init__(self, *args: Any, direct: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.direct = direct
+
+    @contextlib.contextmanager
+    def _data_file(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
+        if not (self.direct and mode == "wb"):
+            with self.fs.create_stream(path, mode) as stream:
+                yield stream
+            return
+        with DirectFile(path) as stream:
+            yield stream
 
     def _write_data(self, planner: _StreamingPlanner, file_queue: queue.Queue) -> Future:  # type: ignore[override]
         results: queue.Queue = queue.Queue()
@@ -159,7 +174,7 @@ class _Writer(dcp.FileSystemWriter):
             try:
                 with _unchecked_records():  # per thread: torch's serialization options are thread-local
                     _write_files_from_queue(
-                        create_stream=_naming_its_file(self.fs.create_stream),
+                        create_stream=_naming_its_file(self._data_file),
                         file_queue=file_queue,
                         result_queue=results,
                         planner=planner,
@@ -266,6 +281,7 @@ def save_streaming(
     threads: int = DEFAULT_THREADS,
     on_block: Callable[[str, int, torch.Tensor], None] | None = None,
     distributed: bool = False,
+    direct: bool = True,
 ) -> None:
     """Write ``entries`` as a DCP checkpoint into ``folder``; tensor data in memory stays within ``buffer_bytes``.
 
@@ -286,6 +302,9 @@ def save_streaming(
 
     Files are not fsynced one by one (each fsync stalls the stream on the disk); the caller makes the
     folder durable once, before publishing it (``destination.atomic_folder`` does), as ``cp`` + ``sync``.
+
+    ``direct`` (default): the data files bypass the page cache (``io.direct_file``). Pass False when the files
+    are read back at once (``--record-sha256`` hashes them): through the cache they are still in memory then.
     """
     entries = list(entries)
     # Converted blocks are fresh allocations of tens of MB: with 4 KiB pages each costs one page fault
@@ -296,7 +315,7 @@ def save_streaming(
     threads = max(1, threads)
     planner = _StreamingPlanner(entries, max(1, buffer_bytes // (2 * threads)), on_written, on_block)
     meta_sd = {e.key: torch.empty(e.spec.shape, dtype=getattr(torch, e.spec.dtype), device="meta") for e in entries}
-    writer = _Writer(str(folder), single_file_per_rank=False, thread_count=threads, sync_files=False)
+    writer = _Writer(str(folder), single_file_per_rank=False, thread_count=threads, sync_files=False, direct=direct)
     with warnings.catch_warnings():
         # "assuming the intent is to save in a single process": yes, that is the intent.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

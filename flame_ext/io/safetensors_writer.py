@@ -3,7 +3,8 @@
 A safetensors file is an 8-byte header length, a JSON header with every tensor's dtype, shape and byte
 range, then the bytes. Every shape and dtype is known from the DCP metadata before any tensor is read,
 so the header is written first and tensors follow one block of rows at a time: memory holds one block,
-not a tensor or a shard.
+not a tensor or a shard. The file is written around the page cache where the file system allows it
+(``io.direct_file``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from flame_ext.io.direct_file import DirectFile
 from flame_ext.io.specs import SAFETENSORS_CODES, TensorSpec, dtype_name
 
 __all__ = ["write_safetensors", "shard_plan"]
@@ -52,7 +54,7 @@ def write_safetensors(
         offset += spec.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
-    with open(file, "wb") as f:
+    with DirectFile(file) as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for key, spec in specs.items():
