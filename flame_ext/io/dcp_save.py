@@ -155,14 +155,9 @@ class _Writer(dcp.FileSystemWriter):
         super().__init__(*args, **kwargs)
         self.direct = direct
 
-    @contextlib.contextmanager
-    def _data_file(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
-        if not (self.direct and mode == "wb"):
-            with self.fs.create_stream(path, mode) as stream:
-                yield stream
-            return
-        with DirectFile(path) as stream:
-            yield stream
+    def _data_file(self, path: str | os.PathLike, mode: str) -> Any:
+        """The stream torch writes a data file into (a context manager, as ``fs.create_stream`` returns)."""
+        return DirectFile(path) if self.direct and mode == "wb" else self.fs.create_stream(path, mode)
 
     def _write_data(self, planner: _StreamingPlanner, file_queue: queue.Queue) -> Future:  # type: ignore[override]
         results: queue.Queue = queue.Queue()

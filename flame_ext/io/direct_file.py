@@ -44,15 +44,12 @@ class DirectFile:
         self.path = Path(path)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         self._direct = hasattr(os, "O_DIRECT")
-        self._fd = -1
-        if self._direct:
-            try:
-                self._fd = os.open(self.path, flags | os.O_DIRECT, 0o644)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self._direct = False
-        if self._fd < 0:
+        try:
+            self._fd = os.open(self.path, flags | (os.O_DIRECT if self._direct else 0), 0o644)
+        except OSError as exc:
+            if not (self._direct and exc.errno == errno.EINVAL):
+                raise
+            self._direct = False
             self._fd = os.open(self.path, flags, 0o644)
         self._buffers = [mmap.mmap(-1, _BUFFER) for _ in range(2)]  # anonymous mappings are page-aligned
         self._views = [memoryview(b) for b in self._buffers]
